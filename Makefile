@@ -1,0 +1,26 @@
+# The README's two commands: `make demo` and `make test`. Both set everything up first.
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install demo test lint shaders bench gpu clean
+
+install:
+	./scripts/setup.sh
+
+demo: install
+	$(VENV)/bin/aule-kp demo
+
+test: install lint
+	$(PY) -m pytest -q -p no:cacheprovider
+
+lint: install
+	$(VENV)/bin/ruff check aule_kp tests benchmarks
+
+shaders: install
+	$(PY) -m aule_kp.vulkan.compile --force
+
+bench: install
+	$(VENV)/bin/aule-kp bench --vs
+
+clean:
+	rm -rf build spirv_cache

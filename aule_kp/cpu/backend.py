@@ -1,0 +1,381 @@
+"""CPU backend: FlashAttention-2's forward pass in NumPy.
+
+Each task is a block of query rows of one key/value head. It walks the key tiles that the band lets
+it see (``Problem.key_range``) with an online softmax in float32, so scratch memory is one
+``block_q x block_k`` score tile per worker, never ``Lq x Lk``. The two matmuls per tile go to BLAS;
+tasks run on a thread pool (BLAS and NumPy ufunc loops release the GIL).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import glob
+import logging
+import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Dict, Iterator, List, Tuple
+
+import numpy as np
+
+from ..backend import Backend
+from ..dtypes import STORAGE, from_f32, to_f32
+from ..problem import Problem
+
+logger = logging.getLogger("aule_kp")
+
+#: One task: batch ``b``, query heads ``[h0, h1)`` of one KV group, query rows ``[i0, i1)``.
+#: Either ``h1 - h0 == 1`` or the rows are all of ``[0, Lq)``, so the task's slice of q is contiguous.
+_Block = Tuple[int, int, int, int, int]
+
+
+def _worker_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # respects container CPU pinning, unlike os.cpu_count()
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _find_openblas() -> Tuple[Callable[[], int] | None, Callable[[int], None] | None]:
+    """``(get, set)`` for the thread count of NumPy's OpenBLAS, or ``(None, None)``.
+
+    OpenBLAS threads each large GEMM itself and its idle workers spin; with our own pool on top
+    that oversubscribes the cores (measured on 2 cores: concurrent matmuls ran no faster than one,
+    and spinning BLAS workers halved a concurrent ``np.add``). threadpoolctl does this lookup too,
+    but is not a dependency.
+    """
+    npdir = os.path.dirname(np.__file__)
+    paths = glob.glob(os.path.join(npdir, os.pardir, "numpy.libs", "*openblas*"))
+    paths += glob.glob(os.path.join(npdir, ".dylibs", "*openblas*"))
+    with contextlib.suppress(OSError):
+        with open("/proc/self/maps") as maps:
+            paths += sorted({line.split()[-1] for line in maps if "openblas" in line and "/" in line})
+    symbols = [
+        (prefix + "openblas_get_num_threads" + suffix, prefix + "openblas_set_num_threads" + suffix)
+        for prefix in ("", "scipy_")
+        for suffix in ("64_", "")
+    ]
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for get_name, set_name in symbols:
+            if hasattr(lib, get_name) and hasattr(lib, set_name):
+                getter, setter = getattr(lib, get_name), getattr(lib, set_name)
+                getter.restype = ctypes.c_int
+                setter.argtypes = [ctypes.c_int]
+                setter.restype = None
+                return getter, setter
+    return None, None
+
+
+class _BlasThreads:
+    """Process-wide, reference-counted "OpenBLAS on one thread" while our pools run."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._probed = False
+        self._get: Callable[[], int] | None = None
+        self._set: Callable[[int], None] | None = None
+        self._users = 0
+        self._saved = 1
+
+    def controllable(self) -> bool:
+        with self._lock:
+            if not self._probed:
+                self._get, self._set = _find_openblas()
+                self._probed = True
+                if self._set is None:
+                    logger.debug("cpu backend: cannot set BLAS threads; running tasks serially")
+            return self._set is not None
+
+    @contextlib.contextmanager
+    def single(self) -> Iterator[None]:
+        assert self._get is not None and self._set is not None
+        with self._lock:
+            if self._users == 0:
+                self._saved = self._get()
+                self._set(1)
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._users -= 1
+                if self._users == 0:
+                    self._set(self._saved)
+
+
+_BLAS = _BlasThreads()
+
+
+#: A fast-path tile (shift kept from earlier tiles, no max pass) is accepted while each row's sum of
+#: ``exp`` over the tile stays below this; a larger sum means scores outgrew the shift, and the tile
+#: is redone with an exact one. 2**32 keeps sums and ``sum * |v|`` far from float32 overflow.
+_SUM_LIMIT = np.float32(2.0**32)
+
+#: Tasks per worker: enough to even out unequal (causal, windowed) tasks on the pool.
+_TASKS_PER_WORKER = 4
+
+#: One task: batch ``b``, key/value head ``kv`` and the row blocks of its query heads to compute.
+_Chunk = Tuple[int, int, List[_Block]]
+
+#: One GEMM-sized piece of a block: block rows ``[r0, r1)`` (query positions ``[a, e)``) x keys
+#: ``[c0, c1)``.
+_Tile = Tuple[int, int, int, int, int, int]
+
+
+def _split(lo: int, hi: int, size: int) -> List[Tuple[int, int]]:
+    """``[lo, hi)`` in the fewest pieces of at most ``size``, evenly: 1025 keys in three GEMMs of
+    342, not two of 512 and one of a single key."""
+    if hi <= lo:
+        return []
+    n = math.ceil((hi - lo) / size)
+    step = math.ceil((hi - lo) / n)
+    return [(c0, min(c0 + step, hi)) for c0 in range(lo, hi, step)]
+
+
+class _Forward:
+    """One forward call's arrays; ``run_chunk`` computes one task into ``out``/``lse``."""
+
+    def __init__(
+        self,
+        problem: Problem,
+        q: np.ndarray,
+        k: np.ndarray,
+        v: np.ndarray,
+        mask: np.ndarray | None,
+        block_k: int,
+        step: int,
+    ) -> None:
+        p = problem
+        self.p = p
+        self.q, self.k, self.v, self.mask = q, k, v, mask
+        self.block_k = block_k
+        self.step = step
+        self.scale = np.float32(p.scale)
+        self.out = np.empty((p.batch, p.heads_q, p.len_q, p.dim_v), dtype=STORAGE[p.dtype])
+        self.lse = np.empty((p.batch, p.heads_q, p.len_q), dtype=np.float32)
+        self._bias: Dict[Tuple[int, int, int], np.ndarray] = {}
+
+    def run_chunk(self, chunk: _Chunk) -> None:
+        b, kv, blocks = chunk
+        ranges = [self.p.key_range(i0, i1) for _, _, _, i0, i1 in blocks]
+        lo, hi = min(r[0] for r in ranges), max(r[1] for r in ranges)
+        with np.errstate(all="ignore"):  # errstate is per thread; -inf/NaN handling below is deliberate
+            k = self._ones_column(self.k[b, kv, lo:hi])
+            v = self._ones_column(self.v[b, kv, lo:hi])
+            # One score tile per task: a fresh 0.5-1 MiB buffer per block costs page faults each time.
+            rows = max((h1 - h0) * (i1 - i0) for _, h0, h1, i0, i1 in blocks)
+            scratch = np.empty(rows * min(self.block_k, hi - lo), dtype=np.float32)
+            for block in blocks:
+                self._block(block, k, v, lo, scratch)
+
+    def _ones_column(self, x: np.ndarray) -> np.ndarray:
+        """float32 ``[x | 1]``: against K the ones column subtracts each row's shift inside the score
+        GEMM, against V it sums the row's weights, saving two passes over every score tile."""
+        n, d = x.shape
+        out = np.empty((n, d + 1), dtype=np.float32)
+        out[:, :d] = to_f32(x, self.p.dtype)
+        out[:, d] = 1.0
+        return out
+
+    def _tiles(self, block: _Block) -> Iterator[_Tile]:
+        """The block's tiles: full-height tiles over the keys every row sees, then the band's edges
+        in steps of ``step`` rows, each step only as wide as its own rows see (a staircase along a
+        causal diagonal instead of a half-hidden square). Packed-head blocks take the edges whole."""
+        p, bk = self.p, self.block_k
+        _, h0, h1, i0, i1 = block
+        rows = (h1 - h0) * (i1 - i0)
+        lo, hi = p.key_range(i0, i1)
+        core_lo = lo if p.left is None else max(lo, i1 - 1 + p.diag - p.left)
+        core_hi = hi if p.right is None else min(hi, i0 + p.diag + p.right + 1)
+        if core_lo < core_hi:
+            for c0, c1 in _split(core_lo, core_hi, bk):
+                yield 0, rows, i0, i1, c0, c1
+        else:
+            core_lo = core_hi = hi  # no common keys: the edges below cover each step's whole range
+        step = self.step if h1 - h0 == 1 else i1 - i0
+        for a in range(i0, i1, step):
+            e = min(a + step, i1)
+            r0, r1 = (a - i0, e - i0) if h1 - h0 == 1 else (0, rows)
+            s_lo, s_hi = p.key_range(a, e)
+            for x0, x1 in ((s_lo, min(s_hi, core_lo)), (max(s_lo, core_hi), s_hi)):
+                for c0, c1 in _split(x0, x1, bk):
+                    yield r0, r1, a, e, c0, c1
+
+    def _band_bias(self, rows: int, offset: int, width: int) -> np.ndarray:
+        """``0`` / ``-inf`` for ``rows`` query rows x ``width`` keys starting ``offset`` keys right of
+        the first row; it depends only on these three, so tiles of every head share it."""
+        key = (rows, offset, width)
+        bias = self._bias.get(key)
+        if bias is None:
+            seen = self.p.visible(np.arange(rows), np.arange(offset, offset + width))
+            bias = np.where(seen, np.float32(0), np.float32(-np.inf))
+            self._bias[key] = bias  # a racing worker computes the same array; either copy will do
+        return bias
+
+    def _scores(self, s: np.ndarray, qa: np.ndarray, kt: np.ndarray, block: _Block, tile: _Tile) -> None:
+        """``s = scale * q.k - shift`` over the tile, band and mask applied."""
+        p = self.p
+        b, h0, h1, _, _ = block
+        _, _, a, e, c0, c1 = tile
+        np.matmul(qa, kt.T, out=s)
+        s3 = s.reshape(h1 - h0, e - a, c1 - c0)
+        # Only keys left of the band edge of the last row, or right of the edge of the first row,
+        # are hidden from some row; adding a cached 0/-inf tile there is cheaper than a where-copy.
+        spans = []
+        if p.left is not None:
+            spans.append((c0, min(c1, e - 1 + p.diag - p.left)))
+        if p.right is not None:
+            spans.append((max(c0, a + p.diag + p.right + 1), c1))
+        for x0, x1 in spans:
+            if x0 < x1:
+                s3[:, :, x0 - c0 : x1 - c0] += self._band_bias(e - a, x0 - a, x1 - x0)
+        if self.mask is not None:
+            mb, mh, mq, mk = self.mask.shape
+            s3 += self.mask[
+                b if mb > 1 else 0,
+                slice(h0, h1) if mh > 1 else slice(0, 1),
+                slice(a, e) if mq > 1 else slice(0, 1),
+                slice(c0, c1) if mk > 1 else slice(0, 1),
+            ]
+
+    def _block(self, block: _Block, k: np.ndarray, v: np.ndarray, k_lo: int, scratch: np.ndarray) -> None:
+        """Online softmax of one block of query rows over its tiles, into ``out`` and ``lse``.
+
+        ``m`` is each row's shift (natural-log units): the exact max of some tile it has seen, or
+        -inf before any; ``acc`` holds ``sum exp(s - m) * [v | 1]``. A tile whose rows all have a
+        shift skips the max pass; since a shift is never below an earlier tile's max, every row's
+        sum stays >= 1 and underflowing terms are negligible against it.
+        """
+        p = self.p
+        b, h0, h1, i0, i1 = block
+        rows = (h1 - h0) * (i1 - i0)
+        dk, dv = p.dim_k, p.dim_v
+        qa = np.empty((rows, dk + 1), dtype=np.float32)
+        np.multiply(to_f32(self.q[b, h0:h1, i0:i1].reshape(rows, dk), p.dtype), self.scale, out=qa[:, :dk])
+        qa[:, dk] = 0.0  # minus the shift, against K's ones column
+        m = np.full(rows, -np.inf, dtype=np.float32)
+        acc = np.zeros((rows, dv + 1), dtype=np.float32)
+        part_rows = np.empty_like(acc)
+        for tile in self._tiles(block):
+            r0, r1, _, _, c0, c1 = tile
+            kt, vt = k[c0 - k_lo : c1 - k_lo], v[c0 - k_lo : c1 - k_lo]
+            s = scratch[: (r1 - r0) * (c1 - c0)].reshape(r1 - r0, c1 - c0)
+            part = part_rows[: r1 - r0]
+            mt, at, qt = m[r0:r1], acc[r0:r1], qa[r0:r1]
+            if np.isfinite(mt).all():
+                self._scores(s, qt, kt, block, tile)
+                np.exp(s, out=s)
+                np.matmul(s, vt, out=part)
+                if not (part[:, dv] > _SUM_LIMIT).any():
+                    at += part
+                    continue
+            self._scores(s, qt, kt, block, tile)
+            top = s.max(axis=1)  # relative to the current shift
+            unseen = mt == -np.inf
+            # NaN rows never get a shift, so their NaN reaches the output instead of being hidden.
+            grow = np.isfinite(top) & (unseen | (top > 0))
+            if grow.any():
+                m_new = np.where(grow, np.where(unseen, np.float32(0), mt) + top, mt)
+                s -= np.where(grow, top, np.float32(0))[:, None]
+                at *= np.where(grow, np.exp(mt - m_new), np.float32(1))[:, None]
+                mt[:] = m_new
+                qt[:, dk] = np.where(np.isfinite(m_new), -m_new, np.float32(0))
+            np.exp(s, out=s)
+            np.matmul(s, vt, out=part)
+            at += part
+        total = acc[:, dv]
+        seen = total != 0  # NaN compares unequal, so NaN rows stay NaN instead of becoming hidden rows
+        o = np.where(seen[:, None], acc[:, :dv] / total[:, None], np.float32(0))
+        self.out[b, h0:h1, i0:i1] = from_f32(o, p.dtype).reshape(h1 - h0, i1 - i0, dv)
+        self.lse[b, h0:h1, i0:i1] = np.where(seen, m + np.log(total), -np.inf).reshape(h1 - h0, i1 - i0)
+
+
+def _head_blocks(p: Problem, block_q: int, b: int, kv: int) -> List[_Block]:
+    """Row blocks of the query heads of one KV head; the heads are packed together when Lq is short."""
+    g = p.group
+    if p.len_q >= block_q:
+        n = math.ceil(p.len_q / block_q)
+        size = math.ceil(p.len_q / n)  # even sizes: 300 rows split 150 + 150, not 256 + 44
+        return [
+            (b, h, h + 1, i0, min(i0 + size, p.len_q))
+            for h in range(kv * g, (kv + 1) * g)
+            for i0 in range(0, p.len_q, size)
+        ]
+    per = max(1, block_q // p.len_q)
+    return [(b, kv * g + g0, kv * g + min(g0 + per, g), 0, p.len_q) for g0 in range(0, g, per)]
+
+
+def _chunks(p: Problem, block_q: int, workers: int) -> List[_Chunk]:
+    """Tasks: runs of consecutive row blocks of one KV head (K and V are converted once per task)."""
+    per_head = 1 if workers == 1 else math.ceil(_TASKS_PER_WORKER * workers / (p.batch * p.heads_kv))
+    out: List[_Chunk] = []
+    for b in range(p.batch):
+        for kv in range(p.heads_kv):
+            blocks = _head_blocks(p, block_q, b, kv)
+            n = min(per_head, len(blocks))
+            size = math.ceil(len(blocks) / n)
+            out += [(b, kv, blocks[j : j + size]) for j in range(0, len(blocks), size)]
+    return out
+
+
+def _work(p: Problem, chunk: _Chunk) -> int:
+    """Score elements a task computes (its cost, up to a constant)."""
+    total = 0
+    for _, h0, h1, i0, i1 in chunk[2]:
+        lo, hi = p.key_range(i0, i1)
+        total += (h1 - h0) * (i1 - i0) * (hi - lo)
+    return total
+
+
+class CpuBackend(Backend):
+    """Exact attention on the host: float32 compute for float32/float16/bfloat16 storage."""
+
+    name = "cpu"
+
+    def __init__(
+        self, block_q: int = 512, block_k: int = 512, step: int = 128, workers: int | None = None
+    ) -> None:
+        """``block_q`` query rows per block, ``block_k`` keys per tile, ``step`` rows per stair of a
+        band edge; ``workers`` threads (default: the CPUs this process may use)."""
+        if min(block_q, block_k, step) < 1:
+            raise ValueError(f"sizes must be positive, got {block_q=}, {block_k=}, {step=}")
+        self.block_q = block_q
+        self.block_k = block_k
+        self.step = step
+        self.workers = workers
+
+    def rank(self, problem: Problem) -> int:
+        """Fallback tier: behind a GPU backend, ahead of CPU Vulkan drivers such as lavapipe."""
+        return 50
+
+    def forward(
+        self, problem: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None
+    ) -> Tuple[np.ndarray, np.ndarray]:
+        """See :class:`aule_kp.backend.Backend`: ``(out [B, Hq, Lq, Dv] in q's storage, lse float32)``."""
+        p = problem
+        if mask is not None:
+            mask = np.asarray(mask, dtype=np.float32)
+        job = _Forward(p, q, k, v, mask, self.block_k, self.step)
+        if p.empty:
+            job.lse.fill(-np.inf)
+            return job.out, job.lse
+        workers = self.workers or _worker_count()
+        if workers > 1 and not _BLAS.controllable():
+            workers = 1  # BLAS threads each matmul itself instead; two pools would fight over the cores
+        chunks = _chunks(p, self.block_q, workers)
+        # Longest first, so the pool does not end on one long task.
+        chunks.sort(key=lambda c: _work(p, c), reverse=True)
+        workers = min(workers, len(chunks))
+        if workers == 1:
+            for chunk in chunks:
+                job.run_chunk(chunk)
+            return job.out, job.lse
+        with _BLAS.single(), ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(job.run_chunk, chunks))
+        return job.out, job.lse

@@ -1,0 +1,63 @@
+"""The Vulkan backend: FA2 kernels through kp on the selected device."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from ..backend import Backend
+from ..problem import Problem
+from . import device as devmod
+from .kernels import KernelConfig, choose
+from .plan import Plan, binding_limit, groups_per_chunk
+
+
+class VulkanBackend(Backend):
+    """FA2 forward on a Vulkan device. ``variant`` pins a kernel variant (else the device's best)."""
+
+    name = "vulkan"
+
+    def __init__(self, variant: Optional[str] = None):
+        self.variant = variant
+
+    def available(self) -> List[str]:
+        why = devmod.vulkan_unavailable()
+        return [why] if why else []
+
+    def config(self, problem: Problem) -> KernelConfig:
+        return choose(devmod.get_device().caps, problem, self.variant)
+
+    def reasons(self, problem: Problem) -> List[str]:
+        why = self.available()
+        if why:
+            return why
+        dev = devmod.get_device()
+        reasons: List[str] = []
+        try:
+            self.config(problem)
+        except ValueError as exc:
+            reasons.append(str(exc))
+        limit = binding_limit(dev.caps.max_storage_buffer_range)
+        if groups_per_chunk(problem, limit) < 1:
+            reasons.append(f"one (batch, kv-head) slice is over the {limit} B storage binding limit")
+        if problem.mask_shape is not None and 4 * int(np.prod(problem.mask_shape)) > limit:
+            reasons.append(f"the mask is over the {limit} B storage binding limit")
+        return reasons
+
+    def rank(self, problem: Problem) -> int:
+        # A CPU Vulkan driver (lavapipe) is slower than the NumPy backend on the same cores.
+        return 80 if devmod.get_device().caps.type == "cpu" else 10
+
+    def plan(self, problem: Problem, config: Optional[KernelConfig] = None) -> Plan:
+        """The cached plan for ``problem`` (built on first use)."""
+        dev = devmod.get_device()
+        cfg = config or self.config(problem)
+        with dev.lock:
+            return dev.plans.get((problem, cfg), lambda: Plan(dev, problem, cfg))
+
+    def forward(self, problem: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray,
+                mask: Optional[np.ndarray], config: Optional[KernelConfig] = None) -> Tuple[np.ndarray, np.ndarray]:
+        dev = devmod.get_device()
+        with dev.lock:
+            return self.plan(problem, config).run(q, k, v, mask)

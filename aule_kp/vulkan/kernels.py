@@ -1,0 +1,165 @@
+"""Kernel variants, their specialization, and per-device tile choice (all tuning lives here).
+
+A ``KernelConfig`` is the small state struct that keys pipelines (as in llama.cpp's ggml-vulkan):
+one GLSL source per kernel, many pipelines through specialization constants.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from ..problem import Problem
+from .probe import DeviceCaps
+
+DTYPE_CODE = {"float32": 0, "float16": 1, "bfloat16": 2}
+FLOAT_BYTES = 4
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """One pipeline: which source, and the values of its specialization constants."""
+
+    variant: str
+    kernel: str  # glsl/<kernel>.comp
+    dk: int
+    dv: int
+    br: int  # query rows per workgroup
+    bc: int  # keys per tile
+    tpr: int  # invocations per query row (scalar variants)
+    dtype: int  # DTYPE_CODE
+    wg: int  # invocations per workgroup
+    stage: int  # 1: K/V tiles staged in shared memory
+    rpt: int = 1  # query rows per invocation group (scalar variants)
+
+    def spec(self) -> np.ndarray:
+        """Specialization constants in constant_id order (glsl/fa2_common.glsl)."""
+        return np.array(
+            [self.dk, self.dv, self.br, self.bc, self.tpr, self.dtype, self.wg, self.stage, self.rpt],
+            dtype=np.uint32,
+        )
+
+    def shared_bytes(self) -> int:
+        if self.variant == "coopmat":
+            return coopmat_shared_bytes(self)
+        return FLOAT_BYTES * (self.stage * self.bc * (self.dk + self.dv) + 2)
+
+
+def coopmat_shared_bytes(cfg: KernelConfig) -> int:
+    """Shared memory of glsl/fa2_fwd_coopmat.comp (see the formula in its header)."""
+    half = 2
+    return (
+        half * cfg.br * cfg.dk  # Q tile (fp16)
+        + half * cfg.bc * max(cfg.dk, cfg.dv)  # K then V tile (fp16), one buffer reused
+        + FLOAT_BYTES * cfg.br * cfg.bc  # S / P scores (fp32)
+        + FLOAT_BYTES * cfg.br * cfg.dv  # O accumulator (fp32)
+        + FLOAT_BYTES * 3 * cfg.br  # m, l, alpha per row
+    )
+
+
+VARIANTS = ("scalar", "wave64", "coopmat")
+
+
+def _pow2_floor(x: int) -> int:
+    return 1 << (max(1, x).bit_length() - 1)
+
+
+def _scalar_tiles(caps: DeviceCaps, problem: Problem, wave: int, cpu: bool) -> Dict[str, int]:
+    """Tiles for the scalar/subgroup source on this device."""
+    dmax = max(problem.dim_k, problem.dim_v)
+    if cpu:
+        # CPU drivers (lavapipe): no staging (barriers are expensive, caches stage anyway); 4 rows per
+        # invocation so each K/V load feeds 4 rows; 16 q values per lane keep the unrolled code small
+        # enough to compile in seconds (B1 H8 S512 D64 fp32: 0.29 s, 1.8 GFLOP/s on 2 cores).
+        tpr = min(8, caps.subgroup_size if caps.subgroup_shuffle else 1, _pow2_floor(max(1, dmax // 16)))
+        wg = 64
+        return dict(tpr=tpr, br=wg // tpr * 4, bc=8, stage=0, wg=wg, rpt=4)
+    # GPUs: split a row over lanes so each holds at most ~32 q/o values in registers.
+    tpr = min(_pow2_floor(max(1, dmax // 32)), 8, caps.subgroup_size if caps.subgroup_shuffle else 1)
+    wg = max(wave * 2, 128)
+    br = wg // tpr
+    bc = 32
+    while bc > 8 and FLOAT_BYTES * bc * (problem.dim_k + problem.dim_v) > caps.shared_memory - 64:
+        bc //= 2
+    return dict(tpr=tpr, br=br, bc=bc, stage=1, wg=wg, rpt=1)
+
+
+def _coopmat_tiles(caps: DeviceCaps, problem: Problem) -> Dict[str, int]:
+    subgroups = 4
+    wg = subgroups * max(caps.subgroup_size, 1)
+    for br, bc in ((64, 64), (64, 32), (32, 32), (16, 16)):
+        cfg = KernelConfig("coopmat", "fa2_fwd_coopmat", problem.dim_k, problem.dim_v, br, bc, 1,
+                           DTYPE_CODE[problem.dtype], wg, 1)
+        if coopmat_shared_bytes(cfg) <= caps.shared_memory:
+            return dict(tpr=1, br=br, bc=bc, stage=1, wg=wg)
+    return dict(tpr=1, br=16, bc=16, stage=1, wg=wg)
+
+
+def _has_coopmat_16(caps: DeviceCaps) -> bool:
+    return any(
+        s[:3] == (16, 16, 16) and s[3] == "f16" and s[4] == "f16" and s[5] == "f32" and s[6] == "f32"
+        for s in caps.coopmat_shapes
+    )
+
+
+def variant_reasons(variant: str, caps: DeviceCaps, problem: Problem, forced: bool = False) -> List[str]:
+    """Why ``variant`` cannot run ``problem`` on this device (empty: it can).
+
+    Wave64 is correct on any subgroup size (its cross-lane sums never span more lanes than the
+    device has); it is only *chosen* automatically on 64-wide devices, and runs elsewhere when forced.
+    """
+    reasons: List[str] = []
+    if variant not in VARIANTS:
+        return [f"unknown variant {variant!r}; expected one of {VARIANTS}"]
+    if variant == "coopmat":
+        if not caps.coopmat:
+            reasons.append("device has no VK_KHR_cooperative_matrix")
+        elif not _has_coopmat_16(caps):
+            reasons.append("device has no 16x16x16 f16*f16+f32 cooperative matrix shape")
+        if problem.dtype != "float16":
+            reasons.append(f"coopmat takes float16 inputs, got {problem.dtype}")
+        if problem.dim_k % 16 or problem.dim_v % 16:
+            reasons.append("coopmat needs head dims that are multiples of 16")
+    if variant == "wave64" and caps.subgroup_size != 64 and not forced:
+        reasons.append(f"wave64 is tuned for 64-wide subgroups; this device's are {caps.subgroup_size}")
+    if not reasons:
+        cfg = config_for(variant, caps, problem)
+        if cfg.shared_bytes() > caps.shared_memory:
+            reasons.append(f"needs {cfg.shared_bytes()} B of shared memory, device has {caps.shared_memory}")
+        if cfg.wg > caps.max_workgroup_invocations:
+            reasons.append(f"needs {cfg.wg} invocations per workgroup, device allows {caps.max_workgroup_invocations}")
+    return reasons
+
+
+def config_for(variant: str, caps: DeviceCaps, problem: Problem) -> KernelConfig:
+    """The specialization of ``variant`` for ``problem`` on this device."""
+    if variant == "coopmat":
+        t = _coopmat_tiles(caps, problem)
+        kernel = "fa2_fwd_coopmat"
+    else:
+        wave = 64 if variant == "wave64" else max(caps.subgroup_size, 1)
+        t = _scalar_tiles(caps, problem, wave, cpu=variant == "scalar" and caps.type == "cpu")
+        kernel = "fa2_fwd"
+    return KernelConfig(variant, kernel, problem.dim_k, problem.dim_v, t["br"], t["bc"], t["tpr"],
+                        DTYPE_CODE[problem.dtype], t["wg"], t["stage"], t.get("rpt", 1))
+
+
+def preferred_variants(caps: DeviceCaps) -> List[str]:
+    """Variants in the order this device prefers them."""
+    order = ["coopmat"] if caps.coopmat else []
+    order += ["wave64", "scalar"] if caps.subgroup_size == 64 else ["scalar"]
+    return order
+
+
+def choose(caps: DeviceCaps, problem: Problem, variant: Optional[str] = None) -> KernelConfig:
+    """The best variant that can run ``problem`` (``variant`` or ``AULE_KP_FORCE_VARIANT`` forces one)."""
+    forced = variant or os.environ.get("AULE_KP_FORCE_VARIANT") or None
+    names = [forced] if forced else preferred_variants(caps)
+    for name in names:
+        if not variant_reasons(name, caps, problem, forced=bool(forced)):
+            return config_for(name, caps, problem)
+    detail = "; ".join(f"{n}: {', '.join(variant_reasons(n, caps, problem, bool(forced)))}" for n in names)
+    raise ValueError(f"no Vulkan kernel variant can run this problem ({detail})")

@@ -1,0 +1,223 @@
+"""Plans: per-Problem persistent kp tensors, algorithms and one recorded sequence, reused per call.
+
+The first call for a (Problem, KernelConfig) builds a Plan; later calls copy inputs into the
+tensors' mapped memory, ``eval()`` the same sequence and copy the outputs out. Plans live in a
+bounded LRU (by bytes) on their Device. Inputs larger than one storage binding are split into
+chunks of whole (batch, kv-head) groups, one dispatch each, in the same sequence.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ..dtypes import ITEMSIZE, STORAGE
+from ..problem import Problem
+from .kernels import KernelConfig
+
+log = logging.getLogger("aule_kp")
+
+#: Counters tests use to show that a cached plan creates nothing new.
+stats: Dict[str, int] = {"plans": 0, "algorithms": 0, "evals": 0}
+
+LOG2E = 1.4426950408889634
+MAX_GRID_Y = 65535
+
+
+def binding_limit(max_storage_buffer_range: int) -> int:
+    """Largest buffer one binding may cover (``AULE_KP_MAX_BINDING_BYTES`` lowers it, for tests)."""
+    override = os.environ.get("AULE_KP_MAX_BINDING_BYTES")
+    return min(max_storage_buffer_range, int(override)) if override else max_storage_buffer_range
+
+
+def _words(elements: int, dtype: str) -> int:
+    """uint32 words holding ``elements`` values of ``dtype`` (16-bit values are packed in pairs)."""
+    return math.ceil(elements * ITEMSIZE[dtype] / 4)
+
+
+def group_bytes(p: Problem) -> Dict[str, int]:
+    """Bytes each buffer needs per (batch, kv-head) group."""
+    isz = ITEMSIZE[p.dtype]
+    return {
+        "q": p.group * p.len_q * p.dim_k * isz,
+        "k": p.len_k * p.dim_k * isz,
+        "v": p.len_k * p.dim_v * isz,
+        "o": p.group * p.len_q * p.dim_v * isz,
+        "lse": p.group * p.len_q * 4,
+    }
+
+
+def groups_per_chunk(p: Problem, limit: int) -> int:
+    """How many groups one dispatch can bind (0: a single group is over the limit)."""
+    per_buffer = min(limit // max(b, 1) for b in group_bytes(p).values())
+    return min(per_buffer, MAX_GRID_Y // p.group)
+
+
+def mask_strides(p: Problem) -> Tuple[int, int, int, int]:
+    """Element strides of the contiguous mask over [B, Hq, Lq, Lk]; 0 on broadcast dims."""
+    if p.mask_shape is None:
+        return (0, 0, 0, 0)
+    shape = p.mask_shape
+    strides = np.cumprod((1,) + shape[:0:-1])[::-1]
+    return tuple(int(s) if n > 1 else 0 for s, n in zip(strides, shape))
+
+
+def push_constants(p: Problem, group0: int) -> np.ndarray:
+    """Push constants in the order of ``Push`` in glsl/fa2_common.glsl."""
+    scale_bits = struct.unpack("<I", struct.pack("<f", p.scale * LOG2E))[0]
+    signed = [p.diag, -1 if p.left is None else p.left, -1 if p.right is None else p.right]
+    sb, sh, si, sj = mask_strides(p)
+    vals = [p.len_q, p.len_k, p.group, p.heads_kv, group0, scale_bits, *(x & 0xFFFFFFFF for x in signed),
+            int(p.has_mask), sb, sh, si, sj, p.heads_q]
+    return np.array(vals, dtype=np.uint32)
+
+
+@dataclass
+class Chunk:
+    g0: int
+    g1: int
+    tensors: List[Any]  # q, k, v, o, lse (kp tensors)
+    views: List[np.ndarray]  # their mapped memory (uint32 / float32)
+    algorithm: Any
+
+
+class Plan:
+    """Everything one Problem needs on one device, built once.
+
+    ``io``: kp tensors ``(q, k, v, o)`` owned by the caller (the GpuTensor path). Then the plan
+    has one chunk bound to them and its sequence only dispatches: data stays on the device.
+    """
+
+    def __init__(self, device: Any, problem: Problem, config: KernelConfig, io: Optional[Sequence[Any]] = None):
+        self.problem = problem
+        self.config = config
+        self.device = device
+        kp = device.kp
+        mgr = device.manager
+        p = problem
+        ttype = kp.TensorTypes.host if device.host_memory else kp.TensorTypes.device
+        per = group_bytes(p)
+        n_groups = p.batch * p.heads_kv
+        limit = binding_limit(device.caps.max_storage_buffer_range)
+        step = n_groups if io is not None else groups_per_chunk(p, limit)
+        if step < 1:
+            raise ValueError(f"one (batch, head) slice needs {max(per.values())} B, over the device's "
+                             f"storage binding limit of {limit} B")
+        if io is not None and p.group * n_groups > MAX_GRID_Y:
+            raise ValueError(f"the GpuTensor path takes at most {MAX_GRID_Y} query heads x batch per call")
+
+        def tensor(words: int, dtype: Any) -> Any:
+            return mgr.tensor_t(np.zeros(max(words, 1), dtype=dtype), ttype)
+
+        self.mask = tensor(int(np.prod(p.mask_shape)) if p.mask_shape else 1, np.float32)
+        self.mask_view = self.mask.data()
+        spirv = device.spirv(config.kernel)
+        spec = config.spec()
+        self.chunks: List[Chunk] = []
+        self.nbytes = self.mask_view.nbytes
+        for g0 in range(0, n_groups, step):
+            g1 = min(n_groups, g0 + step)
+            n = g1 - g0
+            if io is not None:
+                q, k, v, o = io
+                lse = tensor(n * p.group * p.len_q, np.float32)
+            else:
+                q = tensor(_words(n * p.group * p.len_q * p.dim_k, p.dtype), np.uint32)
+                k = tensor(_words(n * p.len_k * p.dim_k, p.dtype), np.uint32)
+                v = tensor(_words(n * p.len_k * p.dim_v, p.dtype), np.uint32)
+                o = tensor(_words(n * p.group * p.len_q * p.dim_v, p.dtype), np.uint32)
+                lse = tensor(n * p.group * p.len_q, np.float32)
+                self.nbytes += n * sum(per.values()) * (1 if device.host_memory else 2)
+            grid = (math.ceil(p.len_q / config.br), n * p.group, 1)
+            algo = mgr.algorithm([q, k, v, o, lse, self.mask], spirv, grid, spec, push_constants(p, g0))
+            stats["algorithms"] += 1
+            views = [] if io is not None else [t.data() for t in (q, k, v, o, lse)]
+            self.chunks.append(Chunk(g0, g1, [q, k, v, o, lse], views, algo))
+
+        self.sequence = mgr.sequence()
+        inputs = [t for c in self.chunks for t in c.tensors[:3]] if io is None else []
+        if p.has_mask:
+            inputs.append(self.mask)
+        if inputs:
+            self.sequence.record(kp.OpTensorSyncDevice(inputs))
+        for c in self.chunks:
+            self.sequence.record(kp.OpAlgoDispatch(c.algorithm))
+        if io is None:
+            self.sequence.record(kp.OpTensorSyncLocal([t for c in self.chunks for t in c.tensors[3:]]))
+        stats["plans"] += 1
+
+    def run(self, q: np.ndarray, k: np.ndarray, v: np.ndarray,
+            mask: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+        """Host arrays in (engine storage, contiguous), ``(out, lse)`` out (see Backend.forward)."""
+        p = self.problem
+        qg = q.reshape(p.batch * p.heads_kv, -1)
+        kg = k.reshape(p.batch * p.heads_kv, -1)
+        vg = v.reshape(p.batch * p.heads_kv, -1)
+        out = np.empty((p.batch * p.heads_kv, p.group * p.len_q * p.dim_v), dtype=STORAGE[p.dtype])
+        lse = np.empty((p.batch * p.heads_kv, p.group * p.len_q), dtype=np.float32)
+        for c in self.chunks:
+            for view, src in zip(c.views[:3], (qg, kg, vg)):
+                # One copy into mapped memory; packed 16-bit data goes in as raw bytes.
+                view.view(np.uint8)[: src[c.g0:c.g1].nbytes] = src[c.g0:c.g1].reshape(-1).view(np.uint8)
+        if mask is not None:
+            self.mask_view[:] = mask.reshape(-1)
+        self.eval()
+        for c in self.chunks:
+            dst = out[c.g0:c.g1]
+            dst.reshape(-1).view(np.uint8)[:] = c.views[3].view(np.uint8)[: dst.nbytes]
+            lse[c.g0:c.g1] = c.views[4][: lse[c.g0:c.g1].size].reshape(c.g1 - c.g0, -1)
+        shape = (p.batch, p.heads_q, p.len_q)
+        return out.reshape(*shape, p.dim_v), lse.reshape(shape)
+
+    def eval(self) -> None:
+        self.sequence.eval()
+        stats["evals"] += 1
+
+    def destroy(self) -> None:
+        self.sequence.destroy()
+        for c in self.chunks:
+            c.algorithm.destroy()
+        self.chunks.clear()
+
+
+class PlanCache:
+    """Least-recently-used plans, bounded by the bytes their tensors hold."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._plans: OrderedDict[Hashable, Plan] = OrderedDict()
+
+    def get(self, key: Hashable, build: Callable[[], Plan]) -> Plan:
+        plan = self._plans.get(key)
+        if plan is not None:
+            self._plans.move_to_end(key)
+            return plan
+        plan = build()
+        self._plans[key] = plan
+        while len(self._plans) > 1 and self.nbytes > self.max_bytes:
+            _, old = self._plans.popitem(last=False)
+            log.debug("evicting plan for %s", old.problem)
+            old.destroy()
+        return plan
+
+    def drop(self, match: Callable[[Hashable], bool]) -> None:
+        """Destroys the plans whose key matches (e.g. those bound to a freed GpuTensor)."""
+        for key in [k for k in self._plans if match(k)]:
+            self._plans.pop(key).destroy()
+
+    def clear(self) -> None:
+        self.drop(lambda _: True)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self._plans.values())
+
+    def __len__(self) -> int:
+        return len(self._plans)

@@ -1,0 +1,98 @@
+// Shared interface of every FA2 forward kernel (scalar/subgroup, Wave64, coopmat).
+// The host (aule_kp/vulkan/kernels.py) fills the same bindings, push constants and spec constants
+// for all of them, so variants differ only in the source file and the specialization.
+//
+// Layout: a dispatch covers one *chunk* of key/value groups (a group = one (batch, kv-head) pair and
+// its `group` query heads). Buffers hold only that chunk, contiguous:
+//   Q [n_q_heads_in_chunk, len_q, DK]   K [n_groups_in_chunk, len_k, DK]   V [.., len_k, DV]
+//   O [n_q_heads_in_chunk, len_q, DV]   LSE [n_q_heads_in_chunk, len_q] (natural log, fp32)
+// Workgroup grid: x = query tile (BR rows), y = query head within the chunk.
+// 16-bit data is packed two per uint (element e in word e>>1, low half first), fp32 as float bits.
+// Visibility: query i sees key j when i + diag - left <= j <= i + diag + right (left/right < 0:
+// unbounded), and, with a mask, the mask value (x log2(e)) is added to the score; -inf hides the key.
+
+#extension GL_EXT_control_flow_attributes : enable
+
+layout(constant_id = 0) const uint DK = 64;      // head dim of q and k
+layout(constant_id = 1) const uint DV = 64;      // head dim of v and o
+layout(constant_id = 2) const uint BR = 64;      // query rows per workgroup
+layout(constant_id = 3) const uint BC = 32;      // keys per tile
+layout(constant_id = 4) const uint TPR = 1;      // invocations per query row (scalar variant)
+layout(constant_id = 5) const uint DTYPE = 0;    // 0 float32, 1 float16, 2 bfloat16
+layout(constant_id = 6) const uint WG = 64;      // invocations per workgroup
+layout(constant_id = 7) const uint STAGE = 1;    // 1: stage K/V tiles in shared memory
+layout(constant_id = 8) const uint RPT = 1;      // query rows per invocation group (scalar variant)
+
+layout(local_size_x_id = 6, local_size_y = 1, local_size_z = 1) in;
+
+layout(std430, binding = 0) readonly buffer QBuf { uint q_data[]; };
+layout(std430, binding = 1) readonly buffer KBuf { uint k_data[]; };
+layout(std430, binding = 2) readonly buffer VBuf { uint v_data[]; };
+layout(std430, binding = 3) writeonly buffer OBuf { uint o_data[]; };
+layout(std430, binding = 4) writeonly buffer LBuf { float lse_data[]; };
+layout(std430, binding = 5) readonly buffer MBuf { float mask_data[]; };
+
+layout(push_constant) uniform Push {
+    uint len_q;
+    uint len_k;
+    uint group;       // query heads per kv head
+    uint heads_kv;
+    uint group0;      // global index of the chunk's first (batch, kv-head) group
+    float scale_log2; // softmax scale * log2(e): scores live in the exp2 domain
+    int diag;
+    int left;         // < 0: unbounded
+    int right;        // < 0: unbounded
+    uint has_mask;    // 1: add mask_data[...] * log2(e) to the score
+    uint mask_sb;     // mask element strides for batch, query head, query row, key (0 = broadcast)
+    uint mask_sh;
+    uint mask_si;
+    uint mask_sj;
+    uint heads_q;
+} pc;
+
+const float LOG2E = 1.4426950408889634;
+const float LN2 = 0.6931471805599453;
+// Running max starts finite so a row whose keys are all hidden never computes (-inf) - (-inf).
+const float NEG_BIG = -3.4028234663852886e38 / 2.0;
+
+// Element e of a packed buffer, as float.
+#define LOAD_ELEM(buf, e) ( \
+    DTYPE == 0u ? uintBitsToFloat(buf[(e)]) : \
+    DTYPE == 1u ? unpackHalf2x16(buf[(e) >> 1u] >> (((e) & 1u) * 16u)).x : \
+                  uintBitsToFloat((buf[(e) >> 1u] << (16u - ((e) & 1u) * 16u)) & 0xFFFF0000u))
+
+// Elements e and e+1 (e even) of a packed buffer.
+#define LOAD_PAIR(buf, e) ( \
+    DTYPE == 0u ? vec2(uintBitsToFloat(buf[(e)]), uintBitsToFloat(buf[(e) + 1u])) : \
+    DTYPE == 1u ? unpackHalf2x16(buf[(e) >> 1u]) : \
+                  vec2(uintBitsToFloat(buf[(e) >> 1u] << 16u), uintBitsToFloat(buf[(e) >> 1u] & 0xFFFF0000u)))
+
+uint bf16_bits(float x) {
+    uint u = floatBitsToUint(x);
+    if (isnan(x)) return (u >> 16u) | 0x40u;
+    return (u + 0x7FFFu + ((u >> 16u) & 1u)) >> 16u;
+}
+
+// Writes elements e, e+1 (e even) of O.
+void store_pair(uint e, vec2 val) {
+    if (DTYPE == 0u) {
+        o_data[e] = floatBitsToUint(val.x);
+        o_data[e + 1u] = floatBitsToUint(val.y);
+    } else if (DTYPE == 1u) {
+        o_data[e >> 1u] = packHalf2x16(val);
+    } else {
+        o_data[e >> 1u] = bf16_bits(val.x) | (bf16_bits(val.y) << 16u);
+    }
+}
+
+// Keys [lo, hi) any row in [row_lo, row_hi) may see: tiles outside are skipped.
+ivec2 key_range(int row_lo, int row_hi) {
+    int lo = pc.left < 0 ? 0 : max(0, row_lo + pc.diag - pc.left);
+    int hi = pc.right < 0 ? int(pc.len_k) : min(int(pc.len_k), row_hi - 1 + pc.diag + pc.right + 1);
+    return ivec2(lo, max(lo, hi));
+}
+
+bool key_visible(int i, int j) {
+    int rel = j - (i + pc.diag);
+    return j < int(pc.len_k) && (pc.left < 0 || rel >= -pc.left) && (pc.right < 0 || rel <= pc.right);
+}

@@ -1,0 +1,516 @@
+#version 450
+// FlashAttention-2 forward, cooperative-matrix variant (GL_KHR_cooperative_matrix, subgroup scope,
+// 16x16x16 shapes: fp16 A/B operands, fp32 accumulators). Interface: fa2_common.glsl (bindings, push
+// constants, spec constants, packing, band helpers). Compile:
+//   glslangValidator -V --target-env vulkan1.3 -Iglsl glsl/fa2_fwd_coopmat.comp -o x.spv
+// (glslang 13.1.1 wants -Iglsl with no space). Device features it needs: cooperativeMatrix (a
+// 16x16x16 f16 x f16 + f32 subgroup shape), shaderFloat16, vulkanMemoryModel (glslang always
+// emits the Vulkan memory model for KHR coopmat), subgroup basic/vote/shuffle in compute.
+//
+// DTYPE: written for 1 (float16, two halves per uint). 0 (float32) and 2 (bfloat16) are accepted
+// too: Q/K/V are converted to fp16 when they are staged in shared memory, so values beyond fp16's
+// range (|x| > 65504) become inf and small ones lose precision. O is written in DTYPE (store_pair),
+// LSE in fp32. Scores, softmax statistics and O accumulate in fp32 whatever DTYPE is.
+//
+// Spec constants used: DK, DV, BR, BC, DTYPE, WG (= local_size_x). TPR, STAGE and RPT are ignored
+// (K/V are always staged). Host constraints:
+//   * DK % 16 == 0, DV % 16 == 0, BR % 16 == 0, BC % 16 == 0 (16 = the coopmat M = N = K).
+//   * WG a multiple of the device's subgroup size (a partial subgroup cannot run coopmat ops).
+//   * Efficiency (not correctness): WG / 32 should divide BR / 16. Each subgroup owns RPS = (BR/16) /
+//     (WG/32) blocks of 16 query rows (RPS = 1 when WG/32 does not divide BR/16). If the device's
+//     subgroups are not 32 wide, the row blocks are processed in several passes (wider subgroups)
+//     or some subgroups only help with loads (narrower ones): still correct.
+//   * Registers (32-wide subgroups): Q fragments RPS*DK/16*4, O accumulators RPS*DV/16*8, K/V
+//     prefetch BC*(DK+DV)/(2*WG) per invocation. Keep DV * RPS <= 256; at D=256 use WG=256.
+//   * Shared memory, bytes (must be <= maxComputeSharedMemorySize, 48 KiB on NVIDIA):
+//       2 * BC * (max(DK, DV) + 8)     Q/K/V staging, fp16, one buffer (Q passes through it BC rows at a time)
+//     + 4 * BR * (BC + 4)              S scores fp32 (also alpha broadcast and the O epilogue)
+//     + 2 * BR * (BC + 8)              P fp16
+//     + 8 * BR                         running max m and sum l per row
+//     e.g. BR=64, BC=32, D=128: 8704 + 9216 + 5120 + 512 = 23552; BR=64, BC=64, D=128: 44544;
+//          BR=128, BC=32, D=256: 46592; BR=64, BC=64, D=64: 36352.
+//     The NVIDIA driver reported exactly this, except: +1 KiB at BR=128 BC=32 D=256 (47616) and
+//     48640 at BR=64 BC=32 D=256 (255 registers: it spills). So the formula is necessary, not
+//     sufficient: pipeline creation is the final check.
+//
+// Measured (H200, driver 580.159, via a bare Vulkan harness; B=1, H=32, S=8192, fp16, TFLOPS =
+// 4*B*H*S*S*D, halved for causal), non-causal unless noted:
+//   D=128: BR=64 BC=32 WG=128: 118 (causal 112), BR=128 BC=32 WG=256: 126, BR=64 BC=16: 112,
+//          BR=64 BC=64 WG=128: 93 (241 registers: one workgroup less per SM), BR=64 WG=64 (RPS=2): 77
+//   D=64:  BR=64 BC=32 WG=128: 78, BR=64 BC=64: 62.     D=256: BR=128 BC=32 WG=256: 139, BR=64 WG=128: 84
+//   So: BC=32; BR=64/WG=128 or BR=128/WG=256 for D<=128; BR=128/WG=256 for D=256.
+//
+// Index math (fa2_common.glsl layout, one dispatch = one chunk of (batch, kv-head) groups):
+//   y = gl_WorkGroupID.y (query head in the chunk), kv group in the chunk = y / group,
+//   query rows [x*BR, x*BR + BR) of Q[y], keys of K[y / group], V[y / group].
+//   The mask is the whole [B, Hq, Lq, Lk] (broadcast strides): global query head gq = group0*group + y,
+//   batch = gq / heads_q, head = gq % heads_q, element = b*mask_sb + h*mask_sh + i*mask_si + j*mask_sj.
+//
+// Algorithm, per workgroup (BR query rows of one head):
+//   Q tile -> shared (fp16) -> each subgroup keeps its rows' Q as A fragments in registers.
+//   For each key tile of BC keys inside key_range() (causal/window tile skipping):
+//     K tile -> shared; S = Q K^T (coopMatMulAdd, fp32) -> shared; each subgroup runs the online
+//     softmax on its own rows (exp2 domain, scale applied in fp32 to S, mask added, band applied),
+//     writes P (fp16) to shared; V tile -> shared; O = alpha * O + P V with O in coopmat
+//     accumulators (registers) for the whole key loop.
+//   O / l and LSE are written by the subgroup that owns the rows.
+//
+// Why O stays in registers, and how it is rescaled: a KHR coopmat gives no portable way to know
+// which row an accumulator element belongs to, but component-wise arithmetic between two
+// coopmats of the same type is defined element by element. So the per-row factor alpha is written
+// into a 16x16 fp32 block in shared memory, replicated across the 16 columns of each row, loaded
+// as an accumulator-type coopmat A (A[r][c] = alpha[r]) and applied as O = O * A. No layout
+// assumption, no fp32 -> fp16 round trip of O (a diag(alpha) x O matmul would need O as an fp16 B
+// operand), and no BR x DV fp32 O tile in shared memory (32 KiB at D=128).
+// To make this rare, the running max is updated lazily (as in FlashAttention-4): a row keeps its
+// reference max m until a new score exceeds m + TAU (log2 domain). Then P = exp2(s - m) <= 2^TAU
+// = 256 fits fp16 easily, and O/l is unchanged mathematically (both use the same m). A subgroup
+// skips the O rescale entirely when none of its rows moved m in this tile (subgroupAny).
+//
+// Fully masked rows: m starts at NEG_BIG (finite), hidden scores are -inf, so p = exp2(-inf) = 0
+// and l stays 0 -> O = 0 and LSE = -inf. Keys >= len_k are zero-filled in shared memory (no
+// NaN from garbage in P*V) and their scores are hidden by key_visible(). Query rows >= len_q are
+// zero-filled, never read the mask, and are not written.
+// Interior tiles (every key of the tile exists and lies in every row's band, and no mask) take a
+// fast path without the per-element band / mask checks: that alone took D=128 from 64 to 118 TFLOPS.
+// Not done: skipping key tiles that a float/bool mask hides entirely (the band is skipped).
+
+#extension GL_EXT_control_flow_attributes : enable
+#extension GL_EXT_shader_explicit_arithmetic_types_float16 : require
+#extension GL_KHR_shader_subgroup_basic : require
+#extension GL_KHR_shader_subgroup_vote : require
+#extension GL_KHR_shader_subgroup_shuffle : require
+#extension GL_KHR_memory_scope_semantics : require
+#extension GL_KHR_cooperative_matrix : require
+#extension GL_GOOGLE_include_directive : require
+
+#include "fa2_common.glsl"
+
+// 1: the next K tile and the current V tile are loaded into registers while the subgroups do
+// P V / the softmax (software pipelining over the two barriers per tile); 0: loaded between the
+// barriers (fewer registers, measured 7-10% slower at D=128 on H200).
+#ifndef FA2_CM_PREFETCH
+#define FA2_CM_PREFETCH 1
+#endif
+
+// Vector views of the packed input buffers (same bindings as fa2_common.glsl's uint views).
+// 16-bit data: uvec2 = 4 elements; fp32 data: uvec4 = 4 elements. Row starts are multiples of
+// 16 elements (DK, DV % 16 == 0), so these are always aligned.
+layout(std430, binding = 0) readonly buffer QBuf2 { uvec2 q_data2[]; };
+layout(std430, binding = 0) readonly buffer QBuf4 { uvec4 q_data4[]; };
+layout(std430, binding = 1) readonly buffer KBuf2 { uvec2 k_data2[]; };
+layout(std430, binding = 1) readonly buffer KBuf4 { uvec4 k_data4[]; };
+layout(std430, binding = 2) readonly buffer VBuf2 { uvec2 v_data2[]; };
+layout(std430, binding = 2) readonly buffer VBuf4 { uvec4 v_data4[]; };
+
+// Cooperative matrix shape (M = N = K = 16) and types.
+const uint CM = 16u;
+#define MAT_A coopmat<float16_t, gl_ScopeSubgroup, 16, 16, gl_MatrixUseA>
+#define MAT_B coopmat<float16_t, gl_ScopeSubgroup, 16, 16, gl_MatrixUseB>
+#define MAT_C coopmat<float, gl_ScopeSubgroup, 16, 16, gl_MatrixUseAccumulator>
+
+// Work split. NSG: subgroups per workgroup on a 32-wide device (the design target); it only sizes
+// register arrays. The real gl_NumSubgroups may differ: see the pass loop in main().
+const uint NSG = (WG / 32u) > 0u ? (WG / 32u) : 1u;
+const uint NRB = BR / CM;                                            // 16-row blocks per tile
+const uint RPS = (NRB % NSG == 0u && NRB >= NSG) ? (NRB / NSG) : 1u; // row blocks per subgroup
+const uint NVB = NRB / RPS;                                          // "virtual subgroups"
+const uint NROWS = RPS * CM;                                         // query rows per subgroup
+const uint NDK = DK / CM;
+const uint NDV = DV / CM;
+const uint NBC = BC / CM;
+
+// Lazy-rescale threshold (log2 domain): P <= 2^TAU.
+const float TAU = 8.0;
+#define NEG_INF uintBitsToFloat(0xFF800000u)
+
+// Shared memory. Strides are in units of the array element (f16vec4 = 4 halves, vec4 = 4 floats).
+// Row strides are padded by 16 bytes (keeps coopMatLoad/Store's 16-byte stride alignment and
+// spreads consecutive rows over the banks).
+const uint DMAX = DK > DV ? DK : DV;
+const uint KSTR = DK / 4u + 2u;   // K and Q rows, f16vec4
+const uint VSTR = DV / 4u + 2u;   // V rows, f16vec4
+const uint KVSZ = BC * (DMAX / 4u + 2u);
+const uint SSTR = BC / 4u + 1u;   // S rows, vec4 ((BC+4) floats: odd vec4 stride, conflict-free rows)
+const uint PSTR = BC / 4u + 2u;   // P rows, f16vec4 ((BC+8) halves: 16-byte multiple for coopMatLoad)
+
+shared f16vec4 kv_sh[KVSZ];       // Q (BC rows per pass), then K, then V of the current key tile
+shared vec4 s_sh[BR * SSTR];      // raw scores S; then alpha / the O epilogue, per subgroup rows
+shared f16vec4 p_sh[BR * PSTR];   // probabilities P (fp16)
+shared float m_sh[BR];            // reference max per row (log2 domain)
+shared float l_sh[BR];            // running sum of P per row
+
+// ---- global loads: 4 consecutive elements (e % 4 == 0) as 4 packed halves -----------------------
+
+uvec2 f32x4_to_h4(uvec4 u) {
+    return uvec2(packHalf2x16(uintBitsToFloat(u.xy)), packHalf2x16(uintBitsToFloat(u.zw)));
+}
+
+uvec2 bf16x4_to_h4(uvec2 u) {
+    vec2 a = vec2(uintBitsToFloat(u.x << 16u), uintBitsToFloat(u.x & 0xFFFF0000u));
+    vec2 b = vec2(uintBitsToFloat(u.y << 16u), uintBitsToFloat(u.y & 0xFFFF0000u));
+    return uvec2(packHalf2x16(a), packHalf2x16(b));
+}
+
+// Branches on a spec constant (folded at pipeline creation). Written as if/else, not ?:, so no
+// compiler evaluates the loads of the other dtype (the uvec4 view would read past the buffer).
+uvec2 load_q4(uint e) {
+    if (DTYPE == 0u) return f32x4_to_h4(q_data4[e >> 2u]);
+    if (DTYPE == 2u) return bf16x4_to_h4(q_data2[e >> 2u]);
+    return q_data2[e >> 2u];
+}
+uvec2 load_k4(uint e) {
+    if (DTYPE == 0u) return f32x4_to_h4(k_data4[e >> 2u]);
+    if (DTYPE == 2u) return bf16x4_to_h4(k_data2[e >> 2u]);
+    return k_data2[e >> 2u];
+}
+uvec2 load_v4(uint e) {
+    if (DTYPE == 0u) return f32x4_to_h4(v_data4[e >> 2u]);
+    if (DTYPE == 2u) return bf16x4_to_h4(v_data2[e >> 2u]);
+    return v_data2[e >> 2u];
+}
+
+f16vec4 h4(uvec2 u) {
+    return f16vec4(unpackFloat2x16(u.x), unpackFloat2x16(u.y));
+}
+
+// Units of 4 elements each invocation moves per K / V tile.
+const uint NKU = (BC * DK / 4u + WG - 1u) / WG;
+const uint NVU = (BC * DV / 4u + WG - 1u) / WG;
+
+// ---- per-invocation state shared by the helpers --------------------------------------------------
+
+uint g_tid;        // gl_LocalInvocationIndex
+uint g_q0;         // first query row of this workgroup
+uint g_qbase;      // element offset of Q[y][0][0]
+uint g_obase;      // element offset of O[y][0][0]
+uint g_kbase;      // element offset of K[y / group][0][0]
+uint g_vbase;
+uint g_mbase;      // mask element offset of (batch, head) of this workgroup's query head
+
+// Score of query row i (global) against key j, in the exp2 domain; -inf when hidden.
+float score(float raw, int i, int j) {
+    if (i >= int(pc.len_q) || !key_visible(i, j)) return NEG_INF;
+    float s = raw * pc.scale_log2;
+    if (pc.has_mask != 0u) {
+        s += mask_data[g_mbase + uint(i) * pc.mask_si + uint(j) * pc.mask_sj] * LOG2E;
+    }
+    return s;
+}
+
+// ---- K / V tile staging (all invocations) --------------------------------------------------------
+
+// Global -> registers, keys [kb, kb + BC); keys >= len_k read as zero.
+void fetch_k(int kb, out uvec2 r[NKU]) {
+    [[unroll]] for (uint it = 0u; it < NKU; ++it) {
+        uint u = it * WG + g_tid;
+        uint c = u / (DK / 4u), d4 = u % (DK / 4u);
+        uint j = uint(kb) + c;
+        r[it] = uvec2(0u);
+        if (u < BC * DK / 4u && j < pc.len_k) r[it] = load_k4(g_kbase + j * DK + d4 * 4u);
+    }
+}
+void fetch_v(int kb, out uvec2 r[NVU]) {
+    [[unroll]] for (uint it = 0u; it < NVU; ++it) {
+        uint u = it * WG + g_tid;
+        uint c = u / (DV / 4u), d4 = u % (DV / 4u);
+        uint j = uint(kb) + c;
+        r[it] = uvec2(0u);
+        if (u < BC * DV / 4u && j < pc.len_k) r[it] = load_v4(g_vbase + j * DV + d4 * 4u);
+    }
+}
+// Registers -> shared (row-major, KSTR / VSTR). Caller provides the barriers.
+void put_k(uvec2 r[NKU]) {
+    [[unroll]] for (uint it = 0u; it < NKU; ++it) {
+        uint u = it * WG + g_tid;
+        if (u < BC * DK / 4u) kv_sh[(u / (DK / 4u)) * KSTR + u % (DK / 4u)] = h4(r[it]);
+    }
+}
+void put_v(uvec2 r[NVU]) {
+    [[unroll]] for (uint it = 0u; it < NVU; ++it) {
+        uint u = it * WG + g_tid;
+        if (u < BC * DV / 4u) kv_sh[(u / (DV / 4u)) * VSTR + u % (DV / 4u)] = h4(r[it]);
+    }
+}
+
+// ---- online softmax of one subgroup's rows (subgroup-local, no workgroup barrier) ----------------
+//
+// Rows [row0, row0 + NROWS) of the tile (local indices); S is in s_sh. Lane mapping: LPR lanes per
+// row (a power of two, from the real subgroup size), row-fastest so that the 8 lanes of a 128-bit
+// shared access hit 8 different rows (odd vec4 row stride: no bank conflicts). Row reductions use
+// shuffle-xor over the LPR lanes of a row. If the subgroup has fewer lanes than rows, lanes take
+// several rows in turn (steps). Writes P to p_sh, m / l to m_sh / l_sh, and alpha replicated over
+// columns 0..15 of each row of s_sh. Returns (subgroup-uniform) whether any row's alpha != 1.
+// full: (workgroup-uniform) every key of the tile is visible to every row and there is no mask, so
+// the per-element band / mask work is skipped (rows >= len_q then get finite garbage: never written).
+bool softmax_rows(uint row0, int kb, bool full) {
+    const uint sgs = gl_SubgroupSize;
+    const uint lane = gl_SubgroupInvocationID;
+    uint lpr = sgs / NROWS;
+    lpr = lpr == 0u ? 1u : (1u << findMSB(lpr));
+    const uint rstep = sgs / lpr;            // rows handled at once
+    const uint steps = (NROWS + rstep - 1u) / rstep;
+    const uint lr = lane % rstep;
+    const uint part = lane / rstep;          // which of the row's lanes
+    bool resc_any = false;
+
+    for (uint st = 0u; st < steps; ++st) {   // uniform loop: shuffles / barriers inside are safe
+        const uint rl = st * rstep + lr;
+        const bool valid = rl < NROWS;
+        const uint row = row0 + (valid ? rl : 0u);
+        const int i = int(g_q0 + row);
+
+        // Pass 1: row max of the visible scores.
+        float mx = NEG_INF;
+        if (valid && full) {                 // interior tile: every score is visible, no mask
+            for (uint c4 = part; c4 < BC / 4u; c4 += lpr) {
+                vec4 s = s_sh[row * SSTR + c4] * pc.scale_log2;
+                mx = max(mx, max(max(s.x, s.y), max(s.z, s.w)));
+            }
+        } else if (valid) {
+            for (uint c4 = part; c4 < BC / 4u; c4 += lpr) {
+                vec4 raw = s_sh[row * SSTR + c4];
+                int j = kb + int(c4 * 4u);
+                mx = max(mx, max(max(score(raw.x, i, j), score(raw.y, i, j + 1)),
+                                 max(score(raw.z, i, j + 2), score(raw.w, i, j + 3))));
+            }
+        }
+        for (uint off = rstep; off < sgs; off <<= 1u) mx = max(mx, subgroupShuffleXor(mx, off));
+
+        // Lazy max update: keep the reference max unless a score exceeds it by more than TAU.
+        const float m_old = valid ? m_sh[row] : NEG_BIG;
+        const bool resc = valid && mx > m_old + TAU;
+        const float m_use = resc ? mx : m_old;
+        const float alpha = resc ? exp2(m_old - m_use) : 1.0;
+        resc_any = resc_any || resc;
+
+        // Pass 2: P = exp2(s - m) in fp16; the row sum adds the *rounded* values so that l
+        // normalises exactly what P*V accumulates.
+        float sum = 0.0;
+        if (valid && full) {
+            for (uint c4 = part; c4 < BC / 4u; c4 += lpr) {
+                vec4 s = s_sh[row * SSTR + c4] * pc.scale_log2;
+                f16vec4 p = f16vec4(exp2(s - m_use));
+                sum += dot(vec4(p), vec4(1.0));
+                p_sh[row * PSTR + c4] = p;
+            }
+        } else if (valid) {
+            for (uint c4 = part; c4 < BC / 4u; c4 += lpr) {
+                vec4 raw = s_sh[row * SSTR + c4];
+                int j = kb + int(c4 * 4u);
+                vec4 s = vec4(score(raw.x, i, j), score(raw.y, i, j + 1),
+                              score(raw.z, i, j + 2), score(raw.w, i, j + 3));
+                f16vec4 p = f16vec4(exp2(s - m_use));
+                sum += dot(vec4(p), vec4(1.0));
+                p_sh[row * PSTR + c4] = p;
+            }
+        }
+        for (uint off = rstep; off < sgs; off <<= 1u) sum += subgroupShuffleXor(sum, off);
+
+        // All lanes of the row are done reading S: replace its first 16 columns by alpha.
+        subgroupMemoryBarrierShared();
+        subgroupBarrier();
+        if (valid) {
+            if (part == 0u) {
+                l_sh[row] = l_sh[row] * alpha + sum;
+                m_sh[row] = m_use;
+            }
+            for (uint c4 = part; c4 < CM / 4u; c4 += lpr) s_sh[row * SSTR + c4] = vec4(alpha);
+        }
+    }
+    bool any_resc = subgroupAny(resc_any);
+    subgroupMemoryBarrierShared();
+    subgroupBarrier();
+    return any_resc;
+}
+
+void main() {
+    g_tid = gl_LocalInvocationIndex;
+    const uint y = gl_WorkGroupID.y;
+    g_q0 = gl_WorkGroupID.x * BR;
+    if (g_q0 >= pc.len_q) return;                      // whole workgroup: uniform
+    const uint qhi = min(g_q0 + BR, pc.len_q);
+    const uint kvg = y / pc.group;
+    g_qbase = y * pc.len_q * DK;
+    g_obase = y * pc.len_q * DV;
+    g_kbase = kvg * pc.len_k * DK;
+    g_vbase = kvg * pc.len_k * DV;
+    {
+        const uint gq = pc.group0 * pc.group + y;      // global query head: batch * heads_q + head
+        g_mbase = (gq / pc.heads_q) * pc.mask_sb + (gq % pc.heads_q) * pc.mask_sh;
+    }
+
+    // Keys any row of this tile may see; tiles outside are skipped (causal / sliding window).
+    const ivec2 kr = key_range(int(g_q0), int(qhi));
+    const uint ntiles = (uint(kr.y - kr.x) + BC - 1u) / BC;
+
+    const uint sg = gl_SubgroupID;
+    const uint nsg = gl_NumSubgroups;
+    const uint passes = (NVB + nsg - 1u) / nsg;       // 1 when subgroups are 32 wide
+
+    for (uint pass = 0u; pass < passes; ++pass) {      // uniform over the workgroup
+        const uint vsg = pass * nsg + sg;
+        const bool working = vsg < NVB;                // subgroup-uniform: guards coopmat ops
+        const uint row0 = vsg * NROWS;                 // first tile row of this subgroup
+
+        if (working) {
+            for (uint r = gl_SubgroupInvocationID; r < NROWS; r += gl_SubgroupSize) {
+                m_sh[row0 + r] = NEG_BIG;
+                l_sh[row0 + r] = 0.0;
+            }
+        }
+
+        // Q tile -> shared, BC rows per round (kv_sh holds BC rows) -> A fragments in registers.
+        MAT_A qf[RPS * NDK];
+        for (uint qp = 0u; qp < (BR + BC - 1u) / BC; ++qp) {
+            barrier();                                 // kv_sh is free
+            [[unroll]] for (uint it = 0u; it < NKU; ++it) {
+                uint u = it * WG + g_tid;
+                uint rr = u / (DK / 4u), d4 = u % (DK / 4u);
+                uint qrow = g_q0 + qp * BC + rr;
+                uvec2 val = uvec2(0u);
+                if (u < BC * DK / 4u && qp * BC + rr < BR && qrow < pc.len_q)
+                    val = load_q4(g_qbase + qrow * DK + d4 * 4u);
+                if (u < BC * DK / 4u) kv_sh[rr * KSTR + d4] = h4(val);
+            }
+            barrier();
+            if (working) {
+                [[unroll]] for (uint r = 0u; r < RPS; ++r) {
+                    const uint rb = row0 + r * CM;     // tile row of this 16-row block
+                    if (rb >= qp * BC && rb < qp * BC + BC) {
+                        [[unroll]] for (uint k = 0u; k < NDK; ++k)
+                            coopMatLoad(qf[r * NDK + k], kv_sh, (rb - qp * BC) * KSTR + k * (CM / 4u), KSTR,
+                                        gl_CooperativeMatrixLayoutRowMajor);
+                    }
+                }
+            }
+        }
+
+        MAT_C o_acc[RPS * NDV];
+        [[unroll]] for (uint t = 0u; t < RPS * NDV; ++t) o_acc[t] = MAT_C(0.0);
+
+        uvec2 kreg[NKU];
+        uvec2 vreg[NVU];
+#if FA2_CM_PREFETCH
+        if (ntiles > 0u) fetch_k(kr.x, kreg);
+#endif
+
+        for (uint tile = 0u; tile < ntiles; ++tile) {
+            const int kb = kr.x + int(tile * BC);
+
+            barrier();                                 // everyone is done with the previous V / Q
+#if !FA2_CM_PREFETCH
+            fetch_k(kb, kreg);
+#endif
+            put_k(kreg);
+            barrier();
+
+            // S = Q K^T for this subgroup's rows, straight to shared memory (fp32).
+            if (working) {
+                [[unroll]] for (uint c = 0u; c < NBC; ++c) {
+                    MAT_C sacc[RPS];
+                    [[unroll]] for (uint r = 0u; r < RPS; ++r) sacc[r] = MAT_C(0.0);
+                    [[unroll]] for (uint k = 0u; k < NDK; ++k) {
+                        MAT_B kt;   // K^T block: (d, key) = K[key][d], i.e. K rows read column-major
+                        coopMatLoad(kt, kv_sh, c * CM * KSTR + k * (CM / 4u), KSTR,
+                                    gl_CooperativeMatrixLayoutColumnMajor);
+                        [[unroll]] for (uint r = 0u; r < RPS; ++r)
+                            sacc[r] = coopMatMulAdd(qf[r * NDK + k], kt, sacc[r]);
+                    }
+                    [[unroll]] for (uint r = 0u; r < RPS; ++r)
+                        coopMatStore(sacc[r], s_sh, (row0 + r * CM) * SSTR + c * (CM / 4u), SSTR,
+                                     gl_CooperativeMatrixLayoutRowMajor);
+                }
+                subgroupMemoryBarrierShared();
+                subgroupBarrier();
+            }
+
+#if FA2_CM_PREFETCH
+            fetch_v(kb, vreg);                         // in flight during the softmax
+#endif
+
+            // Interior tile: all BC keys exist and lie inside every row's band, no mask.
+            const int kl = kb + int(BC) - 1;
+            const bool full = pc.has_mask == 0u && kl < int(pc.len_k)
+                && (pc.left < 0 || kb >= int(g_q0 + BR) - 1 + pc.diag - pc.left)
+                && (pc.right < 0 || kl <= int(g_q0) + pc.diag + pc.right);
+            bool resc = false;
+            if (working) resc = softmax_rows(row0, kb, full);
+
+            barrier();                                 // all subgroups are done reading K
+#if FA2_CM_PREFETCH
+            put_v(vreg);
+            if (tile + 1u < ntiles) fetch_k(kb + int(BC), kreg);   // in flight during P V
+#else
+            fetch_v(kb, vreg);
+            put_v(vreg);
+#endif
+            barrier();
+
+            if (working) {
+                // O = alpha * O (alpha broadcast along rows, see the header), then O += P V.
+                if (resc) {
+                    [[unroll]] for (uint r = 0u; r < RPS; ++r) {
+                        MAT_C am;
+                        coopMatLoad(am, s_sh, (row0 + r * CM) * SSTR, SSTR, gl_CooperativeMatrixLayoutRowMajor);
+                        [[unroll]] for (uint d = 0u; d < NDV; ++d) o_acc[r * NDV + d] = o_acc[r * NDV + d] * am;
+                    }
+                }
+                [[unroll]] for (uint c = 0u; c < NBC; ++c) {
+                    MAT_A pa[RPS];
+                    [[unroll]] for (uint r = 0u; r < RPS; ++r)
+                        coopMatLoad(pa[r], p_sh, (row0 + r * CM) * PSTR + c * (CM / 4u), PSTR,
+                                    gl_CooperativeMatrixLayoutRowMajor);
+                    [[unroll]] for (uint d = 0u; d < NDV; ++d) {
+                        MAT_B vb;
+                        coopMatLoad(vb, kv_sh, c * CM * VSTR + d * (CM / 4u), VSTR,
+                                    gl_CooperativeMatrixLayoutRowMajor);
+                        [[unroll]] for (uint r = 0u; r < RPS; ++r)
+                            o_acc[r * NDV + d] = coopMatMulAdd(pa[r], vb, o_acc[r * NDV + d]);
+                    }
+                }
+            }
+        }
+
+        // Epilogue: O / l through this subgroup's rows of s_sh, BC columns at a time (rows are
+        // known there, so no broadcast trick is needed), then LSE.
+        if (working) {
+            const uint lane = gl_SubgroupInvocationID;
+            const uint sgs = gl_SubgroupSize;
+            [[unroll]] for (uint ch = 0u; ch < (DV + BC - 1u) / BC; ++ch) {
+                const uint w = min(BC, DV - ch * BC);  // columns in this chunk (multiple of 16)
+                subgroupMemoryBarrierShared();
+                subgroupBarrier();                     // previous chunk fully read
+                [[unroll]] for (uint d = 0u; d < NDV; ++d) {
+                    if (d / NBC == ch) {
+                        [[unroll]] for (uint r = 0u; r < RPS; ++r)
+                            coopMatStore(o_acc[r * NDV + d], s_sh, (row0 + r * CM) * SSTR + (d % NBC) * (CM / 4u),
+                                         SSTR, gl_CooperativeMatrixLayoutRowMajor);
+                    }
+                }
+                subgroupMemoryBarrierShared();
+                subgroupBarrier();
+                // Consecutive lanes write consecutive pairs of one row (coalesced).
+                for (uint idx = lane; idx < NROWS * (w / 2u); idx += sgs) {
+                    const uint row = row0 + idx / (w / 2u);
+                    const uint cp = idx % (w / 2u);
+                    const uint i = g_q0 + row;
+                    if (i < pc.len_q) {
+                        const float l = l_sh[row];
+                        const float inv = l > 0.0 ? 1.0 / l : 0.0;
+                        const vec4 v4 = s_sh[row * SSTR + cp / 2u];
+                        const vec2 v = (cp & 1u) == 0u ? v4.xy : v4.zw;
+                        store_pair(g_obase + i * DV + ch * BC + 2u * cp, v * inv);
+                    }
+                }
+            }
+            for (uint rl = lane; rl < NROWS; rl += sgs) {
+                const uint i = g_q0 + row0 + rl;
+                if (i < pc.len_q) {
+                    const float l = l_sh[row0 + rl];
+                    lse_data[y * pc.len_q + i] = l > 0.0 ? (m_sh[row0 + rl] + log2(l)) * LN2 : NEG_INF;
+                }
+            }
+        }
+    }
+}

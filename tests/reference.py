@@ -1,0 +1,47 @@
+"""Ground truth for every backend's tests: naive attention in float64 NumPy.
+
+It materialises the full ``[B, Hq, Lq, Lk]`` score tensor on purpose: no blocking, no online softmax,
+nothing to get subtly wrong. Keep test shapes small enough for that.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+
+from aule_kp.dtypes import to_f32
+from aule_kp.problem import Problem
+
+
+def reference_attention(
+    q: np.ndarray, k: np.ndarray, v: np.ndarray, problem: Problem, mask: Optional[np.ndarray] = None
+) -> Tuple[np.ndarray, np.ndarray]:
+    """``(out float64 [B, Hq, Lq, Dv], lse float64 [B, Hq, Lq])`` for storage-dtype inputs.
+
+    Same conventions as the backends: the band of ``problem`` and the additive ``mask`` (-inf hides)
+    decide which keys a query sees; a row that sees none has output 0 and lse -inf.
+    """
+    p = problem
+    qf = to_f32(q, p.dtype).astype(np.float64)
+    kf = to_f32(k, p.dtype).astype(np.float64)
+    vf = to_f32(v, p.dtype).astype(np.float64)
+    out = np.zeros((p.batch, p.heads_q, p.len_q, p.dim_v))
+    lse = np.full((p.batch, p.heads_q, p.len_q), -np.inf)
+    if p.heads_q == 0 or p.len_k == 0:
+        return out, lse
+    kf = np.repeat(kf, p.group, axis=1)
+    vf = np.repeat(vf, p.group, axis=1)
+    with np.errstate(all="ignore"):
+        s = np.einsum("bhqd,bhkd->bhqk", qf, kf) * p.scale
+        visible = p.visible(np.arange(p.len_q), np.arange(p.len_k))
+        s = np.where(visible, s, -np.inf)
+        if mask is not None:
+            s = s + np.asarray(mask, dtype=np.float64)
+        m = s.max(axis=-1, keepdims=True)
+        hidden = m == -np.inf
+        e = np.exp(s - np.where(hidden, 0.0, m))
+        total = e.sum(axis=-1, keepdims=True)
+        out = np.where(hidden, 0.0, np.einsum("bhqk,bhkd->bhqd", e, vf) / total)
+        lse = np.where(hidden, -np.inf, m + np.log(total))[..., 0]
+    return out, lse
