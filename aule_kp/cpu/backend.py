@@ -1,9 +1,12 @@
 """CPU backend: FlashAttention-2's forward pass in NumPy.
 
-Each task is a block of query rows of one key/value head. It walks the key tiles that the band lets
-it see (``Problem.key_range``) with an online softmax in float32, so scratch memory is one
-``block_q x block_k`` score tile per worker, never ``Lq x Lk``. The two matmuls per tile go to BLAS;
-tasks run on a thread pool (BLAS and NumPy ufunc loops release the GIL).
+A block of query rows of one key/value head walks the key tiles the band lets it see
+(``Problem.key_range``; hidden tiles are never computed) with an online softmax in float32, so
+scratch memory is one ``block_q x block_k`` score tile per worker, never ``Lq x Lk``. Per tile: one
+BLAS GEMM for the scores (the row's running shift rides along as an extra column), ``np.exp`` in
+place, one GEMM against ``[V | 1]`` (the extra column sums the weights); the max pass runs only
+until every row has a shift. Tasks run on a thread pool (BLAS and NumPy ufunc loops release the GIL)
+with NumPy's OpenBLAS held to one thread meanwhile.
 """
 
 from __future__ import annotations
@@ -73,7 +76,8 @@ def _find_openblas() -> Tuple[Callable[[], int] | None, Callable[[int], None] | 
 
 
 class _BlasThreads:
-    """Process-wide, reference-counted "OpenBLAS on one thread" while our pools run."""
+    """Process-wide, reference-counted "OpenBLAS on one thread" while our pools run (other threads'
+    NumPy matmuls run single-threaded meanwhile, as with threadpoolctl)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -119,6 +123,13 @@ _SUM_LIMIT = np.float32(2.0**32)
 
 #: Tasks per worker: enough to even out unequal (causal, windowed) tasks on the pool.
 _TASKS_PER_WORKER = 4
+
+#: Below this many scores (a few ms of work) a thread pool's start-up costs more than it saves.
+_POOL_MIN_WORK = 1 << 20
+
+#: Band tiles kept per call. The distinct ones number about ``block_q / step`` per edge for causal
+#: and windowed problems; the cap only bounds memory for odd shapes, whose extra tiles are rebuilt.
+_BIAS_CACHE_ENTRIES = 64
 
 #: One task: batch ``b``, key/value head ``kv`` and the row blocks of its query heads to compute.
 _Chunk = Tuple[int, int, List[_Block]]
@@ -215,7 +226,8 @@ class _Forward:
         if bias is None:
             seen = self.p.visible(np.arange(rows), np.arange(offset, offset + width))
             bias = np.where(seen, np.float32(0), np.float32(-np.inf))
-            self._bias[key] = bias  # a racing worker computes the same array; either copy will do
+            if len(self._bias) < _BIAS_CACHE_ENTRIES:
+                self._bias[key] = bias  # a racing worker computes the same array; either copy will do
         return bias
 
     def _scores(self, s: np.ndarray, qa: np.ndarray, kt: np.ndarray, block: _Block, tile: _Tile) -> None:
@@ -247,10 +259,11 @@ class _Forward:
     def _block(self, block: _Block, k: np.ndarray, v: np.ndarray, k_lo: int, scratch: np.ndarray) -> None:
         """Online softmax of one block of query rows over its tiles, into ``out`` and ``lse``.
 
-        ``m`` is each row's shift (natural-log units): the exact max of some tile it has seen, or
-        -inf before any; ``acc`` holds ``sum exp(s - m) * [v | 1]``. A tile whose rows all have a
-        shift skips the max pass; since a shift is never below an earlier tile's max, every row's
-        sum stays >= 1 and underflowing terms are negligible against it.
+        ``m`` is each row's shift (natural-log units), -inf until the row sees a key; ``acc`` holds
+        ``sum exp(s - m) * [v | 1]``. A shift is only ever set to the exact max of a tile, which
+        adds ``exp(0) = 1`` to the sum, so a row's sum stays >= 1 and terms that underflow are
+        negligible against it. Tiles whose rows all have a shift skip the max pass and keep the
+        shift while scores stay within ``_SUM_LIMIT`` of it.
         """
         p = self.p
         b, h0, h1, i0, i1 = block
@@ -338,9 +351,7 @@ class CpuBackend(Backend):
 
     name = "cpu"
 
-    def __init__(
-        self, block_q: int = 512, block_k: int = 512, step: int = 128, workers: int | None = None
-    ) -> None:
+    def __init__(self, block_q: int = 1024, block_k: int = 512, step: int = 128, workers: int | None = None) -> None:
         """``block_q`` query rows per block, ``block_k`` keys per tile, ``step`` rows per stair of a
         band edge; ``workers`` threads (default: the CPUs this process may use)."""
         if min(block_q, block_k, step) < 1:
@@ -369,10 +380,11 @@ class CpuBackend(Backend):
         if workers > 1 and not _BLAS.controllable():
             workers = 1  # BLAS threads each matmul itself instead; two pools would fight over the cores
         chunks = _chunks(p, self.block_q, workers)
+        work = {id(c): _work(p, c) for c in chunks}
         # Longest first, so the pool does not end on one long task.
-        chunks.sort(key=lambda c: _work(p, c), reverse=True)
+        chunks.sort(key=lambda c: work[id(c)], reverse=True)
         workers = min(workers, len(chunks))
-        if workers == 1:
+        if workers == 1 or sum(work.values()) < _POOL_MIN_WORK:
             for chunk in chunks:
                 job.run_chunk(chunk)
             return job.out, job.lse

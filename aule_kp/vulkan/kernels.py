@@ -49,15 +49,9 @@ class KernelConfig:
 
 
 def coopmat_shared_bytes(cfg: KernelConfig) -> int:
-    """Shared memory of glsl/fa2_fwd_coopmat.comp (see the formula in its header)."""
-    half = 2
-    return (
-        half * cfg.br * cfg.dk  # Q tile (fp16)
-        + half * cfg.bc * max(cfg.dk, cfg.dv)  # K then V tile (fp16), one buffer reused
-        + FLOAT_BYTES * cfg.br * cfg.bc  # S / P scores (fp32)
-        + FLOAT_BYTES * cfg.br * cfg.dv  # O accumulator (fp32)
-        + FLOAT_BYTES * 3 * cfg.br  # m, l, alpha per row
-    )
+    """Shared memory of glsl/fa2_fwd_coopmat.comp (the formula in its header): fp16 Q/K/V staging,
+    fp32 scores, fp16 P, and per-row m and l."""
+    return 2 * cfg.bc * (max(cfg.dk, cfg.dv) + 8) + 4 * cfg.br * (cfg.bc + 4) + 2 * cfg.br * (cfg.bc + 8) + 8 * cfg.br
 
 
 VARIANTS = ("scalar", "wave64", "coopmat")
@@ -67,6 +61,13 @@ def _pow2_floor(x: int) -> int:
     return 1 << (max(1, x).bit_length() - 1)
 
 
+def _fit_tpr(tpr: int, problem: Problem) -> int:
+    """Largest power of two <= tpr that leaves each lane an even slice of q and o (pairs are packed)."""
+    while tpr > 1 and (problem.dim_k % (2 * tpr) or problem.dim_v % (2 * tpr)):
+        tpr //= 2
+    return tpr
+
+
 def _scalar_tiles(caps: DeviceCaps, problem: Problem, wave: int, cpu: bool) -> Dict[str, int]:
     """Tiles for the scalar/subgroup source on this device."""
     dmax = max(problem.dim_k, problem.dim_v)
@@ -74,11 +75,13 @@ def _scalar_tiles(caps: DeviceCaps, problem: Problem, wave: int, cpu: bool) -> D
         # CPU drivers (lavapipe): no staging (barriers are expensive, caches stage anyway); 4 rows per
         # invocation so each K/V load feeds 4 rows; 16 q values per lane keep the unrolled code small
         # enough to compile in seconds (B1 H8 S512 D64 fp32: 0.29 s, 1.8 GFLOP/s on 2 cores).
-        tpr = min(8, caps.subgroup_size if caps.subgroup_shuffle else 1, _pow2_floor(max(1, dmax // 16)))
+        tpr = _fit_tpr(min(8, caps.subgroup_size if caps.subgroup_shuffle else 1, _pow2_floor(max(1, dmax // 16))),
+                       problem)
         wg = 64
         return dict(tpr=tpr, br=wg // tpr * 4, bc=8, stage=0, wg=wg, rpt=4)
     # GPUs: split a row over lanes so each holds at most ~32 q/o values in registers.
-    tpr = min(_pow2_floor(max(1, dmax // 32)), 8, caps.subgroup_size if caps.subgroup_shuffle else 1)
+    tpr = _fit_tpr(min(_pow2_floor(max(1, dmax // 32)), 8, caps.subgroup_size if caps.subgroup_shuffle else 1),
+                   problem)
     wg = max(wave * 2, 128)
     br = wg // tpr
     bc = 32
@@ -88,14 +91,19 @@ def _scalar_tiles(caps: DeviceCaps, problem: Problem, wave: int, cpu: bool) -> D
 
 
 def _coopmat_tiles(caps: DeviceCaps, problem: Problem) -> Dict[str, int]:
-    subgroups = 4
-    wg = subgroups * max(caps.subgroup_size, 1)
-    for br, bc in ((64, 64), (64, 32), (32, 32), (16, 16)):
+    # Measured on an H200 (see the shader header): BC=32; BR=64 with 4 subgroups up to D=128,
+    # BR=128 with 8 subgroups above (fewer registers per row block); smaller tiles where memory is short.
+    wave = max(caps.subgroup_size, 1)
+    big = max(problem.dim_k, problem.dim_v) > 128
+    candidates = ((128, 32, 256), (64, 32, 128), (64, 16, 128), (32, 16, 64)) if big else (
+        (64, 32, 128), (64, 16, 128), (32, 16, 64))
+    for br, bc, wg in candidates:
+        wg = max(wg, wave) // wave * wave
         cfg = KernelConfig("coopmat", "fa2_fwd_coopmat", problem.dim_k, problem.dim_v, br, bc, 1,
                            DTYPE_CODE[problem.dtype], wg, 1)
-        if coopmat_shared_bytes(cfg) <= caps.shared_memory:
+        if coopmat_shared_bytes(cfg) <= caps.shared_memory and wg <= caps.max_workgroup_invocations:
             return dict(tpr=1, br=br, bc=bc, stage=1, wg=wg)
-    return dict(tpr=1, br=16, bc=16, stage=1, wg=wg)
+    return dict(tpr=1, br=16, bc=16, stage=1, wg=wave)
 
 
 def _has_coopmat_16(caps: DeviceCaps) -> bool:
@@ -119,8 +127,9 @@ def variant_reasons(variant: str, caps: DeviceCaps, problem: Problem, forced: bo
             reasons.append("device has no VK_KHR_cooperative_matrix")
         elif not _has_coopmat_16(caps):
             reasons.append("device has no 16x16x16 f16*f16+f32 cooperative matrix shape")
-        if problem.dtype != "float16":
-            reasons.append(f"coopmat takes float16 inputs, got {problem.dtype}")
+        if problem.dtype != "float16" and os.environ.get("AULE_KP_COOPMAT_CONVERT") != "1":
+            # fp32/bf16 would be rounded to fp16 on load: exact only for fp16 data, so opt-in.
+            reasons.append(f"coopmat computes on float16; got {problem.dtype} (AULE_KP_COOPMAT_CONVERT=1 allows it)")
         if problem.dim_k % 16 or problem.dim_v % 16:
             reasons.append("coopmat needs head dims that are multiples of 16")
     if variant == "wave64" and caps.subgroup_size != 64 and not forced:

@@ -1,0 +1,166 @@
+"""The Vulkan engine on lavapipe against the float64 reference: every variant lavapipe can run.
+
+Compiling a new pipeline specialisation costs lavapipe seconds, so the grid reuses a few head dims;
+each feature is still crossed with the variants and dtypes that matter.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from conftest import ATOL, make_inputs
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from reference import reference_attention
+
+from aule_kp.dtypes import to_f32
+from aule_kp.problem import Problem, band
+from aule_kp.vulkan import device as devmod
+from aule_kp.vulkan import plan as planmod
+from aule_kp.vulkan.backend import VulkanBackend
+from aule_kp.vulkan.kernels import KernelConfig, choose
+
+pytestmark = pytest.mark.skipif(devmod.vulkan_unavailable() is not None, reason="no Vulkan device")
+
+
+def problem(b=1, hq=2, hkv=1, lq=24, lk=40, dk=32, dv=32, dtype="float32", causal=False, window=None,
+            top_left=False, mask_shape=None, scale=None) -> Problem:
+    diag, left, right = band(lq, lk, causal=causal, window=window, top_left=top_left)
+    return Problem(b, hq, hkv, lq, lk, dk, dv, dtype, scale or 1 / math.sqrt(dk), diag, left, right, mask_shape)
+
+
+def check(p: Problem, rng, mask=None, backend=None, config=None):
+    q, k, v = make_inputs(rng, (p.batch, p.heads_q, p.len_q, p.dim_k), (p.batch, p.heads_kv, p.len_k, p.dim_k),
+                          (p.batch, p.heads_kv, p.len_k, p.dim_v), p.dtype)
+    out, lse = (backend or VulkanBackend()).forward(p, q, k, v, mask, config)
+    ref_out, ref_lse = reference_attention(q, k, v, p, mask)
+    assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
+    assert not np.isnan(to_f32(out, p.dtype)).any()
+    np.testing.assert_allclose(to_f32(out, p.dtype), ref_out, atol=ATOL[p.dtype], rtol=0)
+    finite = np.isfinite(ref_lse)
+    np.testing.assert_array_equal(np.isfinite(lse), finite)
+    np.testing.assert_allclose(lse[finite], ref_lse[finite], atol=1e-4, rtol=1e-5)
+    return out, lse
+
+
+# Configurations lavapipe can run that the device's own choice would not exercise: GPU-style
+# staged tiles (shared memory + barriers), lanes per row from 1 to 8 (subgroup shuffles), rows per
+# invocation 1 and 2. Forcing them checks the scalar and Wave64 specialisations on this device.
+FORCED = [
+    KernelConfig("wave64", "fa2_fwd", 0, 0, br=64, bc=16, tpr=2, dtype=0, wg=128, stage=1),
+    KernelConfig("scalar", "fa2_fwd", 0, 0, br=16, bc=8, tpr=8, dtype=0, wg=128, stage=1),
+    KernelConfig("scalar", "fa2_fwd", 0, 0, br=64, bc=8, tpr=1, dtype=0, wg=32, stage=0, rpt=2),
+]
+
+
+def forced(cfg: KernelConfig, p: Problem) -> KernelConfig:
+    from dataclasses import replace
+
+    from aule_kp.vulkan.kernels import DTYPE_CODE
+
+    return replace(cfg, dk=p.dim_k, dv=p.dim_v, dtype=DTYPE_CODE[p.dtype])
+
+
+@pytest.mark.parametrize("dk,dv", [(32, 32), (64, 64), (80, 80), (96, 96), (128, 128), (256, 256), (64, 32), (32, 96)])
+def test_head_dims(dk, dv, rng):
+    check(problem(dk=dk, dv=dv, lq=17, lk=29), rng)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("causal,top_left", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("lq,lk", [(24, 40), (40, 24), (1, 37), (33, 33)])
+def test_causal_alignment_dtypes(dtype, causal, top_left, lq, lk, rng):
+    check(problem(lq=lq, lk=lk, dtype=dtype, causal=causal, top_left=top_left), rng)
+
+
+@pytest.mark.parametrize("window", [(4, 0), (0, 3), (8, 8), (-1, 2), (5, -1)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_windows(window, causal, rng):
+    check(problem(lq=30, lk=45, window=window, causal=causal), rng)
+
+
+@pytest.mark.parametrize("b,hq,hkv", [(2, 4, 4), (2, 6, 2), (1, 4, 1), (3, 2, 1)])
+def test_gqa_mqa_batches(b, hq, hkv, rng):
+    check(problem(b=b, hq=hq, hkv=hkv, lq=20, lk=28, causal=True), rng)
+
+
+@pytest.mark.parametrize("mask_shape", [(2, 4, 24, 40), (1, 1, 24, 40), (2, 1, 1, 40), (1, 4, 24, 1)])
+@pytest.mark.parametrize("kind", ["float", "bool"])
+def test_masks(mask_shape, kind, rng):
+    p = problem(b=2, hq=4, hkv=2, mask_shape=mask_shape)
+    if kind == "float":
+        mask = rng.standard_normal(mask_shape).astype(np.float32)
+    else:
+        keep = rng.random(mask_shape) > 0.3
+        mask = np.where(keep, 0.0, -np.inf).astype(np.float32)
+    check(p, rng, mask)
+
+
+def test_fully_masked_rows_are_zero(rng):
+    shape = (1, 2, 24, 40)
+    mask = np.zeros(shape, np.float32)
+    mask[:, :, 3] = -np.inf  # row 3 sees nothing
+    p = problem(mask_shape=shape, window=(2, 0))
+    out, lse = check(p, rng, mask)
+    assert np.all(out[:, :, 3] == 0) and np.all(np.isneginf(lse[:, :, 3]))
+    # A band that hides everything from the first rows (Lq > Lk, causal bottom-right).
+    out, lse = check(problem(lq=40, lk=24, causal=True), rng)
+    assert np.all(out[:, :, :16] == 0) and np.all(np.isneginf(lse[:, :, :16]))
+
+
+@pytest.mark.parametrize("cfg", FORCED, ids=lambda c: f"{c.variant}-tpr{c.tpr}-stage{c.stage}-rpt{c.rpt}")
+@pytest.mark.parametrize("case", ["causal", "window-mask", "gqa-fp16", "lq1-bf16"])
+def test_forced_variants(cfg, case, rng):
+    if case == "causal":
+        p, mask = problem(lq=50, lk=70, dk=64, dv=64, causal=True), None
+    elif case == "window-mask":
+        p = problem(lq=33, lk=45, dk=64, dv=64, window=(6, 6), mask_shape=(1, 2, 33, 45))
+        mask = rng.standard_normal((1, 2, 33, 45)).astype(np.float32)
+    elif case == "gqa-fp16":
+        p, mask = problem(b=2, hq=4, hkv=2, lq=19, lk=90, dk=64, dv=64, dtype="float16", causal=True), None
+    else:
+        p, mask = problem(lq=1, lk=77, dk=64, dv=64, dtype="bfloat16"), None
+    check(p, rng, mask, config=forced(cfg, p))
+
+
+def test_chunked_bindings(monkeypatch, rng):
+    p = problem(b=3, hq=4, hkv=2, lq=20, lk=30, causal=True)
+    per_group = max(planmod.group_bytes(p).values())
+    monkeypatch.setenv("AULE_KP_MAX_BINDING_BYTES", str(2 * per_group))  # 6 groups -> 3 dispatches
+    plan = VulkanBackend().plan(p)
+    assert [(c.g0, c.g1) for c in plan.chunks] == [(0, 2), (2, 4), (4, 6)]
+    check(p, rng)
+
+
+def test_plan_reuse(rng):
+    p = problem(lq=12, lk=20)
+    first, _ = check(p, rng)
+    made = dict(planmod.stats)
+    q, k, v = make_inputs(np.random.default_rng(1234), (1, 2, 12, 32), (1, 1, 20, 32), (1, 1, 20, 32), "float32")
+    again, _ = VulkanBackend().forward(p, q, k, v, None)
+    np.testing.assert_array_equal(again, first)
+    assert planmod.stats["algorithms"] == made["algorithms"] and planmod.stats["plans"] == made["plans"]
+    assert planmod.stats["evals"] == made["evals"] + 1
+
+
+def test_device_choice_is_cpu_tiles():
+    caps = devmod.get_device().caps
+    cfg = choose(caps, problem(dk=64, dv=64))
+    assert cfg.variant == "scalar" and cfg.stage == 0 and cfg.rpt == 4 and cfg.tpr <= caps.subgroup_size
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    b=st.integers(1, 2), hkv=st.integers(1, 2), group=st.sampled_from([1, 2, 3]),
+    lq=st.integers(1, 48), lk=st.integers(1, 48), d=st.sampled_from([32, 64]),
+    dtype=st.sampled_from(["float32", "float16"]), causal=st.booleans(), top_left=st.booleans(),
+    window=st.one_of(st.none(), st.tuples(st.integers(-1, 20), st.integers(-1, 20))),
+    masked=st.booleans(), scale=st.floats(0.05, 1.0),
+)
+def test_random_problems(b, hkv, group, lq, lk, d, dtype, causal, top_left, window, masked, scale):
+    rng = np.random.default_rng(lq * 1000 + lk)
+    shape = (b, 1, lq, lk) if masked else None
+    mask = rng.standard_normal(shape).astype(np.float32) * 2 if masked else None
+    check(problem(b, hkv * group, hkv, lq, lk, d, d, dtype, causal, window, top_left, shape, scale), rng, mask)
