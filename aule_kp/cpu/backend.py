@@ -373,8 +373,7 @@ class CpuBackend(Backend):
         if mask is not None:
             mask = np.asarray(mask, dtype=np.float32)
         job = _Forward(p, q, k, v, mask, self.block_k, self.step)
-        if p.empty:
-            job.lse.fill(-np.inf)
+        if job.lse.size == 0:  # no query rows (Dv = 0 alone still has row statistics to compute)
             return job.out, job.lse
         workers = self.workers or _worker_count()
         if workers > 1 and not _BLAS.controllable():

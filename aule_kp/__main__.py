@@ -1,0 +1,7 @@
+"""``python -m aule_kp info | demo | bench``."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

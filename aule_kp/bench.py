@@ -1,0 +1,301 @@
+"""``aule-kp bench``: times the real calls over a shape table, beside torch SDPA and aule-attention.
+
+Prints a table and, with ``--markdown FILE``, appends it with the machine, driver, date and command,
+ready for BENCHMARKS.md. Every figure is a median over repeated calls after a warm-up.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import tracemalloc
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+
+from .api import attention_forward
+from .dtypes import from_f32
+from .problem import Problem, band
+
+log = logging.getLogger("aule_kp")
+
+
+@dataclass(frozen=True)
+class Case:
+    b: int
+    h: int
+    lq: int
+    lk: int
+    d: int
+    dtype: str
+    causal: bool
+    hkv: Optional[int] = None
+
+    def problem(self) -> Problem:
+        diag, left, right = band(self.lq, self.lk, causal=self.causal, window=None, top_left=False)
+        return Problem(self.b, self.h, self.hkv or self.h, self.lq, self.lk, self.d, self.d, self.dtype,
+                       1 / math.sqrt(self.d), diag, left, right)
+
+    def label(self) -> str:
+        kv = f"/{self.hkv}" if self.hkv else ""
+        return f"B{self.b} H{self.h}{kv} Lq{self.lq} Lk{self.lk} D{self.d} {self.dtype}{' causal' if self.causal else ''}"
+
+    def inputs(self, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        hkv = self.hkv or self.h
+        shapes = [(self.b, self.h, self.lq, self.d), (self.b, hkv, self.lk, self.d), (self.b, hkv, self.lk, self.d)]
+        return [from_f32(rng.standard_normal(s, dtype=np.float32), self.dtype) for s in shapes]
+
+
+PRESETS: Dict[str, List[Case]] = {
+    # CPU machines (lavapipe): the bars of the engine issue.
+    "cpu": [
+        Case(1, 8, 512, 512, 64, "float32", False),
+        Case(1, 16, 2048, 2048, 64, "float32", False),
+        Case(1, 16, 2048, 2048, 64, "float32", True),
+        Case(1, 1, 16384, 16384, 64, "float32", True),
+    ],
+    # A real GPU: the anchors of DESIGN.md §6.
+    "gpu": [
+        Case(1, 32, 8192, 8192, 128, "float16", False),
+        Case(1, 32, 8192, 8192, 128, "float16", True),
+        Case(1, 32, 4096, 4096, 64, "float16", False),
+        Case(1, 32, 16384, 16384, 64, "float16", True),
+        Case(1, 32, 1, 32768, 128, "float16", False, hkv=8),
+    ],
+}
+
+
+def median_time(fn: Callable[[], Any], repeat: int, warmup: int = 1, sync: Callable[[], None] = lambda: None) -> float:
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _row(case: Case, who: str, seconds: Optional[float], err: Optional[float] = None,
+         mem: Optional[float] = None, note: str = "") -> Dict[str, Any]:
+    flops = case.problem().flops()
+    return {"case": case.label(), "backend": who, "ms": None if seconds is None else seconds * 1e3,
+            "tflops": None if not seconds else flops / seconds / 1e12, "max_err": err, "peak_mb": mem, "note": note}
+
+
+def _max_err(out: np.ndarray, case: Case, q, k, v) -> Optional[float]:
+    """Max abs error vs float64, checked on at most 64 query rows of head 0 (keeps the check cheap)."""
+    p = case.problem()
+    rows = np.linspace(0, case.lq - 1, min(64, case.lq)).astype(int)
+    from .dtypes import to_f32
+
+    qf = to_f32(q, case.dtype)[0, 0, rows].astype(np.float64)
+    kf = to_f32(k, case.dtype)[0, 0].astype(np.float64)
+    vf = to_f32(v, case.dtype)[0, 0].astype(np.float64)
+    s = qf @ kf.T * p.scale
+    s = np.where(p.visible(rows, np.arange(case.lk)), s, -np.inf)
+    m = s.max(axis=1, keepdims=True)
+    e = np.exp(s - np.where(np.isfinite(m), m, 0))
+    ref = e @ vf / np.maximum(e.sum(axis=1, keepdims=True), 1e-300)
+    return float(np.abs(to_f32(out, case.dtype)[0, 0, rows] - ref).max())
+
+
+def bench_ours(case: Case, backend: str, repeat: int) -> Dict[str, Any]:
+    q, k, v = case.inputs()
+    call = lambda: attention_forward(q, k, v, causal=case.causal, backend=backend)  # noqa: E731
+    out, _, _ = call()
+    tracemalloc.start()
+    call()
+    peak = tracemalloc.get_traced_memory()[1] / 2**20
+    tracemalloc.stop()
+    seconds = median_time(call, repeat, warmup=0)
+    note = ""
+    if backend == "vulkan":
+        from .vulkan.backend import VulkanBackend
+
+        note = VulkanBackend().config(case.problem()).variant
+    return _row(case, f"aule-kp {backend}", seconds, _max_err(out, case, q, k, v), peak, note)
+
+
+def bench_gpu_tensor(case: Case, repeat: int) -> Dict[str, Any]:
+    """The zero-copy path: data already on the device, one recorded dispatch per call."""
+    from .vulkan.tensor import Context
+
+    q, k, v = case.inputs()
+    with Context() as ctx:
+        dt = "bfloat16" if case.dtype == "bfloat16" else np.dtype(case.dtype)
+        qt, kt, vt = (ctx.tensor(a.shape, dt).upload(a) for a in (q, k, v))
+        out = ctx.attention(qt, kt, vt, causal=case.causal)
+        seconds = median_time(lambda: ctx.attention(qt, kt, vt, out, causal=case.causal), repeat)
+        err = _max_err(out.download(), case, q, k, v)
+    return _row(case, "aule-kp vulkan GpuTensor", seconds, err)
+
+
+def bench_torch(case: Case, repeat: int, device: str, sdpa_backend: Optional[str] = None) -> Optional[Dict[str, Any]]:
+    try:
+        import torch
+        import torch.nn.functional as F
+    except ImportError:
+        return None
+    if device == "cuda" and not torch.cuda.is_available():
+        return None
+    q, k, v = (torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if case.dtype == "bfloat16"
+               else torch.from_numpy(a) for a in case.inputs())
+    q, k, v = (t.to(device) for t in (q, k, v))
+    gqa = bool(case.hkv and case.hkv != case.h)
+    # torch's causal is top-left; with Lq == Lk it is the same mask as ours.
+    causal = case.causal and case.lq == case.lk
+    call = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)  # noqa: E731
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    ctx: Any = None
+    if sdpa_backend:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        ctx = sdpa_kernel(getattr(SDPBackend, sdpa_backend))
+        ctx.__enter__()
+    try:
+        seconds = median_time(call, repeat, sync=sync)
+    except RuntimeError as exc:
+        return _row(case, f"torch SDPA {device} {sdpa_backend or ''}".strip(), None, note=f"not run: {exc}"[:60])
+    finally:
+        if ctx is not None:
+            ctx.__exit__(None, None, None)
+    return _row(case, f"torch SDPA {device} {(sdpa_backend or '').lower()}".strip(), seconds)
+
+
+_AULE_SCRIPT = """
+import json, statistics, sys, time, numpy as np
+from aule.vulkan import Aule
+b, h, s, d, causal, repeat = json.loads(sys.argv[1])
+rng = np.random.default_rng(0)
+q, k, v = (rng.standard_normal((b, h, s, d), dtype=np.float32) for _ in range(3))
+a = Aule()
+a.attention(q, k, v, causal=causal)
+ts = []
+for _ in range(repeat):
+    t0 = time.perf_counter(); a.attention(q, k, v, causal=causal); ts.append(time.perf_counter() - t0)
+print(json.dumps(statistics.median(ts)))
+"""
+
+
+def bench_aule_attention(case: Case, repeat: int) -> Optional[Dict[str, Any]]:
+    """aule-attention 0.5.0's Vulkan path (fp32, Lq == Lk, D <= 64), in a subprocess: it can crash."""
+    try:
+        import importlib.util
+
+        if importlib.util.find_spec("aule") is None:
+            return None
+    except ImportError:
+        return None
+    if case.lq != case.lk or case.d > 64 or case.hkv:
+        return None
+    args = json.dumps([case.b, case.h, case.lq, case.d, case.causal, repeat])
+    done = subprocess.run([sys.executable, "-c", _AULE_SCRIPT, args], capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        return _row(case, "aule-attention 0.5.0 vulkan", None, note=f"failed (exit {done.returncode})")
+    return _row(case, "aule-attention 0.5.0 vulkan", float(done.stdout.strip().splitlines()[-1]), note="fp32")
+
+
+def tiny_call_overhead(repeat: int = 2000) -> List[Dict[str, Any]]:
+    """Per-call time of a cached plan at a tiny shape: the host overhead (the kernel is ~µs)."""
+    from .vulkan.backend import VulkanBackend
+
+    case = Case(1, 1, 16, 16, 32, "float32", False)
+    q, k, v = case.inputs()
+    full = median_time(lambda: attention_forward(q, k, v, backend="vulkan"), repeat, warmup=20)
+    plan = VulkanBackend().plan(case.problem())
+    ev = median_time(plan.eval, repeat, warmup=20)
+    return [_row(case, "aule-kp vulkan, whole call", full, note="cached plan"),
+            _row(case, "kp Sequence.eval() alone", ev, note="same plan")]
+
+
+def machine() -> Dict[str, str]:
+    from .info import info
+
+    i = info()
+    dev = next((d for d in i["devices"] if d["index"] == i["selected_device"]), {})
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {
+        "date": datetime.date.today().isoformat(),
+        "host": f"{platform.system()} {platform.release()}, {os.cpu_count()} CPUs ({cpu})",
+        "device": f"{dev.get('name', 'none')} ({dev.get('type', '?')}), driver {dev.get('driver_info', '?')}",
+        "kp": f"{i['kp'].get('version')} patched={i['kp'].get('patched')}",
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "command": " ".join(["aule-kp", *sys.argv[1:]]) if sys.argv[0].endswith("aule-kp") else " ".join(sys.argv),
+    }
+
+
+def format_table(rows: List[Dict[str, Any]]) -> str:
+    def fmt(x: Any, spec: str) -> str:
+        return "—" if x is None else format(x, spec)
+
+    lines = ["| case | backend | ms | TFLOPS | GFLOP/s | max err | peak host MB | note |", "|---" * 8 + "|"]
+    for r in rows:
+        gf = None if r["tflops"] is None else r["tflops"] * 1e3
+        lines.append(f"| {r['case']} | {r['backend']} | {fmt(r['ms'], '.3f')} | {fmt(r['tflops'], '.3f')} | "
+                     f"{fmt(gf, '.2f')} | {fmt(r['max_err'], '.1e')} | {fmt(r['peak_mb'], '.1f')} | {r['note']} |")
+    return "\n".join(lines)
+
+
+def run(preset: str, vs: bool, repeat: int, markdown: Optional[str], backends: List[str]) -> List[Dict[str, Any]]:
+    rows: List[Dict[str, Any]] = []
+    cases = PRESETS[preset]
+    try:
+        from tqdm import tqdm  # optional progress bar
+    except ImportError:
+        tqdm = None
+    steps = tqdm(cases, desc="bench", file=sys.stderr) if tqdm else cases
+    for case in steps:
+        big = case.lq * case.lk * case.h * case.b > 2**28
+        if big and "cpu" in backends and preset == "gpu":
+            pass  # the CPU backend is not a contender at GPU sizes
+        for be in backends:
+            if preset == "gpu" and be == "cpu":
+                continue
+            if preset == "cpu" and be == "vulkan" and case.lq > 512:
+                continue  # lavapipe at S >= 2048 takes minutes per call; the bar shape is S=512
+            rows.append(bench_ours(case, be, repeat))
+        if preset == "gpu" and "vulkan" in backends:
+            rows.append(bench_gpu_tensor(case, repeat))
+        if vs:
+            if preset == "gpu":
+                for sdpa in ("FLASH_ATTENTION", "CUDNN_ATTENTION"):
+                    r = bench_torch(case, repeat, "cuda", sdpa)
+                    if r:
+                        rows.append(r)
+            elif case.lq <= 2048:
+                r = bench_torch(case, repeat, "cpu")
+                if r:
+                    rows.append(r)
+            if case.lq <= 8192:
+                r = bench_aule_attention(case, max(1, min(repeat, 3)))
+                if r:
+                    rows.append(r)
+    if preset == "cpu" and "vulkan" in backends:
+        rows += tiny_call_overhead()
+    table = format_table(rows)
+    print(table)
+    if markdown:
+        m = machine()
+        head = "\n".join(f"- {k}: {v}" for k, v in m.items())
+        with open(markdown, "a") as f:
+            f.write(f"\n### `{preset}` preset, {m['date']}\n\n{head}\n\n{table}\n")
+    return rows

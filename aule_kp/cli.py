@@ -1,0 +1,110 @@
+"""``aule-kp info | demo | bench`` (also ``python -m aule_kp``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from typing import List, Optional
+
+import numpy as np
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .info import info
+
+    data = info()
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    kp = data["kp"]
+    print(f"aule-kp {data['version']}")
+    print(f"backends: {', '.join(data['backends'])}")
+    print(f"kp: {kp.get('version', 'missing')} ({'patched: features + one fence per sequence' if kp.get('patched') else 'UNPATCHED release build'})")
+    if not data["devices"]:
+        print(f"Vulkan: no device ({data.get('vulkan_error')})")
+    for d in data["devices"]:
+        mark = "*" if d["index"] == data["selected_device"] else " "
+        print(f"{mark} [{d['index']}] {d['name']} — {d['vendor']} {d['type']}, {d['driver_info'] or d['driver_name']}")
+        print(f"      subgroup {d['subgroup_size']}, shared memory {d['shared_memory'] // 1024} KiB, "
+              f"storage binding {d['max_storage_buffer_range'] // 2**20} MiB, fp16 {d['fp16']}, int8 {d['int8']}, "
+              f"coopmat {d['coopmat']} ({len(d['coopmat_shapes'])} shapes), coopmat2 {d['coopmat2']}")
+        print(f"      variants: {', '.join(d['variants'])}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """Batched attention over NumPy arrays on the Vulkan device and the CPU backend, checked in float64."""
+    from .api import attention_forward
+    from .bench import Case, _max_err, median_time
+    from .info import info
+    from .vulkan.backend import VulkanBackend
+
+    data = info()
+    dev = next((d for d in data["devices"] if d["index"] == data["selected_device"]), None)
+    cases = [Case(2, 8, 256, 256, 64, "float32", False), Case(2, 8, 256, 256, 64, "float16", True),
+             Case(1, 8, 128, 384, 128, "float32", True, hkv=2), Case(4, 4, 1, 512, 64, "float16", False)]
+    print(f"device: {dev['name'] if dev else 'none'} ({dev['type'] if dev else '-'})")
+    header = f"{'backend':8} {'variant':8} {'shape (q / k)':44} {'ms':>9} {'GFLOP/s':>9} {'max err':>9}"
+    print(header)
+    print("-" * len(header))
+    worst = 0.0
+    tol = {"float32": 1e-4, "float16": 5e-3}
+    for case in cases:
+        q, k, v = case.inputs()
+        for backend in [b for b in ("vulkan", "cpu") if b in data["backends"]]:
+            out, _, p = attention_forward(q, k, v, causal=case.causal, backend=backend)
+            ms = median_time(lambda: attention_forward(q, k, v, causal=case.causal, backend=backend),  # noqa: B023
+                             args.repeat, warmup=0) * 1e3
+            err = _max_err(out, case, q, k, v)
+            worst = max(worst, err / tol[case.dtype])
+            variant = VulkanBackend().config(p).variant if backend == "vulkan" else "numpy"
+            shape = f"{tuple(q.shape)} / {tuple(k.shape)} {case.dtype}{' causal' if case.causal else ''}"
+            print(f"{backend:8} {variant:8} {shape:44} {ms:9.2f} {p.flops() / ms / 1e6:9.2f} {err:9.1e}")
+    ok = worst <= 1.0
+    print(f"\nall results within tolerance of the float64 reference: {'yes' if ok else 'NO'}")
+    return 0 if ok else 1
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from . import bench
+    from .info import info
+
+    data = info()
+    preset = args.preset
+    if preset == "auto":
+        dev = next((d for d in data["devices"] if d["index"] == data["selected_device"]), None)
+        preset = "gpu" if dev and dev["type"] in ("discrete", "integrated") else "cpu"
+    backends = args.backends.split(",") if args.backends else [b for b in ("vulkan", "cpu") if b in data["backends"]]
+    bench.run(preset, args.vs, args.repeat, args.markdown, backends)
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the ``aule-kp`` console script."""
+    parser = argparse.ArgumentParser(prog="aule-kp", description="FlashAttention-2 over Vulkan (Kompute)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("info", help="version, backends, devices and their capabilities")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=_info)
+    p = sub.add_parser("demo", help="batched NumPy attention on Vulkan and CPU, checked against float64")
+    p.add_argument("--repeat", type=int, default=3)
+    p.set_defaults(fn=_demo)
+    p = sub.add_parser("bench", help="benchmark table (ms, TFLOPS, peak memory)")
+    p.add_argument("--preset", choices=["auto", "cpu", "gpu"], default="auto")
+    p.add_argument("--vs", action="store_true", help="also time torch SDPA and aule-attention 0.5.0 when installed")
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--backends", help="comma-separated: vulkan,cpu")
+    p.add_argument("--markdown", help="append the table, machine and command to this file")
+    p.set_defaults(fn=_bench)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
