@@ -10,7 +10,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from aule_kp.dtypes import from_f32  # noqa: E402
+import math  # noqa: E402
+
+from reference import reference_attention  # noqa: E402
+
+from aule_kp.dtypes import from_f32, to_f32  # noqa: E402
+from aule_kp.problem import Problem, band  # noqa: E402
 
 # Max abs error vs the float64 reference on standard-normal inputs. Outputs are convex combinations
 # of v rows (|o| <~ 3); the kernels accumulate in fp32, so fp32 results sit within ~1e-6 relative
@@ -28,3 +33,29 @@ def make_inputs(rng: np.random.Generator, shape_q, shape_k, shape_v, dtype: str)
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
+
+
+def problem(b=1, hq=2, hkv=1, lq=24, lk=40, dk=32, dv=32, dtype="float32", causal=False, window=None,
+            top_left=False, mask_shape=None, scale=None) -> Problem:
+    diag, left, right = band(lq, lk, causal=causal, window=window, top_left=top_left)
+    return Problem(b, hq, hkv, lq, lk, dk, dv, dtype, scale or 1 / math.sqrt(dk), diag, left, right, mask_shape)
+
+
+def check(p: Problem, rng, mask=None, backend=None, config=None):
+    q, k, v = make_inputs(rng, (p.batch, p.heads_q, p.len_q, p.dim_k), (p.batch, p.heads_kv, p.len_k, p.dim_k),
+                          (p.batch, p.heads_kv, p.len_k, p.dim_v), p.dtype)
+    out, lse = (backend or _vulkan()).forward(p, q, k, v, mask, config)
+    ref_out, ref_lse = reference_attention(q, k, v, p, mask)
+    assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
+    assert not np.isnan(to_f32(out, p.dtype)).any()
+    np.testing.assert_allclose(to_f32(out, p.dtype), ref_out, atol=ATOL[p.dtype], rtol=0)
+    finite = np.isfinite(ref_lse)
+    np.testing.assert_array_equal(np.isfinite(lse), finite)
+    np.testing.assert_allclose(lse[finite], ref_lse[finite], atol=1e-4, rtol=1e-5)
+    return out, lse
+
+
+def _vulkan():
+    from aule_kp.vulkan.backend import VulkanBackend
+
+    return VulkanBackend()

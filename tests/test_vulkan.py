@@ -6,43 +6,19 @@ each feature is still crossed with the variants and dtypes that matter.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
-from conftest import ATOL, make_inputs
+from conftest import check, make_inputs, problem
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reference import reference_attention
 
-from aule_kp.dtypes import to_f32
-from aule_kp.problem import Problem, band
+from aule_kp.problem import Problem
 from aule_kp.vulkan import device as devmod
 from aule_kp.vulkan import plan as planmod
 from aule_kp.vulkan.backend import VulkanBackend
 from aule_kp.vulkan.kernels import KernelConfig, choose
 
 pytestmark = pytest.mark.skipif(devmod.vulkan_unavailable() is not None, reason="no Vulkan device")
-
-
-def problem(b=1, hq=2, hkv=1, lq=24, lk=40, dk=32, dv=32, dtype="float32", causal=False, window=None,
-            top_left=False, mask_shape=None, scale=None) -> Problem:
-    diag, left, right = band(lq, lk, causal=causal, window=window, top_left=top_left)
-    return Problem(b, hq, hkv, lq, lk, dk, dv, dtype, scale or 1 / math.sqrt(dk), diag, left, right, mask_shape)
-
-
-def check(p: Problem, rng, mask=None, backend=None, config=None):
-    q, k, v = make_inputs(rng, (p.batch, p.heads_q, p.len_q, p.dim_k), (p.batch, p.heads_kv, p.len_k, p.dim_k),
-                          (p.batch, p.heads_kv, p.len_k, p.dim_v), p.dtype)
-    out, lse = (backend or VulkanBackend()).forward(p, q, k, v, mask, config)
-    ref_out, ref_lse = reference_attention(q, k, v, p, mask)
-    assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
-    assert not np.isnan(to_f32(out, p.dtype)).any()
-    np.testing.assert_allclose(to_f32(out, p.dtype), ref_out, atol=ATOL[p.dtype], rtol=0)
-    finite = np.isfinite(ref_lse)
-    np.testing.assert_array_equal(np.isfinite(lse), finite)
-    np.testing.assert_allclose(lse[finite], ref_lse[finite], atol=1e-4, rtol=1e-5)
-    return out, lse
 
 
 # Configurations lavapipe can run that the device's own choice would not exercise: GPU-style
