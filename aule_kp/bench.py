@@ -239,7 +239,7 @@ def machine() -> Dict[str, str]:
         "kp": f"{i['kp'].get('version')} patched={i['kp'].get('patched')}",
         "python": platform.python_version(),
         "numpy": np.__version__,
-        "command": " ".join(["aule-kp", *sys.argv[1:]]) if sys.argv[0].endswith("aule-kp") else " ".join(sys.argv),
+        "command": " ".join(["aule-kp", *sys.argv[1:]]),
     }
 
 

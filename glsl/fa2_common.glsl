@@ -52,8 +52,17 @@ layout(push_constant) uniform Push {
 
 const float LOG2E = 1.4426950408889634;
 const float LN2 = 0.6931471805599453;
+const float FLT_MAX = 3.4028234663852886e38;
 // Running max starts finite so a row whose keys are all hidden never computes (-inf) - (-inf).
-const float NEG_BIG = -3.4028234663852886e38 / 2.0;
+// It is the lowest finite score, so a row whose scores all saturate there (below) is still uniform.
+const float NEG_BIG = -FLT_MAX;
+
+// Mask value in the exp2 domain. -inf hides the key; finite values saturate at -FLT_MAX instead of
+// overflowing to -inf, so a row masked with float32's minimum (as Hugging Face does) stays a
+// uniform average, as in torch, rather than becoming hidden.
+float mask_term(float mv) {
+    return isinf(mv) && mv < 0.0 ? mv : max(mv * LOG2E, -FLT_MAX);
+}
 
 // Element e of a packed buffer, as float.
 #define LOAD_ELEM(buf, e) ( \

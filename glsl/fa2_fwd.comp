@@ -98,7 +98,7 @@ void main() {
                 if (!key_visible(i, j)) {
                     sc = -1.0 / 0.0;
                 } else if (pc.has_mask != 0u) {
-                    sc += mask_data[mbase[r] + uint(j) * pc.mask_sj] * LOG2E;
+                    sc += mask_term(mask_data[mbase[r] + uint(j) * pc.mask_sj]);
                 }
                 s[r * BC + jj] = sc;
             }

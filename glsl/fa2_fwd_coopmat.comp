@@ -193,7 +193,7 @@ float score(float raw, int i, int j) {
     if (i >= int(pc.len_q) || !key_visible(i, j)) return NEG_INF;
     float s = raw * pc.scale_log2;
     if (pc.has_mask != 0u) {
-        s += mask_data[g_mbase + uint(i) * pc.mask_si + uint(j) * pc.mask_sj] * LOG2E;
+        s += mask_term(mask_data[g_mbase + uint(i) * pc.mask_si + uint(j) * pc.mask_sj]);
     }
     return s;
 }

@@ -19,7 +19,7 @@ import math
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, Iterator, List, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -29,8 +29,9 @@ from ..problem import Problem
 
 logger = logging.getLogger("aule_kp")
 
-#: One task: batch ``b``, query heads ``[h0, h1)`` of one KV group, query rows ``[i0, i1)``.
-#: Either ``h1 - h0 == 1`` or the rows are all of ``[0, Lq)``, so the task's slice of q is contiguous.
+#: One block of query rows: batch ``b``, query heads ``[h0, h1)`` of one KV group, positions
+#: ``[i0, i1)``. Either ``h1 - h0 == 1`` or the positions are all of ``[0, Lq)``, so the block's
+#: slice of q is contiguous.
 _Block = Tuple[int, int, int, int, int]
 
 
@@ -41,7 +42,7 @@ def _worker_count() -> int:
         return os.cpu_count() or 1
 
 
-def _find_openblas() -> Tuple[Callable[[], int] | None, Callable[[int], None] | None]:
+def _find_openblas() -> Tuple[Optional[Callable[[], int]], Optional[Callable[[int], None]]]:
     """``(get, set)`` for the thread count of NumPy's OpenBLAS, or ``(None, None)``.
 
     OpenBLAS threads each large GEMM itself and its idle workers spin; with our own pool on top
@@ -82,8 +83,8 @@ class _BlasThreads:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._probed = False
-        self._get: Callable[[], int] | None = None
-        self._set: Callable[[int], None] | None = None
+        self._get: Optional[Callable[[], int]] = None
+        self._set: Optional[Callable[[int], None]] = None
         self._users = 0
         self._saved = 1
 
@@ -120,6 +121,9 @@ _BLAS = _BlasThreads()
 #: ``exp`` over the tile stays below this; a larger sum means scores outgrew the shift, and the tile
 #: is redone with an exact one. 2**32 keeps sums and ``sum * |v|`` far from float32 overflow.
 _SUM_LIMIT = np.float32(2.0**32)
+
+#: Keys a block's first tile samples for its rows' first shift (see ``_Forward._probe``).
+_PROBE_KEYS = 8
 
 #: Tasks per worker: enough to even out unequal (causal, windowed) tasks on the pool.
 _TASKS_PER_WORKER = 4
@@ -158,7 +162,8 @@ class _Forward:
         q: np.ndarray,
         k: np.ndarray,
         v: np.ndarray,
-        mask: np.ndarray | None,
+        mask: Optional[np.ndarray],
+        block_q: int,
         block_k: int,
         step: int,
     ) -> None:
@@ -167,6 +172,7 @@ class _Forward:
         self.q, self.k, self.v, self.mask = q, k, v, mask
         self.block_k = block_k
         self.step = step
+        self.tile_elems = block_q * block_k
         self.scale = np.float32(p.scale)
         self.out = np.empty((p.batch, p.heads_q, p.len_q, p.dim_v), dtype=STORAGE[p.dtype])
         self.lse = np.empty((p.batch, p.heads_q, p.len_q), dtype=np.float32)
@@ -179,9 +185,10 @@ class _Forward:
         with np.errstate(all="ignore"):  # errstate is per thread; -inf/NaN handling below is deliberate
             k = self._ones_column(self.k[b, kv, lo:hi])
             v = self._ones_column(self.v[b, kv, lo:hi])
-            # One score tile per task: a fresh 0.5-1 MiB buffer per block costs page faults each time.
+            # One score buffer per task: fresh multi-MiB allocations come back from the OS and fault
+            # in page by page.
             rows = max((h1 - h0) * (i1 - i0) for _, h0, h1, i0, i1 in blocks)
-            scratch = np.empty(rows * min(self.block_k, hi - lo), dtype=np.float32)
+            scratch = np.empty(min(self.tile_elems, rows * (hi - lo)), dtype=np.float32)
             for block in blocks:
                 self._block(block, k, v, lo, scratch)
 
@@ -214,9 +221,39 @@ class _Forward:
             e = min(a + step, i1)
             r0, r1 = (a - i0, e - i0) if h1 - h0 == 1 else (0, rows)
             s_lo, s_hi = p.key_range(a, e)
+            # A stair has fewer rows than a block: give it as many keys per GEMM as a block tile has
+            # scores, so that a staircase is a few wide GEMMs rather than many narrow ones.
+            width = max(bk, self.tile_elems // (r1 - r0))
             for x0, x1 in ((s_lo, min(s_hi, core_lo)), (max(s_lo, core_hi), s_hi)):
-                for c0, c1 in _split(x0, x1, bk):
+                for c0, c1 in _split(x0, x1, width):
                     yield r0, r1, a, e, c0, c1
+
+    def _inside_band(self, a: int, e: int, c0: int, c1: int) -> bool:
+        """Whether query positions ``[a, e)`` all see keys ``[c0, c1)`` (the band alone)."""
+        p = self.p
+        if p.left is not None and c0 < e - 1 + p.diag - p.left:
+            return False
+        return p.right is None or c1 - 1 <= a + p.diag + p.right
+
+    def _probe(self, qa: np.ndarray, m: np.ndarray, kt: np.ndarray, tile: _Tile) -> bool:
+        """Give rows without a shift the max of a few of their scores in this tile, when every row
+        sees every key of it; returns whether it did.
+
+        A seen score is a lower bound of the row's max, so its own term keeps the row's sum >= 1; a
+        max far above it shows up as a sum over ``_SUM_LIMIT`` and the tile is redone exactly. It
+        spares a block's first tile the max and subtract passes.
+        """
+        _, _, a, e, c0, c1 = tile
+        if self.mask is not None or not self._inside_band(a, e, c0, c1):
+            return False
+        # Rows without a shift have 0 in qa's shift column, so these are plain scores.
+        est = (qa @ kt[:: max(1, (c1 - c0) // _PROBE_KEYS)].T).max(axis=1)
+        if not np.isfinite(est).all():
+            return False  # NaN or overflowing rows: let the exact path handle them
+        unseen = m == -np.inf
+        m[unseen] = est[unseen]
+        qa[unseen, self.p.dim_k] = -est[unseen]
+        return True
 
     def _band_bias(self, rows: int, offset: int, width: int) -> np.ndarray:
         """``0`` / ``-inf`` for ``rows`` query rows x ``width`` keys starting ``offset`` keys right of
@@ -260,10 +297,10 @@ class _Forward:
         """Online softmax of one block of query rows over its tiles, into ``out`` and ``lse``.
 
         ``m`` is each row's shift (natural-log units), -inf until the row sees a key; ``acc`` holds
-        ``sum exp(s - m) * [v | 1]``. A shift is only ever set to the exact max of a tile, which
-        adds ``exp(0) = 1`` to the sum, so a row's sum stays >= 1 and terms that underflow are
-        negligible against it. Tiles whose rows all have a shift skip the max pass and keep the
-        shift while scores stay within ``_SUM_LIMIT`` of it.
+        ``sum exp(s - m) * [v | 1]``. A shift is only ever set to a score the row sees (a tile's
+        max, or a probed one), whose term ``exp(0) = 1`` is in the sum, so a row's sum stays >= 1
+        and terms that underflow are negligible against it. Tiles whose rows all have a shift skip
+        the max pass and keep the shift while scores stay within ``_SUM_LIMIT`` of it.
         """
         p = self.p
         b, h0, h1, i0, i1 = block
@@ -281,7 +318,7 @@ class _Forward:
             s = scratch[: (r1 - r0) * (c1 - c0)].reshape(r1 - r0, c1 - c0)
             part = part_rows[: r1 - r0]
             mt, at, qt = m[r0:r1], acc[r0:r1], qa[r0:r1]
-            if np.isfinite(mt).all():
+            if np.isfinite(mt).all() or self._probe(qt, mt, kt, tile):
                 self._scores(s, qt, kt, block, tile)
                 np.exp(s, out=s)
                 np.matmul(s, vt, out=part)
@@ -351,7 +388,7 @@ class CpuBackend(Backend):
 
     name = "cpu"
 
-    def __init__(self, block_q: int = 1024, block_k: int = 512, step: int = 128, workers: int | None = None) -> None:
+    def __init__(self, block_q: int = 1024, block_k: int = 512, step: int = 128, workers: Optional[int] = None) -> None:
         """``block_q`` query rows per block, ``block_k`` keys per tile, ``step`` rows per stair of a
         band edge; ``workers`` threads (default: the CPUs this process may use)."""
         if min(block_q, block_k, step) < 1:
@@ -366,24 +403,23 @@ class CpuBackend(Backend):
         return 50
 
     def forward(
-        self, problem: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray | None
+        self, problem: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Optional[np.ndarray]
     ) -> Tuple[np.ndarray, np.ndarray]:
         """See :class:`aule_kp.backend.Backend`: ``(out [B, Hq, Lq, Dv] in q's storage, lse float32)``."""
         p = problem
         if mask is not None:
             mask = np.asarray(mask, dtype=np.float32)
-        job = _Forward(p, q, k, v, mask, self.block_k, self.step)
+        job = _Forward(p, q, k, v, mask, self.block_q, self.block_k, self.step)
         if job.lse.size == 0:  # no query rows (Dv = 0 alone still has row statistics to compute)
             return job.out, job.lse
         workers = self.workers or _worker_count()
         if workers > 1 and not _BLAS.controllable():
             workers = 1  # BLAS threads each matmul itself instead; two pools would fight over the cores
         chunks = _chunks(p, self.block_q, workers)
-        work = {id(c): _work(p, c) for c in chunks}
         # Longest first, so the pool does not end on one long task.
-        chunks.sort(key=lambda c: work[id(c)], reverse=True)
+        chunks.sort(key=lambda c: _work(p, c), reverse=True)
         workers = min(workers, len(chunks))
-        if workers == 1 or sum(work.values()) < _POOL_MIN_WORK:
+        if workers == 1 or sum(_work(p, c) for c in chunks) < _POOL_MIN_WORK:
             for chunk in chunks:
                 job.run_chunk(chunk)
             return job.out, job.lse

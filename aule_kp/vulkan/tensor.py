@@ -145,6 +145,7 @@ class Context:
             out = self.tensor((b, hq, lq, dv), q.dtype)
         elif not isinstance(out, GpuTensor) or out.shape != (b, hq, lq, dv) or out.dtype_name != q.dtype_name:
             raise ValueError(f"out must be a {q.dtype_name} GpuTensor of shape {(b, hq, lq, dv)}")
+        out._live()
         diag, left, right = band(lq, lk, causal=bool(causal), window=window, top_left=False)
         problem = Problem(b, hq, hkv, lq, lk, dk, dv, q.dtype_name, scale, diag, left, right)
         if problem.empty or lk == 0:
