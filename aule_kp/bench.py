@@ -47,7 +47,8 @@ class Case:
 
     def label(self) -> str:
         kv = f"/{self.hkv}" if self.hkv else ""
-        return f"B{self.b} H{self.h}{kv} Lq{self.lq} Lk{self.lk} D{self.d} {self.dtype}{' causal' if self.causal else ''}"
+        causal = " causal" if self.causal else ""
+        return f"B{self.b} H{self.h}{kv} Lq{self.lq} Lk{self.lk} D{self.d} {self.dtype}{causal}"
 
     def inputs(self, seed: int = 0):
         rng = np.random.default_rng(seed)

@@ -5,12 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
-import time
 from typing import List, Optional
-
-import numpy as np
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -23,7 +19,8 @@ def _info(args: argparse.Namespace) -> int:
     kp = data["kp"]
     print(f"aule-kp {data['version']}")
     print(f"backends: {', '.join(data['backends'])}")
-    print(f"kp: {kp.get('version', 'missing')} ({'patched: features + one fence per sequence' if kp.get('patched') else 'UNPATCHED release build'})")
+    build = "patched: features + one fence per sequence" if kp.get("patched") else "UNPATCHED release build"
+    print(f"kp: {kp.get('version', 'missing')} ({build})")
     if not data["devices"]:
         print(f"Vulkan: no device ({data.get('vulkan_error')})")
     for d in data["devices"]:
@@ -102,7 +99,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--markdown", help="append the table, machine and command to this file")
     p.set_defaults(fn=_bench)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     return args.fn(args)
 
 

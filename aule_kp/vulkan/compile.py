@@ -63,7 +63,8 @@ def compile_one(src: Path, force: bool = False) -> Optional[Path]:
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"glslangValidator failed on {src.name}:\n{done.stdout}{done.stderr}")
-    done = subprocess.run([spirv_val, "--target-env", TARGET_ENV, str(tmp)], env=env_val, capture_output=True, text=True)
+    done = subprocess.run([spirv_val, "--target-env", TARGET_ENV, str(tmp)], env=env_val, capture_output=True,
+                          text=True)
     if done.returncode != 0:
         tmp.unlink(missing_ok=True)
         raise RuntimeError(f"spirv-val rejected {src.name}:\n{done.stdout}{done.stderr}")
