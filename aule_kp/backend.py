@@ -33,7 +33,34 @@ class Backend:
         """Lower is preferred by ``backend="auto"`` among backends that can take ``problem``."""
         return 100
 
+    #: True for backends that take torch tensors where they live (Triton on CUDA/ROCm): then
+    #: ``forward``/``backward`` receive and return contiguous torch tensors instead of host arrays.
+    native_torch = False
+
     def forward(
         self, problem: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Optional[np.ndarray]
     ) -> Tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
+
+    def backward(
+        self,
+        problem: Problem,
+        q: np.ndarray,
+        k: np.ndarray,
+        v: np.ndarray,
+        out: np.ndarray,
+        dout: np.ndarray,
+        lse: np.ndarray,
+        mask: Optional[np.ndarray],
+        mask_grad: bool = False,
+    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
+        """Gradients ``(dq, dk, dv, dmask)`` of the forward pass, FA2-style from the saved ``lse``.
+
+        Inputs as in ``forward`` plus ``out`` and ``dout`` (storage dtype of q, ``[B, Hq, Lq, Dv]``)
+        and ``lse`` (float32 ``[B, Hq, Lq]``, natural log). ``dq``/``dk``/``dv`` come back in the
+        storage dtype of q with the shapes of q/k/v (GQA: dk/dv summed over the query heads that
+        share a kv head). ``dmask`` (float32, ``problem.mask_shape``: summed over broadcast dims) is
+        computed only when ``mask_grad`` is True and a mask is given, else None. Rows with no
+        visible key contribute nothing.
+        """
+        raise NotImplementedError(f"the {self.name} backend has no backward pass")
