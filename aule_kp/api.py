@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
 import numpy as np
 
 from . import dispatch
+from .backend import Backend
 from .dtypes import STORAGE
 from .problem import MAX_HEAD_DIM, Problem, band, default_scale
 
@@ -125,7 +127,34 @@ def _mask_to_additive(attn_mask: Any, b: int, hq: int, lq: int, lk: int) -> Tupl
     return add, tuple(int(s) for s in add.shape)
 
 
-def attention_forward(
+@dataclass
+class Prepared:
+    """A validated call: its Problem, the backend that runs it, and inputs in that backend's form.
+
+    ``q``/``k``/``v`` are host arrays in engine storage, or contiguous torch tensors where they live
+    for a ``native_torch`` backend; ``mask`` is the float32 additive mask (same form) or None.
+    ``backend`` is None when the result is empty or trivially zero (no query, no key).
+    """
+
+    problem: Problem
+    backend: Optional[Backend]
+    q: Any
+    k: Any
+    v: Any
+    mask: Any
+    like: Any  # the caller's q: the result takes its type, dtype and device
+
+    def forward(self) -> Tuple[Any, Any]:
+        """``(out, lse)``: out in the type/dtype/device of the caller's q; lse float32 [B, Hq, Lq]."""
+        p = self.problem
+        if self.backend is None:
+            out = np.zeros((p.batch, p.heads_q, p.len_q, p.dim_v), dtype=STORAGE[p.dtype])
+            return _from_host(out, self.like, p.dtype), np.full((p.batch, p.heads_q, p.len_q), -np.inf, np.float32)
+        out, lse = self.backend.forward(p, self.q, self.k, self.v, self.mask)
+        return (out if self.backend.native_torch else _from_host(out, self.like, p.dtype)), lse
+
+
+def prepare(
     q: Any,
     k: Any,
     v: Any,
@@ -136,8 +165,8 @@ def attention_forward(
     attn_mask: Any = None,
     backend: str = "auto",
     top_left: bool = False,
-) -> Tuple[Any, np.ndarray, Problem]:
-    """Validated forward pass: ``(out, lse, problem)``; ``out`` is in the type/dtype/device of q."""
+) -> Prepared:
+    """Validates and normalises one call (errors name the argument), and picks its backend."""
     if backend not in dispatch.BACKEND_NAMES:
         raise ValueError(f"backend must be one of {dispatch.BACKEND_NAMES}, got {backend!r}")
     if not isinstance(causal, (bool, np.bool_)):
@@ -155,14 +184,23 @@ def attention_forward(
     if attn_mask is not None:
         mask, mask_shape = _mask_to_additive(attn_mask, b, hq, lq, lk)
     problem = Problem(b, hq, hkv, lq, lk, dk, dv, dtype, float(scale), diag, left, right, mask_shape)
-
     if problem.empty or lk == 0:
-        out = np.zeros((b, hq, lq, dv), dtype=STORAGE[dtype])
-        lse = np.full((b, hq, lq), -np.inf, dtype=np.float32)
-        return _from_host(out, q, dtype), lse, problem
+        return Prepared(problem, None, None, None, None, None, q)
     chosen = dispatch.select(problem, backend)
-    out, lse = chosen.forward(problem, _to_host(q, dtype), _to_host(k, dtype), _to_host(v, dtype), mask)
-    return _from_host(out, q, dtype), lse, problem
+    if chosen.native_torch:
+        import torch
+
+        if mask is not None:
+            mask = torch.from_numpy(mask).to(q.device)
+        return Prepared(problem, chosen, q.contiguous(), k.contiguous(), v.contiguous(), mask, q)
+    return Prepared(problem, chosen, _to_host(q, dtype), _to_host(k, dtype), _to_host(v, dtype), mask, q)
+
+
+def attention_forward(q: Any, k: Any, v: Any, **options: Any) -> Tuple[Any, Any, Problem]:
+    """Validated forward pass: ``(out, lse, problem)``; options as ``prepare``."""
+    call = prepare(q, k, v, **options)
+    out, lse = call.forward()
+    return out, lse, call.problem
 
 
 def flash_attention(
