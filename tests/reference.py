@@ -33,7 +33,7 @@ def reference_attention(
     kf = np.repeat(kf, p.group, axis=1)
     vf = np.repeat(vf, p.group, axis=1)
     with np.errstate(all="ignore"):
-        s = np.einsum("bhqd,bhkd->bhqk", qf, kf) * p.scale
+        s = (qf @ kf.swapaxes(-1, -2)) * p.scale
         visible = p.visible(np.arange(p.len_q), np.arange(p.len_k))
         s = np.where(visible, s, -np.inf)
         if mask is not None:
@@ -42,6 +42,6 @@ def reference_attention(
         hidden = m == -np.inf
         e = np.exp(s - np.where(hidden, 0.0, m))
         total = e.sum(axis=-1, keepdims=True)
-        out = np.where(hidden, 0.0, np.einsum("bhqk,bhkd->bhqd", e, vf) / total)
+        out = np.where(hidden, 0.0, (e @ vf) / total)
         lse = np.where(hidden, -np.inf, m + np.log(total))[..., 0]
     return out, lse
