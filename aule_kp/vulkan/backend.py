@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+import os
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -20,22 +21,36 @@ class VulkanBackend(Backend):
 
     def __init__(self, variant: Optional[str] = None):
         self.variant = variant
+        self._choices: Dict[Any, Tuple[Optional[KernelConfig], Tuple[str, ...]]] = {}
 
     def available(self) -> List[str]:
         why = devmod.vulkan_unavailable()
         return [why] if why else []
 
     def config(self, problem: Problem) -> KernelConfig:
-        return choose(devmod.get_device().caps, problem, self.variant)
+        """The kernel specialisation for ``problem`` (ValueError when no variant can take it)."""
+        cfg, reasons = self._choice(problem)
+        if cfg is None:
+            raise ValueError("; ".join(reasons))
+        return cfg
 
-    def reasons(self, problem: Problem) -> List[str]:
-        why = self.available()
-        if why:
-            return why
+    def _choice(self, problem: Problem) -> Tuple[Optional[KernelConfig], Tuple[str, ...]]:
+        # Memoised: the choice depends only on these, and the hot path asks twice per call.
+        key = (problem, devmod.selected_index(), os.environ.get("AULE_KP_FORCE_VARIANT"),
+               os.environ.get("AULE_KP_MAX_BINDING_BYTES"), os.environ.get("AULE_KP_COOPMAT_CONVERT"))
+        hit = self._choices.get(key)
+        if hit is None:
+            hit = self._choices[key] = self._decide(problem)
+            if len(self._choices) > 4096:
+                self._choices.clear()
+        return hit
+
+    def _decide(self, problem: Problem) -> Tuple[Optional[KernelConfig], Tuple[str, ...]]:
         dev = devmod.get_device()
         reasons: List[str] = []
+        cfg: Optional[KernelConfig] = None
         try:
-            self.config(problem)
+            cfg = choose(dev.caps, problem, self.variant)
         except ValueError as exc:
             reasons.append(str(exc))
         limit = binding_limit(dev.caps.max_storage_buffer_range)
@@ -43,7 +58,11 @@ class VulkanBackend(Backend):
             reasons.append(f"one (batch, kv-head) slice is over the {limit} B storage binding limit")
         if problem.mask_shape is not None and 4 * int(np.prod(problem.mask_shape)) > limit:
             reasons.append(f"the mask is over the {limit} B storage binding limit")
-        return reasons
+        return (None if reasons else cfg), tuple(reasons)
+
+    def reasons(self, problem: Problem) -> List[str]:
+        why = self.available()
+        return why if why else list(self._choice(problem)[1])
 
     def rank(self, problem: Problem) -> int:
         # A CPU Vulkan driver (lavapipe) is slower than the NumPy backend on the same cores.
