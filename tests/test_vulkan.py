@@ -142,3 +142,17 @@ def test_random_problems(b, hkv, group, lq, lk, d, dtype, causal, top_left, wind
     shape = (b, 1, lq, lk) if masked else None
     mask = rng.standard_normal(shape).astype(np.float32) * 2 if masked else None
     check(problem(b, hkv * group, hkv, lq, lk, d, d, dtype, causal, window, top_left, shape, scale), rng, mask)
+
+
+def test_unpatched_kp_disables_coopmat(monkeypatch):
+    from dataclasses import replace
+
+    from aule_kp.vulkan.kernels import variant_reasons
+
+    caps = replace(devmod.get_device().caps, coopmat=True,
+                   coopmat_shapes=((16, 16, 16, "f16", "f16", "f32", "f32", "subgroup"),))
+    p = problem(dk=64, dv=64, dtype="float16")
+    assert variant_reasons("coopmat", caps, p, forced=True) == []
+    monkeypatch.setattr(devmod, "kp_status", lambda: {"available": True, "patched": False})
+    assert any("unpatched" in r for r in variant_reasons("coopmat", caps, p, forced=True))
+    assert variant_reasons("scalar", caps, p) == []

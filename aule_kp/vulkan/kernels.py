@@ -123,6 +123,12 @@ def variant_reasons(variant: str, caps: DeviceCaps, problem: Problem, forced: bo
     if variant not in VARIANTS:
         return [f"unknown variant {variant!r}; expected one of {VARIANTS}"]
     if variant == "coopmat":
+        from .device import kp_status
+
+        if not kp_status()["patched"]:
+            # The released kp creates the device with no features enabled: coopmat is then outside
+            # the spec (some drivers tolerate it, others may not). The scalar variants need none.
+            reasons.append("kp is the unpatched release build: cooperative-matrix features are not enabled")
         if not caps.coopmat:
             reasons.append("device has no VK_KHR_cooperative_matrix")
         elif not _has_coopmat_16(caps):
@@ -172,3 +178,84 @@ def choose(caps: DeviceCaps, problem: Problem, variant: Optional[str] = None) ->
             return config_for(name, caps, problem)
     detail = "; ".join(f"{n}: {', '.join(variant_reasons(n, caps, problem, bool(forced)))}" for n in names)
     raise ValueError(f"no Vulkan kernel variant can run this problem ({detail})")
+
+
+# ---- backward -----------------------------------------------------------------------------------
+# Three kernels per pass (glsl/fa2_bwd_common.glsl): fa2_bwd_pre (row statistics), fa2_bwd_dkdv
+# and fa2_bwd_dq. Each is a KernelConfig with the forward's spec constants, read per kernel as:
+#   pre:  WG invocations, one query row each (tiles unused).
+#   dkdv: BR keys per workgroup, RPT keys per invocation group of TPR lanes, BC query rows per tile.
+#   dq:   as the forward: BR query rows per workgroup, RPT rows per lane group, BC keys per tile.
+
+BACKWARD_VARIANTS = ("scalar",)
+
+
+@dataclass(frozen=True)
+class BackwardConfig:
+    """The pipelines of one backward pass; ``write_ds``: dK/dV also writes dS (float-mask gradient)."""
+
+    variant: str
+    pre: KernelConfig
+    dkdv: KernelConfig
+    dq: KernelConfig
+    write_ds: bool = False
+
+    def spec(self, cfg: KernelConfig) -> np.ndarray:
+        """Specialization constants of one of the three kernels, + WRITE_DS (constant_id 9): set for
+        dK/dV only, so the other two pipelines are the same with and without a mask gradient."""
+        return np.append(cfg.spec(), np.uint32(self.write_ds and cfg is self.dkdv))
+
+    def kernels(self) -> tuple[KernelConfig, KernelConfig, KernelConfig]:
+        return self.pre, self.dkdv, self.dq
+
+
+def _backward_scalar_tiles(caps: DeviceCaps, problem: Problem) -> tuple[Dict[str, int], Dict[str, int]]:
+    """``(dkdv, dq)`` tiles of the scalar backward kernels on this device."""
+    dmax = max(problem.dim_k, problem.dim_v)
+    shuffle_width = caps.subgroup_size if caps.subgroup_shuffle else 1
+    if caps.type == "cpu":
+        # As the forward's CPU tiles (no staging, 4 rows or keys per lane group, 16 values per
+        # lane): every q / dO (dkdv) or k / v (dq) element loaded feeds 4 dot products.
+        tpr = _fit_tpr(min(8, shuffle_width, _pow2_floor(max(1, dmax // 16))), problem)
+        wg = 64
+        tiles = dict(tpr=tpr, br=wg // tpr * 4, bc=8, stage=0, wg=wg, rpt=4)
+        return tiles, dict(tiles)
+    # GPUs: at most ~32 of each per-row array per lane; BC rows (dkdv) or keys (dq) of two
+    # matrices staged in shared memory.
+    tpr = _fit_tpr(min(_pow2_floor(max(1, dmax // 32)), 8, shuffle_width), problem)
+    wg = max(max(caps.subgroup_size, 1) * 2, 128)
+    bc = 32
+    while bc > 8 and FLOAT_BYTES * bc * (problem.dim_k + problem.dim_v) > caps.shared_memory - 64:
+        bc //= 2
+    tiles = dict(tpr=tpr, br=wg // tpr, bc=bc, stage=1, wg=wg, rpt=1)
+    return tiles, dict(tiles)
+
+
+def backward_config(caps: DeviceCaps, problem: Problem, write_ds: bool = False,
+                    variant: Optional[str] = None) -> BackwardConfig:
+    """The backward pipelines for ``problem`` (``variant`` or ``AULE_KP_FORCE_BWD_VARIANT`` picks one)."""
+    name = variant or os.environ.get("AULE_KP_FORCE_BWD_VARIANT") or "scalar"
+    if name not in BACKWARD_VARIANTS:
+        raise ValueError(f"unknown backward variant {name!r}; expected one of {BACKWARD_VARIANTS}")
+    dkdv, dq = _backward_scalar_tiles(caps, problem)
+    dtype = DTYPE_CODE[problem.dtype]
+
+    def make(kernel: str, t: Dict[str, int]) -> KernelConfig:
+        return KernelConfig(name, kernel, problem.dim_k, problem.dim_v, t["br"], t["bc"], t["tpr"], dtype,
+                            t["wg"], t["stage"], t["rpt"])
+
+    pre = dict(br=1, bc=1, tpr=1, stage=0, wg=64, rpt=1)
+    return BackwardConfig(name, make("fa2_bwd_pre", pre), make("fa2_bwd_dkdv", dkdv), make("fa2_bwd_dq", dq),
+                          bool(write_ds))
+
+
+def backward_reasons(cfg: BackwardConfig, caps: DeviceCaps) -> List[str]:
+    """Why this device cannot run ``cfg`` (empty: it can)."""
+    reasons = []
+    for k in cfg.kernels():
+        if k.shared_bytes() > caps.shared_memory:
+            reasons.append(f"{k.kernel} needs {k.shared_bytes()} B of shared memory, device has {caps.shared_memory}")
+        if k.wg > caps.max_workgroup_invocations:
+            reasons.append(f"{k.kernel} needs {k.wg} invocations per workgroup, "
+                           f"device allows {caps.max_workgroup_invocations}")
+    return reasons
