@@ -40,7 +40,7 @@ source "$VENV/bin/activate"
 PIP="python -m pip --disable-pip-version-check -q"
 
 # 3. Python dependencies (stamped by the hash of the requirement files).
-req_hash=$(cat requirements*.txt pyproject.toml | sha256sum | cut -c1-16)
+req_hash=$(cat requirements*.txt | sha256sum | cut -c1-16)
 if [ ! -f "$VENV/.aule-reqs-$req_hash" ]; then
   say "installing Python dependencies"
   $PIP install -r requirements-dev.txt
