@@ -13,7 +13,7 @@ import math
 import os
 import struct
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -81,11 +81,16 @@ def push_constants(p: Problem, group0: int) -> np.ndarray:
 
 @dataclass
 class Chunk:
+    """One dispatch over kv groups ``[g0, g1)`` and, on the host path, views of its mapped memory."""
+
     g0: int
     g1: int
     tensors: List[Any]  # q, k, v, o, lse (kp tensors)
-    views: List[np.ndarray]  # their mapped memory (uint32 / float32)
     algorithm: Any
+    inputs: List[np.ndarray] = field(default_factory=list)  # q, k, v mapped memory, as bytes
+    input_ranges: List[Tuple[int, int]] = field(default_factory=list)  # their bytes in the caller's arrays
+    output: Optional[np.ndarray] = None  # o mapped memory, as bytes
+    lse: Optional[np.ndarray] = None  # lse mapped memory, float32
 
 
 class Plan:
@@ -138,8 +143,15 @@ class Plan:
             grid = (math.ceil(p.len_q / config.br), n * p.group, 1)
             algo = mgr.algorithm([q, k, v, o, lse, self.mask], spirv, grid, spec, push_constants(p, g0))
             stats["algorithms"] += 1
-            views = [] if io is not None else [t.data() for t in (q, k, v, o, lse)]
-            self.chunks.append(Chunk(g0, g1, [q, k, v, o, lse], views, algo))
+            chunk = Chunk(g0, g1, [q, k, v, o, lse], algo)
+            if io is None:
+                sizes = [n * per[name] for name in ("q", "k", "v", "o", "lse")]
+                q_b, k_b, v_b, o_b = (t.data().view(np.uint8)[:size] for t, size in zip((q, k, v, o), sizes))
+                chunk.inputs = [q_b, k_b, v_b]
+                chunk.input_ranges = [(g0 * per[name], g1 * per[name]) for name in ("q", "k", "v")]
+                chunk.output = o_b
+                chunk.lse = lse.data()[: n * p.group * p.len_q]
+            self.chunks.append(chunk)
 
         self.sequence = mgr.sequence()
         inputs = [t for c in self.chunks for t in c.tensors[:3]] if io is None else []
@@ -155,26 +167,26 @@ class Plan:
 
     def run(self, q: np.ndarray, k: np.ndarray, v: np.ndarray,
             mask: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
-        """Host arrays in (engine storage, contiguous), ``(out, lse)`` out (see Backend.forward)."""
+        """Host arrays in (engine storage, contiguous), ``(out, lse)`` out (see Backend.forward).
+
+        One copy each way between the caller's arrays and mapped memory, as raw bytes (packed
+        16-bit data needs no conversion); the slices are computed once, in ``__init__``.
+        """
         p = self.problem
-        qg = q.reshape(p.batch * p.heads_kv, -1)
-        kg = k.reshape(p.batch * p.heads_kv, -1)
-        vg = v.reshape(p.batch * p.heads_kv, -1)
-        out = np.empty((p.batch * p.heads_kv, p.group * p.len_q * p.dim_v), dtype=STORAGE[p.dtype])
-        lse = np.empty((p.batch * p.heads_kv, p.group * p.len_q), dtype=np.float32)
+        sources = [x.reshape(-1).view(np.uint8) for x in (q, k, v)]
         for c in self.chunks:
-            for view, src in zip(c.views[:3], (qg, kg, vg)):
-                # One copy into mapped memory; packed 16-bit data goes in as raw bytes.
-                view.view(np.uint8)[: src[c.g0:c.g1].nbytes] = src[c.g0:c.g1].reshape(-1).view(np.uint8)
+            for dst, src, (lo, hi) in zip(c.inputs, sources, c.input_ranges):
+                dst[:] = src[lo:hi]
         if mask is not None:
             self.mask_view[:] = mask.reshape(-1)
         self.eval()
-        for c in self.chunks:
-            dst = out[c.g0:c.g1]
-            dst.reshape(-1).view(np.uint8)[:] = c.views[3].view(np.uint8)[: dst.nbytes]
-            lse[c.g0:c.g1] = c.views[4][: lse[c.g0:c.g1].size].reshape(c.g1 - c.g0, -1)
+        if len(self.chunks) == 1:
+            out, lse = self.chunks[0].output.copy(), self.chunks[0].lse.copy()
+        else:
+            out = np.concatenate([c.output for c in self.chunks])
+            lse = np.concatenate([c.lse for c in self.chunks])
         shape = (p.batch, p.heads_q, p.len_q)
-        return out.reshape(*shape, p.dim_v), lse.reshape(shape)
+        return out.view(STORAGE[p.dtype]).reshape(*shape, p.dim_v), lse.reshape(shape)
 
     def eval(self) -> None:
         self.sequence.eval()
