@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from .api import flash_attention
 from .errors import BackendUnavailable
@@ -13,3 +14,15 @@ __version__ = "0.1.0"
 __all__ = ["flash_attention", "BackendUnavailable", "Context", "GpuTensor", "info", "__version__"]
 
 logging.getLogger("aule_kp").addHandler(logging.NullHandler())
+
+#: The PyTorch entry points (aule_kp.torch), imported on first use: torch is an optional dependency
+#: and slow to import. They stay out of ``__all__`` so that ``import *`` works without torch.
+_TORCH_EXPORTS = ("scaled_dot_product_attention", "install", "uninstall", "enabled")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _TORCH_EXPORTS:
+        from . import torch as torch_integration
+
+        return getattr(torch_integration, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -183,7 +183,8 @@ def prepare(
     mask, mask_shape = (None, None)
     if attn_mask is not None:
         mask, mask_shape = _mask_to_additive(attn_mask, b, hq, lq, lk)
-    problem = Problem(b, hq, hkv, lq, lk, dk, dv, dtype, float(scale), diag, left, right, mask_shape)
+    device = q.device.type if _is_torch(q) else None
+    problem = Problem(b, hq, hkv, lq, lk, dk, dv, dtype, float(scale), diag, left, right, mask_shape, device)
     if problem.empty or lk == 0:
         return Prepared(problem, None, None, None, None, None, q)
     chosen = dispatch.select(problem, backend)

@@ -10,6 +10,7 @@ from .backend import Backend
 from .cpu.backend import CpuBackend
 from .errors import BackendUnavailable
 from .problem import Problem
+from .triton.backend import TritonBackend
 from .vulkan.backend import VulkanBackend
 
 log = logging.getLogger("aule_kp")
@@ -17,20 +18,9 @@ log = logging.getLogger("aule_kp")
 BACKEND_NAMES = ("auto", "vulkan", "triton", "cpu")
 
 
-class _Unbuilt(Backend):
-    """A backend name of the public API whose implementation is not in this build."""
-
-    def __init__(self, name: str, why: str):
-        self.name = name
-        self._why = why
-
-    def available(self) -> List[str]:
-        return [self._why]
-
-
 _registry: Dict[str, Backend] = {
     "vulkan": VulkanBackend(),
-    "triton": _Unbuilt("triton", "the Triton backend is not part of this build yet"),
+    "triton": TritonBackend(),
     "cpu": CpuBackend(),
 }
 _warned = threading.Event()

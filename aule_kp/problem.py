@@ -9,7 +9,7 @@ unbounded). ``diag = Lk - Lq`` is flash-attn's bottom-right alignment, ``diag = 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Tuple
 
 import numpy as np
@@ -36,6 +36,10 @@ class Problem:
     left: Optional[int] = None  # keys visible left of the diagonal; None = unbounded
     right: Optional[int] = None  # keys visible right of the diagonal; None = unbounded
     mask_shape: Optional[Tuple[int, int, int, int]] = None  # broadcastable to [B, Hq, Lq, Lk]
+    # Where the inputs live: a torch device type ("cuda", "cpu", ...), None for NumPy arrays. Lets
+    # backends such as Triton say whether they can take the tensors; not part of equality or hash,
+    # since it does not change the math (plans keyed by Problem are shared).
+    device: Optional[str] = field(default=None, compare=False)
 
     @property
     def group(self) -> int:

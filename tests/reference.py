@@ -45,3 +45,40 @@ def reference_attention(
         out = np.where(hidden, 0.0, (e @ vf) / total)
         lse = np.where(hidden, -np.inf, m + np.log(total))[..., 0]
     return out, lse
+
+
+def reference_backward(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    dout: np.ndarray,
+    problem: Problem,
+    mask: Optional[np.ndarray] = None,
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Gradients of ``sum(out * dout)``: ``(dq, dk, dv, ds)`` in float64 for storage-dtype inputs.
+
+    Straight from the definition over the full probability matrix P (hidden rows: P = 0):
+    ``dv = Pᵀ dout``, ``dS = P ∘ (dout vᵀ - rowsum(P ∘ dout vᵀ))``, ``dq = dS k · scale``,
+    ``dk = dSᵀ q · scale``; dk and dv summed over the query heads that share a kv head.
+    ``ds`` [B, Hq, Lq, Lk] is the gradient wrt the additive mask (sum it over broadcast dims).
+    """
+    p = problem
+    qf, kf, vf, do = (to_f32(a, p.dtype).astype(np.float64) for a in (q, k, v, dout))
+    kr = np.repeat(kf, p.group, axis=1)
+    vr = np.repeat(vf, p.group, axis=1)
+    with np.errstate(all="ignore"):
+        s = (qf @ kr.swapaxes(-1, -2)) * p.scale
+        s = np.where(p.visible(np.arange(p.len_q), np.arange(p.len_k)), s, -np.inf)
+        if mask is not None:
+            s = s + np.asarray(mask, dtype=np.float64)
+        m = s.max(axis=-1, keepdims=True)
+        hidden = m == -np.inf
+        e = np.exp(s - np.where(hidden, 0.0, m))
+        prob = np.where(hidden, 0.0, e / e.sum(axis=-1, keepdims=True))
+    dp = do @ vr.swapaxes(-1, -2)
+    ds = prob * (dp - (prob * dp).sum(axis=-1, keepdims=True))
+    dq = ds @ kr * p.scale
+    per_group = (p.batch, p.heads_kv, p.group, p.len_k)
+    dk = (ds.swapaxes(-1, -2) @ qf * p.scale).reshape(*per_group, p.dim_k).sum(axis=2)
+    dv = (prob.swapaxes(-1, -2) @ do).reshape(*per_group, p.dim_v).sum(axis=2)
+    return dq, dk, dv, ds

@@ -131,6 +131,11 @@ _TASKS_PER_WORKER = 4
 #: Below this many scores (a few ms of work) a thread pool's start-up costs more than it saves.
 _POOL_MIN_WORK = 1 << 20
 
+#: Largest backward tile: query rows (of all heads of a kv group together) and keys. A backward
+#: tile holds four score-sized arrays (S/P, dP/dS and two GEMM results) where the forward holds one;
+#: 256 x 256 was the fastest of 128..1024 on 2 cores (B1 H8 L1024-2048 D64, H32/8 D128).
+_BACKWARD_BLOCK = 256
+
 #: Band tiles kept per call. The distinct ones number about ``block_q / step`` per edge for causal
 #: and windowed problems; the cap only bounds memory for odd shapes, whose extra tiles are rebuilt.
 _BIAS_CACHE_ENTRIES = 64
@@ -426,3 +431,22 @@ class CpuBackend(Backend):
         with _BLAS.single(), ThreadPoolExecutor(max_workers=workers) as pool:
             list(pool.map(job.run_chunk, chunks))
         return job.out, job.lse
+
+    def backward(
+        self,
+        problem: Problem,
+        q: np.ndarray,
+        k: np.ndarray,
+        v: np.ndarray,
+        out: np.ndarray,
+        dout: np.ndarray,
+        lse: np.ndarray,
+        mask: Optional[np.ndarray],
+        mask_grad: bool = False,
+    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
+        """See :class:`aule_kp.backend.Backend`; FA2's backward in NumPy (:mod:`aule_kp.cpu.backward`)."""
+        from .backward import attention_backward  # imported here: that module builds on this one's helpers
+
+        return attention_backward(problem, q, k, v, out, dout, lse, mask, mask_grad,
+                                  block_q=min(self.block_q, _BACKWARD_BLOCK),
+                                  block_k=min(self.block_k, _BACKWARD_BLOCK), workers=self.workers)

@@ -1,0 +1,173 @@
+"""The engine as ``torch.library`` custom ops, and the autograd Function over them.
+
+One path for eager and compiled code, as flash-attn does it: public function ->
+:class:`FlashAttentionFunction` -> ``torch.ops.aule_kp.flash_attention_forward`` /
+``flash_attention_backward`` -> the backend. The ops have fake (meta) implementations, so
+``torch.compile`` traces through them as single opaque nodes; the forward op also carries the
+Function's backward (``register_autograd``), so the op alone is differentiable too.
+
+The ops take 4-D ``[B, H, L, D]`` tensors, an optional 4-D mask broadcastable to
+``[B, Hq, Lq, Lk]`` (bool, True = attend, or float, added), causal masking **top-left** aligned
+(torch's), a resolved ``scale`` and a backend name. The backward op selects the backend again from
+the same arguments, which gives the forward's backend (selection is a function of the problem).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any, Optional, Set, Tuple
+
+import numpy as np
+import torch
+
+from .. import dispatch
+from ..api import Prepared, _from_host, _to_host, prepare
+from ..backend import Backend
+
+log = logging.getLogger("aule_kp")
+
+_noticed: Set[str] = set()
+_noticed_lock = threading.Lock()
+
+
+def notice_once(key: str, message: str, *args: Any) -> None:
+    """Logs ``message`` at warning level the first time ``key`` is seen in this process."""
+    with _noticed_lock:
+        if key in _noticed:
+            return
+        _noticed.add(key)
+    log.warning(message, *args)
+
+
+def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
+             causal: bool, scale: float, backend: str) -> Prepared:
+    return prepare(q, k, v, causal=causal, scale=scale, attn_mask=attn_mask, backend=backend, top_left=True)
+
+
+@torch.library.custom_op("aule_kp::flash_attention_forward", mutates_args=())
+def flash_attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: Optional[torch.Tensor],
+    causal: bool,
+    scale: float,
+    backend: str,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(out [B, Hq, Lq, Dv] like q, lse float32 [B, Hq, Lq])``; causal is top-left aligned."""
+    call = _prepare(q, k, v, attn_mask, causal, scale, backend)
+    out, lse = call.forward()
+    if isinstance(lse, np.ndarray):
+        lse = torch.from_numpy(lse).to(q.device)
+    return out.contiguous(), lse.contiguous()
+
+
+@flash_attention_forward.register_fake
+def _forward_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor], causal: bool,
+                  scale: float, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty(q.shape[:-1], dtype=torch.float32)
+
+
+@torch.library.custom_op("aule_kp::flash_attention_backward", mutates_args=())
+def flash_attention_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    attn_mask: Optional[torch.Tensor],
+    causal: bool,
+    scale: float,
+    backend: str,
+    mask_grad: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv, dmask)`` of :func:`flash_attention_forward` for the output gradient ``dout``.
+
+    ``dmask`` has the mask's shape and dtype when ``mask_grad`` (a float mask), else it is empty.
+    A backend without a backward pass (``NotImplementedError``) hands the call to the CPU backend.
+    """
+    call = _prepare(q, k, v, attn_mask, causal, scale, backend)
+    p = call.problem
+    mask_grad = mask_grad and attn_mask is not None
+    if call.backend is None:  # no query or no key: nothing depends on the inputs
+        dmask = attn_mask.new_zeros(attn_mask.shape) if mask_grad else q.new_empty(0)
+        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape), dmask
+    try:
+        grads = _backend_backward(call.backend, call, out, dout, lse, mask_grad)
+    except NotImplementedError as exc:
+        notice_once(f"backward:{call.backend.name}", "aule_kp: %s; computing gradients on the CPU backend", exc)
+        grads = _backend_backward(dispatch.get("cpu"), call, out, dout, lse, mask_grad)
+    dq, dk, dv, dmask = grads
+    if mask_grad:
+        assert attn_mask is not None and dmask is not None
+        dmask = torch.as_tensor(dmask).to(device=attn_mask.device, dtype=attn_mask.dtype).reshape(attn_mask.shape)
+    else:
+        dmask = q.new_empty(0)
+    if isinstance(dq, np.ndarray):  # a host backend's (or the CPU fallback's) storage arrays
+        dq, dk, dv = (_from_host(np.ascontiguousarray(g), like, p.dtype) for g, like in ((dq, q), (dk, k), (dv, v)))
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dmask.contiguous()
+
+
+def _backend_backward(backend: Backend, call: Prepared, out: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
+                      mask_grad: bool) -> Tuple[Any, Any, Any, Any]:
+    """``backend.backward`` on the call's inputs, in host storage unless the backend takes torch."""
+    p = call.problem
+    if backend.native_torch:  # then it is the call's own backend, and the inputs are its tensors
+        return backend.backward(p, call.q, call.k, call.v, out.contiguous(), dout.contiguous(), lse.contiguous(),
+                                call.mask, mask_grad)
+
+    def host(x: Any) -> np.ndarray:
+        return x if isinstance(x, np.ndarray) else _to_host(x, p.dtype)
+
+    mask = call.mask
+    if isinstance(mask, torch.Tensor):  # prepared for a native-torch backend: float32 on its device
+        mask = mask.cpu().numpy()
+    return backend.backward(p, host(call.q), host(call.k), host(call.v), host(out), host(dout),
+                            lse.detach().cpu().numpy(), mask, mask_grad)
+
+
+@flash_attention_backward.register_fake
+def _backward_fake(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                   lse: torch.Tensor, attn_mask: Optional[torch.Tensor], causal: bool, scale: float, backend: str,
+                   mask_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dmask = attn_mask.new_empty(attn_mask.shape) if mask_grad and attn_mask is not None else q.new_empty(0)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
+
+
+class FlashAttentionFunction(torch.autograd.Function):
+    """Differentiable attention over the custom ops; inputs and outputs as the forward op's.
+
+    Saves q, k, v, out, lse and the mask; the backward runs the backward op on the same backend.
+    The row log-sum-exp output is not differentiable.
+    """
+
+    @staticmethod
+    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor], causal: bool,
+                scale: float, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+        return torch.ops.aule_kp.flash_attention_forward(q, k, v, attn_mask, causal, scale, backend)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[torch.Tensor, torch.Tensor]) -> None:
+        q, k, v, attn_mask, causal, scale, backend = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, attn_mask)
+        ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
+        ctx.mark_non_differentiable(lse)
+
+    @staticmethod
+    def backward(ctx: Any, dout: torch.Tensor, _dlse: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        q, k, v, out, lse, attn_mask = ctx.saved_tensors
+        mask_grad = attn_mask is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, dmask = torch.ops.aule_kp.flash_attention_backward(
+            dout.contiguous(), q, k, v, out, lse, attn_mask, ctx.causal, ctx.scale, ctx.backend, mask_grad
+        )
+        return dq, dk, dv, (dmask if mask_grad else None), None, None, None
+
+
+torch.library.register_autograd(
+    "aule_kp::flash_attention_forward",
+    FlashAttentionFunction.backward,
+    setup_context=FlashAttentionFunction.setup_context,
+)

@@ -1,0 +1,5 @@
+"""Triton backend: FlashAttention-2 kernels for torch tensors on CUDA/ROCm devices."""
+
+from .backend import TritonBackend
+
+__all__ = ["TritonBackend"]

@@ -1,0 +1,82 @@
+"""The Triton backend: FA2 kernels on CUDA/ROCm torch tensors where they live.
+
+Importing this module imports neither torch nor triton (the registry builds every backend at import
+time, and NumPy users should not pay for them); ``aule_kp.triton.ops`` is imported on first use.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from typing import Any, List, Optional, Tuple
+
+from ..backend import Backend
+from ..problem import MAX_HEAD_DIM, Problem
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+@functools.cache
+def _missing() -> Tuple[str, ...]:
+    """Packages this backend needs that are not installed (looked up once, without importing)."""
+    return tuple(name for name in ("torch", "triton") if importlib.util.find_spec(name) is None)
+
+
+class TritonBackend(Backend):
+    """FlashAttention-2 forward and backward in Triton on torch tensors (``native_torch``).
+
+    ``block_m``/``block_n`` pin the tile sizes (tests use tiny ones); by default large problems are
+    autotuned and the rest take a heuristic tile (see ``aule_kp.triton.ops``).
+    """
+
+    name = "triton"
+    native_torch = True
+
+    def __init__(self, block_m: Optional[int] = None, block_n: Optional[int] = None) -> None:
+        for what, size in (("block_m", block_m), ("block_n", block_n)):
+            if size is not None and (size < 16 or size & (size - 1)):
+                raise ValueError(f"{what} must be a power of two >= 16, got {size}")
+        self.block_m = block_m
+        self.block_n = block_n
+
+    def available(self) -> List[str]:
+        """Reasons Triton cannot run here at all: a missing package."""
+        return [f"{name} is not installed (pip install aule-kp[triton])" for name in _missing()]
+
+    def reasons(self, problem: Problem) -> List[str]:
+        """Why this backend cannot take ``problem``: packages, where the tensors live, head dims."""
+        why = self.available()
+        device = problem.device
+        if device is None:
+            why.append("the inputs are NumPy arrays; the Triton backend takes torch tensors")
+        elif device == "cpu" and not interpreting():
+            why.append("the tensors are on the CPU; Triton needs CUDA or ROCm tensors "
+                       "(or TRITON_INTERPRET=1 to run its interpreter on CPU tensors)")
+        elif device not in ("cpu", "cuda"):
+            why.append(f"the tensors are on a {device!r} device; Triton needs CUDA or ROCm tensors")
+        for what, d in (("Dk", problem.dim_k), ("Dv", problem.dim_v)):
+            if not 0 < d <= MAX_HEAD_DIM:
+                why.append(f"{what} = {d} is outside the kernels' 1..{MAX_HEAD_DIM}")
+        return why
+
+    def rank(self, problem: Problem) -> int:
+        """First choice for GPU tensors; behind the CPU backend for CPU tensors (the interpreter
+        runs each tile op in NumPy, far slower than BLAS tiles)."""
+        return 5 if problem.device == "cuda" else 90
+
+    def forward(self, problem: Problem, q: Any, k: Any, v: Any, mask: Any) -> Tuple[Any, Any]:
+        """``(out, lse)`` torch tensors on q's device; see :class:`aule_kp.backend.Backend`."""
+        from . import ops
+
+        return ops.forward(problem, q, k, v, mask, self.block_m, self.block_n)
+
+    def backward(self, problem: Problem, q: Any, k: Any, v: Any, out: Any, dout: Any, lse: Any, mask: Any,
+                 mask_grad: bool = False) -> Tuple[Any, Any, Any, Optional[Any]]:
+        """``(dq, dk, dv, dmask)`` torch tensors; see :meth:`aule_kp.backend.Backend.backward`."""
+        from . import ops
+
+        return ops.backward(problem, q, k, v, out, dout, lse, mask, mask_grad, self.block_m, self.block_n)

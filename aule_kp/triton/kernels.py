@@ -1,0 +1,506 @@
+"""Triton device code: FlashAttention-2 forward (with split-KV partials), combine, and backward.
+
+Conventions shared by every kernel here:
+
+* Scores are kept in log2 units: ``s = (q . k) * scale * log2(e) + mask * log2(e)`` so that the
+  softmax uses ``exp2`` (one MUFU instruction) and the scale costs one multiply per score; the
+  host multiplies the float mask by ``log2(e)`` once.
+* The band (causal / sliding window) says query ``i`` sees key ``j`` when
+  ``i + diag - left <= j <= i + diag + right``; ``HAS_LEFT`` / ``HAS_RIGHT`` are False for an
+  unbounded side. Key tiles are walked in three runs: tiles that some row cannot fully see (band
+  edges, the key-length tail) are masked, the tiles every row sees in full are not, and tiles no
+  row sees are never visited.
+* Head dims are padded to powers of two (``BLOCK_DK``/``BLOCK_DV``) with masked loads/stores;
+  ``tl.dot`` needs every dimension >= 16.
+* Statistics and accumulators are fp32. A row that sees no key has ``l == 0``: its output is 0 and
+  its log-sum-exp ``-inf``; the running max starts at ``-inf`` and is replaced by 0 wherever it is
+  still ``-inf`` before it is subtracted, so hidden scores give ``exp2(-inf) = 0``, never NaN.
+* ``DOT`` picks the matrix-multiply flavour: 0 the native fp16/bf16 tensor-core dot; 1 exact fp32
+  (``"ieee"``: the tf32 default would miss float32's tolerance by ~100x); 2 operands upcast to fp32
+  first, for bf16 under ``TRITON_INTERPRET=1`` (Triton 3.9's interpreter multiplies bf16 bit
+  patterns as integers in ``tl.dot``; the products of bf16 values are exact in fp32, so the result
+  matches the tensor-core dot up to summation order).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # host side: scales and masks are multiplied by it before launch
+# Device-side copies: jitted code reads only constexpr globals.
+_LOG2E = tl.constexpr(LOG2E)
+_LN2 = tl.constexpr(0.6931471805599453)
+
+
+@triton.jit
+def _mma(a, b, acc, DOT: tl.constexpr):
+    """``acc + a @ b`` (``acc`` may be None) in the flavour ``DOT`` (see the module docstring)."""
+    if DOT == 2:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    elif DOT == 1:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _load_tile(ptrs, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr, CHECK_COLS: tl.constexpr):
+    """Load a 2-D tile, zero-filling rows ``>= n_rows`` / cols ``>= n_cols`` only where asked:
+    unmasked loads vectorise and skip the predicate on the hot path."""
+    if CHECK_ROWS and CHECK_COLS:
+        return tl.load(ptrs, mask=(rows[:, None] < n_rows) & (cols[None, :] < n_cols), other=0.0)
+    elif CHECK_ROWS:
+        return tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+    elif CHECK_COLS:
+        return tl.load(ptrs, mask=cols[None, :] < n_cols, other=0.0)
+    else:
+        return tl.load(ptrs)
+
+
+@triton.jit
+def _band_ok(rows, cols, len_k, diag, left, right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Booleans broadcast from ``rows`` and ``cols`` (one a column, the other a row vector): the key
+    exists and the band lets the query see it."""
+    ok = cols < len_k
+    rel = cols - (rows + diag)
+    if HAS_LEFT:
+        ok = ok & (rel >= -left)
+    if HAS_RIGHT:
+        ok = ok & (rel <= right)
+    return ok
+
+
+@triton.jit
+def _tile_runs(lo, hi, c_lo, c_hi, BLOCK: tl.constexpr):
+    """Split the tiles of width ``BLOCK`` that cover ``[lo, hi)`` into three runs
+    ``[t_lo, f_lo) [f_lo, f_hi) [f_hi, t_hi)``: the middle run holds the tiles inside ``[c_lo, c_hi)``
+    (needing no mask), the outer runs the rest. All inputs are >= 0."""
+    t_lo = lo // BLOCK
+    t_hi = (hi + BLOCK - 1) // BLOCK
+    f_lo = tl.minimum(tl.maximum((c_lo + BLOCK - 1) // BLOCK, t_lo), t_hi)
+    f_hi = tl.minimum(tl.maximum(c_hi // BLOCK, f_lo), t_hi)
+    return t_lo, f_lo, f_hi, t_hi
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_run(acc, l_i, m_i, q, k_base, v_base, mask_rows, t_start, t_end,
+             stride_kn, stride_vn, stride_mk, qk_scale, pos, row_ok, len_k, diag, left, right,
+             BLOCK_N: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+             BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+             MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+             HAS_MASK: tl.constexpr, DOT: tl.constexpr):
+    """Online softmax of one block of query rows over key tiles ``[t_start, t_end)``.
+
+    ``MASKED`` tiles apply the band and the key-length bound; the others are fully visible.
+    ``mask_rows`` holds each row's pointer into the float mask (only read when ``HAS_MASK``);
+    ``row_ok`` is False for the block's padding rows.
+    """
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for t in range(t_start, t_end):
+        cols = t * BLOCK_N + offs_n
+        k = _load_tile(k_base + cols[:, None] * stride_kn + offs_dk[None, :], cols, len_k, offs_dk, DK,
+                       MASKED, BLOCK_DK != DK)
+        qk = _mma(q, tl.trans(k), None, DOT)
+        if MASKED or HAS_MASK:
+            s = qk * qk_scale
+            if HAS_MASK:
+                s += tl.load(mask_rows[:, None] + cols[None, :] * stride_mk,
+                             mask=row_ok[:, None] & (cols[None, :] < len_k), other=0.0)
+            if MASKED:
+                ok = _band_ok(pos[:, None], cols[None, :], len_k, diag, left, right, HAS_LEFT, HAS_RIGHT)
+                s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_use[:, None])
+        else:
+            # Every score of the tile is finite here, so the max is too: the tutorial's fused form.
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_use = m_new
+            p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_tile(v_base + cols[:, None] * stride_vn + offs_dv[None, :], cols, len_k, offs_dv, DV,
+                       MASKED, BLOCK_DV != DV)
+        acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], DOT)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["tune_bucket"])
+def _fwd_kernel(Q, K, V, Mask, Out, LSE,
+                stride_qb, stride_qh, stride_qm,
+                stride_kb, stride_kh, stride_kn,
+                stride_vb, stride_vh, stride_vn,
+                stride_mb, stride_mh, stride_mq, stride_mk,
+                stride_ob, stride_oh, stride_om, stride_os, stride_ls,
+                qk_scale, heads_q, heads_kv, len_q, len_k, diag, left, right, num_splits, tune_bucket,
+                DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                PACK_GQA: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                HAS_MASK: tl.constexpr, DOT: tl.constexpr):
+    """One program: one block of query rows x one split of its keys.
+
+    Grid ``(row blocks, B * heads, splits)``. Without ``PACK_GQA`` a block is ``BLOCK_M`` positions of
+    one query head (grid axis 1 = ``B * Hq``, heaviest causal blocks first). With ``PACK_GQA`` the
+    block holds every (query head of one kv head, position) pair, ``group * Lq <= BLOCK_M`` rows, so
+    decoding reads each K/V tile once for the whole group (axis 1 = ``B * Hkv``, one block).
+    ``Out``/``LSE`` are the final outputs when ``num_splits == 1``, else fp32 per-split partials
+    (normalised output and natural-log LSE, ``stride_os``/``stride_ls`` apart) for the combine kernel.
+    ``tune_bucket`` only keys the autotuner (power-of-2 buckets of the lengths).
+    """
+    group = heads_q // heads_kv
+    pid_h = tl.program_id(1)
+    split = tl.program_id(2)
+    offs = tl.arange(0, BLOCK_M)
+    if PACK_GQA:
+        b = pid_h // heads_kv
+        kvh = pid_h % heads_kv
+        head = kvh * group + offs // len_q
+        pos = offs % len_q
+        row_ok = offs < group * len_q
+        i_min = 0
+        i_max = len_q - 1
+    else:
+        # Reversed: under causal masking the last blocks see the most keys; start them first.
+        pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+        b = pid_h // heads_q
+        head = pid_h % heads_q
+        kvh = head // group
+        pos = pid_m * BLOCK_M + offs
+        row_ok = pos < len_q
+        i_min = pid_m * BLOCK_M
+        i_max = tl.minimum(i_min + BLOCK_M, len_q) - 1
+    b64 = b.to(tl.int64)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    q_rows = Q + b64 * stride_qb + head.to(tl.int64) * stride_qh + pos * stride_qm
+    q = tl.load(q_rows[:, None] + offs_dk[None, :], mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+    k_base = K + b64 * stride_kb + kvh.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + kvh.to(tl.int64) * stride_vh
+    mask_rows = Mask + b64 * stride_mb + head * stride_mh + pos * stride_mq
+
+    # Keys any row of the block may see: [lo, hi); keys every row sees: [c_lo, c_hi).
+    lo = 0
+    hi = len_k
+    c_lo = 0
+    c_hi = len_k
+    if HAS_LEFT:
+        lo = tl.maximum(i_min + diag - left, 0)
+        c_lo = tl.maximum(i_max + diag - left, 0)
+    if HAS_RIGHT:
+        hi = tl.maximum(tl.minimum(i_max + diag + right + 1, len_k), lo)
+        c_hi = tl.maximum(tl.minimum(i_min + diag + right + 1, len_k), 0)
+    t_lo, f_lo, f_hi, t_hi = _tile_runs(lo, hi, c_lo, c_hi, BLOCK_N)
+    per = (t_hi - t_lo + num_splits - 1) // num_splits
+    s_lo = t_lo + split * per
+    s_hi = tl.minimum(s_lo + per, t_hi)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, k_base, v_base, mask_rows,
+                             tl.maximum(t_lo, s_lo), tl.minimum(f_lo, s_hi),
+                             stride_kn, stride_vn, stride_mk, qk_scale, pos, row_ok, len_k, diag, left, right,
+                             BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, True, HAS_LEFT, HAS_RIGHT, HAS_MASK, DOT)
+    acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, k_base, v_base, mask_rows,
+                             tl.maximum(f_lo, s_lo), tl.minimum(f_hi, s_hi),
+                             stride_kn, stride_vn, stride_mk, qk_scale, pos, row_ok, len_k, diag, left, right,
+                             BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, False, HAS_LEFT, HAS_RIGHT, HAS_MASK, DOT)
+    acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, k_base, v_base, mask_rows,
+                             tl.maximum(f_hi, s_lo), tl.minimum(t_hi, s_hi),
+                             stride_kn, stride_vn, stride_mk, qk_scale, pos, row_ok, len_k, diag, left, right,
+                             BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, True, HAS_LEFT, HAS_RIGHT, HAS_MASK, DOT)
+
+    seen = l_i > 0.0
+    out = acc / tl.where(seen, l_i, 1.0)[:, None]
+    lse = tl.where(seen, (m_i + tl.math.log2(l_i)) * _LN2, float("-inf"))
+    offs_dv = tl.arange(0, BLOCK_DV)
+    o_rows = Out + split.to(tl.int64) * stride_os + b64 * stride_ob + head * stride_oh + pos * stride_om
+    tl.store(o_rows[:, None] + offs_dv[None, :], out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_dv[None, :] < DV))
+    tl.store(LSE + split.to(tl.int64) * stride_ls + (b64 * heads_q + head) * len_q + pos, lse, mask=row_ok)
+
+
+@triton.jit
+def _combine_kernel(OPart, LPart, Out, LSE, rows, num_splits,
+                    DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Merge split-KV partials of one query row: ``lse = logsumexp_s(lse_s)``,
+    ``out = sum_s exp(lse_s - lse) * out_s``. Partials are ``[splits, rows, DV]`` / ``[splits, rows]``."""
+    row = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    lse_s = tl.load(LPart + offs_s * rows + row, mask=offs_s < num_splits, other=float("-inf"))
+    m = tl.max(lse_s, 0)
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.sum(tl.exp(lse_s - m_use), 0)
+    lse = tl.where(total > 0.0, m_use + tl.log(total), float("-inf"))
+    offs_d = tl.arange(0, BLOCK_DV)
+    acc = tl.zeros([BLOCK_DV], tl.float32)
+    if total > 0.0:
+        for s in range(num_splits):
+            w = tl.exp(tl.load(LPart + s * rows + row) - lse)
+            acc += w * tl.load(OPart + (s * rows + row) * DV + offs_d, mask=offs_d < DV, other=0.0)
+    tl.store(Out + row * DV + offs_d, acc.to(Out.dtype.element_ty), mask=offs_d < DV)
+    tl.store(LSE + row, lse)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_preprocess_kernel(Out, DO, LSE, Delta, LSE2, rows,
+                           DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """``Delta = rowsum(dO * O)`` and the LSE in log2 units, ``+inf`` for rows that saw no key so
+    that ``exp2(s - lse2)`` is 0 for every score of such a row (``Out`` and ``DO`` are ``[rows, DV]``)."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    d = tl.arange(0, BLOCK_DV)
+    r64 = r.to(tl.int64)
+    o = _load_tile(Out + r64[:, None] * DV + d[None, :], r, rows, d, DV, True, BLOCK_DV != DV).to(tl.float32)
+    do = _load_tile(DO + r64[:, None] * DV + d[None, :], r, rows, d, DV, True, BLOCK_DV != DV).to(tl.float32)
+    tl.store(Delta + r, tl.sum(o * do, 1), mask=r < rows)
+    lse = tl.load(LSE + r, mask=r < rows, other=0.0)
+    tl.store(LSE2 + r, tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E), mask=r < rows)
+
+
+@triton.jit
+def _dkdv_run(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, t_start, t_end,
+              stride_qm, stride_dom, stride_mq, stride_mk, qk_scale, cols, len_q, len_k, diag, left, right,
+              BLOCK_M: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+              BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+              MASKED: tl.constexpr, EVEN_M: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+              HAS_MASK: tl.constexpr, DOT: tl.constexpr):
+    """Accumulate one key block's ``dK`` (unscaled) and ``dV`` over query tiles ``[t_start, t_end)``
+    of one query head, in transposed form (``[keys, queries]`` score tiles)."""
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for t in range(t_start, t_end):
+        rows = t * BLOCK_M + offs_m
+        q = _load_tile(q_base + rows[:, None] * stride_qm + offs_dk[None, :], rows, len_q, offs_dk, DK,
+                       not EVEN_M, BLOCK_DK != DK)
+        lse2 = tl.load(lse_base + rows, mask=rows < len_q, other=float("inf"))
+        s_t = _mma(k, tl.trans(q), None, DOT) * qk_scale
+        if HAS_MASK:
+            s_t += tl.load(mask_base + rows[None, :] * stride_mq + cols[:, None] * stride_mk,
+                           mask=(rows[None, :] < len_q) & (cols[:, None] < len_k), other=0.0)
+        p_t = tl.math.exp2(s_t - lse2[None, :])
+        if MASKED:
+            ok = _band_ok(rows[None, :], cols[:, None], len_k, diag, left, right, HAS_LEFT, HAS_RIGHT)
+            p_t = tl.where(ok, p_t, 0.0)
+        do = _load_tile(do_base + rows[:, None] * stride_dom + offs_dv[None, :], rows, len_q, offs_dv, DV,
+                        not EVEN_M, BLOCK_DV != DV)
+        dv = _mma(p_t.to(do.dtype), do, dv, DOT)
+        delta = tl.load(delta_base + rows, mask=rows < len_q, other=0.0)
+        dp_t = _mma(v, tl.trans(do), None, DOT)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = _mma(ds_t.to(q.dtype), q, dk, DOT)
+    return dk, dv
+
+
+@triton.jit(do_not_specialize=["tune_bucket"])
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE2, Delta, Mask, DK, DV,
+                     stride_qb, stride_qh, stride_qm,
+                     stride_kb, stride_kh, stride_kn,
+                     stride_vb, stride_vh, stride_vn,
+                     stride_dob, stride_doh, stride_dom,
+                     stride_mb, stride_mh, stride_mq, stride_mk,
+                     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, stride_dks, stride_dvs,
+                     sm_scale, qk_scale, heads_q, heads_kv, len_q, len_k, diag, left, right, group_splits, tune_bucket,
+                     DK_: tl.constexpr, DV_: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr,
+                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, DOT: tl.constexpr):
+    """``dK``, ``dV`` of one block of ``BLOCK_N`` keys of one kv head, summed over the query heads
+    that share it (GQA) in registers. Grid ``(key blocks, B * Hkv, group splits)``: with
+    ``group_splits > 1`` each program sums a slice of the group into fp32 partials
+    (``stride_dks``/``stride_dvs`` apart), which the host adds (used when ``B * Hkv`` key blocks
+    would not fill the GPU).
+    ``tune_bucket`` only keys the autotuner."""
+    pid_n = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    gsplit = tl.program_id(2)
+    b = pid_h // heads_kv
+    kvh = pid_h % heads_kv
+    group = heads_q // heads_kv
+    b64 = b.to(tl.int64)
+    n0 = pid_n * BLOCK_N
+    cols = n0 + tl.arange(0, BLOCK_N)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k = _load_tile(K + b64 * stride_kb + kvh.to(tl.int64) * stride_kh + cols[:, None] * stride_kn + offs_dk[None, :],
+                   cols, len_k, offs_dk, DK_, True, BLOCK_DK != DK_)
+    v = _load_tile(V + b64 * stride_vb + kvh.to(tl.int64) * stride_vh + cols[:, None] * stride_vn + offs_dv[None, :],
+                   cols, len_k, offs_dv, DV_, True, BLOCK_DV != DV_)
+
+    # Query rows that may see a key of the block: [lo, hi); rows that see all of them: [c_lo, c_hi).
+    n_last = tl.minimum(n0 + BLOCK_N, len_k) - 1
+    lo = 0
+    hi = len_q
+    c_lo = 0
+    c_hi = len_q
+    if HAS_RIGHT:
+        lo = tl.minimum(tl.maximum(n0 - diag - right, 0), len_q)
+        c_lo = tl.maximum(n_last - diag - right, 0)
+    if HAS_LEFT:
+        hi = tl.maximum(tl.minimum(n_last - diag + left + 1, len_q), lo)
+        c_hi = tl.maximum(tl.minimum(n0 - diag + left + 1, len_q), 0)
+    if n0 + BLOCK_N > len_k:
+        c_hi = 0  # the block runs past the last key: every tile needs the key-length mask
+    t_lo, f_lo, f_hi, t_hi = _tile_runs(lo, hi, c_lo, c_hi, BLOCK_M)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_DK], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    per = (group + group_splits - 1) // group_splits
+    for g in range(gsplit * per, tl.minimum(gsplit * per + per, group)):
+        h = kvh * group + g
+        bh = b64 * heads_q + h
+        q_base = Q + b64 * stride_qb + h * stride_qh
+        do_base = DO + b64 * stride_dob + h * stride_doh
+        mask_base = Mask + b64 * stride_mb + h * stride_mh
+        dk, dv = _dkdv_run(dk, dv, k, v, q_base, do_base, LSE2 + bh * len_q, Delta + bh * len_q, mask_base,
+                           t_lo, f_lo, stride_qm, stride_dom, stride_mq, stride_mk, qk_scale, cols,
+                           len_q, len_k, diag, left, right, BLOCK_M, DK_, DV_, BLOCK_DK, BLOCK_DV,
+                           True, EVEN_M, HAS_LEFT, HAS_RIGHT, HAS_MASK, DOT)
+        dk, dv = _dkdv_run(dk, dv, k, v, q_base, do_base, LSE2 + bh * len_q, Delta + bh * len_q, mask_base,
+                           f_lo, f_hi, stride_qm, stride_dom, stride_mq, stride_mk, qk_scale, cols,
+                           len_q, len_k, diag, left, right, BLOCK_M, DK_, DV_, BLOCK_DK, BLOCK_DV,
+                           False, EVEN_M, HAS_LEFT, HAS_RIGHT, HAS_MASK, DOT)
+        dk, dv = _dkdv_run(dk, dv, k, v, q_base, do_base, LSE2 + bh * len_q, Delta + bh * len_q, mask_base,
+                           f_hi, t_hi, stride_qm, stride_dom, stride_mq, stride_mk, qk_scale, cols,
+                           len_q, len_k, diag, left, right, BLOCK_M, DK_, DV_, BLOCK_DK, BLOCK_DV,
+                           True, EVEN_M, HAS_LEFT, HAS_RIGHT, HAS_MASK, DOT)
+    dk *= sm_scale
+    split = gsplit.to(tl.int64)
+    tl.store(DK + split * stride_dks + b64 * stride_dkb + kvh * stride_dkh
+             + cols[:, None] * stride_dkn + offs_dk[None, :],
+             dk.to(DK.dtype.element_ty), mask=(cols[:, None] < len_k) & (offs_dk[None, :] < DK_))
+    tl.store(DV + split * stride_dvs + b64 * stride_dvb + kvh * stride_dvh
+             + cols[:, None] * stride_dvn + offs_dv[None, :],
+             dv.to(DV.dtype.element_ty), mask=(cols[:, None] < len_k) & (offs_dv[None, :] < DV_))
+
+
+@triton.jit
+def _dq_run(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, t_start, t_end,
+            stride_kn, stride_vn, stride_mk, stride_gk, qk_scale, rows, row_ok, len_k, diag, left, right,
+            BLOCK_N: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
+            BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+            MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+            HAS_MASK: tl.constexpr, MASK_GRAD: tl.constexpr, GRAD_ROWS_BCAST: tl.constexpr,
+            GRAD_COLS_BCAST: tl.constexpr, DOT: tl.constexpr):
+    """Accumulate one query block's ``dQ`` (unscaled) over key tiles ``[t_start, t_end)``; with
+    ``MASK_GRAD`` also add ``dS`` into the mask gradient (atomics: broadcast dims share cells)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for t in range(t_start, t_end):
+        cols = t * BLOCK_N + offs_n
+        k = _load_tile(k_base + cols[:, None] * stride_kn + offs_dk[None, :], cols, len_k, offs_dk, DK,
+                       MASKED, BLOCK_DK != DK)
+        v = _load_tile(v_base + cols[:, None] * stride_vn + offs_dv[None, :], cols, len_k, offs_dv, DV,
+                       MASKED, BLOCK_DV != DV)
+        s = _mma(q, tl.trans(k), None, DOT) * qk_scale
+        if HAS_MASK:
+            s += tl.load(mask_rows[:, None] + cols[None, :] * stride_mk,
+                         mask=row_ok[:, None] & (cols[None, :] < len_k), other=0.0)
+        p = tl.math.exp2(s - lse2[:, None])
+        if MASKED:
+            ok = _band_ok(rows[:, None], cols[None, :], len_k, diag, left, right, HAS_LEFT, HAS_RIGHT)
+            p = tl.where(ok, p, 0.0)
+        dp = _mma(do, tl.trans(v), None, DOT)
+        ds = p * (dp - delta[:, None])
+        dq = _mma(ds.to(k.dtype), k, dq, DOT)
+        if MASK_GRAD:
+            # dS is the gradient of the (natural-unit) scores, hence of an additive mask. Reduce the
+            # tile over broadcast dims first: fewer atomics on the same cell.
+            if GRAD_ROWS_BCAST and GRAD_COLS_BCAST:
+                tl.atomic_add(dmask_rows, tl.sum(tl.sum(ds, 1), 0))
+            elif GRAD_ROWS_BCAST:
+                tl.atomic_add(dmask_rows + cols * stride_gk, tl.sum(ds, 0), mask=cols < len_k)
+            elif GRAD_COLS_BCAST:
+                tl.atomic_add(dmask_rows, tl.sum(ds, 1), mask=row_ok)
+            else:
+                tl.atomic_add(dmask_rows[:, None] + cols[None, :] * stride_gk, ds,
+                              mask=row_ok[:, None] & (cols[None, :] < len_k))
+    return dq
+
+
+@triton.jit(do_not_specialize=["tune_bucket"])
+def _bwd_dq_kernel(Q, K, V, DO, LSE2, Delta, Mask, DQ, DMask,
+                   stride_qb, stride_qh, stride_qm,
+                   stride_kb, stride_kh, stride_kn,
+                   stride_vb, stride_vh, stride_vn,
+                   stride_dob, stride_doh, stride_dom,
+                   stride_mb, stride_mh, stride_mq, stride_mk,
+                   stride_gb, stride_gh, stride_gq, stride_gk,
+                   stride_dqb, stride_dqh, stride_dqm,
+                   sm_scale, qk_scale, heads_q, heads_kv, len_q, len_k, diag, left, right, tune_bucket,
+                   DK_: tl.constexpr, DV_: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr,
+                   MASK_GRAD: tl.constexpr, GRAD_ROWS_BCAST: tl.constexpr, GRAD_COLS_BCAST: tl.constexpr,
+                   DOT: tl.constexpr):
+    """``dQ`` of one block of ``BLOCK_M`` query rows of one head (and ``dMask`` when asked); grid
+    ``(row blocks, B * Hq)``. ``DMask`` strides are 0 on the mask's broadcast dims; ``tune_bucket``
+    only keys the autotuner."""
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_h = tl.program_id(1)
+    b = pid_h // heads_q
+    h = pid_h % heads_q
+    kvh = h // (heads_q // heads_kv)
+    b64 = b.to(tl.int64)
+    bh = b64 * heads_q + h
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < len_q
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = _load_tile(Q + b64 * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_dk[None, :],
+                   rows, len_q, offs_dk, DK_, True, BLOCK_DK != DK_)
+    do = _load_tile(DO + b64 * stride_dob + h * stride_doh + rows[:, None] * stride_dom + offs_dv[None, :],
+                    rows, len_q, offs_dv, DV_, True, BLOCK_DV != DV_)
+    lse2 = tl.load(LSE2 + bh * len_q + rows, mask=row_ok, other=float("inf"))
+    delta = tl.load(Delta + bh * len_q + rows, mask=row_ok, other=0.0)
+    k_base = K + b64 * stride_kb + kvh.to(tl.int64) * stride_kh
+    v_base = V + b64 * stride_vb + kvh.to(tl.int64) * stride_vh
+    mask_rows = Mask + b64 * stride_mb + h * stride_mh + rows * stride_mq
+    if GRAD_ROWS_BCAST:
+        dmask_rows = DMask + b64 * stride_gb + h * stride_gh
+    else:
+        dmask_rows = DMask + b64 * stride_gb + h * stride_gh + rows * stride_gq
+
+    i_min = pid_m * BLOCK_M
+    i_max = tl.minimum(i_min + BLOCK_M, len_q) - 1
+    lo = 0
+    hi = len_k
+    c_lo = 0
+    c_hi = len_k
+    if HAS_LEFT:
+        lo = tl.maximum(i_min + diag - left, 0)
+        c_lo = tl.maximum(i_max + diag - left, 0)
+    if HAS_RIGHT:
+        hi = tl.maximum(tl.minimum(i_max + diag + right + 1, len_k), lo)
+        c_hi = tl.maximum(tl.minimum(i_min + diag + right + 1, len_k), 0)
+    t_lo, f_lo, f_hi, t_hi = _tile_runs(lo, hi, c_lo, c_hi, BLOCK_N)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_DK], tl.float32)
+    dq = _dq_run(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, t_lo, f_lo,
+                 stride_kn, stride_vn, stride_mk, stride_gk, qk_scale, rows, row_ok, len_k, diag, left, right,
+                 BLOCK_N, DK_, DV_, BLOCK_DK, BLOCK_DV, True, HAS_LEFT, HAS_RIGHT, HAS_MASK,
+                 MASK_GRAD, GRAD_ROWS_BCAST, GRAD_COLS_BCAST, DOT)
+    dq = _dq_run(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, f_lo, f_hi,
+                 stride_kn, stride_vn, stride_mk, stride_gk, qk_scale, rows, row_ok, len_k, diag, left, right,
+                 BLOCK_N, DK_, DV_, BLOCK_DK, BLOCK_DV, False, HAS_LEFT, HAS_RIGHT, HAS_MASK,
+                 MASK_GRAD, GRAD_ROWS_BCAST, GRAD_COLS_BCAST, DOT)
+    dq = _dq_run(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, f_hi, t_hi,
+                 stride_kn, stride_vn, stride_mk, stride_gk, qk_scale, rows, row_ok, len_k, diag, left, right,
+                 BLOCK_N, DK_, DV_, BLOCK_DK, BLOCK_DV, True, HAS_LEFT, HAS_RIGHT, HAS_MASK,
+                 MASK_GRAD, GRAD_ROWS_BCAST, GRAD_COLS_BCAST, DOT)
+    dq *= sm_scale
+    tl.store(DQ + b64 * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + offs_dk[None, :],
+             dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_dk[None, :] < DK_))

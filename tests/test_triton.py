@@ -1,0 +1,250 @@
+"""Triton backend through Triton's CPU interpreter, against float64 (forward and gradients).
+
+``TRITON_INTERPRET=1`` is set before anything imports triton: ``triton.jit`` decides at decoration
+time whether a kernel is compiled or interpreted, and in this mode the backend takes CPU tensors.
+The interpreter runs every tile op in NumPy, so shapes are tiny and most cases pin 16 x 16 tiles:
+a few dozen rows and keys then cross several row blocks, key tiles, band edges and splits.
+
+Tolerances. Outputs and LSE as ``conftest.ATOL`` (max abs error; the LSE is fp32 from exactly
+widened inputs). Gradients by relative Frobenius error ``|g - ref| / |ref|``: fp32 ~1e-7 is seen
+(fp32 accumulation throughout), fp16/bf16 are dominated by rounding P and dS to the input type before
+the matmuls (2**-11 and 2**-8 relative per element): 1e-5, 3e-3, 2e-2. The mask gradient is compared
+against ``max(|ref|, 1)``: a mask broadcast over keys has an exactly zero gradient (softmax is
+shift-invariant), where a relative error means nothing.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import logging  # noqa: E402
+import math  # noqa: E402
+import re  # noqa: E402
+import warnings  # noqa: E402
+from typing import Dict, Optional, Tuple  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+from conftest import ATOL  # noqa: E402
+
+import aule_kp  # noqa: E402
+from aule_kp import dispatch  # noqa: E402
+from aule_kp.errors import BackendUnavailable  # noqa: E402
+from aule_kp.problem import Problem, band  # noqa: E402
+from aule_kp.triton.backend import TritonBackend  # noqa: E402
+
+GRAD_TOL = {"float32": 1e-5, "float16": 3e-3, "bfloat16": 2e-2}
+TINY = TritonBackend(block_m=16, block_n=16)
+
+
+def make_problem(b: int = 1, hq: int = 2, hkv: int = 2, lq: int = 24, lk: int = 40, dk: int = 32,
+                 dv: Optional[int] = None, dtype: str = "float32", causal: bool = False,
+                 window: Optional[Tuple[int, int]] = None, top_left: bool = False,
+                 mask_shape: Optional[Tuple[int, int, int, int]] = None) -> Problem:
+    """A Problem the way the API builds it for CPU torch tensors."""
+    diag, left, right = band(lq, lk, causal=causal, window=window, top_left=top_left)
+    dv = dk if dv is None else dv
+    return Problem(b, hq, hkv, lq, lk, dk, dv, dtype, 1 / math.sqrt(dk), diag, left, right, mask_shape, "cpu")
+
+
+def make_inputs(p: Problem, seed: int = 0, mask_fill: bool = True) -> Dict[str, Optional[torch.Tensor]]:
+    """Seeded q, k, v, dout in the problem's dtype; a float mask with some ``-inf`` (a fully hidden
+    row where the mask has rows, a hidden key span where it has keys)."""
+    g = torch.Generator().manual_seed(seed)
+    dt = getattr(torch, p.dtype)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g).to(dt)
+
+    x: Dict[str, Optional[torch.Tensor]] = {
+        "q": rand(p.batch, p.heads_q, p.len_q, p.dim_k),
+        "k": rand(p.batch, p.heads_kv, p.len_k, p.dim_k),
+        "v": rand(p.batch, p.heads_kv, p.len_k, p.dim_v),
+        "dout": rand(p.batch, p.heads_q, p.len_q, p.dim_v),
+        "mask": None,
+    }
+    if p.mask_shape is not None:
+        mask = torch.randn(p.mask_shape, generator=g)
+        if mask_fill and p.mask_shape[2] > 3:
+            mask[..., 3, :] = -math.inf
+        if mask_fill and p.mask_shape[3] > 9:
+            mask[..., 5:9] = -math.inf
+        x["mask"] = mask
+    return x
+
+
+def reference(p: Problem, q, k, v, mask, dout):
+    """float64 ``(out, lse, dq, dk, dv, dmask)`` by autograd over naive attention (hidden rows: 0)."""
+    q, k, v = (t.double().requires_grad_() for t in (q, k, v))
+    m = None if mask is None else mask.double().requires_grad_()
+    s = q @ k.repeat_interleave(p.group, 1).transpose(-1, -2) * p.scale
+    visible = torch.from_numpy(p.visible(np.arange(p.len_q), np.arange(p.len_k)))
+    s = s.masked_fill(~visible, -math.inf)
+    if m is not None:
+        s = s + m
+    top = s.amax(-1, keepdim=True).detach()
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    e = torch.exp(s - top)
+    total = e.sum(-1, keepdim=True)
+    out = (e @ v.repeat_interleave(p.group, 1)) / torch.where(total == 0, torch.ones_like(total), total)
+    lse = torch.where(total[..., 0] == 0, -math.inf, (top + torch.log(total))[..., 0])
+    out.backward(dout.double())
+    return out.detach(), lse.detach(), q.grad, k.grad, v.grad, None if m is None else m.grad
+
+
+def check(p: Problem, backend: TritonBackend = TINY, seed: int = 0, grads: bool = True, mask_fill: bool = True):
+    """Forward (and backward) of ``backend`` against the float64 reference."""
+    x = make_inputs(p, seed, mask_fill)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the interpreter's NumPy on -inf lanes
+        out, lse = backend.forward(p, x["q"], x["k"], x["v"], x["mask"])
+        got = backend.backward(p, x["q"], x["k"], x["v"], out, x["dout"], lse, x["mask"], mask_grad=True) \
+            if grads else None
+    ref = reference(p, x["q"], x["k"], x["v"], x["mask"], x["dout"])
+    assert out.dtype == x["q"].dtype and out.shape == ref[0].shape and lse.dtype == torch.float32
+    assert not torch.isnan(out).any()
+    np.testing.assert_allclose(out.double().numpy(), ref[0].numpy(), atol=ATOL[p.dtype], rtol=0)
+    np.testing.assert_array_equal(torch.isfinite(lse).numpy(), torch.isfinite(ref[1]).numpy())
+    finite = torch.isfinite(ref[1])
+    np.testing.assert_allclose(lse[finite].double().numpy(), ref[1][finite].numpy(), atol=1e-4, rtol=1e-5)
+    if got is None:
+        return out, lse, None
+    tol = GRAD_TOL[p.dtype]
+    for name, g, r, like in zip(("dq", "dk", "dv"), got[:3], ref[2:5], (x["q"], x["k"], x["v"])):
+        assert g.shape == like.shape and g.dtype == like.dtype, name
+        assert not torch.isnan(g).any(), name
+        err = (g.double() - r).norm().item()
+        assert err <= tol * max(r.norm().item(), 1e-12), f"{name}: relative error {err / r.norm().item():.2e}"
+    dmask = got[3]
+    if x["mask"] is None:
+        assert dmask is None
+    else:
+        assert dmask.shape == x["mask"].shape and dmask.dtype == torch.float32
+        err = (dmask.double() - ref[5]).norm().item()
+        assert err <= tol * max(ref[5].norm().item(), 1.0), f"dmask: error {err:.2e}"
+    return out, lse, got
+
+
+CASES = {
+    "plain": dict(b=2),
+    "causal-bottom-right": dict(causal=True),
+    "causal-top-left": dict(causal=True, top_left=True),
+    "causal-bottom-right-lq>lk": dict(lq=40, lk=24, causal=True),  # first rows see no key
+    "causal-top-left-lq>lk": dict(lq=40, lk=24, causal=True, top_left=True),
+    "window": dict(window=(5, 3)),
+    "window-left-only": dict(window=(8, -1)),
+    "window-right-only": dict(window=(-1, 4), top_left=True),
+    "window-causal": dict(window=(6, -1), causal=True, lq=37, lk=37),
+    "gqa-causal": dict(hq=4, hkv=2, lq=33, lk=47, causal=True),
+    "mqa-window": dict(hq=4, hkv=1, window=(10, 2)),
+    "decode-gqa-packed": dict(hq=8, hkv=2, lq=1, lk=100),  # packed heads + split-KV
+    "decode-mha-split": dict(hq=2, hkv=2, lq=1, lk=100, causal=True),
+    "decode-gqa-causal-lq3": dict(hq=8, hkv=2, lq=3, lk=77, causal=True),
+    "dv<dk": dict(dk=40, dv=24),
+    "dv>dk": dict(dk=24, dv=72, causal=True),
+    "head-dim-256": dict(hq=1, hkv=1, lq=20, lk=33, dk=256, dv=256, causal=True),
+    "even-tiles": dict(lq=32, lk=64, causal=True),
+    "mask-full": dict(b=2, mask_shape=(2, 2, 24, 40)),
+    "mask-bcast-batch-head": dict(b=2, mask_shape=(1, 1, 24, 40), causal=True),
+    "mask-key-padding": dict(b=2, hq=4, hkv=2, mask_shape=(2, 1, 1, 40)),
+    "mask-bcast-keys": dict(mask_shape=(1, 2, 24, 1), window=(7, 7)),
+    "mask-scalar": dict(mask_shape=(1, 1, 1, 1)),
+    "mask-decode-gqa": dict(hq=4, hkv=1, lq=2, lk=90, mask_shape=(1, 4, 2, 90)),
+    "fp16-causal": dict(dtype="float16", causal=True),
+    "fp16-decode-gqa": dict(dtype="float16", hq=8, hkv=2, lq=1, lk=100),
+    "fp16-mask-window": dict(dtype="float16", window=(4, 4), mask_shape=(1, 1, 24, 40)),
+    "bf16-causal-gqa": dict(dtype="bfloat16", hq=4, hkv=2, causal=True),
+    "bf16-dv>dk-mask": dict(dtype="bfloat16", dk=16, dv=48, mask_shape=(1, 2, 24, 40)),
+    "bf16-decode": dict(dtype="bfloat16", hq=2, hkv=1, lq=1, lk=70),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_against_float64(name: str) -> None:
+    check(make_problem(**CASES[name]))
+
+
+def test_default_tiles() -> None:
+    """The heuristic tiles (64-row blocks) on a problem that spans several of them."""
+    check(make_problem(hq=2, hkv=1, lq=100, lk=130, dk=64, causal=True), TritonBackend())
+
+
+def test_decode_takes_split_kv_and_packing(caplog: pytest.LogCaptureFixture) -> None:
+    p = make_problem(hq=8, hkv=2, lq=1, lk=100)
+    with caplog.at_level(logging.DEBUG, logger="aule_kp"):
+        check(p, grads=False)
+    found = re.search(r"pack=(\w+), splits=(\d+)", caplog.text)
+    assert found and found.group(1) == "True" and int(found.group(2)) > 1
+
+
+def test_fully_hidden_rows_are_zero_with_zero_gradients() -> None:
+    """Rows that see no key: output 0, LSE -inf, no gradient, never NaN (band and mask both)."""
+    p = make_problem(lq=40, lk=24, causal=True, mask_shape=(1, 2, 40, 24))  # rows 0..15 hidden by the band
+    out, lse, got = check(p)
+    hidden = [*range(16), 3]
+    assert (out[:, :, hidden] == 0).all() and torch.isneginf(lse[:, :, hidden]).all()
+    dq, _, _, dmask = got
+    assert (dq[:, :, hidden] == 0).all() and (dmask[:, :, hidden] == 0).all()
+
+
+def test_finfo_min_mask_rows_average_like_float64() -> None:
+    """HF-style masks: ``finfo.min`` saturates instead of overflowing to -inf when scaled by log2(e),
+    so a row of them averages v uniformly and a partly-min row ignores those keys, as in float64."""
+    p = make_problem(mask_shape=(1, 1, 24, 40))
+    mask = torch.zeros(p.mask_shape)
+    mask[..., 0, :] = torch.finfo(torch.float32).min
+    mask[..., 1, 10:] = torch.finfo(torch.float32).min
+    x = make_inputs(p)
+    out, lse = TINY.forward(p, x["q"], x["k"], x["v"], mask)
+    ref = reference(p, x["q"], x["k"], x["v"], mask, x["dout"])
+    np.testing.assert_allclose(out.double().numpy(), ref[0].numpy(), atol=ATOL["float32"], rtol=0)
+    np.testing.assert_allclose(out[0, :, 0].double().numpy(), x["v"][0].double().mean(1).numpy(), atol=1e-5)
+
+
+def test_public_api_runs_triton_on_cpu_tensors() -> None:
+    """``backend="triton"`` works through the interpreter; the result matches the CPU backend."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(1, 4, 20, 32, generator=g)
+    k = torch.randn(1, 2, 36, 32, generator=g)
+    v = torch.randn(1, 2, 36, 32, generator=g)
+    mask = torch.rand(20, 36, generator=g) > 0.2
+    got = aule_kp.flash_attention(q, k, v, causal=True, attn_mask=mask, backend="triton")
+    want = aule_kp.flash_attention(q, k, v, causal=True, attn_mask=mask, backend="cpu")
+    assert isinstance(got, torch.Tensor) and got.dtype == q.dtype and got.device == q.device
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=2e-5, rtol=0)
+
+
+def test_auto_prefers_cpu_backend_for_cpu_tensors() -> None:
+    p = make_problem()
+    assert not dispatch.get("triton").reasons(p)
+    assert dispatch.select(p, "auto").name != "triton"
+
+
+def test_reasons(monkeypatch: pytest.MonkeyPatch) -> None:
+    backend = dispatch.get("triton")
+    numpy_problem = Problem(1, 1, 1, 8, 8, 16, 16, "float32", 0.25)
+    assert any("NumPy" in r for r in backend.reasons(numpy_problem))
+    with pytest.raises(BackendUnavailable, match="NumPy"):
+        aule_kp.flash_attention(np.zeros((1, 1, 8, 16), np.float32), np.zeros((1, 1, 8, 16), np.float32),
+                                np.zeros((1, 1, 8, 16), np.float32), backend="triton")
+    cpu = make_problem()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert any("CPU" in r for r in backend.reasons(cpu))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not backend.reasons(cpu)
+    assert backend.rank(make_problem()) > dispatch.get("cpu").rank(cpu)
+    mps = Problem(1, 1, 1, 8, 8, 16, 16, "float32", 0.25, device="mps")
+    assert any("'mps'" in r for r in backend.reasons(mps))
+    cuda = Problem(1, 1, 1, 8, 8, 16, 16, "float16", 0.25, device="cuda")
+    assert not backend.reasons(cuda) and backend.rank(cuda) < dispatch.get("cpu").rank(cuda)
+
+
+def test_tile_override_is_validated() -> None:
+    with pytest.raises(ValueError, match="power of two"):
+        TritonBackend(block_m=24)
