@@ -83,6 +83,24 @@ def _tile_runs(lo, hi, c_lo, c_hi, BLOCK: tl.constexpr):
     return t_lo, f_lo, f_hi, t_hi
 
 
+@triton.jit
+def _row_block_tiles(i_min, i_max, len_k, diag, left, right, BLOCK_N: tl.constexpr,
+                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Tile runs (see ``_tile_runs``) for query rows ``[i_min, i_max]``: keys any of them may see,
+    ``[lo, hi)``, and keys every one of them sees, ``[c_lo, c_hi)``, under the band."""
+    lo = 0
+    hi = len_k
+    c_lo = 0
+    c_hi = len_k
+    if HAS_LEFT:
+        lo = tl.maximum(i_min + diag - left, 0)
+        c_lo = tl.maximum(i_max + diag - left, 0)
+    if HAS_RIGHT:
+        hi = tl.maximum(tl.minimum(i_max + diag + right + 1, len_k), lo)
+        c_hi = tl.maximum(tl.minimum(i_min + diag + right + 1, len_k), 0)
+    return _tile_runs(lo, hi, c_lo, c_hi, BLOCK_N)
+
+
 # ----------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------
@@ -186,18 +204,7 @@ def _fwd_kernel(Q, K, V, Mask, Out, LSE,
     v_base = V + b64 * stride_vb + kvh.to(tl.int64) * stride_vh
     mask_rows = Mask + b64 * stride_mb + head * stride_mh + pos * stride_mq
 
-    # Keys any row of the block may see: [lo, hi); keys every row sees: [c_lo, c_hi).
-    lo = 0
-    hi = len_k
-    c_lo = 0
-    c_hi = len_k
-    if HAS_LEFT:
-        lo = tl.maximum(i_min + diag - left, 0)
-        c_lo = tl.maximum(i_max + diag - left, 0)
-    if HAS_RIGHT:
-        hi = tl.maximum(tl.minimum(i_max + diag + right + 1, len_k), lo)
-        c_hi = tl.maximum(tl.minimum(i_min + diag + right + 1, len_k), 0)
-    t_lo, f_lo, f_hi, t_hi = _tile_runs(lo, hi, c_lo, c_hi, BLOCK_N)
+    t_lo, f_lo, f_hi, t_hi = _row_block_tiles(i_min, i_max, len_k, diag, left, right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     per = (t_hi - t_lo + num_splits - 1) // num_splits
     s_lo = t_lo + split * per
     s_hi = tl.minimum(s_lo + per, t_hi)
@@ -476,17 +483,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE2, Delta, Mask, DQ, DMask,
 
     i_min = pid_m * BLOCK_M
     i_max = tl.minimum(i_min + BLOCK_M, len_q) - 1
-    lo = 0
-    hi = len_k
-    c_lo = 0
-    c_hi = len_k
-    if HAS_LEFT:
-        lo = tl.maximum(i_min + diag - left, 0)
-        c_lo = tl.maximum(i_max + diag - left, 0)
-    if HAS_RIGHT:
-        hi = tl.maximum(tl.minimum(i_max + diag + right + 1, len_k), lo)
-        c_hi = tl.maximum(tl.minimum(i_min + diag + right + 1, len_k), 0)
-    t_lo, f_lo, f_hi, t_hi = _tile_runs(lo, hi, c_lo, c_hi, BLOCK_N)
+    t_lo, f_lo, f_hi, t_hi = _row_block_tiles(i_min, i_max, len_k, diag, left, right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
 
     dq = tl.zeros([BLOCK_M, BLOCK_DK], tl.float32)
     dq = _dq_run(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, t_lo, f_lo,
