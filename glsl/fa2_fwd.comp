@@ -19,8 +19,10 @@ shared float k_tile[STAGE * BC * DK + 1];
 shared float v_tile[STAGE * BC * DV + 1];
 
 float reduce_row(float x) {
-    [[unroll]] for (uint off = TPR >> 1u; off > 0u; off >>= 1u) {
-        x += subgroupShuffleXor(x, off);
+    // A fixed trip count so the loop really unrolls: lavapipe stops an invocation's loops after
+    // 65535 iterations in all, and a rolled loop here counted toward that (Lk >= ~4096 truncated).
+    [[unroll]] for (uint b = 0u; b < 3u; ++b) {
+        if ((1u << b) < TPR) x += subgroupShuffleXor(x, 1u << b);
     }
     return x;
 }

@@ -156,3 +156,9 @@ def test_unpatched_kp_disables_coopmat(monkeypatch):
     monkeypatch.setattr(devmod, "kp_status", lambda: {"available": True, "patched": False})
     assert any("unpatched" in r for r in variant_reasons("coopmat", caps, p, forced=True))
     assert variant_reasons("scalar", caps, p) == []
+
+
+def test_long_key_rows(rng):
+    # Thousands of key tiles per invocation: lavapipe ends an invocation's loops after 65535
+    # iterations in all, so every inner loop must unroll (a rolled one truncated rows at Lk ~ 4096).
+    check(problem(lq=5, lk=9000, causal=True), rng)

@@ -10,7 +10,15 @@ import numpy as np
 from ..backend import Backend
 from ..problem import Problem
 from . import device as devmod
-from .kernels import KernelConfig, choose
+from .backward import BackwardPlan, backward_groups_per_chunk, reduce_to_mask
+from .kernels import (
+    CPU_LOOP_LIMIT,
+    BackwardConfig,
+    KernelConfig,
+    backward_config,
+    backward_config_reasons,
+    choose,
+)
 from .plan import Plan, binding_limit, groups_per_chunk
 
 
@@ -53,6 +61,9 @@ class VulkanBackend(Backend):
             cfg = choose(dev.caps, problem, self.variant)
         except ValueError as exc:
             reasons.append(str(exc))
+        if cfg is not None and dev.caps.type == "cpu" and -(-problem.len_k // cfg.bc) > CPU_LOOP_LIMIT:
+            reasons.append(f"{-(-problem.len_k // cfg.bc)} key tiles per invocation; CPU drivers (lavapipe) stop "
+                           f"loops at {CPU_LOOP_LIMIT} iterations")
         limit = binding_limit(dev.caps.max_storage_buffer_range)
         if groups_per_chunk(problem, limit) < 1:
             reasons.append(f"one (batch, kv-head) slice is over the {limit} B storage binding limit")
@@ -80,3 +91,49 @@ class VulkanBackend(Backend):
         dev = devmod.get_device()
         with dev.lock:
             return self.plan(problem, config).run(q, k, v, mask)
+
+    def backward_plan(self, problem: Problem, config: BackwardConfig) -> BackwardPlan:
+        """The cached backward plan for ``problem`` (built on first use; keyed apart from forward plans)."""
+        dev = devmod.get_device()
+        with dev.lock:
+            return dev.plans.get(("backward", problem, config), lambda: BackwardPlan(dev, problem, config))
+
+    def backward_reasons(self, problem: Problem, mask_grad: bool = False) -> List[str]:
+        """Why ``backward`` cannot take ``problem`` here (empty: it can), for callers that fall back."""
+        why = self.available()
+        if why or problem.empty or problem.len_k == 0:
+            return why
+        caps = devmod.get_device().caps
+        return self._backward_reasons(problem, backward_config(caps, problem, mask_grad and problem.has_mask))
+
+    def _backward_reasons(self, problem: Problem, cfg: BackwardConfig) -> List[str]:
+        caps = devmod.get_device().caps
+        reasons = backward_config_reasons(cfg, caps, problem)
+        limit = binding_limit(caps.max_storage_buffer_range)
+        if backward_groups_per_chunk(problem, limit, cfg.write_ds) < 1:
+            what = "with its mask gradient (dS) " if cfg.write_ds else ""
+            reasons.append(f"one (batch, kv-head) slice of the backward {what}is over the {limit} B storage "
+                           "binding limit")
+        if problem.mask_shape is not None and 4 * int(np.prod(problem.mask_shape)) > limit:
+            reasons.append(f"the mask is over the {limit} B storage binding limit")
+        return reasons
+
+    def backward(self, problem: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray,
+                 dout: np.ndarray, lse: np.ndarray, mask: Optional[np.ndarray], mask_grad: bool = False,
+                 config: Optional[BackwardConfig] = None
+                 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
+        """FA2 backward on the device (see ``Backend.backward``); ``config`` pins the pipelines.
+        ValueError when the device cannot take the problem (``backward_reasons`` says why)."""
+        p = problem
+        write_ds = mask_grad and mask is not None
+        if p.empty or p.len_k == 0:
+            zeros = [np.zeros(s, q.dtype) for s in (q.shape, k.shape, v.shape)]
+            return (*zeros, np.zeros(p.mask_shape, np.float32) if write_ds else None)
+        dev = devmod.get_device()
+        cfg = config or backward_config(dev.caps, p, write_ds)
+        why = self._backward_reasons(p, cfg)
+        if why:
+            raise ValueError(f"the Vulkan backward cannot run this problem: {'; '.join(why)}")
+        with dev.lock:
+            dq, dk, dv, ds = self.backward_plan(p, cfg).run(q, k, v, out, dout, lse, mask)
+        return dq, dk, dv, None if ds is None else reduce_to_mask(ds, p.mask_shape)

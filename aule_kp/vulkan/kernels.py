@@ -184,51 +184,87 @@ def choose(caps: DeviceCaps, problem: Problem, variant: Optional[str] = None) ->
 # Three kernels per pass (glsl/fa2_bwd_common.glsl): fa2_bwd_pre (row statistics), fa2_bwd_dkdv
 # and fa2_bwd_dq. Each is a KernelConfig with the forward's spec constants, read per kernel as:
 #   pre:  WG invocations, one query row each (tiles unused).
-#   dkdv: BR keys per workgroup, RPT keys per invocation group of TPR lanes, BC query rows per tile.
-#   dq:   as the forward: BR query rows per workgroup, RPT rows per lane group, BC keys per tile.
+#   dkdv: BR keys per workgroup, RPT keys per row group of TPR lanes, BC query rows per step.
+#   dq:   as the forward: BR query rows per workgroup, RPT rows per row group, BC keys per step.
 
-BACKWARD_VARIANTS = ("scalar",)
+#: Backward variants. "scalar" is chosen by default everywhere; "coopmat" only on request
+#: (``AULE_KP_FORCE_BWD_VARIANT=coopmat``) for now (on an H200 it passes the tests and runs
+#: 10-20x faster than "scalar" there, still ~3.5x slower than torch's flash backward).
+BACKWARD_VARIANTS = ("scalar", "coopmat")
+#: lavapipe (gallivm) ends every loop of an invocation once 65535 iterations have run in total.
+CPU_LOOP_LIMIT = 65535
+#: Register budget of the coopmat backward kernels (fa2_bwd_cm.glsl): head dims up to this.
+COOPMAT_BWD_MAX_DIM = 128
 
 
 @dataclass(frozen=True)
 class BackwardConfig:
-    """The pipelines of one backward pass; ``write_ds``: dK/dV also writes dS (float-mask gradient)."""
+    """The pipelines of one backward pass. ``write_ds``: dK/dV also writes dS (the float-mask
+    gradient); ``has_mask``: the mask code is compiled in (a spec constant, see fa2_bwd_common.glsl)."""
 
     variant: str
     pre: KernelConfig
     dkdv: KernelConfig
     dq: KernelConfig
     write_ds: bool = False
+    has_mask: bool = False
 
     def spec(self, cfg: KernelConfig) -> np.ndarray:
-        """Specialization constants of one of the three kernels, + WRITE_DS (constant_id 9): set for
-        dK/dV only, so the other two pipelines are the same with and without a mask gradient."""
-        return np.append(cfg.spec(), np.uint32(self.write_ds and cfg is self.dkdv))
+        """Specialization constants of one of the three kernels, + WRITE_DS (constant_id 9, set for
+        dK/dV only: the other pipelines do not depend on it) and HAS_MASK (10)."""
+        return np.append(cfg.spec(), np.array([self.write_ds and cfg is self.dkdv, self.has_mask], np.uint32))
 
     def kernels(self) -> tuple[KernelConfig, KernelConfig, KernelConfig]:
         return self.pre, self.dkdv, self.dq
 
 
-def _backward_scalar_tiles(caps: DeviceCaps, problem: Problem) -> tuple[Dict[str, int], Dict[str, int]]:
-    """``(dkdv, dq)`` tiles of the scalar backward kernels on this device."""
-    dmax = max(problem.dim_k, problem.dim_v)
+def backward_shared_bytes(cfg: KernelConfig) -> int:
+    """Shared memory of a backward kernel: the formula in glsl/fa2_bwd_cm.glsl for coopmat, else
+    the scalar kernels' two staged tiles (the forward's formula)."""
+    if cfg.variant != "coopmat" or cfg.kernel == "fa2_bwd_pre":
+        return cfg.shared_bytes()
+    return (2 * cfg.bc * (cfg.dk + cfg.dv + 16) + 4 * cfg.br * (cfg.bc + 4) + 2 * cfg.br * (cfg.bc + 8)
+            + 16 * max(cfg.br, cfg.bc))
+
+
+def _backward_scalar_tiles(caps: DeviceCaps, problem: Problem) -> Dict[str, int]:
+    """Tiles of the scalar dK/dV and dQ kernels on this device (the same for both)."""
     shuffle_width = caps.subgroup_size if caps.subgroup_shuffle else 1
+    dsum = problem.dim_k + problem.dim_v
     if caps.type == "cpu":
-        # As the forward's CPU tiles (no staging, 4 rows or keys per lane group, 16 values per
-        # lane): every q / dO (dkdv) or k / v (dq) element loaded feeds 4 dot products.
-        tpr = _fit_tpr(min(8, shuffle_width, _pow2_floor(max(1, dmax // 16))), problem)
-        wg = 64
-        tiles = dict(tpr=tpr, br=wg // tpr * 4, bc=8, stage=0, wg=wg, rpt=4)
-        return tiles, dict(tiles)
+        # CPU drivers run a load lane by lane (~100 FMAs each) while shuffles are nearly free, so
+        # a whole subgroup shares each row group: its q/dO (dkdv) or k/v (dq) loads are split over
+        # every lane, and each feeds RPT rows/keys. RPT keeps k, v, dk, dv at ~384 floats per lane
+        # (more spills and compiles for tens of seconds). BC = 2: the per-step code stays small.
+        # B1 H8 S512 D64 fp32, 2 cores under load, dK/dV + dQ: RPT 12 ~440 ms, RPT 8 ~590 ms, RPT 16
+        # ~370 ms but 3x the compile time; 220 ms end to end on the idle machine.
+        tpr = _fit_tpr(min(8, shuffle_width), problem)
+        rpt = max(1, 192 * tpr // dsum)
+        wg = max(tpr, caps.subgroup_size)
+        return dict(tpr=tpr, br=wg // tpr * rpt, bc=2, stage=0, wg=wg, rpt=rpt)
     # GPUs: at most ~32 of each per-row array per lane; BC rows (dkdv) or keys (dq) of two
     # matrices staged in shared memory.
-    tpr = _fit_tpr(min(_pow2_floor(max(1, dmax // 32)), 8, shuffle_width), problem)
+    tpr = _fit_tpr(min(_pow2_floor(max(1, max(problem.dim_k, problem.dim_v) // 32)), 8, shuffle_width), problem)
     wg = max(max(caps.subgroup_size, 1) * 2, 128)
     bc = 32
-    while bc > 8 and FLOAT_BYTES * bc * (problem.dim_k + problem.dim_v) > caps.shared_memory - 64:
+    while bc > 8 and FLOAT_BYTES * bc * dsum > caps.shared_memory - 64:
         bc //= 2
-    tiles = dict(tpr=tpr, br=wg // tpr, bc=bc, stage=1, wg=wg, rpt=1)
-    return tiles, dict(tiles)
+    return dict(tpr=tpr, br=wg // tpr, bc=bc, stage=1, wg=wg, rpt=1)
+
+
+def _backward_coopmat_tiles(caps: DeviceCaps, problem: Problem) -> Dict[str, int]:
+    """Largest tiles of glsl/fa2_bwd_cm.glsl that fit the device's shared memory. Measured on an
+    H200, B1 H32 S8192 D128 fp16, dK/dV + dQ kernels, before register prefetch: BR=128 BC=32
+    WG=256 85 TFLOPS (causal 81), BR=64 BC=16 76, BR=128 BC=16 71, BR=64 BC=32 48, BR=32 20; with
+    it, BR=128 BC=32: 31.5 ms = 87 TFLOPS (causal 16.2 ms), torch's flash backward 9.2 ms (4.9)."""
+    wave = max(caps.subgroup_size, 1)
+    tiles = dict(tpr=1, stage=1, rpt=1)
+    for br, bc, wg in ((128, 32, 256), (64, 16, 128), (64, 32, 128), (32, 16, 64), (16, 16, 32)):
+        tiles.update(br=br, bc=bc, wg=max(wg, wave) // wave * wave)
+        probe = KernelConfig("coopmat", "fa2_bwd_dq_coopmat", problem.dim_k, problem.dim_v, br, bc, 1, 0, wg, 1)
+        if backward_shared_bytes(probe) <= caps.shared_memory and wg <= caps.max_workgroup_invocations:
+            break
+    return tiles
 
 
 def backward_config(caps: DeviceCaps, problem: Problem, write_ds: bool = False,
@@ -237,7 +273,8 @@ def backward_config(caps: DeviceCaps, problem: Problem, write_ds: bool = False,
     name = variant or os.environ.get("AULE_KP_FORCE_BWD_VARIANT") or "scalar"
     if name not in BACKWARD_VARIANTS:
         raise ValueError(f"unknown backward variant {name!r}; expected one of {BACKWARD_VARIANTS}")
-    dkdv, dq = _backward_scalar_tiles(caps, problem)
+    tiles = _backward_coopmat_tiles(caps, problem) if name == "coopmat" else _backward_scalar_tiles(caps, problem)
+    suffix = "_coopmat" if name == "coopmat" else ""
     dtype = DTYPE_CODE[problem.dtype]
 
     def make(kernel: str, t: Dict[str, int]) -> KernelConfig:
@@ -245,17 +282,36 @@ def backward_config(caps: DeviceCaps, problem: Problem, write_ds: bool = False,
                             t["wg"], t["stage"], t["rpt"])
 
     pre = dict(br=1, bc=1, tpr=1, stage=0, wg=64, rpt=1)
-    return BackwardConfig(name, make("fa2_bwd_pre", pre), make("fa2_bwd_dkdv", dkdv), make("fa2_bwd_dq", dq),
-                          bool(write_ds))
+    return BackwardConfig(name, make("fa2_bwd_pre", pre), make("fa2_bwd_dkdv" + suffix, tiles),
+                          make("fa2_bwd_dq" + suffix, tiles), bool(write_ds), problem.has_mask)
 
 
-def backward_reasons(cfg: BackwardConfig, caps: DeviceCaps) -> List[str]:
-    """Why this device cannot run ``cfg`` (empty: it can)."""
+def backward_config_reasons(cfg: BackwardConfig, caps: DeviceCaps, problem: Problem) -> List[str]:
+    """Why this device cannot run ``cfg`` for ``problem`` (empty: it can)."""
     reasons = []
+    if cfg.variant == "coopmat":
+        if not caps.coopmat:
+            reasons.append("device has no VK_KHR_cooperative_matrix")
+        elif not _has_coopmat_16(caps):
+            reasons.append("device has no 16x16x16 f16*f16+f32 cooperative matrix shape")
+        if problem.dtype != "float16" and os.environ.get("AULE_KP_COOPMAT_CONVERT") != "1":
+            reasons.append(f"coopmat computes on float16; got {problem.dtype} (AULE_KP_COOPMAT_CONVERT=1 allows it)")
+        if problem.dim_k % 16 or problem.dim_v % 16 or max(problem.dim_k, problem.dim_v) > COOPMAT_BWD_MAX_DIM:
+            reasons.append(f"the coopmat backward needs head dims that are multiples of 16, at most "
+                           f"{COOPMAT_BWD_MAX_DIM}")
     for k in cfg.kernels():
-        if k.shared_bytes() > caps.shared_memory:
-            reasons.append(f"{k.kernel} needs {k.shared_bytes()} B of shared memory, device has {caps.shared_memory}")
+        if backward_shared_bytes(k) > caps.shared_memory:
+            reasons.append(f"{k.kernel} needs {backward_shared_bytes(k)} B of shared memory, "
+                           f"device has {caps.shared_memory}")
         if k.wg > caps.max_workgroup_invocations:
             reasons.append(f"{k.kernel} needs {k.wg} invocations per workgroup, "
                            f"device allows {caps.max_workgroup_invocations}")
+    if caps.type == "cpu":
+        loops = {
+            "fa2_bwd_dkdv": problem.group * -(-problem.len_q // cfg.dkdv.bc),
+            "fa2_bwd_dq": -(-problem.len_k // cfg.dq.bc),
+            "fa2_bwd_pre": problem.len_k,  # rows whose statistics are recomputed
+        }
+        reasons += [f"{name} would loop {n} times per invocation; CPU drivers (lavapipe) stop at {CPU_LOOP_LIMIT}"
+                    for name, n in loops.items() if n > CPU_LOOP_LIMIT]
     return reasons

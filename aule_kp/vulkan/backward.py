@@ -1,0 +1,199 @@
+"""Backward plans: the FA2 backward pass (glsl/fa2_bwd_*.comp) as one recorded kp sequence.
+
+Like the forward's ``Plan``: built once per (Problem, BackwardConfig), persistent kp tensors,
+inputs copied into their mapped memory, one ``eval()`` per call, chunks of whole (batch, kv-head)
+groups when a buffer would pass the storage binding limit. Per chunk three dispatches:
+``fa2_bwd_pre`` (row statistics: D = rowsum(dO * O) and the softmax normaliser), then
+``fa2_bwd_dkdv`` and ``fa2_bwd_dq``, which only read what ``pre`` wrote and are independent of
+each other. GQA gradients of dK/dV are summed inside the dK/dV workgroups (no atomics).
+
+The gradient of a float mask is dS (natural units) per (batch, query head, row, key), written by
+the dK/dV kernel only when asked for and summed over the mask's broadcast dims here in NumPy.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from ..dtypes import STORAGE
+from ..problem import Problem
+from .kernels import BackwardConfig
+from .plan import MAX_GRID_Y, _words, binding_limit, group_bytes, push_constants, stats
+
+log = logging.getLogger("aule_kp")
+
+#: Binding order of every backward kernel (glsl/fa2_bwd_common.glsl).
+BINDINGS = ("q", "k", "v", "o", "lse", "mask", "do", "stats", "dq", "dk", "dv", "ds")
+INPUTS = ("q", "k", "v", "o", "lse", "do")
+OUTPUTS = ("dq", "dk", "dv")
+STATS_BYTES = 16  # vec4 per query row
+
+
+def backward_group_bytes(p: Problem, write_ds: bool) -> Dict[str, int]:
+    """Bytes each per-chunk buffer needs per (batch, kv-head) group."""
+    fwd = group_bytes(p)
+    sizes = dict(fwd, do=fwd["o"], stats=STATS_BYTES * p.group * p.len_q, dq=fwd["q"], dk=fwd["k"], dv=fwd["v"])
+    if write_ds:
+        sizes["ds"] = 4 * p.group * p.len_q * p.len_k
+    return sizes
+
+
+def backward_groups_per_chunk(p: Problem, limit: int, write_ds: bool) -> int:
+    """How many groups one dispatch can bind (0: a single group is over the limit)."""
+    per_buffer = min(limit // max(b, 1) for b in backward_group_bytes(p, write_ds).values())
+    return min(per_buffer, MAX_GRID_Y // p.group)
+
+
+def reduce_to_mask(ds: np.ndarray, mask_shape: Tuple[int, ...]) -> np.ndarray:
+    """Sums ``ds`` [B, Hq, Lq, Lk] over the dims the mask broadcasts (size 1 in ``mask_shape``)."""
+    axes = tuple(a for a, (n, m) in enumerate(zip(ds.shape, mask_shape)) if m == 1 and n != 1)
+    return (ds.sum(axis=axes, keepdims=True) if axes else ds).reshape(mask_shape).astype(np.float32, copy=False)
+
+
+@dataclass
+class BackwardChunk:
+    g0: int
+    g1: int
+    tensors: Dict[str, Any]  # kp tensors by binding name
+    views: Dict[str, np.ndarray]  # their mapped memory (uint32 / float32)
+    algorithms: List[Any]  # pre, dkdv, dq
+
+
+class BackwardPlan:
+    """Everything one backward Problem needs on one device, built once."""
+
+    def __init__(self, device: Any, problem: Problem, config: BackwardConfig):
+        self.problem = problem
+        self.config = config
+        self.device = device
+        kp = device.kp
+        mgr = device.manager
+        p = problem
+        ttype = kp.TensorTypes.host if device.host_memory else kp.TensorTypes.device
+        per = backward_group_bytes(p, config.write_ds)
+        n_groups = p.batch * p.heads_kv
+        limit = binding_limit(device.caps.max_storage_buffer_range)
+        step = backward_groups_per_chunk(p, limit, config.write_ds)
+        if step < 1:
+            raise ValueError(f"one (batch, kv-head) slice of the backward needs {max(per.values())} B, over the "
+                             f"device's storage binding limit of {limit} B")
+
+        def tensor(words: int, dtype: Any, kind: Any = ttype) -> Any:
+            return mgr.tensor_t(np.zeros(max(words, 1), dtype=dtype), kind)
+
+        self.mask = tensor(int(np.prod(p.mask_shape)) if p.mask_shape else 1, np.float32)
+        self.mask_view = self.mask.data()
+        self.nbytes = self.mask_view.nbytes
+        pre, dkdv, dq = config.kernels()
+        self.chunks: List[BackwardChunk] = []
+        for g0 in range(0, n_groups, step):
+            g1 = min(n_groups, g0 + step)
+            n = g1 - g0
+            heads = n * p.group
+            words = {
+                "q": _words(heads * p.len_q * p.dim_k, p.dtype),
+                "k": _words(n * p.len_k * p.dim_k, p.dtype),
+                "v": _words(n * p.len_k * p.dim_v, p.dtype),
+                "o": _words(heads * p.len_q * p.dim_v, p.dtype),
+                "lse": heads * p.len_q,
+                "stats": heads * p.len_q * STATS_BYTES // 4,
+                "ds": heads * p.len_q * p.len_k if config.write_ds else 1,
+            }
+            words.update(do=words["o"], dq=words["q"], dk=words["k"], dv=words["v"])
+            tensors = {name: tensor(words[name], np.float32 if name in ("lse", "stats", "ds") else np.uint32,
+                                    # Device-local even on host-memory devices: the barrier after
+                                    # fa2_bwd_pre is recorded by syncing it (see the sequence below).
+                                    kp.TensorTypes.device if name == "stats" else ttype)
+                       for name in BINDINGS if name != "mask"}
+            tensors["mask"] = self.mask
+            bound = [tensors[name] for name in BINDINGS]
+            grids = (
+                (math.ceil(p.len_q / pre.wg), heads, 1),
+                (math.ceil(p.len_k / dkdv.br), n, 1),
+                (math.ceil(p.len_q / dq.br), heads, 1),
+            )
+            push = push_constants(p, g0)
+            algorithms = [mgr.algorithm(bound, device.spirv(k.kernel), grid, config.spec(k), push)
+                          for k, grid in zip(config.kernels(), grids)]
+            stats["algorithms"] += len(algorithms)
+            views = {name: tensors[name].data() for name in (*INPUTS, *OUTPUTS, "ds")}
+            self.chunks.append(BackwardChunk(g0, g1, tensors, views, algorithms))
+            self.nbytes += n * sum(per.values()) * (1 if device.host_memory else 2)
+
+        self.sequence = mgr.sequence()
+        inputs = [c.tensors[name] for c in self.chunks for name in INPUTS]
+        if p.has_mask:
+            inputs.append(self.mask)
+        self.sequence.record(kp.OpTensorSyncDevice(inputs))
+        for c in self.chunks:
+            self.sequence.record(kp.OpAlgoDispatch(c.algorithms[0]))
+        # dK/dV and dQ read the statistics fa2_bwd_pre wrote. kp's Python API records no
+        # compute -> compute barrier, and OpAlgoDispatch's own barrier only orders transfers before
+        # the dispatch. Syncing the (device-local) statistics records compute -> transfer (shader
+        # writes made available), and the next dispatch's transfer -> compute barrier on the same
+        # buffer makes them visible: together a complete dependency, for one small copy.
+        self.sequence.record(kp.OpTensorSyncLocal([c.tensors["stats"] for c in self.chunks]))
+        for c in self.chunks:
+            for algorithm in c.algorithms[1:]:
+                self.sequence.record(kp.OpAlgoDispatch(algorithm))
+        outputs = [c.tensors[name] for c in self.chunks for name in (*OUTPUTS, *(("ds",) if config.write_ds else ()))]
+        self.sequence.record(kp.OpTensorSyncLocal(outputs))
+        stats["plans"] += 1
+        log.debug("backward plan for %s: %d chunk(s), %s", p, len(self.chunks), config)
+
+    def run(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray, dout: np.ndarray,
+            lse: np.ndarray, mask: Optional[np.ndarray]
+            ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
+        """Host arrays in (see ``Backend.backward``); ``(dq, dk, dv, ds)`` out, ``ds`` the full
+        float32 [B, Hq, Lq, Lk] when the config writes it, else None."""
+        p = self.problem
+        groups = p.batch * p.heads_kv
+        shapes = {"q": (p.heads_q, p.len_q, p.dim_k), "k": (p.heads_kv, p.len_k, p.dim_k),
+                  "v": (p.heads_kv, p.len_k, p.dim_v), "o": (p.heads_q, p.len_q, p.dim_v),
+                  "lse": (p.heads_q, p.len_q), "do": (p.heads_q, p.len_q, p.dim_v)}
+        src = {}
+        for name, a in zip(INPUTS, (q, k, v, out, lse, dout)):
+            # Raw bytes are copied below: a wrong dtype or shape would give garbage, not an error.
+            want = np.dtype(np.float32) if name == "lse" else STORAGE[p.dtype]
+            if a.dtype != want:
+                raise TypeError(f"backward {name}: expected {want}, got {a.dtype}")
+            if a.shape != (p.batch, *shapes[name]):
+                raise ValueError(f"backward {name}: expected shape {(p.batch, *shapes[name])}, got {a.shape}")
+            src[name] = np.ascontiguousarray(a).reshape(groups, -1)
+        for c in self.chunks:
+            for name in INPUTS:
+                part = src[name][c.g0:c.g1]
+                # One copy into mapped memory; packed 16-bit data goes in as raw bytes.
+                c.views[name].view(np.uint8)[: part.nbytes] = part.reshape(-1).view(np.uint8)
+        if mask is not None:
+            self.mask_view[:] = mask.reshape(-1)
+        self.eval()
+        storage = STORAGE[p.dtype]
+        dq = np.empty((groups, p.group * p.len_q * p.dim_k), dtype=storage)
+        dk = np.empty((groups, p.len_k * p.dim_k), dtype=storage)
+        dv = np.empty((groups, p.len_k * p.dim_v), dtype=storage)
+        ds = np.empty((groups, p.group * p.len_q * p.len_k), dtype=np.float32) if self.config.write_ds else None
+        for c in self.chunks:
+            for name, dst in (("dq", dq), ("dk", dk), ("dv", dv), ("ds", ds)):
+                if dst is not None:
+                    part = dst[c.g0:c.g1]
+                    part.reshape(-1).view(np.uint8)[:] = c.views[name].view(np.uint8)[: part.nbytes]
+        b, hq, hkv = p.batch, p.heads_q, p.heads_kv
+        return (dq.reshape(b, hq, p.len_q, p.dim_k), dk.reshape(b, hkv, p.len_k, p.dim_k),
+                dv.reshape(b, hkv, p.len_k, p.dim_v), None if ds is None else ds.reshape(b, hq, p.len_q, p.len_k))
+
+    def eval(self) -> None:
+        self.sequence.eval()
+        stats["evals"] += 1
+
+    def destroy(self) -> None:
+        self.sequence.destroy()
+        for c in self.chunks:
+            for algorithm in c.algorithms:
+                algorithm.destroy()
+        self.chunks.clear()
