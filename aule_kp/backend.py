@@ -42,6 +42,10 @@ class Backend:
     ) -> Tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
+    def backward_reasons(self, problem: Problem, mask_grad: bool = False) -> List[str]:
+        """Reasons this backend's ``backward`` cannot take ``problem`` (empty when it can)."""
+        return []
+
     def backward(
         self,
         problem: Problem,

@@ -94,7 +94,10 @@ def flash_attention_backward(
     if call.backend is None:  # no query or no key: nothing depends on the inputs
         dmask = attn_mask.new_zeros(attn_mask.shape) if mask_grad else q.new_empty(0)
         return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape), dmask
+    why = call.backend.backward_reasons(p, mask_grad)
     try:
+        if why:
+            raise NotImplementedError(f"the {call.backend.name} backward cannot take this problem: {'; '.join(why)}")
         grads = _backend_backward(call.backend, call, out, dout, lse, mask_grad)
     except NotImplementedError as exc:
         notice_once(f"backward:{call.backend.name}", "aule_kp: %s; computing gradients on the CPU backend", exc)

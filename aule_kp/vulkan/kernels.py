@@ -187,9 +187,8 @@ def choose(caps: DeviceCaps, problem: Problem, variant: Optional[str] = None) ->
 #   dkdv: BR keys per workgroup, RPT keys per row group of TPR lanes, BC query rows per step.
 #   dq:   as the forward: BR query rows per workgroup, RPT rows per row group, BC keys per step.
 
-#: Backward variants. "scalar" is chosen by default everywhere; "coopmat" only on request
-#: (``AULE_KP_FORCE_BWD_VARIANT=coopmat``) for now (on an H200 it passes the tests and runs
-#: 10-20x faster than "scalar" there, still ~3.5x slower than torch's flash backward).
+#: Backward variants: "coopmat" where the device and problem allow it (on an H200 it runs 10-20x
+#: faster than "scalar", still ~3.5x slower than torch's flash backward), else "scalar".
 BACKWARD_VARIANTS = ("scalar", "coopmat")
 #: lavapipe (gallivm) ends every loop of an invocation once 65535 iterations have run in total.
 CPU_LOOP_LIMIT = 65535
@@ -269,8 +268,13 @@ def _backward_coopmat_tiles(caps: DeviceCaps, problem: Problem) -> Dict[str, int
 
 def backward_config(caps: DeviceCaps, problem: Problem, write_ds: bool = False,
                     variant: Optional[str] = None) -> BackwardConfig:
-    """The backward pipelines for ``problem`` (``variant`` or ``AULE_KP_FORCE_BWD_VARIANT`` picks one)."""
-    name = variant or os.environ.get("AULE_KP_FORCE_BWD_VARIANT") or "scalar"
+    """The backward pipelines for ``problem``: ``variant`` or ``AULE_KP_FORCE_BWD_VARIANT`` picks one;
+    by default coopmat where the device and problem allow it (10-20x the scalar variant on an H200)."""
+    name = variant or os.environ.get("AULE_KP_FORCE_BWD_VARIANT")
+    if not name:
+        coop = backward_config(caps, problem, write_ds, "coopmat")
+        return coop if not backward_config_reasons(coop, caps, problem) else backward_config(
+            caps, problem, write_ds, "scalar")
     if name not in BACKWARD_VARIANTS:
         raise ValueError(f"unknown backward variant {name!r}; expected one of {BACKWARD_VARIANTS}")
     tiles = _backward_coopmat_tiles(caps, problem) if name == "coopmat" else _backward_scalar_tiles(caps, problem)
@@ -290,6 +294,10 @@ def backward_config_reasons(cfg: BackwardConfig, caps: DeviceCaps, problem: Prob
     """Why this device cannot run ``cfg`` for ``problem`` (empty: it can)."""
     reasons = []
     if cfg.variant == "coopmat":
+        from .device import kp_status
+
+        if not kp_status()["patched"]:
+            reasons.append("kp is the unpatched release build: cooperative-matrix features are not enabled")
         if not caps.coopmat:
             reasons.append("device has no VK_KHR_cooperative_matrix")
         elif not _has_coopmat_16(caps):
