@@ -14,6 +14,6 @@ o='-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp
 [ -f .device/src/kp-0.9.0.tar.gz ] || python3 -m pip download -q --no-deps --no-binary :all: kp==0.9.0 -d .device/src
 [ -n "$(ls .device/whl/*.whl 2>/dev/null)" ] || python3 -m pip download -q --no-deps --only-binary=:all: \
   --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-  --platform manylinux2014_x86_64 -d .device/whl vulkan==1.3.275.1 cffi pycparser
+  --platform manylinux2014_x86_64 -d .device/whl vulkan==1.3.275.1 cffi pycparser aule-attention==0.5.0
 .venv/bin/python -m aule_kp.vulkan.compile --quiet
 du -sh .device spirv_cache

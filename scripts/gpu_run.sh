@@ -27,3 +27,4 @@ python3 -m aule_kp info | tee "$OUT/info.txt"
 python3 -m pytest -q -p no:cacheprovider tests/test_vulkan.py tests/test_gpu.py tests/test_vulkan_backward.py "$@" 2>&1 | tail -25 | tee "$OUT/tests.txt"
 python3 -m aule_kp bench --preset gpu --vs --repeat ${REPEAT:-10} --markdown "$OUT/bench.md" 2>&1 | tail -30
 python3 benchmarks/vulkan_backward_gpu.py 2>&1 | tee "$OUT/backward.md"
+python3 benchmarks/triton_vs_aule_gpu.py 2>&1 | tee "$OUT/triton_vs_aule.md"
