@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(devmod.vulkan_unavailable() is not None, reason=
 FORCED = [
     KernelConfig("wave64", "fa2_fwd", 0, 0, br=64, bc=16, tpr=2, dtype=0, wg=128, stage=1),
     KernelConfig("scalar", "fa2_fwd", 0, 0, br=16, bc=8, tpr=8, dtype=0, wg=128, stage=1),
-    KernelConfig("scalar", "fa2_fwd", 0, 0, br=64, bc=8, tpr=1, dtype=0, wg=32, stage=0, rpt=2),
+    KernelConfig("scalar", "fa2_fwd", 0, 0, br=64, bc=8, tpr=2, dtype=0, wg=64, stage=0, rpt=2),
 ]
 
 
