@@ -113,6 +113,26 @@ def _has_coopmat_16(caps: DeviceCaps) -> bool:
     )
 
 
+def coopmat_reasons(caps: DeviceCaps, problem: Problem) -> List[str]:
+    """What every cooperative-matrix kernel (forward and backward) needs from the build, the device
+    and the data; each kernel adds its own head-dim limits."""
+    from .device import kp_status
+
+    reasons = []
+    if not kp_status()["patched"]:
+        # The released kp creates the device with no features enabled: coopmat is then outside
+        # the spec (some drivers tolerate it, others may not). The scalar variants need none.
+        reasons.append("kp is the unpatched release build: cooperative-matrix features are not enabled")
+    if not caps.coopmat:
+        reasons.append("device has no VK_KHR_cooperative_matrix")
+    elif not _has_coopmat_16(caps):
+        reasons.append("device has no 16x16x16 f16*f16+f32 cooperative matrix shape")
+    if problem.dtype != "float16" and os.environ.get("AULE_KP_COOPMAT_CONVERT") != "1":
+        # fp32/bf16 would be rounded to fp16 on load: exact only for fp16 data, so opt-in.
+        reasons.append(f"coopmat computes on float16; got {problem.dtype} (AULE_KP_COOPMAT_CONVERT=1 allows it)")
+    return reasons
+
+
 def variant_reasons(variant: str, caps: DeviceCaps, problem: Problem, forced: bool = False) -> List[str]:
     """Why ``variant`` cannot run ``problem`` on this device (empty: it can).
 
@@ -123,19 +143,7 @@ def variant_reasons(variant: str, caps: DeviceCaps, problem: Problem, forced: bo
     if variant not in VARIANTS:
         return [f"unknown variant {variant!r}; expected one of {VARIANTS}"]
     if variant == "coopmat":
-        from .device import kp_status
-
-        if not kp_status()["patched"]:
-            # The released kp creates the device with no features enabled: coopmat is then outside
-            # the spec (some drivers tolerate it, others may not). The scalar variants need none.
-            reasons.append("kp is the unpatched release build: cooperative-matrix features are not enabled")
-        if not caps.coopmat:
-            reasons.append("device has no VK_KHR_cooperative_matrix")
-        elif not _has_coopmat_16(caps):
-            reasons.append("device has no 16x16x16 f16*f16+f32 cooperative matrix shape")
-        if problem.dtype != "float16" and os.environ.get("AULE_KP_COOPMAT_CONVERT") != "1":
-            # fp32/bf16 would be rounded to fp16 on load: exact only for fp16 data, so opt-in.
-            reasons.append(f"coopmat computes on float16; got {problem.dtype} (AULE_KP_COOPMAT_CONVERT=1 allows it)")
+        reasons += coopmat_reasons(caps, problem)
         if problem.dim_k % 16 or problem.dim_v % 16:
             reasons.append("coopmat needs head dims that are multiples of 16")
     if variant == "wave64" and caps.subgroup_size != 64 and not forced:
@@ -294,16 +302,7 @@ def backward_config_reasons(cfg: BackwardConfig, caps: DeviceCaps, problem: Prob
     """Why this device cannot run ``cfg`` for ``problem`` (empty: it can)."""
     reasons = []
     if cfg.variant == "coopmat":
-        from .device import kp_status
-
-        if not kp_status()["patched"]:
-            reasons.append("kp is the unpatched release build: cooperative-matrix features are not enabled")
-        if not caps.coopmat:
-            reasons.append("device has no VK_KHR_cooperative_matrix")
-        elif not _has_coopmat_16(caps):
-            reasons.append("device has no 16x16x16 f16*f16+f32 cooperative matrix shape")
-        if problem.dtype != "float16" and os.environ.get("AULE_KP_COOPMAT_CONVERT") != "1":
-            reasons.append(f"coopmat computes on float16; got {problem.dtype} (AULE_KP_COOPMAT_CONVERT=1 allows it)")
+        reasons += coopmat_reasons(caps, problem)
         if problem.dim_k % 16 or problem.dim_v % 16 or max(problem.dim_k, problem.dim_v) > COOPMAT_BWD_MAX_DIM:
             reasons.append(f"the coopmat backward needs head dims that are multiples of 16, at most "
                            f"{COOPMAT_BWD_MAX_DIM}")
