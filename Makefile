@@ -14,7 +14,7 @@ test: install lint
 	$(PY) -m pytest -q -p no:cacheprovider
 
 lint: install
-	$(VENV)/bin/ruff check aule_kp tests benchmarks
+	$(VENV)/bin/ruff check aule_kp tests benchmarks examples comfyui_aule
 
 shaders: install
 	$(PY) -m aule_kp.vulkan.compile --force
