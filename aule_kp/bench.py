@@ -1,7 +1,12 @@
 """``aule-kp bench``: times the real calls over a shape table, beside torch SDPA and aule-attention.
 
 Prints a table and, with ``--markdown FILE``, appends it with the machine, driver, date and command,
-ready for BENCHMARKS.md. Every figure is a median over repeated calls after a warm-up.
+ready for BENCHMARKS.md; with ``--plots DIR`` writes the table as markdown and JSON plus PNG plots
+(see :mod:`aule_kp.plots`). Every figure is a median over repeated calls after a warm-up.
+
+Presets: ``cpu`` and ``gpu`` (the engine's bars) and real model shapes (``llama3-8b``, ``llama3-70b``,
+``sdxl``, ``flux``). ``--scale F`` divides every sequence length by F (down to 16, decode's Lq=1 kept)
+so that the model presets can be smoke-run on a CPU device such as lavapipe.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
@@ -31,6 +36,8 @@ log = logging.getLogger("aule_kp")
 
 @dataclass(frozen=True)
 class Case:
+    """One attention shape: batch, query heads, query/key lengths, head dim, dtype, mask (hkv: GQA key heads)."""
+
     b: int
     h: int
     lq: int
@@ -76,7 +83,58 @@ PRESETS: Dict[str, List[Case]] = {
 }
 
 
+def _llama(hq: int, hkv: int) -> List[Case]:
+    """Llama-3 attention (D128, GQA): causal prefill at S 2048/4096/8192 and decode (Lq=1) at Lk 8K/32K."""
+    prefill = [Case(1, hq, s, s, 128, "float16", True, hkv=hkv) for s in (2048, 4096, 8192)]
+    # One new token sees the whole cache: causal (bottom-right) and non-causal are the same mask.
+    decode = [Case(1, hq, 1, lk, 128, "float16", False, hkv=hkv) for lk in (8192, 32768)]
+    return prefill + decode
+
+
+# Real model shapes, fp16, batch 1 (SDXL: batch 2, the two halves of classifier-free guidance).
+PRESETS.update({
+    "llama3-8b": _llama(32, 8),
+    "llama3-70b": _llama(64, 8),
+    # SDXL's UNet at 1024x1024 (latent 128x128): 10 heads at 64x64 = 4096 tokens, 20 heads at 32x32 =
+    # 1024 tokens, D64; self-attention (non-causal) and cross-attention to the 77 text tokens.
+    "sdxl": [
+        Case(2, 10, 4096, 4096, 64, "float16", False),
+        Case(2, 20, 1024, 1024, 64, "float16", False),
+        Case(2, 10, 4096, 77, 64, "float16", False),
+        Case(2, 20, 1024, 77, 64, "float16", False),
+    ],
+    # Flux at 1024x1024: 4096 image tokens, and 4096 + 512 text tokens in the joint blocks; 24 heads, D128.
+    "flux": [
+        Case(1, 24, 4096, 4096, 128, "float16", False),
+        Case(1, 24, 4608, 4608, 128, "float16", False),
+    ],
+})
+
+#: Presets sized for a real GPU: the CPU backend is skipped there and torch SDPA runs on CUDA.
+GPU_PRESETS = ("gpu", "llama3-8b", "llama3-70b", "sdxl", "flux")
+
+
+def _scale_len(n: int, scale: float) -> int:
+    """``n / scale`` rounded, at least 16 (a length already below 16, e.g. decode's Lq=1, is kept)."""
+    return n if n <= 16 else max(16, int(round(n / scale)))
+
+
+def scale_cases(cases: List[Case], scale: float) -> List[Case]:
+    """Divide the sequence lengths of ``cases`` by ``scale`` (min 16); shapes that coincide are kept once."""
+    if scale <= 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+    if scale == 1:
+        return list(cases)
+    out: List[Case] = []
+    for c in cases:
+        s = replace(c, lq=_scale_len(c.lq, scale), lk=_scale_len(c.lk, scale))
+        if s not in out:
+            out.append(s)
+    return out
+
+
 def median_time(fn: Callable[[], Any], repeat: int, warmup: int = 1, sync: Callable[[], None] = lambda: None) -> float:
+    """Median wall time of ``fn`` in seconds over ``repeat`` calls after ``warmup`` calls (``sync`` after each)."""
     for _ in range(warmup):
         fn()
     sync()
@@ -114,6 +172,7 @@ def _max_err(out: np.ndarray, case: Case, q, k, v) -> Optional[float]:
 
 
 def bench_ours(case: Case, backend: str, repeat: int) -> Dict[str, Any]:
+    """Time ``attention_forward`` on NumPy inputs (host copies included), with its peak host memory and error."""
     q, k, v = case.inputs()
     call = lambda: attention_forward(q, k, v, causal=case.causal, backend=backend)  # noqa: E731
     out, _, _ = call()
@@ -145,6 +204,7 @@ def bench_gpu_tensor(case: Case, repeat: int) -> Dict[str, Any]:
 
 
 def bench_torch(case: Case, repeat: int, device: str, sdpa_backend: Optional[str] = None) -> Optional[Dict[str, Any]]:
+    """Time torch's ``scaled_dot_product_attention`` on ``device``; None when torch or the device is missing."""
     try:
         import torch
         import torch.nn.functional as F
@@ -247,7 +307,8 @@ def tiny_call_overhead(repeat: int = 2000) -> List[Dict[str, Any]]:
             _row(case, "host overhead", host, note="Python + eval - kernel; bar <= 0.150 ms")]
 
 
-def machine() -> Dict[str, str]:
+def machine(command: Optional[str] = None) -> Dict[str, str]:
+    """The machine, device, driver, versions, date and command line (default: this process's), for the record."""
     from .info import info
 
     i = info()
@@ -265,11 +326,12 @@ def machine() -> Dict[str, str]:
         "kp": f"{i['kp'].get('version')} patched={i['kp'].get('patched')}",
         "python": platform.python_version(),
         "numpy": np.__version__,
-        "command": " ".join(["aule-kp", *sys.argv[1:]]),
+        "command": command or " ".join(["aule-kp", *sys.argv[1:]]),
     }
 
 
 def format_table(rows: List[Dict[str, Any]]) -> str:
+    """The rows as a markdown table."""
     def fmt(x: Any, spec: str) -> str:
         return "—" if x is None else format(x, spec)
 
@@ -281,48 +343,82 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run(preset: str, vs: bool, repeat: int, markdown: Optional[str], backends: List[str]) -> List[Dict[str, Any]]:
-    rows: List[Dict[str, Any]] = []
-    cases = PRESETS[preset]
+def _guarded(fn: Callable[[], Optional[Dict[str, Any]]], case: Case, who: str) -> Optional[Dict[str, Any]]:
+    """Run one timing; a failure becomes a row with no figures and the reason as its note."""
     try:
-        from tqdm import tqdm  # optional progress bar
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - one failed shape must not lose the rest of the table
+        log.warning("bench: %s on %s failed: %s", who, case.label(), exc)
+        return _row(case, who, None, note=f"failed: {exc}"[:80])
+
+
+def _progress(cases: List[Case]) -> Any:
+    """A tqdm progress bar over ``cases`` on stderr, or the plain list when tqdm is not installed."""
+    try:
+        from tqdm import tqdm
     except ImportError:
-        tqdm = None
-    steps = tqdm(cases, desc="bench", file=sys.stderr) if tqdm else cases
+        return cases
+    return tqdm(cases, desc="bench", unit="shape", file=sys.stderr)
+
+
+def run(preset: str, vs: bool, repeat: int, markdown: Optional[str], backends: List[str],
+        scale: float = 1.0, plots: Optional[str] = None, command: Optional[str] = None) -> List[Dict[str, Any]]:
+    """Time the preset's cases (lengths divided by ``scale``) on ``backends`` (and, with ``vs``, the
+    baselines); append the table to ``markdown`` and write table, JSON and PNGs to ``plots`` when given.
+    ``command`` is the command line recorded beside the table. Returns the rows; printing the table is
+    the caller's business."""
+    rows: List[Dict[str, Any]] = []
+    cases = scale_cases(PRESETS[preset], scale)
+    # GPU-sized shapes: the CPU backend is no contender there, and the baselines are CUDA's SDPA kernels.
+    gpu_sized = preset in GPU_PRESETS and scale == 1
+    steps = _progress(cases)
     for case in steps:
-        big = case.lq * case.lk * case.h * case.b > 2**28
-        if big and "cpu" in backends and preset == "gpu":
-            pass  # the CPU backend is not a contender at GPU sizes
+        if hasattr(steps, "set_postfix_str"):
+            steps.set_postfix_str(case.label())
         for be in backends:
-            if preset == "gpu" and be == "cpu":
+            if gpu_sized and be == "cpu":
                 continue
             if preset == "cpu" and be == "vulkan" and case.lq > 512:
                 continue  # lavapipe at S >= 2048 takes minutes per call; the bar shape is S=512
-            rows.append(bench_ours(case, be, repeat))
-        if preset == "gpu" and "vulkan" in backends:
-            rows.append(bench_gpu_tensor(case, repeat))
+            row = _guarded(lambda: bench_ours(case, be, repeat), case, f"aule-kp {be}")  # noqa: B023
+            if row:
+                rows.append(row)
+        if gpu_sized and "vulkan" in backends:
+            row = _guarded(lambda: bench_gpu_tensor(case, repeat), case, "aule-kp vulkan GpuTensor")  # noqa: B023
+            if row:
+                rows.append(row)
         if vs:
-            if preset == "gpu":
+            if gpu_sized:
                 for sdpa in ("FLASH_ATTENTION", "CUDNN_ATTENTION"):
-                    r = bench_torch(case, repeat, "cuda", sdpa)
+                    r = _guarded(lambda: bench_torch(case, repeat, "cuda", sdpa),  # noqa: B023
+                                 case, f"torch SDPA cuda {sdpa.lower()}")
                     if r:
                         rows.append(r)
             elif case.lq <= 2048:
-                r = bench_torch(case, repeat, "cpu")
+                r = _guarded(lambda: bench_torch(case, repeat, "cpu"), case, "torch SDPA cpu")  # noqa: B023
                 if r:
                     rows.append(r)
             # aule-attention runs at ~0.1 GFLOP/s on lavapipe: only the bar shape there.
-            if case.lq <= (512 if preset == "cpu" else 8192):
-                r = bench_aule_attention(case, max(1, min(repeat, 3)))
+            if case.lq <= (8192 if gpu_sized else 512):
+                r = _guarded(lambda: bench_aule_attention(case, max(1, min(repeat, 3))),  # noqa: B023
+                             case, "aule-attention 0.5.0 vulkan")
                 if r:
                     rows.append(r)
+    if hasattr(steps, "close"):
+        steps.close()
     if preset == "cpu" and "vulkan" in backends:
         rows += tiny_call_overhead()
     table = format_table(rows)
-    print(table)
-    if markdown:
-        m = machine()
+    title = f"`{preset}` preset" + (f", lengths / {scale:g}" if scale != 1 else "")
+    if markdown or plots:
+        m = machine(command)
         head = "\n".join(f"- {k}: {v}" for k, v in m.items())
-        with open(markdown, "a") as f:
-            f.write(f"\n### `{preset}` preset, {m['date']}\n\n{head}\n\n{table}\n")
+        if markdown:
+            with open(markdown, "a") as f:
+                f.write(f"\n### {title}, {m['date']}\n\n{head}\n\n{table}\n")
+        if plots:
+            from .plots import write_results
+
+            write_results(plots, rows, {"preset": preset, "scale": scale, "repeat": repeat, **m},
+                          f"### {title}, {m['date']}\n\n{head}\n\n{table}\n")
     return rows

@@ -67,6 +67,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
+    """Run a preset, print its table on stdout (progress on stderr), write --markdown / --plots."""
     from . import bench
     from .info import info
 
@@ -75,8 +76,20 @@ def _bench(args: argparse.Namespace) -> int:
     if preset == "auto":
         dev = next((d for d in data["devices"] if d["index"] == data["selected_device"]), None)
         preset = "gpu" if dev and dev["type"] in ("discrete", "integrated") else "cpu"
+    if args.scale <= 0:
+        print(f"aule-kp bench: --scale must be > 0 (got {args.scale})", file=sys.stderr)
+        return 2
+    if args.plots:
+        from .plots import matplotlib_available
+
+        if not matplotlib_available():
+            print(f"aule-kp bench: matplotlib is not installed, so --plots writes only bench.md and bench.json "
+                  f"into {args.plots} (no PNGs); `pip install matplotlib` for the plots", file=sys.stderr)
     backends = args.backends.split(",") if args.backends else [b for b in ("vulkan", "cpu") if b in data["backends"]]
-    bench.run(preset, args.vs, args.repeat, args.markdown, backends)
+    command = " ".join(["aule-kp", *args.argv])
+    rows = bench.run(preset, args.vs, args.repeat, args.markdown, backends, scale=args.scale, plots=args.plots,
+                     command=command)
+    print(bench.format_table(rows))
     return 0
 
 
@@ -92,13 +105,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--repeat", type=int, default=3)
     p.set_defaults(fn=_demo)
     p = sub.add_parser("bench", help="benchmark table (ms, TFLOPS, peak memory)")
-    p.add_argument("--preset", choices=["auto", "cpu", "gpu"], default="auto")
+    from .bench import PRESETS
+
+    p.add_argument("--preset", choices=["auto", *PRESETS], default="auto",
+                   help="auto (cpu or gpu by the device), cpu, gpu, or model shapes: llama3-8b, llama3-70b, sdxl, flux")
     p.add_argument("--vs", action="store_true", help="also time torch SDPA and aule-attention 0.5.0 when installed")
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--backends", help="comma-separated: vulkan,cpu")
     p.add_argument("--markdown", help="append the table, machine and command to this file")
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="divide sequence lengths by F (min 16; decode's Lq=1 kept): smoke-run GPU presets on a CPU")
+    p.add_argument("--plots", metavar="DIR",
+                   help="write bench.md, bench.json and PNG plots (latency, TFLOPS, memory, speedup) into DIR")
     p.set_defaults(fn=_bench)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     return args.fn(args)
