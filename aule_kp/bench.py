@@ -5,13 +5,22 @@ ready for BENCHMARKS.md; with ``--plots DIR`` writes the table as markdown and J
 (see :mod:`aule_kp.plots`). Every figure is a median over repeated calls after a warm-up.
 
 Presets: ``cpu`` and ``gpu`` (the engine's bars) and real model shapes (``llama3-8b``, ``llama3-70b``,
-``sdxl``, ``flux``). ``--scale F`` divides every sequence length by F (down to 16, decode's Lq=1 kept)
-so that the model presets can be smoke-run on a CPU device such as lavapipe.
+``sdxl``, ``flux``). Rows (``--backends``, default every available aule-kp backend; ``--vs`` adds the
+baselines): aule-kp ``vulkan`` and ``cpu`` on NumPy inputs (host copies included) and Vulkan's zero-copy
+``Context`` path on GPU-sized shapes; aule-kp ``triton`` on torch tensors already on the CUDA/ROCm device
+(CUDA-synchronised; a skipped row says why where it cannot run); ``torch`` SDPA (CUDA flash and cuDNN on
+GPU-sized shapes, else CPU) and ``aule-attention`` 0.5.0. Every row that returns an output is checked
+against float64 on a sample of rows; TFLOPS count the visible (query, key) pairs (halved for causal).
+
+``--scale F`` divides every sequence length by F (down to 16, decode's Lq=1 kept) so that the model
+presets can be smoke-run on a CPU device such as lavapipe.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import functools
 import json
 import logging
 import math
@@ -23,7 +32,7 @@ import sys
 import time
 import tracemalloc
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -203,37 +212,107 @@ def bench_gpu_tensor(case: Case, repeat: int) -> Dict[str, Any]:
     return _row(case, "aule-kp vulkan GpuTensor", seconds, err)
 
 
-def bench_torch(case: Case, repeat: int, device: str, sdpa_backend: Optional[str] = None) -> Optional[Dict[str, Any]]:
-    """Time torch's ``scaled_dot_product_attention`` on ``device``; None when torch or the device is missing."""
+def _torch_on(device: str) -> Tuple[Any, List[str]]:
+    """``(torch, [])`` when torch can run on ``device`` ("cpu" or "cuda", ROCm included), else ``(None, reasons)``."""
     try:
         import torch
-        import torch.nn.functional as F
     except ImportError:
-        return None
+        return None, ["torch is not installed"]
     if device == "cuda" and not torch.cuda.is_available():
-        return None
+        return None, [f"torch {torch.__version__} sees no CUDA/ROCm device"]
+    return torch, []
+
+
+def _skipped(case: Case, who: str, reasons: List[str]) -> Dict[str, Any]:
+    """A row with no figures that says why ``who`` did not run on ``case``."""
+    return _row(case, who, None, note="skipped: " + "; ".join(reasons))
+
+
+def bench_torch_call(case: Case, who: str, device: str, repeat: int,
+                     make_call: Callable[[Any, Any, Any], Callable[[], Any]],
+                     within: Callable[[], ContextManager[Any]] = contextlib.nullcontext) -> Dict[str, Any]:
+    """Time ``make_call(q, k, v)()`` on the case's inputs as torch tensors already on ``device`` (each call
+    synchronised with ``torch.cuda.synchronize`` there), inside ``within()``; max error against the same
+    float64 reference as every row. The path shared by the torch SDPA rows and the aule-kp Triton row: a
+    ``RuntimeError`` (a kernel refusing the shape) gives a "not run" row, a missing torch/device a skipped one."""
+    torch, why = _torch_on(device)
+    if torch is None:
+        return _skipped(case, who, why)
+    host = case.inputs()
     q, k, v = (torch.from_numpy(a.view(np.int16)).view(torch.bfloat16) if case.dtype == "bfloat16"
-               else torch.from_numpy(a) for a in case.inputs())
-    q, k, v = (t.to(device) for t in (q, k, v))
+               else torch.from_numpy(a) for a in host)
+    call = make_call(q.to(device), k.to(device), v.to(device))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    with within():
+        try:
+            out = call()
+            seconds = median_time(call, repeat, sync=sync)
+        except RuntimeError as exc:
+            return _row(case, who, None, note=f"not run: {exc}"[:80])
+    # _max_err reads head 0 of batch 0 only: copy just that slice to the host.
+    err = _max_err(from_f32(out[:1, :1].float().cpu().numpy(), case.dtype), case, *host)
+    return _row(case, who, seconds, err)
+
+
+def bench_torch(case: Case, repeat: int, device: str, sdpa_backend: Optional[str] = None) -> Dict[str, Any]:
+    """Time torch's ``scaled_dot_product_attention`` on ``device`` (``sdpa_backend``: an ``SDPBackend`` name
+    to pin, e.g. ``"FLASH_ATTENTION"``); a skipped row when torch or the device is missing."""
+    who = f"torch SDPA {device} {(sdpa_backend or '').lower()}".strip()
     gqa = bool(case.hkv and case.hkv != case.h)
     # torch's causal is top-left; with Lq == Lk it is the same mask as ours.
     causal = case.causal and case.lq == case.lk
-    call = lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)  # noqa: E731
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    ctx: Any = None
-    if sdpa_backend:
+
+    def make_call(q: Any, k: Any, v: Any) -> Callable[[], Any]:
+        import torch.nn.functional as F
+
+        return lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
+
+    def within() -> ContextManager[Any]:
+        if not sdpa_backend:
+            return contextlib.nullcontext()
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        ctx = sdpa_kernel(getattr(SDPBackend, sdpa_backend))
-        ctx.__enter__()
-    try:
-        seconds = median_time(call, repeat, sync=sync)
-    except RuntimeError as exc:
-        return _row(case, f"torch SDPA {device} {sdpa_backend or ''}".strip(), None, note=f"not run: {exc}"[:60])
-    finally:
-        if ctx is not None:
-            ctx.__exit__(None, None, None)
-    return _row(case, f"torch SDPA {device} {(sdpa_backend or '').lower()}".strip(), seconds)
+        return sdpa_kernel(getattr(SDPBackend, sdpa_backend))
+
+    return bench_torch_call(case, who, device, repeat, make_call, within)
+
+
+#: The backend name of the aule-kp Triton row.
+TRITON_ROW = "aule-kp triton"
+
+
+def triton_skip_reasons(case: Case, device: str = "cuda") -> List[str]:
+    """Why the Triton row cannot time ``case`` on torch tensors on ``device`` here (empty: it can): a
+    missing package, no CUDA/ROCm device, Triton's CPU interpreter switched on for CUDA tensors, or what
+    the Triton backend itself refuses (see :meth:`aule_kp.triton.backend.TritonBackend.reasons`)."""
+    from . import dispatch
+    from .triton.backend import interpreting
+
+    backend = dispatch.get("triton")
+    why = backend.available()
+    if why:
+        return why
+    torch, why = _torch_on(device)
+    if torch is None:
+        return why
+    if device == "cuda" and interpreting():
+        why.append("TRITON_INTERPRET=1 runs Triton's CPU interpreter: its timings would mean nothing")
+    return why + backend.reasons(replace(case.problem(), device=device))
+
+
+def bench_triton(case: Case, repeat: int, device: str = "cuda") -> Dict[str, Any]:
+    """aule-kp's Triton backend forward (``flash_attention(..., backend="triton")``) on torch tensors already
+    on ``device``, timed and checked like the torch SDPA rows (:func:`bench_torch_call`); a skipped row with
+    the reasons when it cannot run here. ``device="cpu"`` runs only under ``TRITON_INTERPRET=1`` (tests)."""
+    why = triton_skip_reasons(case, device)
+    if why:
+        return _skipped(case, TRITON_ROW, why)
+    from .api import flash_attention
+
+    def make_call(q: Any, k: Any, v: Any) -> Callable[[], Any]:
+        return lambda: flash_attention(q, k, v, causal=case.causal, backend="triton")
+
+    return bench_torch_call(case, TRITON_ROW, device, repeat, make_call)
 
 
 _AULE_SCRIPT = """
@@ -285,7 +364,7 @@ def tiny_call_overhead(repeat: int = 2000) -> List[Dict[str, Any]]:
     evaluate = median_time(plan.eval, repeat, warmup=20)
     with dev.lock:
         timed = dev.manager.sequence(0, 2)
-        timed.record(dev.kp.OpAlgoDispatch(plan.chunks[0].algorithm))
+        timed.record(dev.kp.OpAlgoDispatch(plan.chunks[0].algorithms[0]))
         ticks = []
         for _ in range(200):
             timed.eval()
@@ -361,64 +440,95 @@ def _progress(cases: List[Case]) -> Any:
     return tqdm(cases, desc="bench", unit="shape", file=sys.stderr)
 
 
-def run(preset: str, vs: bool, repeat: int, markdown: Optional[str], backends: List[str],
-        scale: float = 1.0, plots: Optional[str] = None, command: Optional[str] = None) -> List[Dict[str, Any]]:
-    """Time the preset's cases (lengths divided by ``scale``) on ``backends`` (and, with ``vs``, the
-    baselines); append the table to ``markdown`` and write table, JSON and PNGs to ``plots`` when given.
-    ``command`` is the command line recorded beside the table. Returns the rows; printing the table is
-    the caller's business."""
-    rows: List[Dict[str, Any]] = []
-    cases = scale_cases(PRESETS[preset], scale)
+#: ``--backends`` names: aule-kp's backends, then the baselines (``--vs`` adds those).
+OUR_BACKENDS = ("vulkan", "triton", "cpu")
+BASELINE_BACKENDS = ("torch", "aule-attention")
+
+
+def select_backends(spec: Optional[str], available: Sequence[str]) -> List[str]:
+    """The rows a ``--backends`` value asks for, in its order: a comma list of :data:`OUR_BACKENDS` and
+    :data:`BASELINE_BACKENDS` names. Empty or None: every aule-kp backend in ``available`` (the baselines
+    come with ``--vs``). Raises ValueError naming what is not a known row."""
+    if not spec:
+        return [b for b in OUR_BACKENDS if b in available]
+    names = [n.strip() for n in spec.split(",")]
+    known = OUR_BACKENDS + BASELINE_BACKENDS
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown backend(s) {', '.join(map(repr, unknown))} in --backends; "
+                         f"choose from {','.join(known)}")
+    return list(dict.fromkeys(names))
+
+
+Timing = Callable[[], Optional[Dict[str, Any]]]
+
+
+def plan_rows(case: Case, preset: str, backends: Sequence[str], repeat: int,
+              scale: float = 1.0) -> List[Tuple[str, Timing]]:
+    """The rows ``run`` times for ``case`` as ``(name, timing)`` pairs in table order, for the selected
+    ``backends`` (names as :func:`select_backends`): aule-kp on NumPy inputs, the Vulkan zero-copy path and
+    the Triton row (torch tensors on the CUDA/ROCm device, or a skipped row saying why), then torch SDPA
+    and aule-attention 0.5.0. Shapes too big for a CPU device, or the CPU backend on GPU-sized shapes,
+    are left out."""
     # GPU-sized shapes: the CPU backend is no contender there, and the baselines are CUDA's SDPA kernels.
     gpu_sized = preset in GPU_PRESETS and scale == 1
+    plan: List[Tuple[str, Timing]] = []
+    for be in backends:
+        if be not in ("vulkan", "cpu") or (gpu_sized and be == "cpu"):
+            continue
+        if preset == "cpu" and be == "vulkan" and case.lq > 512:
+            continue  # lavapipe at S >= 2048 takes minutes per call; the bar shape is S=512
+        plan.append((f"aule-kp {be}", functools.partial(bench_ours, case, be, repeat)))
+    if gpu_sized and "vulkan" in backends:
+        plan.append(("aule-kp vulkan GpuTensor", functools.partial(bench_gpu_tensor, case, repeat)))
+    if "triton" in backends:
+        plan.append((TRITON_ROW, functools.partial(bench_triton, case, repeat)))
+    if "torch" in backends:
+        if gpu_sized:
+            for sdpa in ("FLASH_ATTENTION", "CUDNN_ATTENTION"):
+                timing = functools.partial(bench_torch, case, repeat, "cuda", sdpa)
+                plan.append((f"torch SDPA cuda {sdpa.lower()}", timing))
+        elif case.lq <= 2048:
+            plan.append(("torch SDPA cpu", functools.partial(bench_torch, case, repeat, "cpu")))
+    # aule-attention runs at ~0.1 GFLOP/s on lavapipe: only the bar shape there.
+    if "aule-attention" in backends and case.lq <= (8192 if gpu_sized else 512):
+        few = max(1, min(repeat, 3))
+        plan.append(("aule-attention 0.5.0 vulkan", functools.partial(bench_aule_attention, case, few)))
+    return plan
+
+
+def run(preset: str, vs: bool, repeat: int, markdown: Optional[str], backends: Sequence[str],
+        scale: float = 1.0, plots: Optional[str] = None, command: Optional[str] = None) -> List[Dict[str, Any]]:
+    """Time the preset's cases (lengths divided by ``scale``) on ``backends`` (names as
+    :func:`select_backends`; ``vs`` adds the baselines); append the table to ``markdown`` and write
+    table, JSON and PNGs to ``plots`` when given. ``command`` is the command line recorded beside the
+    table. Returns the rows; printing the table is the caller's business."""
+    selected = list(backends) + [b for b in BASELINE_BACKENDS if vs and b not in backends]
+    rows: List[Dict[str, Any]] = []
+    cases = scale_cases(PRESETS[preset], scale)
     steps = _progress(cases)
     for case in steps:
         if hasattr(steps, "set_postfix_str"):
             steps.set_postfix_str(case.label())
-        for be in backends:
-            if gpu_sized and be == "cpu":
-                continue
-            if preset == "cpu" and be == "vulkan" and case.lq > 512:
-                continue  # lavapipe at S >= 2048 takes minutes per call; the bar shape is S=512
-            row = _guarded(lambda: bench_ours(case, be, repeat), case, f"aule-kp {be}")  # noqa: B023
+        for who, timing in plan_rows(case, preset, selected, repeat, scale):
+            row = _guarded(timing, case, who)
             if row:
                 rows.append(row)
-        if gpu_sized and "vulkan" in backends:
-            row = _guarded(lambda: bench_gpu_tensor(case, repeat), case, "aule-kp vulkan GpuTensor")  # noqa: B023
-            if row:
-                rows.append(row)
-        if vs:
-            if gpu_sized:
-                for sdpa in ("FLASH_ATTENTION", "CUDNN_ATTENTION"):
-                    r = _guarded(lambda: bench_torch(case, repeat, "cuda", sdpa),  # noqa: B023
-                                 case, f"torch SDPA cuda {sdpa.lower()}")
-                    if r:
-                        rows.append(r)
-            elif case.lq <= 2048:
-                r = _guarded(lambda: bench_torch(case, repeat, "cpu"), case, "torch SDPA cpu")  # noqa: B023
-                if r:
-                    rows.append(r)
-            # aule-attention runs at ~0.1 GFLOP/s on lavapipe: only the bar shape there.
-            if case.lq <= (8192 if gpu_sized else 512):
-                r = _guarded(lambda: bench_aule_attention(case, max(1, min(repeat, 3))),  # noqa: B023
-                             case, "aule-attention 0.5.0 vulkan")
-                if r:
-                    rows.append(r)
     if hasattr(steps, "close"):
         steps.close()
-    if preset == "cpu" and "vulkan" in backends:
+    if preset == "cpu" and "vulkan" in selected:
         rows += tiny_call_overhead()
     table = format_table(rows)
     title = f"`{preset}` preset" + (f", lengths / {scale:g}" if scale != 1 else "")
     if markdown or plots:
+        from .plots import format_speedups, write_results
+
         m = machine(command)
         head = "\n".join(f"- {k}: {v}" for k, v in m.items())
+        text = f"### {title}, {m['date']}\n\n{head}\n\n{table}\n{format_speedups(rows)}"
         if markdown:
             with open(markdown, "a") as f:
-                f.write(f"\n### {title}, {m['date']}\n\n{head}\n\n{table}\n")
+                f.write(f"\n{text}")
         if plots:
-            from .plots import write_results
-
-            write_results(plots, rows, {"preset": preset, "scale": scale, "repeat": repeat, **m},
-                          f"### {title}, {m['date']}\n\n{head}\n\n{table}\n")
+            write_results(plots, rows, {"preset": preset, "scale": scale, "repeat": repeat, **m}, text)
     return rows

@@ -1,4 +1,4 @@
-"""``aule-kp info | demo | bench`` (also ``python -m aule_kp``)."""
+"""``aule-kp info | demo | bench | tune`` (also ``python -m aule_kp``)."""
 
 from __future__ import annotations
 
@@ -85,11 +85,52 @@ def _bench(args: argparse.Namespace) -> int:
         if not matplotlib_available():
             print(f"aule-kp bench: matplotlib is not installed, so --plots writes only bench.md and bench.json "
                   f"into {args.plots} (no PNGs); `pip install matplotlib` for the plots", file=sys.stderr)
-    backends = args.backends.split(",") if args.backends else [b for b in ("vulkan", "cpu") if b in data["backends"]]
+    try:
+        backends = bench.select_backends(args.backends, data["backends"])
+    except ValueError as exc:
+        print(f"aule-kp bench: {exc}", file=sys.stderr)
+        return 2
     command = " ".join(["aule-kp", *args.argv])
     rows = bench.run(preset, args.vs, args.repeat, args.markdown, backends, scale=args.scale, plots=args.plots,
                      command=command)
     print(bench.format_table(rows))
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    """Time tile candidates on the selected device and cache the winners; --show / --clear: that cache."""
+    from .vulkan import device as devmod
+    from .vulkan import tuning
+
+    why = devmod.vulkan_unavailable()
+    if why:
+        print(f"aule-kp tune: no Vulkan device ({why})", file=sys.stderr)
+        return 2
+    passes = [x.strip() for x in args.passes.split(",") if x.strip()]
+    if not passes or any(x not in tuning.PASSES for x in passes):
+        print(f"aule-kp tune: --passes takes a comma list of {', '.join(tuning.PASSES)}", file=sys.stderr)
+        return 2
+    if any(d < 8 or d > 256 or d % 8 for d in args.head_dim or []):
+        print(f"aule-kp tune: head dims must be multiples of 8 from 8 to 256, got {args.head_dim}", file=sys.stderr)
+        return 2
+    caps = devmod.get_device().caps
+    path = tuning.cache_path(caps, args.cache_dir)
+    if args.clear:
+        print(f"removed {path}" if tuning.clear(caps, args.cache_dir) else f"no tuning cache at {path}")
+    if args.show:
+        entries = tuning.load(caps, args.cache_dir)
+        print(f"tuning cache of {caps.name}, driver {caps.driver_info or caps.driver_version}: {path}")
+        print(tuning.format_entries(entries) if entries else "(no entries)")
+    if args.clear or args.show:
+        return 0
+    report = tuning.tune(quick=args.quick, dtype=args.dtype, head_dims=args.head_dim, repeat=args.repeat,
+                         passes=passes, max_candidates=args.candidates, directory=args.cache_dir)
+    print(f"device: {report.device}")
+    print(tuning.format_rows(report.rows))
+    if not report.winners:
+        print("\nnothing could be timed: no winners stored")
+        return 1
+    print(f"\n{len(report.winners)} winner(s) (* above) written to {report.path}")
     return 0
 
 
@@ -109,15 +150,33 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     p.add_argument("--preset", choices=["auto", *PRESETS], default="auto",
                    help="auto (cpu or gpu by the device), cpu, gpu, or model shapes: llama3-8b, llama3-70b, sdxl, flux")
-    p.add_argument("--vs", action="store_true", help="also time torch SDPA and aule-attention 0.5.0 when installed")
+    p.add_argument("--vs", action="store_true",
+                   help="also time torch SDPA and aule-attention 0.5.0 (adds torch,aule-attention to --backends)")
     p.add_argument("--repeat", type=int, default=5)
-    p.add_argument("--backends", help="comma-separated: vulkan,cpu")
+    p.add_argument("--backends", metavar="LIST",
+                   help="comma-separated rows to run, from vulkan,triton,cpu,torch,aule-attention (default: every "
+                        "available aule-kp backend, plus torch,aule-attention with --vs); triton times CUDA/ROCm "
+                        "tensors and reports why where it cannot run")
     p.add_argument("--markdown", help="append the table, machine and command to this file")
     p.add_argument("--scale", type=float, default=1.0,
                    help="divide sequence lengths by F (min 16; decode's Lq=1 kept): smoke-run GPU presets on a CPU")
     p.add_argument("--plots", metavar="DIR",
                    help="write bench.md, bench.json and PNG plots (latency, TFLOPS, memory, speedup) into DIR")
     p.set_defaults(fn=_bench)
+    p = sub.add_parser("tune", help="time tile sizes on this device and cache the fastest per problem")
+    p.add_argument("--quick", action="store_true", help="tiny shapes and 2 candidates per problem (seconds)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="dtype of the problems (default: float32 on CPU devices, float16 on GPUs)")
+    p.add_argument("--head-dim", type=int, nargs="+", metavar="D", help="head dims to tune (default: the preset's)")
+    p.add_argument("--repeat", type=int, default=5, help="timed evals per candidate (median, after a warm-up)")
+    p.add_argument("--candidates", type=int, metavar="N",
+                   help="candidates per problem besides the default (default: 2 quick, 6 CPU, 24 GPU)")
+    p.add_argument("--passes", default="forward,backward", help="comma list: forward,backward")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="tuning cache folder (default: $AULE_KP_CACHE_DIR, else the user cache dir)")
+    p.add_argument("--clear", action="store_true", help="delete this device's tuning cache")
+    p.add_argument("--show", action="store_true", help="print this device's tuning cache")
+    p.set_defaults(fn=_tune)
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,

@@ -2,12 +2,14 @@
 
 Files written into DIR:
 
-- ``bench.md``: machine, driver, date, command, and the table.
+- ``bench.md``: machine, driver, date, command, the table and the speedups.
 - ``bench.json``: ``{"meta": {...}, "rows": [...], "speedups": [...]}``; a row has ``case``, ``backend``,
   ``ms``, ``tflops``, ``max_err``, ``peak_mb`` and ``note`` (``null`` where not measured).
 - ``latency_ms.png``, ``tflops.png``, ``peak_host_mb.png``, ``speedup.png``: one group of bars per case,
-  one bar per backend. The speedup is a baseline's time over the fastest aule-kp time on the same case
-  (above 1: aule-kp is faster), for torch SDPA and aule-attention 0.5.0 where those rows exist.
+  one bar per backend (aule-kp vulkan, vulkan GpuTensor, triton, cpu, torch SDPA, aule-attention: the
+  rows that ran). The speedup is a baseline's time over each aule-kp row's time on the same case (above 1:
+  aule-kp is faster), one bar per (aule-kp row, baseline) pair, for torch SDPA and aule-attention 0.5.0
+  where those rows exist; ``bench.md`` and ``bench.json`` list the same speedups.
 
 The PNGs need matplotlib (drawn with the Agg backend, no display); without it only the markdown and
 JSON are written and a warning says so.
@@ -39,18 +41,28 @@ def _finite(x: Any) -> Any:
 
 
 def speedups(rows: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Per case and baseline row: baseline ms / fastest aule-kp ms on that case."""
+    """Per case, every timed aule-kp row against every timed baseline row (torch SDPA, aule-attention):
+    ``{"case", "ours", "baseline", "speedup"}`` with speedup = baseline ms / aule-kp ms (above 1: aule-kp
+    is faster). Rows without a time (skipped, failed) are left out."""
     out: List[Dict[str, Any]] = []
     for case in dict.fromkeys(r["case"] for r in rows):
-        ours = [r for r in rows if r["case"] == case and r["backend"].startswith("aule-kp") and r["ms"]]
-        if not ours:
-            continue
-        best = min(ours, key=lambda r: r["ms"])
-        for r in rows:
-            if r["case"] == case and r["backend"].startswith(BASELINES) and r["ms"]:
-                out.append({"case": case, "baseline": r["backend"], "ours": best["backend"],
-                            "speedup": r["ms"] / best["ms"]})
+        timed = [r for r in rows if r["case"] == case and r["ms"]]
+        ours = [r for r in timed if r["backend"].startswith("aule-kp")]
+        for base in (r for r in timed if r["backend"].startswith(BASELINES)):
+            out += [{"case": case, "ours": r["backend"], "baseline": base["backend"], "speedup": base["ms"] / r["ms"]}
+                    for r in ours]
     return out
+
+
+def format_speedups(rows: Sequence[Dict[str, Any]]) -> str:
+    """The speedups of ``rows`` as a markdown table (with a blank line before it), or "" when there are none."""
+    sp = speedups(rows)
+    if not sp:
+        return ""
+    lines = ["", "Speedup = baseline ms / aule-kp ms (above 1: aule-kp faster):", "",
+             "| case | aule-kp | baseline | speedup |", "|---" * 4 + "|"]
+    lines += [f"| {x['case']} | {x['ours']} | {x['baseline']} | {x['speedup']:.3g} |" for x in sp]
+    return "\n".join(lines) + "\n"
 
 
 def _grouped_barh(path: str, cases: List[str], series: Dict[str, Dict[str, float]], xlabel: str,
@@ -127,8 +139,8 @@ def write_plots(out_dir: str, rows: Sequence[Dict[str, Any]], title: str) -> Lis
     cases = list(dict.fromkeys(x["case"] for x in sp))
     series: Dict[str, Dict[str, float]] = {}
     for x in sp:
-        series.setdefault(f"vs {x['baseline']}", {})[x["case"]] = x["speedup"]
-    _grouped_barh(paths[3], cases, series, "baseline ms / fastest aule-kp ms (log scale; above 1: aule-kp faster)",
+        series.setdefault(f"{x['ours'].removeprefix('aule-kp ')} vs {x['baseline']}", {})[x["case"]] = x["speedup"]
+    _grouped_barh(paths[3], cases, series, "baseline ms / aule-kp ms (log scale; above 1: aule-kp faster)",
                   f"Speedup — {title}" + ("" if sp else " (no torch SDPA / aule-attention rows)"), logx=True, ref=1.0)
     return paths
 

@@ -1,7 +1,9 @@
 """Vulkan FA2 backward on a GPU beside torch's flash backward (run by scripts/gpu_run.sh).
 
-B1 H32 S8192 D128 fp16, causal and not. The Vulkan figure times the recorded backward sequence with
-the data already in the plan's tensors (like the forward's GpuTensor rows); TFLOPS count the
+B1 H32 S8192 D128 fp16, causal and not. Two Vulkan figures: the plan's recorded sequence (inputs
+synced to the device, the three kernels, gradients synced back: what a host-memory call pays on a
+discrete GPU) and the same dispatches with the data already on the device (comparable with torch's
+CUDA backward, and with the forward's GpuTensor rows); then each kernel alone. TFLOPS count the
 backward as 2.5x the forward's multiply-adds.
 """
 
@@ -35,9 +37,20 @@ def main(b: int = 1, h: int = 32, s: int = 8192, d: int = 128, repeat: int = 5) 
         assert all(np.isfinite(g.astype(np.float32)).all() for g in grads[:3])
         plan = be.backward_plan(p, cfg)
         flops = 2.5 * p.flops()
+        tag = " causal" if causal else ""
         t = median_time(plan.eval, repeat)
-        print(f"| aule-kp vulkan {cfg.variant} backward{' causal' if causal else ''} | {t * 1e3:.2f} | "
+        print(f"| aule-kp vulkan {cfg.variant} backward{tag}, with host<->device transfers | {t * 1e3:.2f} | "
               f"{flops / t / 1e12:.1f} |")
+        resident = plan.record(dev.manager.sequence(), transfers=False)
+        t = median_time(resident.eval, repeat)
+        resident.destroy()
+        print(f"| aule-kp vulkan {cfg.variant} backward{tag}, data on the device | {t * 1e3:.2f} | "
+              f"{flops / t / 1e12:.1f} |")
+        for kcfg, algo in zip(cfg.kernels(), plan.chunks[0].algorithms):
+            alone = dev.manager.sequence().record(dev.kp.OpAlgoDispatch(algo))
+            ta = median_time(alone.eval, repeat)
+            print(f"| &nbsp; {kcfg.kernel} alone (BR {kcfg.br}, BC {kcfg.bc}, WG {kcfg.wg}) | {ta * 1e3:.2f} | |")
+            alone.destroy()
         try:
             import torch
             from torch.nn.attention import SDPBackend, sdpa_kernel

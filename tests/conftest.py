@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+# Tests see the default tiles, never a tuning cache the developer made with `aule-kp tune`
+# (subprocesses inherit this too); tests of the cache point it elsewhere themselves.
+os.environ["AULE_KP_CACHE_DIR"] = tempfile.mkdtemp(prefix="aule_kp_test_cache_")
 
 import math  # noqa: E402
 

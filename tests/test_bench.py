@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any, Dict, List
 
 import pytest
 
 import aule_kp.vulkan.device as devmod
-from aule_kp import bench, plots
-from aule_kp.bench import PRESETS, Case, scale_cases
+from aule_kp import bench, dispatch, plots
+from aule_kp.bench import PRESETS, TRITON_ROW, Case, scale_cases
 from aule_kp.cli import main
 
 _NO_VULKAN = devmod.vulkan_unavailable()
@@ -62,12 +65,15 @@ def test_scale_divides_lengths_min_16_and_keeps_decode() -> None:
         scale_cases(cases, 0)
 
 
-def test_speedups_use_fastest_aule_kp_row() -> None:
+def test_speedups_pair_every_timed_aule_kp_row_with_every_baseline() -> None:
     rows = [{"case": "c", "backend": "aule-kp vulkan", "ms": 2.0}, {"case": "c", "backend": "aule-kp cpu", "ms": 4.0},
-            {"case": "c", "backend": "torch SDPA cpu", "ms": 6.0}, {"case": "c", "backend": "aule-attention 0.5.0",
-                                                                  "ms": None}]
-    assert plots.speedups(rows) == [{"case": "c", "baseline": "torch SDPA cpu", "ours": "aule-kp vulkan",
-                                     "speedup": 3.0}]
+            {"case": "c", "backend": "torch SDPA cpu", "ms": 6.0},
+            {"case": "c", "backend": "aule-attention 0.5.0", "ms": None},
+            {"case": "d", "backend": "aule-kp cpu", "ms": 1.0}]
+    assert plots.speedups(rows) == [
+        {"case": "c", "ours": "aule-kp vulkan", "baseline": "torch SDPA cpu", "speedup": 3.0},
+        {"case": "c", "ours": "aule-kp cpu", "baseline": "torch SDPA cpu", "speedup": 1.5}]
+    assert plots.format_speedups(rows[-1:]) == ""
 
 
 @needs_matplotlib
@@ -108,3 +114,181 @@ def test_plots_without_matplotlib_write_table_and_json(tmp_path: Path, monkeypat
     assert sorted(Path(p).name for p in written) == ["bench.json", "bench.md"]
     assert not list(tmp_path.glob("*.png"))
     assert "matplotlib is not installed" in caplog.text
+
+
+# --- the aule-kp Triton row, --backends, and a triton column in the outputs --------------------------------
+
+TINY = Case(1, 2, 32, 32, 16, "float32", False)
+HAS_TRITON = not dispatch.get("triton").available()
+CUDA = bool(HAS_TRITON and __import__("torch").cuda.is_available())
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="torch or triton not installed")
+
+
+@needs_triton
+@pytest.mark.skipif(CUDA, reason="this checks the skip on a machine without CUDA/ROCm")
+def test_triton_row_is_skipped_with_its_reason_here() -> None:
+    reasons = bench.triton_skip_reasons(TINY)
+    assert reasons and "no CUDA/ROCm device" in reasons[0]
+    row = bench.bench_triton(TINY, repeat=1)
+    assert row["backend"] == TRITON_ROW and row["ms"] is None and row["tflops"] is None
+    assert row["note"] == "skipped: " + "; ".join(reasons)
+    # The default row selection keeps triton (it is installed), so the table says why instead of omitting it.
+    assert "triton" in bench.select_backends(None, dispatch.available_backends())
+
+
+@needs_triton
+def test_triton_skip_reasons_on_a_cuda_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a CUDA device (faked), the reasons are the interpreter switch and what the backend refuses."""
+    monkeypatch.setattr(bench, "_torch_on", lambda device: (object(), []))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert bench.triton_skip_reasons(TINY) == []
+    wide = Case(1, 2, 32, 32, 512, "float16", False)
+    assert any("Dk = 512" in r for r in bench.triton_skip_reasons(wide))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert any("TRITON_INTERPRET=1" in r for r in bench.triton_skip_reasons(TINY))
+    assert bench.triton_skip_reasons(TINY, device="cpu") == []  # the interpreter does take CPU tensors
+
+
+def test_triton_row_reports_missing_packages(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dispatch.get("triton"), "available", lambda: ["triton is not installed (pip install x)"])
+    row = bench.bench_triton(TINY, repeat=1)
+    assert row["ms"] is None and row["note"] == "skipped: triton is not installed (pip install x)"
+
+
+def test_torch_rows_skip_or_fail_with_a_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("torch")
+
+    def refuses(q: Any, k: Any, v: Any) -> Any:
+        def call() -> None:
+            raise RuntimeError("no kernel for this shape")
+        return call
+
+    row = bench.bench_torch_call(TINY, "torch SDPA cpu", "cpu", 1, refuses)
+    assert row["ms"] is None and row["note"] == "not run: no kernel for this shape"
+    if not CUDA:
+        assert "no CUDA/ROCm device" in bench.bench_torch(TINY, 1, "cuda", "FLASH_ATTENTION")["note"]
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch now fails
+    assert bench.bench_torch(TINY, 1, "cpu")["note"] == "skipped: torch is not installed"
+
+
+@needs_triton
+def test_triton_row_times_and_checks_through_the_interpreter(tmp_path: Path) -> None:
+    """The Triton row's timing path for real, on CPU tensors through Triton's interpreter (the only device
+    here; ``triton.jit`` reads TRITON_INTERPRET at import, hence the subprocess): a time and a small error."""
+    code = ("import json; from aule_kp import bench; "
+            "print(json.dumps([bench.bench_triton(bench.Case(1, 2, 32, 48, 16, dt, True, hkv=1), 1, device='cpu') "
+            "for dt in ('float32', 'float16')]))")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    f32, f16 = json.loads(done.stdout.strip().splitlines()[-1])
+    for row in (f32, f16):
+        assert row["backend"] == TRITON_ROW and row["note"] == "" and row["ms"] > 0 and row["tflops"] > 0, row
+    assert f32["max_err"] < 2e-5 and f16["max_err"] < 2.5e-3
+
+
+def test_select_backends() -> None:
+    assert bench.select_backends(None, ["vulkan", "triton", "cpu"]) == ["vulkan", "triton", "cpu"]
+    assert bench.select_backends("", ["cpu", "triton"]) == ["triton", "cpu"]
+    assert bench.select_backends("torch, triton,torch", ["cpu"]) == ["torch", "triton"]
+    with pytest.raises(ValueError, match="'cuda', 'sdpa'.*vulkan,triton,cpu,torch,aule-attention"):
+        bench.select_backends("cpu,cuda,sdpa", ["cpu"])
+
+
+def _planned(case: Case, preset: str, backends: List[str], scale: float = 1.0) -> List[str]:
+    return [who for who, _ in bench.plan_rows(case, preset, backends, 1, scale)]
+
+
+def test_plan_rows_follow_backends() -> None:
+    every = ["vulkan", "triton", "cpu", "torch", "aule-attention"]
+    sdxl = PRESETS["sdxl"][1]  # 1024 tokens, D64: aule-attention 0.5.0 can take it
+    assert _planned(sdxl, "sdxl", every) == [
+        "aule-kp vulkan", "aule-kp vulkan GpuTensor", TRITON_ROW, "torch SDPA cuda flash_attention",
+        "torch SDPA cuda cudnn_attention", "aule-attention 0.5.0 vulkan"]
+    assert _planned(sdxl, "sdxl", ["triton"]) == [TRITON_ROW]
+    assert _planned(sdxl, "sdxl", ["cpu", "torch"]) == ["torch SDPA cuda flash_attention",
+                                                         "torch SDPA cuda cudnn_attention"]
+    # Scaled down for a CPU: the CPU backend and torch on the CPU; the Triton row stays (skipped or not).
+    small = scale_cases([sdxl], 64)[0]
+    assert _planned(small, "sdxl", every, scale=64) == [
+        "aule-kp vulkan", "aule-kp cpu", TRITON_ROW, "torch SDPA cpu", "aule-attention 0.5.0 vulkan"]
+    timing = dict(bench.plan_rows(small, "sdxl", ["triton"], 3, 64))[TRITON_ROW]
+    assert timing.func is bench.bench_triton and timing.args == (small, 3)
+
+
+@needs_matplotlib
+def test_cli_backends_filter_rows_and_say_why_triton_did_not_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("torch")
+    monkeypatch.setitem(PRESETS, "tiny", [TINY])
+    out = tmp_path / "tiny"
+    assert main(["bench", "--preset", "tiny", "--repeat", "1", "--backends", "triton,torch", "--plots", str(out)]) == 0
+    table = capsys.readouterr().out
+    data = json.loads((out / "bench.json").read_text())
+    by = {r["backend"]: r for r in data["rows"]}
+    assert set(by) == {TRITON_ROW, "torch SDPA cpu"}
+    assert by["torch SDPA cpu"]["ms"] > 0 and by["torch SDPA cpu"]["max_err"] < 2e-5
+    triton = by[TRITON_ROW]
+    if CUDA:
+        assert triton["ms"] > 0 and triton["max_err"] < 2e-5
+    else:
+        assert triton["ms"] is None and triton["note"].startswith("skipped: ") and len(triton["note"]) > 12
+        assert f"| {TRITON_ROW} | — | — | — | — | — | {triton['note']} |" in table
+        assert triton["note"] in (out / "bench.md").read_text()
+    # --vs adds the baselines to an explicit list; an unknown name is refused before anything runs.
+    assert main(["bench", "--preset", "tiny", "--repeat", "1", "--backends", "cpu", "--vs"]) == 0
+    assert "| aule-kp cpu |" in capsys.readouterr().out
+    assert main(["bench", "--preset", "tiny", "--backends", "cpu,cuda"]) == 2
+    assert "unknown backend(s) 'cuda'" in capsys.readouterr().err
+
+
+def _fake_gpu_rows() -> List[Dict[str, Any]]:
+    """A result set as the llama3-8b preset gives on a CUDA machine, with a triton column."""
+    a, b = (Case(1, 32, s, s, 128, "float16", True, hkv=8) for s in (2048, 4096))
+    rows = []
+    for case, figures in ((a, {"aule-kp vulkan": 8.0, "aule-kp vulkan GpuTensor": 0.5, TRITON_ROW: 0.25,
+                               "torch SDPA cuda flash_attention": 0.2, "torch SDPA cuda cudnn_attention": 0.125}),
+                          (b, {"aule-kp vulkan GpuTensor": 1.6, TRITON_ROW: None,
+                               "torch SDPA cuda flash_attention": 0.5})):
+        for who, ms in figures.items():
+            err = None if who.startswith("torch") or ms is None else 2e-4
+            rows.append(bench._row(case, who, None if ms is None else ms / 1e3, err,
+                                   note="" if ms else "failed: out of memory"))
+    return rows
+
+
+def test_outputs_carry_a_triton_column(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = _fake_gpu_rows()
+    drawn: Dict[str, Any] = {}
+    monkeypatch.setattr(plots, "matplotlib_available", lambda: True)
+    monkeypatch.setattr(plots, "_grouped_barh", lambda path, cases, series, *a, **k: drawn.update(
+        {Path(path).name: (cases, series)}))
+    md = bench.format_table(rows) + plots.format_speedups(rows)
+    plots.write_results(str(tmp_path), rows, {"preset": "llama3-8b", "scale": 1.0}, md)
+    a, b = rows[0]["case"], rows[-1]["case"]
+    # Latency and TFLOPS: triton is a series, present only where it has a time.
+    for name in ("latency_ms.png", "tflops.png"):
+        cases, series = drawn[name]
+        assert cases == [a, b] and set(series[TRITON_ROW]) == {a}
+    assert drawn["latency_ms.png"][1][TRITON_ROW][a] == pytest.approx(0.25)
+    # Speedup: every aule-kp row against every torch row; triton beats cuDNN by 0.125 / 0.25 = 0.5x.
+    cases, series = drawn["speedup.png"]
+    assert series["triton vs torch SDPA cuda cudnn_attention"] == {a: pytest.approx(0.5)}
+    assert series["triton vs torch SDPA cuda flash_attention"] == {a: pytest.approx(0.8)}
+    assert series["vulkan GpuTensor vs torch SDPA cuda flash_attention"] == {a: pytest.approx(0.4),
+                                                                             b: pytest.approx(0.5 / 1.6)}
+    assert len(series) == 6
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert [r["backend"] for r in data["rows"]].count(TRITON_ROW) == 2
+    assert {(s["ours"], s["baseline"]) for s in data["speedups"] if s["case"] == b} == {
+        ("aule-kp vulkan GpuTensor", "torch SDPA cuda flash_attention")}
+    text = (tmp_path / "bench.md").read_text()
+    assert f"| {a} | {TRITON_ROW} | 0.250 | " in text and f"| {b} | {TRITON_ROW} | — |" in text
+    assert f"| {a} | {TRITON_ROW} | torch SDPA cuda cudnn_attention | 0.5 |" in text
+
+
+@needs_matplotlib
+def test_triton_column_plots_for_real(tmp_path: Path) -> None:
+    written = plots.write_results(str(tmp_path), _fake_gpu_rows(), {"preset": "llama3-8b", "scale": 1.0}, "x")
+    assert sorted(Path(p).name for p in written) == sorted(["bench.md", "bench.json", *plots.PNG_FILES])
+    assert all((tmp_path / n).read_bytes()[:4] == b"\x89PNG" for n in plots.PNG_FILES)

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..dtypes import STORAGE
 from ..problem import Problem
+from .hostcopy import copy_bytes
 from .kernels import BackwardConfig
 from .plan import MAX_GRID_Y, _words, binding_limit, group_bytes, push_constants, stats
 
@@ -74,7 +75,6 @@ class BackwardPlan:
         kp = device.kp
         mgr = device.manager
         p = problem
-        ttype = kp.TensorTypes.host if device.host_memory else kp.TensorTypes.device
         per = backward_group_bytes(p, config.write_ds)
         n_groups = p.batch * p.heads_kv
         limit = binding_limit(device.caps.max_storage_buffer_range)
@@ -83,8 +83,8 @@ class BackwardPlan:
             raise ValueError(f"one (batch, kv-head) slice of the backward needs {max(per.values())} B, over the "
                              f"device's storage binding limit of {limit} B")
 
-        def tensor(words: int, dtype: Any, kind: Any = ttype) -> Any:
-            return mgr.tensor_t(np.zeros(max(words, 1), dtype=dtype), kind)
+        def tensor(words: int, dtype: Any, role: str = "in") -> Any:
+            return device.io_tensor(np.zeros(max(words, 1), dtype=dtype), role)
 
         self.mask = tensor(int(np.prod(p.mask_shape)) if p.mask_shape else 1, np.float32)
         self.mask_view = self.mask.data()
@@ -106,10 +106,11 @@ class BackwardPlan:
             }
             words.update(do=words["o"], dq=words["q"], dk=words["k"], dv=words["v"])
             tensors = {name: tensor(words[name], np.float32 if name in ("lse", "stats", "ds") else np.uint32,
-                                    # Device-local even on host-memory devices: the barrier after
-                                    # fa2_bwd_pre is recorded by syncing it (see the sequence below).
-                                    kp.TensorTypes.device if name == "stats" else ttype)
-                       for name in BINDINGS if name != "mask"}
+                                    "out" if name in (*OUTPUTS, "ds") else "in")
+                       for name in BINDINGS if name not in ("mask", "stats")}
+            # Device-local even on host-memory devices: the barrier after fa2_bwd_pre is recorded by
+            # syncing it (see record()).
+            tensors["stats"] = mgr.tensor_t(np.zeros(words["stats"], np.float32), kp.TensorTypes.device)
             tensors["mask"] = self.mask
             bound = [tensors[name] for name in BINDINGS]
             grids = (
@@ -125,24 +126,7 @@ class BackwardPlan:
             self.chunks.append(BackwardChunk(g0, g1, tensors, views, algorithms))
             self.nbytes += n * sum(per.values()) * (1 if device.host_memory else 2)
 
-        self.sequence = mgr.sequence()
-        inputs = [c.tensors[name] for c in self.chunks for name in INPUTS]
-        if p.has_mask:
-            inputs.append(self.mask)
-        self.sequence.record(kp.OpTensorSyncDevice(inputs))
-        for c in self.chunks:
-            self.sequence.record(kp.OpAlgoDispatch(c.algorithms[0]))
-        # dK/dV and dQ read the statistics fa2_bwd_pre wrote. kp's Python API records no
-        # compute -> compute barrier, and OpAlgoDispatch's own barrier only orders transfers before
-        # the dispatch. Syncing the (device-local) statistics records compute -> transfer (shader
-        # writes made available), and the next dispatch's transfer -> compute barrier on the same
-        # buffer makes them visible: together a complete dependency, for one small copy.
-        self.sequence.record(kp.OpTensorSyncLocal([c.tensors["stats"] for c in self.chunks]))
-        for c in self.chunks:
-            for algorithm in c.algorithms[1:]:
-                self.sequence.record(kp.OpAlgoDispatch(algorithm))
-        outputs = [c.tensors[name] for c in self.chunks for name in (*OUTPUTS, *(("ds",) if config.write_ds else ()))]
-        self.sequence.record(kp.OpTensorSyncLocal(outputs))
+        self.sequence = self.record(mgr.sequence(), transfers=True)
         stats["plans"] += 1
         log.debug("backward plan for %s: %d chunk(s), %s", p, len(self.chunks), config)
 
@@ -165,11 +149,9 @@ class BackwardPlan:
             if a.shape != (p.batch, *shapes[name]):
                 raise ValueError(f"backward {name}: expected shape {(p.batch, *shapes[name])}, got {a.shape}")
             src[name] = np.ascontiguousarray(a).reshape(groups, -1)
-        for c in self.chunks:
-            for name in INPUTS:
-                part = src[name][c.g0:c.g1]
-                # One copy into mapped memory; packed 16-bit data goes in as raw bytes.
-                c.views[name].view(np.uint8)[: part.nbytes] = part.reshape(-1).view(np.uint8)
+        # One copy into mapped memory; packed 16-bit data goes in as raw bytes.
+        copy_bytes([(c.views[name].view(np.uint8)[: part.nbytes], part.reshape(-1).view(np.uint8))
+                    for c in self.chunks for name in INPUTS for part in (src[name][c.g0:c.g1],)])
         if mask is not None:
             self.mask_view[:] = mask.reshape(-1)
         self.eval()
@@ -178,14 +160,39 @@ class BackwardPlan:
         dk = np.empty((groups, p.len_k * p.dim_k), dtype=storage)
         dv = np.empty((groups, p.len_k * p.dim_v), dtype=storage)
         ds = np.empty((groups, p.group * p.len_q * p.len_k), dtype=np.float32) if self.config.write_ds else None
-        for c in self.chunks:
-            for name, dst in (("dq", dq), ("dk", dk), ("dv", dv), ("ds", ds)):
-                if dst is not None:
-                    part = dst[c.g0:c.g1]
-                    part.reshape(-1).view(np.uint8)[:] = c.views[name].view(np.uint8)[: part.nbytes]
+        copy_bytes([(part.reshape(-1).view(np.uint8), c.views[name].view(np.uint8)[: part.nbytes])
+                    for c in self.chunks for name, dst in (("dq", dq), ("dk", dk), ("dv", dv), ("ds", ds))
+                    if dst is not None for part in (dst[c.g0:c.g1],)])
         b, hq, hkv = p.batch, p.heads_q, p.heads_kv
         return (dq.reshape(b, hq, p.len_q, p.dim_k), dk.reshape(b, hkv, p.len_k, p.dim_k),
                 dv.reshape(b, hkv, p.len_k, p.dim_v), None if ds is None else ds.reshape(b, hq, p.len_q, p.len_k))
+
+    def record(self, sequence: Any, transfers: bool) -> Any:
+        """Records the pass into ``sequence``: with ``transfers``, inputs to the device first and
+        gradients back after; without, the dispatches alone (data already on the device, as
+        benchmarks time torch's backward)."""
+        kp = self.device.kp
+        if transfers:
+            inputs = [c.tensors[name] for c in self.chunks for name in INPUTS]
+            if self.problem.has_mask:
+                inputs.append(self.mask)
+            sequence.record(kp.OpTensorSyncDevice(inputs))
+        for c in self.chunks:
+            sequence.record(kp.OpAlgoDispatch(c.algorithms[0]))
+        # dK/dV and dQ read the statistics fa2_bwd_pre wrote. kp's Python API records no
+        # compute -> compute barrier, and OpAlgoDispatch's own barrier only orders transfers before
+        # the dispatch. Syncing the (device-local) statistics records compute -> transfer (shader
+        # writes made available), and the next dispatch's transfer -> compute barrier on the same
+        # buffer makes them visible: together a complete dependency, for one small copy.
+        sequence.record(kp.OpTensorSyncLocal([c.tensors["stats"] for c in self.chunks]))
+        for c in self.chunks:
+            for algorithm in c.algorithms[1:]:
+                sequence.record(kp.OpAlgoDispatch(algorithm))
+        if transfers:
+            outputs = [c.tensors[name] for c in self.chunks
+                       for name in (*OUTPUTS, *(("ds",) if self.config.write_ds else ()))]
+            sequence.record(kp.OpTensorSyncLocal(outputs))
+        return sequence
 
     def eval(self) -> None:
         self.sequence.eval()

@@ -13,9 +13,15 @@ from functools import cache
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import numpy as np
+
 from .probe import DeviceCaps, probe_devices, probe_error
 
 log = logging.getLogger("aule_kp")
+
+#: Smallest device-local host-visible heap that plan inputs are put in (a resizable BAR, not the
+#: classic 256 MiB window that drivers keep for themselves).
+BAR_MIN_HEAP = 2 << 30
 
 _kp: Any = None
 _kp_error: Optional[str] = None
@@ -107,6 +113,43 @@ class Device:
     def host_memory(self) -> bool:
         """Keep tensors in host-visible memory: free syncs where the GPU reads host memory anyway."""
         return self.caps.type in ("cpu", "integrated") or os.environ.get("AULE_KP_HOST_TENSORS") == "1"
+
+    @property
+    def direct_io(self) -> bool:
+        """Discrete GPU with the patched kp: a plan's inputs go to device-local host-visible memory
+        (resizable BAR, when the heap is large) and its outputs to cached host memory, so a call
+        copies each byte once (see ``io_tensor``). ``AULE_KP_DIRECT_IO=0`` keeps staging buffers."""
+        return (not self.host_memory and os.environ.get("AULE_KP_DIRECT_IO", "1") != "0"
+                and hasattr(self.kp, "aule_host_device_local"))
+
+    def io_tensor(self, data: np.ndarray, role: str) -> Any:
+        """A kp tensor for data the host writes (``role="in"``) or reads (``"out"``) on every call.
+
+        Host-memory devices: host tensors. Discrete GPUs with ``direct_io``: inputs in device-local
+        host-visible memory when its heap holds at least ``BAR_MIN_HEAP`` (the CPU writes straight
+        into device memory; a small 256 MiB BAR is left to the driver), else staged; outputs in
+        cached host memory that shaders write across the bus while they run (no copy after the
+        kernel; the CPU reads it at memcpy speed). Otherwise device tensors with staging buffers.
+        """
+        kp = self.kp
+        mgr = self.manager
+        if self.host_memory:
+            return mgr.tensor_t(data, kp.TensorTypes.host)
+        if not self.direct_io:
+            return mgr.tensor_t(data, kp.TensorTypes.device)
+        if role == "out":
+            return mgr.tensor_t(data, kp.TensorTypes.host)
+        if self.caps.host_visible_device_heap < BAR_MIN_HEAP:
+            return mgr.tensor_t(data, kp.TensorTypes.device)
+        with self.lock:
+            kp.aule_host_device_local(True)
+            try:
+                return mgr.tensor_t(data, kp.TensorTypes.host)
+            except RuntimeError as exc:  # that heap is full: stage through host memory instead
+                log.debug("device-local host-visible allocation of %d B failed (%s); staging", data.nbytes, exc)
+            finally:
+                kp.aule_host_device_local(False)
+        return mgr.tensor_t(data, kp.TensorTypes.device)
 
 
 @cache

@@ -158,7 +158,8 @@ def variant_reasons(variant: str, caps: DeviceCaps, problem: Problem, forced: bo
 
 
 def config_for(variant: str, caps: DeviceCaps, problem: Problem) -> KernelConfig:
-    """The specialization of ``variant`` for ``problem`` on this device."""
+    """The specialization of ``variant`` for ``problem`` on this device (the tuning cache's winner
+    when ``aule-kp tune`` stored one, see aule_kp/vulkan/tuning.py)."""
     if variant == "coopmat":
         t = _coopmat_tiles(caps, problem)
         kernel = "fa2_fwd_coopmat"
@@ -166,8 +167,10 @@ def config_for(variant: str, caps: DeviceCaps, problem: Problem) -> KernelConfig
         wave = 64 if variant == "wave64" else max(caps.subgroup_size, 1)
         t = _scalar_tiles(caps, problem, wave, cpu=variant == "scalar" and caps.type == "cpu")
         kernel = "fa2_fwd"
-    return KernelConfig(variant, kernel, problem.dim_k, problem.dim_v, t["br"], t["bc"], t["tpr"],
-                        DTYPE_CODE[problem.dtype], t["wg"], t["stage"], t.get("rpt", 1))
+    from .tuning import tuned_config  # the tuning cache's winner, when there is one
+
+    return tuned_config(KernelConfig(variant, kernel, problem.dim_k, problem.dim_v, t["br"], t["bc"], t["tpr"],
+                                     DTYPE_CODE[problem.dtype], t["wg"], t["stage"], t.get("rpt", 1)), caps, problem)
 
 
 def preferred_variants(caps: DeviceCaps) -> List[str]:
@@ -294,8 +297,11 @@ def backward_config(caps: DeviceCaps, problem: Problem, write_ds: bool = False,
                             t["wg"], t["stage"], t["rpt"])
 
     pre = dict(br=1, bc=1, tpr=1, stage=0, wg=64, rpt=1)
-    return BackwardConfig(name, make("fa2_bwd_pre", pre), make("fa2_bwd_dkdv" + suffix, tiles),
-                          make("fa2_bwd_dq" + suffix, tiles), bool(write_ds), problem.has_mask)
+    from .tuning import tuned_backward  # the tuning cache's winner, when there is one
+
+    return tuned_backward(BackwardConfig(name, make("fa2_bwd_pre", pre), make("fa2_bwd_dkdv" + suffix, tiles),
+                                         make("fa2_bwd_dq" + suffix, tiles), bool(write_ds), problem.has_mask),
+                          caps, problem)
 
 
 def backward_config_reasons(cfg: BackwardConfig, caps: DeviceCaps, problem: Problem) -> List[str]:

@@ -185,6 +185,7 @@ class DeviceCaps:
     coopmat_shapes: tuple[tuple[Any, ...], ...]
     coopmat2: bool
     host_visible_device_memory: bool
+    host_visible_device_heap: int = 0  # bytes of the largest heap with device-local host-visible memory
     extensions: frozenset[str] = field(default_factory=frozenset)
 
     def as_dict(self) -> dict[str, Any]:
@@ -220,6 +221,7 @@ class DeviceCaps:
             ],
             "coopmat2": self.coopmat2,
             "host_visible_device_memory": self.host_visible_device_memory,
+            "host_visible_device_heap": self.host_visible_device_heap,
             "extensions": sorted(self.extensions),
         }
 
@@ -538,10 +540,10 @@ class _Session:
         memory = ffi.new("VkPhysicalDeviceMemoryProperties*")
         lib.vkGetPhysicalDeviceMemoryProperties(pd, memory)
         both = _MEMORY_DEVICE_LOCAL | _MEMORY_HOST_VISIBLE
-        host_visible_device = any(
-            int(memory.memoryTypes[i].propertyFlags) & both == both
-            for i in range(int(memory.memoryTypeCount))
-        )
+        bar_heaps = [int(memory.memoryHeaps[int(memory.memoryTypes[i].heapIndex)].size)
+                     for i in range(int(memory.memoryTypeCount))
+                     if int(memory.memoryTypes[i].propertyFlags) & both == both]
+        host_visible_device = bool(bar_heaps)
 
         vendor_id = int(props.vendorID)
         result = DeviceCaps(
@@ -572,6 +574,7 @@ class _Session:
             coopmat_shapes=self.coopmat_shapes(pd) if coopmat else (),
             coopmat2=_EXT_COOPMAT2 in exts,
             host_visible_device_memory=host_visible_device,
+            host_visible_device_heap=max(bar_heaps, default=0),
             extensions=exts,
         )
         return result

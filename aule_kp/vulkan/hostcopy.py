@@ -1,0 +1,53 @@
+"""Copies between caller arrays and mapped Vulkan memory at memory speed.
+
+One ``memcpy`` per direction is the whole host-side cost of the NumPy path, and a single thread
+moves ~5-10 GB/s where a server's memory system moves several times that; NumPy releases the GIL
+for plain copies, so large copies are split over a small thread pool. ``AULE_KP_COPY_THREADS``
+caps the threads (1: always inline).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+from typing import List, Tuple
+
+import numpy as np
+
+#: Copies below this many bytes stay on the calling thread (pool hand-off costs ~10-50 us).
+PARALLEL_MIN_BYTES = 8 << 20
+
+
+def copy_threads() -> int:
+    """Threads a large copy is split over."""
+    raw = os.environ.get("AULE_KP_COPY_THREADS")
+    if raw:
+        try:
+            return max(1, int(raw))
+        except ValueError:
+            raise ValueError(f"AULE_KP_COPY_THREADS must be a positive integer, got {raw!r}") from None
+    return max(1, min(8, (os.cpu_count() or 1) // 2))
+
+
+@cache
+def _pool(threads: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="aule_kp_copy")
+
+
+def copy_bytes(pairs: List[Tuple[np.ndarray, np.ndarray]]) -> None:
+    """``dst[:] = src`` for each (dst, src) pair of equal-sized uint8 views, split over threads when large."""
+    total = sum(src.nbytes for _, src in pairs)
+    threads = copy_threads()
+    if threads == 1 or total < PARALLEL_MIN_BYTES:
+        for dst, src in pairs:
+            dst[:] = src
+        return
+    piece = max(1 << 20, -(-total // (threads * 2)))
+    jobs = [(dst[lo:lo + piece], src[lo:lo + piece]) for dst, src in pairs for lo in range(0, src.nbytes, piece)]
+
+    def run(job: Tuple[np.ndarray, np.ndarray]) -> None:
+        job[0][:] = job[1]
+
+    for _ in _pool(threads).map(run, jobs):
+        pass

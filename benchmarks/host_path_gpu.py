@@ -1,0 +1,98 @@
+"""The NumPy path's upload + download against the host<->device copy bandwidth of the same machine
+(run by scripts/gpu_run.sh on a discrete GPU; issue 6's host-path bar).
+
+Yardsticks, same run: Vulkan's own staging -> device copy (kp OpTensorSyncDevice of 256 MiB, DMA
+only), the reverse, a plain memcpy into / out of mapped staging memory, and torch's pageable and
+pinned ``.cuda()`` where CUDA is there. Then B1 H32 S8192 D128 fp16 through ``Plan.run`` (copy in,
+sync, kernel, sync, copy out) minus the kernel alone: what is left is the host path, moving q, k, v
+in and o out (256 MiB). Prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import sys
+import time
+from typing import Callable
+
+import numpy as np
+
+from aule_kp.dtypes import from_f32
+from aule_kp.problem import Problem, band
+from aule_kp.vulkan import device as devmod
+from aule_kp.vulkan.backend import VulkanBackend
+from aule_kp.vulkan.hostcopy import copy_bytes
+
+MIB = 1 << 20
+
+
+def median_s(fn: Callable[[], object], repeat: int = 7) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def row(what: str, nbytes: int, sec: float, note: str = "") -> None:
+    print(f"| {what} | {nbytes / MIB:.0f} | {sec * 1e3:.2f} | {nbytes / sec / 1e9:.1f} | {note} |", flush=True)
+
+
+def main(s: int = 8192) -> None:
+    dev = devmod.get_device()
+    kp, mgr = dev.kp, dev.manager
+    print(f"{dev.caps.name} ({dev.caps.type}), {dev.caps.driver_name} {dev.caps.driver_info}\n")
+    print("| what | MiB | ms | GB/s | note |\n|---|---|---|---|---|")
+    size = 256 * MIB
+    t = mgr.tensor_t(np.zeros(size // 4, np.uint32), kp.TensorTypes.device)
+    mapped = t.data().view(np.uint8)
+    up = mgr.sequence().record(kp.OpTensorSyncDevice([t]))
+    down = mgr.sequence().record(kp.OpTensorSyncLocal([t]))
+    h2d = median_s(up.eval)
+    row("Vulkan staging -> device (DMA)", size, h2d, "yardstick")
+    row("Vulkan device -> staging (DMA)", size, median_s(down.eval))
+    host = np.ones(size, np.uint8)
+    for threads in ("1", ""):
+        os.environ["AULE_KP_COPY_THREADS"] = threads or str(max(1, min(8, (os.cpu_count() or 1) // 2)))
+        row(f"memcpy host -> mapped staging, {os.environ['AULE_KP_COPY_THREADS']} thread(s)", size,
+            median_s(lambda: copy_bytes([(mapped, host)])))
+        row(f"memcpy mapped staging -> host, {os.environ['AULE_KP_COPY_THREADS']} thread(s)", size,
+            median_s(lambda: copy_bytes([(host, mapped)])))
+    os.environ.pop("AULE_KP_COPY_THREADS")
+    t.destroy()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            x = torch.from_numpy(host)
+            row("torch pageable .cuda()", size, median_s(lambda: (x.cuda(), torch.cuda.synchronize())))
+            xp = x.pin_memory()
+            row("torch pinned .cuda()", size, median_s(lambda: (xp.cuda(), torch.cuda.synchronize())))
+            del xp
+    except ImportError:
+        pass
+
+    b, h, d = 1, 32, 128
+    diag, left, right = band(s, s, causal=False, window=None, top_left=False)
+    p = Problem(b, h, h, s, s, d, d, "float16", 1 / math.sqrt(d), diag, left, right)
+    rng = np.random.default_rng(0)
+    q, k, v = (from_f32(rng.standard_normal((b, h, s, d), dtype=np.float32), "float16") for _ in range(3))
+    plan = VulkanBackend().plan(p)
+    whole = median_s(lambda: plan.run(q, k, v, None), 5)
+    kernel_only = mgr.sequence()
+    for c in plan.chunks:
+        kernel_only.record(kp.OpAlgoDispatch(c.algorithms[0]))
+    kernel = median_s(kernel_only.eval, 5)
+    moved = 4 * q.nbytes
+    row(f"NumPy path B{b} H{h} S{s} D{d} fp16, whole call", moved, whole, f"kernel alone {kernel * 1e3:.2f} ms")
+    row("NumPy path: upload + download (whole - kernel)", moved, whole - kernel,
+        f"{moved / (whole - kernel) / (size / h2d):.2f}x the Vulkan H2D yardstick")
+    kernel_only.destroy()
+
+
+if __name__ == "__main__":
+    main(*(int(a) for a in sys.argv[1:]))
