@@ -85,9 +85,13 @@ PRESETS: Dict[str, List[Case]] = {
     "gpu": [
         Case(1, 32, 8192, 8192, 128, "float16", False),
         Case(1, 32, 8192, 8192, 128, "float16", True),
+        Case(1, 32, 2048, 2048, 64, "float16", False),
         Case(1, 32, 4096, 4096, 64, "float16", False),
+        Case(1, 32, 8192, 8192, 64, "float16", False),
         Case(1, 32, 16384, 16384, 64, "float16", True),
         Case(1, 32, 1, 32768, 128, "float16", False, hkv=8),
+        # aule-attention 0.5.0's Vulkan path takes only fp32 and D <= 64: the shape it is compared on.
+        Case(1, 32, 8192, 8192, 64, "float32", False),
     ],
 }
 

@@ -83,15 +83,26 @@ def main(s: int = 8192) -> None:
     q, k, v = (from_f32(rng.standard_normal((b, h, s, d), dtype=np.float32), "float16") for _ in range(3))
     plan = VulkanBackend().plan(p)
     whole = median_s(lambda: plan.run(q, k, v, None), 5)
-    kernel_only = mgr.sequence()
-    for c in plan.chunks:
-        kernel_only.record(kp.OpAlgoDispatch(c.algorithms[0]))
+    kernel_only = plan.record(mgr.sequence(), transfers=False)
     kernel = median_s(kernel_only.eval, 5)
     moved = 4 * q.nbytes
     row(f"NumPy path B{b} H{h} S{s} D{d} fp16, whole call", moved, whole, f"kernel alone {kernel * 1e3:.2f} ms")
     row("NumPy path: upload + download (whole - kernel)", moved, whole - kernel,
         f"{moved / (whole - kernel) / (size / h2d):.2f}x the Vulkan H2D yardstick")
     kernel_only.destroy()
+    dev.plans.clear()
+
+    # A repeated tiny call on the GpuTensor path (issue 6: <= 60 us end to end).
+    import aule_kp
+
+    ctx = aule_kp.Context()
+    tq, tk, tv, to = (ctx.tensor((1, 1, 16, 32), np.float16) for _ in range(4))
+    for t in (tq, tk, tv):
+        t.upload(rng.standard_normal((1, 1, 16, 32)).astype(np.float16))
+    tiny = median_s(lambda: ctx.attention(tq, tk, tv, out=to), 201)
+    print(f"| GpuTensor tiny call B1 H1 L16 D32 fp16, out= given | — | {tiny * 1e3:.3f} | — | "
+          "median of 201 calls, end to end |")
+    ctx.close()
 
 
 if __name__ == "__main__":

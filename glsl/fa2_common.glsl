@@ -48,6 +48,13 @@ layout(push_constant) uniform Push {
     uint mask_si;
     uint mask_sj;
     uint heads_q;
+#ifdef FA2_SPLIT_KV
+    // Split-KV kernels only (fa2_splitkv*.comp define FA2_SPLIT_KV; the host pushes these two
+    // after the fields above to them alone): split s covers the keys
+    // [lo + s * split_len, lo + (s + 1) * split_len) of the band key_range(0, len_q) = [lo, hi).
+    uint n_split;
+    uint split_len;
+#endif
 } pc;
 
 const float LOG2E = 1.4426950408889634;

@@ -14,12 +14,11 @@ from .backward import BackwardPlan, backward_groups_per_chunk, reduce_to_mask
 from .kernels import (
     CPU_LOOP_LIMIT,
     BackwardConfig,
-    KernelConfig,
     backward_config,
     backward_config_reasons,
-    choose,
 )
 from .plan import Plan, binding_limit, groups_per_chunk
+from .splitkv import ForwardConfig, SplitKVConfig, choose_forward
 
 
 class VulkanBackend(Backend):
@@ -29,23 +28,25 @@ class VulkanBackend(Backend):
 
     def __init__(self, variant: Optional[str] = None):
         self.variant = variant
-        self._choices: Dict[Any, Tuple[Optional[KernelConfig], Tuple[str, ...]]] = {}
+        self._choices: Dict[Any, Tuple[Optional[ForwardConfig], Tuple[str, ...]]] = {}
 
     def available(self) -> List[str]:
         why = devmod.vulkan_unavailable()
         return [why] if why else []
 
-    def config(self, problem: Problem) -> KernelConfig:
-        """The kernel specialisation for ``problem`` (ValueError when no variant can take it)."""
+    def config(self, problem: Problem) -> ForwardConfig:
+        """The kernel specialisation for ``problem``: a forward KernelConfig, or a SplitKVConfig for
+        short query blocks over long keys (ValueError when no variant can take it)."""
         cfg, reasons = self._choice(problem)
         if cfg is None:
             raise ValueError("; ".join(reasons))
         return cfg
 
-    def _choice(self, problem: Problem) -> Tuple[Optional[KernelConfig], Tuple[str, ...]]:
+    def _choice(self, problem: Problem) -> Tuple[Optional[ForwardConfig], Tuple[str, ...]]:
         # Memoised: the choice depends only on these, and the hot path asks twice per call.
         key = (problem, devmod.selected_index(), os.environ.get("AULE_KP_FORCE_VARIANT"),
-               os.environ.get("AULE_KP_MAX_BINDING_BYTES"), os.environ.get("AULE_KP_COOPMAT_CONVERT"))
+               os.environ.get("AULE_KP_MAX_BINDING_BYTES"), os.environ.get("AULE_KP_COOPMAT_CONVERT"),
+               os.environ.get("AULE_KP_SPLIT_KV"))
         hit = self._choices.get(key)
         if hit is None:
             hit = self._choices[key] = self._decide(problem)
@@ -53,19 +54,21 @@ class VulkanBackend(Backend):
                 self._choices.clear()
         return hit
 
-    def _decide(self, problem: Problem) -> Tuple[Optional[KernelConfig], Tuple[str, ...]]:
+    def _decide(self, problem: Problem) -> Tuple[Optional[ForwardConfig], Tuple[str, ...]]:
         dev = devmod.get_device()
         reasons: List[str] = []
-        cfg: Optional[KernelConfig] = None
+        cfg: Optional[ForwardConfig] = None
+        limit = binding_limit(dev.caps.max_storage_buffer_range)
         try:
-            cfg = choose(dev.caps, problem, self.variant)
+            cfg = choose_forward(dev.caps, problem, self.variant, groups_per_chunk(problem, limit))
         except ValueError as exc:
             reasons.append(str(exc))
-        if cfg is not None and dev.caps.type == "cpu" and -(-problem.len_k // cfg.bc) > CPU_LOOP_LIMIT:
-            reasons.append(f"{-(-problem.len_k // cfg.bc)} key tiles per invocation; CPU drivers (lavapipe) stop "
-                           f"loops at {CPU_LOOP_LIMIT} iterations")
-        limit = binding_limit(dev.caps.max_storage_buffer_range)
-        if groups_per_chunk(problem, limit) < 1:
+        if cfg is not None and dev.caps.type == "cpu":
+            loops = cfg.loops() if isinstance(cfg, SplitKVConfig) else -(-problem.len_k // cfg.bc)
+            if loops > CPU_LOOP_LIMIT:
+                reasons.append(f"{loops} loop iterations per invocation; CPU drivers (lavapipe) stop loops at "
+                               f"{CPU_LOOP_LIMIT}")
+        if groups_per_chunk(problem, limit, cfg) < 1:
             reasons.append(f"one (batch, kv-head) slice is over the {limit} B storage binding limit")
         if problem.mask_shape is not None and 4 * int(np.prod(problem.mask_shape)) > limit:
             reasons.append(f"the mask is over the {limit} B storage binding limit")
@@ -79,7 +82,7 @@ class VulkanBackend(Backend):
         # A CPU Vulkan driver (lavapipe) is slower than the NumPy backend on the same cores.
         return 80 if devmod.get_device().caps.type == "cpu" else 10
 
-    def plan(self, problem: Problem, config: Optional[KernelConfig] = None) -> Plan:
+    def plan(self, problem: Problem, config: Optional[ForwardConfig] = None) -> Plan:
         """The cached plan for ``problem`` (built on first use)."""
         dev = devmod.get_device()
         cfg = config or self.config(problem)
@@ -87,7 +90,7 @@ class VulkanBackend(Backend):
             return dev.plans.get((problem, cfg), lambda: Plan(dev, problem, cfg))
 
     def forward(self, problem: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray,
-                mask: Optional[np.ndarray], config: Optional[KernelConfig] = None) -> Tuple[np.ndarray, np.ndarray]:
+                mask: Optional[np.ndarray], config: Optional[ForwardConfig] = None) -> Tuple[np.ndarray, np.ndarray]:
         dev = devmod.get_device()
         with dev.lock:
             return self.plan(problem, config).run(q, k, v, mask)

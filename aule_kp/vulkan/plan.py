@@ -1,9 +1,10 @@
 """Plans: per-Problem persistent kp tensors, algorithms and one recorded sequence, reused per call.
 
-The first call for a (Problem, KernelConfig) builds a Plan; later calls copy inputs into the
+The first call for a (Problem, config) builds a Plan; later calls copy inputs into the
 tensors' mapped memory, ``eval()`` the same sequence and copy the outputs out. Plans live in a
 bounded LRU (by bytes) on their Device. Inputs larger than one storage binding are split into
-chunks of whole (batch, kv-head) groups, one dispatch each, in the same sequence.
+chunks of whole (batch, kv-head) groups, one dispatch per pass each, in the same sequence. The
+forward kernels are one pass; split-KV (splitkv.py) is two, with scratch buffers per chunk.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import numpy as np
 
 from ..dtypes import ITEMSIZE, STORAGE
 from ..problem import Problem
+from .hostcopy import copy_bytes
 from .kernels import KernelConfig
+from .splitkv import ForwardConfig, SplitKVConfig
 
 log = logging.getLogger("aule_kp")
 
@@ -54,9 +57,11 @@ def group_bytes(p: Problem) -> Dict[str, int]:
     }
 
 
-def groups_per_chunk(p: Problem, limit: int) -> int:
-    """How many groups one dispatch can bind (0: a single group is over the limit)."""
-    per_buffer = min(limit // max(b, 1) for b in group_bytes(p).values())
+def groups_per_chunk(p: Problem, limit: int, config: Optional[ForwardConfig] = None) -> int:
+    """How many groups one dispatch can bind (0: a single group is over the limit), counting the
+    scratch buffers of a split-KV ``config``."""
+    sizes = dict(group_bytes(p), **(config.group_bytes(p) if isinstance(config, SplitKVConfig) else {}))
+    per_buffer = min(limit // max(b, 1) for b in sizes.values())
     return min(per_buffer, MAX_GRID_Y // p.group)
 
 
@@ -79,14 +84,24 @@ def push_constants(p: Problem, group0: int) -> np.ndarray:
     return np.array(vals, dtype=np.uint32)
 
 
+def dispatches(config: ForwardConfig, p: Problem, n_groups: int,
+               group0: int) -> List[Tuple[KernelConfig, Tuple[int, int, int], np.ndarray]]:
+    """(pipeline, grid, push constants) of each pass over the chunk of ``n_groups`` groups from ``group0``."""
+    if isinstance(config, SplitKVConfig):
+        return config.dispatches(p, n_groups, push_constants(p, group0))
+    return [(config, (math.ceil(p.len_q / config.br), n_groups * p.group, 1), push_constants(p, group0))]
+
+
 @dataclass
 class Chunk:
-    """One dispatch over kv groups ``[g0, g1)`` and, on the host path, views of its mapped memory."""
+    """The dispatches over kv groups ``[g0, g1)`` and, on the host path, views of its mapped memory."""
 
     g0: int
     g1: int
     tensors: List[Any]  # q, k, v, o, lse (kp tensors)
-    algorithm: Any
+    algorithms: List[Any]  # one per pass
+    scratch: List[Any] = field(default_factory=list)  # split-KV's partial results (bindings 6, 7)
+    barrier: List[Any] = field(default_factory=list)  # scratch synced between passes (see Plan)
     inputs: List[np.ndarray] = field(default_factory=list)  # q, k, v mapped memory, as bytes
     input_ranges: List[Tuple[int, int]] = field(default_factory=list)  # their bytes in the caller's arrays
     output: Optional[np.ndarray] = None  # o mapped memory, as bytes
@@ -96,35 +111,34 @@ class Chunk:
 class Plan:
     """Everything one Problem needs on one device, built once.
 
-    ``io``: kp tensors ``(q, k, v, o)`` owned by the caller (the GpuTensor path). Then the plan
-    has one chunk bound to them and its sequence only dispatches: data stays on the device.
+    ``config``: a forward KernelConfig (one pass) or a SplitKVConfig (two passes; its scratch
+    buffers are the plan's, made once). ``io``: kp tensors ``(q, k, v, o)`` owned by the caller
+    (the GpuTensor path). Then the plan has one chunk bound to them and its sequence only
+    dispatches: data stays on the device.
     """
 
-    def __init__(self, device: Any, problem: Problem, config: KernelConfig, io: Optional[Sequence[Any]] = None):
+    def __init__(self, device: Any, problem: Problem, config: ForwardConfig, io: Optional[Sequence[Any]] = None):
         self.problem = problem
         self.config = config
         self.device = device
         kp = device.kp
         mgr = device.manager
         p = problem
-        ttype = kp.TensorTypes.host if device.host_memory else kp.TensorTypes.device
         per = group_bytes(p)
         n_groups = p.batch * p.heads_kv
         limit = binding_limit(device.caps.max_storage_buffer_range)
-        step = n_groups if io is not None else groups_per_chunk(p, limit)
+        step = n_groups if io is not None else groups_per_chunk(p, limit, config)
         if step < 1:
             raise ValueError(f"one (batch, head) slice needs {max(per.values())} B, over the device's "
                              f"storage binding limit of {limit} B")
         if io is not None and p.group * n_groups > MAX_GRID_Y:
             raise ValueError(f"the GpuTensor path takes at most {MAX_GRID_Y} query heads x batch per call")
 
-        def tensor(words: int, dtype: Any) -> Any:
-            return mgr.tensor_t(np.zeros(max(words, 1), dtype=dtype), ttype)
+        def tensor(words: int, dtype: Any, role: str = "in") -> Any:
+            return device.io_tensor(np.zeros(max(words, 1), dtype=dtype), role)
 
         self.mask = tensor(int(np.prod(p.mask_shape)) if p.mask_shape else 1, np.float32)
         self.mask_view = self.mask.data()
-        spirv = device.spirv(config.kernel)
-        spec = config.spec()
         self.chunks: List[Chunk] = []
         self.nbytes = self.mask_view.nbytes
         for g0 in range(0, n_groups, step):
@@ -132,18 +146,27 @@ class Plan:
             n = g1 - g0
             if io is not None:
                 q, k, v, o = io
-                lse = tensor(n * p.group * p.len_q, np.float32)
+                lse = tensor(n * p.group * p.len_q, np.float32, "out")
             else:
                 q = tensor(_words(n * p.group * p.len_q * p.dim_k, p.dtype), np.uint32)
                 k = tensor(_words(n * p.len_k * p.dim_k, p.dtype), np.uint32)
                 v = tensor(_words(n * p.len_k * p.dim_v, p.dtype), np.uint32)
-                o = tensor(_words(n * p.group * p.len_q * p.dim_v, p.dtype), np.uint32)
-                lse = tensor(n * p.group * p.len_q, np.float32)
+                o = tensor(_words(n * p.group * p.len_q * p.dim_v, p.dtype), np.uint32, "out")
+                lse = tensor(n * p.group * p.len_q, np.float32, "out")
                 self.nbytes += n * sum(per.values()) * (1 if device.host_memory else 2)
-            grid = (math.ceil(p.len_q / config.br), n * p.group, 1)
-            algo = mgr.algorithm([q, k, v, o, lse, self.mask], spirv, grid, spec, push_constants(p, g0))
-            stats["algorithms"] += 1
-            chunk = Chunk(g0, g1, [q, k, v, o, lse], algo)
+            # Split-KV scratch lives on the device only; (m, l) is a device tensor so that syncing
+            # it records the barrier between the passes (below).
+            layout = config.scratch_words(p, n) if isinstance(config, SplitKVConfig) else []
+            scratch = [mgr.tensor_t(np.zeros(max(words, 1), np.float32),
+                                    kp.TensorTypes.device if synced else kp.TensorTypes.storage)
+                       for words, synced in layout]
+            barrier = [t for t, (_, synced) in zip(scratch, layout) if synced]
+            self.nbytes += sum(4 * words for words, _ in layout)
+            bound = [q, k, v, o, lse, self.mask, *scratch]
+            algos = [mgr.algorithm(bound, device.spirv(kc.kernel), grid, kc.spec(), push)
+                     for kc, grid, push in dispatches(config, p, n, g0)]
+            stats["algorithms"] += len(algos)
+            chunk = Chunk(g0, g1, [q, k, v, o, lse], algos, scratch, barrier)
             if io is None:
                 sizes = [n * per[name] for name in ("q", "k", "v", "o", "lse")]
                 q_b, k_b, v_b, o_b = (t.data().view(np.uint8)[:size] for t, size in zip((q, k, v, o), sizes))
@@ -153,17 +176,34 @@ class Plan:
                 chunk.lse = lse.data()[: n * p.group * p.len_q]
             self.chunks.append(chunk)
 
-        self.sequence = mgr.sequence()
-        inputs = [t for c in self.chunks for t in c.tensors[:3]] if io is None else []
-        if p.has_mask:
+        self.host_io = io is None
+        self.sequence = self.record(mgr.sequence(), transfers=True)
+        stats["plans"] += 1
+
+    def record(self, sequence: Any, transfers: bool) -> Any:
+        """Records the call into ``sequence``: with ``transfers`` (and host I/O), inputs to the device
+        first and outputs back after; without, the dispatches alone (what benchmarks and tuning time)."""
+        kp = self.device.kp
+        transfers = transfers and self.host_io
+        inputs = [t for c in self.chunks for t in c.tensors[:3]] if transfers else []
+        if self.problem.has_mask:
             inputs.append(self.mask)
         if inputs:
-            self.sequence.record(kp.OpTensorSyncDevice(inputs))
-        for c in self.chunks:
-            self.sequence.record(kp.OpAlgoDispatch(c.algorithm))
-        if io is None:
-            self.sequence.record(kp.OpTensorSyncLocal([t for c in self.chunks for t in c.tensors[3:]]))
-        stats["plans"] += 1
+            sequence.record(kp.OpTensorSyncDevice(inputs))
+        for i in range(len(self.chunks[0].algorithms)):
+            if i:
+                # A pass reads what the previous one wrote. kp's Python API records no compute ->
+                # compute barrier (OpAlgoDispatch's own only orders transfers before the dispatch);
+                # syncing the small device-local (m, l) scratch records compute -> transfer, and the
+                # next dispatch's transfer -> compute barrier chains to it (as in backward.py). The
+                # buffer barriers name only (m, l); drivers apply them to all memory, the spec
+                # strictly does not (kp 0.9.0 binds no OpMemoryBarrier to Python).
+                sequence.record(kp.OpTensorSyncLocal([t for c in self.chunks for t in c.barrier]))
+            for c in self.chunks:
+                sequence.record(kp.OpAlgoDispatch(c.algorithms[i]))
+        if transfers:
+            sequence.record(kp.OpTensorSyncLocal([t for c in self.chunks for t in c.tensors[3:]]))
+        return sequence
 
     def run(self, q: np.ndarray, k: np.ndarray, v: np.ndarray,
             mask: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
@@ -174,17 +214,15 @@ class Plan:
         """
         p = self.problem
         sources = [x.reshape(-1).view(np.uint8) for x in (q, k, v)]
-        for c in self.chunks:
-            for dst, src, (lo, hi) in zip(c.inputs, sources, c.input_ranges):
-                dst[:] = src[lo:hi]
+        copy_bytes([(dst, src[lo:hi]) for c in self.chunks
+                    for dst, src, (lo, hi) in zip(c.inputs, sources, c.input_ranges)])
         if mask is not None:
             self.mask_view[:] = mask.reshape(-1)
         self.eval()
-        if len(self.chunks) == 1:
-            out, lse = self.chunks[0].output.copy(), self.chunks[0].lse.copy()
-        else:
-            out = np.concatenate([c.output for c in self.chunks])
-            lse = np.concatenate([c.lse for c in self.chunks])
+        out = np.empty(sum(c.output.nbytes for c in self.chunks), np.uint8)
+        lse = np.concatenate([c.lse for c in self.chunks])
+        bounds = np.cumsum([0] + [c.output.nbytes for c in self.chunks])
+        copy_bytes([(out[lo:hi], c.output) for c, lo, hi in zip(self.chunks, bounds[:-1], bounds[1:])])
         shape = (p.batch, p.heads_q, p.len_q)
         return out.view(STORAGE[p.dtype]).reshape(*shape, p.dim_v), lse.reshape(shape)
 
@@ -195,7 +233,8 @@ class Plan:
     def destroy(self) -> None:
         self.sequence.destroy()
         for c in self.chunks:
-            c.algorithm.destroy()
+            for algorithm in c.algorithms:
+                algorithm.destroy()
         self.chunks.clear()
 
 

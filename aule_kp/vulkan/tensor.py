@@ -12,8 +12,8 @@ import numpy as np
 from ..dtypes import ITEMSIZE, STORAGE
 from ..problem import Problem, band
 from . import device as devmod
-from .kernels import choose
 from .plan import Plan, binding_limit
+from .splitkv import choose_forward
 
 _serial = itertools.count()
 DTypeLike = Union[str, type, np.dtype]
@@ -152,7 +152,7 @@ class Context:
             out.upload(np.zeros(out.shape, STORAGE[out.dtype_name]))
             return out
         dev = self.device
-        cfg = choose(dev.caps, problem)
+        cfg = choose_forward(dev.caps, problem)
         key = ("io", problem, cfg, q.serial, k.serial, v.serial, out.serial)
         with dev.lock:
             plan = dev.plans.get(key, lambda: Plan(dev, problem, cfg, io=(q.kp_tensor, k.kp_tensor,

@@ -468,7 +468,8 @@ def _prepare(job: _Job, dev: Any, seed: int) -> None:
 
 
 def _trial(job: _Job, cfg: Any, dev: Any, repeat: int) -> Tuple[float, Tuple[np.ndarray, ...]]:
-    """Builds the real plan of ``cfg``, runs it once (its outputs) and times ``eval()``: median of
+    """Builds the real plan of ``cfg``, runs it once (its outputs) and times its dispatches alone
+    (data on the device: host transfers would add the same time to every candidate): median of
     ``repeat`` after one warm-up."""
     from .backward import BackwardPlan
     from .plan import Plan
@@ -477,7 +478,11 @@ def _trial(job: _Job, cfg: Any, dev: Any, repeat: int) -> Tuple[float, Tuple[np.
     plan = (Plan if job.kind == "forward" else BackwardPlan)(dev, p, cfg)
     try:
         outputs = plan.run(*job.inputs)
-        seconds = median_time(plan.eval, repeat, warmup=1)
+        kernels = plan.record(dev.manager.sequence(), transfers=False)
+        try:
+            seconds = median_time(kernels.eval, repeat, warmup=1)
+        finally:
+            kernels.destroy()
     finally:
         plan.destroy()
     return seconds, tuple(o for o in outputs if o is not None)

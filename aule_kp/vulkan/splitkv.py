@@ -1,0 +1,222 @@
+"""Split-KV decoding ("flash-decoding"): when it is used, how the keys are split, its pipelines.
+
+For a short query block (Lq <= 16) over a long key sequence the forward's grid (query tiles x
+query heads) has a few dozen workgroups: most of a GPU idles while it streams K and V. Split-KV
+splits the keys of every (batch, kv head) over ``n_split`` workgroups (glsl/fa2_splitkv.comp:
+partial O and (m, l) per split, all query heads of a kv head packed in one workgroup so K/V are
+read once), then merges the splits (glsl/fa2_splitkv_combine.comp: O and LSE as the forward
+writes them). ``Plan`` records the two passes per chunk with a barrier between them.
+
+``AULE_KP_SPLIT_KV``: ``0`` never splits; ``N`` forces N splits whenever Lq <= 16 (tests,
+benchmarks); unset: automatic (``split_kv_config``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple, Union
+
+import numpy as np
+
+from ..problem import Problem
+from .kernels import DTYPE_CODE, FLOAT_BYTES, KernelConfig, choose
+from .probe import DeviceCaps
+
+log = logging.getLogger("aule_kp")
+
+#: Longest query block split-KV takes (decoding, speculative decoding, small chunked prefill).
+MAX_SPLIT_LQ = 16
+#: Fewest keys per split the automatic choice makes: below that the per-workgroup setup and the
+#: merge cost more than the extra parallelism gains.
+MIN_SPLIT_KEYS = 256
+#: Most splits the automatic choice makes (scratch and combine work grow with it).
+MAX_AUTO_SPLITS = 1024
+#: Split-KV is considered when the forward's grid has fewer workgroups than this many times the
+#: device's parallelism, and aims at this many times it.
+SMALL_GRID_FACTOR = 4
+TARGET_GRID_FACTOR = 8
+#: Compute units of a device Vulkan cannot count (it has no SM/CU count): high-end discrete GPUs
+#: have ~100-140 (H100/H200 132 SMs, RX 7900 XTX 96 CUs, RTX 4090 128 SMs); integrated ones far fewer.
+GPU_PARALLELISM = {"discrete": 128, "integrated": 16}
+OTHER_PARALLELISM = 32
+#: Unroll depth of the combine's split loop (glsl/fa2_splitkv_combine.comp UNROLL).
+COMBINE_UNROLL = 4
+
+
+@dataclass(frozen=True)
+class SplitKVConfig:
+    """The two pipelines of a split-KV forward and how the keys are split.
+
+    ``partial``: glsl/fa2_splitkv.comp (BR rows per workgroup, BC keys per key group and step,
+    TPR invocations per key, WG invocations). ``combine``: glsl/fa2_splitkv_combine.comp (WG).
+    Split s covers keys ``[lo + s * split_len, lo + (s + 1) * split_len)`` of the band's key range
+    ``[lo, hi)`` (``Problem.key_range(0, len_q)``).
+    """
+
+    partial: KernelConfig
+    combine: KernelConfig
+    n_split: int
+    split_len: int
+    variant: str = "splitkv"  # what callers that report the chosen variant show
+
+    def push(self, base: np.ndarray) -> np.ndarray:
+        """Push constants of both passes: the common ones, then n_split and split_len
+        (``Push`` with ``FA2_SPLIT_KV`` in glsl/fa2_common.glsl)."""
+        return np.concatenate([base, np.array([self.n_split, self.split_len], np.uint32)])
+
+    def group_bytes(self, p: Problem) -> Dict[str, int]:
+        """Scratch bytes per (batch, kv-head) group: partial O (fp32) and (m, l) per row and split."""
+        rows = p.group * p.len_q * self.n_split
+        return {"partial_o": rows * p.dim_v * FLOAT_BYTES, "partial_ml": rows * 2 * FLOAT_BYTES}
+
+    def scratch_words(self, p: Problem, n_groups: int) -> List[Tuple[int, bool]]:
+        """fp32 words of each scratch buffer (bindings 6, 7) for a chunk of ``n_groups`` groups, and
+        whether the pass after the partial one waits on it (see ``Plan``: only (m, l), small)."""
+        sizes = self.group_bytes(p)
+        return [(n_groups * sizes["partial_o"] // FLOAT_BYTES, False),
+                (n_groups * sizes["partial_ml"] // FLOAT_BYTES, True)]
+
+    def dispatches(self, p: Problem, n_groups: int,
+                   base_push: np.ndarray) -> List[Tuple[KernelConfig, Tuple[int, int, int], np.ndarray]]:
+        """(pipeline, grid, push constants) of both passes over a chunk of ``n_groups`` groups."""
+        push = self.push(base_push)
+        blocks = math.ceil(p.group * p.len_q / self.partial.br)
+        return [(self.partial, (self.n_split, n_groups, blocks), push),
+                (self.combine, (p.len_q, n_groups * p.group, 1), push)]
+
+    def loops(self) -> int:
+        """Loop iterations per invocation (CPU drivers stop an invocation at 65535): the partial
+        pass's key loop, or the combine's split loop."""
+        nkg = self.partial.wg // self.partial.tpr
+        split_lanes = self.combine.wg // (self.combine.dv // 4)
+        return max(math.ceil(self.split_len / (nkg * self.partial.bc)),
+                   math.ceil(self.n_split / (split_lanes * COMBINE_UNROLL)))
+
+    def shared_bytes(self) -> int:
+        """Shared memory of the larger pass (the formulas in the shaders' headers)."""
+        c = self.partial
+        partial = FLOAT_BYTES * (c.br * c.dv + 2 * (c.wg // c.tpr) * c.br)
+        return max(partial, 6 * FLOAT_BYTES * self.combine.wg)
+
+
+ForwardConfig = Union[KernelConfig, SplitKVConfig]
+
+
+def _pow2_floor(x: int) -> int:
+    return 1 << (max(1, x).bit_length() - 1)
+
+
+def parallelism(caps: DeviceCaps) -> int:
+    """Workgroups the device runs at once, roughly: CPU drivers run one per core; for GPUs Vulkan
+    reports no compute-unit count, so a typical count for the device type."""
+    if caps.type == "cpu":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return GPU_PARALLELISM.get(caps.type, OTHER_PARALLELISM)
+
+
+def split_kernels(caps: DeviceCaps, problem: Problem) -> Tuple[KernelConfig, KernelConfig]:
+    """The partial and combine pipelines of ``problem`` on this device (before the split count)."""
+    p = problem
+    cpu = caps.type == "cpu"
+    vec = 4 if p.dtype == "float32" else 8  # elements per 16-byte load
+    shuffle = max(caps.subgroup_size, 1) if caps.subgroup_shuffle else 1
+    # Lanes per key: enough that each loads one 16-byte vector of the longer row, at most a subgroup.
+    tpr = min(_pow2_floor(max(p.dim_k, p.dim_v) // vec), shuffle, 32)
+    per_row = (math.ceil(p.dim_k // vec / tpr) + math.ceil(p.dim_v // vec / tpr)) * vec  # q + O floats
+    # Rows per workgroup: all of a kv head's rows (rounded up to a power of two, which bounds the
+    # pipelines a model needs) within a budget of q and O floats per invocation: ~128 leaves GPUs
+    # registers for several resident workgroups; half that on CPU drivers keeps the unrolled code,
+    # and lavapipe's compile time, small.
+    budget = 64 if cpu else 128
+    rows = p.group * p.len_q
+    br = max(1, min(_pow2_floor(budget // per_row), 1 << (rows - 1).bit_length()))
+    # GPUs: 128 invocations, 4 keys per key group in flight (K and V loads of a step are issued
+    # before its math); CPU drivers: few key groups (the merge costs one barrier per key group) and
+    # short unrolled steps.
+    wg = max(tpr, 32 if cpu else 128)
+    bc = 2 if cpu else 4
+    while br > 1 and FLOAT_BYTES * (br * p.dim_v + 2 * (wg // tpr) * br) > caps.shared_memory:
+        br //= 2
+    dtype = DTYPE_CODE[p.dtype]
+    partial = KernelConfig("splitkv", "fa2_splitkv", p.dim_k, p.dim_v, br, bc, tpr, dtype, wg, 0)
+    cwg = max(64 if cpu else 256, p.dim_v // 4)
+    combine = KernelConfig("splitkv", "fa2_splitkv_combine", p.dim_k, p.dim_v, 1, 1, 1, dtype, cwg, 0)
+    return partial, combine
+
+
+def split_env() -> Optional[int]:
+    """``AULE_KP_SPLIT_KV`` as a number (None: unset, automatic)."""
+    raw = os.environ.get("AULE_KP_SPLIT_KV", "").strip()
+    if not raw:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ValueError(f"AULE_KP_SPLIT_KV must be 0 (never split) or a number of splits, got {raw!r}")
+    return value
+
+
+def split_kv_config(caps: DeviceCaps, problem: Problem, forward: Optional[KernelConfig] = None,
+                    groups: Optional[int] = None) -> Optional[SplitKVConfig]:
+    """Split-KV for ``problem`` on this device, or None when the forward kernel ``forward`` should run.
+
+    Automatic: Lq <= 16, the band leaves at least 2 x ``MIN_SPLIT_KEYS`` keys, and the forward's
+    grid over one dispatch of ``groups`` kv groups (default all) has fewer than
+    ``SMALL_GRID_FACTOR`` x ``parallelism`` workgroups (GPUs), or the device is a CPU driver. The
+    split count then aims the partial grid at ``TARGET_GRID_FACTOR`` x ``parallelism`` workgroups
+    (e.g. 1024 on a discrete GPU) with at least ``MIN_SPLIT_KEYS`` keys each. ``AULE_KP_SPLIT_KV``
+    overrides (see the module doc).
+    """
+    p = problem
+    forced = split_env()
+    if forced == 0 or p.len_q > MAX_SPLIT_LQ or p.len_k == 0 or p.empty:
+        return None
+    partial, combine = split_kernels(caps, p)
+    lo, hi = p.key_range(0, p.len_q)
+    keys = hi - lo
+    step = partial.wg // partial.tpr * partial.bc  # keys a workgroup takes per step
+    n_groups = p.batch * p.heads_kv if groups is None else max(1, min(groups, p.batch * p.heads_kv))
+    max_grid_x = min(caps.max_workgroup_count[0], 65535)
+    if forced is not None:
+        n_split = min(forced, max_grid_x)
+        split_len = step * math.ceil(max(keys, 1) / (n_split * step))
+    else:
+        par = parallelism(caps)
+        fwd = forward or choose(caps, p)
+        fwd_grid = math.ceil(p.len_q / fwd.br) * n_groups * p.group
+        # CPU drivers take split-KV even when the forward's grid is full (then often with one
+        # split): the forward's query tile (32+ rows) runs mostly idle lanes for Lq <= 16 and reads
+        # K/V once per query head. lavapipe, 2 cores, fp16 Lq 1: B16 Hq8 Hkv2 Lk1024 D64 568 ms ->
+        # 11 ms; B4 Hq8 Hkv8 Lk2048 D64 284 -> 19 ms (the forward already had 32-64 workgroups).
+        cpu = caps.type == "cpu"
+        if keys < 2 * MIN_SPLIT_KEYS or (fwd_grid >= SMALL_GRID_FACTOR * par and not cpu):
+            return None
+        blocks = math.ceil(p.group * p.len_q / partial.br)
+        want = math.ceil(TARGET_GRID_FACTOR * par / (n_groups * blocks))
+        n_split = max(1, min(want, keys // MIN_SPLIT_KEYS, MAX_AUTO_SPLITS, max_grid_x))
+        if n_split < 2 and not cpu:
+            return None
+        split_len = step * math.ceil(keys / (n_split * step))
+        n_split = math.ceil(keys / split_len)  # rounding split_len up may leave a split empty
+    cfg = SplitKVConfig(partial, combine, n_split, split_len)
+    if cfg.shared_bytes() > caps.shared_memory or max(partial.wg, combine.wg) > caps.max_workgroup_invocations:
+        return None
+    log.debug("split-KV for %s: %d splits of %d keys, %s", p, n_split, split_len, partial)
+    return cfg
+
+
+def choose_forward(caps: DeviceCaps, problem: Problem, variant: Optional[str] = None,
+                   groups: Optional[int] = None) -> ForwardConfig:
+    """The forward's pipelines: split-KV where ``split_kv_config`` takes the problem, else the best
+    forward variant (``choose``). A pinned ``variant`` (argument or ``AULE_KP_FORCE_VARIANT``)
+    runs that forward kernel unless ``AULE_KP_SPLIT_KV`` forces splits."""
+    forward = choose(caps, problem, variant)
+    pinned = bool(variant or os.environ.get("AULE_KP_FORCE_VARIANT"))
+    if pinned and not split_env():
+        return forward
+    return split_kv_config(caps, problem, forward, groups) or forward
