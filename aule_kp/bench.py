@@ -352,42 +352,63 @@ def bench_aule_attention(case: Case, repeat: int) -> Optional[Dict[str, Any]]:
     return _row(case, "aule-attention 0.5.0 vulkan", float(done.stdout.strip().splitlines()[-1]), note="fp32")
 
 
-def tiny_call_overhead(repeat: int = 2000) -> List[Dict[str, Any]]:
+def gpu_seconds(plan: Any, repeat: int = 200) -> float:
+    """Median GPU time of a plan's dispatches alone, from timestamps around them (data already there)."""
+    dev = plan.device
+    with dev.lock:
+        timed = plan.record(dev.manager.sequence(0, 64), transfers=False)
+        ticks = []
+        for _ in range(repeat):
+            timed.eval()
+            stamps = timed.get_timestamps()
+            ticks.append(stamps[-1] - stamps[0])
+        timed.destroy()
+    # timestampPeriod is 1 ns on lavapipe and NVIDIA; the probe does not report it yet.
+    return statistics.median(ticks) * 1e-9
+
+
+def tiny_call_overhead(repeat: int = 2000, path: str = "numpy") -> List[Dict[str, Any]]:
     """Host overhead of a repeated call with a cached plan at a tiny shape, in parts: the Python
     path (the call with the plan's eval stubbed out), and kp's submit + fence wait (the eval minus
-    the kernel's own time, read from GPU timestamps around the same dispatch)."""
+    the kernel's own time, read from GPU timestamps around the same dispatch). ``path``: "numpy"
+    (``attention_forward`` on host arrays; bar 0.150 ms) or "gputensor" (``Context.attention`` with
+    ``out=`` on device tensors; bar 0.060 ms end to end)."""
     from .vulkan import device as devmod
     from .vulkan.backend import VulkanBackend
 
-    case = Case(1, 1, 16, 16, 32, "float32", False)
-    q, k, v = case.inputs()
-    call = lambda: attention_forward(q, k, v, backend="vulkan")  # noqa: E731
-    full = median_time(call, repeat, warmup=20)
     dev = devmod.get_device()
-    plan = VulkanBackend().plan(case.problem())
+    if path == "numpy":
+        case = Case(1, 1, 16, 16, 32, "float32", False)
+        q, k, v = case.inputs()
+        call = lambda: attention_forward(q, k, v, backend="vulkan")  # noqa: E731
+        call()
+        plan = VulkanBackend().plan(case.problem())
+        label, bars = "aule-kp vulkan", ("", "; bar <= 0.150 ms")
+    else:
+        from .vulkan.tensor import Context
+
+        case = Case(1, 1, 16, 16, 32, "float16", False)
+        ctx = Context()
+        tq, tk, tv = (ctx.tensor(x.shape, np.float16).upload(x) for x in case.inputs())
+        out = ctx.tensor(tq.shape, np.float16)
+        call = lambda: ctx.attention(tq, tk, tv, out=out)  # noqa: E731
+        call()
+        plan = dev.plans.get(*next(iter(ctx._calls.values())))
+        label, bars = "aule-kp vulkan GpuTensor", ("; bar <= 0.060 ms end to end", "")
+    full = median_time(call, repeat, warmup=20)
     evaluate = median_time(plan.eval, repeat, warmup=20)
-    with dev.lock:
-        timed = dev.manager.sequence(0, 2)
-        timed.record(dev.kp.OpAlgoDispatch(plan.chunks[0].algorithms[0]))
-        ticks = []
-        for _ in range(200):
-            timed.eval()
-            stamps = timed.get_timestamps()
-            ticks.append(stamps[1] - stamps[0])
-        timed.destroy()
-    # timestampPeriod is 1 ns on lavapipe and NVIDIA; the probe does not report it yet.
-    kernel = statistics.median(ticks) * 1e-9
+    kernel = gpu_seconds(plan)
     plan.eval = lambda: None  # type: ignore[method-assign]
     try:
         python = median_time(call, repeat, warmup=20)
     finally:
         del plan.eval
     host = python + max(0.0, evaluate - kernel)
-    return [_row(case, "aule-kp vulkan, whole call", full, note="cached plan"),
+    return [_row(case, f"{label}, whole call", full, note="cached plan" + bars[0]),
             _row(case, "kp Sequence.eval()", evaluate, note="submit + kernel + fence"),
             _row(case, "kernel (GPU timestamps)", kernel, note="same dispatch"),
             _row(case, "Python path (eval stubbed)", python, note="validate, dispatch, copies"),
-            _row(case, "host overhead", host, note="Python + eval - kernel; bar <= 0.150 ms")]
+            _row(case, "host overhead", host, note="Python + eval - kernel" + bars[1])]
 
 
 def machine(command: Optional[str] = None) -> Dict[str, str]:
@@ -520,8 +541,8 @@ def run(preset: str, vs: bool, repeat: int, markdown: Optional[str], backends: S
                 rows.append(row)
     if hasattr(steps, "close"):
         steps.close()
-    if preset == "cpu" and "vulkan" in selected:
-        rows += tiny_call_overhead()
+    if preset in ("cpu", "gpu") and "vulkan" in selected:
+        rows += tiny_call_overhead(path="numpy") + tiny_call_overhead(path="gputensor")
     table = format_table(rows)
     title = f"`{preset}` preset" + (f", lengths / {scale:g}" if scale != 1 else "")
     if markdown or plots:

@@ -25,7 +25,7 @@ export AULE_KP_SPIRV_CACHE=$PWD/spirv_cache
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -m aule_kp info | tee "$OUT/info.txt"
 # STEPS picks what runs after the set-up (default: everything), e.g. STEPS="gemm host" .
-STEPS=" ${STEPS:-tests bench backward host gemm tune triton} "
+STEPS=" ${STEPS:-tests bench backward host decode gemm tune triton} "
 step() { [[ "$STEPS" == *" $1 "* ]]; }
 if step tests; then
   python3 -m pytest -q -p no:cacheprovider $(ls tests/test_{vulkan,gpu,vulkan_backward,splitkv,host_io}.py 2>/dev/null) \
@@ -35,6 +35,7 @@ step bench && python3 -m aule_kp bench --preset gpu --vs --backends ${BACKENDS:-
   --repeat ${REPEAT:-10} --markdown "$OUT/bench.md" 2>&1 | tail -40
 step backward && python3 benchmarks/vulkan_backward_gpu.py 2>&1 | tee "$OUT/backward.md"
 step host && python3 benchmarks/host_path_gpu.py 2>&1 | tee "$OUT/host_path.md"
+step decode && python3 benchmarks/decode_gpu.py 2>&1 | tee "$OUT/decode.md"
 step gemm && python3 benchmarks/coopmat_gemm_gpu.py 2>&1 | tee "$OUT/gemm.md"
 step tune && timeout ${TUNE_S:-300} python3 -m aule_kp tune --cache-dir "$OUT/tune" ${TUNE_ARGS:-} 2>&1 | tee "$OUT/tune.md"
 step triton && python3 benchmarks/triton_vs_aule_gpu.py 2>&1 | tee "$OUT/triton_vs_aule.md"

@@ -1038,6 +1038,28 @@ def test_use_after_free(ctx: aule_kp.Context, rng: np.random.Generator) -> None:
 
 
 @needs_vulkan
+def test_repeated_call_fast_path(ctx: aule_kp.Context, rng: np.random.Generator) -> None:
+    """Repeated calls with ``out=`` skip validation; they must still see new data and new
+    arguments, and a freed tensor must still be an error."""
+    q, k, v = _qkv(rng)
+    tq, tk, tv = (_upload(ctx, x, np.float32) for x in (q, k, v))
+    out = ctx.tensor((1, 2, 8, D), np.float32)
+    for _ in range(2):
+        assert ctx.attention(tq, tk, tv, out=out, causal=True) is out
+        _check(out.download(), q, _expected(q, k, v, causal=True), "float32")
+    assert len(ctx._calls) == 1
+    v2 = _randn(rng, v.shape)
+    tv.upload(v2)
+    ctx.attention(tq, tk, tv, out=out, causal=True)
+    _check(out.download(), q, _expected(q, k, v2, causal=True), "float32")
+    ctx.attention(tq, tk, tv, out=out, scale=0.5)
+    _check(out.download(), q, _expected(q, k, v2, scale=0.5), "float32")
+    tk.free()
+    with pytest.raises(ValueError, match="freed"):
+        ctx.attention(tq, tk, tv, out=out, causal=True)
+
+
+@needs_vulkan
 def test_freed_out_tensor_is_an_error_not_a_crash() -> None:
     """A freed ``out`` must raise ValueError like a freed q/k/v. Run in a child process, because
     binding a destroyed kp tensor kills the interpreter (SIGSEGV) instead of failing one test."""

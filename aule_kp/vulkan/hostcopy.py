@@ -38,8 +38,8 @@ def _pool(threads: int) -> ThreadPoolExecutor:
 def copy_bytes(pairs: List[Tuple[np.ndarray, np.ndarray]]) -> None:
     """``dst[:] = src`` for each (dst, src) pair of equal-sized uint8 views, split over threads when large."""
     total = sum(src.nbytes for _, src in pairs)
-    threads = copy_threads()
-    if threads == 1 or total < PARALLEL_MIN_BYTES:
+    threads = copy_threads() if total >= PARALLEL_MIN_BYTES else 1
+    if threads == 1:
         for dst, src in pairs:
             dst[:] = src
         return

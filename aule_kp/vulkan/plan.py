@@ -221,8 +221,11 @@ class Plan:
         self.eval()
         out = np.empty(sum(c.output.nbytes for c in self.chunks), np.uint8)
         lse = np.concatenate([c.lse for c in self.chunks])
-        bounds = np.cumsum([0] + [c.output.nbytes for c in self.chunks])
-        copy_bytes([(out[lo:hi], c.output) for c, lo, hi in zip(self.chunks, bounds[:-1], bounds[1:])])
+        pairs, lo = [], 0
+        for c in self.chunks:
+            pairs.append((out[lo:lo + c.output.nbytes], c.output))
+            lo += c.output.nbytes
+        copy_bytes(pairs)
         shape = (p.batch, p.heads_q, p.len_q)
         return out.view(STORAGE[p.dtype]).reshape(*shape, p.dim_v), lse.reshape(shape)
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import weakref
-from typing import Any, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Hashable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -120,6 +121,9 @@ class Context:
             raise BackendUnavailable("vulkan", [why])
         self.device = devmod.get_device(device)
         self._tensors: weakref.WeakSet[GpuTensor] = weakref.WeakSet()
+        # Repeated calls on the same tensors and arguments skip validation and the kernel choice:
+        # call signature -> (plan cache key, plan builder). Plans themselves stay in the device's LRU.
+        self._calls: Dict[Hashable, Tuple[Hashable, Callable[[], Plan]]] = {}
 
     def tensor(self, shape: Sequence[int], dtype: DTypeLike = np.float16) -> GpuTensor:
         """A new zero-filled GpuTensor."""
@@ -130,7 +134,22 @@ class Context:
     def attention(self, q: GpuTensor, k: GpuTensor, v: GpuTensor, out: Optional[GpuTensor] = None, *,
                   causal: bool = False, scale: Optional[float] = None,
                   window: Optional[Tuple[int, int]] = None) -> GpuTensor:
-        """FA2 forward on GpuTensors (shapes and semantics of ``aule_kp.flash_attention``)."""
+        """FA2 forward on GpuTensors (shapes and semantics of ``aule_kp.flash_attention``).
+
+        Pass ``out`` to reuse an output tensor: a repeated call on the same tensors and arguments
+        then costs a dictionary lookup and one recorded dispatch (no allocation, no validation).
+        """
+        sig = None
+        if isinstance(out, GpuTensor):
+            sig = (getattr(q, "serial", None), getattr(k, "serial", None), getattr(v, "serial", None), out.serial,
+                   bool(causal), scale, window, os.environ.get("AULE_KP_SPLIT_KV"),
+                   os.environ.get("AULE_KP_FORCE_VARIANT"))
+            hit = self._calls.get(sig)
+            if hit is not None and all(t.kp_tensor is not None for t in (q, k, v, out)):
+                dev = self.device
+                with dev.lock:
+                    dev.plans.get(*hit).eval()
+                return out
         from ..api import _check_scale_window, _check_shapes
 
         for name, t in (("q", q), ("k", k), ("v", v)):
@@ -154,10 +173,17 @@ class Context:
         dev = self.device
         cfg = choose_forward(dev.caps, problem)
         key = ("io", problem, cfg, q.serial, k.serial, v.serial, out.serial)
+        io = (q.kp_tensor, k.kp_tensor, v.kp_tensor, out.kp_tensor)
+
+        def build() -> Plan:
+            return Plan(dev, problem, cfg, io=io)
+
         with dev.lock:
-            plan = dev.plans.get(key, lambda: Plan(dev, problem, cfg, io=(q.kp_tensor, k.kp_tensor,
-                                                                           v.kp_tensor, out.kp_tensor)))
-            plan.eval()
+            dev.plans.get(key, build).eval()
+        if sig is not None:
+            if len(self._calls) >= 1024:
+                self._calls.clear()
+            self._calls[sig] = (key, build)
         return out
 
     def close(self) -> None:
