@@ -82,14 +82,22 @@ def main(s: int = 8192) -> None:
     rng = np.random.default_rng(0)
     q, k, v = (from_f32(rng.standard_normal((b, h, s, d), dtype=np.float32), "float16") for _ in range(3))
     plan = VulkanBackend().plan(p)
-    whole = median_s(lambda: plan.run(q, k, v, None), 5)
     kernel_only = plan.record(mgr.sequence(), transfers=False)
     kernel = median_s(kernel_only.eval, 5)
-    moved = 4 * q.nbytes
-    row(f"NumPy path B{b} H{h} S{s} D{d} fp16, whole call", moved, whole, f"kernel alone {kernel * 1e3:.2f} ms")
-    row("NumPy path: upload + download (whole - kernel)", moved, whole - kernel,
-        f"{moved / (whole - kernel) / (size / h2d):.2f}x the Vulkan H2D yardstick")
     kernel_only.destroy()
+    moved = 4 * q.nbytes
+    kinds = {t.tensor_type() for c in plan.chunks for t in c.tensors}
+    bar = dev.caps.host_visible_device_heap >> 20
+    print(f"\n(plan tensors: {sorted(str(x) for x in kinds)}; device-local host-visible heap {bar} MiB)\n")
+    for threads in ("", "4", "16"):
+        if threads:
+            os.environ["AULE_KP_COPY_THREADS"] = threads
+        whole = median_s(lambda: plan.run(q, k, v, None), 5)
+        os.environ.pop("AULE_KP_COPY_THREADS", None)
+        note = f"copy threads {threads or 'default'}; kernel alone {kernel * 1e3:.2f} ms"
+        row(f"NumPy path B{b} H{h} S{s} D{d} fp16, whole call", moved, whole, note)
+        row("NumPy path: upload + download (whole - kernel)", moved, whole - kernel,
+            f"{moved / (whole - kernel) / (size / h2d):.2f}x the Vulkan H2D yardstick")
     dev.plans.clear()
 
     # A repeated tiny call on the GpuTensor path (issue 6: <= 60 us end to end).

@@ -91,10 +91,11 @@ def _scalar_tiles(caps: DeviceCaps, problem: Problem, wave: int, cpu: bool) -> D
 
 
 def _coopmat_tiles(caps: DeviceCaps, problem: Problem) -> Dict[str, int]:
-    # Measured on an H200 (see the shader header): BC=32; BR=64 with 4 subgroups up to D=128,
-    # BR=128 with 8 subgroups above (fewer registers per row block); smaller tiles where memory is short.
+    # Measured on an H200 (see the shader header and BENCHMARKS.md): BC=32; BR=128 with 8 subgroups
+    # above D=64 (S8192 D128: 9.4 vs 9.9 ms for BR=64/4 subgroups; `aule-kp tune` agreed), BR=64 with
+    # 4 subgroups at D<=64; smaller tiles where memory is short.
     wave = max(caps.subgroup_size, 1)
-    big = max(problem.dim_k, problem.dim_v) > 128
+    big = max(problem.dim_k, problem.dim_v) > 64
     candidates = ((128, 32, 256), (64, 32, 128), (64, 16, 128), (32, 16, 64)) if big else (
         (64, 32, 128), (64, 16, 128), (32, 16, 64))
     for br, bc, wg in candidates:

@@ -44,7 +44,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 
-from ..bench import Case, _progress, median_time
+from ..bench import Case, _progress, gpu_seconds
 from ..dtypes import from_f32, to_f32
 from ..problem import Problem
 from .kernels import (
@@ -468,9 +468,9 @@ def _prepare(job: _Job, dev: Any, seed: int) -> None:
 
 
 def _trial(job: _Job, cfg: Any, dev: Any, repeat: int) -> Tuple[float, Tuple[np.ndarray, ...]]:
-    """Builds the real plan of ``cfg``, runs it once (its outputs) and times its dispatches alone
-    (data on the device: host transfers would add the same time to every candidate): median of
-    ``repeat`` after one warm-up."""
+    """Builds the real plan of ``cfg``, runs it once (its outputs) and times its dispatches alone by
+    GPU timestamps (host transfers and submit jitter would add the same noise to every candidate):
+    median of ``repeat``."""
     from .backward import BackwardPlan
     from .plan import Plan
 
@@ -478,11 +478,7 @@ def _trial(job: _Job, cfg: Any, dev: Any, repeat: int) -> Tuple[float, Tuple[np.
     plan = (Plan if job.kind == "forward" else BackwardPlan)(dev, p, cfg)
     try:
         outputs = plan.run(*job.inputs)
-        kernels = plan.record(dev.manager.sequence(), transfers=False)
-        try:
-            seconds = median_time(kernels.eval, repeat, warmup=1)
-        finally:
-            kernels.destroy()
+        seconds = gpu_seconds(plan, repeat)
     finally:
         plan.destroy()
     return seconds, tuple(o for o in outputs if o is not None)
