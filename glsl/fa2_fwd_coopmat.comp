@@ -39,6 +39,11 @@
 //          BR=64 BC=64 WG=128: 93 (241 registers: one workgroup less per SM), BR=64 WG=64 (RPS=2): 77
 //   D=64:  BR=64 BC=32 WG=128: 78, BR=64 BC=64: 62.     D=256: BR=128 BC=32 WG=256: 139, BR=64 WG=128: 84
 //   So: BC=32; BR=64/WG=128 or BR=128/WG=256 for D<=128; BR=128/WG=256 for D=256.
+// Later, through aule-kp itself (bench --preset gpu, GPU timestamps agree): BR=128/WG=256 at D=128
+// 9.14 ms = 120 TFLOPS vs 9.85 for BR=64 (the host now takes it above D=64); reading S once on
+// interior tiles (sv below) then 8.66 ms = 127 TFLOPS (causal 115); D=64 S8192 74 -> 83 TFLOPS.
+// The best fp16 matmul this driver runs through KHR coopmat is ~177-183 TFLOPS
+// (benchmarks/coopmat_gemm_gpu.py; cuBLAS 668-781 in the same run): that bounds this kernel.
 //
 // Index math (fa2_common.glsl layout, one dispatch = one chunk of (batch, kv-head) groups):
 //   y = gl_WorkGroupID.y (query head in the chunk), kv group in the chunk = y / group,
@@ -260,12 +265,18 @@ bool softmax_rows(uint row0, int kb, bool full) {
         const uint row = row0 + (valid ? rl : 0u);
         const int i = int(g_q0 + row);
 
-        // Pass 1: row max of the visible scores.
+        // Pass 1: row max of the visible scores. Interior tiles (every score visible, no mask) keep
+        // their scores in registers for pass 2: a literal trip count (lanes past their share are
+        // predicated off) so that sv stays in registers, and S is read from shared memory once.
         float mx = NEG_INF;
-        if (valid && full) {                 // interior tile: every score is visible, no mask
-            for (uint c4 = part; c4 < BC / 4u; c4 += lpr) {
-                vec4 s = s_sh[row * SSTR + c4] * pc.scale_log2;
-                mx = max(mx, max(max(s.x, s.y), max(s.z, s.w)));
+        vec4 sv[BC / 4u];
+        if (valid && full) {
+            [[unroll]] for (uint i = 0u; i < BC / 4u; ++i) {
+                const uint c4 = part + i * lpr;
+                if (c4 < BC / 4u) {
+                    sv[i] = s_sh[row * SSTR + c4] * pc.scale_log2;
+                    mx = max(mx, max(max(sv[i].x, sv[i].y), max(sv[i].z, sv[i].w)));
+                }
             }
         } else if (valid) {
             for (uint c4 = part; c4 < BC / 4u; c4 += lpr) {
@@ -288,11 +299,13 @@ bool softmax_rows(uint row0, int kb, bool full) {
         // normalises exactly what P*V accumulates.
         float sum = 0.0;
         if (valid && full) {
-            for (uint c4 = part; c4 < BC / 4u; c4 += lpr) {
-                vec4 s = s_sh[row * SSTR + c4] * pc.scale_log2;
-                f16vec4 p = f16vec4(exp2(s - m_use));
-                sum += dot(vec4(p), vec4(1.0));
-                p_sh[row * PSTR + c4] = p;
+            [[unroll]] for (uint i = 0u; i < BC / 4u; ++i) {
+                const uint c4 = part + i * lpr;
+                if (c4 < BC / 4u) {
+                    f16vec4 p = f16vec4(exp2(sv[i] - m_use));
+                    sum += dot(vec4(p), vec4(1.0));
+                    p_sh[row * PSTR + c4] = p;
+                }
             }
         } else if (valid) {
             for (uint c4 = part; c4 < BC / 4u; c4 += lpr) {
