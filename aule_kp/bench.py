@@ -352,11 +352,17 @@ def bench_aule_attention(case: Case, repeat: int) -> Optional[Dict[str, Any]]:
     return _row(case, "aule-attention 0.5.0 vulkan", float(done.stdout.strip().splitlines()[-1]), note="fp32")
 
 
-def gpu_seconds(plan: Any, repeat: int = 200) -> float:
-    """Median GPU time of a plan's dispatches alone, from timestamps around them (data already there)."""
+def gpu_seconds(plan: Any, repeat: int = 200, warmup_s: float = 0.5) -> float:
+    """Median GPU time of a plan's dispatches alone, from timestamps around them (data already there).
+
+    Runs them for ``warmup_s`` first: a GPU that idled while the host prepared inputs runs at low
+    clocks for a while (on the H200 a first 8K-token forward measured 3-4x its settled time)."""
     dev = plan.device
     with dev.lock:
         timed = plan.record(dev.manager.sequence(0, 64), transfers=False)
+        start = time.perf_counter()
+        while time.perf_counter() - start < warmup_s:
+            timed.eval()
         ticks = []
         for _ in range(repeat):
             timed.eval()

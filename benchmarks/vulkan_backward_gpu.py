@@ -1,15 +1,17 @@
 """Vulkan FA2 backward on a GPU beside torch's flash backward (run by scripts/gpu_run.sh).
 
-B1 H32 S8192 D128 fp16, causal and not. Two Vulkan figures: the plan's recorded sequence (inputs
-synced to the device, the three kernels, gradients synced back: what a host-memory call pays on a
-discrete GPU) and the same dispatches with the data already on the device (comparable with torch's
-CUDA backward, and with the forward's GpuTensor rows); then each kernel alone. TFLOPS count the
+B1 H32 S8192 D128 fp16, causal and not. Two Vulkan figures: the plan's whole recorded pass with its
+inputs and outputs where a host-memory call keeps them (Device.io_tensor: on a discrete GPU inputs
+in device-local host-visible memory, gradients written to host memory across the bus), and the
+same dispatches on device-local tensors with the data already there (comparable with torch's CUDA
+backward, and with the forward's GpuTensor rows); then each kernel alone. TFLOPS count the
 backward as 2.5x the forward's multiply-adds.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import sys
 
 import numpy as np
@@ -33,24 +35,32 @@ def main(b: int = 1, h: int = 32, s: int = 8192, d: int = 128, repeat: int = 5) 
         q, k, v, do = (from_f32(rng.standard_normal((b, h, s, d), dtype=np.float32), "float16") for _ in range(4))
         out, lse = be.forward(p, q, k, v, None)
         cfg = backward_config(dev.caps, p)
-        grads = be.backward(p, q, k, v, out, do, lse, None, config=cfg)
-        assert all(np.isfinite(g.astype(np.float32)).all() for g in grads[:3])
-        plan = be.backward_plan(p, cfg)
         flops = 2.5 * p.flops()
         tag = " causal" if causal else ""
-        t = median_time(plan.eval, repeat)
-        print(f"| aule-kp vulkan {cfg.variant} backward{tag}, with host<->device transfers | {t * 1e3:.2f} | "
-              f"{flops / t / 1e12:.1f} |")
-        resident = plan.record(dev.manager.sequence(), transfers=False)
-        t = median_time(resident.eval, repeat)
-        resident.destroy()
-        print(f"| aule-kp vulkan {cfg.variant} backward{tag}, data on the device | {t * 1e3:.2f} | "
-              f"{flops / t / 1e12:.1f} |")
-        for kcfg, algo in zip(cfg.kernels(), plan.chunks[0].algorithms):
-            alone = dev.manager.sequence().record(dev.kp.OpAlgoDispatch(algo))
-            ta = median_time(alone.eval, repeat)
-            print(f"| &nbsp; {kcfg.kernel} alone (BR {kcfg.br}, BC {kcfg.bc}, WG {kcfg.wg}) | {ta * 1e3:.2f} | |")
-            alone.destroy()
+        # Host-memory call as users make it (inputs/outputs where Device.io_tensor puts them), then
+        # the same pass on device-local tensors (staging buffers) timed without its transfers.
+        for direct in ("1", "0"):
+            os.environ["AULE_KP_DIRECT_IO"] = direct
+            dev.plans.clear()
+            grads = be.backward(p, q, k, v, out, do, lse, None, config=cfg)
+            assert all(np.isfinite(g.astype(np.float32)).all() for g in grads[:3])
+            plan = be.backward_plan(p, cfg)
+            if direct == "1":
+                t = median_time(plan.eval, repeat)
+                print(f"| aule-kp vulkan {cfg.variant} backward{tag}, host memory in and out (whole pass) | "
+                      f"{t * 1e3:.2f} | {flops / t / 1e12:.1f} |")
+                continue
+            resident = plan.record(dev.manager.sequence(), transfers=False)
+            t = median_time(resident.eval, repeat)
+            resident.destroy()
+            print(f"| aule-kp vulkan {cfg.variant} backward{tag}, data on the device | {t * 1e3:.2f} | "
+                  f"{flops / t / 1e12:.1f} |")
+            for kcfg, algo in zip(cfg.kernels(), plan.chunks[0].algorithms):
+                alone = dev.manager.sequence().record(dev.kp.OpAlgoDispatch(algo))
+                ta = median_time(alone.eval, repeat)
+                print(f"| &nbsp; {kcfg.kernel} alone (BR {kcfg.br}, BC {kcfg.bc}, WG {kcfg.wg}) | {ta * 1e3:.2f} | |")
+                alone.destroy()
+        os.environ.pop("AULE_KP_DIRECT_IO")
         try:
             import torch
             from torch.nn.attention import SDPBackend, sdpa_kernel
