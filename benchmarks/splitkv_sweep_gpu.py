@@ -34,27 +34,28 @@ def main(lk: int = 32768) -> None:
     print(f"{dev.caps.name}: B{b} Hq{hq} Hkv{hkv} Lq1 Lk{lk} D{d} fp16, K/V {kv_bytes >> 20} MiB\n")
     print("| partial BR/BC/TPR/WG | splits x keys | GPU ms | K/V GB/s | max diff vs default |\n|---|---|---|---|---|")
     want = None
-    for bc in (4, 8, 16):
-        for wg in (128, 256, 512):
-            for n_split in (32, 64, 128, 256):
-                part = replace(base.partial, bc=bc, wg=wg)
-                step = wg // part.tpr * bc
-                split_len = step * math.ceil(lk / (n_split * step))
-                cfg = SplitKVConfig(part, base.combine, math.ceil(lk / split_len), split_len)
-                if cfg.shared_bytes() > dev.caps.shared_memory:
-                    continue
-                plan = Plan(dev, p, cfg)
-                out, _ = plan.run(q, k, v, None)
-                out = to_f32(out, "float16")
-                if want is None:
-                    want = Plan(dev, p, base).run(q, k, v, None)[0]
-                    want = to_f32(want, "float16")
-                t = gpu_seconds(plan, 50)
-                plan.destroy()
-                diff = float(np.abs(out - want).max())
-                tag = " (default)" if (bc, wg, cfg.n_split) == (base.partial.bc, base.partial.wg, base.n_split) else ""
-                print(f"| {part.br}/{bc}/{part.tpr}/{wg}{tag} | {cfg.n_split} x {split_len} | {t * 1e3:.3f} | "
-                      f"{kv_bytes / t / 1e9:.0f} | {diff:.1e} |", flush=True)
+    grid = [(tpr, bc, wg, n) for tpr in (16, 8, 4) for bc in (2, 4) for wg in (128, 256) for n in (32, 64, 128)]
+    for tpr, bc, wg, n_split in grid:
+        if tpr > max(dev.caps.subgroup_size, 1):  # a key's lanes must share a subgroup
+            continue
+        part = replace(base.partial, bc=bc, wg=wg, tpr=tpr)
+        step = wg // part.tpr * bc
+        split_len = step * math.ceil(lk / (n_split * step))
+        cfg = SplitKVConfig(part, base.combine, math.ceil(lk / split_len), split_len)
+        if cfg.shared_bytes() > dev.caps.shared_memory:
+            continue
+        plan = Plan(dev, p, cfg)
+        out, _ = plan.run(q, k, v, None)
+        out = to_f32(out, "float16")
+        if want is None:
+            want = Plan(dev, p, base).run(q, k, v, None)[0]
+            want = to_f32(want, "float16")
+        t = gpu_seconds(plan, 50)
+        plan.destroy()
+        diff = float(np.abs(out - want).max())
+        tag = " (default)" if part == base.partial and cfg.n_split == base.n_split else ""
+        print(f"| {part.br}/{bc}/{part.tpr}/{wg}{tag} | {cfg.n_split} x {split_len} | {t * 1e3:.3f} | "
+              f"{kv_bytes / t / 1e9:.0f} | {diff:.1e} |", flush=True)
 
 
 if __name__ == "__main__":
