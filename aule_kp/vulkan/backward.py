@@ -24,7 +24,7 @@ from ..dtypes import STORAGE
 from ..problem import Problem
 from .hostcopy import copy_bytes
 from .kernels import BackwardConfig
-from .plan import MAX_GRID_Y, _words, binding_limit, group_bytes, push_constants, stats
+from .plan import MAX_GRID_Y, RecordedPlan, _words, binding_limit, group_bytes, push_constants, stats
 
 log = logging.getLogger("aule_kp")
 
@@ -65,7 +65,7 @@ class BackwardChunk:
     algorithms: List[Any]  # pre, dkdv, dq
 
 
-class BackwardPlan:
+class BackwardPlan(RecordedPlan):
     """Everything one backward Problem needs on one device, built once."""
 
     def __init__(self, device: Any, problem: Problem, config: BackwardConfig):
@@ -194,13 +194,3 @@ class BackwardPlan:
             sequence.record(kp.OpTensorSyncLocal(outputs))
         return sequence
 
-    def eval(self) -> None:
-        self.sequence.eval()
-        stats["evals"] += 1
-
-    def destroy(self) -> None:
-        self.sequence.destroy()
-        for c in self.chunks:
-            for algorithm in c.algorithms:
-                algorithm.destroy()
-        self.chunks.clear()

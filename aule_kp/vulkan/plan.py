@@ -108,7 +108,25 @@ class Chunk:
     lse: Optional[np.ndarray] = None  # lse mapped memory, float32
 
 
-class Plan:
+class RecordedPlan:
+    """What every plan shares: chunks holding their algorithms, and one recorded sequence."""
+
+    sequence: Any
+    chunks: List[Any]
+
+    def eval(self) -> None:
+        self.sequence.eval()
+        stats["evals"] += 1
+
+    def destroy(self) -> None:
+        self.sequence.destroy()
+        for c in self.chunks:
+            for algorithm in c.algorithms:
+                algorithm.destroy()
+        self.chunks.clear()
+
+
+class Plan(RecordedPlan):
     """Everything one Problem needs on one device, built once.
 
     ``config``: a forward KernelConfig (one pass) or a SplitKVConfig (two passes; its scratch
@@ -229,16 +247,6 @@ class Plan:
         shape = (p.batch, p.heads_q, p.len_q)
         return out.view(STORAGE[p.dtype]).reshape(*shape, p.dim_v), lse.reshape(shape)
 
-    def eval(self) -> None:
-        self.sequence.eval()
-        stats["evals"] += 1
-
-    def destroy(self) -> None:
-        self.sequence.destroy()
-        for c in self.chunks:
-            for algorithm in c.algorithms:
-                algorithm.destroy()
-        self.chunks.clear()
 
 
 class PlanCache:
