@@ -12,8 +12,10 @@
 // range (|x| > 65504) become inf and small ones lose precision. O is written in DTYPE (store_pair),
 // LSE in fp32. Scores, softmax statistics and O accumulate in fp32 whatever DTYPE is.
 //
-// Spec constants used: DK, DV, BR, BC, DTYPE, WG (= local_size_x). TPR, STAGE and RPT are ignored
-// (K/V are always staged). Host constraints:
+// Spec constants used: DK, DV, BR, BC, DTYPE, WG (= local_size_x), STAGE. TPR and RPT are ignored.
+// STAGE: 1 = K and V of a tile share one staging buffer (four workgroup barriers per key tile);
+// 2 = separate K and V buffers, so V(t) is staged while S(t) is computed and K(t+1) while P(t) V(t)
+// is: two barriers per tile (the host takes it where shared memory allows). Host constraints:
 //   * DK % 16 == 0, DV % 16 == 0, BR % 16 == 0, BC % 16 == 0 (16 = the coopmat M = N = K).
 //   * WG a multiple of the device's subgroup size (a partial subgroup cannot run coopmat ops).
 //   * Efficiency (not correctness): WG / 32 should divide BR / 16. Each subgroup owns RPS = (BR/16) /
@@ -23,7 +25,8 @@
 //   * Registers (32-wide subgroups): Q fragments RPS*DK/16*4, O accumulators RPS*DV/16*8, K/V
 //     prefetch BC*(DK+DV)/(2*WG) per invocation. Keep DV * RPS <= 256; at D=256 use WG=256.
 //   * Shared memory, bytes (must be <= maxComputeSharedMemorySize, 48 KiB on NVIDIA):
-//       2 * BC * (max(DK, DV) + 8)     Q/K/V staging, fp16, one buffer (Q passes through it BC rows at a time)
+//       2 * BC * (max(DK, DV) + 8)     Q/K/V staging, fp16, one buffer (Q passes through it BC rows at a time);
+//                                      STAGE 2: 2 * BC * (DK + 8) + 2 * BC * (DV + 8), K and V apart
 //     + 4 * BR * (BC + 4)              S scores fp32 (also alpha broadcast and the O epilogue)
 //     + 2 * BR * (BC + 8)              P fp16
 //     + 8 * BR                         running max m and sum l per row
@@ -91,13 +94,6 @@
 
 #include "fa2_common.glsl"
 
-// 1: the next K tile and the current V tile are loaded into registers while the subgroups do
-// P V / the softmax (software pipelining over the two barriers per tile); 0: loaded between the
-// barriers (fewer registers, measured 7-10% slower at D=128 on H200).
-#ifndef FA2_CM_PREFETCH
-#define FA2_CM_PREFETCH 1
-#endif
-
 // Vector views of the packed input buffers (same bindings as fa2_common.glsl's uint views).
 // 16-bit data: uvec2 = 4 elements; fp32 data: uvec4 = 4 elements. Row starts are multiples of
 // 16 elements (DK, DV % 16 == 0), so these are always aligned.
@@ -135,11 +131,13 @@ const float TAU = 8.0;
 const uint DMAX = DK > DV ? DK : DV;
 const uint KSTR = DK / 4u + 2u;   // K and Q rows, f16vec4
 const uint VSTR = DV / 4u + 2u;   // V rows, f16vec4
-const uint KVSZ = BC * (DMAX / 4u + 2u);
+const uint KSZ = BC * KSTR;                                   // STAGE 2: V starts here
+const uint KVSZ = STAGE == 2u ? KSZ + BC * VSTR : BC * (DMAX / 4u + 2u);
+const uint VOFF = STAGE == 2u ? KSZ : 0u;
 const uint SSTR = BC / 4u + 1u;   // S rows, vec4 ((BC+4) floats: odd vec4 stride, conflict-free rows)
 const uint PSTR = BC / 4u + 2u;   // P rows, f16vec4 ((BC+8) halves: 16-byte multiple for coopMatLoad)
 
-shared f16vec4 kv_sh[KVSZ];       // Q (BC rows per pass), then K, then V of the current key tile
+shared f16vec4 kv_sh[KVSZ];       // Q (BC rows per pass), then K, then V (at VOFF) of the current key tile
 shared vec4 s_sh[BR * SSTR];      // raw scores S; then alpha / the O epilogue, per subgroup rows
 shared f16vec4 p_sh[BR * PSTR];   // probabilities P (fp16)
 shared float m_sh[BR];            // reference max per row (log2 domain)
@@ -234,7 +232,7 @@ void put_k(uvec2 r[NKU]) {
 void put_v(uvec2 r[NVU]) {
     [[unroll]] for (uint it = 0u; it < NVU; ++it) {
         uint u = it * WG + g_tid;
-        if (u < BC * DV / 4u) kv_sh[(u / (DV / 4u)) * VSTR + u % (DV / 4u)] = h4(r[it]);
+        if (u < BC * DV / 4u) kv_sh[VOFF + (u / (DV / 4u)) * VSTR + u % (DV / 4u)] = h4(r[it]);
     }
 }
 
@@ -402,21 +400,30 @@ void main() {
         MAT_C o_acc[RPS * NDV];
         [[unroll]] for (uint t = 0u; t < RPS * NDV; ++t) o_acc[t] = MAT_C(0.0);
 
+        // Global loads run ahead of their use (software pipelining across the barriers): the next
+        // K tile and the current V tile sit in registers while the subgroups compute (loading
+        // between the barriers instead measured 7-10% slower at D=128 on an H200).
         uvec2 kreg[NKU];
         uvec2 vreg[NVU];
-#if FA2_CM_PREFETCH
         if (ntiles > 0u) fetch_k(kr.x, kreg);
-#endif
+        if (STAGE == 2u && ntiles > 0u) {
+            barrier();                                 // every subgroup has its Q fragments
+            put_k(kreg);
+        }
 
         for (uint tile = 0u; tile < ntiles; ++tile) {
             const int kb = kr.x + int(tile * BC);
+            const bool more = tile + 1u < ntiles;
 
-            barrier();                                 // everyone is done with the previous V / Q
-#if !FA2_CM_PREFETCH
-            fetch_k(kb, kreg);
-#endif
-            put_k(kreg);
+            // STAGE 1: everyone is done with the previous V (or Q). STAGE 2: K(t) is staged, and
+            // everyone is done with V(t-1), so V(t) may be staged during S.
             barrier();
+            if (STAGE == 2u) {
+                fetch_v(kb, vreg);                     // in flight during S
+            } else {
+                put_k(kreg);
+                barrier();
+            }
 
             // S = Q K^T for this subgroup's rows, straight to shared memory (fp32).
             if (working) {
@@ -438,9 +445,12 @@ void main() {
                 subgroupBarrier();
             }
 
-#if FA2_CM_PREFETCH
-            fetch_v(kb, vreg);                         // in flight during the softmax
-#endif
+            if (STAGE == 2u) {
+                put_v(vreg);                           // V's own buffer: no one reads it until P V
+                if (more) fetch_k(kb + int(BC), kreg); // in flight during the softmax and P V
+            } else {
+                fetch_v(kb, vreg);                     // in flight during the softmax
+            }
 
             // Interior tile: all BC keys exist and lie inside every row's band, no mask.
             const int kl = kb + int(BC) - 1;
@@ -450,15 +460,14 @@ void main() {
             bool resc = false;
             if (working) resc = softmax_rows(row0, kb, full);
 
-            barrier();                                 // all subgroups are done reading K
-#if FA2_CM_PREFETCH
-            put_v(vreg);
-            if (tile + 1u < ntiles) fetch_k(kb + int(BC), kreg);   // in flight during P V
-#else
-            fetch_v(kb, vreg);
-            put_v(vreg);
-#endif
-            barrier();
+            barrier();                                 // all subgroups are done reading K(t); STAGE 2: V(t) staged
+            if (STAGE == 2u) {
+                if (more) put_k(kreg);                 // K's own buffer: read again after the next barrier
+            } else {
+                put_v(vreg);
+                if (more) fetch_k(kb + int(BC), kreg); // in flight during P V
+                barrier();
+            }
 
             if (working) {
                 // O = alpha * O (alpha broadcast along rows, see the header), then O += P V.
@@ -476,7 +485,7 @@ void main() {
                                     gl_CooperativeMatrixLayoutRowMajor);
                     [[unroll]] for (uint d = 0u; d < NDV; ++d) {
                         MAT_B vb;
-                        coopMatLoad(vb, kv_sh, c * CM * VSTR + d * (CM / 4u), VSTR,
+                        coopMatLoad(vb, kv_sh, VOFF + c * CM * VSTR + d * (CM / 4u), VSTR,
                                     gl_CooperativeMatrixLayoutRowMajor);
                         [[unroll]] for (uint r = 0u; r < RPS; ++r)
                             o_acc[r * NDV + d] = coopMatMulAdd(pa[r], vb, o_acc[r * NDV + d]);

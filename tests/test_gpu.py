@@ -3,12 +3,15 @@ on lavapipe, which has no coopmat). Run there by scripts/gpu_run.sh."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from conftest import check, problem
 
 from aule_kp.vulkan import device as devmod
 from aule_kp.vulkan.backend import VulkanBackend
+from aule_kp.vulkan.kernels import coopmat_shared_bytes
 
 coopmat = pytest.mark.skipif(
     devmod.vulkan_unavailable() is not None or not devmod.get_device().caps.coopmat,
@@ -43,6 +46,20 @@ def test_coopmat_masks(kind, rng):
     out, _ = check(problem(b=2, hq=4, hkv=4, lq=150, lk=210, dk=64, dv=64, dtype="float16", mask_shape=shape),
                    rng, mask, backend=CM)
     assert np.all(out[:, :, 5] == 0)
+
+
+@coopmat
+@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("br,bc,wg", [(128, 32, 256), (64, 32, 128), (64, 16, 64), (32, 16, 64)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_coopmat_staging_schedules(stage, br, bc, wg, causal, rng):
+    """Both staging schedules (one K/V buffer with four barriers per tile, or K and V apart with two)
+    over several tilings, with ragged edges and more than one pass of key tiles."""
+    p = problem(b=1, hq=4, hkv=2, lq=333, lk=517, dk=128, dv=128, dtype="float16", causal=causal)
+    cfg = replace(CM.config(p), br=br, bc=bc, wg=wg, stage=stage)
+    if coopmat_shared_bytes(cfg) > devmod.get_device().caps.shared_memory:
+        pytest.skip("over the device's shared memory")
+    check(p, rng, backend=CM, config=cfg)
 
 
 @coopmat

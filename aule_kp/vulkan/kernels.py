@@ -49,9 +49,10 @@ class KernelConfig:
 
 
 def coopmat_shared_bytes(cfg: KernelConfig) -> int:
-    """Shared memory of glsl/fa2_fwd_coopmat.comp (the formula in its header): fp16 Q/K/V staging,
-    fp32 scores, fp16 P, and per-row m and l."""
-    return 2 * cfg.bc * (max(cfg.dk, cfg.dv) + 8) + 4 * cfg.br * (cfg.bc + 4) + 2 * cfg.br * (cfg.bc + 8) + 8 * cfg.br
+    """Shared memory of glsl/fa2_fwd_coopmat.comp (the formula in its header): fp16 Q/K/V staging
+    (one buffer, or K and V apart with STAGE 2), fp32 scores, fp16 P, and per-row m and l."""
+    staging = 2 * cfg.bc * (cfg.dk + cfg.dv + 16) if cfg.stage == 2 else 2 * cfg.bc * (max(cfg.dk, cfg.dv) + 8)
+    return staging + 4 * cfg.br * (cfg.bc + 4) + 2 * cfg.br * (cfg.bc + 8) + 8 * cfg.br
 
 
 VARIANTS = ("scalar", "wave64", "coopmat")
@@ -98,12 +99,14 @@ def _coopmat_tiles(caps: DeviceCaps, problem: Problem) -> Dict[str, int]:
     big = max(problem.dim_k, problem.dim_v) > 64
     candidates = ((128, 32, 256), (64, 32, 128), (64, 16, 128), (32, 16, 64)) if big else (
         (64, 32, 128), (64, 16, 128), (32, 16, 64))
+    # STAGE 2 (K and V in separate buffers: two barriers per key tile instead of four) where it fits.
     for br, bc, wg in candidates:
         wg = max(wg, wave) // wave * wave
-        cfg = KernelConfig("coopmat", "fa2_fwd_coopmat", problem.dim_k, problem.dim_v, br, bc, 1,
-                           DTYPE_CODE[problem.dtype], wg, 1)
-        if coopmat_shared_bytes(cfg) <= caps.shared_memory and wg <= caps.max_workgroup_invocations:
-            return dict(tpr=1, br=br, bc=bc, stage=1, wg=wg)
+        for stage in (2, 1):
+            cfg = KernelConfig("coopmat", "fa2_fwd_coopmat", problem.dim_k, problem.dim_v, br, bc, 1,
+                               DTYPE_CODE[problem.dtype], wg, stage)
+            if coopmat_shared_bytes(cfg) <= caps.shared_memory and wg <= caps.max_workgroup_invocations:
+                return dict(tpr=1, br=br, bc=bc, stage=stage, wg=wg)
     return dict(tpr=1, br=16, bc=16, stage=1, wg=wave)
 
 

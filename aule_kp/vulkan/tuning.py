@@ -253,7 +253,8 @@ def kernel_reasons(k: KernelConfig, caps: DeviceCaps, problem: Problem) -> List[
     """The shader headers' rules for the tiles of one kernel (forward or backward; empty: they hold).
     Device limits are checked by :func:`forward_reasons` and ``kernels.backward_config_reasons``."""
     reasons = []
-    if min(k.br, k.bc, k.wg, k.tpr, k.rpt) < 1 or k.stage not in (0, 1):
+    stages = (1, 2) if k.kernel == "fa2_fwd_coopmat" else (0, 1)
+    if min(k.br, k.bc, k.wg, k.tpr, k.rpt) < 1 or k.stage not in stages:
         return [f"tiles out of range: {k}"]
     if k.variant == "coopmat":
         # fa2_fwd_coopmat.comp / fa2_bwd_cm.glsl: 16x16 blocks, whole subgroups.
@@ -368,7 +369,8 @@ def candidates(cfg: Any, caps: DeviceCaps, problem: Problem, limit: int) -> List
     if k.variant == "coopmat":
         for br in _around(k.br, 16, 256, 16):
             for bc in _around(k.bc, 16, 128, 16):
-                grid += [dict(br=br, bc=bc, wg=wg, tpr=1, rpt=1, stage=1) for wg in wgs]
+                stages = (1, 2) if k.kernel == "fa2_fwd_coopmat" else (1,)
+                grid += [dict(br=br, bc=bc, wg=wg, tpr=1, rpt=1, stage=stage) for wg in wgs for stage in stages]
     else:
         for tpr in (1, 2, 4, 8):
             for rpt in _around(k.rpt, 1, 64):
