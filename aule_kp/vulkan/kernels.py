@@ -99,10 +99,12 @@ def _coopmat_tiles(caps: DeviceCaps, problem: Problem) -> Dict[str, int]:
     big = max(problem.dim_k, problem.dim_v) > 64
     candidates = ((128, 32, 256), (64, 32, 128), (64, 16, 128), (32, 16, 64)) if big else (
         (64, 32, 128), (64, 16, 128), (32, 16, 64))
-    # STAGE 2 (K and V in separate buffers: two barriers per key tile instead of four) where it fits.
+    # STAGE 2 (K and V in separate buffers: two barriers per key tile instead of four) at D<=64,
+    # where it fits: H200 S2048 D64 0.544 -> 0.479 ms, S8192 6.75 -> 6.54 ms; at D128 it measured
+    # the same or 1-2% slower (9.07 vs 8.86 ms at S8192), so STAGE 1 there (`aule-kp tune` tries both).
     for br, bc, wg in candidates:
         wg = max(wg, wave) // wave * wave
-        for stage in (2, 1):
+        for stage in ((1,) if big else (2, 1)):
             cfg = KernelConfig("coopmat", "fa2_fwd_coopmat", problem.dim_k, problem.dim_v, br, bc, 1,
                                DTYPE_CODE[problem.dtype], wg, stage)
             if coopmat_shared_bytes(cfg) <= caps.shared_memory and wg <= caps.max_workgroup_invocations:
