@@ -3,8 +3,8 @@
 The defaults of :mod:`aule_kp.vulkan.kernels` are chosen per vendor and limits; ``tune`` measures
 instead. For each representative problem it takes the specialization the device would use by
 default, enumerates neighbouring tile choices that are legal here (shared memory, workgroup size and
-the divisibility rules of the shader headers), times each through the real recorded plan (warm-up,
-then the median of N ``eval()``), checks its output against the default's, and stores the winner.
+the divisibility rules of the shader headers), times each through the real plan (GPU timestamps around its dispatches,
+after a warm-up), checks its output against the default's, and stores the winner.
 
 The cache is one JSON file per device and driver version, in the user cache dir
 (``AULE_KP_CACHE_DIR``, else ``$XDG_CACHE_HOME/aule_kp`` or ``~/.cache/aule_kp``; on Windows
@@ -543,7 +543,8 @@ def tune(cases: Optional[Sequence[Case]] = None, *, quick: bool = False, dtype: 
     Per problem and pass: the default specialization and up to ``max_candidates`` others (default:
     2 quick, 6 on a CPU device, 24 on a GPU) are each built as a real plan, run once, checked against
     the default's outputs (a candidate that fails to build or run, or disagrees, is logged and
-    skipped) and timed over ``repeat`` ``eval()`` calls after a warm-up. The fastest wins if it beats
+    skipped) and timed by GPU timestamps around its dispatches (median of ``repeat``, after a 0.5 s
+    warm-up, see ``bench.gpu_seconds``). The fastest wins if it beats
     the default by more than ``min_gain`` (a fraction: timing noise must not replace the default);
     winners go to ``directory`` (default: :func:`cache_dir`) unless ``save_results`` is False.
     """
