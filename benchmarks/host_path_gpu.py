@@ -22,7 +22,6 @@ import numpy as np
 from aule_kp.dtypes import from_f32
 from aule_kp.problem import Problem, band
 from aule_kp.vulkan import device as devmod
-from aule_kp.vulkan import plan as planmod
 from aule_kp.vulkan.backend import VulkanBackend
 from aule_kp.vulkan.hostcopy import copy_bytes
 
@@ -82,29 +81,23 @@ def main(s: int = 8192) -> None:
     p = Problem(b, h, h, s, s, d, d, "float16", 1 / math.sqrt(d), diag, left, right)
     rng = np.random.default_rng(0)
     q, k, v = (from_f32(rng.standard_normal((b, h, s, d), dtype=np.float32), "float16") for _ in range(3))
+    plan = VulkanBackend().plan(p)
+    kernel_only = plan.record(mgr.sequence(), transfers=False)
+    kernel = median_s(kernel_only.eval, 5)
+    kernel_only.destroy()
     moved = 4 * q.nbytes
+    kinds = {t.tensor_type() for c in plan.chunks for t in c.tensors}
     bar = dev.caps.host_visible_device_heap >> 20
-    # Pipelined (the default: chunks whose copies overlap the others' kernels), then one chunk
-    # (every copy exposed: the copy rate itself).
-    for label, min_bytes in (("pipelined", planmod.PIPELINE_MIN_BYTES), ("one chunk", 1 << 62)):
-        planmod.PIPELINE_MIN_BYTES = min_bytes
-        dev.plans.clear()
-        plan = VulkanBackend().plan(p)
-        kernel_only = plan.record(mgr.sequence(), transfers=False)
-        kernel = median_s(kernel_only.eval, 5)
-        kernel_only.destroy()
-        kinds = {t.tensor_type() for c in plan.chunks for t in c.tensors}
-        print(f"\n({label}: {len(plan.chunks)} chunk(s), tensors {sorted(str(x) for x in kinds)}; "
-              f"device-local host-visible heap {bar} MiB)\n")
-        for threads in ("", "16"):
-            if threads:
-                os.environ["AULE_KP_COPY_THREADS"] = threads
-            whole = median_s(lambda: plan.run(q, k, v, None), 5)  # noqa: B023
-            os.environ.pop("AULE_KP_COPY_THREADS", None)
-            note = f"{label}, copy threads {threads or 'default'}; kernels alone {kernel * 1e3:.2f} ms"
-            row(f"NumPy path B{b} H{h} S{s} D{d} fp16, whole call", moved, whole, note)
-            row("NumPy path: host time not hidden by the kernel (whole - kernels)", moved, whole - kernel,
-                f"{moved / (whole - kernel) / (size / h2d):.2f}x the Vulkan H2D yardstick")
+    print(f"\n(plan tensors: {sorted(str(x) for x in kinds)}; device-local host-visible heap {bar} MiB)\n")
+    for threads in ("", "4", "16"):
+        if threads:
+            os.environ["AULE_KP_COPY_THREADS"] = threads
+        whole = median_s(lambda: plan.run(q, k, v, None), 5)
+        os.environ.pop("AULE_KP_COPY_THREADS", None)
+        note = f"copy threads {threads or 'default'}; kernel alone {kernel * 1e3:.2f} ms"
+        row(f"NumPy path B{b} H{h} S{s} D{d} fp16, whole call", moved, whole, note)
+        row("NumPy path: upload + download (whole - kernel)", moved, whole - kernel,
+            f"{moved / (whole - kernel) / (size / h2d):.2f}x the Vulkan H2D yardstick")
     dev.plans.clear()
 
     # A repeated tiny call on the GpuTensor path (issue 6: <= 60 us end to end).

@@ -14,7 +14,6 @@ from test_vulkan_backward import check as check_backward
 
 from aule_kp.vulkan import device as devmod
 from aule_kp.vulkan import hostcopy
-from aule_kp.vulkan import plan as planmod
 
 pytestmark = pytest.mark.skipif(devmod.vulkan_unavailable() is not None, reason="no Vulkan device")
 
@@ -36,23 +35,6 @@ def test_forward_and_backward_per_layout(discrete, monkeypatch, direct):
     rng = np.random.default_rng(5)
     check(problem(b=2, hq=4, hkv=2, lq=20, lk=33, dtype="float16", causal=True), rng)
     check_backward(problem(b=1, hq=2, hkv=1, lq=17, lk=24, dk=32, dv=16))
-
-
-@pytest.mark.parametrize("direct", ["1", "0"])
-def test_pipelined_host_path(discrete, monkeypatch, direct):
-    """Large host-path problems on a discrete GPU run as several chunks whose copies overlap the
-    kernels of the others (Plan.run): same results, with masks and with split-KV's two passes."""
-    monkeypatch.setenv("AULE_KP_DIRECT_IO", direct)
-    monkeypatch.setattr(planmod, "PIPELINE_MIN_BYTES", 0)
-    rng = np.random.default_rng(9)
-    p = problem(b=2, hq=4, hkv=2, lq=20, lk=33, dtype="float16", causal=True)
-    check(p, rng)
-    plan = next(iter(discrete.plans._plans.values()))
-    assert len(plan.chunks) == 4 and len(plan.chunk_sequences) == 4  # one chunk per (batch, kv head) here
-    shape = (2, 1, 20, 33)
-    mask = np.where(rng.random(shape) > 0.3, 0.0, -np.inf).astype(np.float32)
-    check(problem(b=2, hq=4, hkv=2, lq=20, lk=33, dtype="float32", mask_shape=shape), rng, mask)
-    check(problem(b=2, hq=4, hkv=2, lq=1, lk=1500, dtype="float16"), rng)  # split-KV: two passes per chunk
 
 
 def test_layout_choice(discrete, monkeypatch):

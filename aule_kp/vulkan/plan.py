@@ -34,12 +34,6 @@ LOG2E = 1.4426950408889634
 MAX_GRID_Y = 65535
 
 
-#: The host path splits a problem whose data passes this size into PIPELINE_CHUNKS chunks on a
-#: discrete GPU, so that host copies of one chunk overlap the kernel of another (see Plan.run).
-PIPELINE_MIN_BYTES = 64 << 20
-PIPELINE_CHUNKS = 4
-
-
 def binding_limit(max_storage_buffer_range: int) -> int:
     """Largest buffer one binding may cover (``AULE_KP_MAX_BINDING_BYTES`` lowers it, for tests)."""
     override = os.environ.get("AULE_KP_MAX_BINDING_BYTES")
@@ -126,8 +120,6 @@ class RecordedPlan:
 
     def destroy(self) -> None:
         self.sequence.destroy()
-        for seq in getattr(self, "chunk_sequences", []):
-            seq.destroy()
         for c in self.chunks:
             for algorithm in c.algorithms:
                 algorithm.destroy()
@@ -154,9 +146,6 @@ class Plan(RecordedPlan):
         n_groups = p.batch * p.heads_kv
         limit = binding_limit(device.caps.max_storage_buffer_range)
         step = n_groups if io is not None else groups_per_chunk(p, limit, config)
-        if io is None and not device.host_memory and sum(per.values()) * n_groups >= PIPELINE_MIN_BYTES:
-            # Several chunks, so that run() copies one chunk's data while the GPU works on another.
-            step = min(step, -(-n_groups // PIPELINE_CHUNKS))
         if step < 1:
             raise ValueError(f"one (batch, head) slice needs {max(per.values())} B, over the device's "
                              f"storage binding limit of {limit} B")
@@ -207,26 +196,19 @@ class Plan(RecordedPlan):
 
         self.host_io = io is None
         self.sequence = self.record(mgr.sequence(), transfers=True)
-        # One sequence per chunk too, for the pipelined host path (run()); the first syncs the mask.
-        self.chunk_sequences = ([self.record(mgr.sequence(), transfers=True, chunks=[c], mask=i == 0)
-                                 for i, c in enumerate(self.chunks)]
-                                if self.host_io and len(self.chunks) > 1 else [])
         stats["plans"] += 1
 
-    def record(self, sequence: Any, transfers: bool, chunks: Optional[List[Chunk]] = None,
-               mask: bool = True) -> Any:
+    def record(self, sequence: Any, transfers: bool) -> Any:
         """Records the call into ``sequence``: with ``transfers`` (and host I/O), inputs to the device
-        first and outputs back after; without, the dispatches alone (what benchmarks and tuning time).
-        ``chunks``: only these (default all); ``mask``: sync the mask first (when there is one)."""
+        first and outputs back after; without, the dispatches alone (what benchmarks and tuning time)."""
         kp = self.device.kp
-        chunks = self.chunks if chunks is None else chunks
         transfers = transfers and self.host_io
-        inputs = [t for c in chunks for t in c.tensors[:3]] if transfers else []
-        if self.problem.has_mask and mask:
+        inputs = [t for c in self.chunks for t in c.tensors[:3]] if transfers else []
+        if self.problem.has_mask:
             inputs.append(self.mask)
         if inputs:
             sequence.record(kp.OpTensorSyncDevice(inputs))
-        for i in range(len(chunks[0].algorithms)):
+        for i in range(len(self.chunks[0].algorithms)):
             if i:
                 # A pass reads what the previous one wrote. kp's Python API records no compute ->
                 # compute barrier (OpAlgoDispatch's own only orders transfers before the dispatch);
@@ -234,11 +216,11 @@ class Plan(RecordedPlan):
                 # next dispatch's transfer -> compute barrier chains to it (as in backward.py). The
                 # buffer barriers name only (m, l); drivers apply them to all memory, the spec
                 # strictly does not (kp 0.9.0 binds no OpMemoryBarrier to Python).
-                sequence.record(kp.OpTensorSyncLocal([t for c in chunks for t in c.barrier]))
-            for c in chunks:
+                sequence.record(kp.OpTensorSyncLocal([t for c in self.chunks for t in c.barrier]))
+            for c in self.chunks:
                 sequence.record(kp.OpAlgoDispatch(c.algorithms[i]))
         if transfers:
-            sequence.record(kp.OpTensorSyncLocal([t for c in chunks for t in c.tensors[3:]]))
+            sequence.record(kp.OpTensorSyncLocal([t for c in self.chunks for t in c.tensors[3:]]))
         return sequence
 
     def run(self, q: np.ndarray, k: np.ndarray, v: np.ndarray,
@@ -250,40 +232,18 @@ class Plan(RecordedPlan):
         """
         p = self.problem
         sources = [x.reshape(-1).view(np.uint8) for x in (q, k, v)]
-        out = np.empty(sum(c.output.nbytes for c in self.chunks), np.uint8)
-        bounds = [0]
-        for c in self.chunks:
-            bounds.append(bounds[-1] + c.output.nbytes)
-
-        def copy_in(c: Chunk) -> None:
-            copy_bytes([(dst, src[lo:hi]) for dst, src, (lo, hi) in zip(c.inputs, sources, c.input_ranges)])
-
-        def copy_out(i: int) -> None:
-            copy_bytes([(out[bounds[i]:bounds[i + 1]], self.chunks[i].output)])
-
+        copy_bytes([(dst, src[lo:hi]) for c in self.chunks
+                    for dst, src, (lo, hi) in zip(c.inputs, sources, c.input_ranges)])
         if mask is not None:
             self.mask_view[:] = mask.reshape(-1)
-        if not self.chunk_sequences:
-            for c in self.chunks:
-                copy_in(c)
-            self.eval()
-            for i in range(len(self.chunks)):
-                copy_out(i)
-        else:
-            # Pipelined: the GPU runs chunk i while the host copies chunk i+1 in and chunk i-1 out
-            # (submissions to one queue run in order; each chunk has its own tensors).
-            seqs = self.chunk_sequences
-            copy_in(self.chunks[0])
-            seqs[0].eval_async()
-            for i in range(1, len(seqs)):
-                copy_in(self.chunks[i])
-                seqs[i - 1].eval_await()
-                seqs[i].eval_async()
-                copy_out(i - 1)
-            seqs[-1].eval_await()
-            copy_out(len(seqs) - 1)
-            stats["evals"] += 1
+        self.eval()
+        out = np.empty(sum(c.output.nbytes for c in self.chunks), np.uint8)
         lse = np.concatenate([c.lse for c in self.chunks])
+        pairs, lo = [], 0
+        for c in self.chunks:
+            pairs.append((out[lo:lo + c.output.nbytes], c.output))
+            lo += c.output.nbytes
+        copy_bytes(pairs)
         shape = (p.batch, p.heads_q, p.len_q)
         return out.view(STORAGE[p.dtype]).reshape(*shape, p.dim_v), lse.reshape(shape)
 
