@@ -124,7 +124,7 @@ class BackwardPlan(RecordedPlan):
             stats["algorithms"] += len(algorithms)
             views = {name: tensors[name].data() for name in (*INPUTS, *OUTPUTS, "ds")}
             self.chunks.append(BackwardChunk(g0, g1, tensors, views, algorithms))
-            self.nbytes += n * sum(per.values()) * (1 if device.host_memory else 2)
+            self.nbytes += n * sum(per.values()) * (1 if device.host_memory or device.direct_io else 2)
 
         self.sequence = self.record(mgr.sequence(), transfers=True)
         stats["plans"] += 1

@@ -171,7 +171,7 @@ class Plan(RecordedPlan):
                 v = tensor(_words(n * p.len_k * p.dim_v, p.dtype), np.uint32)
                 o = tensor(_words(n * p.group * p.len_q * p.dim_v, p.dtype), np.uint32, "out")
                 lse = tensor(n * p.group * p.len_q, np.float32, "out")
-                self.nbytes += n * sum(per.values()) * (1 if device.host_memory else 2)
+                self.nbytes += n * sum(per.values()) * (1 if device.host_memory or device.direct_io else 2)
             # Split-KV scratch lives on the device only; (m, l) is a device tensor so that syncing
             # it records the barrier between the passes (below).
             layout = config.scratch_words(p, n) if isinstance(config, SplitKVConfig) else []
