@@ -39,6 +39,7 @@ import numpy as np
 from .api import attention_forward
 from .dtypes import from_f32
 from .problem import Problem, band
+from .vulkan.kernels import COOPMAT_CONVERT_ENV
 
 log = logging.getLogger("aule_kp")
 
@@ -123,6 +124,9 @@ PRESETS.update({
     ],
 })
 
+#: The row of fp32/bf16 data run by the fp16 cooperative-matrix kernel (an opt-in).
+GPU_TENSOR_CONVERT_ROW = "aule-kp vulkan GpuTensor, converted to fp16"
+
 #: Presets sized for a real GPU: the CPU backend is skipped there and torch SDPA runs on CUDA.
 GPU_PRESETS = ("gpu", "llama3-8b", "llama3-70b", "sdxl", "flux")
 
@@ -202,18 +206,29 @@ def bench_ours(case: Case, backend: str, repeat: int) -> Dict[str, Any]:
     return _row(case, f"aule-kp {backend}", seconds, _max_err(out, case, q, k, v), peak, note)
 
 
-def bench_gpu_tensor(case: Case, repeat: int) -> Dict[str, Any]:
-    """The zero-copy path: data already on the device, one recorded dispatch per call."""
+def bench_gpu_tensor(case: Case, repeat: int, convert: bool = False) -> Dict[str, Any]:
+    """The zero-copy path: data already on the device, one recorded dispatch per call. ``convert``:
+    fp32/bf16 data runs the cooperative-matrix kernel, rounded to fp16 as it is loaded
+    (``AULE_KP_COOPMAT_CONVERT=1``, the opt-in the row's name says)."""
     from .vulkan.tensor import Context
 
     q, k, v = case.inputs()
-    with Context() as ctx:
-        dt = "bfloat16" if case.dtype == "bfloat16" else np.dtype(case.dtype)
-        qt, kt, vt = (ctx.tensor(a.shape, dt).upload(a) for a in (q, k, v))
-        out = ctx.attention(qt, kt, vt, causal=case.causal)
-        seconds = median_time(lambda: ctx.attention(qt, kt, vt, out, causal=case.causal), repeat)
-        err = _max_err(out.download(), case, q, k, v)
-    return _row(case, "aule-kp vulkan GpuTensor", seconds, err)
+    saved = os.environ.get(COOPMAT_CONVERT_ENV)
+    if convert:
+        os.environ[COOPMAT_CONVERT_ENV] = "1"
+    try:
+        with Context() as ctx:
+            dt = "bfloat16" if case.dtype == "bfloat16" else np.dtype(case.dtype)
+            qt, kt, vt = (ctx.tensor(a.shape, dt).upload(a) for a in (q, k, v))
+            out = ctx.attention(qt, kt, vt, causal=case.causal)
+            seconds = median_time(lambda: ctx.attention(qt, kt, vt, out, causal=case.causal), repeat)
+            err = _max_err(out.download(), case, q, k, v)
+    finally:
+        if saved is None:
+            os.environ.pop(COOPMAT_CONVERT_ENV, None)
+        else:
+            os.environ[COOPMAT_CONVERT_ENV] = saved
+    return _row(case, GPU_TENSOR_CONVERT_ROW if convert else "aule-kp vulkan GpuTensor", seconds, err)
 
 
 def _torch_on(device: str) -> Tuple[Any, List[str]]:
@@ -404,7 +419,7 @@ def tiny_call_overhead(repeat: int = 2000, path: str = "numpy") -> List[Dict[str
     full = median_time(call, repeat, warmup=20)
     evaluate = median_time(plan.eval, repeat, warmup=20)
     kernel = gpu_seconds(plan)
-    plan.eval = lambda: None  # type: ignore[method-assign]
+    plan.eval = lambda meanwhile=None: meanwhile() if meanwhile else None  # type: ignore[method-assign]
     try:
         python = median_time(call, repeat, warmup=20)
     finally:
@@ -512,6 +527,8 @@ def plan_rows(case: Case, preset: str, backends: Sequence[str], repeat: int,
         plan.append((f"aule-kp {be}", functools.partial(bench_ours, case, be, repeat)))
     if gpu_sized and "vulkan" in backends:
         plan.append(("aule-kp vulkan GpuTensor", functools.partial(bench_gpu_tensor, case, repeat)))
+        if case.dtype != "float16":
+            plan.append((GPU_TENSOR_CONVERT_ROW, functools.partial(bench_gpu_tensor, case, repeat, True)))
     if "triton" in backends:
         plan.append((TRITON_ROW, functools.partial(bench_triton, case, repeat)))
     if "torch" in backends:

@@ -46,6 +46,8 @@
 // Later, through aule-kp itself (bench --preset gpu, GPU timestamps agree): BR=128/WG=256 at D=128
 // 9.14 ms = 120 TFLOPS vs 9.85 for BR=64 (the host now takes it above D=64); reading S once on
 // interior tiles (sv below) then 8.66 ms = 127 TFLOPS (causal 115); D=64 S8192 74 -> 83 TFLOPS.
+// The softmax in registers on interior tiles (2026-11-22, third session): D=128 S8192 8.69 ->
+// 7.65 ms = 144 TFLOPS (causal 126), D=64 S8192 6.5 -> 5.65 ms = 97 TFLOPS.
 // The best fp16 matmul this driver runs through KHR coopmat is ~177-183 TFLOPS
 // (benchmarks/coopmat_gemm_gpu.py; cuBLAS 668-781 in the same run): that bounds this kernel.
 //
@@ -58,10 +60,13 @@
 // Algorithm, per workgroup (BR query rows of one head):
 //   Q tile -> shared (fp16) -> each subgroup keeps its rows' Q as A fragments in registers.
 //   For each key tile of BC keys inside key_range() (causal/window tile skipping):
-//     K tile -> shared; S = Q K^T (coopMatMulAdd, fp32) -> shared; each subgroup runs the online
-//     softmax on its own rows (exp2 domain, scale applied in fp32 to S, mask added, band applied),
-//     writes P (fp16) to shared; V tile -> shared; O = alpha * O + P V with O in coopmat
-//     accumulators (registers) for the whole key loop.
+//     K tile -> shared; S = Q K^T (coopMatMulAdd, fp32, kept in registers). Interior tiles whose
+//     scores stay within TAU of each row's reference max: P = exp2(S * scale - m) element by
+//     element in registers (softmax_in_registers), row sums kept as a matrix. Other tiles (the
+//     first ones, a new max, band edges, masks): S -> shared, and each subgroup runs the online
+//     softmax on its own rows there (softmax_rows: exp2 domain, scale applied in fp32, mask added,
+//     band applied). Either way P (fp16) goes to shared; V tile -> shared; O = alpha * O + P V with
+//     O in coopmat accumulators (registers) for the whole key loop.
 //   O / l and LSE are written by the subgroup that owns the rows.
 //
 // Why O stays in registers, and how it is rescaled: a KHR coopmat gives no portable way to know
@@ -110,6 +115,7 @@ const uint CM = 16u;
 #define MAT_A coopmat<float16_t, gl_ScopeSubgroup, 16, 16, gl_MatrixUseA>
 #define MAT_B coopmat<float16_t, gl_ScopeSubgroup, 16, 16, gl_MatrixUseB>
 #define MAT_C coopmat<float, gl_ScopeSubgroup, 16, 16, gl_MatrixUseAccumulator>
+#define MAT_H coopmat<float16_t, gl_ScopeSubgroup, 16, 16, gl_MatrixUseAccumulator>
 
 // Work split. NSG: subgroups per workgroup on a 32-wide device (the design target); it only sizes
 // register arrays. The real gl_NumSubgroups may differ: see the pass loop in main().
@@ -121,6 +127,7 @@ const uint NROWS = RPS * CM;                                         // query ro
 const uint NDK = DK / CM;
 const uint NDV = DV / CM;
 const uint NBC = BC / CM;
+const uint NSB = RPS * NBC;                                         // S blocks per subgroup
 
 // Lazy-rescale threshold (log2 domain): P <= 2^TAU.
 const float TAU = 8.0;
@@ -336,6 +343,52 @@ bool softmax_rows(uint row0, int kb, bool full) {
     return any_resc;
 }
 
+// ---- softmax in registers (interior tiles) ----------------------------------------------------
+//
+// Outside the key tile's softmax, columns 0..15 of each row of s_sh hold the row's reference max
+// m (replicated: the same broadcast trick as alpha, see the header), so a subgroup can load m as
+// an accumulator-type block and work on S element by element in registers without knowing
+// which row an element belongs to. put_m_block() restores that after softmax_rows() used s_sh.
+void put_m_block(uint row0) {
+    subgroupMemoryBarrierShared();
+    subgroupBarrier();                         // every lane is done with the alpha / S of these rows
+    for (uint idx = gl_SubgroupInvocationID; idx < NROWS * (CM / 4u); idx += gl_SubgroupSize) {
+        const uint row = row0 + idx / (CM / 4u);
+        s_sh[row * SSTR + idx % (CM / 4u)] = vec4(m_sh[row]);
+    }
+    subgroupMemoryBarrierShared();
+    subgroupBarrier();
+}
+
+// Interior tile whose scores all stay within TAU of their row's reference max (the common case
+// once the first tiles have set m): P = exp2(S * scale - m) on the accumulator elements, P to
+// p_sh in fp16, and the rounded P summed into lacc (a matrix; its rows are summed once in the
+// epilogue). No S round trip through shared memory and no cross-lane reductions. Returns false
+// (nothing written) when some score exceeds m + TAU: softmax_rows() must move the max.
+bool softmax_in_registers(uint row0, MAT_C sacc[NSB], inout MAT_C lacc[RPS]) {
+    MAT_C mb[RPS];
+    bool over = false;
+    [[unroll]] for (uint r = 0u; r < RPS; ++r) {
+        coopMatLoad(mb[r], s_sh, (row0 + r * CM) * SSTR, SSTR, gl_CooperativeMatrixLayoutRowMajor);
+        [[unroll]] for (uint c = 0u; c < NBC; ++c) {
+            [[unroll]] for (uint e = 0u; e < sacc[r * NBC + c].length(); ++e)
+                over = over || sacc[r * NBC + c][e] * pc.scale_log2 - mb[r][e] > TAU;
+        }
+    }
+    if (subgroupAny(over)) return false;
+    [[unroll]] for (uint r = 0u; r < RPS; ++r) {
+        [[unroll]] for (uint c = 0u; c < NBC; ++c) {
+            MAT_C t = sacc[r * NBC + c] * pc.scale_log2 - mb[r];
+            [[unroll]] for (uint e = 0u; e < t.length(); ++e) t[e] = exp2(t[e]);
+            MAT_H ph = MAT_H(t);
+            lacc[r] += MAT_C(ph);
+            coopMatStore(ph, p_sh, (row0 + r * CM) * PSTR + c * (CM / 4u), PSTR,
+                         gl_CooperativeMatrixLayoutRowMajor);
+        }
+    }
+    return true;
+}
+
 void main() {
     g_tid = gl_LocalInvocationIndex;
     const uint y = gl_WorkGroupID.y;
@@ -365,11 +418,14 @@ void main() {
         const bool working = vsg < NVB;                // subgroup-uniform: guards coopmat ops
         const uint row0 = vsg * NROWS;                 // first tile row of this subgroup
 
+        MAT_C lacc[RPS];                               // row sums of the register-softmax tiles
+        [[unroll]] for (uint r = 0u; r < RPS; ++r) lacc[r] = MAT_C(0.0);
         if (working) {
             for (uint r = gl_SubgroupInvocationID; r < NROWS; r += gl_SubgroupSize) {
                 m_sh[row0 + r] = NEG_BIG;
                 l_sh[row0 + r] = 0.0;
             }
+            put_m_block(row0);
         }
 
         // Q tile -> shared, BC rows per round (kv_sh holds BC rows) -> A fragments in registers.
@@ -426,24 +482,25 @@ void main() {
                 barrier();
             }
 
-            // S = Q K^T for this subgroup's rows, straight to shared memory (fp32).
+            // Interior tile: all BC keys exist and lie inside every row's band, no mask.
+            const int kl = kb + int(BC) - 1;
+            const bool full = pc.has_mask == 0u && kl < int(pc.len_k)
+                && (pc.left < 0 || kb >= int(g_q0 + BR) - 1 + pc.diag - pc.left)
+                && (pc.right < 0 || kl <= int(g_q0) + pc.diag + pc.right);
+
+            // S = Q K^T for this subgroup's rows, kept in registers (fp32).
+            MAT_C sacc[NSB];
             if (working) {
                 [[unroll]] for (uint c = 0u; c < NBC; ++c) {
-                    MAT_C sacc[RPS];
-                    [[unroll]] for (uint r = 0u; r < RPS; ++r) sacc[r] = MAT_C(0.0);
+                    [[unroll]] for (uint r = 0u; r < RPS; ++r) sacc[r * NBC + c] = MAT_C(0.0);
                     [[unroll]] for (uint k = 0u; k < NDK; ++k) {
                         MAT_B kt;   // K^T block: (d, key) = K[key][d], i.e. K rows read column-major
                         coopMatLoad(kt, kv_sh, c * CM * KSTR + k * (CM / 4u), KSTR,
                                     gl_CooperativeMatrixLayoutColumnMajor);
                         [[unroll]] for (uint r = 0u; r < RPS; ++r)
-                            sacc[r] = coopMatMulAdd(qf[r * NDK + k], kt, sacc[r]);
+                            sacc[r * NBC + c] = coopMatMulAdd(qf[r * NDK + k], kt, sacc[r * NBC + c]);
                     }
-                    [[unroll]] for (uint r = 0u; r < RPS; ++r)
-                        coopMatStore(sacc[r], s_sh, (row0 + r * CM) * SSTR + c * (CM / 4u), SSTR,
-                                     gl_CooperativeMatrixLayoutRowMajor);
                 }
-                subgroupMemoryBarrierShared();
-                subgroupBarrier();
             }
 
             if (STAGE == 2u) {
@@ -453,13 +510,27 @@ void main() {
                 fetch_v(kb, vreg);                     // in flight during the softmax
             }
 
-            // Interior tile: all BC keys exist and lie inside every row's band, no mask.
-            const int kl = kb + int(BC) - 1;
-            const bool full = pc.has_mask == 0u && kl < int(pc.len_k)
-                && (pc.left < 0 || kb >= int(g_q0 + BR) - 1 + pc.diag - pc.left)
-                && (pc.right < 0 || kl <= int(g_q0) + pc.diag + pc.right);
-            bool resc = false;
-            if (working) resc = softmax_rows(row0, kb, full);
+            // Softmax: in registers when it can (see softmax_in_registers), else through shared
+            // memory: S -> s_sh, softmax_rows() (new maxima, band, mask), O and lacc rescaled by
+            // alpha when a row's max moved, and the m block restored.
+            if (working && !(full && softmax_in_registers(row0, sacc, lacc))) {
+                [[unroll]] for (uint r = 0u; r < RPS; ++r) {
+                    [[unroll]] for (uint c = 0u; c < NBC; ++c)
+                        coopMatStore(sacc[r * NBC + c], s_sh, (row0 + r * CM) * SSTR + c * (CM / 4u), SSTR,
+                                     gl_CooperativeMatrixLayoutRowMajor);
+                }
+                subgroupMemoryBarrierShared();
+                subgroupBarrier();
+                if (softmax_rows(row0, kb, full)) {
+                    [[unroll]] for (uint r = 0u; r < RPS; ++r) {
+                        MAT_C am;
+                        coopMatLoad(am, s_sh, (row0 + r * CM) * SSTR, SSTR, gl_CooperativeMatrixLayoutRowMajor);
+                        [[unroll]] for (uint d = 0u; d < NDV; ++d) o_acc[r * NDV + d] = o_acc[r * NDV + d] * am;
+                        lacc[r] = lacc[r] * am;
+                    }
+                }
+                put_m_block(row0);
+            }
 
             barrier();                                 // all subgroups are done reading K(t); STAGE 2: V(t) staged
             if (STAGE == 2u) {
@@ -471,14 +542,7 @@ void main() {
             }
 
             if (working) {
-                // O = alpha * O (alpha broadcast along rows, see the header), then O += P V.
-                if (resc) {
-                    [[unroll]] for (uint r = 0u; r < RPS; ++r) {
-                        MAT_C am;
-                        coopMatLoad(am, s_sh, (row0 + r * CM) * SSTR, SSTR, gl_CooperativeMatrixLayoutRowMajor);
-                        [[unroll]] for (uint d = 0u; d < NDV; ++d) o_acc[r * NDV + d] = o_acc[r * NDV + d] * am;
-                    }
-                }
+                // O += P V.
                 [[unroll]] for (uint c = 0u; c < NBC; ++c) {
                     MAT_A pa[RPS];
                     [[unroll]] for (uint r = 0u; r < RPS; ++r)
@@ -500,6 +564,18 @@ void main() {
         if (working) {
             const uint lane = gl_SubgroupInvocationID;
             const uint sgs = gl_SubgroupSize;
+            // l = l_sh (tiles through softmax_rows) + the row sums of lacc (tiles in registers).
+            subgroupMemoryBarrierShared();
+            subgroupBarrier();
+            [[unroll]] for (uint r = 0u; r < RPS; ++r)
+                coopMatStore(lacc[r], s_sh, (row0 + r * CM) * SSTR, SSTR, gl_CooperativeMatrixLayoutRowMajor);
+            subgroupMemoryBarrierShared();
+            subgroupBarrier();
+            for (uint rl = lane; rl < NROWS; rl += sgs) {
+                float sum = 0.0;
+                [[unroll]] for (uint c4 = 0u; c4 < CM / 4u; ++c4) sum += dot(s_sh[(row0 + rl) * SSTR + c4], vec4(1.0));
+                l_sh[row0 + rl] += sum;
+            }
             [[unroll]] for (uint ch = 0u; ch < (DV + BC - 1u) / BC; ++ch) {
                 const uint w = min(BC, DV - ch * BC);  // columns in this chunk (multiple of 16)
                 subgroupMemoryBarrierShared();

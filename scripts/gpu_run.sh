@@ -25,7 +25,7 @@ export AULE_KP_SPIRV_CACHE=$PWD/spirv_cache
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -m aule_kp info | tee "$OUT/info.txt"
 # STEPS picks what runs after the set-up (default: everything), e.g. STEPS="gemm host" .
-STEPS=" ${STEPS:-tests bench backward host decode gemm tune triton} "  # also: splitkv (a tile sweep)
+STEPS=" ${STEPS:-tests bench backward host decode gemm tune triton} "  # also: splitkv (a tile sweep), ab
 step() { [[ "$STEPS" == *" $1 "* ]]; }
 if step tests; then
   python3 -m pytest -q -p no:cacheprovider $(ls tests/test_{vulkan,gpu,vulkan_backward,splitkv,host_io}.py 2>/dev/null) \
@@ -33,6 +33,14 @@ if step tests; then
 fi
 step bench && python3 -m aule_kp bench --preset gpu --vs --backends ${BACKENDS:-vulkan,triton,torch,aule-attention} \
   --repeat ${REPEAT:-10} --markdown "$OUT/bench.md" 2>&1 | tail -40
+# A/B of a shader change: the same bench with the kernels AB_KERNELS of another revision
+# (compiled by scripts/spirv_at.sh into .device/spirv_ab), the others from this tree.
+if step ab; then
+  rm -rf /tmp/spirv_ab && cp -r spirv_cache /tmp/spirv_ab
+  for k in ${AB_KERNELS:-fa2_fwd_coopmat}; do cp ".device/spirv_ab/$k.spv" /tmp/spirv_ab/; done
+  AULE_KP_SPIRV_CACHE=/tmp/spirv_ab python3 -m aule_kp bench --preset gpu --backends vulkan \
+    --repeat ${REPEAT:-10} --markdown "$OUT/bench_ab.md" 2>&1 | tail -20
+fi
 step backward && python3 benchmarks/vulkan_backward_gpu.py 2>&1 | tee "$OUT/backward.md"
 step host && python3 benchmarks/host_path_gpu.py 2>&1 | tee "$OUT/host_path.md"
 step decode && python3 benchmarks/decode_gpu.py 2>&1 | tee "$OUT/decode.md"

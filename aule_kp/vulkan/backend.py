@@ -12,6 +12,7 @@ from ..problem import Problem
 from . import device as devmod
 from .backward import BackwardPlan, backward_groups_per_chunk, reduce_to_mask
 from .kernels import (
+    COOPMAT_CONVERT_ENV,
     CPU_LOOP_LIMIT,
     BackwardConfig,
     backward_config,
@@ -45,7 +46,7 @@ class VulkanBackend(Backend):
     def _choice(self, problem: Problem) -> Tuple[Optional[ForwardConfig], Tuple[str, ...]]:
         # Memoised: the choice depends only on these, and the hot path asks twice per call.
         key = (problem, devmod.selected_index(), os.environ.get("AULE_KP_FORCE_VARIANT"),
-               os.environ.get("AULE_KP_MAX_BINDING_BYTES"), os.environ.get("AULE_KP_COOPMAT_CONVERT"),
+               os.environ.get("AULE_KP_MAX_BINDING_BYTES"), os.environ.get(COOPMAT_CONVERT_ENV),
                os.environ.get("AULE_KP_SPLIT_KV"))
         hit = self._choices.get(key)
         if hit is None:

@@ -16,6 +16,8 @@ from ..problem import Problem
 from .probe import DeviceCaps
 
 DTYPE_CODE = {"float32": 0, "float16": 1, "bfloat16": 2}
+#: Opt-in that lets fp32/bf16 data run the fp16 cooperative-matrix kernels (rounded on load).
+COOPMAT_CONVERT_ENV = "AULE_KP_COOPMAT_CONVERT"
 FLOAT_BYTES = 4
 
 
@@ -133,9 +135,9 @@ def coopmat_reasons(caps: DeviceCaps, problem: Problem) -> List[str]:
         reasons.append("device has no VK_KHR_cooperative_matrix")
     elif not _has_coopmat_16(caps):
         reasons.append("device has no 16x16x16 f16*f16+f32 cooperative matrix shape")
-    if problem.dtype != "float16" and os.environ.get("AULE_KP_COOPMAT_CONVERT") != "1":
+    if problem.dtype != "float16" and os.environ.get(COOPMAT_CONVERT_ENV) != "1":
         # fp32/bf16 would be rounded to fp16 on load: exact only for fp16 data, so opt-in.
-        reasons.append(f"coopmat computes on float16; got {problem.dtype} (AULE_KP_COOPMAT_CONVERT=1 allows it)")
+        reasons.append(f"coopmat computes on float16; got {problem.dtype} ({COOPMAT_CONVERT_ENV}=1 allows it)")
     return reasons
 
 
