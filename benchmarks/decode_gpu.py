@@ -2,8 +2,8 @@
 
 Yardstick, same run: a device-to-device copy of 1 GiB (kp's OpTensorCopy between device buffers, GPU
 timestamps; and torch's ``copy_`` on CUDA where it is there), counted as bytes read + bytes written.
-Then B1 Hq32 Hkv8 Lq1 D128 fp16 at several key lengths: the split-KV kernels' GPU time (timestamps
-around their dispatches, data on the device), the K/V bytes they must read / that time, and the
+Then B1 Hq32 Hkv8 Lq1 D128 fp16 at several key lengths: the split-KV kernel's GPU time (timestamps
+around its dispatch, data on the device), the K/V bytes it must read / that time, and the
 whole GpuTensor call; torch SDPA flash on CUDA beside it. Prints a markdown table.
 """
 

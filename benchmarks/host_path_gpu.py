@@ -23,7 +23,7 @@ from aule_kp.dtypes import from_f32
 from aule_kp.problem import Problem, band
 from aule_kp.vulkan import device as devmod
 from aule_kp.vulkan.backend import VulkanBackend
-from aule_kp.vulkan.hostcopy import copy_bytes
+from aule_kp.vulkan.hostcopy import copy_bytes, copy_threads
 
 MIB = 1 << 20
 
@@ -57,7 +57,8 @@ def main(s: int = 8192) -> None:
     row("Vulkan device -> staging (DMA)", size, median_s(down.eval))
     host = np.ones(size, np.uint8)
     for threads in ("1", ""):
-        os.environ["AULE_KP_COPY_THREADS"] = threads or str(max(1, min(8, (os.cpu_count() or 1) // 2)))
+        os.environ.pop("AULE_KP_COPY_THREADS", None)
+        os.environ["AULE_KP_COPY_THREADS"] = threads or str(copy_threads())
         row(f"memcpy host -> mapped staging, {os.environ['AULE_KP_COPY_THREADS']} thread(s)", size,
             median_s(lambda: copy_bytes([(mapped, host)])))
         row(f"memcpy mapped staging -> host, {os.environ['AULE_KP_COPY_THREADS']} thread(s)", size,
@@ -89,12 +90,12 @@ def main(s: int = 8192) -> None:
     kinds = {t.tensor_type() for c in plan.chunks for t in c.tensors}
     bar = dev.caps.host_visible_device_heap >> 20
     print(f"\n(plan tensors: {sorted(str(x) for x in kinds)}; device-local host-visible heap {bar} MiB)\n")
-    for threads in ("", "4", "16"):
+    for threads in ("", "8"):
         if threads:
             os.environ["AULE_KP_COPY_THREADS"] = threads
         whole = median_s(lambda: plan.run(q, k, v, None), 5)
         os.environ.pop("AULE_KP_COPY_THREADS", None)
-        note = f"copy threads {threads or 'default'}; kernel alone {kernel * 1e3:.2f} ms"
+        note = f"copy threads {threads or copy_threads()}; kernel alone {kernel * 1e3:.2f} ms"
         row(f"NumPy path B{b} H{h} S{s} D{d} fp16, whole call", moved, whole, note)
         row("NumPy path: upload + download (whole - kernel)", moved, whole - kernel,
             f"{moved / (whole - kernel) / (size / h2d):.2f}x the Vulkan H2D yardstick")

@@ -1,5 +1,6 @@
-"""Split-KV decode tiles on this device: GPU time of the two passes for several partial-pass tiles
-and split counts, each checked against the default choice's output (run by scripts/gpu_run.sh).
+"""Split-KV decode tiles on this device: GPU time of the split-KV dispatch (partials and the merge)
+for several tiles and split counts, each checked against the default choice's output (run by
+scripts/gpu_run.sh).
 
     python3 benchmarks/splitkv_sweep_gpu.py [Lk]     # B1 Hq32 Hkv8 Lq1 D128 fp16, default Lk 32768
 """
@@ -32,16 +33,16 @@ def main(lk: int = 32768) -> None:
     assert base is not None
     kv_bytes = k.nbytes + v.nbytes
     print(f"{dev.caps.name}: B{b} Hq{hq} Hkv{hkv} Lq1 Lk{lk} D{d} fp16, K/V {kv_bytes >> 20} MiB\n")
-    print("| partial BR/BC/TPR/WG | splits x keys | GPU ms | K/V GB/s | max diff vs default |\n|---|---|---|---|---|")
+    print("| BR/BC/TPR/WG | splits x keys | GPU ms | K/V GB/s | max diff vs default |\n|---|---|---|---|---|")
     want = None
     grid = [(tpr, bc, wg, n) for tpr in (16, 8, 4) for bc in (2, 4) for wg in (128, 256) for n in (32, 64, 128)]
     for tpr, bc, wg, n_split in grid:
         if tpr > max(dev.caps.subgroup_size, 1):  # a key's lanes must share a subgroup
             continue
-        part = replace(base.partial, bc=bc, wg=wg, tpr=tpr)
-        step = wg // part.tpr * bc
+        kernel = replace(base.kernel, bc=bc, wg=wg, tpr=tpr)
+        step = wg // kernel.tpr * bc
         split_len = step * math.ceil(lk / (n_split * step))
-        cfg = SplitKVConfig(part, base.combine, math.ceil(lk / split_len), split_len)
+        cfg = SplitKVConfig(kernel, math.ceil(lk / split_len), split_len)
         if cfg.shared_bytes() > dev.caps.shared_memory:
             continue
         plan = Plan(dev, p, cfg)
@@ -53,8 +54,8 @@ def main(lk: int = 32768) -> None:
         t = gpu_seconds(plan, 50)
         plan.destroy()
         diff = float(np.abs(out - want).max())
-        tag = " (default)" if part == base.partial and cfg.n_split == base.n_split else ""
-        print(f"| {part.br}/{bc}/{part.tpr}/{wg}{tag} | {cfg.n_split} x {split_len} | {t * 1e3:.3f} | "
+        tag = " (default)" if kernel == base.kernel and cfg.n_split == base.n_split else ""
+        print(f"| {kernel.br}/{bc}/{kernel.tpr}/{wg}{tag} | {cfg.n_split} x {split_len} | {t * 1e3:.3f} | "
               f"{kv_bytes / t / 1e9:.0f} | {diff:.1e} |", flush=True)
 
 

@@ -1,18 +1,25 @@
 #version 450
-// Split-KV forward ("flash-decoding"), pass 1 of 2: partial attention of a few query rows over
-// one split of the keys. For short query blocks (Lq <= 16) over long key sequences, where the
-// forward's grid (query tiles x query heads) is far too small to fill a GPU and the work is
-// bound by reading K and V once. Pass 2 (fa2_splitkv_combine.comp) merges the splits.
+// Split-KV forward ("flash-decoding") in one dispatch: each workgroup computes partial attention
+// of a few query rows over one split of the keys, and the last workgroup of each row block to
+// finish merges all splits into O and LSE. For short query blocks (Lq <= 16) over long key
+// sequences, where the forward's grid (query tiles x query heads) is far too small to fill a GPU
+// and the work is bound by reading K and V once. One dispatch rather than a partial pass and a
+// combine pass: the second dispatch, the barrier between them and the combine's own latency cost
+// ~27 us per call on an H200 (Hq32 Hkv8 Lq1 D128 fp16: a third of the 0.082 ms at 32K keys).
 //
 // Interface: fa2_common.glsl (bindings 0-5, Push, spec constants, band helpers), with
 // FA2_SPLIT_KV defined, which adds two push constants after the common ones:
 //   n_split    number of splits (= the grid's x)
 //   split_len  keys per split: split s covers [lo + s*split_len, lo + (s+1)*split_len) of the
 //              band key_range(0, len_q) = [lo, hi) (keys outside the band are never read)
-// and two scratch bindings (fp32, written here, read by the combine pass):
-//   6 partial O  [chunk row][split][DV]   unnormalised: sum_j exp2(s_j - m) v_j
-//   7 partial ml [chunk row][split] vec2  (m, l): running max (exp2 domain), sum of exp2(s_j - m)
-// A chunk row is q head in the chunk * len_q + query index: O's row order.
+// and three scratch bindings, the plan's, reused by every call:
+//   6 partial O  [chunk row][split][DV] fp32  unnormalised: sum_j exp2(s_j - m) v_j
+//   7 partial ml [chunk row][split] vec2      (m, l): running max (exp2 domain), sum of exp2(s_j - m)
+//   8 counters   [kv group in the chunk][row block] uint: workgroups of the block done; zero
+//                before the first call (the host fills it once) and put back to zero by the merge
+// A chunk row is q head in the chunk * len_q + query index: O's row order. O (DTYPE) and LSE (fp32,
+// natural log) are written exactly as the forward kernels write them, so backward and autograd use
+// them unchanged.
 //
 // Spec constants, read as:
 //   DK, DV, DTYPE, WG as in fa2_common.glsl (local_size_x = WG)
@@ -36,18 +43,44 @@
 // (m, l, O) are merged in shared memory (NKG rounds, one barrier each: once per workgroup) and
 // written to the scratch buffers.
 //
-// Shared memory: 4 * (BR * DV + 2 * (WG / TPR) * BR) bytes.
+// Merge, by the last workgroup ("last block does the reduction", as CUDA's threadFenceReduction):
+// having written its partials, a workgroup counts itself done on its block's counter; the one that
+// sees n_split - 1 (every other split written) merges its block's rows over all splits and puts the
+// counter back to 0. No workgroup waits for another, so no forward-progress guarantee is needed.
+// Unit = (row, 4 columns), NE = RB * DV / 4 of them; with fewer units than invocations, SL
+// invocations share a unit's splits (s = sl mod SL) and meet in shared memory. Each merges online
+// (exp2 domain): M = max m_s, L = sum l_s exp2(m_s - M), O = sum o_s exp2(m_s - M), reading
+// MERGE_UNROLL splits at a time so several loads are in flight (just written: on a GPU, in L2).
+//
+// Memory model (SPIR-V with the GLSL450 memory model, read through the Vulkan memory model
+// appendix; the VulkanMemoryModel capability would need a device feature that unpatched kp does
+// not enable). The partial buffers are `coherent`: each store is made available, and each load
+// made visible, at Device scope, so no non-coherent cache (L1) serves stale data. A workgroup's
+// stores are ordered before its counter increment by a control barrier with Device memory scope
+// and acquire-release semantics on buffer memory (each invocation's release synchronizes-with
+// invocation 0's acquire); the increment is an acquire-release atomic at Device scope. Increments
+// are read-modify-writes, so the last one reads from the release sequence headed by every earlier
+// one and synchronizes-with each. A second such control barrier carries that on to all the last
+// workgroup's invocations before they load. The counter reset is an atomic store: nothing else touches
+// the counter in this dispatch, and the next call is a later queue submission (fence signal, then
+// vkQueueSubmit's visibility operation).
+//
+// Shared memory: 4 * (BR * DV * SL + 2 * max(NKG, SL) * BR + 1) bytes (SL = 1 when NE >= WG,
+// else WG / NE).
 // Per-invocation registers ~ BR * (DK + DV) / TPR floats (q and O) + BC * (DK + DV) / (4 * TPR)
 // uvec4 loads in flight (for 16-bit data; twice that for fp32): the host keeps BR * (DK + DV) /
 // TPR small.
 //
 // Fully hidden rows and empty splits: m starts at NEG_BIG (finite), hidden scores are -inf, so
-// p = 0 and l stays 0; the combine pass turns l == 0 over all splits into O = 0, LSE = -inf.
-// Loads past the split's end use a clamped (valid) key index and their scores are hidden.
+// p = 0 and l stays 0 (and no (-inf) - (-inf) arises in the merge); l == 0 over all splits gives
+// O = 0 and LSE = -inf, as the forward does. Loads past the split's end use a clamped (valid) key
+// index and their scores are hidden.
 // lavapipe ends an invocation's loops after 65535 iterations in total: every loop but the key
-// loop has a literal trip count ([[unroll]]), and the host keeps split_len / (NKG * BC) under it.
+// loop, the partial store loop and the merge's loops has a literal trip count ([[unroll]]), and the
+// host keeps their sum (SplitKVConfig.loops) under it.
 #extension GL_GOOGLE_include_directive : require
 #extension GL_KHR_shader_subgroup_shuffle : enable
+#extension GL_KHR_memory_scope_semantics : require
 #define FA2_SPLIT_KV
 #include "fa2_common.glsl"
 
@@ -62,23 +95,40 @@ const uint QPL = NKL * VEC;               // q elements per lane and row
 const uint OPL = NVL * VEC;               // O elements per lane and row
 const uint NKG = WG / TPR;                // key groups per workgroup
 const uint DV4 = DV / 4u;
+const uint NE = RB * DV4;                      // merge units: (row, 4 columns) of the block
+const uint SL = NE >= WG ? 1u : WG / NE;       // invocations sharing a unit's splits in the merge
+const uint NRED = (NKG > SL ? NKG : SL) * RB;  // red_m / red_l: key-group merge, then split lanes'
+const uint MERGE_UNROLL = 8u;                  // splits read at once by the merge
 
 // Vector views of Q/K/V (rows start at multiples of 16 bytes: head dims are multiples of 8).
 layout(std430, binding = 0) readonly buffer QBuf4 { uvec4 q_data4[]; };
 layout(std430, binding = 1) readonly buffer KBuf4 { uvec4 k_data4[]; };
 layout(std430, binding = 2) readonly buffer VBuf4 { uvec4 v_data4[]; };
-layout(std430, binding = 6) writeonly buffer PartO { vec4 part_o[]; };
-layout(std430, binding = 7) writeonly buffer PartML { vec2 part_ml[]; };
+// Written by every workgroup, read by the last one of the block (see the header on `coherent`).
+layout(std430, binding = 6) coherent buffer PartO { vec4 part_o[]; };
+layout(std430, binding = 7) coherent buffer PartML { vec2 part_ml[]; };
+layout(std430, binding = 8) buffer Counters { uint counters[]; };
 
-shared vec4 red_o[RB * DV4];
-shared float red_m[NKG * RB];
-shared float red_l[NKG * RB];
+shared vec4 red_o[NE * SL];
+shared float red_m[NRED];
+shared float red_l[NRED];
+shared uint last_wg;
 
 // Elements 2c, 2c+1 of a uvec4 of packed DTYPE data (c < PPV; c is a constant after unrolling).
 vec2 pair_of(uvec4 u, uint c) {
     if (DTYPE == 0u) return uintBitsToFloat(uvec2(u[2u * c], u[2u * c + 1u]));
     if (DTYPE == 1u) return unpackHalf2x16(u[c]);
     return vec2(uintBitsToFloat(u[c] << 16u), uintBitsToFloat(u[c] & 0xFFFF0000u));
+}
+
+// Normalised O (4 columns at col) and, once per row, LSE of chunk row `row` from its merged (m, l, O).
+// l == 0 over every split (no visible key: band, mask, or empty splits) gives O = 0, LSE = -inf.
+void store_out(uint row, uint col, float m, float l, vec4 o) {
+    const float inv_l = l > 0.0 ? 1.0 / l : 0.0;
+    const uint e = row * DV + 4u * col;
+    store_pair(e, o.xy * inv_l);
+    store_pair(e + 2u, o.zw * inv_l);
+    if (col == 0u) lse_data[row] = l > 0.0 ? (m + log2(l)) * LN2 : -1.0 / 0.0;
 }
 
 float reduce_key(float x) {
@@ -241,5 +291,81 @@ void main() {
         float lx = 0.0;
         [[unroll]] for (uint g = 0u; g < NKG; ++g) lx += red_l[g * RB + t] * exp2(red_m[g * RB + t] - mx);
         part_ml[(kvg * rows + r0 + t) * n_split + split] = vec2(mx, lx);
+    }
+
+    // Count this workgroup done; the last of the block merges (see the header on the memory model).
+    // The barriers' Shared semantics also order the reads of red_* above before the merge's writes.
+    controlBarrier(gl_ScopeWorkgroup, gl_ScopeDevice, gl_StorageSemanticsBuffer | gl_StorageSemanticsShared,
+                   gl_SemanticsAcquireRelease);
+    if (t == 0u) {
+        const uint counter = kvg * gl_NumWorkGroups.z + gl_WorkGroupID.z;
+        const uint done = atomicAdd(counters[counter], 1u, gl_ScopeDevice, gl_StorageSemanticsBuffer,
+                                    gl_SemanticsAcquireRelease);
+        last_wg = done == n_split - 1u ? 1u : 0u;
+        if (done == n_split - 1u) {
+            atomicStore(counters[counter], 0u, gl_ScopeDevice, gl_StorageSemanticsBuffer, gl_SemanticsRelaxed);
+        }
+    }
+    controlBarrier(gl_ScopeWorkgroup, gl_ScopeDevice, gl_StorageSemanticsBuffer | gl_StorageSemanticsShared,
+                   gl_SemanticsAcquireRelease);
+    if (last_wg == 0u) return;
+
+    // Merge: invocation t takes unit e % NE (row r, columns [4 col, +4)) over the splits
+    // s = e / NE (mod SL); with SL == 1 it stores, else the SL lanes of a unit meet in shared memory.
+    for (uint e = t; e < NE * SL; e += WG) {
+        const uint u = e % NE;
+        const uint sl = e / NE;
+        const uint r = u / DV4;
+        const uint col = u % DV4;
+        // Rows past the kv group's last merge that row's splits and are never stored.
+        const uint row = kvg * rows + min(r0 + r, rows - 1u);
+        float mx = NEG_BIG;
+        float lx = 0.0;
+        vec4 ox = vec4(0.0);
+        for (uint s0 = sl; s0 < n_split; s0 += SL * MERGE_UNROLL) {
+            vec2 ml[MERGE_UNROLL];
+            vec4 ov[MERGE_UNROLL];
+            [[unroll]] for (uint k = 0u; k < MERGE_UNROLL; ++k) {
+                // Past the last split: a valid split's address, weight l = 0 and o = 0.
+                const uint s = s0 + k * SL;
+                const uint at = row * n_split + min(s, n_split - 1u);
+                ml[k] = s < n_split ? part_ml[at] : vec2(NEG_BIG, 0.0);
+                ov[k] = s < n_split ? part_o[at * DV4 + col] : vec4(0.0);
+            }
+            [[unroll]] for (uint k = 0u; k < MERGE_UNROLL; ++k) {
+                const float m_new = max(mx, ml[k].x);
+                const float a = exp2(mx - m_new);
+                const float b = exp2(ml[k].x - m_new);
+                lx = lx * a + ml[k].y * b;
+                ox = ox * a + ov[k] * b;
+                mx = m_new;
+            }
+        }
+        if (SL == 1u) {
+            if (r0 + r < rows) store_out(row, col, mx, lx, ox);
+        } else {
+            red_o[e] = ox;
+            if (col == 0u) {
+                red_m[sl * RB + r] = mx;
+                red_l[sl * RB + r] = lx;
+            }
+        }
+    }
+    if (SL > 1u) {
+        barrier();
+        // NE * SL <= WG: one unit per invocation.
+        const uint r = t / DV4;
+        if (t < NE && r0 + r < rows) {
+            float m_all = NEG_BIG;
+            [[unroll]] for (uint g = 0u; g < SL; ++g) m_all = max(m_all, red_m[g * RB + r]);
+            float l_all = 0.0;
+            vec4 o_all = vec4(0.0);
+            [[unroll]] for (uint g = 0u; g < SL; ++g) {
+                const float w = exp2(red_m[g * RB + r] - m_all);
+                l_all += red_l[g * RB + r] * w;
+                o_all += red_o[g * NE + t] * w;
+            }
+            store_out(kvg * rows + r0 + r, t % DV4, m_all, l_all, o_all);
+        }
     }
 }

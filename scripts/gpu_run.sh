@@ -25,7 +25,7 @@ export AULE_KP_SPIRV_CACHE=$PWD/spirv_cache
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -m aule_kp info | tee "$OUT/info.txt"
 # STEPS picks what runs after the set-up (default: everything), e.g. STEPS="gemm host" .
-STEPS=" ${STEPS:-tests bench backward host decode gemm tune triton} "  # also: splitkv (a tile sweep), ab
+STEPS=" ${STEPS:-tests bench backward host decode gemm tune triton} "  # also: splitkv (a tile sweep), ab, cmd
 step() { [[ "$STEPS" == *" $1 "* ]]; }
 if step tests; then
   python3 -m pytest -q -p no:cacheprovider $(ls tests/test_{vulkan,gpu,vulkan_backward,splitkv,host_io}.py 2>/dev/null) \
@@ -48,4 +48,6 @@ step splitkv && python3 benchmarks/splitkv_sweep_gpu.py 2>&1 | tee "$OUT/splitkv
 step gemm && python3 benchmarks/coopmat_gemm_gpu.py 2>&1 | tee "$OUT/gemm.md"
 step tune && timeout ${TUNE_S:-300} python3 -m aule_kp tune --cache-dir "$OUT/tune" ${TUNE_ARGS:-} 2>&1 | tee "$OUT/tune.md"
 step triton && python3 benchmarks/triton_vs_aule_gpu.py 2>&1 | tee "$OUT/triton_vs_aule.md"
+# Anything else, in this set-up: STEPS=cmd GPU_CMD='python3 -m aule_kp tune ...'
+step cmd && eval "${GPU_CMD:?STEPS=cmd needs GPU_CMD}"
 exit 0

@@ -1,9 +1,11 @@
-"""Split-KV decoding (glsl/fa2_splitkv*.comp, aule_kp/vulkan/splitkv.py) on lavapipe against the
+"""Split-KV decoding (glsl/fa2_splitkv.comp, aule_kp/vulkan/splitkv.py) on lavapipe against the
 float64 reference, and the automatic choice on a GPU-like device description.
 
 Split counts are forced with ``AULE_KP_SPLIT_KV`` so tiny shapes exercise many splits, splits that
-see no key, and key counts that are not a multiple of the split length. Head dims stay at 32
-except where a test is about them: every new specialisation costs lavapipe compile time.
+see no key, and key counts that are not a multiple of the split length. The last workgroup of each
+row block merges the splits, found with a counter the plan keeps across calls: repeated calls check
+that it is put back to zero. Head dims stay at 32 except where a test is about them: every new
+specialisation costs lavapipe compile time.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from aule_kp.vulkan import device as devmod
 from aule_kp.vulkan import plan as planmod
 from aule_kp.vulkan.backend import VulkanBackend
 from aule_kp.vulkan.kernels import KernelConfig
-from aule_kp.vulkan.splitkv import MIN_SPLIT_KEYS, SplitKVConfig, choose_forward, split_kv_config
+from aule_kp.vulkan.splitkv import MIN_SPLIT_KEYS, SplitKVConfig, choose_forward, merge_lanes, split_kv_config
 
 pytestmark = pytest.mark.skipif(devmod.vulkan_unavailable() is not None, reason="no Vulkan device")
 
@@ -112,14 +114,57 @@ def test_head_dims(dk, dv, dtype, splits, rng):
 
 
 def test_gpu_style_tiles(rng):
-    # GPU-sized workgroups (16 key groups of 8 lanes, 4 keys each per step; a 256-wide combine),
-    # as far as lavapipe's 8-wide subgroups allow, given to the backend directly.
+    # GPU-sized workgroups (16 key groups of 8 lanes, 4 keys each per step), as far as lavapipe's
+    # 8-wide subgroups allow, given to the backend directly: 64 merge units, 2 lanes each.
     p = problem(b=1, hq=8, hkv=2, lq=1, lk=300, dk=64, dv=64, dtype="float16", causal=True)
-    partial = KernelConfig("splitkv", "fa2_splitkv", 64, 64, br=4, bc=4, tpr=8, dtype=1, wg=128, stage=0)
-    combine = KernelConfig("splitkv", "fa2_splitkv_combine", 64, 64, br=1, bc=1, tpr=1, dtype=1, wg=256, stage=0)
-    step = partial.wg // partial.tpr * partial.bc
-    cfg = SplitKVConfig(partial, combine, n_split=3, split_len=step * math.ceil(300 / (3 * step)))
+    kernel = KernelConfig("splitkv", "fa2_splitkv", 64, 64, br=4, bc=4, tpr=8, dtype=1, wg=128, stage=0)
+    assert merge_lanes(kernel.br, kernel.dv, kernel.wg) == 2
+    step = kernel.wg // kernel.tpr * kernel.bc
+    cfg = SplitKVConfig(kernel, n_split=3, split_len=step * math.ceil(300 / (3 * step)))
     check(p, rng, config=cfg)
+
+
+def counters_of(plan):
+    """The split-KV counters (binding 8) of every chunk of ``plan``, read back from the device."""
+    dev = devmod.get_device()
+    tensors = [c.scratch[2] for c in plan.chunks]
+    seq = dev.manager.sequence().record(dev.kp.OpTensorSyncLocal(tensors))
+    seq.eval()
+    seq.destroy()
+    return np.concatenate([t.data() for t in tensors])
+
+
+@pytest.mark.parametrize("shape", [
+    dict(b=2, hq=8, hkv=2, lq=3),  # 12 rows per kv group: two row blocks, one a part
+    dict(b=1, hq=2, hkv=2, lq=1),  # one row per block: split lanes share the merge
+])
+def test_many_splits(shape, splits, rng):
+    # 64 workgroups per row block count themselves done on one counter; all splits see keys (the
+    # keys a workgroup takes per step depend on the device's tiling: 8 on lavapipe, 64 on an H200).
+    splits(64)
+    kernel = VulkanBackend().config(problem(**shape, lk=4096)).kernel
+    step = kernel.wg // kernel.tpr * kernel.bc
+    p = problem(**shape, lk=64 * step - step // 2)
+    cfg = VulkanBackend().config(p)
+    assert cfg.n_split * cfg.split_len >= p.len_k > (cfg.n_split - 1) * cfg.split_len
+    if shape["hkv"] == shape["hq"]:
+        assert merge_lanes(cfg.kernel.br, cfg.kernel.dv, cfg.kernel.wg) > 1
+    check_split(p, rng, n_split=64)
+    assert not counters_of(VulkanBackend().plan(p)).any()
+
+
+@pytest.mark.parametrize("n,dtype,causal", [(7, "float32", False), (64, "float16", True)])
+def test_repeated_calls(n, dtype, causal, splits):
+    # The same plan, new inputs each call: a counter left non-zero would make the wrong workgroup
+    # merge (or none) on the next call.
+    splits(n)
+    p = problem(b=2, hq=4, hkv=2, lq=2, lk=300, dtype=dtype, causal=causal)
+    rng = np.random.default_rng(99)
+    made = dict(planmod.stats)
+    for _ in range(4):
+        check_split(p, rng, n_split=n)
+    assert planmod.stats["plans"] - made["plans"] <= 1
+    assert not counters_of(VulkanBackend().plan(p)).any()
 
 
 def test_chunked_bindings(splits, monkeypatch, rng):
@@ -130,8 +175,10 @@ def test_chunked_bindings(splits, monkeypatch, rng):
     monkeypatch.setenv("AULE_KP_MAX_BINDING_BYTES", str(2 * per_group))  # 6 groups -> 3 dispatches each pass
     plan = VulkanBackend().plan(p)
     assert [(c.g0, c.g1) for c in plan.chunks] == [(0, 2), (2, 4), (4, 6)]
-    assert all(len(c.algorithms) == 2 and len(c.scratch) == 2 for c in plan.chunks)
+    assert all(len(c.algorithms) == 1 and len(c.scratch) == 3 for c in plan.chunks)
     check_split(p, rng)
+    check_split(p, rng)  # each chunk's counters were put back to zero
+    assert not counters_of(plan).any()
 
 
 def test_plan_reuse(splits, rng):
@@ -183,12 +230,12 @@ def test_automatic_choice_on_a_discrete_gpu(monkeypatch):
     decode = problem(b=1, hq=32, hkv=8, lq=1, lk=32768, dk=128, dv=128, dtype="float16")
     cfg = choose_forward(caps, decode)
     assert isinstance(cfg, SplitKVConfig)
-    blocks = math.ceil(decode.group * decode.len_q / cfg.partial.br)
+    blocks = math.ceil(decode.group * decode.len_q / cfg.kernel.br)
     grid = cfg.n_split * decode.batch * decode.heads_kv * blocks
     assert 256 <= grid <= 4096 and cfg.split_len >= MIN_SPLIT_KEYS
     assert cfg.n_split * cfg.split_len >= decode.len_k > (cfg.n_split - 1) * cfg.split_len
     # The packed rows (4 query heads x 1 row) share each K/V load.
-    assert cfg.partial.br == 4 and cfg.shared_bytes() <= caps.shared_memory
+    assert cfg.kernel.br == 4 and cfg.shared_bytes() <= caps.shared_memory
     # Speculative decoding (Lq 16), GQA 8: still split.
     assert isinstance(choose_forward(caps, problem(hq=64, hkv=8, lq=16, lk=8192, dk=128, dv=128)), SplitKVConfig)
     # Not for a long query block, a large batch (the forward's grid fills the GPU) or short keys.

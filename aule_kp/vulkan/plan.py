@@ -3,8 +3,8 @@
 The first call for a (Problem, config) builds a Plan; later calls copy inputs into the
 tensors' mapped memory, ``eval()`` the same sequence and copy the outputs out. Plans live in a
 bounded LRU (by bytes) on their Device. Inputs larger than one storage binding are split into
-chunks of whole (batch, kv-head) groups, one dispatch per pass each, in the same sequence. The
-forward kernels are one pass; split-KV (splitkv.py) is two, with scratch buffers per chunk.
+chunks of whole (batch, kv-head) groups, one dispatch each, in the same sequence. Split-KV
+(splitkv.py) is one dispatch too, with scratch buffers per chunk.
 """
 
 from __future__ import annotations
@@ -84,24 +84,23 @@ def push_constants(p: Problem, group0: int) -> np.ndarray:
     return np.array(vals, dtype=np.uint32)
 
 
-def dispatches(config: ForwardConfig, p: Problem, n_groups: int,
-               group0: int) -> List[Tuple[KernelConfig, Tuple[int, int, int], np.ndarray]]:
-    """(pipeline, grid, push constants) of each pass over the chunk of ``n_groups`` groups from ``group0``."""
+def dispatch(config: ForwardConfig, p: Problem, n_groups: int,
+             group0: int) -> Tuple[KernelConfig, Tuple[int, int, int], np.ndarray]:
+    """(pipeline, grid, push constants) of the dispatch over the chunk of ``n_groups`` groups from ``group0``."""
     if isinstance(config, SplitKVConfig):
-        return config.dispatches(p, n_groups, push_constants(p, group0))
-    return [(config, (math.ceil(p.len_q / config.br), n_groups * p.group, 1), push_constants(p, group0))]
+        return config.dispatch(p, n_groups, push_constants(p, group0))
+    return config, (math.ceil(p.len_q / config.br), n_groups * p.group, 1), push_constants(p, group0)
 
 
 @dataclass
 class Chunk:
-    """The dispatches over kv groups ``[g0, g1)`` and, on the host path, views of its mapped memory."""
+    """The dispatch over kv groups ``[g0, g1)`` and, on the host path, views of its mapped memory."""
 
     g0: int
     g1: int
     tensors: List[Any]  # q, k, v, o, lse (kp tensors)
-    algorithms: List[Any]  # one per pass
-    scratch: List[Any] = field(default_factory=list)  # split-KV's partial results (bindings 6, 7)
-    barrier: List[Any] = field(default_factory=list)  # scratch synced between passes (see Plan)
+    algorithms: List[Any]  # the one dispatch's
+    scratch: List[Any] = field(default_factory=list)  # split-KV's partials and counters (bindings 6-8)
     inputs: List[np.ndarray] = field(default_factory=list)  # q, k, v mapped memory, as bytes
     input_ranges: List[Tuple[int, int]] = field(default_factory=list)  # their bytes in the caller's arrays
     output: Optional[np.ndarray] = None  # o mapped memory, as bytes
@@ -129,8 +128,8 @@ class RecordedPlan:
 class Plan(RecordedPlan):
     """Everything one Problem needs on one device, built once.
 
-    ``config``: a forward KernelConfig (one pass) or a SplitKVConfig (two passes; its scratch
-    buffers are the plan's, made once). ``io``: kp tensors ``(q, k, v, o)`` owned by the caller
+    ``config``: a forward KernelConfig or a SplitKVConfig (its scratch buffers are the plan's, made
+    once, the counters zeroed once). ``io``: kp tensors ``(q, k, v, o)`` owned by the caller
     (the GpuTensor path). Then the plan has one chunk bound to them and its sequence only
     dispatches: data stays on the device.
     """
@@ -159,6 +158,7 @@ class Plan(RecordedPlan):
         self.mask_view = self.mask.data()
         self.chunks: List[Chunk] = []
         self.nbytes = self.mask_view.nbytes
+        zeroed: List[Any] = []
         for g0 in range(0, n_groups, step):
             g1 = min(n_groups, g0 + step)
             n = g1 - g0
@@ -172,19 +172,20 @@ class Plan(RecordedPlan):
                 o = tensor(_words(n * p.group * p.len_q * p.dim_v, p.dtype), np.uint32, "out")
                 lse = tensor(n * p.group * p.len_q, np.float32, "out")
                 self.nbytes += n * sum(per.values()) * (1 if device.host_memory or device.direct_io else 2)
-            # Split-KV scratch lives on the device only; (m, l) is a device tensor so that syncing
-            # it records the barrier between the passes (below).
+            # Split-KV scratch lives on the device only. The partials need no initial value; the
+            # counters must start at zero (the shader puts them back after each call): device
+            # tensors, whose zeros are copied up once below (storage tensors are uninitialised).
             layout = config.scratch_words(p, n) if isinstance(config, SplitKVConfig) else []
-            scratch = [mgr.tensor_t(np.zeros(max(words, 1), np.float32),
-                                    kp.TensorTypes.device if synced else kp.TensorTypes.storage)
-                       for words, synced in layout]
-            barrier = [t for t, (_, synced) in zip(scratch, layout) if synced]
+            scratch = [mgr.tensor_t(np.zeros(max(words, 1), np.uint32 if counters else np.float32),
+                                    kp.TensorTypes.device if counters else kp.TensorTypes.storage)
+                       for words, counters in layout]
+            zeroed += [t for t, (_, counters) in zip(scratch, layout) if counters]
             self.nbytes += sum(4 * words for words, _ in layout)
             bound = [q, k, v, o, lse, self.mask, *scratch]
-            algos = [mgr.algorithm(bound, device.spirv(kc.kernel), grid, kc.spec(), push)
-                     for kc, grid, push in dispatches(config, p, n, g0)]
-            stats["algorithms"] += len(algos)
-            chunk = Chunk(g0, g1, [q, k, v, o, lse], algos, scratch, barrier)
+            kc, grid, push = dispatch(config, p, n, g0)
+            algos = [mgr.algorithm(bound, device.spirv(kc.kernel), grid, kc.spec(), push)]
+            stats["algorithms"] += 1
+            chunk = Chunk(g0, g1, [q, k, v, o, lse], algos, scratch)
             if io is None:
                 sizes = [n * per[name] for name in ("q", "k", "v", "o", "lse")]
                 q_b, k_b, v_b, o_b = (t.data().view(np.uint8)[:size] for t, size in zip((q, k, v, o), sizes))
@@ -194,6 +195,10 @@ class Plan(RecordedPlan):
                 chunk.lse = lse.data()[: n * p.group * p.len_q]
             self.chunks.append(chunk)
 
+        if zeroed:
+            init = mgr.sequence().record(kp.OpTensorSyncDevice(zeroed))
+            init.eval()
+            init.destroy()
         self.host_io = io is None
         self.sequence = self.record(mgr.sequence(), transfers=True)
         stats["plans"] += 1
@@ -208,17 +213,11 @@ class Plan(RecordedPlan):
             inputs.append(self.mask)
         if inputs:
             sequence.record(kp.OpTensorSyncDevice(inputs))
-        for i in range(len(self.chunks[0].algorithms)):
-            if i:
-                # A pass reads what the previous one wrote. kp's Python API records no compute ->
-                # compute barrier (OpAlgoDispatch's own only orders transfers before the dispatch);
-                # syncing the small device-local (m, l) scratch records compute -> transfer, and the
-                # next dispatch's transfer -> compute barrier chains to it (as in backward.py). The
-                # buffer barriers name only (m, l); drivers apply them to all memory, the spec
-                # strictly does not (kp 0.9.0 binds no OpMemoryBarrier to Python).
-                sequence.record(kp.OpTensorSyncLocal([t for c in self.chunks for t in c.barrier]))
-            for c in self.chunks:
-                sequence.record(kp.OpAlgoDispatch(c.algorithms[i]))
+        # Chunks touch disjoint buffers (scratch included): their dispatches need no barrier between
+        # them. A plan's dispatch must not be recorded twice in one sequence without one either:
+        # split-KV's counters and partials are the plan's.
+        for c in self.chunks:
+            sequence.record(kp.OpAlgoDispatch(c.algorithms[0]))
         if transfers:
             sequence.record(kp.OpTensorSyncLocal([t for c in self.chunks for t in c.tensors[3:]]))
         return sequence

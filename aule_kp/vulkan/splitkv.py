@@ -1,11 +1,12 @@
-"""Split-KV decoding ("flash-decoding"): when it is used, how the keys are split, its pipelines.
+"""Split-KV decoding ("flash-decoding"): when it is used, how the keys are split, its pipeline.
 
 For a short query block (Lq <= 16) over a long key sequence the forward's grid (query tiles x
 query heads) has a few dozen workgroups: most of a GPU idles while it streams K and V. Split-KV
-splits the keys of every (batch, kv head) over ``n_split`` workgroups (glsl/fa2_splitkv.comp:
-partial O and (m, l) per split, all query heads of a kv head packed in one workgroup so K/V are
-read once), then merges the splits (glsl/fa2_splitkv_combine.comp: O and LSE as the forward
-writes them). ``Plan`` records the two passes per chunk with a barrier between them.
+splits the keys of every (batch, kv head) over ``n_split`` workgroups of one dispatch
+(glsl/fa2_splitkv.comp: partial O and (m, l) per split, all query heads of a kv head packed in one
+workgroup so K/V are read once); the last workgroup of each row block to finish, found with an
+atomic counter, merges the splits into O and LSE as the forward writes them. ``Plan`` records one
+dispatch per chunk and holds the scratch buffers (partials, counters) across calls.
 
 ``AULE_KP_SPLIT_KV``: ``0`` never splits; ``N`` forces N splits whenever Lq <= 16 (tests,
 benchmarks); unset: automatic (``split_kv_config``).
@@ -16,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
@@ -32,7 +33,7 @@ MAX_SPLIT_LQ = 16
 #: Fewest keys per split the automatic choice makes: below that the per-workgroup setup and the
 #: merge cost more than the extra parallelism gains.
 MIN_SPLIT_KEYS = 256
-#: Most splits the automatic choice makes (scratch and combine work grow with it).
+#: Most splits the automatic choice makes (scratch and the merge's work grow with it).
 MAX_AUTO_SPLITS = 1024
 #: Split-KV is considered when the forward's grid has fewer workgroups than SMALL_GRID_FACTOR
 #: times the device's parallelism, and aims at TARGET_GRID_FACTOR times it. H200, Hq32 Hkv8 Lq1
@@ -44,64 +45,81 @@ TARGET_GRID_FACTOR = 4
 #: have ~100-140 (H100/H200 132 SMs, RX 7900 XTX 96 CUs, RTX 4090 128 SMs); integrated ones far fewer.
 GPU_PARALLELISM = {"discrete": 128, "integrated": 16}
 OTHER_PARALLELISM = 32
-#: Unroll depth of the combine's split loop (glsl/fa2_splitkv_combine.comp UNROLL).
-COMBINE_UNROLL = 4
+#: Splits the merge reads at once per invocation (glsl/fa2_splitkv.comp MERGE_UNROLL).
+MERGE_UNROLL = 8
+
+
+def merge_lanes(br: int, dv: int, wg: int) -> int:
+    """Invocations that share one merge unit's splits (SL in glsl/fa2_splitkv.comp): 1 when the
+    BR * DV / 4 units (a row's 4 columns) fill the workgroup, else WG / units."""
+    units = br * dv // 4
+    return 1 if units >= wg else wg // units
+
+
+def shared_bytes(kernel: KernelConfig) -> int:
+    """Shared memory of glsl/fa2_splitkv.comp (the formula in its header): the key groups' merge,
+    reused by the split lanes' merge, and the last-workgroup flag."""
+    c = kernel
+    sl = merge_lanes(c.br, c.dv, c.wg)
+    return FLOAT_BYTES * (c.br * c.dv * sl + 2 * max(c.wg // c.tpr, sl) * c.br + 1)
 
 
 @dataclass(frozen=True)
 class SplitKVConfig:
-    """The two pipelines of a split-KV forward and how the keys are split.
+    """The pipeline of a split-KV forward and how the keys are split.
 
-    ``partial``: glsl/fa2_splitkv.comp (BR rows per workgroup, BC keys per key group and step,
-    TPR invocations per key, WG invocations). ``combine``: glsl/fa2_splitkv_combine.comp (WG).
+    ``kernel``: glsl/fa2_splitkv.comp (BR rows per workgroup, BC keys per key group and step, TPR
+    invocations per key, WG invocations); one dispatch computes the partials and merges them.
     Split s covers keys ``[lo + s * split_len, lo + (s + 1) * split_len)`` of the band's key range
     ``[lo, hi)`` (``Problem.key_range(0, len_q)``).
     """
 
-    partial: KernelConfig
-    combine: KernelConfig
+    kernel: KernelConfig
     n_split: int
     split_len: int
     variant: str = "splitkv"  # what callers that report the chosen variant show
 
     def push(self, base: np.ndarray) -> np.ndarray:
-        """Push constants of both passes: the common ones, then n_split and split_len
-        (``Push`` with ``FA2_SPLIT_KV`` in glsl/fa2_common.glsl)."""
+        """Push constants: the common ones, then n_split and split_len (``Push`` with
+        ``FA2_SPLIT_KV`` in glsl/fa2_common.glsl)."""
         return np.concatenate([base, np.array([self.n_split, self.split_len], np.uint32)])
 
+    def blocks(self, p: Problem) -> int:
+        """Row blocks per (batch, kv-head) group: the grid's z."""
+        return math.ceil(p.group * p.len_q / self.kernel.br)
+
     def group_bytes(self, p: Problem) -> Dict[str, int]:
-        """Scratch bytes per (batch, kv-head) group: partial O (fp32) and (m, l) per row and split."""
+        """Scratch bytes per (batch, kv-head) group: partial O (fp32) and (m, l) per row and split,
+        and a uint counter per row block."""
         rows = p.group * p.len_q * self.n_split
-        return {"partial_o": rows * p.dim_v * FLOAT_BYTES, "partial_ml": rows * 2 * FLOAT_BYTES}
+        return {"partial_o": rows * p.dim_v * FLOAT_BYTES, "partial_ml": rows * 2 * FLOAT_BYTES,
+                "counters": self.blocks(p) * 4}
 
     def scratch_words(self, p: Problem, n_groups: int) -> List[Tuple[int, bool]]:
-        """fp32 words of each scratch buffer (bindings 6, 7) for a chunk of ``n_groups`` groups, and
-        whether the pass after the partial one waits on it (see ``Plan``: only (m, l), small)."""
+        """32-bit words of each scratch buffer (bindings 6, 7, 8) for a chunk of ``n_groups`` groups,
+        and whether it holds counters: those must be zero before the first call (the shader leaves
+        them zero after each), the partials need no initial value."""
         sizes = self.group_bytes(p)
-        return [(n_groups * sizes["partial_o"] // FLOAT_BYTES, False),
-                (n_groups * sizes["partial_ml"] // FLOAT_BYTES, True)]
+        return [(n_groups * sizes[name] // 4, name == "counters") for name in ("partial_o", "partial_ml", "counters")]
 
-    def dispatches(self, p: Problem, n_groups: int,
-                   base_push: np.ndarray) -> List[Tuple[KernelConfig, Tuple[int, int, int], np.ndarray]]:
-        """(pipeline, grid, push constants) of both passes over a chunk of ``n_groups`` groups."""
-        push = self.push(base_push)
-        blocks = math.ceil(p.group * p.len_q / self.partial.br)
-        return [(self.partial, (self.n_split, n_groups, blocks), push),
-                (self.combine, (p.len_q, n_groups * p.group, 1), push)]
+    def dispatch(self, p: Problem, n_groups: int,
+                 base_push: np.ndarray) -> Tuple[KernelConfig, Tuple[int, int, int], np.ndarray]:
+        """(pipeline, grid, push constants) of the dispatch over a chunk of ``n_groups`` groups."""
+        return self.kernel, (self.n_split, n_groups, self.blocks(p)), self.push(base_push)
 
     def loops(self) -> int:
-        """Loop iterations per invocation (CPU drivers stop an invocation at 65535): the partial
-        pass's key loop, or the combine's split loop."""
-        nkg = self.partial.wg // self.partial.tpr
-        split_lanes = self.combine.wg // (self.combine.dv // 4)
-        return max(math.ceil(self.split_len / (nkg * self.partial.bc)),
-                   math.ceil(self.n_split / (split_lanes * COMBINE_UNROLL)))
+        """Loop iterations per invocation, an upper bound (CPU drivers stop an invocation at 65535
+        in total): the key loop, the partial store loop and the merge's unit and split loops."""
+        c = self.kernel
+        units = c.br * c.dv // 4
+        sl = merge_lanes(c.br, c.dv, c.wg)
+        per_unit = 1 + math.ceil(self.n_split / (sl * MERGE_UNROLL))
+        return (math.ceil(self.split_len / (c.wg // c.tpr * c.bc)) + math.ceil(units / c.wg)
+                + math.ceil(units * sl / c.wg) * per_unit)
 
     def shared_bytes(self) -> int:
-        """Shared memory of the larger pass (the formulas in the shaders' headers)."""
-        c = self.partial
-        partial = FLOAT_BYTES * (c.br * c.dv + 2 * (c.wg // c.tpr) * c.br)
-        return max(partial, 6 * FLOAT_BYTES * self.combine.wg)
+        """Shared memory of the kernel (the formula in glsl/fa2_splitkv.comp's header)."""
+        return shared_bytes(self.kernel)
 
 
 ForwardConfig = Union[KernelConfig, SplitKVConfig]
@@ -119,8 +137,8 @@ def parallelism(caps: DeviceCaps) -> int:
     return GPU_PARALLELISM.get(caps.type, OTHER_PARALLELISM)
 
 
-def split_kernels(caps: DeviceCaps, problem: Problem) -> Tuple[KernelConfig, KernelConfig]:
-    """The partial and combine pipelines of ``problem`` on this device (before the split count)."""
+def split_kernel(caps: DeviceCaps, problem: Problem) -> KernelConfig:
+    """The split-KV pipeline of ``problem`` on this device (before the split count)."""
     p = problem
     cpu = caps.type == "cpu"
     vec = 4 if p.dtype == "float32" else 8  # elements per 16-byte load
@@ -136,17 +154,14 @@ def split_kernels(caps: DeviceCaps, problem: Problem) -> Tuple[KernelConfig, Ker
     rows = p.group * p.len_q
     br = max(1, min(_pow2_floor(budget // per_row), 1 << (rows - 1).bit_length()))
     # GPUs: 128 invocations, 4 keys per key group in flight (K and V loads of a step are issued
-    # before its math); CPU drivers: few key groups (the merge costs one barrier per key group) and
+    # before its math); CPU drivers: few key groups (merging them costs one barrier each) and
     # short unrolled steps.
     wg = max(tpr, 32 if cpu else 128)
     bc = 2 if cpu else 4
-    while br > 1 and FLOAT_BYTES * (br * p.dim_v + 2 * (wg // tpr) * br) > caps.shared_memory:
-        br //= 2
-    dtype = DTYPE_CODE[p.dtype]
-    partial = KernelConfig("splitkv", "fa2_splitkv", p.dim_k, p.dim_v, br, bc, tpr, dtype, wg, 0)
-    cwg = max(64 if cpu else 256, p.dim_v // 4)
-    combine = KernelConfig("splitkv", "fa2_splitkv_combine", p.dim_k, p.dim_v, 1, 1, 1, dtype, cwg, 0)
-    return partial, combine
+    kernel = KernelConfig("splitkv", "fa2_splitkv", p.dim_k, p.dim_v, br, bc, tpr, DTYPE_CODE[p.dtype], wg, 0)
+    while kernel.br > 1 and shared_bytes(kernel) > caps.shared_memory:
+        kernel = replace(kernel, br=kernel.br // 2)
+    return kernel
 
 
 def split_env() -> Optional[int]:
@@ -170,7 +185,7 @@ def split_kv_config(caps: DeviceCaps, problem: Problem, forward: Optional[Kernel
     Automatic: Lq <= 16, the band leaves at least 2 x ``MIN_SPLIT_KEYS`` keys, and the forward's
     grid over one dispatch of ``groups`` kv groups (default all) has fewer than
     ``SMALL_GRID_FACTOR`` x ``parallelism`` workgroups (GPUs), or the device is a CPU driver. The
-    split count then aims the partial grid at ``TARGET_GRID_FACTOR`` x ``parallelism`` workgroups
+    split count then aims the grid at ``TARGET_GRID_FACTOR`` x ``parallelism`` workgroups
     (e.g. 1024 on a discrete GPU) with at least ``MIN_SPLIT_KEYS`` keys each. ``AULE_KP_SPLIT_KV``
     overrides (see the module doc).
     """
@@ -178,10 +193,10 @@ def split_kv_config(caps: DeviceCaps, problem: Problem, forward: Optional[Kernel
     forced = split_env()
     if forced == 0 or p.len_q > MAX_SPLIT_LQ or p.len_k == 0 or p.empty:
         return None
-    partial, combine = split_kernels(caps, p)
+    kernel = split_kernel(caps, p)
     lo, hi = p.key_range(0, p.len_q)
     keys = hi - lo
-    step = partial.wg // partial.tpr * partial.bc  # keys a workgroup takes per step
+    step = kernel.wg // kernel.tpr * kernel.bc  # keys a workgroup takes per step
     n_groups = p.batch * p.heads_kv if groups is None else max(1, min(groups, p.batch * p.heads_kv))
     max_grid_x = min(caps.max_workgroup_count[0], 65535)
     if forced is not None:
@@ -198,17 +213,17 @@ def split_kv_config(caps: DeviceCaps, problem: Problem, forward: Optional[Kernel
         cpu = caps.type == "cpu"
         if keys < 2 * MIN_SPLIT_KEYS or (fwd_grid >= SMALL_GRID_FACTOR * par and not cpu):
             return None
-        blocks = math.ceil(p.group * p.len_q / partial.br)
+        blocks = math.ceil(p.group * p.len_q / kernel.br)
         want = math.ceil(TARGET_GRID_FACTOR * par / (n_groups * blocks))
         n_split = max(1, min(want, keys // MIN_SPLIT_KEYS, MAX_AUTO_SPLITS, max_grid_x))
         if n_split < 2 and not cpu:
             return None
         split_len = step * math.ceil(keys / (n_split * step))
         n_split = math.ceil(keys / split_len)  # rounding split_len up may leave a split empty
-    cfg = SplitKVConfig(partial, combine, n_split, split_len)
-    if cfg.shared_bytes() > caps.shared_memory or max(partial.wg, combine.wg) > caps.max_workgroup_invocations:
+    cfg = SplitKVConfig(kernel, n_split, split_len)
+    if cfg.shared_bytes() > caps.shared_memory or kernel.wg > caps.max_workgroup_invocations:
         return None
-    log.debug("split-KV for %s: %d splits of %d keys, %s", p, n_split, split_len, partial)
+    log.debug("split-KV for %s: %d splits of %d keys, %s", p, n_split, split_len, kernel)
     return cfg
 
 
