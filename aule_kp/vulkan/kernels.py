@@ -59,6 +59,19 @@ def coopmat_shared_bytes(cfg: KernelConfig) -> int:
 
 VARIANTS = ("scalar", "wave64", "coopmat")
 
+#: Compute units of a device Vulkan cannot count (it has no SM/CU count): high-end discrete GPUs
+#: have ~100-140 (H100/H200 132 SMs, RX 7900 XTX 96 CUs, RTX 4090 128 SMs); integrated ones far fewer.
+GPU_PARALLELISM = {"discrete": 128, "integrated": 16}
+OTHER_PARALLELISM = 32
+
+
+def parallelism(caps: DeviceCaps) -> int:
+    """Workgroups the device runs at once, roughly: CPU drivers run one per core; for GPUs Vulkan
+    reports no compute-unit count, so a typical count for the device type."""
+    if caps.type == "cpu":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return GPU_PARALLELISM.get(caps.type, OTHER_PARALLELISM)
+
 
 def _pow2_floor(x: int) -> int:
     return 1 << (max(1, x).bit_length() - 1)
@@ -93,20 +106,33 @@ def _scalar_tiles(caps: DeviceCaps, problem: Problem, wave: int, cpu: bool) -> D
     return dict(tpr=tpr, br=br, bc=bc, stage=1, wg=wg, rpt=1)
 
 
+#: Query-tile grids at least this many times the device's parallelism take the taller D<=64 tile.
+COOPMAT_TALL_GRID_FACTOR = 16
+
+
 def _coopmat_tiles(caps: DeviceCaps, problem: Problem) -> Dict[str, int]:
-    # Measured on an H200 (see the shader header and BENCHMARKS.md): BC=32; BR=128 with 8 subgroups
-    # above D=64 (S8192 D128: 9.4 vs 9.9 ms for BR=64/4 subgroups; `aule-kp tune` agreed), BR=64 with
-    # 4 subgroups at D<=64; smaller tiles where memory is short.
+    # Measured on an H200 (`aule-kp tune`, 2026-11-22, softmax in registers; B1 H32 fp16), first
+    # candidate that fits wins, smaller tiles where shared memory is short:
+    # * D=128: BR=64, BC=32, 4 subgroups, K/V sharing one buffer (STAGE 1): S8192 7.21 ms vs 7.84
+    #   for BR=128 / 8 subgroups (the best before the register softmax), causal 3.66 vs 4.00,
+    #   S2048 0.76 vs 0.80. Above D=128, BR=128 / 8 subgroups (D=256: 139 vs 84 TFLOPS).
+    # * D<=64: K and V in separate buffers (STAGE 2: two barriers per key tile instead of four).
+    #   Large grids take BR=128 with 4 subgroups of 32 rows and BC=16 (S8192 5.21 vs 5.50 ms,
+    #   causal 2.46 vs 2.90); at S2048 (512 workgroups of 128 rows) that tile leaves the device
+    #   short of work (0.55 vs 0.47 ms), so smaller grids take BR=64, BC=32.
     wave = max(caps.subgroup_size, 1)
-    big = max(problem.dim_k, problem.dim_v) > 64
-    candidates = ((128, 32, 256), (64, 32, 128), (64, 16, 128), (32, 16, 64)) if big else (
-        (64, 32, 128), (64, 16, 128), (32, 16, 64))
-    # STAGE 2 (K and V in separate buffers: two barriers per key tile instead of four) at D<=64,
-    # where it fits: H200 S2048 D64 0.544 -> 0.479 ms, S8192 6.75 -> 6.54 ms; at D128 it measured
-    # the same or 1-2% slower (9.07 vs 8.86 ms at S8192), so STAGE 1 there (`aule-kp tune` tries both).
+    dmax = max(problem.dim_k, problem.dim_v)
+    if dmax > 128:
+        candidates = ((128, 32, 256), (64, 32, 128), (64, 16, 128), (32, 16, 64))
+    elif dmax > 64:
+        candidates = ((64, 32, 128), (128, 32, 256), (64, 16, 128), (32, 16, 64))
+    else:
+        tall_grid = -(-problem.len_q // 128) * problem.batch * problem.heads_q
+        tall = tall_grid >= COOPMAT_TALL_GRID_FACTOR * parallelism(caps)
+        candidates = ((128, 16, 128),) * tall + ((64, 32, 128), (64, 16, 128), (32, 16, 64))
     for br, bc, wg in candidates:
         wg = max(wg, wave) // wave * wave
-        for stage in ((1,) if big else (2, 1)):
+        for stage in ((1,) if dmax > 64 else (2, 1)):
             cfg = KernelConfig("coopmat", "fa2_fwd_coopmat", problem.dim_k, problem.dim_v, br, bc, 1,
                                DTYPE_CODE[problem.dtype], wg, stage)
             if coopmat_shared_bytes(cfg) <= caps.shared_memory and wg <= caps.max_workgroup_invocations:

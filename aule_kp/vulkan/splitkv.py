@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Tuple, Union
 import numpy as np
 
 from ..problem import Problem
-from .kernels import DTYPE_CODE, FLOAT_BYTES, KernelConfig, choose
+from .kernels import DTYPE_CODE, FLOAT_BYTES, KernelConfig, choose, parallelism
 from .probe import DeviceCaps
 
 log = logging.getLogger("aule_kp")
@@ -41,10 +41,6 @@ MAX_AUTO_SPLITS = 1024
 #: 0.082 ms, 128 x 256 0.089 ms, 256 x 128 0.099 ms, 32 x 1024 0.108 ms.
 SMALL_GRID_FACTOR = 4
 TARGET_GRID_FACTOR = 4
-#: Compute units of a device Vulkan cannot count (it has no SM/CU count): high-end discrete GPUs
-#: have ~100-140 (H100/H200 132 SMs, RX 7900 XTX 96 CUs, RTX 4090 128 SMs); integrated ones far fewer.
-GPU_PARALLELISM = {"discrete": 128, "integrated": 16}
-OTHER_PARALLELISM = 32
 #: Splits the merge reads at once per invocation (glsl/fa2_splitkv.comp MERGE_UNROLL).
 MERGE_UNROLL = 8
 
@@ -127,14 +123,6 @@ ForwardConfig = Union[KernelConfig, SplitKVConfig]
 
 def _pow2_floor(x: int) -> int:
     return 1 << (max(1, x).bit_length() - 1)
-
-
-def parallelism(caps: DeviceCaps) -> int:
-    """Workgroups the device runs at once, roughly: CPU drivers run one per core; for GPUs Vulkan
-    reports no compute-unit count, so a typical count for the device type."""
-    if caps.type == "cpu":
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return GPU_PARALLELISM.get(caps.type, OTHER_PARALLELISM)
 
 
 def split_kernel(caps: DeviceCaps, problem: Problem) -> KernelConfig:
