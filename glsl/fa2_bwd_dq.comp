@@ -23,7 +23,7 @@ void main() {
     const uint qhead = gl_WorkGroupID.y;
     const uint kvg = qhead / pc.group;
     const uint mbase = mask_head_base(qhead);
-    const int row0 = int(gl_WorkGroupID.x * BR);
+    const int row0 = int(query_tile() * BR);
     const int first = row0 + int(t / TPR);
     const uint kbase = kvg * pc.len_k * DK;
     const uint vbase = kvg * pc.len_k * DV;

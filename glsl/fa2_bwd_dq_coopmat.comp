@@ -11,7 +11,7 @@
 
 void main() {
     const uint qhead = gl_WorkGroupID.y;
-    const int row0 = int(gl_WorkGroupID.x * BR);
+    const int row0 = int(query_tile() * BR);
     if (row0 >= int(pc.len_q)) return;                     // whole workgroup: uniform
     const uint qrow0 = qhead * pc.len_q;
     const uint kvg = qhead / pc.group;

@@ -101,6 +101,14 @@ void store_pair(uint e, vec2 val) {
     }
 }
 
+// The query tile of this workgroup, last tile first: with a causal band the last rows see the most
+// keys, and workgroups start roughly in ID order, so the longest ones start first and the short
+// ones fill the end of the dispatch (longest-first scheduling, as FlashAttention-2 orders its
+// causal blocks). Without a band every tile costs the same and the order changes nothing.
+uint query_tile() {
+    return gl_NumWorkGroups.x - 1u - gl_WorkGroupID.x;
+}
+
 // Keys [lo, hi) any row in [row_lo, row_hi) may see: tiles outside are skipped.
 ivec2 key_range(int row_lo, int row_hi) {
     int lo = pc.left < 0 ? 0 : max(0, row_lo + pc.diag - pc.left);

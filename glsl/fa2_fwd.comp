@@ -35,7 +35,7 @@ void main() {
     const uint gkv = pc.group0 + kvg;              // global (batch, kv head)
     const uint batch = gkv / pc.heads_kv;
     const uint hq = (gkv % pc.heads_kv) * pc.group + qhead % pc.group;
-    const int row0 = int(gl_WorkGroupID.x * BR);
+    const int row0 = int(query_tile() * BR);
     const int first = row0 + int(t / TPR);
 
     float q[RPT * QPT];

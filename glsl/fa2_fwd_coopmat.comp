@@ -392,7 +392,7 @@ bool softmax_in_registers(uint row0, MAT_C sacc[NSB], inout MAT_C lacc[RPS]) {
 void main() {
     g_tid = gl_LocalInvocationIndex;
     const uint y = gl_WorkGroupID.y;
-    g_q0 = gl_WorkGroupID.x * BR;
+    g_q0 = query_tile() * BR;
     if (g_q0 >= pc.len_q) return;                      // whole workgroup: uniform
     const uint qhi = min(g_q0 + BR, pc.len_q);
     const uint kvg = y / pc.group;

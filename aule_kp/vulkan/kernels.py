@@ -107,7 +107,7 @@ def _scalar_tiles(caps: DeviceCaps, problem: Problem, wave: int, cpu: bool) -> D
 
 
 #: Query-tile grids at least this many times the device's parallelism take the taller D<=64 tile.
-COOPMAT_TALL_GRID_FACTOR = 16
+COOPMAT_TALL_GRID_FACTOR = 8
 
 
 def _coopmat_tiles(caps: DeviceCaps, problem: Problem) -> Dict[str, int]:
@@ -118,8 +118,8 @@ def _coopmat_tiles(caps: DeviceCaps, problem: Problem) -> Dict[str, int]:
     #   S2048 0.76 vs 0.80. Above D=128, BR=128 / 8 subgroups (D=256: 139 vs 84 TFLOPS).
     # * D<=64: K and V in separate buffers (STAGE 2: two barriers per key tile instead of four).
     #   Large grids take BR=128 with 4 subgroups of 32 rows and BC=16 (S8192 5.21 vs 5.50 ms,
-    #   causal 2.46 vs 2.90); at S2048 (512 workgroups of 128 rows) that tile leaves the device
-    #   short of work (0.55 vs 0.47 ms), so smaller grids take BR=64, BC=32.
+    #   causal 2.46 vs 2.90; 2048 workgroups); at S2048 (512 workgroups of 128 rows) that tile
+    #   leaves the device short of work (0.55 vs 0.47 ms), so smaller grids take BR=64, BC=32.
     wave = max(caps.subgroup_size, 1)
     dmax = max(problem.dim_k, problem.dim_v)
     if dmax > 128:

@@ -37,10 +37,11 @@ MIN_SPLIT_KEYS = 256
 MAX_AUTO_SPLITS = 1024
 #: Split-KV is considered when the forward's grid has fewer workgroups than SMALL_GRID_FACTOR
 #: times the device's parallelism, and aims at TARGET_GRID_FACTOR times it. H200, Hq32 Hkv8 Lq1
-#: Lk32768 D128 fp16 (benchmarks/splitkv_sweep_gpu.py): 64 splits of 512 keys (512 workgroups)
-#: 0.082 ms, 128 x 256 0.089 ms, 256 x 128 0.099 ms, 32 x 1024 0.108 ms.
+#: Lk32768 D128 fp16, one-dispatch kernel (benchmarks/splitkv_sweep_gpu.py, 2026-11-22): 256
+#: invocations x 32 splits of 1024 keys (256 workgroups) 0.071-0.072 ms; 128 x 64 splits (the
+#: previous default) 0.077 ms, 128 x 128 0.086 ms, 256 x 64 0.081 ms.
 SMALL_GRID_FACTOR = 4
-TARGET_GRID_FACTOR = 4
+TARGET_GRID_FACTOR = 2
 #: Splits the merge reads at once per invocation (glsl/fa2_splitkv.comp MERGE_UNROLL).
 MERGE_UNROLL = 8
 
@@ -141,10 +142,10 @@ def split_kernel(caps: DeviceCaps, problem: Problem) -> KernelConfig:
     budget = 64 if cpu else 128
     rows = p.group * p.len_q
     br = max(1, min(_pow2_floor(budget // per_row), 1 << (rows - 1).bit_length()))
-    # GPUs: 128 invocations, 4 keys per key group in flight (K and V loads of a step are issued
+    # GPUs: 256 invocations, 4 keys per key group in flight (K and V loads of a step are issued
     # before its math); CPU drivers: few key groups (merging them costs one barrier each) and
     # short unrolled steps.
-    wg = max(tpr, 32 if cpu else 128)
+    wg = max(tpr, 32 if cpu else 256)
     bc = 2 if cpu else 4
     kernel = KernelConfig("splitkv", "fa2_splitkv", p.dim_k, p.dim_v, br, bc, tpr, DTYPE_CODE[p.dtype], wg, 0)
     while kernel.br > 1 and shared_bytes(kernel) > caps.shared_memory:
