@@ -35,11 +35,15 @@ def main(lk: int = 32768) -> None:
     print(f"{dev.caps.name}: B{b} Hq{hq} Hkv{hkv} Lq1 Lk{lk} D{d} fp16, K/V {kv_bytes >> 20} MiB\n")
     print("| BR/BC/TPR/WG | splits x keys | GPU ms | K/V GB/s | max diff vs default |\n|---|---|---|---|---|")
     want = None
-    grid = [(tpr, bc, wg, n) for tpr in (16, 8, 4) for bc in (2, 4) for wg in (128, 256) for n in (32, 64, 128)]
-    for tpr, bc, wg, n_split in grid:
+    # Rows per workgroup: all of a kv head's (each K/V element read once), or fewer rows per
+    # workgroup (fewer registers, more resident workgroups; the row blocks of a split share K/V in L2).
+    rows = [base.kernel.br >> s for s in range(3) if base.kernel.br >> s]
+    grid = [(br, tpr, bc, wg, n) for br in rows for tpr in (16, 8) for bc in (2, 4) for wg in (128, 256)
+            for n in (32, 64) if br == base.kernel.br or tpr == 16]
+    for br, tpr, bc, wg, n_split in grid:
         if tpr > max(dev.caps.subgroup_size, 1):  # a key's lanes must share a subgroup
             continue
-        kernel = replace(base.kernel, bc=bc, wg=wg, tpr=tpr)
+        kernel = replace(base.kernel, br=br, bc=bc, wg=wg, tpr=tpr)
         step = wg // kernel.tpr * bc
         split_len = step * math.ceil(lk / (n_split * step))
         cfg = SplitKVConfig(kernel, math.ceil(lk / split_len), split_len)
