@@ -24,7 +24,7 @@ from ..dtypes import STORAGE
 from ..problem import Problem
 from .hostcopy import copy_bytes
 from .kernels import BackwardConfig
-from .plan import MAX_GRID_Y, RecordedPlan, _words, binding_limit, group_bytes, push_constants, stats
+from .plan import RecordedPlan, group_bytes, groups_that_fit, push_constants, stats
 
 log = logging.getLogger("aule_kp")
 
@@ -46,8 +46,7 @@ def backward_group_bytes(p: Problem, write_ds: bool) -> Dict[str, int]:
 
 def backward_groups_per_chunk(p: Problem, limit: int, write_ds: bool) -> int:
     """How many groups one dispatch can bind (0: a single group is over the limit)."""
-    per_buffer = min(limit // max(b, 1) for b in backward_group_bytes(p, write_ds).values())
-    return min(per_buffer, MAX_GRID_Y // p.group)
+    return groups_that_fit(p, limit, backward_group_bytes(p, write_ds))
 
 
 def reduce_to_mask(ds: np.ndarray, mask_shape: Tuple[int, ...]) -> np.ndarray:
@@ -61,7 +60,7 @@ class BackwardChunk:
     g0: int
     g1: int
     tensors: Dict[str, Any]  # kp tensors by binding name
-    views: Dict[str, np.ndarray]  # their mapped memory (uint32 / float32)
+    views: Dict[str, np.ndarray]  # their mapped memory, as bytes
     algorithms: List[Any]  # pre, dkdv, dq
 
 
@@ -69,48 +68,23 @@ class BackwardPlan(RecordedPlan):
     """Everything one backward Problem needs on one device, built once."""
 
     def __init__(self, device: Any, problem: Problem, config: BackwardConfig):
-        self.problem = problem
         self.config = config
-        self.device = device
         kp = device.kp
         mgr = device.manager
         p = problem
         per = backward_group_bytes(p, config.write_ds)
-        n_groups = p.batch * p.heads_kv
-        limit = binding_limit(device.caps.max_storage_buffer_range)
-        step = backward_groups_per_chunk(p, limit, config.write_ds)
-        if step < 1:
-            raise ValueError(f"one (batch, kv-head) slice of the backward needs {max(per.values())} B, over the "
-                             f"device's storage binding limit of {limit} B")
-
-        def tensor(words: int, dtype: Any, role: str = "in") -> Any:
-            return device.io_tensor(np.zeros(max(words, 1), dtype=dtype), role)
-
-        self.mask = tensor(int(np.prod(p.mask_shape)) if p.mask_shape else 1, np.float32)
-        self.mask_view = self.mask.data()
-        self.nbytes = self.mask_view.nbytes
+        groups = self._chunk_groups(device, p, per, lambda limit: backward_groups_per_chunk(p, limit, config.write_ds),
+                                    "(batch, kv-head) slice of the backward")
         pre, dkdv, dq = config.kernels()
-        self.chunks: List[BackwardChunk] = []
-        for g0 in range(0, n_groups, step):
-            g1 = min(n_groups, g0 + step)
+        for g0, g1 in groups:
             n = g1 - g0
             heads = n * p.group
-            words = {
-                "q": _words(heads * p.len_q * p.dim_k, p.dtype),
-                "k": _words(n * p.len_k * p.dim_k, p.dtype),
-                "v": _words(n * p.len_k * p.dim_v, p.dtype),
-                "o": _words(heads * p.len_q * p.dim_v, p.dtype),
-                "lse": heads * p.len_q,
-                "stats": heads * p.len_q * STATS_BYTES // 4,
-                "ds": heads * p.len_q * p.len_k if config.write_ds else 1,
-            }
-            words.update(do=words["o"], dq=words["q"], dk=words["k"], dv=words["v"])
-            tensors = {name: tensor(words[name], np.float32 if name in ("lse", "stats", "ds") else np.uint32,
-                                    "out" if name in (*OUTPUTS, "ds") else "in")
-                       for name in BINDINGS if name not in ("mask", "stats")}
+            # Without dS its binding still needs a buffer: one of no bytes (one word, never copied).
+            io = {name: per.get(name, 0) for name in (*INPUTS, *OUTPUTS, "ds")}
+            tensors, views = self._io_tensors(io, n, (*OUTPUTS, "ds"))
             # Device-local even on host-memory devices: the barrier after fa2_bwd_pre is recorded by
             # syncing it (see record()).
-            tensors["stats"] = mgr.tensor_t(np.zeros(words["stats"], np.float32), kp.TensorTypes.device)
+            tensors["stats"] = mgr.tensor_t(np.zeros(n * per["stats"] // 4, np.float32), kp.TensorTypes.device)
             tensors["mask"] = self.mask
             bound = [tensors[name] for name in BINDINGS]
             grids = (
@@ -122,9 +96,7 @@ class BackwardPlan(RecordedPlan):
             algorithms = [mgr.algorithm(bound, device.spirv(k.kernel), grid, config.spec(k), push)
                           for k, grid in zip(config.kernels(), grids)]
             stats["algorithms"] += len(algorithms)
-            views = {name: tensors[name].data() for name in (*INPUTS, *OUTPUTS, "ds")}
             self.chunks.append(BackwardChunk(g0, g1, tensors, views, algorithms))
-            self.nbytes += n * sum(per.values()) * (1 if device.host_memory or device.direct_io else 2)
 
         self.sequence = self.record(mgr.sequence(), transfers=True)
         stats["plans"] += 1
@@ -150,7 +122,7 @@ class BackwardPlan(RecordedPlan):
                 raise ValueError(f"backward {name}: expected shape {(p.batch, *shapes[name])}, got {a.shape}")
             src[name] = np.ascontiguousarray(a).reshape(groups, -1)
         # One copy into mapped memory; packed 16-bit data goes in as raw bytes.
-        copy_bytes([(c.views[name].view(np.uint8)[: part.nbytes], part.reshape(-1).view(np.uint8))
+        copy_bytes([(c.views[name], part.reshape(-1).view(np.uint8))
                     for c in self.chunks for name in INPUTS for part in (src[name][c.g0:c.g1],)])
         if mask is not None:
             self.mask_view[:] = mask.reshape(-1)
@@ -160,7 +132,7 @@ class BackwardPlan(RecordedPlan):
         dk = np.empty((groups, p.len_k * p.dim_k), dtype=storage)
         dv = np.empty((groups, p.len_k * p.dim_v), dtype=storage)
         ds = np.empty((groups, p.group * p.len_q * p.len_k), dtype=np.float32) if self.config.write_ds else None
-        copy_bytes([(part.reshape(-1).view(np.uint8), c.views[name].view(np.uint8)[: part.nbytes])
+        copy_bytes([(part.reshape(-1).view(np.uint8), c.views[name])
                     for c in self.chunks for name, dst in (("dq", dq), ("dk", dk), ("dv", dv), ("ds", ds))
                     if dst is not None for part in (dst[c.g0:c.g1],)])
         b, hq, hkv = p.batch, p.heads_q, p.heads_kv

@@ -15,7 +15,7 @@ import os
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Hashable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Collection, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -32,17 +32,14 @@ stats: Dict[str, int] = {"plans": 0, "algorithms": 0, "evals": 0}
 
 LOG2E = 1.4426950408889634
 MAX_GRID_Y = 65535
+#: Per-group buffers of float32 values; the others hold ``Problem.dtype`` data packed in uint32 words.
+FLOAT_BUFFERS = frozenset({"lse", "stats", "ds"})
 
 
 def binding_limit(max_storage_buffer_range: int) -> int:
     """Largest buffer one binding may cover (``AULE_KP_MAX_BINDING_BYTES`` lowers it, for tests)."""
     override = os.environ.get("AULE_KP_MAX_BINDING_BYTES")
     return min(max_storage_buffer_range, int(override)) if override else max_storage_buffer_range
-
-
-def _words(elements: int, dtype: str) -> int:
-    """uint32 words holding ``elements`` values of ``dtype`` (16-bit values are packed in pairs)."""
-    return math.ceil(elements * ITEMSIZE[dtype] / 4)
 
 
 def group_bytes(p: Problem) -> Dict[str, int]:
@@ -57,12 +54,18 @@ def group_bytes(p: Problem) -> Dict[str, int]:
     }
 
 
-def groups_per_chunk(p: Problem, limit: int, config: Optional[ForwardConfig] = None) -> int:
-    """How many groups one dispatch can bind (0: a single group is over the limit), counting the
-    scratch buffers of a split-KV ``config``."""
-    sizes = dict(group_bytes(p), **(config.group_bytes(p) if isinstance(config, SplitKVConfig) else {}))
+def groups_that_fit(p: Problem, limit: int, sizes: Dict[str, int]) -> int:
+    """How many groups one dispatch can bind when each needs ``sizes`` bytes per buffer (0: a single
+    group is over the limit)."""
     per_buffer = min(limit // max(b, 1) for b in sizes.values())
     return min(per_buffer, MAX_GRID_Y // p.group)
+
+
+def groups_per_chunk(p: Problem, limit: int, config: Optional[ForwardConfig] = None) -> int:
+    """How many groups one forward dispatch can bind (0: a single group is over the limit), counting
+    the scratch buffers of a split-KV ``config``."""
+    scratch = config.group_bytes(p) if isinstance(config, SplitKVConfig) else {}
+    return groups_that_fit(p, limit, dict(group_bytes(p), **scratch))
 
 
 def mask_strides(p: Problem) -> Tuple[int, int, int, int]:
@@ -108,10 +111,49 @@ class Chunk:
 
 
 class RecordedPlan:
-    """What every plan shares: chunks holding their algorithms, and one recorded sequence."""
+    """What every plan shares: a mask tensor, chunks of whole (batch, kv-head) groups holding their
+    algorithms and tensors, one recorded sequence, and ``nbytes``, what the plan cache bounds."""
 
+    device: Any
+    problem: Problem
     sequence: Any
     chunks: List[Any]
+
+    def _chunk_groups(self, device: Any, problem: Problem, per: Dict[str, int],
+                      fit: Optional[Callable[[int], int]], what: str) -> List[Tuple[int, int]]:
+        """Makes the mask tensor, starts ``nbytes`` and returns the chunks' group ranges ``[g0, g1)``.
+
+        ``per``: bytes per group that ``nbytes`` counts (twice where staging buffers back the
+        tensors). ``fit(limit)``: how many groups one dispatch can bind under the storage binding
+        limit; None for one chunk of all groups. ``what`` names a group in the error raised when
+        not even one fits.
+        """
+        self.device = device
+        self.problem = p = problem
+        n_groups = p.batch * p.heads_kv
+        limit = binding_limit(device.caps.max_storage_buffer_range)
+        step = n_groups if fit is None else fit(limit)
+        if step < 1:
+            raise ValueError(f"one {what} needs {max(per.values())} B, over the device's storage binding "
+                             f"limit of {limit} B")
+        mask_elements = int(np.prod(p.mask_shape)) if p.mask_shape else 1
+        self.mask = device.io_tensor(np.zeros(max(mask_elements, 1), np.float32), "in")
+        self.mask_view = self.mask.data()
+        staged = not (device.host_memory or device.direct_io)
+        self.nbytes = self.mask_view.nbytes + n_groups * sum(per.values()) * (2 if staged else 1)
+        self.chunks = []
+        return [(g0, min(n_groups, g0 + step)) for g0 in range(0, n_groups, step)]
+
+    def _io_tensors(self, sizes: Dict[str, int], n: int,
+                    outputs: Collection[str]) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
+        """Tensors for ``n`` groups of ``sizes`` bytes each (at least one word: every binding needs
+        a buffer) that the host writes on every call, or reads when named in ``outputs``
+        (``Device.io_tensor`` picks their memory), and their mapped memory as bytes."""
+        tensors = {name: self.device.io_tensor(
+                       np.zeros(max(math.ceil(n * size / 4), 1), np.float32 if name in FLOAT_BUFFERS else np.uint32),
+                       "out" if name in outputs else "in")
+                   for name, size in sizes.items()}
+        return tensors, {name: t.data().view(np.uint8)[: n * sizes[name]] for name, t in tensors.items()}
 
     def eval(self) -> None:
         self.sequence.eval()
@@ -135,43 +177,26 @@ class Plan(RecordedPlan):
     """
 
     def __init__(self, device: Any, problem: Problem, config: ForwardConfig, io: Optional[Sequence[Any]] = None):
-        self.problem = problem
         self.config = config
-        self.device = device
         kp = device.kp
         mgr = device.manager
         p = problem
         per = group_bytes(p)
-        n_groups = p.batch * p.heads_kv
-        limit = binding_limit(device.caps.max_storage_buffer_range)
-        step = n_groups if io is not None else groups_per_chunk(p, limit, config)
-        if step < 1:
-            raise ValueError(f"one (batch, head) slice needs {max(per.values())} B, over the device's "
-                             f"storage binding limit of {limit} B")
-        if io is not None and p.group * n_groups > MAX_GRID_Y:
+        if io is None:
+            groups = self._chunk_groups(device, p, per, lambda limit: groups_per_chunk(p, limit, config),
+                                        "(batch, head) slice")
+        elif p.group * p.batch * p.heads_kv > MAX_GRID_Y:
             raise ValueError(f"the GpuTensor path takes at most {MAX_GRID_Y} query heads x batch per call")
-
-        def tensor(words: int, dtype: Any, role: str = "in") -> Any:
-            return device.io_tensor(np.zeros(max(words, 1), dtype=dtype), role)
-
-        self.mask = tensor(int(np.prod(p.mask_shape)) if p.mask_shape else 1, np.float32)
-        self.mask_view = self.mask.data()
-        self.chunks: List[Chunk] = []
-        self.nbytes = self.mask_view.nbytes
+        else:
+            # The caller's tensors stay on the device: nothing to copy per call, so no bytes to count.
+            groups = self._chunk_groups(device, p, {}, None, "(batch, head) slice")
         zeroed: List[Any] = []
-        for g0 in range(0, n_groups, step):
-            g1 = min(n_groups, g0 + step)
+        for g0, g1 in groups:
             n = g1 - g0
+            tensors, views = self._io_tensors(per if io is None else {"lse": per["lse"]}, n, ("o", "lse"))
             if io is not None:
-                q, k, v, o = io
-                lse = tensor(n * p.group * p.len_q, np.float32, "out")
-            else:
-                q = tensor(_words(n * p.group * p.len_q * p.dim_k, p.dtype), np.uint32)
-                k = tensor(_words(n * p.len_k * p.dim_k, p.dtype), np.uint32)
-                v = tensor(_words(n * p.len_k * p.dim_v, p.dtype), np.uint32)
-                o = tensor(_words(n * p.group * p.len_q * p.dim_v, p.dtype), np.uint32, "out")
-                lse = tensor(n * p.group * p.len_q, np.float32, "out")
-                self.nbytes += n * sum(per.values()) * (1 if device.host_memory or device.direct_io else 2)
+                tensors.update(zip(("q", "k", "v", "o"), io))
+            q, k, v, o, lse = (tensors[name] for name in ("q", "k", "v", "o", "lse"))
             # Split-KV scratch lives on the device only. The partials need no initial value; the
             # counters must start at zero (the shader puts them back after each call): device
             # tensors, whose zeros are copied up once below (storage tensors are uninitialised).
@@ -187,12 +212,10 @@ class Plan(RecordedPlan):
             stats["algorithms"] += 1
             chunk = Chunk(g0, g1, [q, k, v, o, lse], algos, scratch)
             if io is None:
-                sizes = [n * per[name] for name in ("q", "k", "v", "o", "lse")]
-                q_b, k_b, v_b, o_b = (t.data().view(np.uint8)[:size] for t, size in zip((q, k, v, o), sizes))
-                chunk.inputs = [q_b, k_b, v_b]
+                chunk.inputs = [views[name] for name in ("q", "k", "v")]
                 chunk.input_ranges = [(g0 * per[name], g1 * per[name]) for name in ("q", "k", "v")]
-                chunk.output = o_b
-                chunk.lse = lse.data()[: n * p.group * p.len_q]
+                chunk.output = views["o"]
+                chunk.lse = views["lse"].view(np.float32)
             self.chunks.append(chunk)
 
         if zeroed:
