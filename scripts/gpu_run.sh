@@ -35,6 +35,8 @@ step bench && python3 -m aule_kp bench --preset gpu --vs --backends ${BACKENDS:-
   --repeat ${REPEAT:-10} --markdown "$OUT/bench.md" 2>&1 | tail -40
 # A/B of a shader change: the same bench with the kernels AB_KERNELS of another revision
 # (compiled by scripts/spirv_at.sh into .device/spirv_ab), the others from this tree.
+# Caveat (H200, 2026-11-22): twice this second bench process ran 3-5x slow after its first case,
+# kernels it shares with the first included: check its anchors before trusting a difference.
 if step ab; then
   rm -rf /tmp/spirv_ab && cp -r spirv_cache /tmp/spirv_ab
   for k in ${AB_KERNELS:-fa2_fwd_coopmat}; do cp ".device/spirv_ab/$k.spv" /tmp/spirv_ab/; done
