@@ -65,6 +65,16 @@ def main(s: int = 8192) -> None:
             median_s(lambda: copy_bytes([(host, mapped)])))
     os.environ.pop("AULE_KP_COPY_THREADS")
     t.destroy()
+    # What the plan's own tensors take (device-local host-visible memory for inputs where the
+    # device has a large BAR, cached host memory for outputs: Device.io_tensor).
+    for role in ("in", "out"):
+        t = dev.io_tensor(np.zeros(size // 4, np.uint32), role)
+        mapped = t.data().view(np.uint8)
+        pair = (mapped, host) if role == "in" else (host, mapped)
+        what = "host -> plan input tensor" if role == "in" else "plan output tensor -> host"
+        row(f"memcpy {what} ({t.tensor_type()}), {copy_threads()} threads", size,
+            median_s(lambda pair=pair: copy_bytes([pair])))
+        t.destroy()
     try:
         import torch
 
@@ -99,6 +109,17 @@ def main(s: int = 8192) -> None:
         row(f"NumPy path B{b} H{h} S{s} D{d} fp16, whole call", moved, whole, note)
         row("NumPy path: upload + download (whole - kernel)", moved, whole - kernel,
             f"{moved / (whole - kernel) / (size / h2d):.2f}x the Vulkan H2D yardstick")
+    # The same call in its phases (Plan.run's steps, timed one by one).
+    sources = [x.reshape(-1).view(np.uint8) for x in (q, k, v)]
+    pairs_in = [(dst, src[lo:hi]) for c in plan.chunks for dst, src, (lo, hi) in zip(c.inputs, sources, c.input_ranges)]
+    row("phase: inputs -> plan tensors", 3 * q.nbytes, median_s(lambda: copy_bytes(pairs_in), 5))
+    row("phase: sequence eval (kernel, O written to host memory)", q.nbytes, median_s(plan.eval, 5))
+
+    def copy_out() -> None:
+        out = np.empty(sum(c.output.nbytes for c in plan.chunks), np.uint8)
+        copy_bytes([(out[: c.output.nbytes], c.output) for c in plan.chunks[:1]])
+
+    row("phase: output -> fresh array (first chunk)", plan.chunks[0].output.nbytes, median_s(copy_out, 5))
     dev.plans.clear()
 
     # A repeated tiny call on the GpuTensor path (issue 6: <= 60 us end to end).

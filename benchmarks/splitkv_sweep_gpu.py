@@ -33,17 +33,16 @@ def main(lk: int = 32768) -> None:
     assert base is not None
     kv_bytes = k.nbytes + v.nbytes
     print(f"{dev.caps.name}: B{b} Hq{hq} Hkv{hkv} Lq1 Lk{lk} D{d} fp16, K/V {kv_bytes >> 20} MiB\n")
-    print("| BR/BC/TPR/WG | splits x keys | GPU ms | K/V GB/s | max diff vs default |\n|---|---|---|---|---|")
+    print("| BR/BC/TPR/WG/STAGE | splits x keys | GPU ms | K/V GB/s | max diff vs default |\n|---|---|---|---|---|")
     want = None
-    # Rows per workgroup: all of a kv head's (each K/V element read once), or fewer rows per
-    # workgroup (fewer registers, more resident workgroups; the row blocks of a split share K/V in L2).
-    rows = [base.kernel.br >> s for s in range(3) if base.kernel.br >> s]
-    grid = [(br, tpr, bc, wg, n) for br in rows for tpr in (16, 8) for bc in (2, 4) for wg in (128, 256)
-            for n in (32, 64) if br == base.kernel.br or tpr == 16]
-    for br, tpr, bc, wg, n_split in grid:
-        if tpr > max(dev.caps.subgroup_size, 1):  # a key's lanes must share a subgroup
-            continue
-        kernel = replace(base.kernel, br=br, bc=bc, wg=wg, tpr=tpr)
+    # Rows per workgroup: all of a kv head's (each K/V element read once), or half (fewer
+    # registers, more resident workgroups; the row blocks of a split share K/V in L2). STAGE 2
+    # issues each step's loads a step ahead.
+    rows = [base.kernel.br >> s for s in range(2) if base.kernel.br >> s]
+    grid = [(br, bc, wg, stage, n) for br in rows for bc in (2, 4, 8) for wg in (128, 256) for stage in (0, 2)
+            for n in (32, 64)]
+    for br, bc, wg, stage, n_split in grid:
+        kernel = replace(base.kernel, br=br, bc=bc, wg=wg, stage=stage)
         step = wg // kernel.tpr * bc
         split_len = step * math.ceil(lk / (n_split * step))
         cfg = SplitKVConfig(kernel, math.ceil(lk / split_len), split_len)
@@ -59,7 +58,7 @@ def main(lk: int = 32768) -> None:
         plan.destroy()
         diff = float(np.abs(out - want).max())
         tag = " (default)" if kernel == base.kernel and cfg.n_split == base.n_split else ""
-        print(f"| {kernel.br}/{bc}/{kernel.tpr}/{wg}{tag} | {cfg.n_split} x {split_len} | {t * 1e3:.3f} | "
+        print(f"| {kernel.br}/{bc}/{kernel.tpr}/{wg}/{stage}{tag} | {cfg.n_split} x {split_len} | {t * 1e3:.3f} | "
               f"{kv_bytes / t / 1e9:.0f} | {diff:.1e} |", flush=True)
 
 

@@ -116,6 +116,13 @@ ivec2 key_range(int row_lo, int row_hi) {
     return ivec2(lo, max(lo, hi));
 }
 
+// Whether every key in [key_lo, key_hi) is visible to every row in [row_lo, row_hi) (band only).
+bool keys_visible_to_all(int row_lo, int row_hi, int key_lo, int key_hi) {
+    return key_hi <= int(pc.len_k)
+        && (pc.left < 0 || key_lo >= row_hi - 1 + pc.diag - pc.left)
+        && (pc.right < 0 || key_hi - 1 <= row_lo + pc.diag + pc.right);
+}
+
 bool key_visible(int i, int j) {
     int rel = j - (i + pc.diag);
     return j < int(pc.len_k) && (pc.left < 0 || rel >= -pc.left) && (pc.right < 0 || rel <= pc.right);

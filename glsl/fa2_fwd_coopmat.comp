@@ -483,10 +483,7 @@ void main() {
             }
 
             // Interior tile: all BC keys exist and lie inside every row's band, no mask.
-            const int kl = kb + int(BC) - 1;
-            const bool full = pc.has_mask == 0u && kl < int(pc.len_k)
-                && (pc.left < 0 || kb >= int(g_q0 + BR) - 1 + pc.diag - pc.left)
-                && (pc.right < 0 || kl <= int(g_q0) + pc.diag + pc.right);
+            const bool full = pc.has_mask == 0u && keys_visible_to_all(int(g_q0), int(g_q0 + BR), kb, kb + int(BC));
 
             // S = Q K^T for this subgroup's rows, kept in registers (fp32).
             MAT_C sacc[NSB];

@@ -29,7 +29,10 @@
 //        parallelism)
 //   TPR  invocations per key (a "key group"), a power of two <= the subgroup size: each loads a
 //        16-byte slice of the key's K and V rows (uvec4: 8 16-bit or 4 fp32 elements)
-//   STAGE, RPT: unused
+//   STAGE 2: the next step's K/V loads are issued before this step's math (register double
+//        buffer: twice the load registers, loads in flight during the math); otherwise each
+//        step loads, then computes
+//   RPT: unused
 //
 // Grid: x = split, y = kv group within the chunk, z = block of BR rows within the kv group's
 // group * len_q rows (all query heads that share the kv head, times the query rows, packed: each
@@ -39,9 +42,10 @@
 // keys j0 + c * NKG + g (c < BC), so the workgroup reads NKG consecutive K (and V) rows per c, as
 // whole 16-byte vectors: coalesced. Each key group keeps its own online softmax (exp2 domain,
 // fp32, q pre-scaled by scale * log2(e)); q.k is summed across the TPR lanes with
-// subgroupShuffleXor. No shared memory or barrier in the key loop. At the end the key groups'
-// (m, l, O) are merged in shared memory (NKG rounds, one barrier each: once per workgroup) and
-// written to the scratch buffers.
+// subgroupShuffleXor. No shared memory or barrier in the key loop. Steps whose keys all exist and
+// are visible to every row, with no mask, skip the per-score band and mask checks. At the end the
+// key groups' (m, l, O) are merged in shared memory (a tree: log2(NKG) rounds of two barriers,
+// once per workgroup) and written to the scratch buffers.
 //
 // Merge, by the last workgroup ("last block does the reduction", as CUDA's threadFenceReduction):
 // having written its partials, a workgroup counts itself done on its block's counter; the one that
@@ -65,11 +69,11 @@
 // the counter in this dispatch, and the next call is a later queue submission (fence signal, then
 // vkQueueSubmit's visibility operation).
 //
-// Shared memory: 4 * (BR * DV * SL + 2 * max(NKG, SL) * BR + 1) bytes (SL = 1 when NE >= WG,
-// else WG / NE).
-// Per-invocation registers ~ BR * (DK + DV) / TPR floats (q and O) + BC * (DK + DV) / (4 * TPR)
-// uvec4 loads in flight (for 16-bit data; twice that for fp32): the host keeps BR * (DK + DV) /
-// TPR small.
+// Shared memory: 4 * (BR * DV * max(SL, NKG / 2) + 2 * max(NKG, SL) * BR + 1) bytes (SL = 1 when
+// NE >= WG, else WG / NE).
+// Per-invocation registers ~ BR * (DK + DV) / TPR floats (q and O) + STAGE' * BC * (DK + DV) /
+// (4 * TPR) uvec4 loads in flight (STAGE' = 2 with STAGE 2, else 1; for 16-bit data, twice that
+// for fp32): the host keeps BR * (DK + DV) / TPR small.
 //
 // Fully hidden rows and empty splits: m starts at NEG_BIG (finite), hidden scores are -inf, so
 // p = 0 and l stays 0 (and no (-inf) - (-inf) arises in the merge); l == 0 over all splits gives
@@ -93,12 +97,16 @@ const uint NKL = (NVK + TPR - 1u) / TPR;  // K uvec4 per lane
 const uint NVL = (NVV + TPR - 1u) / TPR;  // V uvec4 per lane
 const uint QPL = NKL * VEC;               // q elements per lane and row
 const uint OPL = NVL * VEC;               // O elements per lane and row
-const uint NKG = WG / TPR;                // key groups per workgroup
+const uint NKG = WG / TPR;                // key groups per workgroup (a power of two: WG and TPR are)
 const uint DV4 = DV / 4u;
 const uint NE = RB * DV4;                      // merge units: (row, 4 columns) of the block
 const uint SL = NE >= WG ? 1u : WG / NE;       // invocations sharing a unit's splits in the merge
 const uint NRED = (NKG > SL ? NKG : SL) * RB;  // red_m / red_l: key-group merge, then split lanes'
+const uint NSLOT = NKG / 2u > SL ? NKG / 2u : SL;  // red_o blocks: key-group tree, then split lanes'
 const uint MERGE_UNROLL = 8u;                  // splits read at once by the merge
+const uint STEP = NKG * BC;                    // keys a workgroup takes per step
+const uint NKR = BC * NKL;                     // K uvec4 registers per step
+const uint NVR = BC * NVL;
 
 // Vector views of Q/K/V (rows start at multiples of 16 bytes: head dims are multiples of 8).
 layout(std430, binding = 0) readonly buffer QBuf4 { uvec4 q_data4[]; };
@@ -109,7 +117,7 @@ layout(std430, binding = 6) coherent buffer PartO { vec4 part_o[]; };
 layout(std430, binding = 7) coherent buffer PartML { vec2 part_ml[]; };
 layout(std430, binding = 8) buffer Counters { uint counters[]; };
 
-shared vec4 red_o[NE * SL];
+shared vec4 red_o[NE * NSLOT];
 shared float red_m[NRED];
 shared float red_l[NRED];
 shared uint last_wg;
@@ -139,6 +147,16 @@ float reduce_key(float x) {
     return x;
 }
 
+// K and V of the step starting at key j0: key group kg takes keys j0 + c * NKG + kg (c < BC), each
+// lane its 16-byte slices. Keys past kb read key kb - 1 (a valid address; their scores are hidden).
+void load_step(int j0, int kb, uint kbase, uint kg, uint lane, out uvec4 kr[NKR], out uvec4 vr[NVR]) {
+    [[unroll]] for (uint c = 0u; c < BC; ++c) {
+        const uint jc = kbase + uint(min(j0 + int(c * NKG + kg), kb - 1));
+        [[unroll]] for (uint it = 0u; it < NKL; ++it) kr[c * NKL + it] = k_data4[jc * NVK + min(lane + it * TPR, NVK - 1u)];
+        [[unroll]] for (uint it = 0u; it < NVL; ++it) vr[c * NVL + it] = v_data4[jc * NVV + min(lane + it * TPR, NVV - 1u)];
+    }
+}
+
 void main() {
     const uint t = gl_LocalInvocationID.x;
     const uint lane = t % TPR;
@@ -154,19 +172,17 @@ void main() {
     const ivec2 band = key_range(0, int(pc.len_q));
     const int ka = band.x + int(min(split * pc.split_len, uint(band.y - band.x)));
     const int kb = min(band.y, ka + int(pc.split_len));
+    // Every key of the split visible to every query row (any row of the block may be any query
+    // index), and no mask: whole steps skip the per-score checks.
+    const bool open_split = pc.has_mask == 0u && keys_visible_to_all(0, int(pc.len_q), ka, kb);
 
     float q[RB * QPL];
     float o[RB * OPL];
     float m[RB];
     float l[RB];
-    int qi[RB];
-    uint mbase[RB];
     [[unroll]] for (uint r = 0u; r < RB; ++r) {
         // Rows past the kv group's last compute on that row and are never stored.
-        const uint rr = min(r0 + r, rows - 1u);
-        const uint row = kvg * rows + rr;          // chunk row
-        qi[r] = int(rr % pc.len_q);
-        mbase[r] = batch * pc.mask_sb + (head0 + rr / pc.len_q) * pc.mask_sh + uint(qi[r]) * pc.mask_si;
+        const uint row = kvg * rows + min(r0 + r, rows - 1u);   // chunk row
         [[unroll]] for (uint it = 0u; it < NKL; ++it) {
             const uint vi = lane + it * TPR;
             const uvec4 u = q_data4[row * NVK + min(vi, NVK - 1u)];
@@ -183,22 +199,17 @@ void main() {
     }
 
     const uint kbase = kvg * pc.len_k;
-    for (int j0 = ka; j0 < kb; j0 += int(NKG * BC)) {
-        uvec4 kr[BC * NKL];
-        uvec4 vr[BC * NVL];
-        [[unroll]] for (uint c = 0u; c < BC; ++c) {
-            const uint jc = kbase + uint(min(j0 + int(c * NKG + kg), kb - 1));
-            [[unroll]] for (uint it = 0u; it < NKL; ++it) {
-                kr[c * NKL + it] = k_data4[jc * NVK + min(lane + it * TPR, NVK - 1u)];
-            }
-            [[unroll]] for (uint it = 0u; it < NVL; ++it) {
-                vr[c * NVL + it] = v_data4[jc * NVV + min(lane + it * TPR, NVV - 1u)];
-            }
-        }
+    uvec4 kr[NKR];
+    uvec4 vr[NVR];
+    if (ka < kb) load_step(ka, kb, kbase, kg, lane, kr, vr);
+    for (int j0 = ka; j0 < kb; j0 += int(STEP)) {
+        const bool more = j0 + int(STEP) < kb;
+        uvec4 kn[NKR];
+        uvec4 vn[NVR];
+        if (STAGE == 2u && more) load_step(j0 + int(STEP), kb, kbase, kg, lane, kn, vn);
 
         float s[RB * BC];
         [[unroll]] for (uint c = 0u; c < BC; ++c) {
-            const int j = j0 + int(c * NKG + kg);
             float acc[RB];
             [[unroll]] for (uint r = 0u; r < RB; ++r) acc[r] = 0.0;
             [[unroll]] for (uint it = 0u; it < NKL; ++it) {
@@ -210,14 +221,22 @@ void main() {
                     }
                 }
             }
+            [[unroll]] for (uint r = 0u; r < RB; ++r) s[r * BC + c] = reduce_key(acc[r]);
+        }
+        if (!(open_split && j0 + int(STEP) <= kb)) {
+            // Keys past the split, outside a row's band, or masked (rare: split edges, windows).
             [[unroll]] for (uint r = 0u; r < RB; ++r) {
-                float sc = reduce_key(acc[r]);
-                if (j >= kb || !key_visible(qi[r], j)) {
-                    sc = -1.0 / 0.0;
-                } else if (pc.has_mask != 0u) {
-                    sc += mask_term(mask_data[mbase[r] + uint(j) * pc.mask_sj]);
+                const uint rr = min(r0 + r, rows - 1u);
+                const int qi = int(rr % pc.len_q);
+                const uint mrow = batch * pc.mask_sb + (head0 + rr / pc.len_q) * pc.mask_sh + uint(qi) * pc.mask_si;
+                [[unroll]] for (uint c = 0u; c < BC; ++c) {
+                    const int j = j0 + int(c * NKG + kg);
+                    if (j >= kb || !key_visible(qi, j)) {
+                        s[r * BC + c] = -1.0 / 0.0;
+                    } else if (pc.has_mask != 0u) {
+                        s[r * BC + c] += mask_term(mask_data[mrow + uint(j) * pc.mask_sj]);
+                    }
                 }
-                s[r * BC + c] = sc;
             }
         }
 
@@ -245,9 +264,18 @@ void main() {
                 }
             }
         }
+        if (more) {
+            if (STAGE == 2u) {
+                [[unroll]] for (uint i = 0u; i < NKR; ++i) kr[i] = kn[i];
+                [[unroll]] for (uint i = 0u; i < NVR; ++i) vr[i] = vn[i];
+            } else {
+                load_step(j0 + int(STEP), kb, kbase, kg, lane, kr, vr);
+            }
+        }
     }
 
-    // Merge the key groups: common max per row, then O summed group by group in shared memory.
+    // Merge the key groups: common max per row, O scaled to it, then summed over a tree in shared
+    // memory (round h: groups [h, 2h) hand their O to groups [0, h)).
     if (lane == 0u) {
         [[unroll]] for (uint r = 0u; r < RB; ++r) {
             red_m[kg * RB + r] = m[r];
@@ -261,24 +289,50 @@ void main() {
         const float w = exp2(m[r] - mx);
         [[unroll]] for (uint d = 0u; d < OPL; ++d) o[r * OPL + d] *= w;
     }
-    [[unroll]] for (uint g = 0u; g < NKG; ++g) {
-        if (kg == g) {
+    [[unroll]] for (uint h = NKG / 2u; h >= 1u; h /= 2u) {
+        if (kg >= h && kg < 2u * h) {
             [[unroll]] for (uint r = 0u; r < RB; ++r) {
                 [[unroll]] for (uint it = 0u; it < NVL; ++it) {
                     const uint vi = lane + it * TPR;
-                    if (vi < NVV) {
-                        [[unroll]] for (uint h = 0u; h < VEC / 4u; ++h) {
-                            const uint e = r * OPL + it * VEC + 4u * h;
-                            const vec4 x = vec4(o[e], o[e + 1u], o[e + 2u], o[e + 3u]);
-                            const uint dst = r * DV4 + vi * (VEC / 4u) + h;
-                            red_o[dst] = g == 0u ? x : red_o[dst] + x;
-                        }
+                    [[unroll]] for (uint x = 0u; x < VEC / 4u; ++x) {
+                        const uint e = r * OPL + it * VEC + 4u * x;
+                        if (vi < NVV) red_o[(kg - h) * NE + r * DV4 + vi * (VEC / 4u) + x] =
+                            vec4(o[e], o[e + 1u], o[e + 2u], o[e + 3u]);
+                    }
+                }
+            }
+        }
+        barrier();
+        if (kg < h) {
+            [[unroll]] for (uint r = 0u; r < RB; ++r) {
+                [[unroll]] for (uint it = 0u; it < NVL; ++it) {
+                    const uint vi = lane + it * TPR;
+                    [[unroll]] for (uint x = 0u; x < VEC / 4u; ++x) {
+                        const uint e = r * OPL + it * VEC + 4u * x;
+                        const vec4 y = vi < NVV ? red_o[kg * NE + r * DV4 + vi * (VEC / 4u) + x] : vec4(0.0);
+                        o[e] += y.x;
+                        o[e + 1u] += y.y;
+                        o[e + 2u] += y.z;
+                        o[e + 3u] += y.w;
                     }
                 }
             }
         }
         barrier();
     }
+    // Key group 0 holds the workgroup's O: to red_o for the coalesced store below.
+    if (kg == 0u) {
+        [[unroll]] for (uint r = 0u; r < RB; ++r) {
+            [[unroll]] for (uint it = 0u; it < NVL; ++it) {
+                const uint vi = lane + it * TPR;
+                [[unroll]] for (uint x = 0u; x < VEC / 4u; ++x) {
+                    const uint e = r * OPL + it * VEC + 4u * x;
+                    if (vi < NVV) red_o[r * DV4 + vi * (VEC / 4u) + x] = vec4(o[e], o[e + 1u], o[e + 2u], o[e + 3u]);
+                }
+            }
+        }
+    }
+    barrier();
 
     const uint n_split = pc.n_split;
     for (uint e = t; e < RB * DV4; e += WG) {

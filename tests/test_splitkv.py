@@ -113,11 +113,13 @@ def test_head_dims(dk, dv, dtype, splits, rng):
     check_split(problem(hq=2, hkv=1, lq=2, lk=53, dk=dk, dv=dv, dtype=dtype, causal=True), rng)
 
 
-def test_gpu_style_tiles(rng):
+@pytest.mark.parametrize("stage", [0, 2])
+def test_gpu_style_tiles(stage, rng):
     # GPU-sized workgroups (16 key groups of 8 lanes, 4 keys each per step), as far as lavapipe's
-    # 8-wide subgroups allow, given to the backend directly: 64 merge units, 2 lanes each.
+    # 8-wide subgroups allow, given to the backend directly: 64 merge units, 2 lanes each; with
+    # STAGE 2 each step's loads are issued a step ahead.
     p = problem(b=1, hq=8, hkv=2, lq=1, lk=300, dk=64, dv=64, dtype="float16", causal=True)
-    kernel = KernelConfig("splitkv", "fa2_splitkv", 64, 64, br=4, bc=4, tpr=8, dtype=1, wg=128, stage=0)
+    kernel = KernelConfig("splitkv", "fa2_splitkv", 64, 64, br=4, bc=4, tpr=8, dtype=1, wg=128, stage=stage)
     assert merge_lanes(kernel.br, kernel.dv, kernel.wg) == 2
     step = kernel.wg // kernel.tpr * kernel.bc
     cfg = SplitKVConfig(kernel, n_split=3, split_len=step * math.ceil(300 / (3 * step)))

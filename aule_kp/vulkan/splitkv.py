@@ -37,9 +37,8 @@ MIN_SPLIT_KEYS = 256
 MAX_AUTO_SPLITS = 1024
 #: Split-KV is considered when the forward's grid has fewer workgroups than SMALL_GRID_FACTOR
 #: times the device's parallelism, and aims at TARGET_GRID_FACTOR times it. H200, Hq32 Hkv8 Lq1
-#: Lk32768 D128 fp16, one-dispatch kernel (benchmarks/splitkv_sweep_gpu.py, 2026-11-22): 256
-#: invocations x 32 splits of 1024 keys (256 workgroups) 0.071-0.072 ms; 128 x 64 splits (the
-#: previous default) 0.077 ms, 128 x 128 0.086 ms, 256 x 64 0.081 ms.
+#: Lk32768 D128 fp16 (benchmarks/splitkv_sweep_gpu.py, 2026-11-22, 128 invocations, STAGE 2):
+#: 32 splits of 1024 keys (256 workgroups) 0.052 ms, 64 of 512 0.061 ms.
 SMALL_GRID_FACTOR = 4
 TARGET_GRID_FACTOR = 2
 #: Splits the merge reads at once per invocation (glsl/fa2_splitkv.comp MERGE_UNROLL).
@@ -54,11 +53,13 @@ def merge_lanes(br: int, dv: int, wg: int) -> int:
 
 
 def shared_bytes(kernel: KernelConfig) -> int:
-    """Shared memory of glsl/fa2_splitkv.comp (the formula in its header): the key groups' merge,
-    reused by the split lanes' merge, and the last-workgroup flag."""
+    """Shared memory of glsl/fa2_splitkv.comp (the formula in its header): the key groups' merge
+    (a tree: half of them hand their O over per round), reused by the split lanes' merge, and the
+    last-workgroup flag."""
     c = kernel
     sl = merge_lanes(c.br, c.dv, c.wg)
-    return FLOAT_BYTES * (c.br * c.dv * sl + 2 * max(c.wg // c.tpr, sl) * c.br + 1)
+    key_groups = c.wg // c.tpr
+    return FLOAT_BYTES * (c.br * c.dv * max(sl, key_groups // 2) + 2 * max(key_groups, sl) * c.br + 1)
 
 
 @dataclass(frozen=True)
@@ -142,12 +143,14 @@ def split_kernel(caps: DeviceCaps, problem: Problem) -> KernelConfig:
     budget = 64 if cpu else 128
     rows = p.group * p.len_q
     br = max(1, min(_pow2_floor(budget // per_row), 1 << (rows - 1).bit_length()))
-    # GPUs: 256 invocations, 4 keys per key group in flight (K and V loads of a step are issued
-    # before its math); CPU drivers: few key groups (merging them costs one barrier each) and
-    # short unrolled steps.
-    wg = max(tpr, 32 if cpu else 256)
+    # GPUs: 128 invocations, 4 keys per key group and step, each step's loads issued a step ahead
+    # (STAGE 2). H200, Hq32 Hkv8 Lq1 Lk32768 D128 fp16, 32 splits (splitkv_sweep_gpu.py,
+    # 2026-11-22): 0.052 ms; loads then math 0.062; 256 invocations 0.057 (0.068 without STAGE 2).
+    # CPU drivers: few key groups (merged over a tree of barriers) and short unrolled steps.
+    wg = max(tpr, 32 if cpu else 128)
     bc = 2 if cpu else 4
-    kernel = KernelConfig("splitkv", "fa2_splitkv", p.dim_k, p.dim_v, br, bc, tpr, DTYPE_CODE[p.dtype], wg, 0)
+    stage = 0 if cpu else 2
+    kernel = KernelConfig("splitkv", "fa2_splitkv", p.dim_k, p.dim_v, br, bc, tpr, DTYPE_CODE[p.dtype], wg, stage)
     while kernel.br > 1 and shared_bytes(kernel) > caps.shared_memory:
         kernel = replace(kernel, br=kernel.br // 2)
     return kernel
