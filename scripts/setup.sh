@@ -59,7 +59,7 @@ if [ "$(python -c 'import kp; print(getattr(kp, "aule_patch_id", ""))' 2>/dev/nu
   src=$build/kp-$KP_VERSION
   patch -d "$src" -p1 < "$PATCH"
   # The binding reports which patch it was built with, so re-runs can skip the build.
-  sed -i "s/m.attr(\"aule_patch\") = 1;/m.attr(\"aule_patch\") = 1;\n    m.attr(\"aule_patch_id\") = \"$patch_id\";/" "$src/python/src/main.cpp"
+  sed -i "s/m.attr(\"aule_patch\") = \([0-9]*\);/m.attr(\"aule_patch\") = \1;\n    m.attr(\"aule_patch_id\") = \"$patch_id\";/" "$src/python/src/main.cpp"
   # Kompute reads its options from the environment; setup.py drops PYTHON_EXECUTABLE unless a venv is active.
   KOMPUTE_OPT_USE_BUILT_IN_VULKAN_HEADER=OFF KOMPUTE_OPT_USE_BUILT_IN_FMT=OFF \
   KOMPUTE_OPT_USE_BUILT_IN_PYBIND11=OFF KOMPUTE_OPT_INSTALL=OFF \

@@ -14,6 +14,8 @@ from test_vulkan_backward import check as check_backward
 
 from aule_kp.vulkan import device as devmod
 from aule_kp.vulkan import hostcopy
+from aule_kp.vulkan import plan as planmod
+from aule_kp.vulkan.backend import VulkanBackend
 
 pytestmark = pytest.mark.skipif(devmod.vulkan_unavailable() is not None, reason="no Vulkan device")
 
@@ -66,3 +68,40 @@ def test_copy_threads_validation(monkeypatch):
     monkeypatch.setenv("AULE_KP_COPY_THREADS", "many")
     with pytest.raises(ValueError, match="AULE_KP_COPY_THREADS"):
         hostcopy.copy_threads()
+
+
+def _async_kp() -> bool:
+    return devmod.vulkan_unavailable() is None and getattr(devmod.get_device().kp, "aule_patch", 0) >= 2
+
+
+needs_async = pytest.mark.skipif(not _async_kp(), reason="pipelined calls need kp with our patch (eval_async)")
+
+
+@needs_async
+@pytest.mark.parametrize("direct", ["1", "0"])
+def test_pipelined_host_calls(discrete, monkeypatch, direct):
+    # Chunks copied in and submitted one by one, outputs copied out as each finishes: same results
+    # as the reference, with a mask (sent up with the first chunk only) and repeated calls.
+    monkeypatch.setenv("AULE_KP_DIRECT_IO", direct)
+    monkeypatch.setenv("AULE_KP_PIPELINE_CHUNKS", "3")
+    rng = np.random.default_rng(7)
+    p = problem(b=2, hq=6, hkv=3, lq=19, lk=40, dtype="float16", causal=True)
+    plan = VulkanBackend().plan(p)
+    assert plan.pipelined and len(plan.chunks) == 3
+    for _ in range(2):
+        check(p, rng)
+    mask = rng.standard_normal((1, 6, 19, 40)).astype(np.float32)
+    check(problem(b=2, hq=6, hkv=3, lq=19, lk=40, dtype="float32", mask_shape=mask.shape), rng, mask)
+
+
+def test_pipeline_choice(discrete, monkeypatch):
+    monkeypatch.delenv("AULE_KP_PIPELINE_CHUNKS", raising=False)
+    p = problem(b=1, hq=32, hkv=32, lq=4096, lk=4096, dk=128, dv=128, dtype="float16")
+    cfg = VulkanBackend().config(p)
+    # lavapipe's parallelism is its core count: a 4096-row problem has workgroups to spare.
+    assert planmod.pipeline_chunks(discrete, p, cfg) == (planmod.PIPELINE_CHUNKS if _async_kp() else 1)
+    small = problem(b=1, hq=4, hkv=4, lq=64, lk=64, dtype="float16")
+    assert planmod.pipeline_chunks(discrete, small, VulkanBackend().config(small)) == 1
+    monkeypatch.setenv("AULE_KP_PIPELINE_CHUNKS", "0")
+    with pytest.raises(ValueError, match="AULE_KP_PIPELINE_CHUNKS"):
+        planmod.pipeline_chunks(discrete, small, cfg)

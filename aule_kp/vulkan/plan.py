@@ -5,6 +5,10 @@ tensors' mapped memory, ``eval()`` the same sequence and copy the outputs out. P
 bounded LRU (by bytes) on their Device. Inputs larger than one storage binding are split into
 chunks of whole (batch, kv-head) groups, one dispatch each, in the same sequence. Split-KV
 (splitkv.py) is one dispatch too, with scratch buffers per chunk.
+
+Large host calls on a discrete GPU are pipelined (``pipeline_chunks``): the groups are split into a
+few chunks, each with its own sequence, so that the GPU computes one chunk while the host copies the
+next one in, and the host copies a chunk's output out while later chunks compute.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import numpy as np
 from ..dtypes import ITEMSIZE, STORAGE
 from ..problem import Problem
 from .hostcopy import copy_bytes
-from .kernels import KernelConfig
+from .kernels import KernelConfig, parallelism
 from .splitkv import ForwardConfig, SplitKVConfig
 
 log = logging.getLogger("aule_kp")
@@ -68,6 +72,41 @@ def groups_per_chunk(p: Problem, limit: int, config: Optional[ForwardConfig] = N
     return groups_that_fit(p, limit, dict(group_bytes(p), **scratch))
 
 
+#: Host calls that move fewer bytes (inputs and output) run as one submission.
+PIPELINE_MIN_BYTES = 32 << 20
+#: Chunks a pipelined call is split into: the first chunk's copy and the last chunk's output copy
+#: are what the pipeline leaves exposed.
+PIPELINE_CHUNKS = 4
+
+
+def pipeline_chunks(device: Any, p: Problem, config: ForwardConfig) -> int:
+    """Chunks the host path of ``p`` is split into so that copies overlap the kernels (1: none).
+
+    Discrete GPUs with the patched kp (``eval_async`` that submits without waiting), forward
+    kernels (not split-KV, whose grid is sized for all groups at once), calls moving at least
+    ``PIPELINE_MIN_BYTES``, and only while each chunk's grid still has two workgroups per unit of
+    the device's parallelism. ``AULE_KP_PIPELINE_CHUNKS`` forces a count (tests; 1: never).
+    """
+    n_groups = p.batch * p.heads_kv
+    raw = os.environ.get("AULE_KP_PIPELINE_CHUNKS", "").strip()
+    if raw:
+        try:
+            forced = int(raw)
+        except ValueError:
+            forced = 0
+        if forced < 1:
+            raise ValueError(f"AULE_KP_PIPELINE_CHUNKS must be a positive number of chunks, got {raw!r}")
+        return min(forced, n_groups) if getattr(device.kp, "aule_patch", 0) >= 2 else 1
+    if (getattr(device.kp, "aule_patch", 0) < 2 or device.host_memory or not isinstance(config, KernelConfig)
+            or n_groups < 2):
+        return 1
+    sizes = group_bytes(p)
+    moved = n_groups * (sizes["q"] + sizes["k"] + sizes["v"] + sizes["o"])
+    pieces = min(PIPELINE_CHUNKS, n_groups)
+    tiles = math.ceil(p.len_q / config.br) * p.group * (n_groups // pieces)
+    return pieces if moved >= PIPELINE_MIN_BYTES and tiles >= 2 * parallelism(device.caps) else 1
+
+
 def mask_strides(p: Problem) -> Tuple[int, int, int, int]:
     """Element strides of the contiguous mask over [B, Hq, Lq, Lk]; 0 on broadcast dims."""
     if p.mask_shape is None:
@@ -104,6 +143,7 @@ class Chunk:
     tensors: List[Any]  # q, k, v, o, lse (kp tensors)
     algorithms: List[Any]  # the one dispatch's
     scratch: List[Any] = field(default_factory=list)  # split-KV's partials and counters (bindings 6-8)
+    sequence: Any = None  # pipelined host calls: this chunk's transfers and dispatch
     inputs: List[np.ndarray] = field(default_factory=list)  # q, k, v mapped memory, as bytes
     input_ranges: List[Tuple[int, int]] = field(default_factory=list)  # their bytes in the caller's arrays
     output: Optional[np.ndarray] = None  # o mapped memory, as bytes
@@ -164,6 +204,8 @@ class RecordedPlan:
         for c in self.chunks:
             for algorithm in c.algorithms:
                 algorithm.destroy()
+            if getattr(c, "sequence", None) is not None:
+                c.sequence.destroy()
         self.chunks.clear()
 
 
@@ -182,8 +224,10 @@ class Plan(RecordedPlan):
         mgr = device.manager
         p = problem
         per = group_bytes(p)
+        pieces = pipeline_chunks(device, p, config) if io is None else 1
         if io is None:
-            groups = self._chunk_groups(device, p, per, lambda limit: groups_per_chunk(p, limit, config),
+            most = math.ceil(p.batch * p.heads_kv / pieces)
+            groups = self._chunk_groups(device, p, per, lambda limit: min(groups_per_chunk(p, limit, config), most),
                                         "(batch, head) slice")
         elif p.group * p.batch * p.heads_kv > MAX_GRID_Y:
             raise ValueError(f"the GpuTensor path takes at most {MAX_GRID_Y} query heads x batch per call")
@@ -224,25 +268,32 @@ class Plan(RecordedPlan):
             init.destroy()
         self.host_io = io is None
         self.sequence = self.record(mgr.sequence(), transfers=True)
+        self.pipelined = pieces > 1 and len(self.chunks) > 1
+        if self.pipelined:
+            for i, c in enumerate(self.chunks):
+                c.sequence = self.record(mgr.sequence(), transfers=True, chunks=self.chunks[i:i + 1])
         stats["plans"] += 1
 
-    def record(self, sequence: Any, transfers: bool) -> Any:
-        """Records the call into ``sequence``: with ``transfers`` (and host I/O), inputs to the device
-        first and outputs back after; without, the dispatches alone (what benchmarks and tuning time)."""
+    def record(self, sequence: Any, transfers: bool, chunks: Optional[List[Chunk]] = None) -> Any:
+        """Records the call over ``chunks`` (default: all) into ``sequence``: with ``transfers`` (and
+        host I/O), inputs to the device first and outputs back after; without, the dispatches alone
+        (what benchmarks and tuning time). The mask goes up with the first chunk: later submissions
+        are ordered after it by their own transfer barriers."""
         kp = self.device.kp
+        chunks = self.chunks if chunks is None else chunks
         transfers = transfers and self.host_io
-        inputs = [t for c in self.chunks for t in c.tensors[:3]] if transfers else []
-        if self.problem.has_mask:
+        inputs = [t for c in chunks for t in c.tensors[:3]] if transfers else []
+        if self.problem.has_mask and chunks[0] is self.chunks[0]:
             inputs.append(self.mask)
         if inputs:
             sequence.record(kp.OpTensorSyncDevice(inputs))
         # Chunks touch disjoint buffers (scratch included): their dispatches need no barrier between
         # them. A plan's dispatch must not be recorded twice in one sequence without one either:
         # split-KV's counters and partials are the plan's.
-        for c in self.chunks:
+        for c in chunks:
             sequence.record(kp.OpAlgoDispatch(c.algorithms[0]))
         if transfers:
-            sequence.record(kp.OpTensorSyncLocal([t for c in self.chunks for t in c.tensors[3:]]))
+            sequence.record(kp.OpTensorSyncLocal([t for c in chunks for t in c.tensors[3:]]))
         return sequence
 
     def run(self, q: np.ndarray, k: np.ndarray, v: np.ndarray,
@@ -254,21 +305,46 @@ class Plan(RecordedPlan):
         """
         p = self.problem
         sources = [x.reshape(-1).view(np.uint8) for x in (q, k, v)]
-        copy_bytes([(dst, src[lo:hi]) for c in self.chunks
-                    for dst, src, (lo, hi) in zip(c.inputs, sources, c.input_ranges)])
+        inputs = [[(dst, src[lo:hi]) for dst, src, (lo, hi) in zip(c.inputs, sources, c.input_ranges)]
+                  for c in self.chunks]
         if mask is not None:
             self.mask_view[:] = mask.reshape(-1)
-        self.eval()
         out = np.empty(sum(c.output.nbytes for c in self.chunks), np.uint8)
-        lse = np.concatenate([c.lse for c in self.chunks])
-        pairs, lo = [], 0
+        outputs, lo = [], 0
         for c in self.chunks:
-            pairs.append((out[lo:lo + c.output.nbytes], c.output))
+            outputs.append([(out[lo:lo + c.output.nbytes], c.output)])
             lo += c.output.nbytes
-        copy_bytes(pairs)
+        if self.pipelined:
+            self._run_pipelined(inputs, outputs)
+        else:
+            copy_bytes([pair for pairs in inputs for pair in pairs])
+            self.eval()
+            copy_bytes([pair for pairs in outputs for pair in pairs])
+        lse = np.concatenate([c.lse for c in self.chunks])
         shape = (p.batch, p.heads_q, p.len_q)
         return out.view(STORAGE[p.dtype]).reshape(*shape, p.dim_v), lse.reshape(shape)
 
+
+
+    def _run_pipelined(self, inputs: List[List[Tuple[np.ndarray, np.ndarray]]],
+                       outputs: List[List[Tuple[np.ndarray, np.ndarray]]]) -> None:
+        """Chunk by chunk: copy in and submit, then (once all are submitted) wait for each and copy
+        its output out, so copies overlap the kernels of other chunks. Whatever fails, every
+        submitted sequence is waited for before returning (a running sequence cannot be resubmitted)."""
+        submitted: List[Chunk] = []
+        try:
+            for c, pairs in zip(self.chunks, inputs):
+                copy_bytes(pairs)
+                c.sequence.eval_async()
+                submitted.append(c)
+            stats["evals"] += 1
+            for c, pairs in zip(self.chunks, outputs):
+                c.sequence.eval_await()
+                submitted.remove(c)
+                copy_bytes(pairs)
+        finally:
+            for c in submitted:
+                c.sequence.eval_await()
 
 
 class PlanCache:
