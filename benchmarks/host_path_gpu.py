@@ -24,6 +24,7 @@ from aule_kp.problem import Problem, band
 from aule_kp.vulkan import device as devmod
 from aule_kp.vulkan.backend import VulkanBackend
 from aule_kp.vulkan.hostcopy import copy_bytes, copy_threads
+from aule_kp.vulkan.plan import Plan
 
 MIB = 1 << 20
 
@@ -62,6 +63,8 @@ def host_call(p: Problem, qkv: tuple, label: str, phases: bool, h2d_rate: float)
         f"copy threads {copy_threads()}; kernel alone {kernel * 1e3:.2f} ms")
     row(f"NumPy path: whole - kernel, {label}", moved, whole - kernel,
         f"{moved / (whole - kernel) / h2d_rate:.2f}x the Vulkan H2D yardstick")
+    if plan.pipelined:
+        print(timeline(plan, qkv))
     if not phases:
         return
     sources = [x.reshape(-1).view(np.uint8) for x in qkv]
@@ -74,6 +77,27 @@ def host_call(p: Problem, qkv: tuple, label: str, phases: bool, h2d_rate: float)
         copy_bytes([(out[: c.output.nbytes], c.output) for c in plan.chunks])
 
     row("phase: output -> fresh array", q.nbytes, median_s(copy_out, 5))
+
+
+def timeline(plan: Plan, qkv: tuple) -> str:
+    """One pipelined call replayed step by step (Plan._run_pipelined's order), with the time at
+    which each step ended: where the pipeline waits."""
+    sources = [x.reshape(-1).view(np.uint8) for x in qkv]
+    out = np.empty(sum(c.output.nbytes for c in plan.chunks), np.uint8)
+    t0 = time.perf_counter()
+    marks = []
+    for i, c in enumerate(plan.chunks):
+        copy_bytes([(dst, src[lo:hi]) for dst, src, (lo, hi) in zip(c.inputs, sources, c.input_ranges)])
+        marks.append((f"in{i}", time.perf_counter()))
+        c.sequence.eval_async()
+    lo = 0
+    for i, c in enumerate(plan.chunks):
+        c.sequence.eval_await()
+        marks.append((f"wait{i}", time.perf_counter()))
+        copy_bytes([(out[lo:lo + c.output.nbytes], c.output)])
+        lo += c.output.nbytes
+        marks.append((f"out{i}", time.perf_counter()))
+    return "timeline (ms): " + ", ".join(f"{name} {(t - t0) * 1e3:.2f}" for name, t in marks)
 
 
 def main(s: int = 8192) -> None:

@@ -60,8 +60,7 @@
 // Algorithm, per workgroup (BR query rows of one head):
 //   Q tile -> shared (fp16) -> each subgroup keeps its rows' Q as A fragments in registers.
 //   For each key tile of BC keys inside key_range() (causal/window tile skipping):
-//     K tile -> shared; each subgroup whose rows see any key of the tile (others skip to the next
-//     tile): S = Q K^T (coopMatMulAdd, fp32, kept in registers). Interior tiles whose
+//     K tile -> shared; S = Q K^T (coopMatMulAdd, fp32, kept in registers). Interior tiles whose
 //     scores stay within TAU of each row's reference max: P = exp2(S * scale - m) element by
 //     element in registers (softmax_in_registers), row sums kept as a matrix. Other tiles (the
 //     first ones, a new max, band edges, masks): S -> shared, and each subgroup runs the online
@@ -89,6 +88,12 @@
 // Interior tiles (every key of the tile exists and lies in every row's band, and no mask) take a
 // fast path without the per-element band / mask checks: that alone took D=128 from 64 to 118 TFLOPS.
 // Not done: skipping key tiles that a float/bool mask hides entirely (the band is skipped).
+// Tried and reverted (H200, 2026-11-22, benchmarks/ab_gpu.py against this version in one process):
+// subgroups skipping key tiles their own rows cannot see (the far side of a causal diagonal), i.e.
+// coopmat work under a per-subgroup condition instead of `working`: 5% slower at D128 (causal
+// too), 16% at D64 S8192 with 1-6 more registers; deciding `full` per subgroup as well: 15%
+// slower. The driver seems to compile coopmat ops under a condition it cannot prove uniform
+// much worse.
 
 #extension GL_EXT_control_flow_attributes : enable
 #extension GL_EXT_shader_explicit_arithmetic_types_float16 : require
@@ -253,7 +258,7 @@ void put_v(uvec2 r[NVU]) {
 // shuffle-xor over the LPR lanes of a row. If the subgroup has fewer lanes than rows, lanes take
 // several rows in turn (steps). Writes P to p_sh, m / l to m_sh / l_sh, and alpha replicated over
 // columns 0..15 of each row of s_sh. Returns (subgroup-uniform) whether any row's alpha != 1.
-// full: (subgroup-uniform) every key of the tile is visible to every row and there is no mask, so
+// full: (workgroup-uniform) every key of the tile is visible to every row and there is no mask, so
 // the per-element band / mask work is skipped (rows >= len_q then get finite garbage: never written).
 bool softmax_rows(uint row0, int kb, bool full) {
     const uint sgs = gl_SubgroupSize;
@@ -483,18 +488,15 @@ void main() {
                 barrier();
             }
 
-            // Per subgroup (its NROWS rows): an interior tile (all BC keys exist and lie inside every
-            // row's band, no mask) takes the fast paths; a tile outside every row's band (the far
-            // side of a causal diagonal inside the workgroup's tile) adds nothing, so the subgroup
-            // skips its S, softmax and P V (the workgroup's loads and barriers still run).
-            const int sr0 = int(g_q0 + row0);
-            const bool full = pc.has_mask == 0u && keys_visible_to_all(sr0, sr0 + int(NROWS), kb, kb + int(BC));
-            const ivec2 sband = key_range(sr0, sr0 + int(NROWS));
-            const bool sees_tile = working && kb < sband.y && kb + int(BC) > sband.x;
+            // Interior tile: all BC keys exist and lie inside every row's band, no mask.
+            const int kl = kb + int(BC) - 1;
+            const bool full = pc.has_mask == 0u && kl < int(pc.len_k)
+                && (pc.left < 0 || kb >= int(g_q0 + BR) - 1 + pc.diag - pc.left)
+                && (pc.right < 0 || kl <= int(g_q0) + pc.diag + pc.right);
 
             // S = Q K^T for this subgroup's rows, kept in registers (fp32).
             MAT_C sacc[NSB];
-            if (sees_tile) {
+            if (working) {
                 [[unroll]] for (uint c = 0u; c < NBC; ++c) {
                     [[unroll]] for (uint r = 0u; r < RPS; ++r) sacc[r * NBC + c] = MAT_C(0.0);
                     [[unroll]] for (uint k = 0u; k < NDK; ++k) {
@@ -517,7 +519,7 @@ void main() {
             // Softmax: in registers when it can (see softmax_in_registers), else through shared
             // memory: S -> s_sh, softmax_rows() (new maxima, band, mask), O and lacc rescaled by
             // alpha when a row's max moved, and the m block restored.
-            if (sees_tile && !(full && softmax_in_registers(row0, sacc, lacc))) {
+            if (working && !(full && softmax_in_registers(row0, sacc, lacc))) {
                 [[unroll]] for (uint r = 0u; r < RPS; ++r) {
                     [[unroll]] for (uint c = 0u; c < NBC; ++c)
                         coopMatStore(sacc[r * NBC + c], s_sh, (row0 + r * CM) * SSTR + c * (CM / 4u), SSTR,
@@ -545,7 +547,7 @@ void main() {
                 barrier();
             }
 
-            if (sees_tile) {
+            if (working) {
                 // O += P V.
                 [[unroll]] for (uint c = 0u; c < NBC; ++c) {
                     MAT_A pa[RPS];

@@ -33,16 +33,9 @@ if step tests; then
 fi
 step bench && python3 -m aule_kp bench --preset gpu --vs --backends ${BACKENDS:-vulkan,triton,torch,aule-attention} \
   --repeat ${REPEAT:-10} --markdown "$OUT/bench.md" 2>&1 | tail -40
-# A/B of a shader change: the same bench with the kernels AB_KERNELS of another revision
-# (compiled by scripts/spirv_at.sh into .device/spirv_ab), the others from this tree.
-# Caveat (H200, 2026-11-22): twice this second bench process ran 3-5x slow after its first case,
-# kernels it shares with the first included: check its anchors before trusting a difference.
-if step ab; then
-  rm -rf /tmp/spirv_ab && cp -r spirv_cache /tmp/spirv_ab
-  for k in ${AB_KERNELS:-fa2_fwd_coopmat}; do cp ".device/spirv_ab/$k.spv" /tmp/spirv_ab/; done
-  AULE_KP_SPIRV_CACHE=/tmp/spirv_ab python3 -m aule_kp bench --preset gpu --backends vulkan \
-    --repeat ${REPEAT:-10} --markdown "$OUT/bench_ab.md" 2>&1 | tail -20
-fi
+# A/B of a shader change: kernels AB_KERNELS of another revision (compiled by scripts/spirv_at.sh
+# into .device/spirv_ab) against this tree's, in one process, timed in alternation.
+step ab && python3 benchmarks/ab_gpu.py .device/spirv_ab ${AB_KERNELS:-fa2_fwd_coopmat} 2>&1 | tee "$OUT/ab.md"
 step backward && python3 benchmarks/vulkan_backward_gpu.py 2>&1 | tee "$OUT/backward.md"
 step host && python3 benchmarks/host_path_gpu.py 2>&1 | tee "$OUT/host_path.md"
 step decode && python3 benchmarks/decode_gpu.py 2>&1 | tee "$OUT/decode.md"
