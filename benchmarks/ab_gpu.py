@@ -1,7 +1,7 @@
 """A/B of a shader change in one process: the working tree's kernels against another revision's
 (compiled by scripts/spirv_at.sh into a folder), same problems, same pipelines' specialisation,
-GPU timestamps, timed in alternation so that clock and thermal drift hit both sides alike (run by
-scripts/gpu_run.sh, STEPS=ab).
+device-resident tensors (the GpuTensor path), GPU timestamps, timed in alternation so that clock
+and thermal drift hit both sides alike (run by scripts/gpu_run.sh, STEPS=ab).
 
     python3 benchmarks/ab_gpu.py SPIRV_DIR [kernel ...]   # default kernels: fa2_fwd_coopmat
 
@@ -21,8 +21,8 @@ from typing import List
 
 import numpy as np
 
+import aule_kp
 from aule_kp.bench import gpu_seconds
-from aule_kp.dtypes import from_f32, to_f32
 from aule_kp.problem import Problem, band
 from aule_kp.vulkan import device as devmod
 from aule_kp.vulkan.backend import VulkanBackend
@@ -43,6 +43,7 @@ def main(spirv_dir: str, kernels: List[str]) -> None:
           f"{ROUNDS} alternating rounds, median of each\n")
     print("| problem | A ms | B ms | B / A | max diff |\n|---|---|---|---|---|")
     rng = np.random.default_rng(0)
+    ctx = aule_kp.Context()
     for h, s, d, causal in PROBLEMS:
         diag, left, right = band(s, s, causal=causal, window=None, top_left=False)
         p = Problem(1, h, h, s, s, d, d, "float16", 1 / math.sqrt(d), diag, left, right)
@@ -50,9 +51,16 @@ def main(spirv_dir: str, kernels: List[str]) -> None:
         if not isinstance(cfg, KernelConfig) or cfg.kernel not in kernels:
             print(f"| H{h} S{s} D{d}{' causal' if causal else ''} | — | — | — | {cfg} is not an A/B kernel |")
             continue
-        q, k, v = (from_f32(rng.standard_normal((1, h, s, d), dtype=np.float32), "float16") for _ in range(3))
-        plans = [Plan(dev, p, cfg), Plan(dev, p, replace(cfg, kernel=f"{cfg.kernel}_ab"))]
-        outs = [to_f32(plan.run(q, k, v, None)[0], "float16") for plan in plans]
+        # Device-resident tensors (the GpuTensor path): no host-memory output in the timings.
+        tensors = [ctx.tensor((1, h, s, d), np.float16) for _ in range(4)]
+        for t in tensors[:3]:
+            t.upload(rng.standard_normal((1, h, s, d), dtype=np.float32).astype(np.float16))
+        io = [t.kp_tensor for t in tensors]
+        plans = [Plan(dev, p, cfg, io), Plan(dev, p, replace(cfg, kernel=f"{cfg.kernel}_ab"), io)]
+        outs = []
+        for plan in plans:
+            plan.eval()
+            outs.append(tensors[3].download().astype(np.float32))
         times: List[List[float]] = [[], []]
         for _ in range(ROUNDS):
             for side, plan in enumerate(plans):
@@ -60,6 +68,8 @@ def main(spirv_dir: str, kernels: List[str]) -> None:
         a, b = (statistics.median(t) for t in times)
         for plan in plans:
             plan.destroy()
+        for t in tensors:
+            t.free()
         print(f"| H{h} S{s} D{d}{' causal' if causal else ''} | {a * 1e3:.3f} | {b * 1e3:.3f} | {b / a:.3f} | "
               f"{float(np.abs(outs[0] - outs[1]).max()):.1e} |", flush=True)
 

@@ -153,12 +153,17 @@ def main(s: int = 8192) -> None:
     # One submission (the phases below add up to it), then the default: chunks pipelined so that
     # copies overlap kernels (Plan._run_pipelined); "whole - kernel" is then what the host path adds
     # to the kernel, not a copy rate.
-    for label, chunks in (("one submission", "1"), ("pipelined (default)", "")):
+    # Then both again with staging buffers (AULE_KP_DIRECT_IO=0): memcpy into host memory and DMA,
+    # instead of the CPU writing into device memory across the bus.
+    for label, chunks, direct in (("one submission", "1", "1"), ("pipelined (default)", "", "1"),
+                                  ("one submission, staged", "1", "0"), ("pipelined, staged", "", "0")):
         os.environ["AULE_KP_PIPELINE_CHUNKS"] = chunks
         if not chunks:
             os.environ.pop("AULE_KP_PIPELINE_CHUNKS")
+        os.environ["AULE_KP_DIRECT_IO"] = direct
         host_call(p, (q, k, v), label, phases=bool(chunks), h2d_rate=size / h2d)
         dev.plans.clear()
+    os.environ.pop("AULE_KP_DIRECT_IO")
 
     # A repeated tiny call on the GpuTensor path (issue 6: <= 60 us end to end).
     import aule_kp
