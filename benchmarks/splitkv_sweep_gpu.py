@@ -2,7 +2,7 @@
 for several tiles and split counts, each checked against the default choice's output (run by
 scripts/gpu_run.sh).
 
-    python3 benchmarks/splitkv_sweep_gpu.py [Lk]     # B1 Hq32 Hkv8 Lq1 D128 fp16, default Lk 32768
+    python3 benchmarks/splitkv_sweep_gpu.py [Lk [Hq]]   # B1 Hkv8 Lq1 D128 fp16, default Lk 32768, Hq 32
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from aule_kp.vulkan.plan import Plan
 from aule_kp.vulkan.splitkv import SplitKVConfig, split_kv_config
 
 
-def main(lk: int = 32768) -> None:
+def main(lk: int = 32768, hq: int = 32) -> None:
     dev = devmod.get_device()
-    b, hq, hkv, d = 1, 32, 8, 128
+    b, hkv, d = 1, 8, 128
     diag, left, right = band(1, lk, causal=False, window=None, top_left=False)
     p = Problem(b, hq, hkv, 1, lk, d, d, "float16", 1 / math.sqrt(d), diag, left, right)
     rng = np.random.default_rng(0)
@@ -35,10 +35,11 @@ def main(lk: int = 32768) -> None:
     print(f"{dev.caps.name}: B{b} Hq{hq} Hkv{hkv} Lq1 Lk{lk} D{d} fp16, K/V {kv_bytes >> 20} MiB\n")
     print("| BR/BC/TPR/WG/STAGE | splits x keys | GPU ms | K/V GB/s | max diff vs default |\n|---|---|---|---|---|")
     want = None
-    # Rows per workgroup: all of a kv head's (each K/V element read once), or half (fewer
-    # registers, more resident workgroups; the row blocks of a split share K/V in L2). STAGE 2
-    # issues each step's loads a step ahead.
-    rows = [base.kernel.br >> s for s in range(2) if base.kernel.br >> s]
+    # Rows per workgroup: the default's, twice (up to all of a kv head's: each K/V element read
+    # once) or half (fewer registers, more resident workgroups; the row blocks of a split share K/V
+    # in L2). STAGE 2 issues each step's loads a step ahead.
+    most = 1 << (p.group * p.len_q - 1).bit_length()
+    rows = sorted({min(2 * base.kernel.br, most), base.kernel.br, max(1, base.kernel.br // 2)}, reverse=True)
     grid = [(br, bc, wg, stage, n) for br in rows for bc in (2, 4, 8) for wg in (128, 256) for stage in (0, 2)
             for n in (32, 64)]
     for br, bc, wg, stage, n_split in grid:

@@ -135,20 +135,21 @@ def split_kernel(caps: DeviceCaps, problem: Problem) -> KernelConfig:
     shuffle = max(caps.subgroup_size, 1) if caps.subgroup_shuffle else 1
     # Lanes per key: enough that each loads one 16-byte vector of the longer row, at most a subgroup.
     tpr = min(_pow2_floor(max(p.dim_k, p.dim_v) // vec), shuffle, 32)
-    per_row = (math.ceil(p.dim_k // vec / tpr) + math.ceil(p.dim_v // vec / tpr)) * vec  # q + O floats
+    vectors = math.ceil(p.dim_k // vec / tpr) + math.ceil(p.dim_v // vec / tpr)  # K + V uvec4 per lane and key
     # Rows per workgroup: all of a kv head's rows (rounded up to a power of two, which bounds the
-    # pipelines a model needs) within a budget of q and O floats per invocation: ~128 leaves GPUs
-    # registers for several resident workgroups; half that on CPU drivers keeps the unrolled code,
-    # and lavapipe's compile time, small.
-    budget = 64 if cpu else 128
+    # pipelines a model needs) within a budget of 64 q and O floats per invocation: with the loads
+    # below that is ~225 registers on an H200 (D128 fp16, 4 rows: pipeline_stats_gpu.py), under
+    # the 255 at which the driver spills; on CPU drivers it keeps the unrolled code, and lavapipe's
+    # compile time, small.
     rows = p.group * p.len_q
-    br = max(1, min(_pow2_floor(budget // per_row), 1 << (rows - 1).bit_length()))
-    # GPUs: 128 invocations, 4 keys per key group and step, each step's loads issued a step ahead
-    # (STAGE 2). H200, Hq32 Hkv8 Lq1 Lk32768 D128 fp16, 32 splits (splitkv_sweep_gpu.py,
-    # 2026-11-22): 0.052 ms; loads then math 0.062; 256 invocations 0.057 (0.068 without STAGE 2).
+    br = max(1, min(_pow2_floor(64 // (vectors * vec)), 1 << (rows - 1).bit_length()))
+    # GPUs: 128 invocations, each step's loads issued a step ahead (STAGE 2), as many keys per key
+    # group and step (at most 4) as keep those loads, both steps', at 64 registers. H200, Hq32 Hkv8
+    # Lq1 Lk32768 D128 fp16, 32 splits (splitkv_sweep_gpu.py, 2026-11-22): 4 keys 0.052 ms; loads
+    # then math 0.062; 256 invocations 0.057 (0.068 without STAGE 2).
     # CPU drivers: few key groups (merged over a tree of barriers) and short unrolled steps.
     wg = max(tpr, 32 if cpu else 128)
-    bc = 2 if cpu else 4
+    bc = 2 if cpu else max(1, min(4, _pow2_floor(64 // (2 * 4 * vectors))))
     stage = 0 if cpu else 2
     kernel = KernelConfig("splitkv", "fa2_splitkv", p.dim_k, p.dim_v, br, bc, tpr, DTYPE_CODE[p.dtype], wg, stage)
     while kernel.br > 1 and shared_bytes(kernel) > caps.shared_memory:
