@@ -137,12 +137,13 @@ def split_kernel(caps: DeviceCaps, problem: Problem) -> KernelConfig:
     tpr = min(_pow2_floor(max(p.dim_k, p.dim_v) // vec), shuffle, 32)
     vectors = math.ceil(p.dim_k // vec / tpr) + math.ceil(p.dim_v // vec / tpr)  # K + V uvec4 per lane and key
     # Rows per workgroup: all of a kv head's rows (rounded up to a power of two, which bounds the
-    # pipelines a model needs) within a budget of 64 q and O floats per invocation: with the loads
-    # below that is ~225 registers on an H200 (D128 fp16, 4 rows: pipeline_stats_gpu.py), under
-    # the 255 at which the driver spills; on CPU drivers it keeps the unrolled code, and lavapipe's
-    # compile time, small.
+    # pipelines a model needs) within a budget of q and O floats per invocation: 128 on GPUs (H200,
+    # D128 fp16, STAGE 2, splitkv_sweep_gpu.py: Hq64 Hkv8 8 rows 0.085 ms, 4 rows 0.089; the
+    # driver reports 225 registers for Hq32's 4 rows, pipeline_stats_gpu.py), 64 on CPU drivers
+    # (keeps the unrolled code, and lavapipe's compile time, small).
     rows = p.group * p.len_q
-    br = max(1, min(_pow2_floor(64 // (vectors * vec)), 1 << (rows - 1).bit_length()))
+    budget = 64 if cpu else 128
+    br = max(1, min(_pow2_floor(budget // (vectors * vec)), 1 << (rows - 1).bit_length()))
     # GPUs: 128 invocations, each step's loads issued a step ahead (STAGE 2), as many keys per key
     # group and step (at most 4) as keep those loads, both steps', at 64 registers. H200, Hq32 Hkv8
     # Lq1 Lk32768 D128 fp16, 32 splits (splitkv_sweep_gpu.py, 2026-11-22): 4 keys 0.052 ms; loads
