@@ -31,7 +31,8 @@ from aule_kp.vulkan.kernels import KernelConfig
 from aule_kp.vulkan.plan import Plan
 
 #: (heads, length, head dim, causal), B1 fp16: the forward bars' shapes.
-PROBLEMS = [(32, 8192, 128, False), (32, 8192, 128, True), (32, 2048, 64, False), (32, 8192, 64, False)]
+PROBLEMS = [(32, 8192, 128, False), (32, 8192, 128, True), (32, 2048, 64, False), (32, 8192, 64, False),
+            (32, 16384, 64, True)]
 ROUNDS = 5
 
 

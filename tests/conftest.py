@@ -37,7 +37,10 @@ def make_inputs(rng: np.random.Generator, shape_q, shape_k, shape_v, dtype: str)
 
 @pytest.fixture
 def rng() -> np.random.Generator:
-    return np.random.default_rng(1234)
+    return np.random.default_rng(RNG_SEED)
+
+
+RNG_SEED = 1234
 
 
 def problem(b=1, hq=2, hkv=1, lq=24, lk=40, dk=32, dv=32, dtype="float32", causal=False, window=None,
@@ -64,3 +67,17 @@ def _vulkan():
     from aule_kp.vulkan.backend import VulkanBackend
 
     return VulkanBackend()
+
+
+def check_plan_reuse(p: Problem, first: np.ndarray) -> None:
+    """The inputs a fresh ``rng`` fixture gave ``check`` for ``p``, run again: the cached plan is
+    reused (same output, no new plan or algorithm, one more sequence eval)."""
+    from aule_kp.vulkan import plan as planmod
+
+    made = dict(planmod.stats)
+    q, k, v = make_inputs(np.random.default_rng(RNG_SEED), (p.batch, p.heads_q, p.len_q, p.dim_k),
+                          (p.batch, p.heads_kv, p.len_k, p.dim_k), (p.batch, p.heads_kv, p.len_k, p.dim_v), p.dtype)
+    again, _ = _vulkan().forward(p, q, k, v, None)
+    np.testing.assert_array_equal(again, first)
+    assert planmod.stats["algorithms"] == made["algorithms"] and planmod.stats["plans"] == made["plans"]
+    assert planmod.stats["evals"] == made["evals"] + 1

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import check, make_inputs, problem
+from conftest import check, check_plan_reuse, problem
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -112,13 +112,7 @@ def test_chunked_bindings(monkeypatch, rng):
 
 def test_plan_reuse(rng):
     p = problem(lq=12, lk=20)
-    first, _ = check(p, rng)
-    made = dict(planmod.stats)
-    q, k, v = make_inputs(np.random.default_rng(1234), (1, 2, 12, 32), (1, 1, 20, 32), (1, 1, 20, 32), "float32")
-    again, _ = VulkanBackend().forward(p, q, k, v, None)
-    np.testing.assert_array_equal(again, first)
-    assert planmod.stats["algorithms"] == made["algorithms"] and planmod.stats["plans"] == made["plans"]
-    assert planmod.stats["evals"] == made["evals"] + 1
+    check_plan_reuse(p, check(p, rng)[0])
 
 
 def test_device_choice_is_cpu_tiles():
