@@ -150,11 +150,24 @@ def scale_cases(cases: List[Case], scale: float) -> List[Case]:
     return out
 
 
-def median_time(fn: Callable[[], Any], repeat: int, warmup: int = 1, sync: Callable[[], None] = lambda: None) -> float:
-    """Median wall time of ``fn`` in seconds over ``repeat`` calls after ``warmup`` calls (``sync`` after each)."""
+#: GPU rows (GpuTensor, Triton, torch on CUDA) call for this long before timing: a GPU that idled
+#: while the host moved data (the NumPy row before them) runs at low clocks for a while, and a few
+#: repeats of a short call are then timed at those (H200, decode Lk 32768, 10 repeats: 0.12 ms
+#: after the NumPy row, 0.07 ms warmed up).
+GPU_WARMUP_S = 0.2
+
+
+def median_time(fn: Callable[[], Any], repeat: int, warmup: int = 1, sync: Callable[[], None] = lambda: None,
+                warmup_s: float = 0.0) -> float:
+    """Median wall time of ``fn`` in seconds over ``repeat`` calls after ``warmup`` calls and then
+    ``warmup_s`` seconds of calls (``sync`` after each)."""
     for _ in range(warmup):
         fn()
     sync()
+    start = time.perf_counter()
+    while time.perf_counter() - start < warmup_s:
+        fn()
+        sync()
     times = []
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -221,7 +234,8 @@ def bench_gpu_tensor(case: Case, repeat: int, convert: bool = False) -> Dict[str
             dt = "bfloat16" if case.dtype == "bfloat16" else np.dtype(case.dtype)
             qt, kt, vt = (ctx.tensor(a.shape, dt).upload(a) for a in (q, k, v))
             out = ctx.attention(qt, kt, vt, causal=case.causal)
-            seconds = median_time(lambda: ctx.attention(qt, kt, vt, out, causal=case.causal), repeat)
+            seconds = median_time(lambda: ctx.attention(qt, kt, vt, out, causal=case.causal), repeat,
+                                  warmup_s=GPU_WARMUP_S)
             err = _max_err(out.download(), case, q, k, v)
     finally:
         if saved is None:
@@ -265,7 +279,7 @@ def bench_torch_call(case: Case, who: str, device: str, repeat: int,
     with within():
         try:
             out = call()
-            seconds = median_time(call, repeat, sync=sync)
+            seconds = median_time(call, repeat, sync=sync, warmup_s=GPU_WARMUP_S if device == "cuda" else 0.0)
         except RuntimeError as exc:
             return _row(case, who, None, note=f"not run: {exc}"[:80])
     # _max_err reads head 0 of batch 0 only: copy just that slice to the host.

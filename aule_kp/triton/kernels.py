@@ -72,6 +72,20 @@ def _band_ok(rows, cols, len_k, diag, left, right, HAS_LEFT: tl.constexpr, HAS_R
 
 
 @triton.jit
+def _scores(a, b, qk_scale, mask_r, r_ok, c, stride_mk, len_k, HAS_MASK: tl.constexpr, DOT: tl.constexpr):
+    """One tile of scores in log2 units, ``(a . b^T) * qk_scale``, plus with ``HAS_MASK`` the float
+    mask read at ``mask_r + c * stride_mk`` where ``r_ok & (c < len_k)`` (0 elsewhere). ``c`` (key
+    indices) and ``mask_r``/``r_ok`` (per query row) are one a row, the other a column vector:
+    ``[queries, keys]`` tiles have ``a = q``, ``b = k``; the dK/dV kernel's ``[keys, queries]`` tiles
+    ``a = k``, ``b = q``. Band and key-length masking (``_band_ok``) is left to the caller: the
+    forward applies it to the scores, the backward to ``exp2(s - lse)``."""
+    s = _mma(a, tl.trans(b), None, DOT) * qk_scale
+    if HAS_MASK:
+        s += tl.load(mask_r + c * stride_mk, mask=r_ok & (c < len_k), other=0.0)
+    return s
+
+
+@triton.jit
 def _tile_runs(lo, hi, c_lo, c_hi, BLOCK: tl.constexpr):
     """Split the tiles of width ``BLOCK`` that cover ``[lo, hi)`` into three runs
     ``[t_lo, f_lo) [f_lo, f_hi) [f_hi, t_hi)``: the middle run holds the tiles inside ``[c_lo, c_hi)``
@@ -126,12 +140,9 @@ def _fwd_run(acc, l_i, m_i, q, k_base, v_base, mask_rows, t_start, t_end,
         cols = t * BLOCK_N + offs_n
         k = _load_tile(k_base + cols[:, None] * stride_kn + offs_dk[None, :], cols, len_k, offs_dk, DK,
                        MASKED, BLOCK_DK != DK)
-        qk = _mma(q, tl.trans(k), None, DOT)
         if MASKED or HAS_MASK:
-            s = qk * qk_scale
-            if HAS_MASK:
-                s += tl.load(mask_rows[:, None] + cols[None, :] * stride_mk,
-                             mask=row_ok[:, None] & (cols[None, :] < len_k), other=0.0)
+            s = _scores(q, k, qk_scale, mask_rows[:, None], row_ok[:, None], cols[None, :], stride_mk, len_k,
+                        HAS_MASK, DOT)
             if MASKED:
                 ok = _band_ok(pos[:, None], cols[None, :], len_k, diag, left, right, HAS_LEFT, HAS_RIGHT)
                 s = tl.where(ok, s, float("-inf"))
@@ -139,7 +150,9 @@ def _fwd_run(acc, l_i, m_i, q, k_base, v_base, mask_rows, t_start, t_end,
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.math.exp2(s - m_use[:, None])
         else:
-            # Every score of the tile is finite here, so the max is too: the tutorial's fused form.
+            # Every score of the tile is finite here, so the max is too: the tutorial's fused form
+            # (the scale applied to the row max, and folded into exp2's argument).
+            qk = _mma(q, tl.trans(k), None, DOT)
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             m_use = m_new
             p = tl.math.exp2(qk * qk_scale - m_use[:, None])
@@ -294,10 +307,8 @@ def _dkdv_run(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, t_
         q = _load_tile(q_base + rows[:, None] * stride_qm + offs_dk[None, :], rows, len_q, offs_dk, DK,
                        not EVEN_M, BLOCK_DK != DK)
         lse2 = tl.load(lse_base + rows, mask=rows < len_q, other=float("inf"))
-        s_t = _mma(k, tl.trans(q), None, DOT) * qk_scale
-        if HAS_MASK:
-            s_t += tl.load(mask_base + rows[None, :] * stride_mq + cols[:, None] * stride_mk,
-                           mask=(rows[None, :] < len_q) & (cols[:, None] < len_k), other=0.0)
+        s_t = _scores(k, q, qk_scale, mask_base + rows[None, :] * stride_mq, rows[None, :] < len_q, cols[:, None],
+                      stride_mk, len_k, HAS_MASK, DOT)
         p_t = tl.math.exp2(s_t - lse2[None, :])
         if MASKED:
             ok = _band_ok(rows[None, :], cols[:, None], len_k, diag, left, right, HAS_LEFT, HAS_RIGHT)
@@ -412,10 +423,8 @@ def _dq_run(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, t_sta
                        MASKED, BLOCK_DK != DK)
         v = _load_tile(v_base + cols[:, None] * stride_vn + offs_dv[None, :], cols, len_k, offs_dv, DV,
                        MASKED, BLOCK_DV != DV)
-        s = _mma(q, tl.trans(k), None, DOT) * qk_scale
-        if HAS_MASK:
-            s += tl.load(mask_rows[:, None] + cols[None, :] * stride_mk,
-                         mask=row_ok[:, None] & (cols[None, :] < len_k), other=0.0)
+        s = _scores(q, k, qk_scale, mask_rows[:, None], row_ok[:, None], cols[None, :], stride_mk, len_k,
+                    HAS_MASK, DOT)
         p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
             ok = _band_ok(rows[:, None], cols[None, :], len_k, diag, left, right, HAS_LEFT, HAS_RIGHT)
