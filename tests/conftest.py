@@ -35,12 +35,18 @@ def make_inputs(rng: np.random.Generator, shape_q, shape_k, shape_v, dtype: str)
     return tuple(from_f32(rng.standard_normal(s).astype(np.float32), dtype) for s in (shape_q, shape_k, shape_v))
 
 
-@pytest.fixture
-def rng() -> np.random.Generator:
-    return np.random.default_rng(RNG_SEED)
+def problem_inputs(p: Problem, rng: np.random.Generator):
+    """q, k, v of ``p``'s shapes and dtype (``make_inputs``)."""
+    return make_inputs(rng, (p.batch, p.heads_q, p.len_q, p.dim_k), (p.batch, p.heads_kv, p.len_k, p.dim_k),
+                       (p.batch, p.heads_kv, p.len_k, p.dim_v), p.dtype)
 
 
 RNG_SEED = 1234
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(RNG_SEED)
 
 
 def problem(b=1, hq=2, hkv=1, lq=24, lk=40, dk=32, dv=32, dtype="float32", causal=False, window=None,
@@ -50,8 +56,7 @@ def problem(b=1, hq=2, hkv=1, lq=24, lk=40, dk=32, dv=32, dtype="float32", causa
 
 
 def check(p: Problem, rng, mask=None, backend=None, config=None):
-    q, k, v = make_inputs(rng, (p.batch, p.heads_q, p.len_q, p.dim_k), (p.batch, p.heads_kv, p.len_k, p.dim_k),
-                          (p.batch, p.heads_kv, p.len_k, p.dim_v), p.dtype)
+    q, k, v = problem_inputs(p, rng)
     out, lse = (backend or _vulkan()).forward(p, q, k, v, mask, config)
     ref_out, ref_lse = reference_attention(q, k, v, p, mask)
     assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
@@ -75,8 +80,7 @@ def check_plan_reuse(p: Problem, first: np.ndarray) -> None:
     from aule_kp.vulkan import plan as planmod
 
     made = dict(planmod.stats)
-    q, k, v = make_inputs(np.random.default_rng(RNG_SEED), (p.batch, p.heads_q, p.len_q, p.dim_k),
-                          (p.batch, p.heads_kv, p.len_k, p.dim_k), (p.batch, p.heads_kv, p.len_k, p.dim_v), p.dtype)
+    q, k, v = problem_inputs(p, np.random.default_rng(RNG_SEED))
     again, _ = _vulkan().forward(p, q, k, v, None)
     np.testing.assert_array_equal(again, first)
     assert planmod.stats["algorithms"] == made["algorithms"] and planmod.stats["plans"] == made["plans"]
