@@ -97,7 +97,9 @@
 // uniform condition inside softmax_in_registers): causal 1.6x slower at D128, 2.2x at D64, non-
 // causal unchanged; the same table applied at compile time (every tile inside the left edge adds
 // its block, zeros on interior tiles; no runtime condition, same 232 registers): causal 1.9x
-// slower. So the cost is not the condition; not found in this session.
+// slower; the table's load and add alone on interior tiles (diagonal tiles still on the slow
+// path): 1.7-2.3x slower, odd row stride or not. One extra accumulator load from shared memory and
+// add per score block doubles the time here: cause not found.
 
 #extension GL_EXT_control_flow_attributes : enable
 #extension GL_EXT_shader_explicit_arithmetic_types_float16 : require
