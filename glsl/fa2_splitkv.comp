@@ -97,6 +97,7 @@ const uint NKL = (NVK + TPR - 1u) / TPR;  // K uvec4 per lane
 const uint NVL = (NVV + TPR - 1u) / TPR;  // V uvec4 per lane
 const uint QPL = NKL * VEC;               // q elements per lane and row
 const uint OPL = NVL * VEC;               // O elements per lane and row
+const uint NO = RB * OPL;                 // O elements per lane
 const uint NKG = WG / TPR;                // key groups per workgroup (a power of two: WG and TPR are)
 const uint DV4 = DV / 4u;
 const uint NE = RB * DV4;                      // merge units: (row, 4 columns) of the block
@@ -147,6 +148,19 @@ float reduce_key(float x) {
     return x;
 }
 
+// A key group's O (this lane's columns of every row) into block `slot` of red_o.
+void put_o(uint slot, uint lane, float o[NO]) {
+    [[unroll]] for (uint r = 0u; r < RB; ++r) {
+        [[unroll]] for (uint it = 0u; it < NVL; ++it) {
+            const uint vi = lane + it * TPR;
+            [[unroll]] for (uint x = 0u; x < VEC / 4u; ++x) {
+                const uint e = r * OPL + it * VEC + 4u * x;
+                if (vi < NVV) red_o[slot * NE + r * DV4 + vi * (VEC / 4u) + x] = vec4(o[e], o[e + 1u], o[e + 2u], o[e + 3u]);
+            }
+        }
+    }
+}
+
 // K and V of the step starting at key j0: key group kg takes keys j0 + c * NKG + kg (c < BC), each
 // lane its 16-byte slices. Keys past kb read key kb - 1 (a valid address; their scores are hidden).
 void load_step(int j0, int kb, uint kbase, uint kg, uint lane, out uvec4 kr[NKR], out uvec4 vr[NVR]) {
@@ -177,7 +191,7 @@ void main() {
     const bool open_split = pc.has_mask == 0u && keys_visible_to_all(0, int(pc.len_q), ka, kb);
 
     float q[RB * QPL];
-    float o[RB * OPL];
+    float o[NO];
     float m[RB];
     float l[RB];
     [[unroll]] for (uint r = 0u; r < RB; ++r) {
@@ -290,18 +304,7 @@ void main() {
         [[unroll]] for (uint d = 0u; d < OPL; ++d) o[r * OPL + d] *= w;
     }
     [[unroll]] for (uint h = NKG / 2u; h >= 1u; h /= 2u) {
-        if (kg >= h && kg < 2u * h) {
-            [[unroll]] for (uint r = 0u; r < RB; ++r) {
-                [[unroll]] for (uint it = 0u; it < NVL; ++it) {
-                    const uint vi = lane + it * TPR;
-                    [[unroll]] for (uint x = 0u; x < VEC / 4u; ++x) {
-                        const uint e = r * OPL + it * VEC + 4u * x;
-                        if (vi < NVV) red_o[(kg - h) * NE + r * DV4 + vi * (VEC / 4u) + x] =
-                            vec4(o[e], o[e + 1u], o[e + 2u], o[e + 3u]);
-                    }
-                }
-            }
-        }
+        if (kg >= h && kg < 2u * h) put_o(kg - h, lane, o);
         barrier();
         if (kg < h) {
             [[unroll]] for (uint r = 0u; r < RB; ++r) {
@@ -321,17 +324,7 @@ void main() {
         barrier();
     }
     // Key group 0 holds the workgroup's O: to red_o for the coalesced store below.
-    if (kg == 0u) {
-        [[unroll]] for (uint r = 0u; r < RB; ++r) {
-            [[unroll]] for (uint it = 0u; it < NVL; ++it) {
-                const uint vi = lane + it * TPR;
-                [[unroll]] for (uint x = 0u; x < VEC / 4u; ++x) {
-                    const uint e = r * OPL + it * VEC + 4u * x;
-                    if (vi < NVV) red_o[r * DV4 + vi * (VEC / 4u) + x] = vec4(o[e], o[e + 1u], o[e + 2u], o[e + 3u]);
-                }
-            }
-        }
-    }
+    if (kg == 0u) put_o(0u, lane, o);
     barrier();
 
     const uint n_split = pc.n_split;
