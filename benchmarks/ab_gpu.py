@@ -1,23 +1,27 @@
-"""A/B of a shader change in one process: the working tree's kernels against another revision's
-(compiled by scripts/spirv_at.sh into a folder), same problems, same pipelines' specialisation,
-device-resident tensors (the GpuTensor path), GPU timestamps, timed in alternation so that clock
-and thermal drift hit both sides alike (run by scripts/gpu_run.sh, STEPS=ab).
+"""A/B of a shader or tile change in one process: device-resident tensors (the GpuTensor path), GPU
+timestamps, the variants timed in alternation so that clock and thermal drift hit all alike (run by
+scripts/gpu_run.sh, STEPS=ab). Two modes:
 
-    python3 benchmarks/ab_gpu.py SPIRV_DIR [kernel ...]   # default kernels: fa2_fwd_coopmat
+    python3 benchmarks/ab_gpu.py SPIRV_DIR[,SPIRV_DIR...] [kernel ...]   # default: fa2_fwd_coopmat
+    python3 benchmarks/ab_gpu.py --tiles H,S,D[,causal] BR,BC,WG,STAGE [...]
 
-Each B kernel is copied next to the tree's SPIR-V as ``<kernel>_ab.spv`` and run through the same
-KernelConfig with only the kernel name changed. Prints a markdown table of medians and B/A.
+The first times the working tree's kernels (A) against other revisions' or variants' (B1, B2, ...,
+compiled by scripts/spirv_at.sh into each SPIRV_DIR) on the forward bars' problems: each B kernel is
+copied next to the tree's SPIR-V as ``<kernel>_ab<i>.spv`` and run through the same KernelConfig
+with only the kernel name changed. The second times the tile the library picks for one B1 fp16 problem against the
+given tiles of the same kernel. Prints a markdown table of medians, ratios and max differences.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import List
+from typing import List, Sequence, Tuple
 
 import numpy as np
 
@@ -33,49 +37,92 @@ from aule_kp.vulkan.plan import Plan
 #: (heads, length, head dim, causal), B1 fp16: the forward bars' shapes.
 PROBLEMS = [(32, 8192, 128, False), (32, 8192, 128, True), (32, 2048, 64, False), (32, 8192, 64, False),
             (32, 16384, 64, True)]
-ROUNDS = 5
+ROUNDS = int(os.environ.get("AB_ROUNDS", "5"))
 
 
-def main(spirv_dir: str, kernels: List[str]) -> None:
-    dev = devmod.get_device()
-    for kernel in kernels:
-        shutil.copy(Path(spirv_dir) / f"{kernel}.spv", spirv_path(f"{kernel}_ab"))
-    print(f"{dev.caps.name}, {dev.caps.driver_info}: A = this tree, B = {spirv_dir} ({', '.join(kernels)}); "
-          f"{ROUNDS} alternating rounds, median of each\n")
-    print("| problem | A ms | B ms | B / A | max diff |\n|---|---|---|---|---|")
+def problem(h: int, s: int, d: int, causal: bool) -> Problem:
+    diag, left, right = band(s, s, causal=causal, window=None, top_left=False)
+    return Problem(1, h, h, s, s, d, d, "float16", 1 / math.sqrt(d), diag, left, right)
+
+
+def label(h: int, s: int, d: int, causal: bool) -> str:
+    return f"H{h} S{s} D{d}{' causal' if causal else ''}"
+
+
+def alternate(dev, p: Problem, configs: Sequence[KernelConfig]) -> Tuple[List[float], List[float]]:
+    """Median GPU seconds of each config on the same device tensors, timed in alternation, and each
+    output's max difference from the first config's."""
     rng = np.random.default_rng(0)
     ctx = aule_kp.Context()
-    for h, s, d, causal in PROBLEMS:
-        diag, left, right = band(s, s, causal=causal, window=None, top_left=False)
-        p = Problem(1, h, h, s, s, d, d, "float16", 1 / math.sqrt(d), diag, left, right)
+    shape = (p.batch, p.heads_q, p.len_q, p.dim_k)
+    tensors = [ctx.tensor(shape, np.float16) for _ in range(4)]
+    for t in tensors[:3]:
+        t.upload(rng.standard_normal(shape, dtype=np.float32).astype(np.float16))
+    io = [t.kp_tensor for t in tensors]
+    plans = [Plan(dev, p, cfg, io) for cfg in configs]
+    outs = []
+    for plan in plans:
+        plan.eval()
+        outs.append(tensors[3].download().astype(np.float32))
+    times: List[List[float]] = [[] for _ in plans]
+    for _ in range(ROUNDS):
+        for side, plan in enumerate(plans):
+            times[side].append(gpu_seconds(plan, 20, warmup_s=0.2))
+    for plan in plans:
+        plan.destroy()
+    for t in tensors:
+        t.free()
+    return [statistics.median(t) for t in times], [float(np.abs(o - outs[0]).max()) for o in outs]
+
+
+def revisions(spirv_dirs: List[str], kernels: List[str]) -> None:
+    dev = devmod.get_device()
+    for i, spirv_dir in enumerate(spirv_dirs, 1):
+        for kernel in kernels:
+            shutil.copy(Path(spirv_dir) / f"{kernel}.spv", spirv_path(f"{kernel}_ab{i}"))
+    names = [f"B{i}" for i in range(1, len(spirv_dirs) + 1)] if len(spirv_dirs) > 1 else ["B"]
+    print(f"{dev.caps.name}, {dev.caps.driver_info}: A = this tree, "
+          + ", ".join(f"{n} = {d}" for n, d in zip(names, spirv_dirs))
+          + f" ({', '.join(kernels)}); {ROUNDS} alternating rounds, median of each\n")
+    print("| problem | A ms | " + " | ".join(f"{n} ms | {n} / A | {n} max diff" for n in names) + " |")
+    print("|---|---|" + "---|---|---|" * len(names))
+    for shape in PROBLEMS:
+        p = problem(*shape)
         cfg = VulkanBackend().config(p)
         if not isinstance(cfg, KernelConfig) or cfg.kernel not in kernels:
-            print(f"| H{h} S{s} D{d}{' causal' if causal else ''} | — | — | — | {cfg} is not an A/B kernel |")
+            print(f"| {label(*shape)} | {cfg} is not an A/B kernel |")
             continue
-        # Device-resident tensors (the GpuTensor path): no host-memory output in the timings.
-        tensors = [ctx.tensor((1, h, s, d), np.float16) for _ in range(4)]
-        for t in tensors[:3]:
-            t.upload(rng.standard_normal((1, h, s, d), dtype=np.float32).astype(np.float16))
-        io = [t.kp_tensor for t in tensors]
-        plans = [Plan(dev, p, cfg, io), Plan(dev, p, replace(cfg, kernel=f"{cfg.kernel}_ab"), io)]
-        outs = []
-        for plan in plans:
-            plan.eval()
-            outs.append(tensors[3].download().astype(np.float32))
-        times: List[List[float]] = [[], []]
-        for _ in range(ROUNDS):
-            for side, plan in enumerate(plans):
-                times[side].append(gpu_seconds(plan, 20, warmup_s=0.2))
-        a, b = (statistics.median(t) for t in times)
-        for plan in plans:
-            plan.destroy()
-        for t in tensors:
-            t.free()
-        print(f"| H{h} S{s} D{d}{' causal' if causal else ''} | {a * 1e3:.3f} | {b * 1e3:.3f} | {b / a:.3f} | "
-              f"{float(np.abs(outs[0] - outs[1]).max()):.1e} |", flush=True)
+        configs = [cfg] + [replace(cfg, kernel=f"{cfg.kernel}_ab{i}") for i in range(1, len(spirv_dirs) + 1)]
+        medians, diffs = alternate(dev, p, configs)
+        print(f"| {label(*shape)} | {medians[0] * 1e3:.3f} | "
+              + " | ".join(f"{m * 1e3:.3f} | {m / medians[0]:.3f} | {d:.1e}" for m, d in zip(medians[1:], diffs[1:]))
+              + " |", flush=True)
+
+
+def tiles(spec: str, tile_specs: List[str]) -> None:
+    dev = devmod.get_device()
+    fields = spec.split(",")
+    shape = (int(fields[0]), int(fields[1]), int(fields[2]), len(fields) > 3 and fields[3] == "causal")
+    p = problem(*shape)
+    cfg = VulkanBackend().config(p)
+    if not isinstance(cfg, KernelConfig):
+        sys.exit(f"{label(*shape)}: {cfg} is not a KernelConfig")
+    configs = [cfg]
+    for t in tile_specs:
+        br, bc, wg, stage = (int(x) for x in t.split(","))
+        configs.append(replace(cfg, br=br, bc=bc, wg=wg, stage=stage))
+    print(f"{dev.caps.name}, {dev.caps.driver_info}: {label(*shape)} B1 fp16, {cfg.kernel}; "
+          f"{ROUNDS} alternating rounds, median of each; first row = the library's choice\n")
+    print("| BR, BC, WG, STAGE | ms | / first | max diff |\n|---|---|---|---|")
+    medians, diffs = alternate(dev, p, configs)
+    for c, m, diff in zip(configs, medians, diffs):
+        print(f"| {c.br}, {c.bc}, {c.wg}, {c.stage} | {m * 1e3:.3f} | {m / medians[0]:.3f} | {diff:.1e} |")
 
 
 if __name__ == "__main__":
     if len(sys.argv) < 2:
         sys.exit(__doc__)
-    main(sys.argv[1], sys.argv[2:] or ["fa2_fwd_coopmat"])
+    if sys.argv[1] == "--tiles":
+        tiles(sys.argv[2], sys.argv[3:])
+    else:
+        revisions(sys.argv[1].split(","), sys.argv[2:] or ["fa2_fwd_coopmat"])

@@ -20,7 +20,7 @@ void main() {
     const uint t = gl_LocalInvocationID.x;
     const uint lane = t % TPR;
     const uint lane0 = gl_SubgroupInvocationID - lane;
-    const uint qhead = gl_WorkGroupID.y;
+    const uint qhead = query_head();
     const uint kvg = qhead / pc.group;
     const uint mbase = mask_head_base(qhead);
     const int row0 = int(query_tile() * BR);

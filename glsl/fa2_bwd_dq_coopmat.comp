@@ -10,7 +10,7 @@
 #include "fa2_bwd_cm.glsl"
 
 void main() {
-    const uint qhead = gl_WorkGroupID.y;
+    const uint qhead = query_head();
     const int row0 = int(query_tile() * BR);
     if (row0 >= int(pc.len_q)) return;                     // whole workgroup: uniform
     const uint qrow0 = qhead * pc.len_q;

@@ -30,7 +30,7 @@ float reduce_row(float x) {
 void main() {
     const uint t = gl_LocalInvocationID.x;
     const uint lane = t % TPR;
-    const uint qhead = gl_WorkGroupID.y;           // query head within the chunk
+    const uint qhead = query_head();           // query head within the chunk
     const uint kvg = qhead / pc.group;             // kv group within the chunk
     const uint gkv = pc.group0 + kvg;              // global (batch, kv head)
     const uint batch = gkv / pc.heads_kv;

@@ -33,9 +33,9 @@ if step tests; then
 fi
 step bench && python3 -m aule_kp bench --preset gpu --vs --backends ${BACKENDS:-vulkan,triton,torch,aule-attention} \
   --repeat ${REPEAT:-10} --markdown "$OUT/bench.md" 2>&1 | tail -40
-# A/B of a shader change: kernels AB_KERNELS of another revision (compiled by scripts/spirv_at.sh
-# into .device/spirv_ab) against this tree's, in one process, timed in alternation.
-step ab && python3 benchmarks/ab_gpu.py .device/spirv_ab ${AB_KERNELS:-fa2_fwd_coopmat} 2>&1 | tee "$OUT/ab.md"
+# A/B of a shader change: kernels AB_KERNELS of other revisions or variants (compiled by
+# scripts/spirv_at.sh into AB_DIRS, a comma list) against this tree's, in one process, in alternation.
+step ab && python3 benchmarks/ab_gpu.py ${AB_DIRS:-.device/spirv_ab} ${AB_KERNELS:-fa2_fwd_coopmat} 2>&1 | tee "$OUT/ab.md"
 step backward && python3 benchmarks/vulkan_backward_gpu.py 2>&1 | tee "$OUT/backward.md"
 step host && python3 benchmarks/host_path_gpu.py 2>&1 | tee "$OUT/host_path.md"
 step decode && python3 benchmarks/decode_gpu.py 2>&1 | tee "$OUT/decode.md"

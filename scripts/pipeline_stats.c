@@ -20,7 +20,10 @@
  *
  * with every statistic of every executable of the pipeline (statistic names with spaces turned
  * into underscores; with more than one executable, keys are prefixed "e<index>."), plus the
- * executable's subgroupSize. A pipeline that cannot be made prints "NAME error=<VkResult number>"
+ * executable's subgroupSize. With PIPELINE_IR_DIR set, the pipelines also capture their internal
+ * representations (whatever IR / ISA text the driver gives), written to
+ * PIPELINE_IR_DIR/NAME.e<executable>.<index>.txt, and each line gets "representations=<count>".
+ * A pipeline that cannot be made prints "NAME error=<VkResult number>"
  * (with a reason=... where the tool knows one) and the tool goes on with the next line.
  * The first output line is a comment, "# device=... api=... driver=... coopmat=0|1".
  *
@@ -72,6 +75,8 @@ typedef struct Ctx {
     int have_coopmat;   /* VK_KHR_cooperative_matrix and its feature enabled */
     PFN_vkGetPipelineExecutablePropertiesKHR get_executables;
     PFN_vkGetPipelineExecutableStatisticsKHR get_statistics;
+    PFN_vkGetPipelineExecutableInternalRepresentationsKHR get_representations;
+    const char *ir_dir; /* PIPELINE_IR_DIR: where the driver's internal representations go (NULL: none) */
 } Ctx;
 
 static void cleanup(Ctx *c)
@@ -313,6 +318,9 @@ static int setup(Ctx *c)
             c->device, "vkGetPipelineExecutablePropertiesKHR");
         c->get_statistics = (PFN_vkGetPipelineExecutableStatisticsKHR)vkGetDeviceProcAddr(
             c->device, "vkGetPipelineExecutableStatisticsKHR");
+        c->get_representations = (PFN_vkGetPipelineExecutableInternalRepresentationsKHR)vkGetDeviceProcAddr(
+            c->device, "vkGetPipelineExecutableInternalRepresentationsKHR");
+        c->ir_dir = getenv("PIPELINE_IR_DIR");
         if (c->get_executables == NULL || c->get_statistics == NULL) {
             fprintf(stderr, "pipeline_stats: vkGetDeviceProcAddr gave no VK_KHR_pipeline_executable_properties "
                             "entry points\n");
@@ -386,8 +394,49 @@ static void print_key(const char *prefix, const char *name)
     }
 }
 
+/* Writes executable `e`'s internal representations (the driver's IR / ISA text, where it gives any)
+ * to PIPELINE_IR_DIR/<name>.e<e>.<i>.txt and prints " <prefix>representations=<count>". */
+static void dump_representations(const Ctx *c, const VkPipelineExecutableInfoKHR *einfo, const char *name,
+                                 const char *prefix)
+{
+    VkPipelineExecutableInternalRepresentationKHR *reps;
+    uint32_t n = 0, i;
+    VkResult r = c->get_representations(c->device, einfo, &n, NULL);
+
+    printf(" %srepresentations=%" PRIu32, prefix, r == VK_SUCCESS ? n : 0);
+    if (r != VK_SUCCESS || n == 0) {
+        return;
+    }
+    reps = (VkPipelineExecutableInternalRepresentationKHR *)calloc(n, sizeof *reps);
+    if (reps == NULL) {
+        return;
+    }
+    for (i = 0; i < n; ++i) {
+        reps[i].sType = VK_STRUCTURE_TYPE_PIPELINE_EXECUTABLE_INTERNAL_REPRESENTATION_KHR;
+    }
+    r = c->get_representations(c->device, einfo, &n, reps); /* sizes */
+    for (i = 0; r == VK_SUCCESS && i < n; ++i) {
+        reps[i].pData = malloc(reps[i].dataSize ? reps[i].dataSize : 1);
+    }
+    if (r == VK_SUCCESS) {
+        r = c->get_representations(c->device, einfo, &n, reps);
+    }
+    for (i = 0; i < n; ++i) {
+        char path[4096];
+        FILE *f;
+        snprintf(path, sizeof path, "%s/%s.e%" PRIu32 ".%" PRIu32 ".txt", c->ir_dir, name, einfo->executableIndex, i);
+        if ((r == VK_SUCCESS || r == VK_INCOMPLETE) && reps[i].pData != NULL && (f = fopen(path, "wb")) != NULL) {
+            fprintf(f, "# %s: %s (%s)\n", reps[i].name, reps[i].description, reps[i].isText ? "text" : "binary");
+            fwrite(reps[i].pData, 1, reps[i].dataSize, f);
+            fclose(f);
+        }
+        free(reps[i].pData);
+    }
+    free(reps);
+}
+
 /* Prints " key=value" for every statistic of every executable of `pipeline`. Returns a VkResult. */
-static VkResult print_statistics(const Ctx *c, VkPipeline pipeline)
+static VkResult print_statistics(const Ctx *c, VkPipeline pipeline, const char *name)
 {
     VkPipelineInfoKHR info;
     VkPipelineExecutablePropertiesKHR *exes = NULL;
@@ -474,6 +523,9 @@ static VkResult print_statistics(const Ctx *c, VkPipeline pipeline)
             }
         }
         free(stats);
+        if (c->ir_dir != NULL && c->get_representations != NULL) {
+            dump_representations(c, &einfo, name, prefix);
+        }
     }
     free(exes);
     return VK_SUCCESS;
@@ -596,6 +648,9 @@ static void run_line(const Ctx *c, char *line)
     memset(&cpci, 0, sizeof cpci);
     cpci.sType = VK_STRUCTURE_TYPE_COMPUTE_PIPELINE_CREATE_INFO;
     cpci.flags = c->have_stats ? VK_PIPELINE_CREATE_CAPTURE_STATISTICS_BIT_KHR : 0;
+    if (c->have_stats && c->ir_dir != NULL && c->get_representations != NULL) {
+        cpci.flags |= VK_PIPELINE_CREATE_CAPTURE_INTERNAL_REPRESENTATIONS_BIT_KHR;
+    }
     cpci.stage.sType = VK_STRUCTURE_TYPE_PIPELINE_SHADER_STAGE_CREATE_INFO;
     cpci.stage.stage = VK_SHADER_STAGE_COMPUTE_BIT;
     cpci.stage.module = module;
@@ -616,7 +671,7 @@ static void run_line(const Ctx *c, char *line)
 
     fputs(name, stdout);
     if (c->have_stats) {
-        r = print_statistics(c, pipeline);
+        r = print_statistics(c, pipeline, name);
         if (r != VK_SUCCESS) {
             printf(" error=%d reason=statistics", (int)r);
         }

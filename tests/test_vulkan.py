@@ -110,6 +110,30 @@ def test_chunked_bindings(monkeypatch, rng):
     check(p, rng)
 
 
+@pytest.mark.parametrize("heads_per_section", [1, 4, 64])
+@pytest.mark.parametrize("causal", [False, True])
+def test_scheduling_sections(monkeypatch, heads_per_section, causal, rng):
+    # Sections of 1 head, of 4 (6 query heads: the last section has 2) and one section for all: each
+    # order must still cover every (query tile, head) exactly once. 150 rows: several query tiles.
+    plans = devmod.get_device().plans
+    plans.clear()  # cached plans keep the push constants they were recorded with
+    monkeypatch.setattr(planmod, "section_heads", lambda p: heads_per_section)
+    try:
+        check(problem(b=1, hq=6, hkv=3, lq=150, lk=70, causal=causal), rng)
+    finally:
+        plans.clear()
+
+
+def test_section_heads_fit_the_bytes(monkeypatch):
+    from aule_kp.vulkan import kernels
+
+    monkeypatch.setattr(kernels, "SECTION_BYTES", 1 << 20)
+    # fp16, Lk 1024, D 64 + 64: 256 KiB of K and V per kv head; 2 query heads share them.
+    assert kernels.section_heads(problem(hq=4, hkv=2, lk=1024, dk=64, dv=64, dtype="float16")) == 8
+    assert kernels.section_heads(problem(lk=1024, dk=64, dv=64, dtype="float32", hq=1, hkv=1)) == 2
+    assert kernels.section_heads(problem(lk=1 << 20, dk=256, dv=256, hq=1, hkv=1)) == 1
+
+
 def test_plan_reuse(rng):
     p = problem(lq=12, lk=20)
     check_plan_reuse(p, check(p, rng)[0])

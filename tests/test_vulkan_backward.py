@@ -217,6 +217,20 @@ def test_chunked_bindings(monkeypatch):
     check(p, float_mask(shape), mask_grad=True)
 
 
+@pytest.mark.parametrize("heads_per_section", [1, 4])
+def test_scheduling_sections(monkeypatch, heads_per_section):
+    # dQ takes its (query tile, head) from the same section order as the forward (fa2_common.glsl).
+    from aule_kp.vulkan import plan as planmod
+
+    plans = devmod.get_device().plans
+    plans.clear()  # cached plans keep the push constants they were recorded with
+    monkeypatch.setattr(planmod, "section_heads", lambda p: heads_per_section)
+    try:
+        check(problem(b=1, hq=6, hkv=3, lq=90, lk=50, causal=True))
+    finally:
+        plans.clear()
+
+
 def test_plan_reuse():
     p = problem(lq=12, lk=20, causal=True)
     q, k, v, dout, out, lse = inputs(p)

@@ -106,8 +106,20 @@ def _scalar_tiles(caps: DeviceCaps, problem: Problem, wave: int, cpu: bool) -> D
     return dict(tpr=tpr, br=br, bc=bc, stage=1, wg=wg, rpt=1)
 
 
-#: Query-tile grids at least this many times the device's parallelism take the taller D<=64 tile.
-COOPMAT_TALL_GRID_FACTOR = 8
+#: K and V bytes the query heads of one scheduling section read (glsl/fa2_common.glsl,
+#: tile_and_head(): longest query tiles first within a section, sections one after another), sized
+#: to share the L2 cache. H200 (50 MiB L2), B1 H32 fp16, one-process A/B against 1 head per section
+#: (the order before) and 8 / 32 / 64 MiB: 16 MiB was 2.6% faster causal at D128 S8192 and 3.3% at
+#: D64 S16384, 5.5% at D64 S8192 and within 1% at D128 S8192; every head in one section was 18%
+#: slower without a band. Not measured on other vendors' caches.
+SECTION_BYTES = 16 << 20
+
+
+def section_heads(problem: Problem) -> int:
+    """Query heads per scheduling section: as many as keep the K and V they read within SECTION_BYTES."""
+    elem = 4 if problem.dtype == "float32" else 2
+    head_bytes = problem.len_k * (problem.dim_k + problem.dim_v) * elem / problem.group
+    return int(min(max(1, SECTION_BYTES // max(head_bytes, 1)), 0xFFFFFFFF))
 
 
 def _coopmat_tiles(caps: DeviceCaps, problem: Problem) -> Dict[str, int]:
@@ -116,10 +128,13 @@ def _coopmat_tiles(caps: DeviceCaps, problem: Problem) -> Dict[str, int]:
     # * D=128: BR=64, BC=32, 4 subgroups, K/V sharing one buffer (STAGE 1): S8192 7.21 ms vs 7.84
     #   for BR=128 / 8 subgroups (the best before the register softmax), causal 3.66 vs 4.00,
     #   S2048 0.76 vs 0.80. Above D=128, BR=128 / 8 subgroups (D=256: 139 vs 84 TFLOPS).
-    # * D<=64: K and V in separate buffers (STAGE 2: two barriers per key tile instead of four).
-    #   Large grids take BR=128 with 4 subgroups of 32 rows and BC=16 (S8192 5.21 vs 5.50 ms,
-    #   causal 2.46 vs 2.90; 2048 workgroups); at S2048 (512 workgroups of 128 rows) that tile
-    #   leaves the device short of work (0.55 vs 0.47 ms), so smaller grids take BR=64, BC=32.
+    # * D<=64: K and V in separate buffers (STAGE 2: two barriers per key tile instead of four),
+    #   BR=128 with 4 subgroups of 32 rows and BC=16 (S8192 5.21 vs 5.50 ms, causal 2.46 vs 2.90).
+    #   Fifth session (benchmarks/ab_gpu.py --tiles, GPU timestamps) the same tile against BR=64,
+    #   BC=32 on small grids too: H32 S2048 0.287 vs 0.344 ms, H16 S2048 0.149 vs 0.176, H20
+    #   S1024 0.080 vs 0.097, H64 S512 0.047 vs 0.055, H20 S4096 0.840 vs 0.832; only H40 S1024
+    #   lost (0.149 vs 0.139). BR=64 stays for query lengths the taller tile would pad by more
+    #   than an eighth (short prompts, a few decode rows beyond split-KV's range).
     wave = max(caps.subgroup_size, 1)
     dmax = max(problem.dim_k, problem.dim_v)
     if dmax > 128:
@@ -127,8 +142,7 @@ def _coopmat_tiles(caps: DeviceCaps, problem: Problem) -> Dict[str, int]:
     elif dmax > 64:
         candidates = ((64, 32, 128), (128, 32, 256), (64, 16, 128), (32, 16, 64))
     else:
-        tall_grid = -(-problem.len_q // 128) * problem.batch * problem.heads_q
-        tall = tall_grid >= COOPMAT_TALL_GRID_FACTOR * parallelism(caps)
+        tall = -problem.len_q % 128 <= problem.len_q // 8
         candidates = ((128, 16, 128),) * tall + ((64, 32, 128), (64, 16, 128), (32, 16, 64))
     for br, bc, wg in candidates:
         wg = max(wg, wave) // wave * wave

@@ -26,7 +26,7 @@ import numpy as np
 from ..dtypes import ITEMSIZE, STORAGE
 from ..problem import Problem
 from .hostcopy import copy_bytes
-from .kernels import KernelConfig, parallelism
+from .kernels import KernelConfig, parallelism, section_heads
 from .splitkv import ForwardConfig, SplitKVConfig
 
 log = logging.getLogger("aule_kp")
@@ -122,7 +122,7 @@ def push_constants(p: Problem, group0: int) -> np.ndarray:
     signed = [p.diag, -1 if p.left is None else p.left, -1 if p.right is None else p.right]
     sb, sh, si, sj = mask_strides(p)
     vals = [p.len_q, p.len_k, p.group, p.heads_kv, group0, scale_bits, *(x & 0xFFFFFFFF for x in signed),
-            int(p.has_mask), sb, sh, si, sj, p.heads_q]
+            int(p.has_mask), sb, sh, si, sj, p.heads_q, section_heads(p)]
     return np.array(vals, dtype=np.uint32)
 
 
