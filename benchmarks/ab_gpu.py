@@ -2,14 +2,16 @@
 timestamps, the variants timed in alternation so that clock and thermal drift hit all alike (run by
 scripts/gpu_run.sh, STEPS=ab). Two modes:
 
-    python3 benchmarks/ab_gpu.py SPIRV_DIR[,SPIRV_DIR...] [kernel ...]   # default: fa2_fwd_coopmat
+    python3 benchmarks/ab_gpu.py VARIANT[,VARIANT...] [kernel ...]   # default: fa2_fwd_coopmat
     python3 benchmarks/ab_gpu.py --tiles H,S,D[,causal] BR,BC,WG,STAGE [...]
 
 The first times the working tree's kernels (A) against other revisions' or variants' (B1, B2, ...,
-compiled by scripts/spirv_at.sh into each SPIRV_DIR) on the forward bars' problems: each B kernel is
+compiled by scripts/spirv_at.sh into a folder) on the forward bars' problems: each B kernel is
 copied next to the tree's SPIR-V as ``<kernel>_ab<i>.spv`` and run through the same KernelConfig
-with only the kernel name changed. The second times the tile the library picks for one B1 fp16 problem against the
-given tiles of the same kernel. Prints a markdown table of medians, ratios and max differences.
+with only the kernel name changed. A VARIANT of the form NAME=VALUE instead runs this tree's
+kernel with the plan built under that environment variable (a host-side knob). The second times
+the tile the library picks for one B1 fp16 problem against the given tiles of the same kernel.
+Prints a markdown table of medians, ratios and max differences.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -49,9 +51,23 @@ def label(h: int, s: int, d: int, causal: bool) -> str:
     return f"H{h} S{s} D{d}{' causal' if causal else ''}"
 
 
-def alternate(dev, p: Problem, configs: Sequence[KernelConfig]) -> Tuple[List[float], List[float]]:
-    """Median GPU seconds of each config on the same device tensors, timed in alternation, and each
-    output's max difference from the first config's."""
+def plan_with_env(dev, p: Problem, cfg: KernelConfig, io, env: Dict[str, str]) -> Plan:
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return Plan(dev, p, cfg, io)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def alternate(dev, p: Problem, configs: Sequence[KernelConfig],
+              envs: Optional[Sequence[Dict[str, str]]] = None) -> Tuple[List[float], List[float]]:
+    """Median GPU seconds of each config (its plan built under the matching ``envs`` entry) on the
+    same device tensors, timed in alternation, and each output's max difference from the first's."""
     rng = np.random.default_rng(0)
     ctx = aule_kp.Context()
     shape = (p.batch, p.heads_q, p.len_q, p.dim_k)
@@ -59,7 +75,7 @@ def alternate(dev, p: Problem, configs: Sequence[KernelConfig]) -> Tuple[List[fl
     for t in tensors[:3]:
         t.upload(rng.standard_normal(shape, dtype=np.float32).astype(np.float16))
     io = [t.kp_tensor for t in tensors]
-    plans = [Plan(dev, p, cfg, io) for cfg in configs]
+    plans = [plan_with_env(dev, p, cfg, io, env) for cfg, env in zip(configs, envs or [{}] * len(configs))]
     outs = []
     for plan in plans:
         plan.eval()
@@ -75,14 +91,22 @@ def alternate(dev, p: Problem, configs: Sequence[KernelConfig]) -> Tuple[List[fl
     return [statistics.median(t) for t in times], [float(np.abs(o - outs[0]).max()) for o in outs]
 
 
-def revisions(spirv_dirs: List[str], kernels: List[str]) -> None:
+def revisions(variants: List[str], kernels: List[str]) -> None:
+    """B variants: a folder of another revision's SPIR-V, or NAME=VALUE (this tree's kernels, the plan
+    built with that environment variable set, e.g. AULE_KP_SECTION_BYTES=1)."""
     dev = devmod.get_device()
-    for i, spirv_dir in enumerate(spirv_dirs, 1):
+    envs: List[Dict[str, str]] = [{}]
+    for i, variant in enumerate(variants, 1):
+        if "=" in variant and not Path(variant).is_dir():
+            name, value = variant.split("=", 1)
+            envs.append({name: value})
+            continue
+        envs.append({})
         for kernel in kernels:
-            shutil.copy(Path(spirv_dir) / f"{kernel}.spv", spirv_path(f"{kernel}_ab{i}"))
-    names = [f"B{i}" for i in range(1, len(spirv_dirs) + 1)] if len(spirv_dirs) > 1 else ["B"]
+            shutil.copy(Path(variant) / f"{kernel}.spv", spirv_path(f"{kernel}_ab{i}"))
+    names = [f"B{i}" for i in range(1, len(variants) + 1)] if len(variants) > 1 else ["B"]
     print(f"{dev.caps.name}, {dev.caps.driver_info}: A = this tree, "
-          + ", ".join(f"{n} = {d}" for n, d in zip(names, spirv_dirs))
+          + ", ".join(f"{n} = {d}" for n, d in zip(names, variants))
           + f" ({', '.join(kernels)}); {ROUNDS} alternating rounds, median of each\n")
     print("| problem | A ms | " + " | ".join(f"{n} ms | {n} / A | {n} max diff" for n in names) + " |")
     print("|---|---|" + "---|---|---|" * len(names))
@@ -92,8 +116,9 @@ def revisions(spirv_dirs: List[str], kernels: List[str]) -> None:
         if not isinstance(cfg, KernelConfig) or cfg.kernel not in kernels:
             print(f"| {label(*shape)} | {cfg} is not an A/B kernel |")
             continue
-        configs = [cfg] + [replace(cfg, kernel=f"{cfg.kernel}_ab{i}") for i in range(1, len(spirv_dirs) + 1)]
-        medians, diffs = alternate(dev, p, configs)
+        configs = [cfg] + [cfg if env else replace(cfg, kernel=f"{cfg.kernel}_ab{i}")
+                           for i, env in enumerate(envs[1:], 1)]
+        medians, diffs = alternate(dev, p, configs, envs)
         print(f"| {label(*shape)} | {medians[0] * 1e3:.3f} | "
               + " | ".join(f"{m * 1e3:.3f} | {m / medians[0]:.3f} | {d:.1e}" for m, d in zip(medians[1:], diffs[1:]))
               + " |", flush=True)

@@ -6,7 +6,7 @@
 // its `group` query heads). Buffers hold only that chunk, contiguous:
 //   Q [n_q_heads_in_chunk, len_q, DK]   K [n_groups_in_chunk, len_k, DK]   V [.., len_k, DV]
 //   O [n_q_heads_in_chunk, len_q, DV]   LSE [n_q_heads_in_chunk, len_q] (natural log, fp32)
-// Workgroup grid: x = query tile (BR rows), y = query head within the chunk.
+// Workgroup grid: query tiles (BR rows) by query heads within the chunk, see query_head().
 // 16-bit data is packed two per uint (element e in word e>>1, low half first), fp32 as float bits.
 // Visibility: query i sees key j when i + diag - left <= j <= i + diag + right (left/right < 0:
 // unbounded), and, with a mask, the mask value (x log2(e)) is added to the score; -inf hides the key.
@@ -48,7 +48,6 @@ layout(push_constant) uniform Push {
     uint mask_si;
     uint mask_sj;
     uint heads_q;
-    uint section_heads; // query heads per scheduling section (query_tile() / query_head())
 #ifdef FA2_SPLIT_KV
     // Split-KV kernels only (fa2_splitkv*.comp define FA2_SPLIT_KV; the host pushes these two
     // after the fields above to them alone): split s covers the keys
@@ -102,27 +101,20 @@ void store_pair(uint e, vec2 val) {
     }
 }
 
-// The (query tile, query head) of this workgroup. Workgroups start roughly in linear ID order (x
-// fastest). The heads are taken in sections of pc.section_heads (the host sizes a section so that
-// its K and V fit in the L2 cache, kernels.SECTION_BYTES), and within a section the linear index
-// walks every head's last query tile first, then the tiles before them: with a causal band the
-// last rows see the most keys, so the longest workgroups start first and the short ones fill the
-// end (longest-processing-time-first, in L2-sized sections, as FlashAttention-3 schedules causal
-// tiles). All heads in one section (no L2 bound) measured 18% slower without a band on an H200.
-uvec2 tile_and_head() {
-    const uint nx = gl_NumWorkGroups.x, ny = gl_NumWorkGroups.y;
-    const uint lin = gl_WorkGroupID.y * nx + gl_WorkGroupID.x;
-    const uint g = clamp(pc.section_heads, 1u, ny);
-    const uint first = lin / (g * nx) * g;                 // first head of this section
-    const uint heads = min(g, ny - first);
-    const uint local = lin - first * nx;
-    return uvec2(nx - 1u - local / heads, first + local % heads);
-}
+// The (query tile, query head) of this workgroup. The grid is x = head within a section of heads,
+// y = query tile, z = section (plan.query_grid; the host sizes a section so that its K and V fit
+// in the L2 cache, kernels.SECTION_BYTES). Workgroups start roughly in linear ID order (x fastest),
+// so a section's heads run their last query tiles first, then the tiles before them, and sections
+// follow one another: with a causal band the last rows see the most keys, so the longest
+// workgroups start first and the short ones fill the end (longest-processing-time-first in
+// L2-sized sections, as FlashAttention-3 schedules causal tiles). Taken from the builtins as they
+// are: the same order computed from a linear index (integer division by a runtime value) made the
+// coopmat forward 10-17% slower on an H200 whatever the order.
 uint query_tile() {
-    return tile_and_head().x;
+    return gl_NumWorkGroups.y - 1u - gl_WorkGroupID.y;
 }
 uint query_head() {
-    return tile_and_head().y;
+    return gl_WorkGroupID.z * gl_NumWorkGroups.x + gl_WorkGroupID.x;
 }
 
 // Keys [lo, hi) any row in [row_lo, row_hi) may see: tiles outside are skipped.

@@ -22,7 +22,7 @@ if ! python3 -c 'import kp; assert kp.aule_patch' 2>/dev/null; then
   echo "kp built in $(( $(date +%s) - t0 )) s"
 fi
 export AULE_KP_SPIRV_CACHE=$PWD/spirv_cache
-nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.limit,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
 python3 -m aule_kp info | tee "$OUT/info.txt"
 # STEPS picks what runs after the set-up (default: everything), e.g. STEPS="gemm host" .
 STEPS=" ${STEPS:-tests bench backward host decode gemm tune triton} "  # also: splitkv (a tile sweep), ab, cmd

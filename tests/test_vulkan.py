@@ -113,7 +113,7 @@ def test_chunked_bindings(monkeypatch, rng):
 @pytest.mark.parametrize("heads_per_section", [1, 4, 64])
 @pytest.mark.parametrize("causal", [False, True])
 def test_scheduling_sections(monkeypatch, heads_per_section, causal, rng):
-    # Sections of 1 head, of 4 (6 query heads: the last section has 2) and one section for all: each
+    # Sections of 1 head, of 3 (at most 4 asked; 3 divides the 6 query heads) and one for all: each
     # order must still cover every (query tile, head) exactly once. 150 rows: several query tiles.
     plans = devmod.get_device().plans
     plans.clear()  # cached plans keep the push constants they were recorded with
@@ -122,6 +122,14 @@ def test_scheduling_sections(monkeypatch, heads_per_section, causal, rng):
         check(problem(b=1, hq=6, hkv=3, lq=150, lk=70, causal=causal), rng)
     finally:
         plans.clear()
+
+
+def test_query_grid_sections_divide_the_heads(monkeypatch):
+    p = problem(lq=150)
+    for asked, heads, grid in [(4, 6, (3, 3, 2)), (4, 32, (4, 3, 8)), (1, 6, (1, 3, 6)), (64, 6, (6, 3, 1)),
+                               (4, 7, (1, 3, 7))]:
+        monkeypatch.setattr(planmod, "section_heads", lambda p, asked=asked: asked)
+        assert planmod.query_grid(p, heads, 64) == grid
 
 
 def test_section_heads_fit_the_bytes(monkeypatch):

@@ -24,7 +24,7 @@ from ..dtypes import STORAGE
 from ..problem import Problem
 from .hostcopy import copy_bytes
 from .kernels import BackwardConfig
-from .plan import RecordedPlan, group_bytes, groups_that_fit, push_constants, stats
+from .plan import RecordedPlan, group_bytes, groups_that_fit, push_constants, query_grid, stats
 
 log = logging.getLogger("aule_kp")
 
@@ -90,7 +90,7 @@ class BackwardPlan(RecordedPlan):
             grids = (
                 (math.ceil(p.len_q / pre.wg), heads, 1),
                 (math.ceil(p.len_k / dkdv.br), n, 1),
-                (math.ceil(p.len_q / dq.br), heads, 1),
+                query_grid(p, heads, dq.br),
             )
             push = push_constants(p, g0)
             algorithms = [mgr.algorithm(bound, device.spirv(k.kernel), grid, config.spec(k), push)

@@ -106,20 +106,23 @@ def _scalar_tiles(caps: DeviceCaps, problem: Problem, wave: int, cpu: bool) -> D
     return dict(tpr=tpr, br=br, bc=bc, stage=1, wg=wg, rpt=1)
 
 
-#: K and V bytes the query heads of one scheduling section read (glsl/fa2_common.glsl,
-#: tile_and_head(): longest query tiles first within a section, sections one after another), sized
-#: to share the L2 cache. H200 (50 MiB L2), B1 H32 fp16, one-process A/B against 1 head per section
-#: (the order before) and 8 / 32 / 64 MiB: 16 MiB was 2.6% faster causal at D128 S8192 and 3.3% at
-#: D64 S16384, 5.5% at D64 S8192 and within 1% at D128 S8192; every head in one section was 18%
-#: slower without a band. Not measured on other vendors' caches.
+#: K and V bytes the query heads of one scheduling section read (plan.query_grid, glsl/fa2_common.glsl
+#: query_head(): longest query tiles first within a section, sections one after another), sized to
+#: share the L2 cache. H200 (50 MiB L2), B1 H32 fp16, one-process A/B (benchmarks/ab_gpu.py,
+#: `ab_sections_grid.md`) against 1 head per section (the order before), 8 and 32 MiB: 16 MiB ran
+#: causal D128 S8192 4.2% faster, D64 S16384 causal 3.0%, D64 S8192 6.0%, D64 S2048 3.8%, and
+#: D128 S8192 2% slower (8 MiB was best at D64 S8192, 32 MiB at D64 causal: within noise).
+#: Not measured on other vendors' caches: AULE_KP_SECTION_BYTES overrides it.
 SECTION_BYTES = 16 << 20
+SECTION_BYTES_ENV = "AULE_KP_SECTION_BYTES"
 
 
 def section_heads(problem: Problem) -> int:
     """Query heads per scheduling section: as many as keep the K and V they read within SECTION_BYTES."""
     elem = 4 if problem.dtype == "float32" else 2
     head_bytes = problem.len_k * (problem.dim_k + problem.dim_v) * elem / problem.group
-    return int(min(max(1, SECTION_BYTES // max(head_bytes, 1)), 0xFFFFFFFF))
+    budget = int(os.environ.get(SECTION_BYTES_ENV) or SECTION_BYTES)
+    return int(min(max(1, budget // max(head_bytes, 1)), 0xFFFFFFFF))
 
 
 def _coopmat_tiles(caps: DeviceCaps, problem: Problem) -> Dict[str, int]:

@@ -122,8 +122,16 @@ def push_constants(p: Problem, group0: int) -> np.ndarray:
     signed = [p.diag, -1 if p.left is None else p.left, -1 if p.right is None else p.right]
     sb, sh, si, sj = mask_strides(p)
     vals = [p.len_q, p.len_k, p.group, p.heads_kv, group0, scale_bits, *(x & 0xFFFFFFFF for x in signed),
-            int(p.has_mask), sb, sh, si, sj, p.heads_q, section_heads(p)]
+            int(p.has_mask), sb, sh, si, sj, p.heads_q]
     return np.array(vals, dtype=np.uint32)
+
+
+def query_grid(p: Problem, heads: int, br: int) -> Tuple[int, int, int]:
+    """Grid of a kernel over (query tile, query head) pairs (glsl/fa2_common.glsl ``query_head``):
+    x = head within a section, y = query tile, z = section. A section is the largest divisor of
+    ``heads`` within ``section_heads(p)`` (so the grid is exact and the shader checks nothing)."""
+    per = max(d for d in range(1, min(heads, section_heads(p)) + 1) if heads % d == 0)
+    return per, math.ceil(p.len_q / br), heads // per
 
 
 def dispatch(config: ForwardConfig, p: Problem, n_groups: int,
@@ -131,7 +139,7 @@ def dispatch(config: ForwardConfig, p: Problem, n_groups: int,
     """(pipeline, grid, push constants) of the dispatch over the chunk of ``n_groups`` groups from ``group0``."""
     if isinstance(config, SplitKVConfig):
         return config.dispatch(p, n_groups, push_constants(p, group0))
-    return config, (math.ceil(p.len_q / config.br), n_groups * p.group, 1), push_constants(p, group0)
+    return config, query_grid(p, n_groups * p.group, config.br), push_constants(p, group0)
 
 
 @dataclass
