@@ -8,14 +8,17 @@ scripts/gpu_run.sh, STEPS=ab). Two modes:
 The first times the working tree's kernels (A) against other revisions' or variants' (B1, B2, ...,
 compiled by scripts/spirv_at.sh into a folder) on the forward bars' problems: each B kernel is
 copied next to the tree's SPIR-V as ``<kernel>_ab<i>.spv`` and run through the same KernelConfig
-with only the kernel name changed. A VARIANT of the form NAME=VALUE instead runs this tree's
-kernel with the plan built under that environment variable (a host-side knob). The second times
-the tile the library picks for one B1 fp16 problem against the given tiles of the same kernel.
-Prints a markdown table of medians, ratios and max differences.
+with only the kernel name changed, so B must follow this tree's grid and push-constant contract
+(revisions from 946fbed on: x = head in section, y = query tile, z = section). A VARIANT of the
+form NAME=VALUE instead runs this tree's kernels, the choice and the plan made under that
+environment variable (a host-side knob). The second times the tile the library picks for one B1
+fp16 problem against the given tiles of the same kernel. Prints a markdown table of medians,
+ratios and max differences (outputs start as NaN, so work a variant skips shows).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -23,7 +26,7 @@ import statistics
 import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -51,11 +54,12 @@ def label(h: int, s: int, d: int, causal: bool) -> str:
     return f"H{h} S{s} D{d}{' causal' if causal else ''}"
 
 
-def plan_with_env(dev, p: Problem, cfg: KernelConfig, io, env: Dict[str, str]) -> Plan:
+@contextlib.contextmanager
+def environment(env: Dict[str, str]) -> Iterator[None]:
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
-        return Plan(dev, p, cfg, io)
+        yield
     finally:
         for k, v in saved.items():
             if v is None:
@@ -75,9 +79,13 @@ def alternate(dev, p: Problem, configs: Sequence[KernelConfig],
     for t in tensors[:3]:
         t.upload(rng.standard_normal(shape, dtype=np.float32).astype(np.float16))
     io = [t.kp_tensor for t in tensors]
-    plans = [plan_with_env(dev, p, cfg, io, env) for cfg, env in zip(configs, envs or [{}] * len(configs))]
+    plans = []
+    for cfg, env in zip(configs, envs or [{}] * len(configs)):
+        with environment(env):
+            plans.append(Plan(dev, p, cfg, io))
     outs = []
     for plan in plans:
+        tensors[3].upload(np.full(shape, np.nan, np.float16))  # work a variant skips shows as NaN
         plan.eval()
         outs.append(tensors[3].download().astype(np.float32))
     times: List[List[float]] = [[] for _ in plans]
@@ -116,8 +124,10 @@ def revisions(variants: List[str], kernels: List[str]) -> None:
         if not isinstance(cfg, KernelConfig) or cfg.kernel not in kernels:
             print(f"| {label(*shape)} | {cfg} is not an A/B kernel |")
             continue
-        configs = [cfg] + [cfg if env else replace(cfg, kernel=f"{cfg.kernel}_ab{i}")
-                           for i, env in enumerate(envs[1:], 1)]
+        configs = [cfg]
+        for i, env in enumerate(envs[1:], 1):
+            with environment(env):  # a knob may change the choice too (a fresh backend: no cached one)
+                configs.append(VulkanBackend().config(p) if env else replace(cfg, kernel=f"{cfg.kernel}_ab{i}"))
         medians, diffs = alternate(dev, p, configs, envs)
         print(f"| {label(*shape)} | {medians[0] * 1e3:.3f} | "
               + " | ".join(f"{m * 1e3:.3f} | {m / medians[0]:.3f} | {d:.1e}" for m, d in zip(medians[1:], diffs[1:]))

@@ -35,8 +35,14 @@ def main(rounds: int = 5, repeat: int = 10) -> None:
     for case in CASES:
         ours, flash = [], []
         for _ in range(rounds):
-            ours.append(bench_gpu_tensor(case, repeat)["ms"])
-            flash.append(bench_torch(case, repeat, "cuda", "FLASH_ATTENTION")["ms"])
+            rows = bench_gpu_tensor(case, repeat), bench_torch(case, repeat, "cuda", "FLASH_ATTENTION")
+            if any(row["ms"] is None for row in rows):
+                print(f"| {case.label()} | not timed: {'; '.join(r['note'] for r in rows if r['ms'] is None)} |")
+                break
+            ours.append(rows[0]["ms"])
+            flash.append(rows[1]["ms"])
+        if len(ours) < rounds:
+            continue
         ratios = [f / o for o, f in zip(ours, flash)]
         print(f"| {case.label()} | {statistics.median(ours):.3f} | {statistics.median(flash):.3f} | "
               f"{statistics.median(ratios):.3f} | {min(ratios):.3f}-{max(ratios):.3f} |", flush=True)

@@ -52,9 +52,9 @@
 // (benchmarks/coopmat_gemm_gpu.py; cuBLAS 668-781 in the same run): that bounds this kernel.
 //
 // Index math (fa2_common.glsl layout, one dispatch = one chunk of (batch, kv-head) groups):
-//   y = query_head() (query head in the chunk), x = query_tile() (fa2_common.glsl: longest tiles
+//   y = query_head() (query head in the chunk), t = query_tile() (fa2_common.glsl: longest tiles
 //   first, in sections of heads), kv group in the chunk = y / group,
-//   query rows [x*BR, x*BR + BR) of Q[y], keys of K[y / group], V[y / group].
+//   query rows [t*BR, t*BR + BR) of Q[y], keys of K[y / group], V[y / group].
 //   The mask is the whole [B, Hq, Lq, Lk] (broadcast strides): global query head gq = group0*group + y,
 //   batch = gq / heads_q, head = gq % heads_q, element = b*mask_sb + h*mask_sh + i*mask_si + j*mask_sj.
 //

@@ -427,7 +427,8 @@ static void dump_representations(const Ctx *c, const VkPipelineExecutableInfoKHR
         snprintf(path, sizeof path, "%s/%s.e%" PRIu32 ".%" PRIu32 ".txt", c->ir_dir, name, einfo->executableIndex, i);
         if ((r == VK_SUCCESS || r == VK_INCOMPLETE) && reps[i].pData != NULL && (f = fopen(path, "wb")) != NULL) {
             fprintf(f, "# %s: %s (%s)\n", reps[i].name, reps[i].description, reps[i].isText ? "text" : "binary");
-            fwrite(reps[i].pData, 1, reps[i].dataSize, f);
+            /* Text representations end in a NUL the file does not need. */
+            fwrite(reps[i].pData, 1, reps[i].isText && reps[i].dataSize ? reps[i].dataSize - 1 : reps[i].dataSize, f);
             fclose(f);
         }
         free(reps[i].pData);

@@ -7,8 +7,9 @@ set -euo pipefail
 rev=${1:-HEAD}; dest=${2:-.device/spirv_ab}; shift $(( $# < 2 ? $# : 2 ))
 src=$(mktemp -d); trap 'rm -rf "$src"' EXIT
 if [ "$rev" = worktree ]; then cp -r glsl "$src/"; else git archive "$rev" glsl | tar -x -C "$src"; fi
-mkdir -p "$dest"
+mkdir -p "$dest" && rm -f "$dest"/*.spv
 for f in "$src"/glsl/*.comp; do
   .venv/bin/glslangValidator -V --target-env vulkan1.3 -I"$src/glsl" "$@" "$f" -o "$dest/$(basename "${f%.comp}").spv" >/dev/null
 done
-echo "$rev${*:+ $*} -> $dest: $(ls "$dest" | wc -l) kernels"
+[ "$rev" = worktree ] && at=worktree || at="$rev ($(git rev-parse --short "$rev"))"
+echo "$at${*:+ $*} -> $dest: $(ls "$dest" | wc -l) kernels"

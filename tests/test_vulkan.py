@@ -114,12 +114,12 @@ def test_chunked_bindings(monkeypatch, rng):
 @pytest.mark.parametrize("causal", [False, True])
 def test_scheduling_sections(monkeypatch, heads_per_section, causal, rng):
     # Sections of 1 head, of 3 (at most 4 asked; 3 divides the 6 query heads) and one for all: each
-    # order must still cover every (query tile, head) exactly once. 150 rows: several query tiles.
+    # order must still cover every (query tile, head) exactly once. 300 rows: several query tiles.
     plans = devmod.get_device().plans
-    plans.clear()  # cached plans keep the push constants they were recorded with
+    plans.clear()  # cached plans keep the grid they were recorded with
     monkeypatch.setattr(planmod, "section_heads", lambda p: heads_per_section)
     try:
-        check(problem(b=1, hq=6, hkv=3, lq=150, lk=70, causal=causal), rng)
+        check(problem(b=1, hq=6, hkv=3, lq=300, lk=70, causal=causal), rng)
     finally:
         plans.clear()
 
@@ -135,11 +135,30 @@ def test_query_grid_sections_divide_the_heads(monkeypatch):
 def test_section_heads_fit_the_bytes(monkeypatch):
     from aule_kp.vulkan import kernels
 
+    monkeypatch.delenv(kernels.SECTION_BYTES_ENV, raising=False)
     monkeypatch.setattr(kernels, "SECTION_BYTES", 1 << 20)
     # fp16, Lk 1024, D 64 + 64: 256 KiB of K and V per kv head; 2 query heads share them.
     assert kernels.section_heads(problem(hq=4, hkv=2, lk=1024, dk=64, dv=64, dtype="float16")) == 8
     assert kernels.section_heads(problem(lk=1024, dk=64, dv=64, dtype="float32", hq=1, hkv=1)) == 2
     assert kernels.section_heads(problem(lk=1 << 20, dk=256, dv=256, hq=1, hkv=1)) == 1
+
+
+def test_section_bytes_env(monkeypatch):
+    from aule_kp.vulkan import kernels
+
+    p = problem(lk=1024, dk=64, dv=64, dtype="float16", hq=1, hkv=1)  # 256 KiB of K and V
+    monkeypatch.setenv(kernels.SECTION_BYTES_ENV, str(1 << 20))
+    assert kernels.section_heads(p) == 4
+    for bad in ("16M", "0", "-5"):
+        monkeypatch.setenv(kernels.SECTION_BYTES_ENV, bad)
+        with pytest.raises(ValueError, match="AULE_KP_SECTION_BYTES must be a positive"):
+            kernels.section_heads(p)
+
+
+def test_query_tiles_over_the_grid_limit_is_a_reason():
+    assert planmod.query_tiles_reason(problem(lq=1000), 16, 65535) is None
+    why = planmod.query_tiles_reason(problem(lq=65535 * 16 + 1), 16, 65535)
+    assert "65536 query tiles of 16" in why and "65535 workgroups in grid y" in why
 
 
 def test_plan_reuse(rng):
@@ -182,6 +201,22 @@ def test_unpatched_kp_disables_coopmat(monkeypatch):
     monkeypatch.setattr(devmod, "kp_status", lambda: {"available": True, "patched": False})
     assert any("unpatched" in r for r in variant_reasons("coopmat", caps, p, forced=True))
     assert variant_reasons("scalar", caps, p) == []
+
+
+def test_coopmat_d64_tile_choice():
+    from dataclasses import replace
+
+    from aule_kp.vulkan.kernels import _coopmat_tiles
+
+    caps = replace(devmod.get_device().caps, type="discrete", subgroup_size=32, shared_memory=48 << 10,
+                   max_workgroup_invocations=1024)
+
+    def tall(h: int, s: int) -> bool:
+        return _coopmat_tiles(caps, problem(hq=h, hkv=h, lq=s, lk=s, dk=64, dv=64, dtype="float16"))["br"] == 128
+
+    assert tall(32, 2048) and tall(32, 8192) and tall(20, 1024)  # 512, 2048, 160 tiles of 128 rows
+    assert not tall(8, 1024)  # 64 tiles: fewer than a discrete GPU runs at once
+    assert not tall(32, 200)  # 56 of 256 rows would be padding
 
 
 def test_long_key_rows(rng, monkeypatch):

@@ -223,7 +223,7 @@ def test_scheduling_sections(monkeypatch, heads_per_section):
     from aule_kp.vulkan import plan as planmod
 
     plans = devmod.get_device().plans
-    plans.clear()  # cached plans keep the push constants they were recorded with
+    plans.clear()  # cached plans keep the grid they were recorded with
     monkeypatch.setattr(planmod, "section_heads", lambda p: heads_per_section)
     try:
         check(problem(b=1, hq=6, hkv=3, lq=90, lk=50, causal=True))

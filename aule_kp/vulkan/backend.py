@@ -15,10 +15,11 @@ from .kernels import (
     COOPMAT_CONVERT_ENV,
     CPU_LOOP_LIMIT,
     BackwardConfig,
+    KernelConfig,
     backward_config,
     backward_config_reasons,
 )
-from .plan import Plan, binding_limit, groups_per_chunk
+from .plan import Plan, binding_limit, groups_per_chunk, query_tiles_reason
 from .splitkv import ForwardConfig, SplitKVConfig, choose_forward
 
 
@@ -69,6 +70,9 @@ class VulkanBackend(Backend):
             if loops > CPU_LOOP_LIMIT:
                 reasons.append(f"{loops} loop iterations per invocation; CPU drivers (lavapipe) stop loops at "
                                f"{CPU_LOOP_LIMIT}")
+        if isinstance(cfg, KernelConfig):
+            too_tall = query_tiles_reason(problem, cfg.br, dev.caps.max_workgroup_count[1])
+            reasons += [too_tall] if too_tall else []
         if groups_per_chunk(problem, limit, cfg) < 1:
             reasons.append(f"one (batch, kv-head) slice is over the {limit} B storage binding limit")
         if problem.mask_shape is not None and 4 * int(np.prod(problem.mask_shape)) > limit:
@@ -113,6 +117,8 @@ class VulkanBackend(Backend):
     def _backward_reasons(self, problem: Problem, cfg: BackwardConfig) -> List[str]:
         caps = devmod.get_device().caps
         reasons = backward_config_reasons(cfg, caps, problem)
+        too_tall = query_tiles_reason(problem, cfg.dq.br, caps.max_workgroup_count[1])
+        reasons += [too_tall] if too_tall else []
         limit = binding_limit(caps.max_storage_buffer_range)
         if backward_groups_per_chunk(problem, limit, cfg.write_ds) < 1:
             what = "with its mask gradient (dS) " if cfg.write_ds else ""

@@ -12,6 +12,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from ..dtypes import ITEMSIZE
 from ..problem import Problem
 from .probe import DeviceCaps
 
@@ -107,22 +108,35 @@ def _scalar_tiles(caps: DeviceCaps, problem: Problem, wave: int, cpu: bool) -> D
 
 
 #: K and V bytes the query heads of one scheduling section read (plan.query_grid, glsl/fa2_common.glsl
-#: query_head(): longest query tiles first within a section, sections one after another), sized to
-#: share the L2 cache. H200 (50 MiB L2), B1 H32 fp16, one-process A/B (benchmarks/ab_gpu.py,
-#: `ab_sections_grid.md`) against 1 head per section (the order before), 8 and 32 MiB: 16 MiB ran
-#: causal D128 S8192 4.2% faster, D64 S16384 causal 3.0%, D64 S8192 6.0%, D64 S2048 3.8%, and
-#: D128 S8192 2% slower (8 MiB was best at D64 S8192, 32 MiB at D64 causal: within noise).
-#: Not measured on other vendors' caches: AULE_KP_SECTION_BYTES overrides it.
+#: query_head(): longest query tiles first within a section, sections one after another). A fixed
+#: budget, not derived from the device (Vulkan does not report cache sizes): tuned on an H200 (50 MiB
+#: L2), B1 H32 fp16, one-process A/B (benchmarks/ab_gpu.py, `ab_sections_grid.md`) against 1 head per
+#: section (the order before), 8 and 32 MiB: 16 MiB ran causal D128 S8192 4.2% faster, D64 S16384
+#: causal 3.0%, D64 S8192 6.0%, D64 S2048 3.8%, and D128 S8192 2% slower (8 MiB was best at D64
+#: S8192, 32 MiB at D64 causal: within noise). AULE_KP_SECTION_BYTES overrides it; it is read when a
+#: plan is built, so plans already cached for a shape keep their order.
 SECTION_BYTES = 16 << 20
 SECTION_BYTES_ENV = "AULE_KP_SECTION_BYTES"
 
 
+def section_bytes() -> int:
+    """The section budget: ``AULE_KP_SECTION_BYTES`` (a positive integer) or SECTION_BYTES."""
+    raw = os.environ.get(SECTION_BYTES_ENV)
+    if not raw:
+        return SECTION_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"{SECTION_BYTES_ENV} must be a positive number of bytes, got {raw!r}")
+    return value
+
+
 def section_heads(problem: Problem) -> int:
-    """Query heads per scheduling section: as many as keep the K and V they read within SECTION_BYTES."""
-    elem = 4 if problem.dtype == "float32" else 2
-    head_bytes = problem.len_k * (problem.dim_k + problem.dim_v) * elem / problem.group
-    budget = int(os.environ.get(SECTION_BYTES_ENV) or SECTION_BYTES)
-    return int(min(max(1, budget // max(head_bytes, 1)), 0xFFFFFFFF))
+    """Query heads per scheduling section: as many as keep the K and V they read within section_bytes()."""
+    head_bytes = problem.len_k * (problem.dim_k + problem.dim_v) * ITEMSIZE[problem.dtype] / problem.group
+    return max(1, int(section_bytes() // max(head_bytes, 1)))
 
 
 def _coopmat_tiles(caps: DeviceCaps, problem: Problem) -> Dict[str, int]:
@@ -137,7 +151,8 @@ def _coopmat_tiles(caps: DeviceCaps, problem: Problem) -> Dict[str, int]:
     #   BC=32 on small grids too: H32 S2048 0.287 vs 0.344 ms, H16 S2048 0.149 vs 0.176, H20
     #   S1024 0.080 vs 0.097, H64 S512 0.047 vs 0.055, H20 S4096 0.840 vs 0.832; only H40 S1024
     #   lost (0.149 vs 0.139). BR=64 stays for query lengths the taller tile would pad by more
-    #   than an eighth (short prompts, a few decode rows beyond split-KV's range).
+    #   than an eighth (short prompts, a few decode rows beyond split-KV's range) and for grids
+    #   of fewer tall tiles than the device runs at once (not measured there: the older choice).
     wave = max(caps.subgroup_size, 1)
     dmax = max(problem.dim_k, problem.dim_v)
     if dmax > 128:
@@ -145,7 +160,8 @@ def _coopmat_tiles(caps: DeviceCaps, problem: Problem) -> Dict[str, int]:
     elif dmax > 64:
         candidates = ((64, 32, 128), (128, 32, 256), (64, 16, 128), (32, 16, 64))
     else:
-        tall = -problem.len_q % 128 <= problem.len_q // 8
+        tall_grid = -(-problem.len_q // 128) * problem.batch * problem.heads_q
+        tall = -problem.len_q % 128 <= problem.len_q // 8 and tall_grid >= parallelism(caps)
         candidates = ((128, 16, 128),) * tall + ((64, 32, 128), (64, 16, 128), (32, 16, 64))
     for br, bc, wg in candidates:
         wg = max(wg, wave) // wave * wave

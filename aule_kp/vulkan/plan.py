@@ -35,6 +35,8 @@ log = logging.getLogger("aule_kp")
 stats: Dict[str, int] = {"plans": 0, "algorithms": 0, "evals": 0}
 
 LOG2E = 1.4426950408889634
+#: Vulkan's guaranteed maxComputeWorkGroupCount per dimension: bounds the query heads of one dispatch
+#: (spread over x and z of query_grid) and, with the device's own limit, the query tiles (y).
 MAX_GRID_Y = 65535
 #: Per-group buffers of float32 values; the others hold ``Problem.dtype`` data packed in uint32 words.
 FLOAT_BUFFERS = frozenset({"lse", "stats", "ds"})
@@ -126,10 +128,20 @@ def push_constants(p: Problem, group0: int) -> np.ndarray:
     return np.array(vals, dtype=np.uint32)
 
 
+def query_tiles_reason(p: Problem, br: int, max_grid_y: int) -> Optional[str]:
+    """Why a kernel over query tiles of ``br`` rows cannot cover ``p`` in one grid (None: it can)."""
+    tiles = math.ceil(p.len_q / br)
+    if tiles > max_grid_y:
+        return (f"{p.len_q} query rows need {tiles} query tiles of {br}: over the device's "
+                f"{max_grid_y} workgroups in grid y")
+    return None
+
+
 def query_grid(p: Problem, heads: int, br: int) -> Tuple[int, int, int]:
     """Grid of a kernel over (query tile, query head) pairs (glsl/fa2_common.glsl ``query_head``):
     x = head within a section, y = query tile, z = section. A section is the largest divisor of
-    ``heads`` within ``section_heads(p)`` (so the grid is exact and the shader checks nothing)."""
+    ``heads`` within ``section_heads(p)`` (so the grid is exact and the shader checks nothing; a
+    head count with no such divisor above 1, e.g. a prime one, runs one head per section)."""
     per = max(d for d in range(1, min(heads, section_heads(p)) + 1) if heads % d == 0)
     return per, math.ceil(p.len_q / br), heads // per
 
