@@ -119,18 +119,24 @@ SECTION_BYTES = 16 << 20
 SECTION_BYTES_ENV = "AULE_KP_SECTION_BYTES"
 
 
-def section_bytes() -> int:
-    """The section budget: ``AULE_KP_SECTION_BYTES`` (a positive integer) or SECTION_BYTES."""
-    raw = os.environ.get(SECTION_BYTES_ENV)
+def positive_int_env(name: str, what: str) -> Optional[int]:
+    """The environment variable ``name`` as a positive integer (None when unset or empty); anything
+    else is a ValueError that says it must be a positive number of ``what``."""
+    raw = os.environ.get(name, "").strip()
     if not raw:
-        return SECTION_BYTES
+        return None
     try:
         value = int(raw)
     except ValueError:
         value = 0
     if value < 1:
-        raise ValueError(f"{SECTION_BYTES_ENV} must be a positive number of bytes, got {raw!r}")
+        raise ValueError(f"{name} must be a positive number of {what}, got {raw!r}")
     return value
+
+
+def section_bytes() -> int:
+    """The section budget: ``AULE_KP_SECTION_BYTES`` (a positive integer) or SECTION_BYTES."""
+    return positive_int_env(SECTION_BYTES_ENV, "bytes") or SECTION_BYTES
 
 
 def section_heads(problem: Problem) -> int:

@@ -26,7 +26,7 @@ import numpy as np
 from ..dtypes import ITEMSIZE, STORAGE
 from ..problem import Problem
 from .hostcopy import copy_bytes
-from .kernels import KernelConfig, parallelism, section_heads
+from .kernels import KernelConfig, parallelism, positive_int_env, section_heads
 from .splitkv import ForwardConfig, SplitKVConfig
 
 log = logging.getLogger("aule_kp")
@@ -90,14 +90,8 @@ def pipeline_chunks(device: Any, p: Problem, config: ForwardConfig) -> int:
     the device's parallelism. ``AULE_KP_PIPELINE_CHUNKS`` forces a count (tests; 1: never).
     """
     n_groups = p.batch * p.heads_kv
-    raw = os.environ.get("AULE_KP_PIPELINE_CHUNKS", "").strip()
-    if raw:
-        try:
-            forced = int(raw)
-        except ValueError:
-            forced = 0
-        if forced < 1:
-            raise ValueError(f"AULE_KP_PIPELINE_CHUNKS must be a positive number of chunks, got {raw!r}")
+    forced = positive_int_env("AULE_KP_PIPELINE_CHUNKS", "chunks")
+    if forced is not None:
         return min(forced, n_groups) if getattr(device.kp, "aule_patch", 0) >= 2 else 1
     if (getattr(device.kp, "aule_patch", 0) < 2 or device.host_memory or not isinstance(config, KernelConfig)
             or n_groups < 2):
