@@ -101,15 +101,15 @@ void store_pair(uint e, vec2 val) {
     }
 }
 
-// The (query tile, query head) of this workgroup. The grid is x = head within a section of heads,
-// y = query tile, z = section (plan.query_grid; the host sizes a section so that its heads' K and
-// V stay within a fixed budget meant for the L2 cache, kernels.SECTION_BYTES). Workgroups start
+// The (query tile, query head) of this workgroup. The grid is x = head within a section of heads, y
+// = query tile, z = section (plan.query_grid; the host sizes a section so that its heads' K and V
+// stay within a fixed budget meant for the L2 cache, kernels.SECTION_BYTES). Workgroups start
 // roughly in linear ID order (x fastest), so a section's heads run their last query tiles first,
-// then the tiles before them, and sections follow one another: with a causal band the last rows see the most keys, so the longest
-// workgroups start first and the short ones fill the end (longest-processing-time-first in
-// L2-sized sections, as FlashAttention-3 schedules causal tiles). Taken from the builtins as they
-// are: the same order computed from a linear index (integer division by a runtime value) made the
-// coopmat forward 10-17% slower on an H200 whatever the order.
+// then the tiles before them, and sections follow one another: with a causal band the last rows see
+// the most keys, so the longest workgroups start first and the short ones fill the end (longest-
+// processing-time-first in L2-sized sections, as FlashAttention-3 schedules causal tiles). Taken
+// from the builtins as they are: the same order computed from a linear index (integer division by a
+// runtime value) made the coopmat forward 10-17% slower on an H200 whatever the order.
 uint query_tile() {
     return gl_NumWorkGroups.y - 1u - gl_WorkGroupID.y;
 }
