@@ -1,6 +1,7 @@
 // Shared by the cooperative-matrix backward kernels (fa2_bwd_dkdv_coopmat, fa2_bwd_dq_coopmat):
 // GL_KHR_cooperative_matrix at subgroup scope, 16x16x16, fp16 A/B operands, fp32 accumulators,
-// on top of fa2_bwd_common.glsl (bindings, push / spec constants, row statistics of fa2_bwd_pre).
+// on top of fa2_bwd_common.glsl (bindings, push / spec constants, row statistics of fa2_bwd_pre)
+// and fa2_coopmat.glsl (fragment types, fp16 input loads, shared with the forward).
 // Device features: cooperativeMatrix with that shape, shaderFloat16, vulkanMemoryModel (glslang
 // always emits it for KHR coopmat), subgroup basic in compute. It cannot run on lavapipe.
 //
@@ -23,17 +24,10 @@
 // DTYPE 1 (float16) is native; float32 / bfloat16 data is rounded to fp16 when staged (the host
 // allows it only on request, as for the forward). Accumulation and outputs as in the scalar kernels.
 
-#extension GL_EXT_shader_explicit_arithmetic_types_float16 : require
 #extension GL_KHR_shader_subgroup_basic : require
-#extension GL_KHR_memory_scope_semantics : require
-#extension GL_KHR_cooperative_matrix : require
 
 #include "fa2_bwd_common.glsl"
-
-const uint CM = 16u;
-#define MAT_A coopmat<float16_t, gl_ScopeSubgroup, 16, 16, gl_MatrixUseA>
-#define MAT_B coopmat<float16_t, gl_ScopeSubgroup, 16, 16, gl_MatrixUseB>
-#define MAT_C coopmat<float, gl_ScopeSubgroup, 16, 16, gl_MatrixUseAccumulator>
+#include "fa2_coopmat.glsl"
 
 const uint NRB = BR / CM;          // owned 16-row blocks per workgroup
 const uint NCB = BC / CM;          // 16-column blocks per step
@@ -50,41 +44,9 @@ shared vec4 s_sh[BR * SSTR];          // per block: S, then dP, then the epilogu
 shared f16vec4 p_sh[BR * PSTR];       // per block: P, then dS
 shared vec4 st_sh[BR > BC ? BR : BC]; // row statistics (m, ll, D, -) of the rows in play
 
-// Vector views of the packed inputs (aliases of fa2_common.glsl's uint views): 4 elements per
-// uvec2 (16-bit data) or uvec4 (fp32). Row starts are multiples of 16 elements.
-layout(std430, binding = 0) readonly buffer QBuf2 { uvec2 q_data2[]; };
-layout(std430, binding = 0) readonly buffer QBuf4 { uvec4 q_data4[]; };
-layout(std430, binding = 1) readonly buffer KBuf2 { uvec2 k_data2[]; };
-layout(std430, binding = 1) readonly buffer KBuf4 { uvec4 k_data4[]; };
-layout(std430, binding = 2) readonly buffer VBuf2 { uvec2 v_data2[]; };
-layout(std430, binding = 2) readonly buffer VBuf4 { uvec4 v_data4[]; };
 layout(std430, binding = 6) readonly buffer DOBuf2 { uvec2 do_data2[]; };
 layout(std430, binding = 6) readonly buffer DOBuf4 { uvec4 do_data4[]; };
 
-uvec2 f32x4_to_h4(uvec4 u) {
-    return uvec2(packHalf2x16(uintBitsToFloat(u.xy)), packHalf2x16(uintBitsToFloat(u.zw)));
-}
-
-uvec2 bf16x4_to_h4(uvec2 u) {
-    vec2 a = vec2(uintBitsToFloat(u.x << 16u), uintBitsToFloat(u.x & 0xFFFF0000u));
-    vec2 b = vec2(uintBitsToFloat(u.y << 16u), uintBitsToFloat(u.y & 0xFFFF0000u));
-    return uvec2(packHalf2x16(a), packHalf2x16(b));
-}
-
-f16vec4 h4(uvec2 u) {
-    return f16vec4(unpackFloat2x16(u.x), unpackFloat2x16(u.y));
-}
-
-// Elements e..e+3 (e % 4 == 0) of a packed input as 4 halves. if/else on the spec constant, not
-// ?:, so that no compiler evaluates the other dtype's load (the uvec4 view would read past the end).
-#define DEFINE_LOAD_H4(name, view2, view4) \
-    uvec2 name(uint e) { \
-        if (DTYPE == 0u) return f32x4_to_h4(view4[e >> 2u]); \
-        if (DTYPE == 2u) return bf16x4_to_h4(view2[e >> 2u]); \
-        return view2[e >> 2u]; }
-DEFINE_LOAD_H4(load_q4, q_data2, q_data4)
-DEFINE_LOAD_H4(load_k4, k_data2, k_data4)
-DEFINE_LOAD_H4(load_v4, v_data2, v_data4)
 DEFINE_LOAD_H4(load_do4, do_data2, do_data4)
 
 // Staging BC rows of a [rows, D] matrix, as fp16, in two halves so that the next step's global

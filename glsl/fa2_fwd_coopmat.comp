@@ -1,7 +1,8 @@
 #version 450
 // FlashAttention-2 forward, cooperative-matrix variant (GL_KHR_cooperative_matrix, subgroup scope,
 // 16x16x16 shapes: fp16 A/B operands, fp32 accumulators). Interface: fa2_common.glsl (bindings, push
-// constants, spec constants, packing, band helpers). Compile:
+// constants, spec constants, packing, band helpers); fragment types and fp16 input loads:
+// fa2_coopmat.glsl. Compile:
 //   glslangValidator -V --target-env vulkan1.3 -Iglsl glsl/fa2_fwd_coopmat.comp -o x.spv
 // (glslang 13.1.1 wants -Iglsl with no space). Device features it needs: cooperativeMatrix (a
 // 16x16x16 f16 x f16 + f32 subgroup shape), shaderFloat16, vulkanMemoryModel (glslang always
@@ -103,32 +104,13 @@
 // add per score block doubles the time here: cause not found.
 
 #extension GL_EXT_control_flow_attributes : enable
-#extension GL_EXT_shader_explicit_arithmetic_types_float16 : require
 #extension GL_KHR_shader_subgroup_basic : require
 #extension GL_KHR_shader_subgroup_vote : require
 #extension GL_KHR_shader_subgroup_shuffle : require
-#extension GL_KHR_memory_scope_semantics : require
-#extension GL_KHR_cooperative_matrix : require
 #extension GL_GOOGLE_include_directive : require
 
 #include "fa2_common.glsl"
-
-// Vector views of the packed input buffers (same bindings as fa2_common.glsl's uint views).
-// 16-bit data: uvec2 = 4 elements; fp32 data: uvec4 = 4 elements. Row starts are multiples of
-// 16 elements (DK, DV % 16 == 0), so these are always aligned.
-layout(std430, binding = 0) readonly buffer QBuf2 { uvec2 q_data2[]; };
-layout(std430, binding = 0) readonly buffer QBuf4 { uvec4 q_data4[]; };
-layout(std430, binding = 1) readonly buffer KBuf2 { uvec2 k_data2[]; };
-layout(std430, binding = 1) readonly buffer KBuf4 { uvec4 k_data4[]; };
-layout(std430, binding = 2) readonly buffer VBuf2 { uvec2 v_data2[]; };
-layout(std430, binding = 2) readonly buffer VBuf4 { uvec4 v_data4[]; };
-
-// Cooperative matrix shape (M = N = K = 16) and types.
-const uint CM = 16u;
-#define MAT_A coopmat<float16_t, gl_ScopeSubgroup, 16, 16, gl_MatrixUseA>
-#define MAT_B coopmat<float16_t, gl_ScopeSubgroup, 16, 16, gl_MatrixUseB>
-#define MAT_C coopmat<float, gl_ScopeSubgroup, 16, 16, gl_MatrixUseAccumulator>
-#define MAT_H coopmat<float16_t, gl_ScopeSubgroup, 16, 16, gl_MatrixUseAccumulator>
+#include "fa2_coopmat.glsl"
 
 // Work split. NSG: subgroups per workgroup on a 32-wide device (the design target); it only sizes
 // register arrays. The real gl_NumSubgroups may differ: see the pass loop in main().
@@ -163,40 +145,6 @@ shared vec4 s_sh[BR * SSTR];      // raw scores S; then alpha / the O epilogue, 
 shared f16vec4 p_sh[BR * PSTR];   // probabilities P (fp16)
 shared float m_sh[BR];            // reference max per row (log2 domain)
 shared float l_sh[BR];            // running sum of P per row
-
-// ---- global loads: 4 consecutive elements (e % 4 == 0) as 4 packed halves -----------------------
-
-uvec2 f32x4_to_h4(uvec4 u) {
-    return uvec2(packHalf2x16(uintBitsToFloat(u.xy)), packHalf2x16(uintBitsToFloat(u.zw)));
-}
-
-uvec2 bf16x4_to_h4(uvec2 u) {
-    vec2 a = vec2(uintBitsToFloat(u.x << 16u), uintBitsToFloat(u.x & 0xFFFF0000u));
-    vec2 b = vec2(uintBitsToFloat(u.y << 16u), uintBitsToFloat(u.y & 0xFFFF0000u));
-    return uvec2(packHalf2x16(a), packHalf2x16(b));
-}
-
-// Branches on a spec constant (folded at pipeline creation). Written as if/else, not ?:, so no
-// compiler evaluates the loads of the other dtype (the uvec4 view would read past the buffer).
-uvec2 load_q4(uint e) {
-    if (DTYPE == 0u) return f32x4_to_h4(q_data4[e >> 2u]);
-    if (DTYPE == 2u) return bf16x4_to_h4(q_data2[e >> 2u]);
-    return q_data2[e >> 2u];
-}
-uvec2 load_k4(uint e) {
-    if (DTYPE == 0u) return f32x4_to_h4(k_data4[e >> 2u]);
-    if (DTYPE == 2u) return bf16x4_to_h4(k_data2[e >> 2u]);
-    return k_data2[e >> 2u];
-}
-uvec2 load_v4(uint e) {
-    if (DTYPE == 0u) return f32x4_to_h4(v_data4[e >> 2u]);
-    if (DTYPE == 2u) return bf16x4_to_h4(v_data2[e >> 2u]);
-    return v_data2[e >> 2u];
-}
-
-f16vec4 h4(uvec2 u) {
-    return f16vec4(unpackFloat2x16(u.x), unpackFloat2x16(u.y));
-}
 
 // Units of 4 elements each invocation moves per K / V tile.
 const uint NKU = (BC * DK / 4u + WG - 1u) / WG;
