@@ -43,13 +43,6 @@ layout(std430, binding = 9) writeonly buffer DKBuf { uint dk_data[]; };
 layout(std430, binding = 10) writeonly buffer DVBuf { uint dv_data[]; };
 layout(std430, binding = 11) writeonly buffer DSBuf { float ds_data[]; };
 
-// Writes elements e, e+1 (e even) of a packed DTYPE buffer (fa2_common's store_pair is O-only).
-#define STORE_PAIR(buf, e, val) { \
-    const vec2 sp_ = (val); \
-    if (DTYPE == 0u) { buf[(e)] = floatBitsToUint(sp_.x); buf[(e) + 1u] = floatBitsToUint(sp_.y); } \
-    else if (DTYPE == 1u) { buf[(e) >> 1u] = packHalf2x16(sp_); } \
-    else { buf[(e) >> 1u] = bf16_bits(sp_.x) | (bf16_bits(sp_.y) << 16u); } }
-
 // Query rows [lo, hi) that may see any key in [key_lo, key_hi): the transpose of key_range(),
 // for the kernels that loop over queries (dK/dV).
 ivec2 query_range(int key_lo, int key_hi) {

@@ -89,17 +89,15 @@ uint bf16_bits(float x) {
     return (u + 0x7FFFu + ((u >> 16u) & 1u)) >> 16u;
 }
 
-// Writes elements e, e+1 (e even) of O.
-void store_pair(uint e, vec2 val) {
-    if (DTYPE == 0u) {
-        o_data[e] = floatBitsToUint(val.x);
-        o_data[e + 1u] = floatBitsToUint(val.y);
-    } else if (DTYPE == 1u) {
-        o_data[e >> 1u] = packHalf2x16(val);
-    } else {
-        o_data[e >> 1u] = bf16_bits(val.x) | (bf16_bits(val.y) << 16u);
-    }
-}
+// Writes elements e, e+1 (e even) of a packed DTYPE buffer: STORE_PAIR(buf, e, vec2 expression)
+// for any output buffer, store_pair(e, val) for O. STORE_PAIR_VAR is their common body (v: a vec2
+// variable, read in each branch).
+#define STORE_PAIR_VAR(buf, e, v) \
+    if (DTYPE == 0u) { buf[(e)] = floatBitsToUint(v.x); buf[(e) + 1u] = floatBitsToUint(v.y); } \
+    else if (DTYPE == 1u) { buf[(e) >> 1u] = packHalf2x16(v); } \
+    else { buf[(e) >> 1u] = bf16_bits(v.x) | (bf16_bits(v.y) << 16u); }
+#define STORE_PAIR(buf, e, val) { const vec2 sp_ = (val); STORE_PAIR_VAR(buf, e, sp_) }
+void store_pair(uint e, vec2 val) { STORE_PAIR_VAR(o_data, e, val) }
 
 // The (query tile, query head) of this workgroup. The grid is x = head within a section of heads, y
 // = query tile, z = section (plan.query_grid; the host sizes a section so that its heads' K and V
