@@ -38,19 +38,9 @@
 //     48640 at BR=64 BC=32 D=256 (255 registers: it spills). So the formula is necessary, not
 //     sufficient: pipeline creation is the final check.
 //
-// Measured (H200, driver 580.159, via a bare Vulkan harness; B=1, H=32, S=8192, fp16, TFLOPS =
-// 4*B*H*S*S*D, halved for causal), non-causal unless noted:
-//   D=128: BR=64 BC=32 WG=128: 118 (causal 112), BR=128 BC=32 WG=256: 126, BR=64 BC=16: 112,
-//          BR=64 BC=64 WG=128: 93 (241 registers: one workgroup less per SM), BR=64 WG=64 (RPS=2): 77
-//   D=64:  BR=64 BC=32 WG=128: 78, BR=64 BC=64: 62.     D=256: BR=128 BC=32 WG=256: 139, BR=64 WG=128: 84
-//   So: BC=32; BR=64/WG=128 or BR=128/WG=256 for D<=128; BR=128/WG=256 for D=256.
-// Later, through aule-kp itself (bench --preset gpu, GPU timestamps agree): BR=128/WG=256 at D=128
-// 9.14 ms = 120 TFLOPS vs 9.85 for BR=64 (the host now takes it above D=64); reading S once on
-// interior tiles (sv below) then 8.66 ms = 127 TFLOPS (causal 115); D=64 S8192 74 -> 83 TFLOPS.
-// The softmax in registers on interior tiles (2026-11-22, third session): D=128 S8192 8.69 ->
-// 7.65 ms = 144 TFLOPS (causal 126), D=64 S8192 6.5 -> 5.65 ms = 97 TFLOPS.
-// The best fp16 matmul this driver runs through KHR coopmat is ~177-183 TFLOPS
-// (benchmarks/coopmat_gemm_gpu.py; cuBLAS 668-781 in the same run): that bounds this kernel.
+// Speed: the tile shapes and each optimisation below were measured on an H200 (BENCHMARKS.md,
+// "Notes moved from the sources"), against the best fp16 matmul its driver runs through KHR coopmat
+// (~180 TFLOPS, benchmarks/coopmat_gemm_gpu.py), which bounds this kernel.
 //
 // Index math (fa2_common.glsl layout, one dispatch = one chunk of (batch, kv-head) groups):
 //   y = query_head() (query head in the chunk), t = query_tile() (fa2_common.glsl: longest tiles
@@ -90,18 +80,10 @@
 // Interior tiles (every key of the tile exists and lies in every row's band, and no mask) take a
 // fast path without the per-element band / mask checks: that alone took D=128 from 64 to 118 TFLOPS.
 // Not done: skipping key tiles that a float/bool mask hides entirely (the band is skipped).
-// Tried and reverted (H200, 2026-11-22, benchmarks/ab_gpu.py against this version in one process):
-// subgroups skipping key tiles their own rows cannot see (the far side of a causal diagonal), i.e.
-// coopmat work under a per-subgroup condition instead of `working`: 5% slower at D128 (causal
-// too), 16% at D64 S8192 with 1-6 more registers; deciding `full` per subgroup as well: 15%
-// slower; a shared-memory band table (0 / -inf blocks) added to the scores so that the causal
-// diagonal's tiles also take the register softmax (the table's coopMatLoad under a workgroup-
-// uniform condition inside softmax_in_registers): causal 1.6x slower at D128, 2.2x at D64, non-
-// causal unchanged; the same table applied at compile time (every tile inside the left edge adds
-// its block, zeros on interior tiles; no runtime condition, same 232 registers): causal 1.9x
-// slower; the table's load and add alone on interior tiles (diagonal tiles still on the slow
-// path): 1.7-2.3x slower, odd row stride or not. One extra accumulator load from shared memory and
-// add per score block doubles the time here: cause not found.
+// Tried and reverted, slower on an H200 (figures in BENCHMARKS.md, "Notes moved from the sources"):
+// subgroups skipping the key tiles their own rows cannot see, and a band table added to the scores
+// so that the causal diagonal's tiles take the register softmax (one extra accumulator load and
+// add per score block doubled the time, cause not found).
 
 #extension GL_EXT_control_flow_attributes : enable
 #extension GL_KHR_shader_subgroup_basic : require
