@@ -27,9 +27,8 @@ def copy_threads() -> int:
             return max(1, int(raw))
         except ValueError:
             raise ValueError(f"AULE_KP_COPY_THREADS must be a positive integer, got {raw!r}") from None
-    # H200 host (16 cores), NumPy path S8192 D128 fp16 upload + download: 4 threads 13.1 ms, 8
-    # threads 11.3-11.5 ms, 16 threads 10.9-11.0 ms. (Faulting in the fresh output array while the
-    # kernel runs, over the same threads, measured 1 ms slower: not done.)
+    # Every core, at most 16 (the most measured): on a 16-core H200 host each doubling of the threads
+    # made the copies faster (BENCHMARKS.md, "Notes moved from the sources").
     return max(1, min(16, os.cpu_count() or 1))
 
 

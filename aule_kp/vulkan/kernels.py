@@ -109,12 +109,10 @@ def _scalar_tiles(caps: DeviceCaps, problem: Problem, wave: int, cpu: bool) -> D
 
 #: K and V bytes the query heads of one scheduling section read (plan.query_grid, glsl/fa2_common.glsl
 #: query_head(): longest query tiles first within a section, sections one after another). A fixed
-#: budget, not derived from the device (Vulkan does not report cache sizes): tuned on an H200 (50 MiB
-#: L2), B1 H32 fp16, one-process A/B (benchmarks/ab_gpu.py, `ab_sections_grid.md`) against 1 head per
-#: section (the order before), 8 and 32 MiB: 16 MiB ran causal D128 S8192 4.2% faster, D64 S16384
-#: causal 3.0%, D64 S8192 6.0%, D64 S2048 3.8%, and D128 S8192 2% slower (8 MiB was best at D64
-#: S8192, 32 MiB at D64 causal: within noise). AULE_KP_SECTION_BYTES overrides it; it is read when a
-#: plan is built, so plans already cached for a shape keep their order.
+#: budget, not derived from the device (Vulkan does not report cache sizes): on an H200 (50 MiB L2)
+#: 16 MiB beat one head per section on most shapes, and 8 or 32 MiB were no better (BENCHMARKS.md,
+#: "Notes moved from the sources"). AULE_KP_SECTION_BYTES overrides it; it is read when a plan is
+#: built, so plans already cached for a shape keep their order.
 SECTION_BYTES = 16 << 20
 SECTION_BYTES_ENV = "AULE_KP_SECTION_BYTES"
 
@@ -146,19 +144,16 @@ def section_heads(problem: Problem) -> int:
 
 
 def _coopmat_tiles(caps: DeviceCaps, problem: Problem) -> Dict[str, int]:
-    # Measured on an H200 (`aule-kp tune`, 2026-11-22, softmax in registers; B1 H32 fp16), first
-    # candidate that fits wins, smaller tiles where shared memory is short:
-    # * D=128: BR=64, BC=32, 4 subgroups, K/V sharing one buffer (STAGE 1): S8192 7.21 ms vs 7.84
-    #   for BR=128 / 8 subgroups (the best before the register softmax), causal 3.66 vs 4.00,
-    #   S2048 0.76 vs 0.80. Above D=128, BR=128 / 8 subgroups (D=256: 139 vs 84 TFLOPS).
+    # First candidate that fits wins, smaller tiles where shared memory is short; the first ones
+    # were the fastest on an H200 (`aule-kp tune`, benchmarks/ab_gpu.py --tiles; BENCHMARKS.md,
+    # "Notes moved from the sources"):
+    # * D=128: BR=64, BC=32, 4 subgroups, K/V sharing one buffer (STAGE 1). Above D=128, BR=128 / 8
+    #   subgroups.
     # * D<=64: K and V in separate buffers (STAGE 2: two barriers per key tile instead of four),
-    #   BR=128 with 4 subgroups of 32 rows and BC=16 (S8192 5.21 vs 5.50 ms, causal 2.46 vs 2.90).
-    #   Fifth session (benchmarks/ab_gpu.py --tiles, GPU timestamps) the same tile against BR=64,
-    #   BC=32 on small grids too: H32 S2048 0.287 vs 0.344 ms, H16 S2048 0.149 vs 0.176, H20
-    #   S1024 0.080 vs 0.097, H64 S512 0.047 vs 0.055, H20 S4096 0.840 vs 0.832; only H40 S1024
-    #   lost (0.149 vs 0.139). BR=64 stays for query lengths the taller tile would pad by more
-    #   than an eighth (short prompts, a few decode rows beyond split-KV's range) and for grids
-    #   of fewer tall tiles than the device runs at once (not measured there: the older choice).
+    #   BR=128 with 4 subgroups of 32 rows and BC=16, on small grids too. BR=64 stays for query
+    #   lengths the taller tile would pad by more than an eighth (short prompts, a few decode rows
+    #   beyond split-KV's range) and for grids of fewer tall tiles than the device runs at once (not
+    #   measured there: the older choice).
     wave = max(caps.subgroup_size, 1)
     dmax = max(problem.dim_k, problem.dim_v)
     if dmax > 128:
@@ -319,8 +314,7 @@ def _backward_scalar_tiles(caps: DeviceCaps, problem: Problem) -> Dict[str, int]
         # a whole subgroup shares each row group: its q/dO (dkdv) or k/v (dq) loads are split over
         # every lane, and each feeds RPT rows/keys. RPT keeps k, v, dk, dv at ~384 floats per lane
         # (more spills and compiles for tens of seconds). BC = 2: the per-step code stays small.
-        # B1 H8 S512 D64 fp32, 2 cores under load, dK/dV + dQ: RPT 12 ~440 ms, RPT 8 ~590 ms, RPT 16
-        # ~370 ms but 3x the compile time; 220 ms end to end on the idle machine.
+        # lavapipe timings of RPT 8, 12 and 16: BENCHMARKS.md, "Notes moved from the sources".
         tpr = _fit_tpr(min(8, shuffle_width), problem)
         rpt = max(1, 192 * tpr // dsum)
         wg = max(tpr, caps.subgroup_size)
@@ -336,10 +330,8 @@ def _backward_scalar_tiles(caps: DeviceCaps, problem: Problem) -> Dict[str, int]
 
 
 def _backward_coopmat_tiles(caps: DeviceCaps, problem: Problem) -> Dict[str, int]:
-    """Largest tiles of glsl/fa2_bwd_cm.glsl that fit the device's shared memory. Measured on an
-    H200, B1 H32 S8192 D128 fp16, dK/dV + dQ kernels, before register prefetch: BR=128 BC=32
-    WG=256 85 TFLOPS (causal 81), BR=64 BC=16 76, BR=128 BC=16 71, BR=64 BC=32 48, BR=32 20; with
-    it, BR=128 BC=32: 31.5 ms = 87 TFLOPS (causal 16.2 ms), torch's flash backward 9.2 ms (4.9)."""
+    """Largest tiles of glsl/fa2_bwd_cm.glsl that fit the device's shared memory, the fastest on an
+    H200 first (BENCHMARKS.md, "Notes moved from the sources")."""
     wave = max(caps.subgroup_size, 1)
     tiles = dict(tpr=1, stage=1, rpt=1)
     for br, bc, wg in ((128, 32, 256), (64, 16, 128), (64, 32, 128), (32, 16, 64), (16, 16, 32)):

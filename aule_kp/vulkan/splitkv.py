@@ -36,9 +36,8 @@ MIN_SPLIT_KEYS = 256
 #: Most splits the automatic choice makes (scratch and the merge's work grow with it).
 MAX_AUTO_SPLITS = 1024
 #: Split-KV is considered when the forward's grid has fewer workgroups than SMALL_GRID_FACTOR
-#: times the device's parallelism, and aims at TARGET_GRID_FACTOR times it. H200, Hq32 Hkv8 Lq1
-#: Lk32768 D128 fp16 (benchmarks/splitkv_sweep_gpu.py, 2026-11-22, 128 invocations, STAGE 2):
-#: 32 splits of 1024 keys (256 workgroups) 0.052 ms, 64 of 512 0.061 ms.
+#: times the device's parallelism, and aims at TARGET_GRID_FACTOR times it (on an H200, 2x ran
+#: faster than 4x: BENCHMARKS.md, "Notes moved from the sources").
 SMALL_GRID_FACTOR = 4
 TARGET_GRID_FACTOR = 2
 #: Splits the merge reads at once per invocation (glsl/fa2_splitkv.comp MERGE_UNROLL).
@@ -137,17 +136,15 @@ def split_kernel(caps: DeviceCaps, problem: Problem) -> KernelConfig:
     tpr = min(_pow2_floor(max(p.dim_k, p.dim_v) // vec), shuffle, 32)
     vectors = math.ceil(p.dim_k // vec / tpr) + math.ceil(p.dim_v // vec / tpr)  # K + V uvec4 per lane and key
     # Rows per workgroup: all of a kv head's rows (rounded up to a power of two, which bounds the
-    # pipelines a model needs) within a budget of q and O floats per invocation: 128 on GPUs (H200,
-    # D128 fp16, STAGE 2, splitkv_sweep_gpu.py: Hq64 Hkv8 8 rows 0.085 ms, 4 rows 0.089; the
-    # driver reports 225 registers for Hq32's 4 rows, pipeline_stats_gpu.py), 64 on CPU drivers
-    # (keeps the unrolled code, and lavapipe's compile time, small).
+    # pipelines a model needs) within a budget of q and O floats per invocation: 128 on GPUs (8 rows
+    # ran faster than 4 on an H200: BENCHMARKS.md, "Notes moved from the sources"), 64 on CPU
+    # drivers (keeps the unrolled code, and lavapipe's compile time, small).
     rows = p.group * p.len_q
     budget = 64 if cpu else 128
     br = max(1, min(_pow2_floor(budget // (vectors * vec)), 1 << (rows - 1).bit_length()))
     # GPUs: 128 invocations, each step's loads issued a step ahead (STAGE 2), as many keys per key
-    # group and step (at most 4) as keep those loads, both steps', at 64 registers. H200, Hq32 Hkv8
-    # Lq1 Lk32768 D128 fp16, 32 splits (splitkv_sweep_gpu.py, 2026-11-22): 4 keys 0.052 ms; loads
-    # then math 0.062; 256 invocations 0.057 (0.068 without STAGE 2).
+    # group and step (at most 4) as keep those loads, both steps', at 64 registers: the fastest of
+    # those swept on an H200 (BENCHMARKS.md, "Notes moved from the sources").
     # CPU drivers: few key groups (merged over a tree of barriers) and short unrolled steps.
     wg = max(tpr, 32 if cpu else 128)
     bc = 2 if cpu else max(1, min(4, _pow2_floor(64 // (2 * 4 * vectors))))
@@ -202,8 +199,8 @@ def split_kv_config(caps: DeviceCaps, problem: Problem, forward: Optional[Kernel
         fwd_grid = math.ceil(p.len_q / fwd.br) * n_groups * p.group
         # CPU drivers take split-KV even when the forward's grid is full (then often with one
         # split): the forward's query tile (32+ rows) runs mostly idle lanes for Lq <= 16 and reads
-        # K/V once per query head. lavapipe, 2 cores, fp16 Lq 1: B16 Hq8 Hkv2 Lk1024 D64 568 ms ->
-        # 11 ms; B4 Hq8 Hkv8 Lk2048 D64 284 -> 19 ms (the forward already had 32-64 workgroups).
+        # K/V once per query head (15-50x faster on lavapipe: BENCHMARKS.md, "Notes moved from the
+        # sources").
         cpu = caps.type == "cpu"
         if keys < 2 * MIN_SPLIT_KEYS or (fwd_grid >= SMALL_GRID_FACTOR * par and not cpu):
             return None
