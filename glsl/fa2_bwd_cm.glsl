@@ -44,6 +44,7 @@ shared vec4 s_sh[BR * SSTR];          // per block: S, then dP, then the epilogu
 shared f16vec4 p_sh[BR * PSTR];       // per block: P, then dS
 shared vec4 st_sh[BR > BC ? BR : BC]; // row statistics (m, ll, D, -) of the rows in play
 
+// dO's vector views and loads, as fa2_coopmat.glsl's for Q, K and V.
 layout(std430, binding = 6) readonly buffer DOBuf2 { uvec2 do_data2[]; };
 layout(std430, binding = 6) readonly buffer DOBuf4 { uvec4 do_data4[]; };
 
