@@ -46,8 +46,7 @@ def check_options(causal: Any, backend: Any) -> None:
     """ValueError/TypeError naming ``backend`` or ``causal`` when either is not one the API takes."""
     if backend not in dispatch.BACKEND_NAMES:
         raise ValueError(f"backend must be one of {dispatch.BACKEND_NAMES}, got {backend!r}")
-    if not isinstance(causal, (bool, np.bool_)):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    inputs.check_causal(causal)
 
 
 def prepare(

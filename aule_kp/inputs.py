@@ -52,6 +52,12 @@ def check_torch_tensor(name: str, x: Any) -> None:
                          "(cpu, cuda, ...)")
 
 
+def check_causal(causal: Any) -> None:
+    """TypeError naming ``causal`` unless it is a bool."""
+    if not isinstance(causal, (bool, np.bool_)):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+
+
 def check_types(q: Any, k: Any, v: Any) -> str:
     """The engine dtype of q, k and v; TypeError/ValueError naming the argument that does not fit
     (not an array or tensor, a dtype the engine lacks, mixed types or dtypes, torch tensors that
