@@ -12,7 +12,8 @@ are not a multiple of 8 in [8, 256], ``dropout_p > 0`` (one :class:`aule_kp.Aule
 in-kernel dropout is not implemented), ``is_causal`` together with ``attn_mask`` (torch's kernels
 disagree on it: the CPU flash kernel applies both, the math kernel raises), batch dims that
 broadcast between q, k and v, empty dims, tensor subclasses (nested, fake, ...), meta tensors, and
-problems the chosen backend reports it cannot run.
+problems the chosen backend reports it cannot run (one :class:`aule_kp.AuleFallbackWarning` per
+backend, unless it is ``"auto"``: that one falls back to torch only where no backend can).
 
 Routing: CPU tensors to the ``"auto"`` backend, CUDA/ROCm tensors to ``"triton"``, other devices
 (MPS, XPU, DirectML, ...) through host memory to ``"vulkan"``; ``install(backend=...)`` or
@@ -199,6 +200,9 @@ def _route(
         try:
             dispatch.select(problem, name)
         except BackendUnavailable as exc:
+            if name != "auto":  # a named backend (configured or by device) cannot take it: say so once
+                warn_once(f"sdpa-refused:{name}", f"aule_kp: {exc}; scaled_dot_product_attention runs torch's own "
+                          "kernel for such calls")
             return str(exc)
     # Contiguous before the Function, so that it saves (and its backward re-reads) one copy at most.
     q4, k4, v4 = (x.reshape(batch, h, length, d).contiguous()
