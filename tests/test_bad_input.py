@@ -153,6 +153,7 @@ def test_size_is_checked_before_copying(monkeypatch: pytest.MonkeyPatch) -> None
     copied: List[Tuple[int, ...]] = []
     real = inputs.to_host
     monkeypatch.setattr(inputs, "to_host", lambda x, dtype: copied.append(x.shape) or real(x, dtype))
+    monkeypatch.setattr(inputs, "CHECK_MEMORY_FROM", 0)  # small arrays here: check them too
     monkeypatch.setattr(inputs, "available_memory", lambda: out_bytes + k.nbytes - 1)
     qt = np.asfortranarray(q)  # a copy of q is needed
     with pytest.raises(ValueError, match=r"q .*MiB.*the output"):
