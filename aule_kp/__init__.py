@@ -6,12 +6,13 @@ import logging
 from typing import Any
 
 from .api import flash_attention
-from .errors import BackendUnavailable
+from .errors import AuleFallbackWarning, BackendUnavailable
 from .info import info
 from .vulkan.tensor import Context, GpuTensor
 
 __version__ = "0.1.0"
-__all__ = ["flash_attention", "BackendUnavailable", "Context", "GpuTensor", "info", "__version__"]
+__all__ = ["flash_attention", "AuleFallbackWarning", "BackendUnavailable", "Context", "GpuTensor", "info",
+           "__version__"]
 
 logging.getLogger("aule_kp").addHandler(logging.NullHandler())
 

@@ -3,128 +3,15 @@
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple
 
 import numpy as np
 
-from . import dispatch
+from . import dispatch, inputs
 from .backend import Backend
 from .dtypes import STORAGE
-from .problem import MAX_HEAD_DIM, Problem, band, default_scale
-
-_NUMPY_DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}
-_TORCH_DTYPES = ("float32", "float16", "bfloat16")
-
-
-def _is_torch(x: Any) -> bool:
-    return type(x).__module__.startswith("torch") and hasattr(x, "detach")
-
-
-def _dtype_name(name: str, x: Any) -> str:
-    """Engine dtype name of an array/tensor, or TypeError naming the argument."""
-    if _is_torch(x):
-        dt = str(x.dtype).replace("torch.", "")
-        if dt in _TORCH_DTYPES:
-            return dt
-        raise TypeError(f"{name} must be float32, float16 or bfloat16, got torch.{dt}")
-    if isinstance(x, np.ndarray):
-        if x.dtype in _NUMPY_DTYPES:
-            return _NUMPY_DTYPES[x.dtype]
-        raise TypeError(f"{name} must be float32 or float16, got numpy {x.dtype}")
-    raise TypeError(f"{name} must be a numpy.ndarray or torch.Tensor, got {type(x).__name__}")
-
-
-def _to_host(x: Any, dtype: str) -> np.ndarray:
-    """Contiguous host array in engine storage (bf16 as uint16 bits). Copies only when needed."""
-    if _is_torch(x):
-        t = x.detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
-        if dtype == "bfloat16":
-            import torch
-
-            t = t.contiguous().view(torch.int16)
-            return t.numpy().view(np.uint16)
-        return np.ascontiguousarray(t.contiguous().numpy())
-    return np.ascontiguousarray(x)
-
-
-def _from_host(out: np.ndarray, like: Any, dtype: str) -> Any:
-    """The result in the type, dtype and device of ``like`` (q)."""
-    if not _is_torch(like):
-        return out
-    import torch
-
-    if dtype == "bfloat16":
-        t = torch.from_numpy(out.view(np.int16)).view(torch.bfloat16)
-    else:
-        t = torch.from_numpy(out)
-    return t.to(like.device) if like.device.type != "cpu" else t
-
-
-def _check_shapes(q: Any, k: Any, v: Any) -> Tuple[int, ...]:
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if len(x.shape) != 4:
-            letters = {"q": "[B, Hq, Lq, Dk]", "k": "[B, Hkv, Lk, Dk]", "v": "[B, Hkv, Lk, Dv]"}[name]
-            raise ValueError(f"{name} must be 4-D {letters}, got shape {tuple(x.shape)}")
-    b, hq, lq, dk = (int(s) for s in q.shape)
-    bk, hkv, lk, dk2 = (int(s) for s in k.shape)
-    bv, hkv2, lk2, dv = (int(s) for s in v.shape)
-    if bk != b or bv != b:
-        raise ValueError(f"batch sizes differ: q {b}, k {bk}, v {bv}")
-    if dk2 != dk:
-        raise ValueError(f"k's head dim ({dk2}) must equal q's ({dk})")
-    if hkv2 != hkv or lk2 != lk:
-        raise ValueError(f"k [B, Hkv, Lk, Dk] and v [B, Hkv, Lk, Dv] must agree on Hkv and Lk, got "
-                         f"{tuple(k.shape)} and {tuple(v.shape)}")
-    if hkv == 0 or hq % hkv:
-        raise ValueError(f"q's heads ({hq}) must be a multiple of k/v's heads ({hkv})")
-    for name, d in (("Dk (q/k head dim)", dk), ("Dv (v head dim)", dv)):
-        if d % 8 or not 0 < d <= MAX_HEAD_DIM:
-            raise ValueError(f"{name} must be a multiple of 8 in [8, {MAX_HEAD_DIM}], got {d}")
-    return b, hq, hkv, lq, lk, dk, dv
-
-
-def _check_scale_window(scale: Optional[float], window: Any, dk: int) -> float:
-    """The scale to use; ValueError for a non-finite scale or a malformed window."""
-    if window is not None and (
-        not isinstance(window, (tuple, list)) or len(window) != 2
-        or not all(isinstance(w, numbers.Integral) and not isinstance(w, bool) and w >= -1 for w in window)
-    ):
-        raise ValueError(f"window must be (left, right) integers >= -1 (-1 = unbounded), got {window!r}")
-    if scale is None:
-        return default_scale(dk)
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number, got {scale!r}")
-    return float(scale)
-
-
-def _mask_to_additive(attn_mask: Any, b: int, hq: int, lq: int, lk: int) -> Tuple[np.ndarray, Tuple[int, ...]]:
-    """float32 additive mask (0 / -inf for bool) with broadcast dims kept at size 1."""
-    if _is_torch(attn_mask):
-        m = attn_mask.detach().cpu()
-        is_bool = str(m.dtype) == "torch.bool"
-        if not is_bool and not m.is_floating_point():
-            raise TypeError(f"attn_mask must be bool or floating point, got {m.dtype}")
-        arr = m.numpy() if is_bool else m.float().numpy()
-    elif isinstance(attn_mask, np.ndarray):
-        arr = attn_mask
-        is_bool = arr.dtype == np.bool_
-        if not is_bool and arr.dtype.kind != "f":
-            raise TypeError(f"attn_mask must be bool or floating point, got numpy {arr.dtype}")
-    else:
-        raise TypeError(f"attn_mask must be a numpy.ndarray or torch.Tensor, got {type(attn_mask).__name__}")
-    target = (b, hq, lq, lk)
-    if arr.ndim > 4 or any(s not in (1, t) for s, t in zip(arr.shape[::-1], target[::-1])):
-        raise ValueError(f"attn_mask of shape {tuple(arr.shape)} does not broadcast to [B, Hq, Lq, Lk] = {target}")
-    arr = arr.reshape((1,) * (4 - arr.ndim) + arr.shape)
-    if is_bool:
-        add = np.where(arr, np.float32(0), np.float32(-np.inf))
-    else:
-        add = np.ascontiguousarray(arr, dtype=np.float32)
-    return add, tuple(int(s) for s in add.shape)
+from .problem import Problem, band
 
 
 @dataclass
@@ -149,9 +36,17 @@ class Prepared:
         p = self.problem
         if self.backend is None:
             out = np.zeros((p.batch, p.heads_q, p.len_q, p.dim_v), dtype=STORAGE[p.dtype])
-            return _from_host(out, self.like, p.dtype), np.full((p.batch, p.heads_q, p.len_q), -np.inf, np.float32)
+            lse = np.full((p.batch, p.heads_q, p.len_q), -np.inf, np.float32)
+            return inputs.from_host(out, self.like, p.dtype), lse
         out, lse = self.backend.forward(p, self.q, self.k, self.v, self.mask)
-        return (out if self.backend.native_torch else _from_host(out, self.like, p.dtype)), lse
+        return (out if self.backend.native_torch else inputs.from_host(out, self.like, p.dtype)), lse
+
+
+def check_options(causal: Any, backend: Any) -> None:
+    """ValueError/TypeError naming ``backend`` or ``causal`` when either is not one the API takes."""
+    if backend not in dispatch.BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {dispatch.BACKEND_NAMES}, got {backend!r}")
+    inputs.check_causal(causal)
 
 
 def prepare(
@@ -165,36 +60,47 @@ def prepare(
     attn_mask: Any = None,
     backend: str = "auto",
     top_left: bool = False,
+    broadcasts_in_place: bool = True,
 ) -> Prepared:
-    """Validates and normalises one call (errors name the argument), and picks its backend."""
-    if backend not in dispatch.BACKEND_NAMES:
-        raise ValueError(f"backend must be one of {dispatch.BACKEND_NAMES}, got {backend!r}")
-    if not isinstance(causal, (bool, np.bool_)):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    dtype = _dtype_name("q", q)
-    for name, x in (("k", k), ("v", v)):
-        other = _dtype_name(name, x)
-        if other != dtype or _is_torch(x) != _is_torch(q):
-            raise TypeError(f"q, k and v must have one type and dtype; q is {dtype}, {name} is {other}"
-                            + ("" if _is_torch(x) == _is_torch(q) else " (mixing numpy and torch)"))
-    b, hq, hkv, lq, lk, dk, dv = _check_shapes(q, k, v)
-    scale = _check_scale_window(scale, window, dk)
+    """Validates and normalises one call (errors name the argument), and picks its backend.
+
+    With ``broadcasts_in_place``, k/v broadcast over heads (stride 0) become one kv head and a mask's
+    broadcast axes size 1, neither copied; a backward pass that must return gradients in the
+    caller's shapes turns it off. Sizes are checked before anything is copied.
+    """
+    check_options(causal, backend)
+    dtype = inputs.check_types(q, k, v)
+    b, hq, hkv, lq, lk, dk, dv = inputs.check_shapes(q, k, v)
+    scale = inputs.check_scale_window(scale, window, dk)
+    if broadcasts_in_place:
+        k, v = inputs.shared_kv_head(k, v)
+        hkv = int(k.shape[1])
     diag, left, right = band(lq, lk, causal=bool(causal), window=window, top_left=top_left)
-    mask, mask_shape = (None, None)
+    mask = mask_shape = None
     if attn_mask is not None:
-        mask, mask_shape = _mask_to_additive(attn_mask, b, hq, lq, lk)
-    device = q.device.type if _is_torch(q) else None
+        mask, is_bool = inputs.mask_view(attn_mask, (b, hq, lq, lk), collapse=broadcasts_in_place)
+        mask_shape = tuple(int(s) for s in mask.shape)
+    device = q.device.type if inputs.is_torch(q) else None
     problem = Problem(b, hq, hkv, lq, lk, dk, dv, dtype, float(scale), diag, left, right, mask_shape, device)
+    out_bytes = b * hq * lq * dv * inputs.ITEMSIZES[dtype]
     if problem.empty or lk == 0:
+        inputs.check_memory([("the output", 0 if device not in (None, "cpu") else out_bytes)])
         return Prepared(problem, None, None, None, None, None, q)
     chosen = dispatch.select(problem, backend)
+    if not chosen.native_torch:
+        mask_bytes = 0 if mask_shape is None else 4 * math.prod(mask_shape)
+        inputs.check_memory([("q", inputs.host_copy_bytes(q)), ("k", inputs.host_copy_bytes(k)),
+                             ("v", inputs.host_copy_bytes(v)), ("attn_mask", mask_bytes), ("the output", out_bytes)])
+    if mask is not None:
+        mask = inputs.mask_to_additive(mask, is_bool)
     if chosen.native_torch:
         import torch
 
         if mask is not None:
             mask = torch.from_numpy(mask).to(q.device)
         return Prepared(problem, chosen, q.contiguous(), k.contiguous(), v.contiguous(), mask, q)
-    return Prepared(problem, chosen, _to_host(q, dtype), _to_host(k, dtype), _to_host(v, dtype), mask, q)
+    return Prepared(problem, chosen, inputs.to_host(q, dtype), inputs.to_host(k, dtype), inputs.to_host(v, dtype),
+                    mask, q)
 
 
 def attention_forward(q: Any, k: Any, v: Any, **options: Any) -> Tuple[Any, Any, Problem]:
@@ -228,12 +134,32 @@ def flash_attention(
         backend: ``"auto" | "vulkan" | "triton" | "cpu"``.
 
     Returns:
-        ``[B, Hq, Lq, Dv]`` in q's type, dtype and device. A row that sees no key is 0.
+        ``[B, Hq, Lq, Dv]`` in q's type, dtype and device. A row that sees no key is 0. On torch
+        tensors that require grad (with grad mode on) the result is differentiable in q, k, v and a
+        float ``attn_mask`` on every backend (:class:`aule_kp.torch.FlashAttentionFunction`); there
+        is no double backward.
 
     Raises:
-        ValueError: bad shapes or values. TypeError: bad types or dtypes.
+        ValueError: bad shapes or values, or inputs whose host copies would not fit in memory.
+        TypeError: bad types or dtypes.
         BackendUnavailable: a forced backend cannot take the problem (every reason listed).
     """
+    if _needs_grad(q, k, v, attn_mask):
+        from .torch.ops import flash_attention as differentiable
+
+        return differentiable(q, k, v, causal=causal, scale=scale, window=window, attn_mask=attn_mask,
+                              backend=backend)
     out, _, _ = attention_forward(q, k, v, causal=causal, scale=scale, window=window, attn_mask=attn_mask,
                                   backend=backend)
     return out
+
+
+def _needs_grad(q: Any, k: Any, v: Any, attn_mask: Any) -> bool:
+    """Whether the call must record autograd: torch q, k and v, grad mode on, and one of them (or
+    the mask) requires grad. Mixed types go to ``prepare``, which says what is wrong."""
+    if not all(inputs.is_torch(x) for x in (q, k, v)):
+        return False
+    import torch
+
+    tensors = (q, k, v, attn_mask) if inputs.is_torch(attn_mask) else (q, k, v)
+    return torch.is_grad_enabled() and any(bool(getattr(x, "requires_grad", False)) for x in tensors)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from reference import reference_attention
 
 import aule_kp
 import aule_kp.vulkan.device as devmod
-from aule_kp import api, dispatch
+from aule_kp import api, dispatch, errors
 from aule_kp.dtypes import bf16_to_f32
 from aule_kp.problem import Problem, default_scale
 
@@ -315,15 +314,9 @@ def _problem(lq: int = 16, lk: int = 16, dtype: str = "float32") -> Problem:
 
 
 @pytest.fixture
-def warned_flag() -> Iterator[None]:
-    """Clears the once-per-process "no Vulkan" warning flag, and restores it afterwards."""
-    was_set = dispatch._warned.is_set()
-    dispatch._warned.clear()
-    yield
-    if was_set:
-        dispatch._warned.set()
-    else:
-        dispatch._warned.clear()
+def warned_flag(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fresh set of once-per-process fallback warnings for this test (the real one comes back after)."""
+    monkeypatch.setattr(errors, "_warned", set())
 
 
 @needs_vulkan
@@ -363,7 +356,8 @@ def test_triton_refuses_numpy_inputs_with_its_reason(rng: np.random.Generator) -
 
 
 @needs_vulkan
-def test_forced_vulkan_over_binding_limit(monkeypatch: pytest.MonkeyPatch, rng: np.random.Generator) -> None:
+def test_forced_vulkan_over_binding_limit(monkeypatch: pytest.MonkeyPatch, rng: np.random.Generator,
+                                         warned_flag: None) -> None:
     q, k, v = _qkv(rng, lq=16, lk=16)
     problem = _problem()
     vk = dispatch.get("vulkan")
@@ -380,7 +374,9 @@ def test_forced_vulkan_over_binding_limit(monkeypatch: pytest.MonkeyPatch, rng: 
     assert any("binding limit" in r for r in err.reasons), err.reasons
     assert "binding limit" in str(err) and "64 B" in str(err)
 
-    assert dispatch.select(problem, "auto").name == "cpu"
+    # "auto" runs it on the CPU, with one warning: the preferred backend refused it
+    with pytest.warns(aule_kp.AuleFallbackWarning, match="vulkan backend cannot run this problem.*64 B"):
+        assert dispatch.select(problem, "auto").name == "cpu"
     _check(aule_kp.flash_attention(q, k, v), q, _expected(q, k, v), "float32")
     _check(aule_kp.flash_attention(q, k, v, backend="auto"), q, _expected(q, k, v), "float32")
 
@@ -389,22 +385,23 @@ def test_forced_vulkan_over_binding_limit(monkeypatch: pytest.MonkeyPatch, rng: 
 
 
 def test_no_vulkan_falls_back_and_warns_once(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, warned_flag: None, rng: np.random.Generator
+    monkeypatch: pytest.MonkeyPatch, warned_flag: None, rng: np.random.Generator
 ) -> None:
+    """One AuleFallbackWarning (visible without any logging set up), naming the reason."""
     reason = "simulated: no Vulkan ICD installed"
     monkeypatch.setattr(devmod, "vulkan_unavailable", lambda: reason)
-    caplog.set_level(logging.DEBUG, logger="aule_kp")
     q, k, v = _qkv(rng, hq=4, hkv=2, lq=8, lk=12)
     expected = _expected(q, k, v)
-    for _ in range(3):
-        _check(aule_kp.flash_attention(q, k, v), q, expected, "float32")
-    _check(aule_kp.flash_attention(_torch(q, torch.float16), _torch(k, torch.float16), _torch(v, torch.float16)),
-           _torch(q, torch.float16), expected, "float16")
-    assert dispatch.select(_problem(), "auto").name == "cpu"
-
-    warnings = [r for r in caplog.records if r.name == "aule_kp" and r.levelno >= logging.WARNING]
-    assert len(warnings) == 1, [r.getMessage() for r in warnings]
-    assert reason in warnings[0].getMessage()
+    with pytest.warns(aule_kp.AuleFallbackWarning) as record:
+        for _ in range(3):
+            _check(aule_kp.flash_attention(q, k, v), q, expected, "float32")
+        _check(aule_kp.flash_attention(_torch(q, torch.float16), _torch(k, torch.float16),
+                                       _torch(v, torch.float16)), _torch(q, torch.float16), expected, "float16")
+        assert dispatch.select(_problem(), "auto").name == "cpu"
+    fallbacks = [w for w in record if issubclass(w.category, aule_kp.AuleFallbackWarning)]
+    assert len(fallbacks) == 1, [str(w.message) for w in fallbacks]
+    assert reason in str(fallbacks[0].message)
+    assert fallbacks[0].filename == __file__  # attributed to the caller's line, not the library's
 
     with pytest.raises(aule_kp.BackendUnavailable) as info:
         aule_kp.flash_attention(q, k, v, backend="vulkan")
@@ -414,9 +411,6 @@ def test_no_vulkan_falls_back_and_warns_once(
     assert "vulkan" not in aule_kp.info()["backends"]
     with pytest.raises(aule_kp.BackendUnavailable, match="no Vulkan ICD"):
         aule_kp.Context()
-    # the forced call and the rest do not warn again
-    warnings = [r for r in caplog.records if r.name == "aule_kp" and r.levelno >= logging.WARNING]
-    assert len(warnings) == 1
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,9 +27,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import aule_kp
-from aule_kp import dispatch
+from aule_kp import dispatch, errors
 from aule_kp.cpu.backend import CpuBackend
-from aule_kp.torch import ops as ops_mod
 from aule_kp.torch import sdpa as sdpa_mod
 from aule_kp.vulkan import device as devmod
 from aule_kp.vulkan.backend import VulkanBackend
@@ -362,18 +361,17 @@ def test_outside_the_engine_goes_to_torch(case: str, why: str, went_to_torch: Ca
     assert len(reasons) == 1 and why in reasons[0], reasons
 
 
-def test_dropout_goes_to_torch_with_one_notice(caplog: pytest.LogCaptureFixture,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ops_mod, "_noticed", set())
-    caplog.set_level(logging.WARNING, logger="aule_kp")
+def test_dropout_goes_to_torch_with_one_notice(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(errors, "_warned", set())
     q, k, v = _qkv((2, 2, 6, 16), (2, 2, 7, 16), (2, 2, 7, 16))
-    for _ in range(3):
-        torch.manual_seed(11)
-        got = OURS(q, k, v, dropout_p=0.3)
-        torch.manual_seed(11)
-        assert torch.equal(got, TORCH_SDPA(q, k, v, dropout_p=0.3))
-    notices = [r for r in caplog.records if "dropout" in r.getMessage()]
-    assert len(notices) == 1 and notices[0].levelno == logging.WARNING
+    with pytest.warns(aule_kp.AuleFallbackWarning) as record:
+        for _ in range(3):
+            torch.manual_seed(11)
+            got = OURS(q, k, v, dropout_p=0.3)
+            torch.manual_seed(11)
+            assert torch.equal(got, TORCH_SDPA(q, k, v, dropout_p=0.3))
+    notices = [w for w in record if "dropout" in str(w.message)]
+    assert len(notices) == 1
 
 
 def test_backend_reasons_send_the_call_to_torch(monkeypatch: pytest.MonkeyPatch,
@@ -541,18 +539,19 @@ def test_forward_op_alone_is_differentiable() -> None:
 
 
 @needs_vulkan
-def test_backward_falls_back_to_cpu_once(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    """A backend without a backward (NotImplementedError) gets its gradients from the CPU backend."""
+def test_backward_falls_back_to_cpu_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backend without a backward (NotImplementedError) gets its gradients from the CPU backend,
+    with one AuleFallbackWarning."""
     def missing(self: VulkanBackend, *args: Any, **kwargs: Any) -> Any:
         raise NotImplementedError("no Vulkan backward in this test")
 
     monkeypatch.setattr(VulkanBackend, "backward", missing)
-    monkeypatch.setattr(ops_mod, "_noticed", set())
-    caplog.set_level(logging.WARNING, logger="aule_kp")
+    monkeypatch.setattr(errors, "_warned", set())
     q, k, v = inputs((1, 2, 6, 32), (1, 1, 9, 32), (1, 1, 9, 32))
-    for _ in range(2):
-        check_against_torch("vulkan", q, k, v, is_causal=True, enable_gqa=True)
-    notices = [r for r in caplog.records if "no Vulkan backward in this test" in r.getMessage()]
+    with pytest.warns(aule_kp.AuleFallbackWarning) as record:
+        for _ in range(2):
+            check_against_torch("vulkan", q, k, v, is_causal=True, enable_gqa=True)
+    notices = [w for w in record if "no Vulkan backward in this test" in str(w.message)]
     assert len(notices) == 1
 
 

@@ -7,42 +7,41 @@ One path for eager and compiled code, as flash-attn does it: public function ->
 Function's backward (``register_autograd``), so the op alone is differentiable too.
 
 The ops take 4-D ``[B, H, L, D]`` tensors, an optional 4-D mask broadcastable to
-``[B, Hq, Lq, Lk]`` (bool, True = attend, or float, added), causal masking **top-left** aligned
-(torch's), a resolved ``scale`` and a backend name. The backward op selects the backend again from
-the same arguments, which gives the forward's backend (selection is a function of the problem).
+``[B, Hq, Lq, Lk]`` (bool, True = attend, or float, added), ``causal``, a resolved ``scale``, a
+backend name and the sliding window ``(window_left, window_right)`` (-1 = unbounded); the band is
+aligned **top-left** (torch's SDPA) unless ``top_left=False`` (flash-attn's bottom-right, what
+:func:`aule_kp.flash_attention` passes). The backward op selects the backend again from the same
+arguments (selection is a function of the problem), so a named backend runs both passes.
 """
 
 from __future__ import annotations
 
-import logging
-import threading
-from typing import Any, Optional, Set, Tuple
+from typing import Any, Optional, Tuple
 
 import numpy as np
 import torch
+from torch.autograd.function import once_differentiable
 
 from .. import dispatch
-from ..api import Prepared, _from_host, _to_host, prepare
+from ..api import Prepared, check_options, prepare
 from ..backend import Backend
-
-log = logging.getLogger("aule_kp")
-
-_noticed: Set[str] = set()
-_noticed_lock = threading.Lock()
-
-
-def notice_once(key: str, message: str, *args: Any) -> None:
-    """Logs ``message`` at warning level the first time ``key`` is seen in this process."""
-    with _noticed_lock:
-        if key in _noticed:
-            return
-        _noticed.add(key)
-    log.warning(message, *args)
+from ..errors import warn_once
+from ..inputs import (
+    check_scale_window,
+    check_shapes,
+    check_types,
+    from_host,
+    mask_to_additive,
+    mask_view,
+    to_host,
+)
 
 
-def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor],
-             causal: bool, scale: float, backend: str) -> Prepared:
-    return prepare(q, k, v, causal=causal, scale=scale, attn_mask=attn_mask, backend=backend, top_left=True)
+def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor], causal: bool,
+             scale: float, backend: str, window_left: int, window_right: int, top_left: bool,
+             broadcasts_in_place: bool = True) -> Prepared:
+    return prepare(q, k, v, causal=causal, scale=scale, window=(int(window_left), int(window_right)),
+                   attn_mask=attn_mask, backend=backend, top_left=top_left, broadcasts_in_place=broadcasts_in_place)
 
 
 @torch.library.custom_op("aule_kp::flash_attention_forward", mutates_args=())
@@ -54,9 +53,13 @@ def flash_attention_forward(
     causal: bool,
     scale: float,
     backend: str,
+    window_left: int = -1,
+    window_right: int = -1,
+    top_left: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``(out [B, Hq, Lq, Dv] like q, lse float32 [B, Hq, Lq])``; causal is top-left aligned."""
-    call = _prepare(q, k, v, attn_mask, causal, scale, backend)
+    """``(out [B, Hq, Lq, Dv] like q, lse float32 [B, Hq, Lq])``; the causal/window band is aligned
+    top-left (torch's) or, with ``top_left=False``, bottom-right (flash-attn's)."""
+    call = _prepare(q, k, v, attn_mask, causal, scale, backend, window_left, window_right, top_left)
     out, lse = call.forward()
     if isinstance(lse, np.ndarray):
         lse = torch.from_numpy(lse).to(q.device)
@@ -65,7 +68,8 @@ def flash_attention_forward(
 
 @flash_attention_forward.register_fake
 def _forward_fake(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor], causal: bool,
-                  scale: float, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+                  scale: float, backend: str, window_left: int = -1, window_right: int = -1,
+                  top_left: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
     return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty(q.shape[:-1], dtype=torch.float32)
 
 
@@ -82,13 +86,19 @@ def flash_attention_backward(
     scale: float,
     backend: str,
     mask_grad: bool,
+    window_left: int = -1,
+    window_right: int = -1,
+    top_left: bool = True,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dv, dmask)`` of :func:`flash_attention_forward` for the output gradient ``dout``.
 
     ``dmask`` has the mask's shape and dtype when ``mask_grad`` (a float mask), else it is empty.
-    A backend without a backward pass (``NotImplementedError``) hands the call to the CPU backend.
+    A backend without a backward pass (``NotImplementedError``) hands the call to the CPU backend,
+    with one :class:`aule_kp.AuleFallbackWarning`. Broadcast k/v and masks are read as given (each
+    broadcast element gets its own gradient, as autograd expects of a view).
     """
-    call = _prepare(q, k, v, attn_mask, causal, scale, backend)
+    call = _prepare(q, k, v, attn_mask, causal, scale, backend, window_left, window_right, top_left,
+                    broadcasts_in_place=False)
     p = call.problem
     mask_grad = mask_grad and attn_mask is not None
     if call.backend is None:  # no query or no key: nothing depends on the inputs
@@ -100,7 +110,7 @@ def flash_attention_backward(
             raise NotImplementedError(f"the {call.backend.name} backward cannot take this problem: {'; '.join(why)}")
         grads = _backend_backward(call.backend, call, out, dout, lse, mask_grad)
     except NotImplementedError as exc:
-        notice_once(f"backward:{call.backend.name}", "aule_kp: %s; computing gradients on the CPU backend", exc)
+        warn_once(f"backward:{call.backend.name}", f"aule_kp: {exc}; computing gradients on the CPU backend")
         grads = _backend_backward(dispatch.get("cpu"), call, out, dout, lse, mask_grad)
     dq, dk, dv, dmask = grads
     if mask_grad:
@@ -109,7 +119,7 @@ def flash_attention_backward(
     else:
         dmask = q.new_empty(0)
     if isinstance(dq, np.ndarray):  # a host backend's (or the CPU fallback's) storage arrays
-        dq, dk, dv = (_from_host(np.ascontiguousarray(g), like, p.dtype) for g, like in ((dq, q), (dk, k), (dv, v)))
+        dq, dk, dv = (from_host(np.ascontiguousarray(g), like, p.dtype) for g, like in ((dq, q), (dk, k), (dv, v)))
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), dmask.contiguous()
 
 
@@ -122,7 +132,7 @@ def _backend_backward(backend: Backend, call: Prepared, out: torch.Tensor, dout:
                                 call.mask, mask_grad)
 
     def host(x: Any) -> np.ndarray:
-        return x if isinstance(x, np.ndarray) else _to_host(x, p.dtype)
+        return x if isinstance(x, np.ndarray) else to_host(x, p.dtype)
 
     mask = call.mask
     if isinstance(mask, torch.Tensor):  # prepared for a native-torch backend: float32 on its device
@@ -134,39 +144,67 @@ def _backend_backward(backend: Backend, call: Prepared, out: torch.Tensor, dout:
 @flash_attention_backward.register_fake
 def _backward_fake(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                    lse: torch.Tensor, attn_mask: Optional[torch.Tensor], causal: bool, scale: float, backend: str,
-                   mask_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                   mask_grad: bool, window_left: int = -1, window_right: int = -1,
+                   top_left: bool = True) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     dmask = attn_mask.new_empty(attn_mask.shape) if mask_grad and attn_mask is not None else q.new_empty(0)
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dmask
 
 
 class FlashAttentionFunction(torch.autograd.Function):
-    """Differentiable attention over the custom ops; inputs and outputs as the forward op's.
+    """Differentiable attention over the custom ops; inputs and outputs as the forward op's (all ten
+    arguments are positional: ``apply(q, k, v, attn_mask, causal, scale, backend, window_left,
+    window_right, top_left)``).
 
     Saves q, k, v, out, lse and the mask; the backward runs the backward op on the same backend.
-    The row log-sum-exp output is not differentiable.
+    The row log-sum-exp output is not differentiable, and neither is the backward (no double
+    backward: asking for one raises).
     """
 
     @staticmethod
     def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor], causal: bool,
-                scale: float, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
-        return torch.ops.aule_kp.flash_attention_forward(q, k, v, attn_mask, causal, scale, backend)
+                scale: float, backend: str, window_left: int, window_right: int,
+                top_left: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        return torch.ops.aule_kp.flash_attention_forward(q, k, v, attn_mask, causal, scale, backend, window_left,
+                                                         window_right, top_left)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: Tuple[Any, ...], output: Tuple[torch.Tensor, torch.Tensor]) -> None:
-        q, k, v, attn_mask, causal, scale, backend = inputs
+        q, k, v, attn_mask, *options = inputs
         out, lse = output
         ctx.save_for_backward(q, k, v, out, lse, attn_mask)
-        ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
+        ctx.options = options  # causal, scale, backend, window_left, window_right, top_left
         ctx.mark_non_differentiable(lse)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, dout: torch.Tensor, _dlse: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
         q, k, v, out, lse, attn_mask = ctx.saved_tensors
         mask_grad = attn_mask is not None and ctx.needs_input_grad[3]
+        causal, scale, backend, window_left, window_right, top_left = ctx.options
         dq, dk, dv, dmask = torch.ops.aule_kp.flash_attention_backward(
-            dout.contiguous(), q, k, v, out, lse, attn_mask, ctx.causal, ctx.scale, ctx.backend, mask_grad
+            dout.contiguous(), q, k, v, out, lse, attn_mask, causal, scale, backend, mask_grad, window_left,
+            window_right, top_left
         )
-        return dq, dk, dv, (dmask if mask_grad else None), None, None, None
+        return dq, dk, dv, (dmask if mask_grad else None), None, None, None, None, None, None
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: Optional[float],
+                    window: Optional[Tuple[int, int]], attn_mask: Any, backend: str) -> torch.Tensor:
+    """:func:`aule_kp.flash_attention` on torch tensors through :class:`FlashAttentionFunction`,
+    differentiable in q, k, v and a float ``attn_mask`` (its gradient in the shape given, summed
+    over broadcast dims). Arguments are checked here as ``aule_kp.flash_attention`` checks them."""
+    check_options(causal, backend)
+    check_types(q, k, v)
+    b, hq, _, lq, lk, dk, _ = check_shapes(q, k, v)
+    scale = check_scale_window(scale, window, dk)
+    mask = None
+    if isinstance(attn_mask, np.ndarray):  # no gradient: taken as the engine's additive mask
+        mask = torch.from_numpy(mask_to_additive(*mask_view(attn_mask, (b, hq, lq, lk))))
+    elif attn_mask is not None:  # 4-D through a reshape, so that autograd carries its gradient back
+        mask, _ = mask_view(attn_mask, (b, hq, lq, lk), collapse=False)
+    left, right = (-1, -1) if window is None else window
+    out, _ = FlashAttentionFunction.apply(q, k, v, mask, bool(causal), scale, backend, int(left), int(right), False)
+    return out
 
 
 torch.library.register_autograd(

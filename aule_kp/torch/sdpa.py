@@ -8,11 +8,12 @@ engine's reach, never what torch would answer otherwise. The reason is logged at
 carry torch's "(position N)" even when the caller passed it by position.)
 
 What goes to torch: dtypes other than float32/float16/bfloat16 (float64 included), head dims that
-are not a multiple of 8 in [8, 256], ``dropout_p > 0`` (logged once: in-kernel dropout is not
-implemented), ``is_causal`` together with ``attn_mask`` (torch's kernels disagree on it: the CPU
-flash kernel applies both, the math kernel raises), batch dims that broadcast between q, k and v,
-empty dims, tensor subclasses (nested, fake, ...), meta tensors, and problems the chosen backend
-reports it cannot run.
+are not a multiple of 8 in [8, 256], ``dropout_p > 0`` (one :class:`aule_kp.AuleFallbackWarning`:
+in-kernel dropout is not implemented), ``is_causal`` together with ``attn_mask`` (torch's kernels
+disagree on it: the CPU flash kernel applies both, the math kernel raises), batch dims that
+broadcast between q, k and v, empty dims, tensor subclasses (nested, fake, ...), meta tensors, and
+problems the chosen backend reports it cannot run (one :class:`aule_kp.AuleFallbackWarning` per
+backend, unless it is ``"auto"``: that one falls back to torch only where no backend can).
 
 Routing: CPU tensors to the ``"auto"`` backend, CUDA/ROCm tensors to ``"triton"``, other devices
 (MPS, XPU, DirectML, ...) through host memory to ``"vulkan"``; ``install(backend=...)`` or
@@ -36,9 +37,9 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 
 from .. import dispatch
-from ..errors import BackendUnavailable
+from ..errors import BackendUnavailable, warn_once
 from ..problem import MAX_HEAD_DIM, Problem, band
-from .ops import FlashAttentionFunction, notice_once
+from .ops import FlashAttentionFunction
 
 log = logging.getLogger("aule_kp")
 
@@ -106,7 +107,8 @@ def scaled_dot_product_attention(
             log.debug("aule_kp: scaled_dot_product_attention goes to torch: %s", call)
         return state.original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                               scale=scale, enable_gqa=enable_gqa)
-    out, _ = FlashAttentionFunction.apply(call.q, call.k, call.v, call.mask, is_causal, call.scale, call.backend)
+    out, _ = FlashAttentionFunction.apply(call.q, call.k, call.v, call.mask, is_causal, call.scale, call.backend,
+                                          -1, -1, True)
     return out.reshape(call.out_shape)
 
 
@@ -137,8 +139,8 @@ def _route(
         return f"dropout_p is a {type(dropout_p).__name__}"
     if dropout_p != 0:
         if dropout_p > 0 and not torch.compiler.is_compiling():
-            notice_once("dropout", "aule_kp: dropout_p > 0 goes to torch's own scaled_dot_product_attention "
-                        "(in-kernel dropout is not implemented)")
+            warn_once("dropout", "aule_kp: dropout_p > 0 goes to torch's own scaled_dot_product_attention "
+                      "(in-kernel dropout is not implemented)")
         return f"dropout_p={dropout_p}"
     if scale is not None and (type(scale) not in (int, float) or not math.isfinite(scale)):
         return f"scale={scale!r} is not a finite Python number"
@@ -198,6 +200,9 @@ def _route(
         try:
             dispatch.select(problem, name)
         except BackendUnavailable as exc:
+            if name != "auto":  # a named backend (configured or by device) cannot take it: say so once
+                warn_once(f"sdpa-refused:{name}", f"aule_kp: {exc}; scaled_dot_product_attention runs torch's own "
+                          "kernel for such calls")
             return str(exc)
     # Contiguous before the Function, so that it saves (and its backward re-reads) one copy at most.
     q4, k4, v4 = (x.reshape(batch, h, length, d).contiguous()

@@ -11,16 +11,10 @@ from ..backend import Backend
 from ..problem import Problem
 from . import device as devmod
 from .backward import BackwardPlan, backward_groups_per_chunk, reduce_to_mask
-from .kernels import (
-    COOPMAT_CONVERT_ENV,
-    CPU_LOOP_LIMIT,
-    BackwardConfig,
-    KernelConfig,
-    backward_config,
-    backward_config_reasons,
-)
-from .plan import Plan, binding_limit, groups_per_chunk, query_tiles_reason
-from .splitkv import ForwardConfig, SplitKVConfig, choose_forward
+from .choice import forward_choice
+from .kernels import COOPMAT_CONVERT_ENV, BackwardConfig, backward_config, backward_config_reasons
+from .plan import Plan, binding_limit, query_tiles_reason
+from .splitkv import ForwardConfig
 
 
 class VulkanBackend(Backend):
@@ -57,27 +51,7 @@ class VulkanBackend(Backend):
         return hit
 
     def _decide(self, problem: Problem) -> Tuple[Optional[ForwardConfig], Tuple[str, ...]]:
-        dev = devmod.get_device()
-        reasons: List[str] = []
-        cfg: Optional[ForwardConfig] = None
-        limit = binding_limit(dev.caps.max_storage_buffer_range)
-        try:
-            cfg = choose_forward(dev.caps, problem, self.variant, groups_per_chunk(problem, limit))
-        except ValueError as exc:
-            reasons.append(str(exc))
-        if cfg is not None and dev.caps.type == "cpu":
-            loops = cfg.loops() if isinstance(cfg, SplitKVConfig) else -(-problem.len_k // cfg.bc)
-            if loops > CPU_LOOP_LIMIT:
-                reasons.append(f"{loops} loop iterations per invocation; CPU drivers (lavapipe) stop loops at "
-                               f"{CPU_LOOP_LIMIT}")
-        if isinstance(cfg, KernelConfig):
-            too_tall = query_tiles_reason(problem, cfg.br, dev.caps.max_workgroup_count[1])
-            reasons += [too_tall] if too_tall else []
-        if groups_per_chunk(problem, limit, cfg) < 1:
-            reasons.append(f"one (batch, kv-head) slice is over the {limit} B storage binding limit")
-        if problem.mask_shape is not None and 4 * int(np.prod(problem.mask_shape)) > limit:
-            reasons.append(f"the mask is over the {limit} B storage binding limit")
-        return (None if reasons else cfg), tuple(reasons)
+        return forward_choice(devmod.get_device().caps, problem, self.variant)
 
     def reasons(self, problem: Problem) -> List[str]:
         why = self.available()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 import os
 import weakref
 from typing import Any, Callable, Dict, Hashable, Optional, Sequence, Tuple, Union
@@ -11,42 +12,69 @@ from typing import Any, Callable, Dict, Hashable, Optional, Sequence, Tuple, Uni
 import numpy as np
 
 from ..dtypes import ITEMSIZE, STORAGE
+from ..errors import BackendUnavailable
+from ..inputs import check_causal, check_scale_window, check_shapes, check_torch_tensor, dtype_name, is_torch, to_host
 from ..problem import Problem, band
 from . import device as devmod
+from .choice import forward_choice
 from .plan import Plan, binding_limit
-from .splitkv import choose_forward
 
 _serial = itertools.count()
 DTypeLike = Union[str, type, np.dtype]
+_TORCH_DTYPES = {"torch.float32": "float32", "torch.float16": "float16", "torch.bfloat16": "bfloat16"}
 
 
 def _dtype_name(dtype: DTypeLike) -> str:
+    """Engine dtype name of a ``Context.tensor`` dtype; TypeError naming ``dtype`` otherwise."""
+    expected = "dtype must be float32, float16 or 'bfloat16' (numpy or torch dtypes, or the string)"
     if isinstance(dtype, str) and dtype in ("bfloat16", "bf16"):
         return "bfloat16"
+    if str(dtype) in _TORCH_DTYPES:
+        return _TORCH_DTYPES[str(dtype)]
+    if dtype is None:
+        raise TypeError(f"{expected}, got None")
     try:
         dt = np.dtype(dtype)
     except TypeError:
-        raise TypeError(f"dtype must be float32, float16 or 'bfloat16', got {dtype!r}") from None
+        raise TypeError(f"{expected}, got {dtype!r}") from None
     names = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}
     if dt not in names:
-        raise TypeError(f"dtype must be float32, float16 or 'bfloat16', got {dt}")
+        raise TypeError(f"{expected}, got {dt}")
     return names[dt]
 
 
-class GpuTensor:
-    """A tensor in device memory (packed like the kernels read it). Made by ``Context.tensor``."""
+def _shape(shape: Any) -> Tuple[int, ...]:
+    """``shape`` as a tuple of ints >= 0 (an int alone is a 1-D shape); errors name ``shape``."""
+    dims = (shape,) if isinstance(shape, numbers.Integral) else shape
+    try:
+        dims = tuple(dims)
+    except TypeError:
+        raise TypeError(f"shape must be a tuple of non-negative ints, got {shape!r}") from None
+    if not all(isinstance(s, numbers.Integral) and not isinstance(s, (bool, np.bool_)) for s in dims):
+        raise TypeError(f"shape must be a tuple of non-negative ints, got {shape!r}")
+    if any(int(s) < 0 for s in dims):
+        raise ValueError(f"shape must be non-negative, got {tuple(int(s) for s in dims)}")
+    return tuple(int(s) for s in dims)
 
-    def __init__(self, ctx: Context, shape: Sequence[int], dtype: DTypeLike):
-        if any(int(s) < 0 for s in shape):
-            raise ValueError(f"shape must be non-negative, got {tuple(shape)}")
-        self.shape: Tuple[int, ...] = tuple(int(s) for s in shape)
+
+class GpuTensor:
+    """A tensor in device memory (packed like the kernels read it). Made by ``Context.tensor``.
+
+    Data only: a GpuTensor records no autograd history and ``Context.attention`` is forward only
+    (for gradients use :func:`aule_kp.flash_attention` on torch tensors). It lives until
+    ``free()`` or until its Context is closed; after that every use raises ``ValueError``.
+    """
+
+    def __init__(self, ctx: Context, shape: Any, dtype: DTypeLike):
+        self.shape: Tuple[int, ...] = _shape(shape)
         self.dtype_name = _dtype_name(dtype)
         self._ctx = ctx
         self.serial = next(_serial)
         nbytes = math.prod(self.shape) * ITEMSIZE[self.dtype_name]
         limit = binding_limit(ctx.device.caps.max_storage_buffer_range)
         if nbytes > limit:
-            raise ValueError(f"a GpuTensor of {nbytes} B is over the device's {limit} B storage binding limit")
+            raise ValueError(f"a GpuTensor of shape {self.shape} needs {nbytes} B: over the device's {limit} B "
+                             "storage binding limit")
         dev = ctx.device
         kp = dev.kp
         ttype = kp.TensorTypes.host if dev.host_memory else kp.TensorTypes.device
@@ -62,25 +90,28 @@ class GpuTensor:
         """``np.float32``/``np.float16`` dtype, or the string ``"bfloat16"``."""
         return "bfloat16" if self.dtype_name == "bfloat16" else STORAGE[self.dtype_name]
 
-    def _live(self) -> None:
+    def _live(self, name: str = "this GpuTensor") -> None:
+        """ValueError naming ``name`` when the tensor's Context is closed or it was freed."""
+        if self._ctx.closed:
+            raise ValueError(f"{name} belongs to a closed Context (its memory was freed by Context.close)")
         if self.kp_tensor is None:
-            raise ValueError("this GpuTensor was freed")
+            raise ValueError(f"{name} was freed (GpuTensor.free)")
 
     def upload(self, a: Any) -> GpuTensor:
-        """Copies host data in (NumPy, or bf16 as uint16 bits / torch CPU tensors of the same dtype)."""
+        """Copies host data in: a NumPy array or torch tensor of this tensor's shape and dtype (bf16
+        also as NumPy uint16 bit patterns). Errors name the array ``a``."""
         self._live()
-        from ..api import _dtype_name as api_dtype
-        from ..api import _to_host
-
         if isinstance(a, np.ndarray) and a.dtype == np.uint16 and self.dtype_name == "bfloat16":
-            host = np.ascontiguousarray(a)
+            got = "bfloat16"
         else:
-            got = api_dtype("a", a)
+            got = dtype_name("a", a)
             if got != self.dtype_name:
-                raise TypeError(f"upload expects {self.dtype_name} data, got {got}")
-            host = _to_host(a, got)
-        if tuple(host.shape) != self.shape:
-            raise ValueError(f"upload expects shape {self.shape}, got {tuple(host.shape)}")
+                raise TypeError(f"upload: a must hold {self.dtype_name} data like this GpuTensor, got {got}")
+        if is_torch(a):
+            check_torch_tensor("a", a)
+        if tuple(a.shape) != self.shape:
+            raise ValueError(f"upload: a must have this GpuTensor's shape {self.shape}, got {tuple(a.shape)}")
+        host = to_host(a, got)
         with self._ctx.device.lock:
             self._view[: self.nbytes] = host.reshape(-1).view(np.uint8)
             self._to_device.eval()
@@ -95,7 +126,7 @@ class GpuTensor:
         return raw.view(STORAGE[self.dtype_name]).reshape(self.shape)
 
     def free(self) -> None:
-        """Releases the device memory now (and any cached plan bound to it)."""
+        """Releases the device memory now (and any cached plan bound to it); idempotent."""
         if self.kp_tensor is None:
             return
         dev = self._ctx.device
@@ -107,71 +138,99 @@ class GpuTensor:
         self.kp_tensor = None
 
     def __repr__(self) -> str:
-        return f"GpuTensor(shape={self.shape}, dtype={self.dtype_name})"
+        state = "" if self.kp_tensor is not None else ", freed"
+        return f"GpuTensor(shape={self.shape}, dtype={self.dtype_name}{state})"
 
 
 class Context:
-    """One Vulkan device for the zero-copy API; also a context manager that frees its tensors."""
+    """One Vulkan device for the zero-copy API; also a context manager that frees its tensors.
+
+    Forward only: ``attention`` computes no gradients (use :func:`aule_kp.flash_attention` on torch
+    tensors for training). After ``close()`` (or leaving the ``with`` block) the Context and its
+    tensors raise ``ValueError`` on every use; ``close()`` itself may be called again.
+    """
 
     def __init__(self, device: Optional[int] = None):
         why = devmod.vulkan_unavailable()
         if why:
-            from ..errors import BackendUnavailable
-
             raise BackendUnavailable("vulkan", [why])
         self.device = devmod.get_device(device)
+        self.closed = False
         self._tensors: weakref.WeakSet[GpuTensor] = weakref.WeakSet()
         # Repeated calls on the same tensors and arguments skip validation and the kernel choice:
         # call signature -> (plan cache key, plan builder). Plans themselves stay in the device's LRU.
         self._calls: Dict[Hashable, Tuple[Hashable, Callable[[], Plan]]] = {}
 
+    def _open(self) -> None:
+        if self.closed:
+            raise ValueError("this Context is closed (Context.close or the end of its with block)")
+
     def tensor(self, shape: Sequence[int], dtype: DTypeLike = np.float16) -> GpuTensor:
-        """A new zero-filled GpuTensor."""
+        """A new zero-filled GpuTensor of ``shape`` and ``dtype`` (float32, float16 or "bfloat16")."""
+        self._open()
         t = GpuTensor(self, shape, dtype)
         self._tensors.add(t)
+        return t
+
+    def _own(self, name: str, t: Any) -> GpuTensor:
+        """``t`` if it is a live GpuTensor of this Context; an error naming ``name`` otherwise."""
+        if not isinstance(t, GpuTensor):
+            raise TypeError(f"{name} must be a GpuTensor (from Context.tensor), got {type(t).__name__}")
+        t._live(name)
+        if t._ctx is not self:
+            raise ValueError(f"{name} belongs to another Context; use tensors of the Context whose attention runs")
         return t
 
     def attention(self, q: GpuTensor, k: GpuTensor, v: GpuTensor, out: Optional[GpuTensor] = None, *,
                   causal: bool = False, scale: Optional[float] = None,
                   window: Optional[Tuple[int, int]] = None) -> GpuTensor:
-        """FA2 forward on GpuTensors (shapes and semantics of ``aule_kp.flash_attention``).
+        """FA2 forward on GpuTensors (shapes and semantics of ``aule_kp.flash_attention``); forward only.
 
-        Pass ``out`` to reuse an output tensor: a repeated call on the same tensors and arguments
-        then costs a dictionary lookup and one recorded dispatch (no allocation, no validation).
+        Pass ``out`` to reuse an output tensor (it must not be q, k or v): a repeated call on the
+        same tensors and arguments then costs a dictionary lookup and one recorded dispatch (no
+        allocation, no validation). A problem over a device limit (storage binding range, grid
+        size, a CPU driver's loop limit) raises :class:`aule_kp.BackendUnavailable` naming it.
         """
+        self._open()
         sig = None
         if isinstance(out, GpuTensor):
             sig = (getattr(q, "serial", None), getattr(k, "serial", None), getattr(v, "serial", None), out.serial,
-                   bool(causal), scale, window, os.environ.get("AULE_KP_SPLIT_KV"),
-                   os.environ.get("AULE_KP_FORCE_VARIANT"))
-            hit = self._calls.get(sig)
+                   causal, scale, window, os.environ.get("AULE_KP_SPLIT_KV"),
+                   os.environ.get("AULE_KP_FORCE_VARIANT"), os.environ.get("AULE_KP_MAX_BINDING_BYTES"))
+            try:
+                hit = self._calls.get(sig)
+            except TypeError:  # an unhashable argument (a list window): validated below
+                hit = sig = None
             if hit is not None and all(t.kp_tensor is not None for t in (q, k, v, out)):
                 dev = self.device
                 with dev.lock:
                     dev.plans.get(*hit).eval()
                 return out
-        from ..api import _check_scale_window, _check_shapes
-
         for name, t in (("q", q), ("k", k), ("v", v)):
-            if not isinstance(t, GpuTensor):
-                raise TypeError(f"{name} must be a GpuTensor, got {type(t).__name__}")
-            t._live()
+            self._own(name, t)
             if t.dtype_name != q.dtype_name:
                 raise TypeError(f"q, k and v must have one dtype; q is {q.dtype_name}, {name} is {t.dtype_name}")
-        b, hq, hkv, lq, lk, dk, dv = _check_shapes(q, k, v)
-        scale = _check_scale_window(scale, window, dk)
-        if out is None:
-            out = self.tensor((b, hq, lq, dv), q.dtype)
-        elif not isinstance(out, GpuTensor) or out.shape != (b, hq, lq, dv) or out.dtype_name != q.dtype_name:
-            raise ValueError(f"out must be a {q.dtype_name} GpuTensor of shape {(b, hq, lq, dv)}")
-        out._live()
+        check_causal(causal)
+        b, hq, hkv, lq, lk, dk, dv = check_shapes(q, k, v)
+        scale = check_scale_window(scale, window, dk)
+        if out is not None:
+            self._own("out", out)
+            if out.shape != (b, hq, lq, dv) or out.dtype_name != q.dtype_name:
+                raise ValueError(f"out must be a {q.dtype_name} GpuTensor of shape {(b, hq, lq, dv)}, got "
+                                 f"{out.dtype_name} {out.shape}")
+            if any(out is t for t in (q, k, v)):
+                raise ValueError("out must not be q, k or v (the kernel reads them while it writes out)")
         diag, left, right = band(lq, lk, causal=bool(causal), window=window, top_left=False)
         problem = Problem(b, hq, hkv, lq, lk, dk, dv, q.dtype_name, scale, diag, left, right)
         if problem.empty or lk == 0:
+            out = out if out is not None else self.tensor((b, hq, lq, dv), q.dtype)
             out.upload(np.zeros(out.shape, STORAGE[out.dtype_name]))
             return out
         dev = self.device
-        cfg = choose_forward(dev.caps, problem)
+        cfg, reasons = forward_choice(dev.caps, problem, whole=True)
+        if cfg is None:
+            raise BackendUnavailable("vulkan", list(reasons))
+        out = out if out is not None else self.tensor((b, hq, lq, dv), q.dtype)
         key = ("io", problem, cfg, q.serial, k.serial, v.serial, out.serial)
         io = (q.kp_tensor, k.kp_tensor, v.kp_tensor, out.kp_tensor)
 
@@ -187,11 +246,15 @@ class Context:
         return out
 
     def close(self) -> None:
+        """Frees every tensor of this Context; later uses of it or its tensors raise. Idempotent."""
+        self.closed = True
         for t in list(self._tensors):
             t.free()
         self._tensors.clear()
+        self._calls.clear()
 
     def __enter__(self) -> Context:
+        self._open()
         return self
 
     def __exit__(self, *exc: Any) -> None:

@@ -1,0 +1,77 @@
+"""Fallbacks the caller did not ask for are visible: one ``aule_kp.AuleFallbackWarning`` per kind
+(through ``warnings``, so no logging set-up is needed), attributed to the caller's line. The "no
+Vulkan driver" case is in test_api.py, dropout in test_torch.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+import aule_kp
+import aule_kp.vulkan.device as devmod
+from aule_kp import errors
+from aule_kp.vulkan.backend import VulkanBackend
+
+_NO_VULKAN = devmod.vulkan_unavailable()
+needs_vulkan = pytest.mark.skipif(bool(_NO_VULKAN), reason=f"no Vulkan device: {_NO_VULKAN}")
+D = 32
+
+
+@pytest.fixture(autouse=True)
+def fresh_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(errors, "_warned", set())
+
+
+def _tensors(requires_grad: bool = True) -> Any:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(s, generator=g).requires_grad_(requires_grad)
+            for s in ((1, 2, 6, D), (1, 1, 9, D), (1, 1, 9, D))]
+
+
+def test_warn_once_is_once_per_key() -> None:
+    with pytest.warns(aule_kp.AuleFallbackWarning) as record:
+        for _ in range(3):
+            errors.warn_once("a", "first kind")
+            errors.warn_once("b", "second kind")
+    assert [str(w.message) for w in record] == ["first kind", "second kind"]
+    assert all(w.filename == __file__ for w in record)
+    assert issubclass(aule_kp.AuleFallbackWarning, RuntimeWarning)
+
+
+@needs_vulkan
+def test_backward_on_the_cpu_warns_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """flash_attention on the Vulkan backend whose backward cannot run: CPU gradients, one warning."""
+    monkeypatch.setattr(VulkanBackend, "backward_reasons", lambda self, problem, mask_grad=False: ["test: none"])
+    q, k, v = _tensors()
+    want = torch.autograd.grad(aule_kp.flash_attention(q, k, v, causal=True, backend="cpu").sum(), (q, k, v))
+    with pytest.warns(aule_kp.AuleFallbackWarning) as record:
+        for _ in range(2):
+            out = aule_kp.flash_attention(q, k, v, causal=True, backend="vulkan")
+            grads = torch.autograd.grad(out.sum(), (q, k, v))
+            for g, w in zip(grads, want):
+                torch.testing.assert_close(g, w, atol=1e-5, rtol=0)
+    notices = [w for w in record if "computing gradients on the CPU backend" in str(w.message)]
+    assert len(notices) == 1 and "test: none" in str(notices[0].message)
+
+
+@needs_vulkan
+def test_sdpa_on_a_named_backend_that_refuses_warns_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(VulkanBackend, "reasons", lambda self, problem: ["no room for it (test)"])
+    q, k, v = _tensors(requires_grad=False)
+    with pytest.warns(aule_kp.AuleFallbackWarning, match="no room for it") as record, aule_kp.enabled("vulkan"):
+        for _ in range(3):
+            aule_kp.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    assert len(record) == 1
+
+
+@needs_vulkan
+def test_no_warning_on_the_normal_path(recwarn: pytest.WarningsRecorder) -> None:
+    """auto on this machine (the CPU backend, or Vulkan where it leads) is no fallback."""
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((1, 2, 6, D)).astype(np.float32)
+    aule_kp.flash_attention(q, q, q)
+    aule_kp.flash_attention(*_tensors(), causal=True).sum().backward()
+    assert not [w for w in recwarn if issubclass(w.category, aule_kp.AuleFallbackWarning)]
