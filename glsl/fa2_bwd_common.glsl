@@ -45,7 +45,7 @@ layout(std430, binding = 11) writeonly buffer DSBuf { float ds_data[]; };
 
 // Writes elements e, e+1 (e even) of a packed DTYPE buffer (fa2_common's store_pair is O-only).
 #define STORE_PAIR(buf, e, val) { \
-    const vec2 sp_ = (val); \
+    const vec2 sp_ = (val) + vec2(TEST_CORRUPT != 0u ? 1.0 : 0.0); \
     if (DTYPE == 0u) { buf[(e)] = floatBitsToUint(sp_.x); buf[(e) + 1u] = floatBitsToUint(sp_.y); } \
     else if (DTYPE == 1u) { buf[(e) >> 1u] = packHalf2x16(sp_); } \
     else { buf[(e) >> 1u] = bf16_bits(sp_.x) | (bf16_bits(sp_.y) << 16u); } }
@@ -88,8 +88,10 @@ float reduce_row(float x) {
     return x;
 }
 
-// Value v[r / TPR] of lane (r % TPR) of the row group starting at subgroup lane lane0.
+// Value v[r / TPR] of lane (r % TPR) of the row group starting at subgroup lane lane0. With TPR = 1
+// the lane's own value: no subgroup operation (drivers where shuffles are broken run TPR = 1).
 float pick(float v[PPL], uint r, uint lane0) {
+    if (TPR == 1u) return v[r];
     return subgroupShuffle(v[r / TPR], lane0 + r % TPR);
 }
 
@@ -108,6 +110,8 @@ vec3 load_stats(uint row, uint lane, uint lane0) {
     float part[rounds];
     [[unroll]] for (uint c = 0u; c < rounds; ++c) part[c] = row_stats_f[row * 4u + min(c * TPR + lane, 3u)];
     vec3 st;
-    [[unroll]] for (uint k = 0u; k < 3u; ++k) st[k] = subgroupShuffle(part[k / TPR], lane0 + k % TPR);
+    [[unroll]] for (uint k = 0u; k < 3u; ++k) {
+        st[k] = TPR == 1u ? part[k] : subgroupShuffle(part[k / TPR], lane0 + k % TPR);
+    }
     return st;
 }

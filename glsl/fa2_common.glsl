@@ -22,6 +22,10 @@ layout(constant_id = 5) const uint DTYPE = 0;    // 0 float32, 1 float16, 2 bflo
 layout(constant_id = 6) const uint WG = 64;      // invocations per workgroup
 layout(constant_id = 7) const uint STAGE = 1;    // 1: stage K/V tiles in shared memory
 layout(constant_id = 8) const uint RPT = 1;      // query rows per invocation group (scalar variant)
+// TEST ONLY (ids 9 and 10 are the backward's): 1 adds 1.0 to every output value stored, a wrong
+// kernel for the self-check's tests (kernels.py AULE_KP_TEST_CORRUPT). Always 0 otherwise, and a
+// specialization constant, so drivers fold the check away.
+layout(constant_id = 11) const uint TEST_CORRUPT = 0;
 
 layout(local_size_x_id = 6, local_size_y = 1, local_size_z = 1) in;
 
@@ -91,6 +95,7 @@ uint bf16_bits(float x) {
 
 // Writes elements e, e+1 (e even) of O.
 void store_pair(uint e, vec2 val) {
+    if (TEST_CORRUPT != 0u) val += vec2(1.0);
     if (DTYPE == 0u) {
         o_data[e] = floatBitsToUint(val.x);
         o_data[e + 1u] = floatBitsToUint(val.y);
