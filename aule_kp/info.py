@@ -19,7 +19,7 @@ def _variant_reasons(caps: Any) -> Dict[str, List[str]]:
     """Forward variant -> why it cannot run a typical fp16 head-dim-64 problem here (empty: it can),
     counting the driver-trap table and recorded self-check verdicts (never running a check)."""
     return {v: disabled_reasons(f"fwd.{v}", caps, _TYPICAL.dtype, warn=False)
-            + variant_reasons(v, caps, _TYPICAL, forced=True, checks=False) for v in VARIANTS}
+            + variant_reasons(v, caps, _TYPICAL, checks=False) for v in VARIANTS}
 
 
 def info() -> Dict[str, Any]:

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..dtypes import ITEMSIZE
 from ..problem import Problem
-from . import workarounds
+from . import selfcheck, workarounds
 from .probe import DeviceCaps
 
 DTYPE_CODE = {"float32": 0, "float16": 1, "bfloat16": 2}
@@ -236,27 +236,20 @@ def disabled_reasons(family: str, caps: DeviceCaps, dtype: str, warn: bool = Tru
     """Why kernel family ``family`` is turned off on this device for ``dtype``: the driver-trap
     table (workarounds.py) and the verdicts the self-check recorded (selfcheck.py; never runs it).
     ``warn``: the first failed verdict applied in a process warns (selfcheck.known_reasons)."""
-    from .selfcheck import known_reasons
-
-    return workarounds.family_reasons(family, caps) + known_reasons(family, caps, dtype, warn)
+    return workarounds.family_reasons(family, caps) + selfcheck.known_reasons(family, caps, dtype, warn)
 
 
-def variant_reasons(variant: str, caps: DeviceCaps, problem: Problem, forced: bool = False,
-                    checks: bool = True) -> List[str]:
+def variant_reasons(variant: str, caps: DeviceCaps, problem: Problem, checks: bool = True) -> List[str]:
     """Why ``variant`` cannot run ``problem`` on this device (empty: it can); with ``checks``, also
     a variant the driver-trap table or a recorded self-check verdict turns off (``disabled_reasons``).
 
     Wave64 is correct on any subgroup size (its cross-lane sums never span more lanes than the
-    device has); the automatic order tries it first on 64-wide devices and after the scalar variant
-    elsewhere (which it only reaches when the scalar variant is turned off). ``forced`` is kept for
-    callers that pin a variant; it no longer changes the answer.
+    device has): ``preferred_variants`` decides where the automatic choice tries it.
     """
     reasons: List[str] = []
     if variant not in VARIANTS:
         return [f"unknown variant {variant!r}; expected one of {VARIANTS}"]
     caps = workarounds.effective(caps)
-    if checks:
-        reasons += disabled_reasons(f"fwd.{variant}", caps, problem.dtype)
     if variant == "coopmat":
         reasons += coopmat_reasons(caps, problem)
         if problem.dim_k % 16 or problem.dim_v % 16:
@@ -267,7 +260,8 @@ def variant_reasons(variant: str, caps: DeviceCaps, problem: Problem, forced: bo
             reasons.append(f"needs {cfg.shared_bytes()} B of shared memory, device has {caps.shared_memory}")
         if cfg.wg > caps.max_workgroup_invocations:
             reasons.append(f"needs {cfg.wg} invocations per workgroup, device allows {caps.max_workgroup_invocations}")
-    return reasons
+    # Only for a variant the device could run: the reasons above say enough otherwise.
+    return reasons or (disabled_reasons(f"fwd.{variant}", caps, problem.dtype) if checks else [])
 
 
 def config_for(variant: str, caps: DeviceCaps, problem: Problem) -> KernelConfig:
@@ -308,9 +302,7 @@ def candidate_families(caps: DeviceCaps) -> List[str]:
 def passes_self_check(cfg: Any, caps: DeviceCaps, dtype: str) -> bool:
     """Runs the self-check of ``cfg``'s kernel family the first time it is used on this device and
     driver (selfcheck.ensure); False when it is wrong here (then turned off, with one warning)."""
-    from .selfcheck import ensure
-
-    return not ensure(cfg.family, caps, dtype)
+    return not selfcheck.ensure(cfg.family, caps, dtype)
 
 
 def choose(caps: DeviceCaps, problem: Problem, variant: Optional[str] = None) -> KernelConfig:
@@ -319,11 +311,11 @@ def choose(caps: DeviceCaps, problem: Problem, variant: Optional[str] = None) ->
     forced = variant or os.environ.get("AULE_KP_FORCE_VARIANT") or None
     names = [forced] if forced else preferred_variants(caps)
     for name in names:
-        if not variant_reasons(name, caps, problem, forced=bool(forced)):
+        if not variant_reasons(name, caps, problem):
             cfg = config_for(name, caps, problem)
             if passes_self_check(cfg, caps, problem.dtype):
                 return cfg
-    detail = "; ".join(f"{n}: {', '.join(variant_reasons(n, caps, problem, bool(forced)))}" for n in names)
+    detail = "; ".join(f"{n}: {', '.join(variant_reasons(n, caps, problem))}" for n in names)
     raise ValueError(f"no Vulkan kernel variant can run this problem ({detail})")
 
 
@@ -455,7 +447,7 @@ def backward_config_reasons(cfg: BackwardConfig, caps: DeviceCaps, problem: Prob
                             checks: bool = True) -> List[str]:
     """Why this device cannot run ``cfg`` for ``problem`` (empty: it can); with ``checks``, also when
     the driver-trap table or a recorded self-check verdict turns its family off."""
-    reasons = disabled_reasons(cfg.dq.family, caps, problem.dtype) if checks else []
+    reasons = []
     if cfg.variant == "coopmat":
         reasons += coopmat_reasons(caps, problem)
         if problem.dim_k % 16 or problem.dim_v % 16 or max(problem.dim_k, problem.dim_v) > COOPMAT_BWD_MAX_DIM:
@@ -476,4 +468,5 @@ def backward_config_reasons(cfg: BackwardConfig, caps: DeviceCaps, problem: Prob
         }
         reasons += [f"{name} would loop {n} times per invocation; CPU drivers (lavapipe) stop at {CPU_LOOP_LIMIT}"
                     for name, n in loops.items() if n > CPU_LOOP_LIMIT]
-    return reasons
+    # Only for pipelines the device could run: the reasons above say enough otherwise.
+    return reasons or (disabled_reasons(cfg.dq.family, caps, problem.dtype) if checks else [])

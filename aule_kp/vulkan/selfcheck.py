@@ -47,6 +47,9 @@ stats: Dict[str, int] = {"runs": 0, "canaries": 0}
 
 _memo: Dict[str, Dict[str, Any]] = {}
 _paths: Dict[Tuple[Any, ...], Path] = {}
+# (device, family, dtype, cache location) -> the recorded verdict of this build or None: the choice
+# asks several times per call (a backward call six), so each answer costs one dict lookup.
+_entries: Dict[Tuple[Any, ...], Optional[Dict[str, Any]]] = {}
 _warned: set = set()
 _lock = threading.RLock()
 _active: set = set()  # (device key, family, dtype) being checked: a canary's own choices skip it
@@ -97,6 +100,7 @@ def _save(caps: DeviceCaps, verdicts: Sequence[Verdict], directory: Optional[str
         merged.update({f"{v.family}/{v.dtype}": v.record() for v in verdicts})
         write_cache_file(path, caps, SECTION, merged, FORMAT)
         _memo.pop(str(path), None)
+        _entries.clear()
     # The Vulkan backend memoises its kernel choice per problem: forget it so new verdicts apply now.
     getattr(get("vulkan"), "_choices", {}).clear()
     return path
@@ -109,6 +113,7 @@ def clear(caps: DeviceCaps, directory: Optional[str] = None) -> bool:
     path = cache_path(caps, directory)
     with _lock:
         _memo.pop(str(path), None)
+        _entries.clear()
         _warned.difference_update({w for w in _warned if w[0] == str(path)})
         try:
             path.unlink()
@@ -143,10 +148,16 @@ def build_id(family: str) -> str:
 
 def _entry(family: str, caps: DeviceCaps, dtype: str) -> Optional[Dict[str, Any]]:
     """The recorded verdict of ``family`` for ``dtype`` on this build, or None."""
-    entry = load(caps).get(f"{family}/{dtype}")
-    if not isinstance(entry, dict) or entry.get("build") != build_id(family):
-        return None
-    return entry
+    from .tuning import ENV_DIR
+
+    key = (caps.uuid, caps.driver_version, caps.name, family, dtype, os.environ.get(ENV_DIR),
+           os.environ.get("XDG_CACHE_HOME"))
+    if key not in _entries:
+        entry = load(caps).get(f"{family}/{dtype}")
+        ok = isinstance(entry, dict) and entry.get("build") == build_id(family)
+        with _lock:
+            _entries[key] = entry if ok else None
+    return _entries[key]
 
 
 def _warn_once(caps: DeviceCaps, family: str, dtype: str, detail: str) -> None:
@@ -164,7 +175,10 @@ def _warn_once(caps: DeviceCaps, family: str, dtype: str, detail: str) -> None:
 def known_reasons(family: str, caps: DeviceCaps, dtype: str, warn: bool = True) -> List[str]:
     """Why a recorded verdict turns ``family`` off for ``dtype`` on this device (empty: none does).
     Never runs a check; the first time a failed verdict is applied in a process it warns (``warn``)."""
-    entry = _entry(family, caps, dtype)
+    return _reasons(_entry(family, caps, dtype), family, caps, dtype, warn)
+
+
+def _reasons(entry: Optional[Dict[str, Any]], family: str, caps: DeviceCaps, dtype: str, warn: bool) -> List[str]:
     if entry is None or entry.get("ok") is not False:
         return []
     detail = str(entry.get("detail", ""))
@@ -191,14 +205,14 @@ def ensure(family: str, caps: DeviceCaps, dtype: str) -> List[str]:
     """Why ``family`` must not run ``dtype`` here (empty: it may): a recorded failed verdict, or the
     result of its canaries, run now when nothing is recorded for this build, the self-check is on
     (:func:`enabled`) and ``caps`` describe a real device. A failure warns once and is recorded."""
-    reasons = known_reasons(family, caps, dtype)
-    if reasons or not enabled() or _entry(family, caps, dtype) is not None:
-        return reasons
+    entry = _entry(family, caps, dtype)
+    if entry is not None or not enabled():
+        return _reasons(entry, family, caps, dtype, True)
     device = _device_of(caps)
     if device is None:
         return []
     key = (str(_path(caps)), family, dtype)
-    with _lock:
+    with device.lock, _lock:  # the device's lock first, as every other caller that takes both
         if key in _active or _entry(family, caps, dtype) is not None:
             return known_reasons(family, caps, dtype)
         _active.add(key)
@@ -266,7 +280,7 @@ def _config(family: str, canary: Canary, p: Problem, caps: DeviceCaps) -> Tuple[
     if kind == "bwd":
         cfg = _backward_config(caps, p, True, variant)
         return cfg, backward_config_reasons(cfg, caps, p, checks=False)
-    why = variant_reasons(variant, caps, p, forced=True, checks=False)
+    why = variant_reasons(variant, caps, p, checks=False)
     cfg = None if why else config_for(variant, caps, p)
     return cfg, why if why else forward_reasons(cfg, caps, p)
 

@@ -18,7 +18,6 @@ known to be fixed); the self-check (aule_kp/vulkan/selfcheck.py) still guards th
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 from dataclasses import dataclass, replace
@@ -205,42 +204,62 @@ def enabled() -> bool:
     return os.environ.get(ENV_OFF, "").strip() != "0"
 
 
-@functools.lru_cache(maxsize=64)
-def _matching(caps: DeviceCaps) -> Tuple[Workaround, ...]:
-    return tuple(w for w in TABLE if w.applies(caps))
+class _Applied:
+    """What the table says about one DeviceCaps object, worked out once: the choice asks several
+    times per call, and hashing a DeviceCaps costs more than a dict lookup by identity."""
+
+    def __init__(self, caps: DeviceCaps):
+        self.caps = caps  # held, so that id(caps) stays this object's
+        self.matching = tuple(w for w in TABLE if w.applies(caps))
+        self.avoided: Dict[str, List[Workaround]] = {}
+        for w in self.matching:
+            for feature in sorted(w.avoid):
+                self.avoided.setdefault(feature, []).append(w)
+        shuffles = caps.subgroup_shuffle and "subgroup_shuffle" in self.avoided
+        self.effective = replace(caps, subgroup_shuffle=False) if shuffles else caps
+
+
+_applied: Dict[int, _Applied] = {}
+
+
+def _apply(caps: DeviceCaps) -> Optional[_Applied]:
+    """The table applied to ``caps``; None when nothing matches or ``AULE_KP_WORKAROUNDS=0`` (the
+    environment is read only when something matches)."""
+    hit = _applied.get(id(caps))
+    if hit is None or hit.caps is not caps:
+        if len(_applied) > 256:
+            _applied.clear()
+        hit = _applied[id(caps)] = _Applied(caps)
+    return hit if hit.matching and enabled() else None
 
 
 def matching(caps: DeviceCaps) -> Tuple[Workaround, ...]:
     """The table's entries that apply to this device (none when ``AULE_KP_WORKAROUNDS=0``)."""
-    return _matching(caps) if enabled() else ()
+    hit = _apply(caps)
+    return hit.matching if hit else ()
 
 
 def avoided(caps: DeviceCaps) -> Dict[str, List[Workaround]]:
-    """Avoided feature -> the entries that avoid it on this device."""
-    out: Dict[str, List[Workaround]] = {}
-    for w in matching(caps):
-        for feature in sorted(w.avoid):
-            out.setdefault(feature, []).append(w)
-    return out
+    """Avoided feature -> the entries that avoid it on this device (do not modify)."""
+    hit = _apply(caps)
+    return hit.avoided if hit else {}
 
 
 def family_reasons(family: str, caps: DeviceCaps) -> List[str]:
     """Why the table turns kernel family ``family`` off on this device (empty: it does not)."""
+    hit = _apply(caps)
+    if hit is None:
+        return []
     needs = NEEDS.get(family, frozenset())
     return [f"turned off for this driver: needs {feature}, avoided because {w.title} ({w.sources[0]})"
-            for feature, entries in avoided(caps).items() if feature in needs for w in entries]
-
-
-@functools.lru_cache(maxsize=64)
-def _effective(caps: DeviceCaps) -> DeviceCaps:
-    return replace(caps, subgroup_shuffle=False) if any(
-        "subgroup_shuffle" in w.avoid for w in _matching(caps)) else caps
+            for feature, entries in hit.avoided.items() if feature in needs for w in entries]
 
 
 def effective(caps: DeviceCaps) -> DeviceCaps:
     """The capabilities the tile choice may use: ``caps`` less the features the table avoids that
     the kernels can do without (:data:`DO_WITHOUT`). The same object for the same ``caps``."""
-    return _effective(caps) if caps.subgroup_shuffle and enabled() else caps
+    hit = _apply(caps)
+    return hit.effective if hit else caps
 
 
 def describe(caps: DeviceCaps) -> List[Dict[str, Any]]:
