@@ -261,3 +261,13 @@ def test_kernel_config_family() -> None:
     assert split_kernel(TURING, DECODE).family == "splitkv"
     bwd = backward_config(AMPERE, D128_FP16)
     assert {k.family for k in bwd.kernels()} == {"bwd.coopmat"}
+
+
+def test_cli_info_prints_traps(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    from aule_kp.cli import main
+
+    monkeypatch.setattr(devmod, "devices", lambda: [TURING])
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "driver trap nvidia-turing-coopmat" in out and "not coopmat: turned off for this driver" in out
+    assert "nvidia-turing, driver nvidia-proprietary" in out
