@@ -174,12 +174,15 @@ def _doctor(args: argparse.Namespace) -> int:
     verdicts = selfcheck.run_checks(families, dtypes, dev, args.cache_dir, progress)
     wrong = [v for v in verdicts if v.ok is False]
     traps = workarounds.describe(caps)
+    # A family the table turns off stays off whatever its canaries say (AULE_KP_WORKAROUNDS=0 lifts it).
+    by_table = {f: r for f in dict.fromkeys(v.family for v in verdicts) if (r := workarounds.family_reasons(f, caps))}
     if args.json:
         print(json.dumps({"device": {k: caps.as_dict()[k] for k in (
             "index", "name", "vendor", "type", "driver", "driver_info", "driver_version", "driver_version_text",
             "uuid", "os", "architecture")},
             "workarounds": traps, "checks": [dict(v.record(), family=v.family, dtype=v.dtype) for v in verdicts],
-            "wrong": [f"{v.family}/{v.dtype}" for v in wrong], "cache": str(path)}, indent=2))
+            "wrong": [f"{v.family}/{v.dtype}" for v in wrong], "turned_off_by_traps": by_table, "cache": str(path)},
+            indent=2))
         return 1 if wrong else 0
     print(f"device: {caps.name} ({caps.type}, {caps.architecture}), driver "
           f"{caps.driver_info or caps.driver_name} {caps.driver_version_text()}, {caps.os}")
@@ -188,6 +191,8 @@ def _doctor(args: argparse.Namespace) -> int:
     if not traps:
         print("driver traps: none known for this device")
     print(selfcheck.format_table(verdicts))
+    for family, reasons in by_table.items():
+        print(f"{family} stays off on this driver whatever its verdict: {reasons[0]}")
     print(f"\n{len(wrong)} wrong: {', '.join(f'{v.family}/{v.dtype}' for v in wrong)} (turned off for this driver)"
           if wrong else "\nevery kernel checked is correct on this driver")
     print(f"verdicts written to {path}")

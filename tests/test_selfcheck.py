@@ -19,6 +19,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, List
 
@@ -240,3 +241,20 @@ def test_error_model_separates_rounding_from_garbage() -> None:
         assert selfcheck._compare("fwd.scalar", p, garbage, want)[0] > 1.0, dtype
         nan = dict(rounded, lse=np.where(np.isfinite(rounded["lse"]), np.float32(np.nan), rounded["lse"]))
         assert math.isinf(selfcheck._compare("fwd.scalar", p, nan, want)[0])
+
+
+def test_shuffle_free_kernels_pass_on_lavapipe(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the driver-trap table runs on MoltenVK with AMD and on Intel (no subgroup shuffles:
+    TPR = 1 in the forward, split-KV and backward kernels) computes right on a real device. Small
+    head dims: one lane per row unrolls q and o whole, which lavapipe compiles for minutes at D128."""
+    dev = devmod.get_device()
+    monkeypatch.setattr(dev, "caps", replace(dev.caps, subgroup_shuffle=False))
+    cases = [("fwd.scalar", selfcheck.Canary("causal GQA D16", 1, 4, 2, 20, 37, 16, causal=True)),
+             ("splitkv", selfcheck.CANARIES["splitkv"][0]), ("bwd.scalar", selfcheck.CANARIES["bwd.scalar"][0])]
+    for family, canary in cases:
+        cfg, why = selfcheck._config(family, canary, canary.problem("float32"), dev.caps)
+        assert not why
+        kernels = cfg.kernels() if family.startswith("bwd") else [cfg.kernel if family == "splitkv" else cfg]
+        assert all(k.tpr == 1 for k in kernels), family
+        ratio, where = selfcheck._run(family, canary, cfg, dev, "float32", seed=5)
+        assert ratio <= 1.0, f"{family}: {where} off by {ratio:.3g}x the tolerance"

@@ -271,3 +271,22 @@ def test_cli_info_prints_traps(monkeypatch: pytest.MonkeyPatch, capsys: pytest.C
     out = capsys.readouterr().out
     assert "driver trap nvidia-turing-coopmat" in out and "not coopmat: turned off for this driver" in out
     assert "nvidia-turing, driver nvidia-proprietary" in out
+
+
+def test_doctor_says_what_the_table_keeps_off(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture,
+                                              tmp_path: Any) -> None:
+    """Doctor still runs a family the table turns off (is the driver fixed?) and says it stays off."""
+    from aule_kp.cli import main
+    from aule_kp.vulkan import selfcheck
+
+    if devmod.vulkan_unavailable():
+        pytest.skip("no Vulkan device")
+    monkeypatch.setenv(tuning.ENV_DIR, str(tmp_path))
+    dev = devmod.get_device()
+    monkeypatch.setattr(dev, "caps", replace(dev.caps, name="NVIDIA GeForce RTX 2080 (test)", vendor_id=NVIDIA))
+    monkeypatch.setattr(selfcheck, "check", lambda family, dtype, device: selfcheck.Verdict(
+        family, dtype, True, 1, 0.1, 0.0, "stub", "0" * 16))
+    assert main(["doctor", "--kernels", "fwd.coopmat", "fwd.scalar", "--dtype", "float16"]) == 0
+    out = capsys.readouterr().out
+    assert "driver trap nvidia-turing-coopmat" in out
+    assert "fwd.coopmat stays off on this driver whatever its verdict" in out and "fwd.scalar stays off" not in out
