@@ -413,17 +413,19 @@ def backward_config(caps: DeviceCaps, problem: Problem, write_ds: bool = False,
     (selfcheck.ensure); one that fails shows in ``backward_config_reasons``."""
     name = variant or os.environ.get("AULE_KP_FORCE_BWD_VARIANT")
     if not name:
-        coop = _backward_config(caps, problem, write_ds, "coopmat")
+        coop = backward_pipelines(caps, problem, write_ds, "coopmat")
         if not backward_config_reasons(coop, caps, problem) and passes_self_check(coop.dq, caps, problem.dtype):
             return coop
         name = "scalar"
-    cfg = _backward_config(caps, problem, write_ds, name)
+    cfg = backward_pipelines(caps, problem, write_ds, name)
     if not backward_config_reasons(cfg, caps, problem):
         passes_self_check(cfg.dq, caps, problem.dtype)
     return cfg
 
 
-def _backward_config(caps: DeviceCaps, problem: Problem, write_ds: bool, name: str) -> BackwardConfig:
+def backward_pipelines(caps: DeviceCaps, problem: Problem, write_ds: bool, name: str) -> BackwardConfig:
+    """The backward pipelines of variant ``name`` for ``problem`` (``backward_config`` without the
+    choice and the self-check: what the self-check's canaries build)."""
     caps = workarounds.effective(caps)
     if name not in BACKWARD_VARIANTS:
         raise ValueError(f"unknown backward variant {name!r}; expected one of {BACKWARD_VARIANTS}")

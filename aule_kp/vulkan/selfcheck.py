@@ -264,7 +264,7 @@ CANARIES = {"fwd.scalar": _FORWARD, "fwd.wave64": _FORWARD, "fwd.coopmat": _FORW
 def _config(family: str, canary: Canary, p: Problem, caps: DeviceCaps) -> Tuple[Any, List[str]]:
     """The pipelines of ``family`` for ``p`` on this device and why they cannot run it (static
     legality only: recorded verdicts are what is being re-checked)."""
-    from .kernels import _backward_config, backward_config_reasons, config_for, variant_reasons
+    from .kernels import backward_config_reasons, backward_pipelines, config_for, variant_reasons
     from .splitkv import SplitKVConfig, split_kernel
     from .tuning import forward_reasons
 
@@ -278,7 +278,7 @@ def _config(family: str, canary: Canary, p: Problem, caps: DeviceCaps) -> Tuple[
         why = [] if cfg.shared_bytes() <= caps.shared_memory else [f"needs {cfg.shared_bytes()} B of shared memory"]
         return cfg, why + ([f"needs {kernel.wg} invocations"] if kernel.wg > caps.max_workgroup_invocations else [])
     if kind == "bwd":
-        cfg = _backward_config(caps, p, True, variant)
+        cfg = backward_pipelines(caps, p, True, variant)
         return cfg, backward_config_reasons(cfg, caps, p, checks=False)
     why = variant_reasons(variant, caps, p, checks=False)
     cfg = None if why else config_for(variant, caps, p)
