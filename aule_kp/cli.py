@@ -1,4 +1,4 @@
-"""``aule-kp info | demo | bench | tune`` (also ``python -m aule_kp``)."""
+"""``aule-kp info | demo | bench | tune | doctor`` (also ``python -m aule_kp``)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,16 @@ def _info(args: argparse.Namespace) -> int:
         print(f"      subgroup {d['subgroup_size']}, shared memory {d['shared_memory'] // 1024} KiB, "
               f"storage binding {d['max_storage_buffer_range'] // 2**20} MiB, fp16 {d['fp16']}, int8 {d['int8']}, "
               f"coopmat {d['coopmat']} ({len(d['coopmat_shapes'])} shapes), coopmat2 {d['coopmat2']}")
+        print(f"      {d['architecture']}, driver {d['driver'] or '?'} {d['driver_version_text']}, {d['os']}")
         print(f"      variants: {', '.join(d['variants'])}")
+        for variant, reasons in d["variant_reasons"].items():
+            print(f"        not {variant}: {'; '.join(reasons)}")
+        for w in d["workarounds"]:
+            print(f"      driver trap {w['id']}: {w['title']} -> {w['effect']} ({w['sources'][0]})")
+        wrong = [key for key, v in d["self_check"].items() if v.get("ok") is False]
+        if d["self_check"]:
+            print(f"      self-check: {len(d['self_check'])} verdict(s) recorded, "
+                  f"{'wrong: ' + ', '.join(wrong) if wrong else 'none wrong'} (`aule-kp doctor` re-runs them)")
     return 0
 
 
@@ -134,6 +143,62 @@ def _tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    """Run the self-check's canaries now on the selected device; exit 1 when a kernel family is wrong."""
+    from .problem import DTYPES
+    from .vulkan import device as devmod
+    from .vulkan import selfcheck, workarounds
+    from .vulkan.kernels import FAMILIES, candidate_families
+
+    why = devmod.vulkan_unavailable()
+    if why:
+        print(f"aule-kp doctor: no Vulkan device ({why})", file=sys.stderr)
+        return 2
+    bad = [k for k in args.kernels or [] if k not in FAMILIES]
+    if bad:
+        print(f"aule-kp doctor: unknown kernel famil{'y' if len(bad) == 1 else 'ies'} {', '.join(bad)}; "
+              f"expected some of {', '.join(FAMILIES)}", file=sys.stderr)
+        return 2
+    dev = devmod.get_device()
+    caps = dev.caps
+    path = selfcheck.cache_path(caps, args.cache_dir)
+    if args.clear:
+        print(f"removed {path}" if selfcheck.clear(caps, args.cache_dir) else f"no self-check verdicts at {path}")
+        return 0
+    families = args.kernels or candidate_families(caps)
+    dtypes = args.dtype or list(DTYPES)
+
+    def progress(family: str, dtype: str) -> None:
+        print(f"checking {family} {dtype} ...", file=sys.stderr, flush=True)
+
+    verdicts = selfcheck.run_checks(families, dtypes, dev, args.cache_dir, progress)
+    wrong = [v for v in verdicts if v.ok is False]
+    traps = workarounds.describe(caps)
+    # A family the table turns off stays off whatever its canaries say (AULE_KP_WORKAROUNDS=0 lifts it).
+    by_table = {f: r for f in dict.fromkeys(v.family for v in verdicts) if (r := workarounds.family_reasons(f, caps))}
+    if args.json:
+        print(json.dumps({"device": {k: caps.as_dict()[k] for k in (
+            "index", "name", "vendor", "type", "driver", "driver_info", "driver_version", "driver_version_text",
+            "uuid", "os", "architecture")},
+            "workarounds": traps, "checks": [dict(v.record(), family=v.family, dtype=v.dtype) for v in verdicts],
+            "wrong": [f"{v.family}/{v.dtype}" for v in wrong], "turned_off_by_traps": by_table, "cache": str(path)},
+            indent=2))
+        return 1 if wrong else 0
+    print(f"device: {caps.name} ({caps.type}, {caps.architecture}), driver "
+          f"{caps.driver_info or caps.driver_name} {caps.driver_version_text()}, {caps.os}")
+    for w in traps:
+        print(f"driver trap {w['id']}: {w['title']}\n  -> {w['effect']} ({', '.join(w['sources'])})")
+    if not traps:
+        print("driver traps: none known for this device")
+    print(selfcheck.format_table(verdicts))
+    for family, reasons in by_table.items():
+        print(f"{family} stays off on this driver whatever its verdict: {reasons[0]}")
+    print(f"\n{len(wrong)} wrong: {', '.join(f'{v.family}/{v.dtype}' for v in wrong)} (turned off for this driver)"
+          if wrong else "\nevery kernel checked is correct on this driver")
+    print(f"verdicts written to {path}")
+    return 1 if wrong else 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``aule-kp`` console script."""
     parser = argparse.ArgumentParser(prog="aule-kp", description="FlashAttention-2 over Vulkan (Kompute)")
@@ -177,6 +242,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--clear", action="store_true", help="delete this device's tuning cache")
     p.add_argument("--show", action="store_true", help="print this device's tuning cache")
     p.set_defaults(fn=_tune)
+    p = sub.add_parser("doctor", help="run the per-driver self-check now: canary problems per kernel family and "
+                                      "dtype against float64; exit 1 when a kernel is wrong")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--kernels", nargs="+", metavar="FAMILY",
+                   help="kernel families to check (default: those the automatic choice may use here), from "
+                        "fwd.scalar fwd.wave64 fwd.coopmat splitkv bwd.scalar bwd.coopmat")
+    p.add_argument("--dtype", nargs="+", choices=["float32", "float16", "bfloat16"], help="dtypes (default all)")
+    p.add_argument("--cache-dir", metavar="DIR",
+                   help="where verdicts go (default: $AULE_KP_CACHE_DIR, else the user cache dir)")
+    p.add_argument("--clear", action="store_true", help="forget this driver's verdicts (nothing is run)")
+    p.set_defaults(fn=_doctor)
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,

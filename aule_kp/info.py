@@ -7,28 +7,41 @@ from typing import Any, Dict, List
 from . import dispatch
 from .problem import Problem
 from .vulkan import device as devmod
-from .vulkan.kernels import VARIANTS, variant_reasons
+from .vulkan import selfcheck, workarounds
+from .vulkan.kernels import VARIANTS, disabled_reasons, variant_reasons
 from .vulkan.probe import probe_error
 
+#: The typical problem ``variants`` answers for: fp16, head dim 64.
+_TYPICAL = Problem(1, 1, 1, 64, 64, 64, 64, "float16", 0.125)
 
-def _variants(caps: Any) -> List[str]:
-    """Variants this device can run for a typical fp16 head-dim-64 problem (forced ones included)."""
-    probe = Problem(1, 1, 1, 64, 64, 64, 64, "float16", 0.125)
-    return [v for v in VARIANTS if not variant_reasons(v, caps, probe, forced=True)]
+
+def _variant_reasons(caps: Any) -> Dict[str, List[str]]:
+    """Forward variant -> why it cannot run a typical fp16 head-dim-64 problem here (empty: it can),
+    counting the driver-trap table and recorded self-check verdicts (never running a check)."""
+    return {v: disabled_reasons(f"fwd.{v}", caps, _TYPICAL.dtype, warn=False)
+            + variant_reasons(v, caps, _TYPICAL, checks=False) for v in VARIANTS}
 
 
 def info() -> Dict[str, Any]:
     """What this installation can do: ``version``, ``backends``, ``devices``, ``kp``.
 
     Each device dict has at least ``name``, ``vendor``, ``type``, ``subgroup_size``,
-    ``shared_memory``, ``fp16``, ``coopmat`` and ``variants`` (kernel variants it can run).
+    ``shared_memory``, ``fp16``, ``coopmat`` and ``variants`` (forward kernel variants it can run for
+    a typical fp16 problem), plus ``variant_reasons`` (why each other variant cannot: device limits,
+    the driver-trap table, a self-check verdict), ``workarounds`` (the table's entries that apply,
+    aule_kp/vulkan/workarounds.py) and ``self_check`` (verdicts recorded for this driver, by
+    ``<kernel family>/<dtype>``).
     """
     from . import __version__
 
     devices = []
     for caps in devmod.devices():
         d = caps.as_dict()
-        d["variants"] = _variants(caps)
+        reasons = _variant_reasons(caps)
+        d["variants"] = [v for v in VARIANTS if not reasons[v]]
+        d["variant_reasons"] = {v: r for v, r in reasons.items() if r}
+        d["workarounds"] = workarounds.describe(caps)
+        d["self_check"] = selfcheck.verdicts_for(caps)
         devices.append(d)
     out: Dict[str, Any] = {
         "version": __version__,

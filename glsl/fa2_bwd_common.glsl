@@ -81,8 +81,10 @@ float reduce_row(float x) {
     return x;
 }
 
-// Value v[r / TPR] of lane (r % TPR) of the row group starting at subgroup lane lane0.
+// Value v[r / TPR] of lane (r % TPR) of the row group starting at subgroup lane lane0. With TPR = 1
+// the lane's own value: no subgroup operation (drivers where shuffles are broken run TPR = 1).
 float pick(float v[PPL], uint r, uint lane0) {
+    if (TPR == 1u) return v[r];
     return subgroupShuffle(v[r / TPR], lane0 + r % TPR);
 }
 
@@ -101,6 +103,8 @@ vec3 load_stats(uint row, uint lane, uint lane0) {
     float part[rounds];
     [[unroll]] for (uint c = 0u; c < rounds; ++c) part[c] = row_stats_f[row * 4u + min(c * TPR + lane, 3u)];
     vec3 st;
-    [[unroll]] for (uint k = 0u; k < 3u; ++k) st[k] = subgroupShuffle(part[k / TPR], lane0 + k % TPR);
+    [[unroll]] for (uint k = 0u; k < 3u; ++k) {
+        st[k] = TPR == 1u ? part[k] : subgroupShuffle(part[k / TPR], lane0 + k % TPR);
+    }
     return st;
 }

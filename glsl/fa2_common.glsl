@@ -22,6 +22,10 @@ layout(constant_id = 5) const uint DTYPE = 0;    // 0 float32, 1 float16, 2 bflo
 layout(constant_id = 6) const uint WG = 64;      // invocations per workgroup
 layout(constant_id = 7) const uint STAGE = 1;    // 1: stage K/V tiles in shared memory
 layout(constant_id = 8) const uint RPT = 1;      // query rows per invocation group (scalar variant)
+// TEST ONLY (ids 9 and 10 are the backward's): 1 adds 1.0 to every output value stored, a wrong
+// kernel for the self-check's tests (kernels.py AULE_KP_TEST_CORRUPT). Always 0 otherwise, and a
+// specialization constant, so drivers fold the check away.
+layout(constant_id = 11) const uint TEST_CORRUPT = 0;
 
 layout(local_size_x_id = 6, local_size_y = 1, local_size_z = 1) in;
 
@@ -91,11 +95,12 @@ uint bf16_bits(float x) {
 
 // Writes elements e, e+1 (e even) of a packed DTYPE buffer: STORE_PAIR(buf, e, vec2 expression)
 // for any output buffer, store_pair(e, val) for O. STORE_PAIR_VAR is their common body (v: a vec2
-// variable, read in each branch).
-#define STORE_PAIR_VAR(buf, e, v) \
-    if (DTYPE == 0u) { buf[(e)] = floatBitsToUint(v.x); buf[(e) + 1u] = floatBitsToUint(v.y); } \
-    else if (DTYPE == 1u) { buf[(e) >> 1u] = packHalf2x16(v); } \
-    else { buf[(e) >> 1u] = bf16_bits(v.x) | (bf16_bits(v.y) << 16u); }
+// variable); it also applies the test-only TEST_CORRUPT switch (0 in normal use: folded away).
+#define STORE_PAIR_VAR(buf, e, v) { \
+    const vec2 c_ = (v) + vec2(TEST_CORRUPT != 0u ? 1.0 : 0.0); \
+    if (DTYPE == 0u) { buf[(e)] = floatBitsToUint(c_.x); buf[(e) + 1u] = floatBitsToUint(c_.y); } \
+    else if (DTYPE == 1u) { buf[(e) >> 1u] = packHalf2x16(c_); } \
+    else { buf[(e) >> 1u] = bf16_bits(c_.x) | (bf16_bits(c_.y) << 16u); } }
 #define STORE_PAIR(buf, e, val) { const vec2 sp_ = (val); STORE_PAIR_VAR(buf, e, sp_) }
 void store_pair(uint e, vec2 val) { STORE_PAIR_VAR(o_data, e, val) }
 

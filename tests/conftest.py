@@ -14,6 +14,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 # Tests see the default tiles, never a tuning cache the developer made with `aule-kp tune`
 # (subprocesses inherit this too); tests of the cache point it elsewhere themselves.
 os.environ["AULE_KP_CACHE_DIR"] = tempfile.mkdtemp(prefix="aule_kp_test_cache_")
+# The per-driver self-check (aule_kp/vulkan/selfcheck.py) would compile its canaries' pipelines on
+# lavapipe the first time each kernel family is used (seconds each): off here, tested on its own in
+# tests/test_selfcheck.py. Set AULE_KP_SELF_CHECK=1 to run the suite with it.
+os.environ.setdefault("AULE_KP_SELF_CHECK", "0")
 
 import math  # noqa: E402
 

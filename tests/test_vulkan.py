@@ -197,9 +197,9 @@ def test_unpatched_kp_disables_coopmat(monkeypatch):
     caps = replace(devmod.get_device().caps, coopmat=True,
                    coopmat_shapes=((16, 16, 16, "f16", "f16", "f32", "f32", "subgroup"),))
     p = problem(dk=64, dv=64, dtype="float16")
-    assert variant_reasons("coopmat", caps, p, forced=True) == []
+    assert variant_reasons("coopmat", caps, p) == []
     monkeypatch.setattr(devmod, "kp_status", lambda: {"available": True, "patched": False})
-    assert any("unpatched" in r for r in variant_reasons("coopmat", caps, p, forced=True))
+    assert any("unpatched" in r for r in variant_reasons("coopmat", caps, p))
     assert variant_reasons("scalar", caps, p) == []
 
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
 from ..dtypes import ITEMSIZE
 from ..problem import Problem
+from . import selfcheck, workarounds
 from .probe import DeviceCaps
 
 DTYPE_CODE = {"float32": 0, "float16": 1, "bfloat16": 2}
@@ -38,12 +39,22 @@ class KernelConfig:
     stage: int  # 1: K/V tiles staged in shared memory
     rpt: int = 1  # query rows per invocation group (scalar variants)
 
-    def spec(self) -> np.ndarray:
-        """Specialization constants in constant_id order (glsl/fa2_common.glsl)."""
-        return np.array(
-            [self.dk, self.dv, self.br, self.bc, self.tpr, self.dtype, self.wg, self.stage, self.rpt],
-            dtype=np.uint32,
-        )
+    @property
+    def family(self) -> str:
+        """The kernel family (``fwd.<variant>``, ``splitkv``, ``bwd.<variant>``): what the driver-trap
+        table, the self-check verdicts and the tuning cache are keyed by."""
+        if self.kernel.startswith("fa2_bwd"):
+            return f"bwd.{self.variant}"
+        return self.variant if self.variant == "splitkv" else f"fwd.{self.variant}"
+
+    def spec(self, extra: tuple = ()) -> np.ndarray:
+        """Specialization constants in constant_id order (glsl/fa2_common.glsl), then ``extra``
+        (the backward's ids 9 and 10); see :func:`test_corruption` for constant_id 11."""
+        values = [self.dk, self.dv, self.br, self.bc, self.tpr, self.dtype, self.wg, self.stage, self.rpt, *extra]
+        if self.family in test_corruption():
+            # Ids 9 and 10 do not exist in the forward shaders: entries for them change nothing.
+            values += [0] * (TEST_CORRUPT_ID - len(values)) + [1]
+        return np.array(values, dtype=np.uint32)
 
     def shared_bytes(self) -> int:
         if self.variant == "coopmat":
@@ -59,6 +70,21 @@ def coopmat_shared_bytes(cfg: KernelConfig) -> int:
 
 
 VARIANTS = ("scalar", "wave64", "coopmat")
+#: Every kernel family (``KernelConfig.family``), in the order the self-check and doctor list them.
+FAMILIES = ("fwd.scalar", "fwd.wave64", "fwd.coopmat", "splitkv", "bwd.scalar", "bwd.coopmat")
+
+#: TEST ONLY. ``AULE_KP_TEST_CORRUPT=<family>[,<family>...]`` sets spec constant TEST_CORRUPT
+#: (constant_id 11, glsl/fa2_common.glsl) in the pipelines of those kernel families, which then add
+#: 1.0 to every output they store: a wrong kernel on the device, for the self-check's tests. Normal
+#: pipelines leave the constant at 0, which the driver folds away when it specialises the shader.
+TEST_CORRUPT_ENV = "AULE_KP_TEST_CORRUPT"
+TEST_CORRUPT_ID = 11
+
+
+def test_corruption() -> frozenset:
+    """The kernel families ``AULE_KP_TEST_CORRUPT`` corrupts (test-only; empty normally)."""
+    raw = os.environ.get(TEST_CORRUPT_ENV, "")
+    return frozenset(x.strip() for x in raw.split(",") if x.strip()) if raw else frozenset()
 
 #: Compute units of a device Vulkan cannot count (it has no SM/CU count): high-end discrete GPUs
 #: have ~100-140 (H100/H200 132 SMs, RX 7900 XTX 96 CUs, RTX 4090 128 SMs); integrated ones far fewer.
@@ -201,33 +227,42 @@ def coopmat_reasons(caps: DeviceCaps, problem: Problem) -> List[str]:
     return reasons
 
 
-def variant_reasons(variant: str, caps: DeviceCaps, problem: Problem, forced: bool = False) -> List[str]:
-    """Why ``variant`` cannot run ``problem`` on this device (empty: it can).
+def disabled_reasons(family: str, caps: DeviceCaps, dtype: str, warn: bool = True) -> List[str]:
+    """Why kernel family ``family`` is turned off on this device for ``dtype``: the driver-trap
+    table (workarounds.py) and the verdicts the self-check recorded (selfcheck.py; never runs it).
+    ``warn``: the first failed verdict applied in a process warns (selfcheck.known_reasons)."""
+    return workarounds.family_reasons(family, caps) + selfcheck.known_reasons(family, caps, dtype, warn)
+
+
+def variant_reasons(variant: str, caps: DeviceCaps, problem: Problem, checks: bool = True) -> List[str]:
+    """Why ``variant`` cannot run ``problem`` on this device (empty: it can); with ``checks``, also
+    a variant the driver-trap table or a recorded self-check verdict turns off (``disabled_reasons``).
 
     Wave64 is correct on any subgroup size (its cross-lane sums never span more lanes than the
-    device has); it is only *chosen* automatically on 64-wide devices, and runs elsewhere when forced.
+    device has): ``preferred_variants`` decides where the automatic choice tries it.
     """
     reasons: List[str] = []
     if variant not in VARIANTS:
         return [f"unknown variant {variant!r}; expected one of {VARIANTS}"]
+    caps = workarounds.effective(caps)
     if variant == "coopmat":
         reasons += coopmat_reasons(caps, problem)
         if problem.dim_k % 16 or problem.dim_v % 16:
             reasons.append("coopmat needs head dims that are multiples of 16")
-    if variant == "wave64" and caps.subgroup_size != 64 and not forced:
-        reasons.append(f"wave64 is tuned for 64-wide subgroups; this device's are {caps.subgroup_size}")
     if not reasons:
         cfg = config_for(variant, caps, problem)
         if cfg.shared_bytes() > caps.shared_memory:
             reasons.append(f"needs {cfg.shared_bytes()} B of shared memory, device has {caps.shared_memory}")
         if cfg.wg > caps.max_workgroup_invocations:
             reasons.append(f"needs {cfg.wg} invocations per workgroup, device allows {caps.max_workgroup_invocations}")
-    return reasons
+    # Only for a variant the device could run: the reasons above say enough otherwise.
+    return reasons or (disabled_reasons(f"fwd.{variant}", caps, problem.dtype) if checks else [])
 
 
 def config_for(variant: str, caps: DeviceCaps, problem: Problem) -> KernelConfig:
     """The specialization of ``variant`` for ``problem`` on this device (the tuning cache's winner
     when ``aule-kp tune`` stored one, see aule_kp/vulkan/tuning.py)."""
+    caps = workarounds.effective(caps)
     if variant == "coopmat":
         t = _coopmat_tiles(caps, problem)
         kernel = "fa2_fwd_coopmat"
@@ -242,20 +277,40 @@ def config_for(variant: str, caps: DeviceCaps, problem: Problem) -> KernelConfig
 
 
 def preferred_variants(caps: DeviceCaps) -> List[str]:
-    """Variants in the order this device prefers them."""
+    """Variants in the order this device prefers them. On GPUs whose subgroups are not 64 wide
+    Wave64 comes last: the same source with GPU tiles, the fallback when the scalar variant is off.
+    CPU drivers have none (lavapipe compiles GPU tiles for minutes; the NumPy backend is faster)."""
     order = ["coopmat"] if caps.coopmat else []
-    order += ["wave64", "scalar"] if caps.subgroup_size == 64 else ["scalar"]
-    return order
+    if caps.subgroup_size == 64:
+        return order + ["wave64", "scalar"]
+    return order + (["scalar"] if caps.type == "cpu" else ["scalar", "wave64"])
+
+
+def candidate_families(caps: DeviceCaps) -> List[str]:
+    """The kernel families the automatic choice may use on this device, in ``FAMILIES`` order (what
+    ``aule-kp doctor`` checks by default)."""
+    used = {f"fwd.{v}" for v in preferred_variants(caps)} | {"splitkv", "bwd.scalar"}
+    used |= {"bwd.coopmat"} if caps.coopmat else set()
+    return [f for f in FAMILIES if f in used]
+
+
+def passes_self_check(cfg: Any, caps: DeviceCaps, dtype: str) -> bool:
+    """Runs the self-check of ``cfg``'s kernel family the first time it is used on this device and
+    driver (selfcheck.ensure); False when it is wrong here (then turned off, with one warning)."""
+    return not selfcheck.ensure(cfg.family, caps, dtype)
 
 
 def choose(caps: DeviceCaps, problem: Problem, variant: Optional[str] = None) -> KernelConfig:
-    """The best variant that can run ``problem`` (``variant`` or ``AULE_KP_FORCE_VARIANT`` forces one)."""
+    """The best variant that can run ``problem`` (``variant`` or ``AULE_KP_FORCE_VARIANT`` forces one).
+    A variant the driver-trap table or the self-check turns off is skipped (or, forced, refused)."""
     forced = variant or os.environ.get("AULE_KP_FORCE_VARIANT") or None
     names = [forced] if forced else preferred_variants(caps)
     for name in names:
-        if not variant_reasons(name, caps, problem, forced=bool(forced)):
-            return config_for(name, caps, problem)
-    detail = "; ".join(f"{n}: {', '.join(variant_reasons(n, caps, problem, bool(forced)))}" for n in names)
+        if not variant_reasons(name, caps, problem):
+            cfg = config_for(name, caps, problem)
+            if passes_self_check(cfg, caps, problem.dtype):
+                return cfg
+    detail = "; ".join(f"{n}: {', '.join(variant_reasons(n, caps, problem))}" for n in names)
     raise ValueError(f"no Vulkan kernel variant can run this problem ({detail})")
 
 
@@ -290,7 +345,7 @@ class BackwardConfig:
     def spec(self, cfg: KernelConfig) -> np.ndarray:
         """Specialization constants of one of the three kernels, + WRITE_DS (constant_id 9, set for
         dK/dV only: the other pipelines do not depend on it) and HAS_MASK (10)."""
-        return np.append(cfg.spec(), np.array([self.write_ds and cfg is self.dkdv, self.has_mask], np.uint32))
+        return cfg.spec((int(self.write_ds and cfg is self.dkdv), int(self.has_mask)))
 
     def kernels(self) -> tuple[KernelConfig, KernelConfig, KernelConfig]:
         return self.pre, self.dkdv, self.dq
@@ -345,12 +400,25 @@ def _backward_coopmat_tiles(caps: DeviceCaps, problem: Problem) -> Dict[str, int
 def backward_config(caps: DeviceCaps, problem: Problem, write_ds: bool = False,
                     variant: Optional[str] = None) -> BackwardConfig:
     """The backward pipelines for ``problem``: ``variant`` or ``AULE_KP_FORCE_BWD_VARIANT`` picks one;
-    by default coopmat where the device and problem allow it (10-20x the scalar variant on an H200)."""
+    by default coopmat where the device and problem allow it (10-20x the scalar variant on an H200).
+    The self-check of the returned pipelines' family runs the first time they are used here
+    (selfcheck.ensure); one that fails shows in ``backward_config_reasons``."""
     name = variant or os.environ.get("AULE_KP_FORCE_BWD_VARIANT")
     if not name:
-        coop = backward_config(caps, problem, write_ds, "coopmat")
-        return coop if not backward_config_reasons(coop, caps, problem) else backward_config(
-            caps, problem, write_ds, "scalar")
+        coop = backward_pipelines(caps, problem, write_ds, "coopmat")
+        if not backward_config_reasons(coop, caps, problem) and passes_self_check(coop.dq, caps, problem.dtype):
+            return coop
+        name = "scalar"
+    cfg = backward_pipelines(caps, problem, write_ds, name)
+    if not backward_config_reasons(cfg, caps, problem):
+        passes_self_check(cfg.dq, caps, problem.dtype)
+    return cfg
+
+
+def backward_pipelines(caps: DeviceCaps, problem: Problem, write_ds: bool, name: str) -> BackwardConfig:
+    """The backward pipelines of variant ``name`` for ``problem`` (``backward_config`` without the
+    choice and the self-check: what the self-check's canaries build)."""
+    caps = workarounds.effective(caps)
     if name not in BACKWARD_VARIANTS:
         raise ValueError(f"unknown backward variant {name!r}; expected one of {BACKWARD_VARIANTS}")
     tiles = _backward_coopmat_tiles(caps, problem) if name == "coopmat" else _backward_scalar_tiles(caps, problem)
@@ -369,8 +437,10 @@ def backward_config(caps: DeviceCaps, problem: Problem, write_ds: bool = False,
                           caps, problem)
 
 
-def backward_config_reasons(cfg: BackwardConfig, caps: DeviceCaps, problem: Problem) -> List[str]:
-    """Why this device cannot run ``cfg`` for ``problem`` (empty: it can)."""
+def backward_config_reasons(cfg: BackwardConfig, caps: DeviceCaps, problem: Problem,
+                            checks: bool = True) -> List[str]:
+    """Why this device cannot run ``cfg`` for ``problem`` (empty: it can); with ``checks``, also when
+    the driver-trap table or a recorded self-check verdict turns its family off."""
     reasons = []
     if cfg.variant == "coopmat":
         reasons += coopmat_reasons(caps, problem)
@@ -392,4 +462,5 @@ def backward_config_reasons(cfg: BackwardConfig, caps: DeviceCaps, problem: Prob
         }
         reasons += [f"{name} would loop {n} times per invocation; CPU drivers (lavapipe) stop at {CPU_LOOP_LIMIT}"
                     for name, n in loops.items() if n > CPU_LOOP_LIMIT]
-    return reasons
+    # Only for pipelines the device could run: the reasons above say enough otherwise.
+    return reasons or (disabled_reasons(cfg.dq.family, caps, problem.dtype) if checks else [])

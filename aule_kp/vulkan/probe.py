@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import functools
 import logging
+import platform
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-__all__ = ["DeviceCaps", "probe_devices", "probe_error", "vendor_name"]
+__all__ = ["DeviceCaps", "detect_architecture", "driver_id_name", "probe_devices", "probe_error", "vendor_name"]
 
 logger = logging.getLogger("aule_kp")
 
@@ -49,6 +50,37 @@ _VENDORS = {
 }
 
 _DEVICE_TYPES = {0: "other", 1: "integrated", 2: "discrete", 3: "virtual", 4: "cpu"}
+
+#: VkDriverId (VK_KHR_driver_properties / Vulkan 1.2) -> short name. Driver traps are often tied to
+#: one driver rather than to a vendor (AMD's proprietary driver vs RADV on the same GPU).
+DRIVER_IDS = {
+    1: "amd-proprietary",
+    2: "amd-open-source",  # AMDVLK
+    3: "radv",
+    4: "nvidia-proprietary",
+    5: "intel-proprietary-windows",
+    6: "intel-mesa",  # ANV
+    7: "imagination-proprietary",
+    8: "qualcomm-proprietary",
+    9: "arm-proprietary",
+    10: "swiftshader",
+    11: "ggp-proprietary",
+    12: "broadcom-proprietary",
+    13: "llvmpipe",
+    14: "moltenvk",
+    15: "coreavi-proprietary",
+    16: "juice-proprietary",
+    17: "verisilicon-proprietary",
+    18: "turnip",
+    19: "v3dv",
+    20: "panvk",
+    21: "samsung-proprietary",
+    22: "venus",
+    23: "dozen",
+    24: "nvk",
+    25: "imagination-mesa",
+    26: "honeykrisp",
+}
 
 # VkComponentTypeKHR -> short name. bf16 and fp8 come from extensions newer than the binding.
 _COMPONENT_TYPES = {
@@ -104,6 +136,9 @@ _ST_SUBGROUP_PROPERTIES = 1000094000
 _ST_ID_PROPERTIES = 1000071004
 _ST_DRIVER_PROPERTIES = 1000196000
 _ST_SUBGROUP_SIZE_CONTROL_PROPERTIES = 1000225000
+_ST_SHADER_CORE_PROPERTIES_AMD = 1000185000
+_ST_INTEGER_DOT_PRODUCT_PROPERTIES = 1000280001
+_ST_SM_BUILTINS_PROPERTIES_NV = 1000154001
 _ST_VULKAN_1_1_FEATURES = 49
 _ST_VULKAN_1_2_FEATURES = 51
 _ST_16BIT_STORAGE_FEATURES = 1000083000
@@ -135,6 +170,49 @@ _V1_2 = _make_version(1, 2)
 _V1_3 = _make_version(1, 3)
 
 
+def driver_id_name(driver_id: int) -> str:
+    """Short name of a ``VkDriverId`` (``"amd-proprietary"``, ``"radv"``, ``"moltenvk"``, ...); ``""``
+    for 0 (a driver older than VK_KHR_driver_properties), the number for one newer than this table."""
+    return DRIVER_IDS.get(int(driver_id), str(int(driver_id)) if driver_id else "")
+
+
+def detect_architecture(vendor_id: int, extensions: frozenset[str], size_control: tuple[int, int] = (0, 0),
+                        wavefronts_per_simd: int = 0, mixed_dot_accelerated: bool = False,
+                        warps_per_sm: int = 0) -> str:
+    """GPU generation from the facts Vulkan reports, as llama.cpp's ggml-vulkan tells them apart
+    (``get_device_architecture``): no device-id tables, so new parts of a known generation classify.
+
+    ``size_control``: (min, max) subgroup size from VK_EXT_subgroup_size_control ((0, 0) without it);
+    ``wavefronts_per_simd`` from VK_AMD_shader_core_properties; ``mixed_dot_accelerated``:
+    integerDotProduct4x8BitPackedMixedSignednessAccelerated; ``warps_per_sm`` from
+    VK_NV_shader_sm_builtins. Returns ``"amd-gcn"`` (64/64-wide), ``"amd-rdna1"`` (20 wavefronts per
+    SIMD), ``"amd-rdna2"``, ``"amd-rdna3"`` (mixed-signedness int8 dot accelerated), ``"amd-rdna4"``
+    (VK_EXT_shader_float8), ``"intel-xe2"`` (SIMD16: minimum subgroup 16), ``"intel-xe1"`` (SIMD8:
+    Gen9-12, Xe-LP, Xe-HPG such as the Arc A series), ``"nvidia-pre-turing"`` (no
+    VK_KHR_cooperative_matrix), ``"nvidia-turing"`` (32 warps per SM; later generations have 48 or
+    64), or ``"other"`` when the facts are missing (e.g. AMD GPUs under MoltenVK).
+    """
+    vendor = vendor_name(vendor_id)
+    lo, hi = size_control
+    if vendor == "amd" and wavefronts_per_simd and lo:
+        if (lo, hi) == (64, 64):
+            return "amd-gcn"
+        if (lo, hi) == (32, 64):
+            if wavefronts_per_simd == 20:
+                return "amd-rdna1"
+            if "VK_EXT_shader_float8" in extensions:
+                return "amd-rdna4"
+            return "amd-rdna3" if mixed_dot_accelerated else "amd-rdna2"
+    elif vendor == "intel" and lo:
+        return "intel-xe2" if lo >= 16 else "intel-xe1"
+    elif vendor == "nvidia":
+        if _EXT_COOPMAT not in extensions:
+            return "nvidia-pre-turing"
+        if warps_per_sm == 32:
+            return "nvidia-turing"
+    return "other"
+
+
 def vendor_name(vendor_id: int) -> str:
     """Short vendor name for a PCI / Khronos vendor id.
 
@@ -152,7 +230,11 @@ class DeviceCaps:
     """What one Vulkan physical device can do, as far as attention kernels care.
 
     ``index`` is the device's position in ``vkEnumeratePhysicalDevices`` (= ``kp.Manager(index)``).
-    Sizes are in bytes. ``subgroup_size`` is 0 when the driver is Vulkan 1.0 and cannot say.
+    ``driver_id`` is the ``VkDriverId`` (0: unknown; :func:`driver_id_name` names it), ``os`` the
+    host's ``platform.system()`` in lower case (``"linux"``, ``"windows"``, ``"darwin"``) and
+    ``architecture`` the GPU generation (:func:`detect_architecture`): what the driver-trap table
+    (aule_kp/vulkan/workarounds.py) matches on. Sizes are in bytes. ``subgroup_size`` is 0 when the
+    driver is Vulkan 1.0 and cannot say.
     ``coopmat_shapes`` holds ``(M, N, K, a_type, b_type, c_type, result_type, scope)`` tuples with short
     type names (``"f16"``, ``"f32"``, ``"bf16"``, ``"s8"``, ``"s32"``, ``"u8"``, ...) and scope names
     (``"subgroup"``, ``"workgroup"``, ...), duplicates (differing only in saturating accumulation) removed.
@@ -187,6 +269,19 @@ class DeviceCaps:
     host_visible_device_memory: bool
     host_visible_device_heap: int = 0  # bytes of the largest heap with device-local host-visible memory
     extensions: frozenset[str] = field(default_factory=frozenset)
+    driver_id: int = 0
+    os: str = ""
+    architecture: str = "other"
+
+    def driver_version_text(self) -> str:
+        """``driver_version`` decoded the way the vendor packs it (NVIDIA 10.8.8.6 bits, Intel's
+        Windows driver 18.14 bits, others Vulkan's major.minor.patch)."""
+        v = self.driver_version
+        if self.vendor == "nvidia":
+            return f"{v >> 22}.{(v >> 14) & 0xFF}.{(v >> 6) & 0xFF}.{v & 0x3F}"
+        if self.vendor == "intel" and self.os == "windows":
+            return f"{v >> 14}.{v & 0x3FFF}"
+        return _version_str(v)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-serialisable view (lists instead of tuples/sets, coopmat shapes as dicts)."""
@@ -223,6 +318,11 @@ class DeviceCaps:
             "host_visible_device_memory": self.host_visible_device_memory,
             "host_visible_device_heap": self.host_visible_device_heap,
             "extensions": sorted(self.extensions),
+            "driver_id": self.driver_id,
+            "driver": driver_id_name(self.driver_id),
+            "driver_version_text": self.driver_version_text(),
+            "os": self.os,
+            "architecture": self.architecture,
         }
 
 
@@ -474,7 +574,7 @@ class _Session:
             keep.append(s)
             return s
 
-        subgroup = ids = driver = size_ctl = None
+        subgroup = ids = driver = size_ctl = amd_core = int_dot = sm_builtins = None
         if self._get_props2 is not None:
             props2 = ffi.new("VkPhysicalDeviceProperties2*")
             props2.sType = _ST_PROPERTIES_2
@@ -490,6 +590,15 @@ class _Session:
                     "VkPhysicalDeviceSubgroupSizeControlProperties",
                     _ST_SUBGROUP_SIZE_CONTROL_PROPERTIES,
                 )
+            # The facts detect_architecture() needs, each only where its extension is advertised.
+            if "VK_AMD_shader_core_properties" in exts:
+                amd_core = chain(props2, "VkPhysicalDeviceShaderCorePropertiesAMD", _ST_SHADER_CORE_PROPERTIES_AMD)
+            if allowed(_V1_3, "VK_KHR_shader_integer_dot_product"):
+                int_dot = chain(props2, "VkPhysicalDeviceShaderIntegerDotProductProperties",
+                                _ST_INTEGER_DOT_PRODUCT_PROPERTIES)
+            if "VK_NV_shader_sm_builtins" in exts:
+                sm_builtins = chain(props2, "VkPhysicalDeviceShaderSMBuiltinsPropertiesNV",
+                                    _ST_SM_BUILTINS_PROPERTIES_NV)
             self._get_props2(pd, props2)
             props = props2.properties
         else:
@@ -546,6 +655,14 @@ class _Session:
         host_visible_device = bool(bar_heaps)
 
         vendor_id = int(props.vendorID)
+        architecture = detect_architecture(
+            vendor_id, exts,
+            size_control=(min_sg, max_sg) if size_ctl is not None and int(size_ctl.minSubgroupSize) else (0, 0),
+            wavefronts_per_simd=int(amd_core.wavefrontsPerSimd) if amd_core is not None else 0,
+            mixed_dot_accelerated=int_dot is not None
+            and bool(int_dot.integerDotProduct4x8BitPackedMixedSignednessAccelerated),
+            warps_per_sm=int(sm_builtins.shaderWarpsPerSM) if sm_builtins is not None else 0,
+        )
         result = DeviceCaps(
             index=index,
             name=_cstr(ffi, props.deviceName),
@@ -576,6 +693,9 @@ class _Session:
             host_visible_device_memory=host_visible_device,
             host_visible_device_heap=max(bar_heaps, default=0),
             extensions=exts,
+            driver_id=int(driver.driverID) if driver is not None else 0,
+            os=platform.system().lower(),
+            architecture=architecture,
         )
         return result
 

@@ -23,7 +23,8 @@ from typing import Dict, List, Optional, Tuple, Union
 import numpy as np
 
 from ..problem import Problem
-from .kernels import DTYPE_CODE, FLOAT_BYTES, KernelConfig, choose, parallelism
+from . import workarounds
+from .kernels import DTYPE_CODE, FLOAT_BYTES, KernelConfig, choose, disabled_reasons, parallelism, passes_self_check
 from .probe import DeviceCaps
 
 log = logging.getLogger("aule_kp")
@@ -129,6 +130,7 @@ def _pow2_floor(x: int) -> int:
 def split_kernel(caps: DeviceCaps, problem: Problem) -> KernelConfig:
     """The split-KV pipeline of ``problem`` on this device (before the split count)."""
     p = problem
+    caps = workarounds.effective(caps)
     cpu = caps.type == "cpu"
     vec = 4 if p.dtype == "float32" else 8  # elements per 16-byte load
     shuffle = max(caps.subgroup_size, 1) if caps.subgroup_shuffle else 1
@@ -178,11 +180,14 @@ def split_kv_config(caps: DeviceCaps, problem: Problem, forward: Optional[Kernel
     ``SMALL_GRID_FACTOR`` x ``parallelism`` workgroups (GPUs), or the device is a CPU driver. The
     split count then aims the grid at ``TARGET_GRID_FACTOR`` x ``parallelism`` workgroups
     (e.g. 1024 on a discrete GPU) with at least ``MIN_SPLIT_KEYS`` keys each. ``AULE_KP_SPLIT_KV``
-    overrides (see the module doc).
+    overrides (see the module doc). None too when the driver-trap table or a recorded self-check
+    verdict turns split-KV off on this device (``kernels.disabled_reasons``).
     """
     p = problem
     forced = split_env()
     if forced == 0 or p.len_q > MAX_SPLIT_LQ or p.len_k == 0 or p.empty:
+        return None
+    if disabled_reasons("splitkv", caps, p.dtype):
         return None
     kernel = split_kernel(caps, p)
     lo, hi = p.key_range(0, p.len_q)
@@ -222,9 +227,11 @@ def choose_forward(caps: DeviceCaps, problem: Problem, variant: Optional[str] = 
                    groups: Optional[int] = None) -> ForwardConfig:
     """The forward's pipelines: split-KV where ``split_kv_config`` takes the problem, else the best
     forward variant (``choose``). A pinned ``variant`` (argument or ``AULE_KP_FORCE_VARIANT``)
-    runs that forward kernel unless ``AULE_KP_SPLIT_KV`` forces splits."""
+    runs that forward kernel unless ``AULE_KP_SPLIT_KV`` forces splits. Split-KV's self-check runs
+    the first time it is chosen on this device (``kernels.passes_self_check``); if it fails, the forward runs."""
     forward = choose(caps, problem, variant)
     pinned = bool(variant or os.environ.get("AULE_KP_FORCE_VARIANT"))
     if pinned and not split_env():
         return forward
-    return split_kv_config(caps, problem, forward, groups) or forward
+    split = split_kv_config(caps, problem, forward, groups)
+    return split if split is not None and passes_self_check(split.kernel, caps, problem.dtype) else forward

@@ -47,6 +47,7 @@ import numpy as np
 from ..bench import Case, _progress, gpu_seconds
 from ..dtypes import from_f32, to_f32
 from ..problem import Problem
+from . import workarounds
 from .kernels import (
     CPU_LOOP_LIMIT,
     BackwardConfig,
@@ -119,31 +120,54 @@ def _warn_once(tag: str, msg: str, *args: Any) -> None:
         log.warning(msg, *args)
 
 
-def _read(path: Path, caps: DeviceCaps) -> Dict[str, Any]:
-    """The entries of ``path`` ({} when it is missing; a warning and {} when it cannot be used)."""
+def read_cache_file(path: Path, caps: DeviceCaps, section: str = "entries", what: str = "tuning cache",
+                    fmt: int = FORMAT) -> Dict[str, Any]:
+    """The ``section`` of the per-device JSON file ``path`` ({} when it is missing; one warning and {}
+    when it cannot be used: unreadable, not JSON, another format, another device or driver). Shared
+    by the tuning cache and the self-check's verdicts (selfcheck.py), which live side by side."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return {}
     except (OSError, UnicodeDecodeError) as exc:
-        _warn_once(f"read:{path}", "aule-kp: ignoring the tuning cache %s: cannot read it (%s)", path, exc)
+        _warn_once(f"read:{path}", "aule-kp: ignoring the %s %s: cannot read it (%s)", what, path, exc)
         return {}
     try:
         data = json.loads(text)
     except ValueError as exc:
-        _warn_once(f"read:{path}", "aule-kp: ignoring the tuning cache %s: not valid JSON (%s)", path, exc)
+        _warn_once(f"read:{path}", "aule-kp: ignoring the %s %s: not valid JSON (%s)", what, path, exc)
         return {}
-    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("entries"), dict):
+    if not isinstance(data, dict) or data.get("format") != fmt or not isinstance(data.get(section), dict):
         version = data.get("format") if isinstance(data, dict) else None
-        _warn_once(f"read:{path}", "aule-kp: ignoring the tuning cache %s: format %r, expected %d", path, version,
-                   FORMAT)
+        _warn_once(f"read:{path}", "aule-kp: ignoring the %s %s: format %r, expected %d", what, path, version, fmt)
         return {}
     dev = data.get("device") if isinstance(data.get("device"), dict) else {}
     if (dev.get("uuid"), dev.get("driver_version")) != (caps.uuid, caps.driver_version):
-        _warn_once(f"read:{path}", "aule-kp: ignoring the tuning cache %s: it was written for device %s, driver %s",
-                   path, dev.get("uuid"), dev.get("driver_version"))
+        _warn_once(f"read:{path}", "aule-kp: ignoring the %s %s: it was written for device %s, driver %s",
+                   what, path, dev.get("uuid"), dev.get("driver_version"))
         return {}
-    return data["entries"]
+    return data[section]
+
+
+def write_cache_file(path: Path, caps: DeviceCaps, section: str, entries: Dict[str, Any],
+                     fmt: int = FORMAT) -> None:
+    """Writes ``entries`` as the ``section`` of ``path`` for this device and driver, atomically
+    (temporary file + ``os.replace``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"format": fmt,
+            "device": {"name": caps.name, "uuid": caps.uuid, "driver_version": caps.driver_version,
+                       "driver_name": caps.driver_name, "driver_info": caps.driver_info},
+            section: dict(sorted(entries.items()))}
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def load(caps: DeviceCaps, directory: Optional[str] = None) -> Dict[str, Any]:
@@ -156,7 +180,7 @@ def load(caps: DeviceCaps, directory: Optional[str] = None) -> Dict[str, Any]:
     key = str(path)
     with _lock:
         if key not in _memo:
-            _memo[key] = _read(path, caps)
+            _memo[key] = read_cache_file(path, caps)
         return _memo[key]
 
 
@@ -173,23 +197,9 @@ def _invalidate(path: Path) -> None:
 def save(caps: DeviceCaps, entries: Dict[str, Dict[str, Any]], directory: Optional[str] = None) -> Path:
     """Merges ``entries`` into this device's file (atomically: temporary file + ``os.replace``)."""
     path = cache_path(caps, directory)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    merged = dict(_read(path, caps))
+    merged = dict(read_cache_file(path, caps))
     merged.update(entries)
-    data = {"format": FORMAT,
-            "device": {"name": caps.name, "uuid": caps.uuid, "driver_version": caps.driver_version,
-                       "driver_name": caps.driver_name, "driver_info": caps.driver_info},
-            "entries": dict(sorted(merged.items()))}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_cache_file(path, caps, "entries", merged)
     _invalidate(path)
     return path
 
@@ -251,7 +261,9 @@ def lookup(caps: DeviceCaps, kernel: str, problem: Problem) -> Optional[Tuple[st
 
 def kernel_reasons(k: KernelConfig, caps: DeviceCaps, problem: Problem) -> List[str]:
     """The shader headers' rules for the tiles of one kernel (forward or backward; empty: they hold).
-    Device limits are checked by :func:`forward_reasons` and ``kernels.backward_config_reasons``."""
+    Device limits are checked by :func:`forward_reasons` and ``kernels.backward_config_reasons``; shuffles
+    count only where the driver-trap table leaves them (``workarounds.effective``)."""
+    caps = workarounds.effective(caps)
     reasons = []
     stages = (1, 2) if k.kernel == "fa2_fwd_coopmat" else (0, 1)
     if min(k.br, k.bc, k.wg, k.tpr, k.rpt) < 1 or k.stage not in stages:
