@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -154,6 +155,11 @@ class BackwardPlan(RecordedPlan):
                     for c in self.chunks for name in INPUTS for part in (src[name][c.g0:c.g1],)])
         if mask is not None:
             self.mask_view[:] = mask.reshape(-1)
+        if self.config.write_ds:
+            # The dK/dV kernel writes dS only where it computes (tiles the band hides are skipped):
+            # the rest must read 0, whatever an earlier problem left in the buffer.
+            for c in self.chunks:
+                c.views["ds"][:] = 0
         self.eval()
         storage = STORAGE[p.dtype]
         dq = np.empty((groups, p.group * p.len_q * p.dim_k), dtype=storage)
@@ -174,7 +180,9 @@ class BackwardPlan(RecordedPlan):
         kp = self.device.kp
         p = self.problem
         if transfers:
-            inputs = [c.tensors[name] for c in self.chunks for name in INPUTS]
+            # dS goes up too (zeros where the kernel writes nothing: see run()).
+            up = (*INPUTS, "ds") if self.config.write_ds else INPUTS
+            inputs = [c.tensors[name] for c in self.chunks for name in up]
             if p.has_mask:
                 inputs.append(self.mask)
             sequence.record(kp.OpTensorSyncDevice(inputs))
@@ -207,16 +215,24 @@ def backward_plan(device: Any, problem: Problem, config: BackwardConfig) -> Back
     plan of the three pipelines (built, or replaced by a larger one, when the problem does not fit),
     or an exact plan where the problem needs several chunks. Call under ``device.lock``."""
     p = problem
-    limit = binding_limit(device.caps.max_storage_buffer_range)
-    n_groups = p.batch * p.heads_kv
-    if backward_groups_per_chunk(p, limit, config.write_ds) < n_groups:
-        return device.plans.get(("backward", p, config), lambda: BackwardPlan(device, p, config))
-    need = dict(backward_bytes(p, config.write_ds, n_groups), mask=mask_bytes(p))
-    pre, dkdv, dq = config.kernels()
-    heads = n_groups * p.group
-    grids = None if grids_settable(device.kp) else (math.ceil(p.len_q / pre.wg), heads, math.ceil(p.len_k / dkdv.br),
-                                                     query_grid(p, heads, dq.br))
-    key = ("backward", config, limit, grids)
+    route_key = ("backward", p, config, os.environ.get("AULE_KP_MAX_BINDING_BYTES"))
+    route = device.plans.routes.get(route_key)
+    if route is None:
+        limit = binding_limit(device.caps.max_storage_buffer_range)
+        n_groups = p.batch * p.heads_kv
+        if backward_groups_per_chunk(p, limit, config.write_ds) < n_groups:
+            route = (("backward", p, config), None, limit)
+        else:
+            pre, dkdv, dq = config.kernels()
+            heads = n_groups * p.group
+            grids = None if grids_settable(device.kp) else (math.ceil(p.len_q / pre.wg), heads,
+                                                             math.ceil(p.len_k / dkdv.br), query_grid(p, heads, dq.br))
+            route = (("backward", config, limit, grids),
+                     dict(backward_bytes(p, config.write_ds, n_groups), mask=mask_bytes(p)), limit)
+        device.plans.remember(route_key, route)
+    key, need, limit = route
+    if need is None:
+        return device.plans.get(key, lambda: BackwardPlan(device, p, config))
 
     def build(old: Optional[BackwardPlan]) -> BackwardPlan:
         return BackwardPlan(device, p, config, capacity(old and old.capacity, need, limit))

@@ -5,19 +5,19 @@ algorithm (a pipeline bound to them), and the sequence recorded for the Problem 
 (inputs copied into mapped memory, the dispatches, the outputs copied out). Calls write into the
 tensors' mapped memory, ``eval()`` that sequence and copy the outputs out.
 
-Pipelines are what a plan costs: building one compiles it (0.5-5 ms on a GPU, 0.1-0.3 s on
-lavapipe), and Mesa 22.3's lavapipe keeps its 3-10 MB of JIT code for the life of the process even
-once it is destroyed (``PIPELINE_BYTES``). So plans are not one Problem's: the shaders read every
-length, head count and group offset from push constants, so a *reusable* plan (one chunk: every
-group fits one binding) is keyed by its pipeline and serves any problem whose data fits its buffers,
-packed at the problem's own lengths. Buffers are sized in powers of two (at least
+Pipelines are what a plan costs: building one compiles it (0.5-5 ms on a GPU, 0.1-0.3 s and
+3-10 MB of JIT code on lavapipe, ``PIPELINE_BYTES``). So plans are not one Problem's: the shaders
+read every length, head count and group offset from push constants, so a *reusable* plan (one
+chunk: every group fits one binding) is keyed by its pipeline and serves any problem whose data fits
+its buffers, packed at the problem's own lengths. Buffers are sized in powers of two (at least
 ``MIN_CAPACITY_BYTES``); a problem that does not fit replaces the plan with a larger one, so a decode
 loop whose keys grow by one per step rebuilds a few times, not once per token. Binding a plan to
 another problem records a sequence for it (push constants, and the grid through the patched kp's
-``Algorithm.set_workgroup``; without it the grid is part of the plan's key); the last few stay
-recorded. Problems over one binding, split into chunks, and pipelined host calls get *exact* plans,
-keyed by their Problem. The cache (``PlanCache``) is a least-recently-used set bounded by what plans
-hold: buffers, staging and pipelines.
+``Algorithm.set_workgroup``; without it the grid is part of the plan's key, and plans are reused only
+among problems of one grid); the last few stay recorded. Problems over one binding, split into
+chunks, and pipelined host calls get *exact* plans, keyed by their Problem. The cache
+(``PlanCache``) is a least-recently-used set bounded by what plans hold: buffers, staging and
+pipelines.
 
 Large host calls on a discrete GPU are pipelined (``pipeline_chunks``): the groups are split into a
 few chunks, each with its own sequence, so that the GPU computes one chunk while the host copies the
@@ -48,17 +48,17 @@ log = logging.getLogger("aule_kp")
 #: when a plan is bound to another problem, and evaluations.
 stats: Dict[str, int] = {"plans": 0, "algorithms": 0, "records": 0, "evals": 0}
 
-#: Smallest buffer of a reusable plan: problems up to this size per buffer share one plan per
-#: pipeline without ever outgrowing it (a decode step's K/V of 1 MiB is 8192 fp16 keys at D 64).
-MIN_CAPACITY_BYTES = 1 << 20
+#: Smallest buffer of a reusable plan: small problems share one plan per pipeline (a decode loop's
+#: K of 256 KiB is 1024 keys of a kv head pair at D 64 in fp16 before the plan first grows).
+MIN_CAPACITY_BYTES = 256 << 10
 #: Sequences a reusable plan keeps recorded for the problems it was bound to last (a model whose
 #: layers alternate between a few shapes does not re-record per call).
 RECORDED_SEQUENCES = 8
 #: What one pipeline holds in host memory, by device type. lavapipe (Mesa 22.3.6, LLVM 15, measured
-#: 2026-12-06 with benchmarks/memory_growth.py --pipelines): 3-10 MB of JIT code per pipeline of
-#: these kernels (forward 5-10, split-KV 3-5, backward 0.5-10 each), never returned, even after
-#: vkDestroyPipeline. GPU drivers keep compiled code in device memory and little on the host: not
-#: measured, an allowance.
+#: 2026-12-06, benchmarks/memory_growth.py --pipelines): 3-10 MB of JIT code per pipeline of these
+#: kernels (forward 5-10, split-KV 3-5, backward 0.5-10 each), given back at the first queue
+#: submission after vkDestroyPipeline (lavapipe destroys pipelines on its queue thread). GPU drivers
+#: keep compiled code in device memory and little on the host: not measured, an allowance.
 PIPELINE_BYTES = {"cpu": 8 << 20}
 GPU_PIPELINE_BYTES = 512 << 10
 
@@ -508,13 +508,21 @@ def forward_plan(device: Any, problem: Problem, config: ForwardConfig) -> Plan:
     pipeline (built, or replaced by a larger one, when the problem does not fit), or an exact plan
     where the problem needs several chunks (over one binding, or pipelined). Call under ``device.lock``."""
     p = problem
-    limit = binding_limit(device.caps.max_storage_buffer_range)
-    n_groups = p.batch * p.heads_kv
-    if pipeline_chunks(device, p, config) > 1 or groups_per_chunk(p, limit, config) < n_groups:
-        return device.plans.get((p, config), lambda: Plan(device, p, config))
-    need = dict(forward_bytes(p, config, n_groups), mask=mask_bytes(p))
-    grid = None if grids_settable(device.kp) else dispatch(config, p, n_groups, 0)[1]
-    key = ("forward", pipeline_of(config), limit, grid)
+    route_key = (p, config, os.environ.get("AULE_KP_MAX_BINDING_BYTES"), os.environ.get("AULE_KP_PIPELINE_CHUNKS"))
+    route = device.plans.routes.get(route_key)
+    if route is None:
+        limit = binding_limit(device.caps.max_storage_buffer_range)
+        n_groups = p.batch * p.heads_kv
+        if pipeline_chunks(device, p, config) > 1 or groups_per_chunk(p, limit, config) < n_groups:
+            route = ((p, config), None, limit)
+        else:
+            grid = None if grids_settable(device.kp) else dispatch(config, p, n_groups, 0)[1]
+            route = (("forward", pipeline_of(config), limit, grid),
+                     dict(forward_bytes(p, config, n_groups), mask=mask_bytes(p)), limit)
+        device.plans.remember(route_key, route)
+    key, need, limit = route
+    if need is None:
+        return device.plans.get(key, lambda: Plan(device, p, config))
 
     def build(old: Optional[Plan]) -> Plan:
         return Plan(device, p, config, capacity=capacity(old and old.capacity, need, limit))
@@ -526,9 +534,20 @@ class PlanCache:
     """Least-recently-used plans, bounded by what they hold (``RecordedPlan.nbytes``: buffers,
     staging, pipelines)."""
 
+    #: Routes remembered (see ``remember``) before the memo starts over.
+    MAX_ROUTES = 4096
+
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self._plans: OrderedDict[Hashable, RecordedPlan] = OrderedDict()
+        #: (problem, config, settings) -> how ``forward_plan``/``backward_plan`` find its plan: the
+        #: key, the bytes it needs, the binding limit (worked out once per problem: the hot path).
+        self.routes: Dict[Hashable, Any] = {}
+
+    def remember(self, key: Hashable, route: Any) -> None:
+        if len(self.routes) >= self.MAX_ROUTES:
+            self.routes.clear()
+        self.routes[key] = route
 
     def get(self, key: Hashable, build: Callable[[], RecordedPlan]) -> Any:
         """The plan under ``key`` (built on first use)."""
@@ -564,6 +583,7 @@ class PlanCache:
         """Drops every plan without destroying it: for a forked child, whose copies of the parent's
         Vulkan objects must not be touched (see device.py)."""
         self._plans.clear()
+        self.routes.clear()
 
     @property
     def nbytes(self) -> int:
