@@ -83,6 +83,13 @@ def backward_bytes(p: Problem, write_ds: bool, n_groups: int) -> Dict[str, int]:
     return {name: n_groups * b for name, b in backward_group_bytes(p, write_ds).items()}
 
 
+def grids(p: Problem, config: BackwardConfig, n: int) -> List[Tuple[int, int, int]]:
+    """Grids of the pre, dK/dV and dQ dispatches over ``n`` groups."""
+    pre, dkdv, dq = config.kernels()
+    heads = n * p.group
+    return [(math.ceil(p.len_q / pre.wg), heads, 1), (math.ceil(p.len_k / dkdv.br), n, 1), query_grid(p, heads, dq.br)]
+
+
 class BackwardPlan(RecordedPlan):
     """The backward's buffers and pipelines on one device, built once, bound to ``problem``.
     ``capacity``: buffer bytes of a reusable plan (``backward_plan``); None: exact for ``problem``."""
@@ -115,11 +122,8 @@ class BackwardPlan(RecordedPlan):
 
     def _dispatches(self, p: Problem, g0: int, n: int) -> List[Tuple[Tuple[int, int, int], np.ndarray]]:
         """(grid, push constants) of the pre, dK/dV and dQ dispatches over ``n`` groups from ``g0``."""
-        pre, dkdv, dq = self.config.kernels()
         push = push_constants(p, g0)
-        heads = n * p.group
-        return [((math.ceil(p.len_q / pre.wg), heads, 1), push), ((math.ceil(p.len_k / dkdv.br), n, 1), push),
-                (query_grid(p, heads, dq.br), push)]
+        return [(grid, push) for grid in grids(p, self.config, n)]
 
     def _bind_views(self) -> None:
         p = self.problem
@@ -223,11 +227,8 @@ def backward_plan(device: Any, problem: Problem, config: BackwardConfig) -> Back
         if backward_groups_per_chunk(p, limit, config.write_ds) < n_groups:
             route = (("backward", p, config), None, limit)
         else:
-            pre, dkdv, dq = config.kernels()
-            heads = n_groups * p.group
-            grids = None if grids_settable(device.kp) else (math.ceil(p.len_q / pre.wg), heads,
-                                                             math.ceil(p.len_k / dkdv.br), query_grid(p, heads, dq.br))
-            route = (("backward", config, limit, grids),
+            grid = None if grids_settable(device.kp) else tuple(grids(p, config, n_groups))
+            route = (("backward", config, limit, grid),
                      dict(backward_bytes(p, config.write_ds, n_groups), mask=mask_bytes(p)), limit)
         device.plans.remember(route_key, route)
     key, need, limit = route
