@@ -22,6 +22,8 @@ def info() -> Dict[str, Any]:
 
     Each device dict has at least ``name``, ``vendor``, ``type``, ``subgroup_size``,
     ``shared_memory``, ``fp16``, ``coopmat`` and ``variants`` (kernel variants it can run).
+    ``selected_device``: the index ``AULE_KP_DEVICE`` selects (None when it selects none);
+    ``device_error``: why it selects none (not an integer, out of range), else None.
     """
     from . import __version__
 
@@ -30,11 +32,13 @@ def info() -> Dict[str, Any]:
         d = caps.as_dict()
         d["variants"] = _variants(caps)
         devices.append(d)
+    device_error = devmod.selected_device_error() if devices else None
     out: Dict[str, Any] = {
         "version": __version__,
         "backends": dispatch.available_backends(),
         "devices": devices,
-        "selected_device": devmod.selected_index() if devices else None,
+        "selected_device": None if device_error or not devices else devmod.selected_index(),
+        "device_error": device_error,
         "kp": devmod.kp_status(),
     }
     if not devices:

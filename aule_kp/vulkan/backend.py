@@ -33,7 +33,7 @@ class VulkanBackend(Backend):
         self._choices: Dict[Any, Tuple[Optional[ForwardConfig], Tuple[str, ...]]] = {}
 
     def available(self) -> List[str]:
-        why = devmod.vulkan_unavailable()
+        why = devmod.vulkan_unavailable() or devmod.selected_device_error()
         return [why] if why else []
 
     def config(self, problem: Problem) -> ForwardConfig:

@@ -578,6 +578,7 @@ class PlanCache:
 
     def clear(self) -> None:
         self.drop(lambda _: True)
+        self.routes.clear()
 
     def forget(self) -> None:
         """Drops every plan without destroying it: for a forked child, whose copies of the parent's
