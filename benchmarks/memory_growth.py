@@ -16,7 +16,8 @@ growth counted from just before the first Vulkan call, so the Manager and first 
   loaded under another name; rounds alternate, medians per round.
 
 Results are checked against a float64 reference at every call of ``--shapes`` and ``--decode``.
-Run from the repository root: ``python -m benchmarks.memory_growth --shapes 396``.
+Run from the repository root: ``python -m benchmarks.memory_growth --shapes 396``; ``PYTHONPATH=DIR
+python benchmarks/memory_growth.py ...`` measures the package in DIR (an older checkout) instead.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def run_loop(items: List[Any], one: Callable[[Any], float], what: str, every: in
         worst = max(worst, one(item))
         if i % every == 0 or i == len(items):
             s = planmod.stats
-            print(f"| {i} | {rss_mb() - start:.0f} | {s['plans']} | {s['algorithms']} | {s['records']} | "
+            print(f"| {i} | {rss_mb() - start:.0f} | {s['plans']} | {s['algorithms']} | {s.get('records', '-')} | "
                   f"{len(plans)} | {plans.nbytes / MB:.0f} | {worst:.3f} |", flush=True)
     print(f"\n{time.perf_counter() - t0:.1f} s in all\n")
     if worst > 1:
@@ -152,7 +153,8 @@ TIMED = {"B1 H2 L4 D32": ((1, 2, 4, 32), (1, 2, 4, 32)), "B1 Hq8 Hkv2 Lq1 Lk512 
 
 
 def timing(base: Path, rounds: int = 7, calls: int = 300) -> None:
-    """Median per-call time of repeated same-shape calls (fp16), this checkout vs ``base``, alternating."""
+    """Median per-call time of repeated same-shape calls (fp16), this checkout vs ``base``: rounds of
+    ``calls`` calls each, the two in turns, either one first by turns."""
     other = load_package(base, "aule_kp_base")
     runs = {"before": other.flash_attention, "after": aule_kp.flash_attention}
     rng = np.random.default_rng(0)
@@ -164,8 +166,8 @@ def timing(base: Path, rounds: int = 7, calls: int = 300) -> None:
         for f in runs.values():
             for _ in range(20):
                 f(q, k, v, backend="vulkan")
-        for _ in range(rounds):
-            for name, f in runs.items():
+        for r in range(rounds):
+            for name, f in sorted(runs.items(), reverse=r % 2 == 1):  # either one first, by turns
                 times = []
                 for _ in range(calls):
                     t0 = time.perf_counter()
@@ -187,7 +189,7 @@ def main(argv: List[str] | None = None) -> None:
     args = ap.parse_args(argv)
     dev = devmod.get_device()
     print(f"device: {dev.caps.name} ({dev.caps.type}), kp patch {getattr(dev.kp, 'aule_patch', 0)}, "
-          f"grids settable: {planmod.grids_settable(dev.kp)}, plan cache {dev.plans.max_bytes // MB} MB\n")
+          f"grids settable: {hasattr(dev.kp.Algorithm, 'set_workgroup')}, plan cache {dev.plans.max_bytes // MB} MB\n")
     rng = np.random.default_rng(1)
     if args.shapes:
         shapes = distinct_shapes(args.shapes)

@@ -238,4 +238,4 @@ def backward_plan(device: Any, problem: Problem, config: BackwardConfig) -> Back
     def build(old: Optional[BackwardPlan]) -> BackwardPlan:
         return BackwardPlan(device, p, config, capacity(old and old.capacity, need, limit))
 
-    return device.plans.fitted(key, lambda plan: plan.fits(need), build).bind(p, config)
+    return device.plans.fitted(key, need, build).bind(p, config)

@@ -6,7 +6,7 @@ algorithm (a pipeline bound to them), and the sequence recorded for the Problem 
 tensors' mapped memory, ``eval()`` that sequence and copy the outputs out.
 
 Pipelines are what a plan costs: building one compiles it (0.5-5 ms on a GPU, 0.1-0.3 s and
-3-10 MB of JIT code on lavapipe, ``PIPELINE_BYTES``). So plans are not one Problem's: the shaders
+up to 11 MB of JIT code on lavapipe, ``PIPELINE_BYTES``). So plans are not one Problem's: the shaders
 read every length, head count and group offset from push constants, so a *reusable* plan (one
 chunk: every group fits one binding) is keyed by its pipeline and serves any problem whose data fits
 its buffers, packed at the problem's own lengths. Buffers are sized in powers of two (at least
@@ -14,10 +14,11 @@ its buffers, packed at the problem's own lengths. Buffers are sized in powers of
 loop whose keys grow by one per step rebuilds a few times, not once per token. Binding a plan to
 another problem records a sequence for it (push constants, and the grid through the patched kp's
 ``Algorithm.set_workgroup``; without it the grid is part of the plan's key, and plans are reused only
-among problems of one grid); the last few stay recorded. Problems over one binding, split into
-chunks, and pipelined host calls get *exact* plans, keyed by their Problem. The cache
-(``PlanCache``) is a least-recently-used set bounded by what plans hold: buffers, staging and
-pipelines.
+among problems of one grid); the last few stay recorded. A re-record costs ~70 us, and destroying
+the sequence it displaces ~80 us, on lavapipe: a decode step whose key length changed pays both.
+Problems over one binding, split into chunks, and pipelined host calls get *exact* plans, keyed by
+their Problem. The cache (``PlanCache``) is a least-recently-used set bounded by what plans hold:
+buffers, staging and pipelines.
 
 Large host calls on a discrete GPU are pipelined (``pipeline_chunks``): the groups are split into a
 few chunks, each with its own sequence, so that the GPU computes one chunk while the host copies the
@@ -55,8 +56,8 @@ MIN_CAPACITY_BYTES = 256 << 10
 #: layers alternate between a few shapes does not re-record per call).
 RECORDED_SEQUENCES = 8
 #: What one pipeline holds in host memory, by device type. lavapipe (Mesa 22.3.6, LLVM 15, measured
-#: 2026-12-06, benchmarks/memory_growth.py --pipelines): 3-10 MB of JIT code per pipeline of these
-#: kernels (forward 5-10, split-KV 3-5, backward 0.5-10 each), given back at the first queue
+#: 2026-12-05, benchmarks/memory_growth.py --pipelines): 0.4-11 MB of JIT code per pipeline of these
+#: kernels (forward 4.5-11, split-KV 2.6-4.8, backward 0.4-11 each), given back at the first queue
 #: submission after vkDestroyPipeline (lavapipe destroys pipelines on its queue thread). GPU drivers
 #: keep compiled code in device memory and little on the host: not measured, an allowance.
 PIPELINE_BYTES = {"cpu": 8 << 20}
@@ -257,6 +258,7 @@ class RecordedPlan:
         self.config = config
         self.capacity = capacity
         self._recorded: OrderedDict[Hashable, Any] = OrderedDict()
+        self._fitted: Optional[Dict[str, int]] = None
         self.sequence = None
         n_groups = p.batch * p.heads_kv
         limit = binding_limit(device.caps.max_storage_buffer_range)
@@ -293,8 +295,14 @@ class RecordedPlan:
         return self.device.manager.algorithm(tensors, self.device.spirv(kernel.kernel), grid, spec, push)
 
     def fits(self, need: Dict[str, int]) -> bool:
-        """Whether this reusable plan's buffers hold ``need`` bytes each."""
-        return self.capacity is not None and all(n <= self.capacity.get(name, 0) for name, n in need.items())
+        """Whether this reusable plan's buffers hold ``need`` bytes each (a route's ``need`` is one
+        dict, asked again on every call: the last one that fitted is remembered)."""
+        if need is self._fitted:
+            return True
+        ok = self.capacity is not None and all(n <= self.capacity.get(name, 0) for name, n in need.items())
+        if ok:
+            self._fitted = need
+        return ok
 
     def bind(self, problem: Problem, config: Any) -> RecordedPlan:
         """Makes ``problem`` (run with ``config``, of this plan's pipelines) the one the next calls
@@ -527,7 +535,7 @@ def forward_plan(device: Any, problem: Problem, config: ForwardConfig) -> Plan:
     def build(old: Optional[Plan]) -> Plan:
         return Plan(device, p, config, capacity=capacity(old and old.capacity, need, limit))
 
-    return device.plans.fitted(key, lambda plan: plan.fits(need), build).bind(p, config)
+    return device.plans.fitted(key, need, build).bind(p, config)
 
 
 class PlanCache:
@@ -551,13 +559,14 @@ class PlanCache:
 
     def get(self, key: Hashable, build: Callable[[], RecordedPlan]) -> Any:
         """The plan under ``key`` (built on first use)."""
-        return self.fitted(key, lambda plan: True, lambda old: build())
+        return self.fitted(key, None, lambda old: build())
 
-    def fitted(self, key: Hashable, fits: Callable[[Any], bool], build: Callable[[Any], RecordedPlan]) -> Any:
-        """The plan under ``key`` when ``fits(plan)``; else ``build(the plan it replaces, or None)``
-        takes its place (the old one is destroyed once the new one is built)."""
+    def fitted(self, key: Hashable, need: Optional[Dict[str, int]], build: Callable[[Any], RecordedPlan]) -> Any:
+        """The plan under ``key`` when its buffers hold ``need`` bytes each (None: any plan); else
+        ``build(the plan it replaces, or None)`` takes its place (the old one is destroyed once the
+        new one is built)."""
         plan = self._plans.get(key)
-        if plan is not None and fits(plan):
+        if plan is not None and (need is None or plan.fits(need)):
             self._plans.move_to_end(key)
             return plan
         new = build(plan)
