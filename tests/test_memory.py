@@ -105,3 +105,27 @@ def test_cache_holds_its_budget(rng, monkeypatch):
         assert dev.plans.nbytes <= dev.plans.max_bytes and len(dev.plans) <= 3
     assert all(plan.problem.dim_k != 16 for plan in dev.plans._plans.values())  # the oldest went first
     dev.plans.clear()
+
+
+def test_staged_buffers_stay_close_to_the_need(monkeypatch, rng):
+    # Where every call copies whole buffers through staging (a discrete GPU without direct I/O),
+    # capacities are quarter octaves: a call moves at most a quarter more than it needs.
+    dev = devmod.get_device()
+    monkeypatch.setattr(devmod.Device, "host_memory", property(lambda self: False))
+    monkeypatch.setenv("AULE_KP_DIRECT_IO", "0")
+    dev.plans.clear()
+    try:
+        assert planmod.staged(dev)
+        for lk in (300, 301, 390, 700):  # growing keys, one pipeline (Lq 20 never splits)
+            p = problem(b=1, hq=4, hkv=2, lq=20, lk=lk, dk=64, dv=64, dtype="float16")
+            check(p, rng)
+            plan = VulkanBackend().plan(p)
+            need = planmod.forward_bytes(p, VulkanBackend().config(p), 2)
+            assert all(need[n] <= plan.capacity[n] <= max(1.25 * need[n], planmod.MIN_STAGED_BYTES) for n in need)
+    finally:
+        dev.plans.clear()
+
+
+def test_round_up():
+    assert [planmod.round_up(n, 1) for n in (1, 3, 4, 5, 1025)] == [1, 4, 4, 8, 2048]
+    assert [planmod.round_up(n, 4) for n in (3, 9, 17, 1000, 1025, 1300)] == [3, 10, 20, 1024, 1280, 1536]

@@ -236,6 +236,6 @@ def backward_plan(device: Any, problem: Problem, config: BackwardConfig) -> Back
         return device.plans.get(key, lambda: BackwardPlan(device, p, config))
 
     def build(old: Optional[BackwardPlan]) -> BackwardPlan:
-        return BackwardPlan(device, p, config, capacity(old and old.capacity, need, limit))
+        return BackwardPlan(device, p, config, capacity(device, old and old.capacity, need, limit))
 
     return device.plans.fitted(key, need, build).bind(p, config)

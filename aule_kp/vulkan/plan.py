@@ -9,9 +9,10 @@ Pipelines are what a plan costs: building one compiles it (0.5-5 ms on a GPU, 0.
 up to 11 MB of JIT code on lavapipe, ``PIPELINE_BYTES``). So plans are not one Problem's: the shaders
 read every length, head count and group offset from push constants, so a *reusable* plan (one
 chunk: every group fits one binding) is keyed by its pipeline and serves any problem whose data fits
-its buffers, packed at the problem's own lengths. Buffers are sized in powers of two (at least
-``MIN_CAPACITY_BYTES``); a problem that does not fit replaces the plan with a larger one, so a decode
-loop whose keys grow by one per step rebuilds a few times, not once per token. Binding a plan to
+its buffers, packed at the problem's own lengths. Buffers are sized in powers of two (quarter
+octaves where calls copy them whole through staging, ``capacity``); a problem that does not fit
+replaces the plan with a larger one, so a decode loop whose keys grow by one per step rebuilds a few
+times, not once per token. Binding a plan to
 another problem records a sequence for it (push constants, and the grid through the patched kp's
 ``Algorithm.set_workgroup``; without it the grid is part of the plan's key, and plans are reused only
 among problems of one grid); the last few stay recorded. A re-record costs ~70 us, and destroying
@@ -39,6 +40,7 @@ import numpy as np
 
 from ..dtypes import ITEMSIZE, STORAGE
 from ..problem import Problem
+from .device import BAR_MIN_HEAP
 from .hostcopy import copy_bytes
 from .kernels import KernelConfig, parallelism, positive_int_env, section_heads
 from .splitkv import ForwardConfig, SplitKVConfig
@@ -52,6 +54,8 @@ stats: Dict[str, int] = {"plans": 0, "algorithms": 0, "records": 0, "evals": 0}
 #: Smallest buffer of a reusable plan: small problems share one plan per pipeline (a decode loop's
 #: K of 256 KiB is 1024 keys of a kv head pair at D 64 in fp16 before the plan first grows).
 MIN_CAPACITY_BYTES = 256 << 10
+#: The same where calls copy whole buffers through staging (``staged``): small calls stay small.
+MIN_STAGED_BYTES = 16 << 10
 #: Sequences a reusable plan keeps recorded for the problems it was bound to last (a model whose
 #: layers alternate between a few shapes does not re-record per call).
 RECORDED_SEQUENCES = 8
@@ -188,12 +192,27 @@ def grids_settable(kp: Any) -> bool:
     return hasattr(kp.Algorithm, "set_workgroup")
 
 
-def capacity(old: Optional[Dict[str, int]], need: Dict[str, int], limit: int) -> Dict[str, int]:
+def staged(device: Any) -> bool:
+    """Whether a plan's inputs or outputs go through staging buffers, copied whole on every call
+    (discrete GPUs without ``direct_io`` or without a large BAR heap, see ``Device.io_tensor``)."""
+    return not device.host_memory and (not device.direct_io or device.caps.host_visible_device_heap < BAR_MIN_HEAP)
+
+
+def round_up(n: int, steps: int) -> int:
+    """The smallest ``m * 2**k >= n`` with ``steps <= m < 2 * steps`` (``steps`` a power of two: the
+    sizes per octave)."""
+    unit = 1 << max(0, n.bit_length() - steps.bit_length())
+    return -(-n // unit) * unit
+
+
+def capacity(device: Any, old: Optional[Dict[str, int]], need: Dict[str, int], limit: int) -> Dict[str, int]:
     """Buffer sizes of a reusable plan that must hold ``need`` bytes per buffer and what ``old``
-    held: powers of two, at least ``MIN_CAPACITY_BYTES``, at most ``limit`` (one binding)."""
+    held, at most ``limit`` (one binding). Powers of two of at least ``MIN_CAPACITY_BYTES``; where
+    every call copies whole buffers through staging, quarter octaves of at least
+    ``MIN_STAGED_BYTES`` (a call then moves at most a quarter more than it needs)."""
+    steps, least = (4, MIN_STAGED_BYTES) if staged(device) else (1, MIN_CAPACITY_BYTES)
     old = old or {}
-    return {name: min(limit, max(old.get(name, 0), MIN_CAPACITY_BYTES, 1 << max(0, n - 1).bit_length()))
-            for name, n in need.items()}
+    return {name: min(limit, max(old.get(name, 0), least, round_up(n, steps))) for name, n in need.items()}
 
 
 def mask_bytes(p: Problem) -> int:
@@ -533,7 +552,7 @@ def forward_plan(device: Any, problem: Problem, config: ForwardConfig) -> Plan:
         return device.plans.get(key, lambda: Plan(device, p, config))
 
     def build(old: Optional[Plan]) -> Plan:
-        return Plan(device, p, config, capacity=capacity(old and old.capacity, need, limit))
+        return Plan(device, p, config, capacity=capacity(device, old and old.capacity, need, limit))
 
     return device.plans.fitted(key, need, build).bind(p, config)
 
