@@ -31,6 +31,8 @@ def info() -> Dict[str, Any]:
     the driver-trap table, a self-check verdict), ``workarounds`` (the table's entries that apply,
     aule_kp/vulkan/workarounds.py) and ``self_check`` (verdicts recorded for this driver, by
     ``<kernel family>/<dtype>``).
+    ``selected_device``: the index ``AULE_KP_DEVICE`` selects (None when it selects none);
+    ``device_error``: why it selects none (not an integer, out of range), else None.
     """
     from . import __version__
 
@@ -43,11 +45,13 @@ def info() -> Dict[str, Any]:
         d["workarounds"] = workarounds.describe(caps)
         d["self_check"] = selfcheck.verdicts_for(caps)
         devices.append(d)
+    device_error = devmod.selected_device_error() if devices else None
     out: Dict[str, Any] = {
         "version": __version__,
         "backends": dispatch.available_backends(),
         "devices": devices,
-        "selected_device": devmod.selected_index() if devices else None,
+        "selected_device": None if device_error or not devices else devmod.selected_index(),
+        "device_error": device_error,
         "kp": devmod.kp_status(),
     }
     if not devices:

@@ -10,10 +10,10 @@ import numpy as np
 from ..backend import Backend
 from ..problem import Problem
 from . import device as devmod
-from .backward import BackwardPlan, backward_groups_per_chunk, reduce_to_mask
+from .backward import BackwardPlan, backward_groups_per_chunk, backward_plan, reduce_to_mask
 from .choice import forward_choice
 from .kernels import COOPMAT_CONVERT_ENV, BackwardConfig, backward_config, backward_config_reasons
-from .plan import Plan, binding_limit, query_tiles_reason
+from .plan import Plan, binding_limit, forward_plan, query_tiles_reason
 from .splitkv import ForwardConfig
 
 
@@ -27,7 +27,7 @@ class VulkanBackend(Backend):
         self._choices: Dict[Any, Tuple[Optional[ForwardConfig], Tuple[str, ...]]] = {}
 
     def available(self) -> List[str]:
-        why = devmod.vulkan_unavailable()
+        why = devmod.vulkan_unavailable() or devmod.selected_device_error()
         return [why] if why else []
 
     def config(self, problem: Problem) -> ForwardConfig:
@@ -62,11 +62,12 @@ class VulkanBackend(Backend):
         return 80 if devmod.get_device().caps.type == "cpu" else 10
 
     def plan(self, problem: Problem, config: Optional[ForwardConfig] = None) -> Plan:
-        """The cached plan for ``problem`` (built on first use)."""
+        """The device's plan for ``problem``, bound to it (see ``plan.forward_plan``): valid until the
+        next call binds it to another problem."""
         dev = devmod.get_device()
         cfg = config or self.config(problem)
         with dev.lock:
-            return dev.plans.get((problem, cfg), lambda: Plan(dev, problem, cfg))
+            return forward_plan(dev, problem, cfg)
 
     def forward(self, problem: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray,
                 mask: Optional[np.ndarray], config: Optional[ForwardConfig] = None) -> Tuple[np.ndarray, np.ndarray]:
@@ -75,10 +76,10 @@ class VulkanBackend(Backend):
             return self.plan(problem, config).run(q, k, v, mask)
 
     def backward_plan(self, problem: Problem, config: BackwardConfig) -> BackwardPlan:
-        """The cached backward plan for ``problem`` (built on first use; keyed apart from forward plans)."""
+        """The device's backward plan for ``problem``, bound to it (see ``backward.backward_plan``)."""
         dev = devmod.get_device()
         with dev.lock:
-            return dev.plans.get(("backward", problem, config), lambda: BackwardPlan(dev, problem, config))
+            return backward_plan(dev, problem, config)
 
     def backward_reasons(self, problem: Problem, mask_grad: bool = False) -> List[str]:
         """Why ``backward`` cannot take ``problem`` here (empty: it can), for callers that fall back."""

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -24,7 +25,18 @@ from ..dtypes import STORAGE
 from ..problem import Problem
 from .hostcopy import copy_bytes
 from .kernels import BackwardConfig
-from .plan import RecordedPlan, group_bytes, groups_that_fit, push_constants, query_grid, stats
+from .plan import (
+    RecordedPlan,
+    binding_limit,
+    capacity,
+    grids_settable,
+    group_bytes,
+    groups_that_fit,
+    mask_bytes,
+    push_constants,
+    query_grid,
+    stats,
+)
 
 log = logging.getLogger("aule_kp")
 
@@ -60,47 +72,68 @@ class BackwardChunk:
     g0: int
     g1: int
     tensors: Dict[str, Any]  # kp tensors by binding name
-    views: Dict[str, np.ndarray]  # their mapped memory, as bytes
+    memory: Dict[str, np.ndarray]  # their whole mapped memory, as bytes
     algorithms: List[Any]  # pre, dkdv, dq
+    views: Dict[str, np.ndarray] = field(default_factory=dict)  # the bound problem's bytes of ``memory``
+
+
+def backward_bytes(p: Problem, write_ds: bool, n_groups: int) -> Dict[str, int]:
+    """Bytes each buffer of a backward chunk of ``n_groups`` groups needs (dS none without
+    ``write_ds``: its binding still gets a buffer of one word)."""
+    return {name: n_groups * b for name, b in backward_group_bytes(p, write_ds).items()}
+
+
+def grids(p: Problem, config: BackwardConfig, n: int) -> List[Tuple[int, int, int]]:
+    """Grids of the pre, dK/dV and dQ dispatches over ``n`` groups."""
+    pre, dkdv, dq = config.kernels()
+    heads = n * p.group
+    return [(math.ceil(p.len_q / pre.wg), heads, 1), (math.ceil(p.len_k / dkdv.br), n, 1), query_grid(p, heads, dq.br)]
 
 
 class BackwardPlan(RecordedPlan):
-    """Everything one backward Problem needs on one device, built once."""
+    """The backward's buffers and pipelines on one device, built once, bound to ``problem``.
+    ``capacity``: buffer bytes of a reusable plan (``backward_plan``); None: exact for ``problem``."""
 
-    def __init__(self, device: Any, problem: Problem, config: BackwardConfig):
-        self.config = config
+    def __init__(self, device: Any, problem: Problem, config: BackwardConfig,
+                 capacity: Optional[Dict[str, int]] = None):
         kp = device.kp
         mgr = device.manager
         p = problem
         per = backward_group_bytes(p, config.write_ds)
-        groups = self._chunk_groups(device, p, per, lambda limit: backward_groups_per_chunk(p, limit, config.write_ds),
-                                    "(batch, kv-head) slice of the backward")
-        pre, dkdv, dq = config.kernels()
+        groups = self._chunk_groups(device, p, config, per,
+                                    lambda limit: backward_groups_per_chunk(p, limit, config.write_ds),
+                                    "(batch, kv-head) slice of the backward", capacity)
         for g0, g1 in groups:
             n = g1 - g0
-            heads = n * p.group
-            # Without dS its binding still needs a buffer: one of no bytes (one word, never copied).
-            io = {name: per.get(name, 0) for name in (*INPUTS, *OUTPUTS, "ds")}
-            tensors, views = self._io_tensors(io, n, (*OUTPUTS, "ds"))
+            sizes = capacity if capacity is not None else backward_bytes(p, config.write_ds, n)
+            tensors, memory = self._io_tensors({name: sizes.get(name, 0) for name in (*INPUTS, *OUTPUTS, "ds")},
+                                               (*OUTPUTS, "ds"))
             # Device-local even on host-memory devices: the barrier after fa2_bwd_pre is recorded by
             # syncing it (see record()).
-            tensors["stats"] = mgr.tensor_t(np.zeros(n * per["stats"] // 4, np.float32), kp.TensorTypes.device)
+            tensors["stats"] = mgr.tensor_t(np.zeros(max(sizes["stats"] // 4, 1), np.float32), kp.TensorTypes.device)
             tensors["mask"] = self.mask
             bound = [tensors[name] for name in BINDINGS]
-            grids = (
-                (math.ceil(p.len_q / pre.wg), heads, 1),
-                (math.ceil(p.len_k / dkdv.br), n, 1),
-                query_grid(p, heads, dq.br),
-            )
-            push = push_constants(p, g0)
-            algorithms = [mgr.algorithm(bound, device.spirv(k.kernel), grid, config.spec(k), push)
-                          for k, grid in zip(config.kernels(), grids)]
-            stats["algorithms"] += len(algorithms)
-            self.chunks.append(BackwardChunk(g0, g1, tensors, views, algorithms))
-
-        self.sequence = self.record(mgr.sequence(), transfers=True)
+            algorithms = [self._algorithm(bound, k, config.spec(k), grid, push)
+                          for k, (grid, push) in zip(config.kernels(), self._dispatches(p, g0, n))]
+            self.chunks.append(BackwardChunk(g0, g1, tensors, memory, algorithms))
+        self.bind(p, config)
         stats["plans"] += 1
         log.debug("backward plan for %s: %d chunk(s), %s", p, len(self.chunks), config)
+
+    def _dispatches(self, p: Problem, g0: int, n: int) -> List[Tuple[Tuple[int, int, int], np.ndarray]]:
+        """(grid, push constants) of the pre, dK/dV and dQ dispatches over ``n`` groups from ``g0``."""
+        push = push_constants(p, g0)
+        return [(grid, push) for grid in grids(p, self.config, n)]
+
+    def _bind_views(self) -> None:
+        p = self.problem
+        sizes = backward_group_bytes(p, self.config.write_ds)
+        if self.capacity is not None:
+            self.chunks[0].g1 = p.batch * p.heads_kv
+        self.mask_view = self.mask_memory[: mask_bytes(p) // 4]
+        for c in self.chunks:
+            n = c.g1 - c.g0
+            c.views = {name: c.memory[name][: n * sizes.get(name, 0)] for name in (*INPUTS, *OUTPUTS, "ds")}
 
     def run(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray, dout: np.ndarray,
             lse: np.ndarray, mask: Optional[np.ndarray]
@@ -126,6 +159,11 @@ class BackwardPlan(RecordedPlan):
                     for c in self.chunks for name in INPUTS for part in (src[name][c.g0:c.g1],)])
         if mask is not None:
             self.mask_view[:] = mask.reshape(-1)
+        if self.config.write_ds:
+            # The dK/dV kernel writes dS only where it computes (tiles the band hides are skipped):
+            # the rest must read 0, whatever an earlier problem left in the buffer.
+            for c in self.chunks:
+                c.views["ds"][:] = 0
         self.eval()
         storage = STORAGE[p.dtype]
         dq = np.empty((groups, p.group * p.len_q * p.dim_k), dtype=storage)
@@ -140,29 +178,64 @@ class BackwardPlan(RecordedPlan):
                 dv.reshape(b, hkv, p.len_k, p.dim_v), None if ds is None else ds.reshape(b, hq, p.len_q, p.len_k))
 
     def record(self, sequence: Any, transfers: bool) -> Any:
-        """Records the pass into ``sequence``: with ``transfers``, inputs to the device first and
-        gradients back after; without, the dispatches alone (data already on the device, as
-        benchmarks time torch's backward)."""
+        """Records the pass of the bound problem into ``sequence``: with ``transfers``, inputs to the
+        device first and gradients back after; without, the dispatches alone (data already on the
+        device, as benchmarks time torch's backward)."""
         kp = self.device.kp
+        p = self.problem
         if transfers:
-            inputs = [c.tensors[name] for c in self.chunks for name in INPUTS]
-            if self.problem.has_mask:
+            # dS goes up too (zeros where the kernel writes nothing: see run()).
+            up = (*INPUTS, "ds") if self.config.write_ds else INPUTS
+            inputs = [c.tensors[name] for c in self.chunks for name in up]
+            if p.has_mask:
                 inputs.append(self.mask)
             sequence.record(kp.OpTensorSyncDevice(inputs))
-        for c in self.chunks:
-            sequence.record(kp.OpAlgoDispatch(c.algorithms[0]))
+        dispatches = [list(zip(c.algorithms, self._dispatches(p, c.g0, c.g1 - c.g0))) for c in self.chunks]
+
+        def dispatch(algorithm: Any, grid: Tuple[int, int, int], push: np.ndarray) -> None:
+            self._set_grid(algorithm, grid)
+            sequence.record(kp.OpAlgoDispatch(algorithm, push))
+
+        for chunk in dispatches:
+            dispatch(chunk[0][0], *chunk[0][1])
         # dK/dV and dQ read the statistics fa2_bwd_pre wrote. kp's Python API records no
         # compute -> compute barrier, and OpAlgoDispatch's own barrier only orders transfers before
         # the dispatch. Syncing the (device-local) statistics records compute -> transfer (shader
         # writes made available), and the next dispatch's transfer -> compute barrier on the same
         # buffer makes them visible: together a complete dependency, for one small copy.
         sequence.record(kp.OpTensorSyncLocal([c.tensors["stats"] for c in self.chunks]))
-        for c in self.chunks:
-            for algorithm in c.algorithms[1:]:
-                sequence.record(kp.OpAlgoDispatch(algorithm))
+        for chunk in dispatches:
+            for algorithm, (grid, push) in chunk[1:]:
+                dispatch(algorithm, grid, push)
         if transfers:
             outputs = [c.tensors[name] for c in self.chunks
                        for name in (*OUTPUTS, *(("ds",) if self.config.write_ds else ()))]
             sequence.record(kp.OpTensorSyncLocal(outputs))
         return sequence
 
+
+def backward_plan(device: Any, problem: Problem, config: BackwardConfig) -> BackwardPlan:
+    """The device's backward plan that runs ``problem`` with ``config``, bound to it: the reusable
+    plan of the three pipelines (built, or replaced by a larger one, when the problem does not fit),
+    or an exact plan where the problem needs several chunks. Call under ``device.lock``."""
+    p = problem
+    route_key = ("backward", p, config, os.environ.get("AULE_KP_MAX_BINDING_BYTES"))
+    route = device.plans.routes.get(route_key)
+    if route is None:
+        limit = binding_limit(device.caps.max_storage_buffer_range)
+        n_groups = p.batch * p.heads_kv
+        if backward_groups_per_chunk(p, limit, config.write_ds) < n_groups:
+            route = (("backward", p, config), None, limit)
+        else:
+            grid = None if grids_settable(device.kp) else tuple(grids(p, config, n_groups))
+            route = (("backward", config, limit, grid),
+                     dict(backward_bytes(p, config.write_ds, n_groups), mask=mask_bytes(p)), limit)
+        device.plans.remember(route_key, route)
+    key, need, limit = route
+    if need is None:
+        return device.plans.get(key, lambda: BackwardPlan(device, p, config))
+
+    def build(old: Optional[BackwardPlan]) -> BackwardPlan:
+        return BackwardPlan(device, p, config, capacity(device, old and old.capacity, need, limit))
+
+    return device.plans.fitted(key, need, build).bind(p, config)

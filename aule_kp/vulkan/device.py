@@ -2,14 +2,23 @@
 
 ``AULE_KP_DEVICE`` selects the device index (default 0). kp is not thread-safe, so every use of a
 device's Manager goes through ``Device.lock``.
+
+A process forked after it used Vulkan (multiprocessing's default on Linux, torch DataLoader workers)
+inherits the parent's Vulkan objects without the driver threads behind them: using them hangs (a
+lavapipe submission waits forever for its queue thread). So the child starts afresh
+(``_after_fork_in_child``): the next call opens the device again, with a new Manager, plans and copy
+threads. The parent's objects are left alone, deliberately leaked: destroying them would call the
+driver on state whose threads are gone, and so would the driver's own exit handlers: the child ends
+with ``_exit`` ahead of them (``_skip_driver_exit_handlers``). Anything the parent made (a Context,
+its GpuTensors) raises in the child, at once, on its next use.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import threading
-from functools import cache
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -64,11 +73,26 @@ def kp_status() -> Dict[str, Any]:
 
 
 def selected_index() -> int:
+    """The device index ``AULE_KP_DEVICE`` selects (default 0)."""
     raw = os.environ.get("AULE_KP_DEVICE", "0")
     try:
         return int(raw)
     except ValueError:
         raise ValueError(f"AULE_KP_DEVICE must be a device index (an integer), got {raw!r}") from None
+
+
+class ParentProcessLock:
+    """Stands in for ``Device.lock`` in a forked child on the parent's Device: every use raises."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __enter__(self) -> None:
+        raise RuntimeError(f"this Vulkan device ({self.name}) was opened by the parent process before it forked; "
+                           "its Vulkan objects cannot be used in the child: make a new Context (and tensors) there")
+
+    def __exit__(self, *exc: Any) -> None:  # pragma: no cover - __enter__ always raises
+        pass
 
 
 class Device:
@@ -152,12 +176,54 @@ class Device:
         return mgr.tensor_t(data, kp.TensorTypes.device)
 
 
-@cache
+#: Devices opened in this process, by index.
+_devices: Dict[int, Device] = {}
+_devices_lock = threading.Lock()
+
+
 def _device(index: int) -> Device:
-    caps = devices()
-    if not 0 <= index < len(caps):
-        raise ValueError(f"AULE_KP_DEVICE={index} but there are {len(caps)} Vulkan device(s)")
-    return Device(caps[index])
+    dev = _devices.get(index)
+    if dev is None:
+        with _devices_lock:
+            dev = _devices.setdefault(index, Device(devices()[index]))
+    return dev
+
+
+def _skip_driver_exit_handlers() -> None:
+    """Ends this (forked) process with ``_exit(status)`` ahead of the C exit handlers registered so
+    far. Mesa's handler joins the threads of every queue it made, the parent's too; in a child their
+    stacks are reused by the threads of the child's own device, so it would join a live thread that
+    waits for work and hang at exit. Python's own shutdown has run by then; skipped are those
+    handlers and library destructors, which would only touch the parent's driver state. glibc only
+    (``on_exit`` passes the exit status on); elsewhere nothing changes."""
+    try:
+        libc = ctypes.CDLL(None)
+        on_exit, exit_now = libc.on_exit, libc._exit
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        return
+    on_exit.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    on_exit(ctypes.cast(exit_now, ctypes.c_void_p), None)
+
+
+def _after_fork_in_child() -> None:
+    """Forgets the parent's devices in a forked child (see the module doc): each is kept alive for
+    good (never destroyed: its Vulkan objects are the parent's) and its lock raises on use."""
+    if _devices:
+        _skip_driver_exit_handlers()
+    for dev in _devices.values():
+        dev.lock = ParentProcessLock(dev.caps.name)
+        # One reference that is never dropped, not even at exit: no kp destructor runs in the child.
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(dev))
+    _devices.clear()
+    global _devices_lock
+    _devices_lock = threading.Lock()  # the parent may have held it while forking
+    from . import hostcopy
+
+    hostcopy._pool.cache_clear()  # its worker threads did not survive the fork
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def devices() -> List[DeviceCaps]:
@@ -174,6 +240,39 @@ def vulkan_unavailable() -> Optional[str]:
     return None
 
 
+def index_error(index: int, what: str) -> Optional[str]:
+    """Why ``index`` (named ``what`` in the message) selects no device here (None: it does)."""
+    n = len(devices())
+    if 0 <= index < n:
+        return None
+    return f"{what}={index} is out of range: " + (f"there are {n} Vulkan device(s), valid indices 0-{n - 1}" if n
+                                                    else "there is no Vulkan device")
+
+
+def selected_device_error() -> Optional[str]:
+    """Why ``AULE_KP_DEVICE`` selects no device (not an integer, or out of range); None when it does."""
+    try:
+        return index_error(selected_index(), "AULE_KP_DEVICE")
+    except ValueError as exc:
+        return str(exc)
+
+
 def get_device(index: Optional[int] = None) -> Device:
-    """The Device at ``index`` (default: ``AULE_KP_DEVICE`` or 0)."""
-    return _device(selected_index() if index is None else index)
+    """The Device at ``index``, a non-negative int below the number of devices (TypeError /
+    ValueError naming ``device`` otherwise); None: ``AULE_KP_DEVICE`` (default 0)."""
+    if index is None:
+        index = selected_index()
+        what = "AULE_KP_DEVICE"
+    elif isinstance(index, bool) or not isinstance(index, (int, np.integer)):
+        n = len(devices())
+        raise TypeError(f"device must be None or a Vulkan device index, an int in 0-{n - 1}; got "
+                        f"{type(index).__name__} {index!r}")
+    else:
+        what = "device"
+    dev = _devices.get(index)
+    if dev is None:
+        why = index_error(int(index), what)
+        if why:
+            raise ValueError(why)
+        dev = _device(int(index))
+    return dev

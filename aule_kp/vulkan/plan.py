@@ -1,10 +1,25 @@
-"""Plans: per-Problem persistent kp tensors, algorithms and one recorded sequence, reused per call.
+"""Plans: persistent kp tensors, algorithms and recorded sequences, reused across calls.
 
-The first call for a (Problem, config) builds a Plan; later calls copy inputs into the
-tensors' mapped memory, ``eval()`` the same sequence and copy the outputs out. Plans live in a
-bounded LRU (by bytes) on their Device. Inputs larger than one storage binding are split into
-chunks of whole (batch, kv-head) groups, one dispatch each, in the same sequence. Split-KV
-(splitkv.py) is one dispatch too, with scratch buffers per chunk.
+A plan holds, per chunk of whole (batch, kv-head) groups, the buffers one dispatch binds and the
+algorithm (a pipeline bound to them), and the sequence recorded for the Problem it is bound to
+(inputs copied into mapped memory, the dispatches, the outputs copied out). Calls write into the
+tensors' mapped memory, ``eval()`` that sequence and copy the outputs out.
+
+Pipelines are what a plan costs: building one compiles it (0.5-5 ms on a GPU, 0.1-0.3 s and
+up to 11 MB of JIT code on lavapipe, ``PIPELINE_BYTES``). So plans are not one Problem's: the shaders
+read every length, head count and group offset from push constants, so a *reusable* plan (one
+chunk: every group fits one binding) is keyed by its pipeline and serves any problem whose data fits
+its buffers, packed at the problem's own lengths. Buffers are sized in powers of two (quarter
+octaves where calls copy them whole through staging, ``capacity``); a problem that does not fit
+replaces the plan with a larger one, so a decode loop whose keys grow by one per step rebuilds a few
+times, not once per token. Binding a plan to
+another problem records a sequence for it (push constants, and the grid through the patched kp's
+``Algorithm.set_workgroup``; without it the grid is part of the plan's key, and plans are reused only
+among problems of one grid); the last few stay recorded. A re-record costs ~70 us, and destroying
+the sequence it displaces ~80 us, on lavapipe: a decode step whose key length changed pays both.
+Problems over one binding, split into chunks, and pipelined host calls get *exact* plans, keyed by
+their Problem. The cache (``PlanCache``) is a least-recently-used set bounded by what plans hold:
+buffers, staging and pipelines.
 
 Large host calls on a discrete GPU are pipelined (``pipeline_chunks``): the groups are split into a
 few chunks, each with its own sequence, so that the GPU computes one chunk while the host copies the
@@ -25,14 +40,32 @@ import numpy as np
 
 from ..dtypes import ITEMSIZE, STORAGE
 from ..problem import Problem
+from .device import BAR_MIN_HEAP
 from .hostcopy import copy_bytes
 from .kernels import KernelConfig, parallelism, positive_int_env, section_heads
 from .splitkv import ForwardConfig, SplitKVConfig
 
 log = logging.getLogger("aule_kp")
 
-#: Counters tests use to show that a cached plan creates nothing new.
-stats: Dict[str, int] = {"plans": 0, "algorithms": 0, "evals": 0}
+#: Counters tests use to show what calls create: plans, algorithms (pipelines), sequences recorded
+#: when a plan is bound to another problem, and evaluations.
+stats: Dict[str, int] = {"plans": 0, "algorithms": 0, "records": 0, "evals": 0}
+
+#: Smallest buffer of a reusable plan: small problems share one plan per pipeline (a decode loop's
+#: K of 256 KiB is 1024 keys of a kv head pair at D 64 in fp16 before the plan first grows).
+MIN_CAPACITY_BYTES = 256 << 10
+#: The same where calls copy whole buffers through staging (``staged``): small calls stay small.
+MIN_STAGED_BYTES = 16 << 10
+#: Sequences a reusable plan keeps recorded for the problems it was bound to last (a model whose
+#: layers alternate between a few shapes does not re-record per call).
+RECORDED_SEQUENCES = 8
+#: What one pipeline holds in host memory, by device type. lavapipe (Mesa 22.3.6, LLVM 15, measured
+#: 2026-12-05, benchmarks/memory_growth.py --pipelines): 0.4-11 MB of JIT code per pipeline of these
+#: kernels (forward 4.5-11, split-KV 2.6-4.8, backward 0.4-11 each), given back at the first queue
+#: submission after vkDestroyPipeline (lavapipe destroys pipelines on its queue thread). GPU drivers
+#: keep compiled code in device memory and little on the host: not measured, an allowance.
+PIPELINE_BYTES = {"cpu": 8 << 20}
+GPU_PIPELINE_BYTES = 512 << 10
 
 LOG2E = 1.4426950408889634
 #: Vulkan's guaranteed maxComputeWorkGroupCount per dimension: bounds the query heads of one dispatch
@@ -148,9 +181,60 @@ def dispatch(config: ForwardConfig, p: Problem, n_groups: int,
     return config, query_grid(p, n_groups * p.group, config.br), push_constants(p, group0)
 
 
+def pipeline_bytes(device: Any) -> int:
+    """Host memory one pipeline holds on ``device`` (``PIPELINE_BYTES``)."""
+    return PIPELINE_BYTES.get(device.caps.type, GPU_PIPELINE_BYTES)
+
+
+def grids_settable(kp: Any) -> bool:
+    """Whether one algorithm can be dispatched with several grids (the patched kp's
+    ``Algorithm.set_workgroup``); without it a plan serves only the grid it was built with."""
+    return hasattr(kp.Algorithm, "set_workgroup")
+
+
+def staged(device: Any) -> bool:
+    """Whether a plan's inputs or outputs go through staging buffers, copied whole on every call
+    (discrete GPUs without ``direct_io`` or without a large BAR heap, see ``Device.io_tensor``)."""
+    return not device.host_memory and (not device.direct_io or device.caps.host_visible_device_heap < BAR_MIN_HEAP)
+
+
+def round_up(n: int, steps: int) -> int:
+    """The smallest ``m * 2**k >= n`` with ``steps <= m < 2 * steps`` (``steps`` a power of two: the
+    sizes per octave)."""
+    unit = 1 << max(0, n.bit_length() - steps.bit_length())
+    return -(-n // unit) * unit
+
+
+def capacity(device: Any, old: Optional[Dict[str, int]], need: Dict[str, int], limit: int) -> Dict[str, int]:
+    """Buffer sizes of a reusable plan that must hold ``need`` bytes per buffer and what ``old``
+    held, at most ``limit`` (one binding). Powers of two of at least ``MIN_CAPACITY_BYTES``; where
+    every call copies whole buffers through staging, quarter octaves of at least
+    ``MIN_STAGED_BYTES`` (a call then moves at most a quarter more than it needs)."""
+    steps, least = (4, MIN_STAGED_BYTES) if staged(device) else (1, MIN_CAPACITY_BYTES)
+    old = old or {}
+    return {name: min(limit, max(old.get(name, 0), least, round_up(n, steps))) for name, n in need.items()}
+
+
+def mask_bytes(p: Problem) -> int:
+    """Bytes of the float32 mask of ``p`` (0 without one)."""
+    return 4 * math.prod(p.mask_shape) if p.mask_shape else 0
+
+
+def forward_bytes(p: Problem, config: ForwardConfig, n_groups: int) -> Dict[str, int]:
+    """Bytes each buffer of a forward dispatch over ``n_groups`` groups needs, split-KV scratch included."""
+    per = dict(group_bytes(p), **(config.group_bytes(p) if isinstance(config, SplitKVConfig) else {}))
+    return {name: n_groups * b for name, b in per.items()}
+
+
+def pipeline_of(config: ForwardConfig) -> KernelConfig:
+    """The pipeline a forward config runs (split counts and lengths are push constants)."""
+    return config.kernel if isinstance(config, SplitKVConfig) else config
+
+
 @dataclass
 class Chunk:
-    """The dispatch over kv groups ``[g0, g1)`` and, on the host path, views of its mapped memory."""
+    """The dispatch over kv groups ``[g0, g1)`` and, on the host path, views of its mapped memory
+    for the problem the plan is bound to."""
 
     g0: int
     g1: int
@@ -158,6 +242,7 @@ class Chunk:
     algorithms: List[Any]  # the one dispatch's
     scratch: List[Any] = field(default_factory=list)  # split-KV's partials and counters (bindings 6-8)
     sequence: Any = None  # pipelined host calls: this chunk's transfers and dispatch
+    memory: Dict[str, np.ndarray] = field(default_factory=dict)  # q, k, v, o, lse mapped memory, as bytes
     inputs: List[np.ndarray] = field(default_factory=list)  # q, k, v mapped memory, as bytes
     input_ranges: List[Tuple[int, int]] = field(default_factory=list)  # their bytes in the caller's arrays
     output: Optional[np.ndarray] = None  # o mapped memory, as bytes
@@ -166,55 +251,121 @@ class Chunk:
 
 class RecordedPlan:
     """What every plan shares: a mask tensor, chunks of whole (batch, kv-head) groups holding their
-    algorithms and tensors, one recorded sequence, and ``nbytes``, what the plan cache bounds."""
+    algorithms and tensors, the sequence recorded for the bound problem, and ``nbytes``, what the
+    plan cache bounds. ``capacity``: buffer bytes of a reusable plan (None: an exact plan, built for
+    its one problem)."""
 
     device: Any
     problem: Problem
+    config: Any
     sequence: Any
     chunks: List[Any]
+    capacity: Optional[Dict[str, int]]
 
-    def _chunk_groups(self, device: Any, problem: Problem, per: Dict[str, int],
-                      fit: Optional[Callable[[int], int]], what: str) -> List[Tuple[int, int]]:
+    def _chunk_groups(self, device: Any, problem: Problem, config: Any, per: Dict[str, int],
+                      fit: Optional[Callable[[int], int]], what: str,
+                      capacity: Optional[Dict[str, int]] = None) -> List[Tuple[int, int]]:
         """Makes the mask tensor, starts ``nbytes`` and returns the chunks' group ranges ``[g0, g1)``.
 
         ``per``: bytes per group that ``nbytes`` counts (twice where staging buffers back the
         tensors). ``fit(limit)``: how many groups one dispatch can bind under the storage binding
         limit; None for one chunk of all groups. ``what`` names a group in the error raised when
-        not even one fits.
+        not even one fits. ``capacity``: a reusable plan's buffer sizes (one chunk).
         """
         self.device = device
         self.problem = p = problem
+        self.config = config
+        self.capacity = capacity
+        self._recorded: OrderedDict[Hashable, Any] = OrderedDict()
+        self._fitted: Optional[Dict[str, int]] = None
+        self.sequence = None
         n_groups = p.batch * p.heads_kv
         limit = binding_limit(device.caps.max_storage_buffer_range)
-        step = n_groups if fit is None else fit(limit)
+        step = n_groups if fit is None or capacity is not None else fit(limit)
         if step < 1:
             raise ValueError(f"one {what} needs {max(per.values())} B, over the device's storage binding "
                              f"limit of {limit} B")
-        mask_elements = int(np.prod(p.mask_shape)) if p.mask_shape else 1
-        self.mask = device.io_tensor(np.zeros(max(mask_elements, 1), np.float32), "in")
-        self.mask_view = self.mask.data()
-        staged = not (device.host_memory or device.direct_io)
-        self.nbytes = self.mask_view.nbytes + n_groups * sum(per.values()) * (2 if staged else 1)
+        size = capacity["mask"] if capacity is not None else mask_bytes(p)
+        self.mask = device.io_tensor(np.zeros(max(size // 4, 1), np.float32), "in")
+        self.mask_memory = self.mask.data()
+        self.mask_view = self.mask_memory[: mask_bytes(p) // 4]
+        staged = 2 if not (device.host_memory or device.direct_io) else 1
+        held = sum(v for k, v in capacity.items() if k in per) if capacity is not None else n_groups * sum(per.values())
+        self.nbytes = self.mask_memory.nbytes + held * staged
         self.chunks = []
         return [(g0, min(n_groups, g0 + step)) for g0 in range(0, n_groups, step)]
 
-    def _io_tensors(self, sizes: Dict[str, int], n: int,
+    def _io_tensors(self, sizes: Dict[str, int],
                     outputs: Collection[str]) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
-        """Tensors for ``n`` groups of ``sizes`` bytes each (at least one word: every binding needs
-        a buffer) that the host writes on every call, or reads when named in ``outputs``
-        (``Device.io_tensor`` picks their memory), and their mapped memory as bytes."""
+        """Tensors of ``sizes`` bytes (at least one word: every binding needs a buffer) that the
+        host writes on every call, or reads when named in ``outputs`` (``Device.io_tensor`` picks
+        their memory), and their whole mapped memory as bytes."""
         tensors = {name: self.device.io_tensor(
-                       np.zeros(max(math.ceil(n * size / 4), 1), np.float32 if name in FLOAT_BUFFERS else np.uint32),
+                       np.zeros(max(math.ceil(size / 4), 1), np.float32 if name in FLOAT_BUFFERS else np.uint32),
                        "out" if name in outputs else "in")
                    for name, size in sizes.items()}
-        return tensors, {name: t.data().view(np.uint8)[: n * sizes[name]] for name, t in tensors.items()}
+        return tensors, {name: t.data().view(np.uint8) for name, t in tensors.items()}
+
+    def _algorithm(self, tensors: List[Any], kernel: KernelConfig, spec: np.ndarray,
+                   grid: Tuple[int, int, int], push: np.ndarray) -> Any:
+        """A new algorithm (pipeline) bound to ``tensors``; ``nbytes`` counts what it holds."""
+        stats["algorithms"] += 1
+        self.nbytes += pipeline_bytes(self.device)
+        return self.device.manager.algorithm(tensors, self.device.spirv(kernel.kernel), grid, spec, push)
+
+    def fits(self, need: Dict[str, int]) -> bool:
+        """Whether this reusable plan's buffers hold ``need`` bytes each (a route's ``need`` is one
+        dict, asked again on every call: the last one that fitted is remembered)."""
+        if need is self._fitted:
+            return True
+        ok = self.capacity is not None and all(n <= self.capacity.get(name, 0) for name, n in need.items())
+        if ok:
+            self._fitted = need
+        return ok
+
+    def bind(self, problem: Problem, config: Any) -> RecordedPlan:
+        """Makes ``problem`` (run with ``config``, of this plan's pipelines) the one the next calls
+        run: the mapped-memory views for its sizes and a sequence recorded for its push constants
+        and grids (one of the last ``RECORDED_SEQUENCES`` when it was bound before)."""
+        key = (problem, config)
+        if self.sequence is not None and key == (self.problem, self.config):
+            return self
+        if self.capacity is None and self.sequence is not None:
+            raise ValueError(f"this plan runs {self.problem} only")
+        self.problem, self.config = problem, config
+        self._bind_views()
+        sequence = self._recorded.pop(key, None)
+        if sequence is None:
+            sequence = self.record(self.device.manager.sequence(), transfers=True)
+            stats["records"] += 1
+        self._recorded[key] = self.sequence = sequence
+        while len(self._recorded) > RECORDED_SEQUENCES:
+            self._recorded.popitem(last=False)[1].destroy()
+        return self
+
+    def _bind_views(self) -> None:
+        """Points the chunks' views at the bound problem's bytes (a reusable plan's one chunk
+        covers all its groups)."""
+        raise NotImplementedError
+
+    def _set_grid(self, algorithm: Any, grid: Tuple[int, int, int]) -> None:
+        """Sets the grid the next dispatch of ``algorithm`` is recorded with (a plan whose kp cannot
+        set grids is only ever bound to problems of the grid it was built with: see its key)."""
+        if grids_settable(self.device.kp):
+            algorithm.set_workgroup(*grid)
+
+    def record(self, sequence: Any, transfers: bool) -> Any:
+        raise NotImplementedError
 
     def eval(self) -> None:
         self.sequence.eval()
         stats["evals"] += 1
 
     def destroy(self) -> None:
-        self.sequence.destroy()
+        for sequence in self._recorded.values():
+            sequence.destroy()
+        self._recorded.clear()
+        self.sequence = None
         for c in self.chunks:
             for algorithm in c.algorithms:
                 algorithm.destroy()
@@ -224,80 +375,94 @@ class RecordedPlan:
 
 
 class Plan(RecordedPlan):
-    """Everything one Problem needs on one device, built once.
+    """The forward's buffers and pipeline on one device, built once, bound to ``problem``.
 
     ``config``: a forward KernelConfig or a SplitKVConfig (its scratch buffers are the plan's, made
-    once, the counters zeroed once). ``io``: kp tensors ``(q, k, v, o)`` owned by the caller
-    (the GpuTensor path). Then the plan has one chunk bound to them and its sequence only
-    dispatches: data stays on the device.
+    once, the counters zeroed once). ``capacity``: buffer bytes of a reusable plan, one chunk that
+    later problems of the same pipeline may be bound to (``forward_plan``); None: an exact plan for
+    ``problem``. ``io``: kp tensors ``(q, k, v, o)`` owned by the caller (the GpuTensor path). Then
+    the plan has one chunk bound to them and its sequence only dispatches: data stays on the device.
     """
 
-    def __init__(self, device: Any, problem: Problem, config: ForwardConfig, io: Optional[Sequence[Any]] = None):
-        self.config = config
+    def __init__(self, device: Any, problem: Problem, config: ForwardConfig, io: Optional[Sequence[Any]] = None,
+                 capacity: Optional[Dict[str, int]] = None):
         kp = device.kp
         mgr = device.manager
         p = problem
         per = group_bytes(p)
-        pieces = pipeline_chunks(device, p, config) if io is None else 1
+        pieces = pipeline_chunks(device, p, config) if io is None and capacity is None else 1
         if io is None:
             most = math.ceil(p.batch * p.heads_kv / pieces)
-            groups = self._chunk_groups(device, p, per, lambda limit: min(groups_per_chunk(p, limit, config), most),
-                                        "(batch, head) slice")
+            groups = self._chunk_groups(device, p, config, per,
+                                        lambda limit: min(groups_per_chunk(p, limit, config), most),
+                                        "(batch, head) slice", capacity)
         elif p.group * p.batch * p.heads_kv > MAX_GRID_Y:
             raise ValueError(f"the GpuTensor path takes at most {MAX_GRID_Y} query heads x batch per call")
         else:
             # The caller's tensors stay on the device: nothing to copy per call, so no bytes to count.
-            groups = self._chunk_groups(device, p, {}, None, "(batch, head) slice")
+            groups = self._chunk_groups(device, p, config, {}, None, "(batch, head) slice")
         zeroed: List[Any] = []
         for g0, g1 in groups:
             n = g1 - g0
-            tensors, views = self._io_tensors(per if io is None else {"lse": per["lse"]}, n, ("o", "lse"))
+            sizes = capacity if capacity is not None else forward_bytes(p, config, n)
+            io_sizes = {name: sizes[name] for name in (("q", "k", "v", "o", "lse") if io is None else ("lse",))}
+            tensors, memory = self._io_tensors(io_sizes, ("o", "lse"))
             if io is not None:
                 tensors.update(zip(("q", "k", "v", "o"), io))
-            q, k, v, o, lse = (tensors[name] for name in ("q", "k", "v", "o", "lse"))
             # Split-KV scratch lives on the device only. The partials need no initial value; the
             # counters must start at zero (the shader puts them back after each call): device
             # tensors, whose zeros are copied up once below (storage tensors are uninitialised).
-            layout = config.scratch_words(p, n) if isinstance(config, SplitKVConfig) else []
-            scratch = [mgr.tensor_t(np.zeros(max(words, 1), np.uint32 if counters else np.float32),
-                                    kp.TensorTypes.device if counters else kp.TensorTypes.storage)
-                       for words, counters in layout]
-            zeroed += [t for t, (_, counters) in zip(scratch, layout) if counters]
-            self.nbytes += sum(4 * words for words, _ in layout)
-            bound = [q, k, v, o, lse, self.mask, *scratch]
+            scratch = []
+            if isinstance(config, SplitKVConfig):
+                for name in ("partial_o", "partial_ml", "counters"):
+                    words = max(sizes[name] // 4, 1)
+                    scratch.append(mgr.tensor_t(np.zeros(words, np.uint32), kp.TensorTypes.device) if name == "counters"
+                                   else mgr.tensor_t(np.zeros(words, np.float32), kp.TensorTypes.storage))
+                    self.nbytes += 4 * words
+                zeroed.append(scratch[-1])
+            bound = [tensors[name] for name in ("q", "k", "v", "o", "lse")]
             kc, grid, push = dispatch(config, p, n, g0)
-            algos = [mgr.algorithm(bound, device.spirv(kc.kernel), grid, kc.spec(), push)]
-            stats["algorithms"] += 1
-            chunk = Chunk(g0, g1, [q, k, v, o, lse], algos, scratch)
-            if io is None:
-                chunk.inputs = [views[name] for name in ("q", "k", "v")]
-                chunk.input_ranges = [(g0 * per[name], g1 * per[name]) for name in ("q", "k", "v")]
-                chunk.output = views["o"]
-                chunk.lse = views["lse"].view(np.float32)
-            self.chunks.append(chunk)
+            algorithm = self._algorithm([*bound, self.mask, *scratch], kc, kc.spec(), grid, push)
+            self.chunks.append(Chunk(g0, g1, bound, [algorithm], scratch, memory=memory))
 
         if zeroed:
             init = mgr.sequence().record(kp.OpTensorSyncDevice(zeroed))
             init.eval()
             init.destroy()
         self.host_io = io is None
-        self.sequence = self.record(mgr.sequence(), transfers=True)
+        self.bind(p, config)
         self.pipelined = pieces > 1 and len(self.chunks) > 1
         if self.pipelined:
             for i, c in enumerate(self.chunks):
                 c.sequence = self.record(mgr.sequence(), transfers=True, chunks=self.chunks[i:i + 1])
         stats["plans"] += 1
 
+    def _bind_views(self) -> None:
+        p = self.problem
+        per = group_bytes(p)
+        if self.capacity is not None:
+            self.chunks[0].g1 = p.batch * p.heads_kv
+        self.mask_view = self.mask_memory[: mask_bytes(p) // 4]
+        if not self.host_io:
+            return
+        for c in self.chunks:
+            n = c.g1 - c.g0
+            c.inputs = [c.memory[name][: n * per[name]] for name in ("q", "k", "v")]
+            c.input_ranges = [(c.g0 * per[name], c.g1 * per[name]) for name in ("q", "k", "v")]
+            c.output = c.memory["o"][: n * per["o"]]
+            c.lse = c.memory["lse"][: n * per["lse"]].view(np.float32)
+
     def record(self, sequence: Any, transfers: bool, chunks: Optional[List[Chunk]] = None) -> Any:
-        """Records the call over ``chunks`` (default: all) into ``sequence``: with ``transfers`` (and
-        host I/O), inputs to the device first and outputs back after; without, the dispatches alone
-        (what benchmarks and tuning time). The mask goes up with the first chunk: later submissions
-        are ordered after it by their own transfer barriers."""
+        """Records the call over ``chunks`` (default: all) of the bound problem into ``sequence``:
+        with ``transfers`` (and host I/O), inputs to the device first and outputs back after;
+        without, the dispatches alone (what benchmarks and tuning time). The mask goes up with the
+        first chunk: later submissions are ordered after it by their own transfer barriers."""
         kp = self.device.kp
+        p = self.problem
         chunks = self.chunks if chunks is None else chunks
         transfers = transfers and self.host_io
         inputs = [t for c in chunks for t in c.tensors[:3]] if transfers else []
-        if self.problem.has_mask and chunks[0] is self.chunks[0]:
+        if p.has_mask and chunks[0] is self.chunks[0]:
             inputs.append(self.mask)
         if inputs:
             sequence.record(kp.OpTensorSyncDevice(inputs))
@@ -305,19 +470,25 @@ class Plan(RecordedPlan):
         # them. A plan's dispatch must not be recorded twice in one sequence without one either:
         # split-KV's counters and partials are the plan's.
         for c in chunks:
-            sequence.record(kp.OpAlgoDispatch(c.algorithms[0]))
+            _, grid, push = dispatch(self.config, p, c.g1 - c.g0, c.g0)
+            self._set_grid(c.algorithms[0], grid)
+            sequence.record(kp.OpAlgoDispatch(c.algorithms[0], push))
         if transfers:
             sequence.record(kp.OpTensorSyncLocal([t for c in chunks for t in c.tensors[3:]]))
         return sequence
 
     def run(self, q: np.ndarray, k: np.ndarray, v: np.ndarray,
             mask: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
-        """Host arrays in (engine storage, contiguous), ``(out, lse)`` out (see Backend.forward).
+        """Host arrays of the bound problem in (engine storage, contiguous), ``(out, lse)`` out (see
+        Backend.forward).
 
         One copy each way between the caller's arrays and mapped memory, as raw bytes (packed
-        16-bit data needs no conversion); the slices are computed once, in ``__init__``.
+        16-bit data needs no conversion); the slices are computed when the plan is bound.
         """
         p = self.problem
+        if q.shape != (p.batch, p.heads_q, p.len_q, p.dim_k) or k.shape != (p.batch, p.heads_kv, p.len_k, p.dim_k):
+            raise ValueError(f"q {q.shape} and k {k.shape} are not the shapes of the problem this plan is bound to "
+                             f"({p}); get the plan again for theirs")
         sources = [x.reshape(-1).view(np.uint8) for x in (q, k, v)]
         inputs = [[(dst, src[lo:hi]) for dst, src, (lo, hi) in zip(c.inputs, sources, c.input_ranges)]
                   for c in self.chunks]
@@ -334,11 +505,9 @@ class Plan(RecordedPlan):
             copy_bytes([pair for pairs in inputs for pair in pairs])
             self.eval()
             copy_bytes([pair for pairs in outputs for pair in pairs])
-        lse = np.concatenate([c.lse for c in self.chunks])
+        lse = np.concatenate([c.lse for c in self.chunks]) if len(self.chunks) > 1 else self.chunks[0].lse.copy()
         shape = (p.batch, p.heads_q, p.len_q)
         return out.view(STORAGE[p.dtype]).reshape(*shape, p.dim_v), lse.reshape(shape)
-
-
 
     def _run_pipelined(self, inputs: List[List[Tuple[np.ndarray, np.ndarray]]],
                        outputs: List[List[Tuple[np.ndarray, np.ndarray]]]) -> None:
@@ -361,25 +530,74 @@ class Plan(RecordedPlan):
                 c.sequence.eval_await()
 
 
+def forward_plan(device: Any, problem: Problem, config: ForwardConfig) -> Plan:
+    """The device's plan that runs ``problem`` with ``config``, bound to it: the reusable plan of the
+    pipeline (built, or replaced by a larger one, when the problem does not fit), or an exact plan
+    where the problem needs several chunks (over one binding, or pipelined). Call under ``device.lock``."""
+    p = problem
+    route_key = (p, config, os.environ.get("AULE_KP_MAX_BINDING_BYTES"), os.environ.get("AULE_KP_PIPELINE_CHUNKS"))
+    route = device.plans.routes.get(route_key)
+    if route is None:
+        limit = binding_limit(device.caps.max_storage_buffer_range)
+        n_groups = p.batch * p.heads_kv
+        if pipeline_chunks(device, p, config) > 1 or groups_per_chunk(p, limit, config) < n_groups:
+            route = ((p, config), None, limit)
+        else:
+            grid = None if grids_settable(device.kp) else dispatch(config, p, n_groups, 0)[1]
+            route = (("forward", pipeline_of(config), limit, grid),
+                     dict(forward_bytes(p, config, n_groups), mask=mask_bytes(p)), limit)
+        device.plans.remember(route_key, route)
+    key, need, limit = route
+    if need is None:
+        return device.plans.get(key, lambda: Plan(device, p, config))
+
+    def build(old: Optional[Plan]) -> Plan:
+        return Plan(device, p, config, capacity=capacity(device, old and old.capacity, need, limit))
+
+    return device.plans.fitted(key, need, build).bind(p, config)
+
+
 class PlanCache:
-    """Least-recently-used plans, bounded by the bytes their tensors hold."""
+    """Least-recently-used plans, bounded by what they hold (``RecordedPlan.nbytes``: buffers,
+    staging, pipelines)."""
+
+    #: Routes remembered (see ``remember``) before the memo starts over.
+    MAX_ROUTES = 4096
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
-        self._plans: OrderedDict[Hashable, Plan] = OrderedDict()
+        self._plans: OrderedDict[Hashable, RecordedPlan] = OrderedDict()
+        #: (problem, config, settings) -> how ``forward_plan``/``backward_plan`` find its plan: the
+        #: key, the bytes it needs, the binding limit (worked out once per problem: the hot path).
+        self.routes: Dict[Hashable, Any] = {}
 
-    def get(self, key: Hashable, build: Callable[[], Plan]) -> Plan:
+    def remember(self, key: Hashable, route: Any) -> None:
+        if len(self.routes) >= self.MAX_ROUTES:
+            self.routes.clear()
+        self.routes[key] = route
+
+    def get(self, key: Hashable, build: Callable[[], RecordedPlan]) -> Any:
+        """The plan under ``key`` (built on first use)."""
+        return self.fitted(key, None, lambda old: build())
+
+    def fitted(self, key: Hashable, need: Optional[Dict[str, int]], build: Callable[[Any], RecordedPlan]) -> Any:
+        """The plan under ``key`` when its buffers hold ``need`` bytes each (None: any plan); else
+        ``build(the plan it replaces, or None)`` takes its place (the old one is destroyed once the
+        new one is built)."""
         plan = self._plans.get(key)
-        if plan is not None:
+        if plan is not None and (need is None or plan.fits(need)):
             self._plans.move_to_end(key)
             return plan
-        plan = build()
-        self._plans[key] = plan
+        new = build(plan)
+        if plan is not None:
+            log.debug("plan for %s outgrown: rebuilt larger", plan.problem)
+            self._plans.pop(key).destroy()
+        self._plans[key] = new
         while len(self._plans) > 1 and self.nbytes > self.max_bytes:
             _, old = self._plans.popitem(last=False)
             log.debug("evicting plan for %s", old.problem)
             old.destroy()
-        return plan
+        return new
 
     def drop(self, match: Callable[[Hashable], bool]) -> None:
         """Destroys the plans whose key matches (e.g. those bound to a freed GpuTensor)."""
@@ -388,6 +606,13 @@ class PlanCache:
 
     def clear(self) -> None:
         self.drop(lambda _: True)
+        self.routes.clear()
+
+    def forget(self) -> None:
+        """Drops every plan without destroying it: for a forked child, whose copies of the parent's
+        Vulkan objects must not be touched (see device.py)."""
+        self._plans.clear()
+        self.routes.clear()
 
     @property
     def nbytes(self) -> int:

@@ -18,7 +18,7 @@ import logging
 import math
 import os
 from dataclasses import dataclass, replace
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import numpy as np
 
@@ -92,13 +92,6 @@ class SplitKVConfig:
         rows = p.group * p.len_q * self.n_split
         return {"partial_o": rows * p.dim_v * FLOAT_BYTES, "partial_ml": rows * 2 * FLOAT_BYTES,
                 "counters": self.blocks(p) * 4}
-
-    def scratch_words(self, p: Problem, n_groups: int) -> List[Tuple[int, bool]]:
-        """32-bit words of each scratch buffer (bindings 6, 7, 8) for a chunk of ``n_groups`` groups,
-        and whether it holds counters: those must be zero before the first call (the shader leaves
-        them zero after each), the partials need no initial value."""
-        sizes = self.group_bytes(p)
-        return [(n_groups * sizes[name] // 4, name == "counters") for name in ("partial_o", "partial_ml", "counters")]
 
     def dispatch(self, p: Problem, n_groups: int,
                  base_push: np.ndarray) -> Tuple[KernelConfig, Tuple[int, int, int], np.ndarray]:

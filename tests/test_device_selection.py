@@ -1,0 +1,49 @@
+"""Choosing the Vulkan device: ``Context(device=...)`` and ``AULE_KP_DEVICE`` errors name what was
+wrong and the valid range; ``info()`` reports a bad ``AULE_KP_DEVICE`` instead of failing (issue 15,
+parts 5 and 6)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import aule_kp
+from aule_kp.errors import BackendUnavailable
+from aule_kp.vulkan import device as devmod
+
+pytestmark = pytest.mark.skipif(devmod.vulkan_unavailable() is not None, reason="no Vulkan device")
+
+
+@pytest.mark.parametrize("device,error", [("x", TypeError), (1.0, TypeError), (True, TypeError), ([0], TypeError),
+                                          (-1, ValueError), (10_000, ValueError)])
+def test_context_device_argument(device, error):
+    n = len(devmod.devices())
+    with pytest.raises(error) as info:
+        aule_kp.Context(device=device)
+    message = str(info.value)
+    assert "device" in message and f"0-{n - 1}" in message and "AULE_KP_DEVICE" not in message
+
+
+def test_context_device_argument_wins_over_the_environment(monkeypatch):
+    monkeypatch.setenv("AULE_KP_DEVICE", "not-a-number")
+    assert aule_kp.Context(device=0).device is devmod.get_device(0)
+    with pytest.raises(ValueError, match="AULE_KP_DEVICE"):
+        aule_kp.Context()
+
+
+@pytest.mark.parametrize("raw,fragment", [("abc", "an integer"), ("10000", "out of range"), ("-3", "out of range")])
+def test_bad_environment_is_reported(monkeypatch, raw, fragment):
+    monkeypatch.setenv("AULE_KP_DEVICE", raw)
+    report = aule_kp.info()
+    assert report["selected_device"] is None and "AULE_KP_DEVICE" in report["device_error"]
+    assert fragment in report["device_error"] and report["devices"]
+    assert "vulkan" not in report["backends"]
+    q = np.zeros((1, 1, 2, 16), np.float32)
+    with pytest.raises(BackendUnavailable, match="AULE_KP_DEVICE"):
+        aule_kp.flash_attention(q, q, q, backend="vulkan")
+
+
+def test_good_environment(monkeypatch):
+    monkeypatch.setenv("AULE_KP_DEVICE", "0")
+    report = aule_kp.info()
+    assert report["selected_device"] == 0 and report["device_error"] is None and "vulkan" in report["backends"]
