@@ -82,3 +82,54 @@ def reference_backward(
     dk = (ds.swapaxes(-1, -2) @ qf * p.scale).reshape(*per_group, p.dim_k).sum(axis=2)
     dv = (prob.swapaxes(-1, -2) @ do).reshape(*per_group, p.dim_v).sum(axis=2)
     return dq, dk, dv, ds
+
+
+def backward_scales(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    dout: np.ndarray,
+    problem: Problem,
+    mask: Optional[np.ndarray] = None,
+) -> Tuple[float, float, float, float]:
+    """``value_scale`` of ``conftest.tolerance`` for ``(dq, dk, dv, dmask)``: the largest sum of
+    absolute terms behind an entry of each gradient (the ``|A||B|`` of a product's rounding bound).
+
+    ``dS = P ∘ (dP - D)`` is bounded termwise by ``A = P ∘ (|dO||V|ᵀ + rowsum(|dO| ∘ |O|))`` (both of
+    its float32 sums, over Dv), so ``|dq| <= scale·A|K|``, ``|dk| <= scale·Aᵀ|Q|``, ``|dv| <= Pᵀ|dO|``
+    (heads of a group summed) and ``|dmask| <= A`` summed over the mask's broadcast dims.
+    """
+    p = problem
+    qf, kf, vf, do = (np.abs(to_f32(a, p.dtype).astype(np.float64)) for a in (q, k, v, dout))
+    if qf.size == 0 or kf.size == 0 or do.size == 0:
+        return 0.0, 0.0, 0.0, 0.0
+    kr = np.repeat(kf, p.group, axis=1)
+    vr = np.repeat(vf, p.group, axis=1)
+    prob = _probabilities(q, k, p, mask)
+    o = prob @ vr
+    a = prob * (do @ vr.swapaxes(-1, -2) + (do * o).sum(axis=-1, keepdims=True))
+    per_group = (p.batch, p.heads_kv, p.group, p.len_k)
+    s_dq = abs(p.scale) * float((a @ kr).max(initial=0.0))
+    s_dk = abs(p.scale) * float((a.swapaxes(-1, -2) @ qf).reshape(*per_group, p.dim_k).sum(axis=2).max(initial=0.0))
+    s_dv = float((prob.swapaxes(-1, -2) @ do).reshape(*per_group, p.dim_v).sum(axis=2).max(initial=0.0))
+    s_ds = 0.0
+    if p.mask_shape is not None:
+        axes = tuple(i for i, n in enumerate(p.mask_shape) if n == 1)
+        s_ds = float(a.sum(axis=axes).max(initial=0.0))
+    return s_dq, s_dk, s_dv, s_ds
+
+
+def _probabilities(q: np.ndarray, k: np.ndarray, problem: Problem, mask: Optional[np.ndarray]) -> np.ndarray:
+    """The float64 attention probabilities P ``[B, Hq, Lq, Lk]`` (rows that see no key: 0)."""
+    p = problem
+    qf, kf = (to_f32(a, p.dtype).astype(np.float64) for a in (q, k))
+    kr = np.repeat(kf, p.group, axis=1)
+    with np.errstate(all="ignore"):
+        s = (qf @ kr.swapaxes(-1, -2)) * p.scale
+        s = np.where(p.visible(np.arange(p.len_q), np.arange(p.len_k)), s, -np.inf)
+        if mask is not None:
+            s = s + np.asarray(mask, dtype=np.float64)
+        m = s.max(axis=-1, keepdims=True)
+        hidden = m == -np.inf
+        e = np.exp(s - np.where(hidden, 0.0, m))
+        return np.where(hidden, 0.0, e / e.sum(axis=-1, keepdims=True))
