@@ -14,9 +14,9 @@ from typing import Optional, Tuple
 
 import numpy as np
 import pytest
+from conftest import lse_tolerance, output_tolerance
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from conftest import lse_tolerance, output_tolerance
 from reference import reference_attention
 
 from aule_kp.cpu.backend import CpuBackend, _Forward, _head_blocks

@@ -17,9 +17,9 @@ from typing import Optional, Tuple
 
 import numpy as np
 import pytest
+from conftest import gradient_tolerances
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from conftest import gradient_tolerances
 from reference import reference_backward
 
 from aule_kp.cpu.backend import CpuBackend

@@ -25,10 +25,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import tolerance
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import aule_kp
-from conftest import tolerance
 from aule_kp import dispatch
 from aule_kp.cpu.backend import CpuBackend
 from aule_kp.torch import ops as ops_mod

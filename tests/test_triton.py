@@ -32,8 +32,8 @@ from conftest import gradient_tolerances, lse_tolerance, output_tolerance  # noq
 
 import aule_kp  # noqa: E402
 from aule_kp import dispatch  # noqa: E402
-from aule_kp.errors import BackendUnavailable  # noqa: E402
 from aule_kp.dtypes import from_f32  # noqa: E402
+from aule_kp.errors import BackendUnavailable  # noqa: E402
 from aule_kp.problem import Problem, band  # noqa: E402
 from aule_kp.triton.backend import TritonBackend  # noqa: E402
 
