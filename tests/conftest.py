@@ -18,7 +18,7 @@ os.environ["AULE_KP_CACHE_DIR"] = tempfile.mkdtemp(prefix="aule_kp_test_cache_")
 
 import math  # noqa: E402
 
-from reference import backward_scales, reference_attention  # noqa: E402
+from reference import backward_scales, output_scale, reference_attention  # noqa: E402
 
 from aule_kp.dtypes import from_f32, to_f32  # noqa: E402
 from aule_kp.problem import Problem, band  # noqa: E402
@@ -60,10 +60,10 @@ def tolerance(dtype: Any, reduction_len: int, value_scale: float = 1.0, exponent
       "A new approach to probabilistic rounding error analysis", SIAM J. Sci. Comput. 41(5), 2019).
       Blocked sums (BLAS, online-softmax tiles) do better. The worst-case bound ``n·u32`` is never
       approached by random data and would hide a dropped key at the longest rows tested.
-    * ``value_scale`` bounds the partial sums: ``max |v|`` for an attention output (a convex
-      combination of rows of v), the sum of absolute terms for a gradient
-      (:func:`reference.backward_scales`), 1 for a log-sum-exp (its error is the relative error of its
-      sum, plus the score error).
+    * ``value_scale`` bounds the partial sums: the sum of absolute terms behind an entry, at most
+      ``max |v|`` for an attention output (a convex combination of rows of v;
+      :func:`reference.output_scale`), :func:`reference.backward_scales` for a gradient, 1 for a
+      log-sum-exp (its error is the relative error of its sum, plus the score error).
     * A 16-bit result is rounded once to storage (``u_dtype`` relative), and kernels may round the
       terms to the input type on the way: ``roundings`` of ``u_dtype`` each. An output: 2 (P before
       the second GEMM, then the result). A gradient: 4 (P, dS, the stored 16-bit O inside
@@ -101,13 +101,12 @@ def exponent_range(q: np.ndarray, k: np.ndarray, scale: float, mask: Optional[np
     return max(2.0 * (scores + top), 1.0)
 
 
-def output_tolerance(dtype: Any, q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float,
+def output_tolerance(p: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray,
                      mask: Optional[np.ndarray] = None) -> float:
-    """:func:`tolerance` of an attention output for these float inputs: sums over the keys (and the
-    head dim), scaled by ``max |v|``."""
-    va = np.abs(np.asarray(v, dtype=np.float64))
-    n = np.shape(k)[-2] + np.shape(q)[-1]
-    return tolerance(dtype, n, float(va.max(initial=0.0)), exponent_range(q, k, scale, mask))
+    """:func:`tolerance` of an attention output for storage-dtype inputs: sums over the keys (and the
+    head dim), scaled by the largest ``P|V|`` (:func:`reference.output_scale`)."""
+    qf, kf = to_f32(q, p.dtype), to_f32(k, p.dtype)
+    return tolerance(p.dtype, p.len_k + p.dim_k, output_scale(q, k, v, p, mask), exponent_range(qf, kf, p.scale, mask))
 
 
 def lse_tolerance(q: np.ndarray, k: np.ndarray, scale: float, mask: Optional[np.ndarray] = None) -> float:
@@ -158,11 +157,10 @@ def check(p: Problem, rng, mask=None, backend=None, config=None):
     ref_out, ref_lse = reference_attention(q, k, v, p, mask)
     assert out.shape == ref_out.shape and lse.shape == ref_lse.shape
     assert not np.isnan(to_f32(out, p.dtype)).any()
-    qf, kf, vf = (to_f32(x, p.dtype) for x in (q, k, v))
-    atol = output_tolerance(p.dtype, qf, kf, vf, p.scale, mask)
-    np.testing.assert_allclose(to_f32(out, p.dtype), ref_out, atol=atol, rtol=0)
+    np.testing.assert_allclose(to_f32(out, p.dtype), ref_out, atol=output_tolerance(p, q, k, v, mask), rtol=0)
     finite = np.isfinite(ref_lse)
     np.testing.assert_array_equal(np.isfinite(lse), finite)
+    qf, kf = to_f32(q, p.dtype), to_f32(k, p.dtype)
     np.testing.assert_allclose(lse[finite], ref_lse[finite], atol=lse_tolerance(qf, kf, p.scale, mask), rtol=0)
     return out, lse
 

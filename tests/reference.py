@@ -119,6 +119,17 @@ def backward_scales(
     return s_dq, s_dk, s_dv, s_ds
 
 
+def output_scale(q: np.ndarray, k: np.ndarray, v: np.ndarray, problem: Problem,
+                 mask: Optional[np.ndarray] = None) -> float:
+    """``value_scale`` of ``conftest.tolerance`` for an attention output: the largest ``P|V|`` (each
+    output entry's sum of absolute weighted terms, at most ``max |v|``)."""
+    p = problem
+    if p.len_q == 0 or p.len_k == 0 or p.heads_q == 0 or p.batch == 0:
+        return 0.0
+    vr = np.repeat(np.abs(to_f32(v, p.dtype).astype(np.float64)), p.group, axis=1)
+    return float((_probabilities(q, k, p, mask) @ vr).max(initial=0.0))
+
+
 def _probabilities(q: np.ndarray, k: np.ndarray, problem: Problem, mask: Optional[np.ndarray]) -> np.ndarray:
     """The float64 attention probabilities P ``[B, Hq, Lq, Lk]`` (rows that see no key: 0)."""
     p = problem

@@ -26,7 +26,7 @@ import torch
 from conftest import exponent_range, lse_tolerance, tolerance
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reference import reference_attention
+from reference import output_scale, reference_attention
 
 import aule_kp
 import aule_kp.vulkan.device as devmod
@@ -152,7 +152,7 @@ def _expected(
     s = default_scale(dk) if scale is None else scale
     problem = Problem(b, hq, hkv, lq, lk, dk, dv, "float32", s)  # no band: the mask above is the band
     out, _ = reference_attention(qf, kf, vf, problem, add)
-    return Expected(out, lk + dk, float(np.abs(vf).max(initial=0.0)), exponent_range(qf, kf, s, user))
+    return Expected(out, lk + dk, output_scale(qf, kf, vf, problem, add), exponent_range(qf, kf, s, user))
 
 
 def _check(out: Any, like: Any, expected: Expected, dtype: str) -> None:

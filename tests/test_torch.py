@@ -71,7 +71,7 @@ def ref_sdpa(*args: Any, **kwargs: Any) -> torch.Tensor:
 class Scales(NamedTuple):
     """What the tolerances of one SDPA call depend on (see ``conftest.tolerance``)."""
 
-    out: float  # max |v|: the output is a convex combination of rows of v
+    out: float  # max P|V| (at most max |v|: the output is a convex combination of rows of v)
     grads: Tuple[float, ...]  # sums of absolute terms behind dq, dk, dv (and dmask)
     reduction_len: int  # query rows of a group + keys + head dim
     exponent_range: float
@@ -121,7 +121,7 @@ def error_scales(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: Option
                  abs(sc) * to_kv(a.mT @ qd.abs(), kd).max().item(),
                  to_kv(prob.mT @ do, vd).max().item(),
                  a.sum_to_size(attn_mask.shape).max().item() if attn_mask is not None else 0.0)
-    return Scales(vd.abs().max().item(), grads, n, max(exponent, 1.0))
+    return Scales((prob @ vr.abs()).max().item(), grads, n, max(exponent, 1.0))
 
 
 def assert_within(got: torch.Tensor, ref: torch.Tensor, atol: float, what: str = "") -> None:
