@@ -56,7 +56,7 @@ CASES: Dict[str, Tuple[str, Tuple[int, int, int, int], float]] = {
 }
 
 
-def _inputs(p: Problem, what: str, index: Tuple[int, int, int, int], value: float):
+def planted_inputs(p: Problem, what: str, index: Tuple[int, int, int, int], value: float):
     rng = np.random.default_rng(3)
     q = rng.standard_normal((p.batch, p.heads_q, p.len_q, p.dim_k)).astype(np.float32)
     k = rng.standard_normal((p.batch, p.heads_kv, p.len_k, p.dim_k)).astype(np.float32)
@@ -86,7 +86,7 @@ def check_semantics(p: Problem, q, k, v, mask: Optional[np.ndarray], out: np.nda
 @pytest.mark.parametrize("case", list(CASES))
 def test_nonfinite_inputs(backend: str, causal: bool, case: str) -> None:
     p = problem(b=2, hq=4, hkv=2, lq=LQ, lk=LK, causal=causal, mask_shape=(2, 4, LQ, LK))
-    q, k, v, mask = _inputs(p, *CASES[case])
+    q, k, v, mask = planted_inputs(p, *CASES[case])
     out, lse = BACKENDS[backend]().forward(p, q, k, v, mask)
     check_semantics(p, q, k, v, mask, out, lse)
     if case.startswith("mask") and case.endswith("late-key") and causal:
@@ -100,7 +100,7 @@ def test_masked_key_with_nan_value_never_contributes(backend: str) -> None:
     """Padding: keys hidden by -inf (a False bool entry) hold NaN in v, as uninitialised cache slots
     may; every row that does not see them stays finite, also where a tile mixes seen and hidden keys."""
     p = problem(b=1, hq=2, hkv=1, lq=LQ, lk=LK, mask_shape=(1, 1, 1, LK))
-    q, k, v, _ = _inputs(p, "v", (0, 0, 9, 0), NAN)
+    q, k, v, _ = planted_inputs(p, "v", (0, 0, 9, 0), NAN)
     v[0, 0, 10:] = np.nan
     k[0, 0, 10:] = 1.0  # finite keys: their scores are finite, then hidden by the mask
     mask = np.zeros(p.mask_shape, np.float32)
@@ -114,7 +114,7 @@ def test_masked_key_with_nan_value_never_contributes(backend: str) -> None:
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_16bit_nonfinite(backend: str, dtype: str) -> None:
     p = problem(b=2, hq=4, hkv=2, lq=LQ, lk=LK, causal=True, dtype=dtype, mask_shape=(2, 4, LQ, LK))
-    q, k, v, mask = _inputs(p, "v", (0, 1, 11, 3), NAN)
+    q, k, v, mask = planted_inputs(p, "v", (0, 1, 11, 3), NAN)
     q[1, 3, 5, 7] = np.nan
     mask[0, 2, 4, 1] = np.nan
     q, k, v = (from_f32(x, dtype) for x in (q, k, v))
@@ -127,7 +127,7 @@ def test_decode_row_with_nan_value(backend: str) -> None:
     """Lq = 1 (split-KV decoding where the device takes it): a NaN in v of a key the row does not
     see (a sliding window) leaves the row finite, one it sees makes that column NaN."""
     p = problem(b=1, hq=4, hkv=1, lq=1, lk=300, window=(63, 0))
-    q, k, v, _ = _inputs(replace(p, mask_shape=(1, 1, 1, 1)), "v", (0, 0, 10, 2), NAN)
+    q, k, v, _ = planted_inputs(replace(p, mask_shape=(1, 1, 1, 1)), "v", (0, 0, 10, 2), NAN)
     out, lse = BACKENDS[backend]().forward(p, q, k, v, None)
     assert np.isfinite(out).all()
     v[0, 0, 290, 4] = np.nan
@@ -138,7 +138,7 @@ def test_decode_row_with_nan_value(backend: str) -> None:
 
 def test_enforce_is_a_no_op_on_finite_results() -> None:
     p = problem(b=1, hq=2, hkv=1, lq=LQ, lk=LK, mask_shape=(1, 1, LQ, LK))
-    q, k, v, mask = _inputs(p, "q", (0, 0, 0, 0), 0.5)
+    q, k, v, mask = planted_inputs(p, "q", (0, 0, 0, 0), 0.5)
     out, lse = CpuBackend().forward(p, q, k, v, mask)
     before = out.copy(), lse.copy()
     enforce(p, q, k, v, mask, out, lse)
