@@ -154,3 +154,25 @@ def test_all_finite(dtype: str, value: float) -> None:
     assert all_finite(a, dtype) and all_finite(a[:0], dtype)
     a[500] = from_f32(np.array([value], np.float32), dtype)[0]
     assert not all_finite(a, dtype)
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("vulkan", marks=needs_vulkan)])
+@pytest.mark.parametrize("what", ["k", "v", "mask"])
+def test_backward_ignores_keys_outside_the_band(backend: str, what: str) -> None:
+    """Keys 0 and 1 are outside every row's window (rows see keys i + 2 .. i + 4): a NaN there, in
+    k or the mask, reaches neither the forward nor any gradient, and their dk, dv are 0. A NaN v
+    may still make that key's own dk and mask gradient NaN (the Vulkan kernel forms its dS as
+    0 * NaN), nothing else. (Within a row's band, gradients through a non-finite value are NaN
+    where they touch it.)"""
+    p = problem(b=1, hq=2, hkv=1, lq=LQ, lk=LK, window=(2, 0), mask_shape=(1, 1, LQ, LK))
+    q, k, v, mask = planted_inputs(p, "q", (0, 0, 0, 0), 0.5)
+    {"k": k, "v": v, "mask": mask}[what][0, 0, 1 if what == "mask" else 0, 0] = np.nan
+    dout = np.random.default_rng(4).standard_normal((1, 2, LQ, p.dim_v)).astype(np.float32)
+    be = BACKENDS[backend]()
+    out, lse = be.forward(p, q, k, v, mask)
+    check_semantics(p, q, k, v, mask, out, lse)
+    dq, dk, dv, dmask = be.backward(p, q, k, v, out, dout, lse, mask, True)
+    if what == "v":
+        dk, dmask = dk[:, :, 1:], dmask[..., 1:]  # the NaN value's own key
+    assert all(np.isfinite(g).all() for g in (dq, dk, dv, dmask))
+    assert not dv[0, 0, :2].any() and not dk[0, 0, : 1 if what == "v" else 2].any()
