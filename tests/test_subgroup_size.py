@@ -12,8 +12,9 @@ Mesa's shader cache does not key its entries on the vector width: with the defau
 The subset covers every forward variant lavapipe runs, causal/window/mask, GQA, split-KV decoding at
 Lq = 1, the backward and the non-finite semantics. Compiling its pipelines from a cold cache takes
 about 50 s on 2 cores (a warm run 15 s), so head dims beyond 64 and most forced tile shapes are
-left to the 8-wide run. Forced tiles with 8 lanes per row (TPR = 8) are left out: at subgroup size 4
-they give NaN (the engine's own tile choice keeps TPR within the subgroup), reported on issue 15.
+left to the 8-wide run. Forced tiles with 8 lanes per row (TPR = 8) are left out: they are illegal
+with 4-wide subgroups (the engine's tile choice and the tuning cache refuse them), and forced there
+through ``config=`` they give NaN.
 """
 
 from __future__ import annotations
