@@ -71,8 +71,8 @@ def tolerance(dtype: Any, reduction_len: int, value_scale: float = 1.0, exponent
 
     So ``atol = (λ·u32·(sqrt(n) + exponent_range) + roundings·u_dtype)·value_scale`` (no storage term
     for float32: its final rounding is one more ``u32``, inside the first term).
-    ``test_tolerance_catches_wrong_results`` checks that a dropped key or a 1% wrong scale exceeds it
-    at the sizes the suite uses.
+    ``test_error_model.py`` checks that a dropped key or a wrong scale (1% in float32) exceeds it
+    at the sizes the suite uses, and says what 16-bit precision cannot resolve.
     """
     name = _dtype_name(dtype)
     u32 = UNIT_ROUNDOFF["float32"]
