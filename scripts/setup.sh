@@ -9,11 +9,12 @@ PYTHON=${PYTHON:-python3}
 VENV=$ROOT/.venv
 KP_VERSION=0.9.0
 PATCH=$ROOT/patches/kp-$KP_VERSION-aule.patch
-APT_PACKAGES="libvulkan-dev mesa-vulkan-drivers libfmt-dev pybind11-dev cmake g++ make python3-venv python3-dev"
+APT_PACKAGES="libvulkan-dev mesa-vulkan-drivers vulkan-validationlayers libfmt-dev pybind11-dev cmake g++ make python3-venv python3-dev"
 
 say() { printf '[setup] %s\n' "$*"; }
 
-# 1. System packages (Vulkan loader + lavapipe, kp's build dependencies).
+# 1. System packages (Vulkan loader + lavapipe, the Khronos validation layer for the tests, kp's build
+#    dependencies).
 missing=()
 for p in $APT_PACKAGES; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

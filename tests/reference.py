@@ -19,32 +19,49 @@ def reference_attention(
 ) -> Tuple[np.ndarray, np.ndarray]:
     """``(out float64 [B, Hq, Lq, Dv], lse float64 [B, Hq, Lq])`` for storage-dtype inputs.
 
-    Same conventions as the backends: the band of ``problem`` and the additive ``mask`` (-inf hides)
-    decide which keys a query sees; a row that sees none has output 0 and lse -inf.
+    Same conventions as the backends (README, ``flash_attention``): a key outside the band of
+    ``problem`` is not part of the row at all; inside it the score is ``scale q.k + mask``, and a
+    score of -inf hides the key (its v unused, whatever it holds). A row with a NaN or +inf score is
+    NaN (lse NaN); a row that sees no key has output 0 and lse -inf; otherwise the output is the
+    softmax-weighted sum of the v rows of the keys it sees (IEEE arithmetic: a non-finite v entry of
+    a seen key makes that output entry non-finite).
     """
     p = problem
-    qf = to_f32(q, p.dtype).astype(np.float64)
-    kf = to_f32(k, p.dtype).astype(np.float64)
-    vf = to_f32(v, p.dtype).astype(np.float64)
     out = np.zeros((p.batch, p.heads_q, p.len_q, p.dim_v))
     lse = np.full((p.batch, p.heads_q, p.len_q), -np.inf)
     if p.heads_q == 0 or p.len_k == 0:
         return out, lse
-    kf = np.repeat(kf, p.group, axis=1)
-    vf = np.repeat(vf, p.group, axis=1)
+    vf = np.repeat(to_f32(v, p.dtype).astype(np.float64), p.group, axis=1)
+    s = _scores(q, k, p, mask)
     with np.errstate(all="ignore"):
-        s = (qf @ kf.swapaxes(-1, -2)) * p.scale
-        visible = p.visible(np.arange(p.len_q), np.arange(p.len_k))
-        s = np.where(visible, s, -np.inf)
-        if mask is not None:
-            s = s + np.asarray(mask, dtype=np.float64)
+        poisoned = (np.isnan(s) | (s == np.inf)).any(axis=-1)
+        s = np.where(poisoned[..., None], -np.inf, s)  # their result is NaN whatever the rest
         m = s.max(axis=-1, keepdims=True)
         hidden = m == -np.inf
         e = np.exp(s - np.where(hidden, 0.0, m))
         total = e.sum(axis=-1, keepdims=True)
-        out = np.where(hidden, 0.0, (e @ vf) / total)
+        if np.isfinite(vf).all():
+            weighted = e @ vf
+        else:  # a hidden key's v never enters, so no 0 * NaN: sum the seen terms only
+            seen = (s > -np.inf)[..., None]
+            weighted = np.where(seen, e[..., None] * vf[..., None, :, :], 0.0).sum(axis=-2)
+        out = np.where(hidden, 0.0, weighted / np.where(hidden, 1.0, total))
         lse = np.where(hidden, -np.inf, m + np.log(total))[..., 0]
+    out[poisoned] = np.nan
+    lse[poisoned] = np.nan
     return out, lse
+
+
+def _scores(q: np.ndarray, k: np.ndarray, problem: Problem, mask: Optional[np.ndarray]) -> np.ndarray:
+    """float64 scores ``[B, Hq, Lq, Lk]``: ``scale q.k + mask`` inside the band, -inf outside it."""
+    p = problem
+    qf, kf = (to_f32(a, p.dtype).astype(np.float64) for a in (q, k))
+    kr = np.repeat(kf, p.group, axis=1)
+    with np.errstate(all="ignore"):
+        s = (qf @ kr.swapaxes(-1, -2)) * p.scale
+        if mask is not None:
+            s = s + np.asarray(mask, dtype=np.float64)
+    return np.where(p.visible(np.arange(p.len_q), np.arange(p.len_k)), s, -np.inf)
 
 
 def reference_backward(
@@ -66,15 +83,7 @@ def reference_backward(
     qf, kf, vf, do = (to_f32(a, p.dtype).astype(np.float64) for a in (q, k, v, dout))
     kr = np.repeat(kf, p.group, axis=1)
     vr = np.repeat(vf, p.group, axis=1)
-    with np.errstate(all="ignore"):
-        s = (qf @ kr.swapaxes(-1, -2)) * p.scale
-        s = np.where(p.visible(np.arange(p.len_q), np.arange(p.len_k)), s, -np.inf)
-        if mask is not None:
-            s = s + np.asarray(mask, dtype=np.float64)
-        m = s.max(axis=-1, keepdims=True)
-        hidden = m == -np.inf
-        e = np.exp(s - np.where(hidden, 0.0, m))
-        prob = np.where(hidden, 0.0, e / e.sum(axis=-1, keepdims=True))
+    prob = _probabilities(q, k, p, mask)
     dp = do @ vr.swapaxes(-1, -2)
     ds = prob * (dp - (prob * dp).sum(axis=-1, keepdims=True))
     dq = ds @ kr * p.scale
@@ -82,3 +91,59 @@ def reference_backward(
     dk = (ds.swapaxes(-1, -2) @ qf * p.scale).reshape(*per_group, p.dim_k).sum(axis=2)
     dv = (prob.swapaxes(-1, -2) @ do).reshape(*per_group, p.dim_v).sum(axis=2)
     return dq, dk, dv, ds
+
+
+def backward_scales(
+    q: np.ndarray,
+    k: np.ndarray,
+    v: np.ndarray,
+    dout: np.ndarray,
+    problem: Problem,
+    mask: Optional[np.ndarray] = None,
+) -> Tuple[float, float, float, float]:
+    """``value_scale`` of ``conftest.tolerance`` for ``(dq, dk, dv, dmask)``: the largest sum of
+    absolute terms behind an entry of each gradient (the ``|A||B|`` of a product's rounding bound).
+
+    ``dS = P ∘ (dP - D)`` is bounded termwise by ``A = P ∘ (|dO||V|ᵀ + rowsum(|dO| ∘ |O|))`` (both of
+    its float32 sums, over Dv), so ``|dq| <= scale·A|K|``, ``|dk| <= scale·Aᵀ|Q|``, ``|dv| <= Pᵀ|dO|``
+    (heads of a group summed) and ``|dmask| <= A`` summed over the mask's broadcast dims.
+    """
+    p = problem
+    qf, kf, vf, do = (np.abs(to_f32(a, p.dtype).astype(np.float64)) for a in (q, k, v, dout))
+    if qf.size == 0 or kf.size == 0 or do.size == 0:
+        return 0.0, 0.0, 0.0, 0.0
+    kr = np.repeat(kf, p.group, axis=1)
+    vr = np.repeat(vf, p.group, axis=1)
+    prob = _probabilities(q, k, p, mask)
+    o = prob @ vr
+    a = prob * (do @ vr.swapaxes(-1, -2) + (do * o).sum(axis=-1, keepdims=True))
+    per_group = (p.batch, p.heads_kv, p.group, p.len_k)
+    s_dq = abs(p.scale) * float((a @ kr).max(initial=0.0))
+    s_dk = abs(p.scale) * float((a.swapaxes(-1, -2) @ qf).reshape(*per_group, p.dim_k).sum(axis=2).max(initial=0.0))
+    s_dv = float((prob.swapaxes(-1, -2) @ do).reshape(*per_group, p.dim_v).sum(axis=2).max(initial=0.0))
+    s_ds = 0.0
+    if p.mask_shape is not None:
+        axes = tuple(i for i, n in enumerate(p.mask_shape) if n == 1)
+        s_ds = float(a.sum(axis=axes).max(initial=0.0))
+    return s_dq, s_dk, s_dv, s_ds
+
+
+def output_scale(q: np.ndarray, k: np.ndarray, v: np.ndarray, problem: Problem,
+                 mask: Optional[np.ndarray] = None) -> float:
+    """``value_scale`` of ``conftest.tolerance`` for an attention output: the largest ``P|V|`` (each
+    output entry's sum of absolute weighted terms, at most ``max |v|``)."""
+    p = problem
+    if p.len_q == 0 or p.len_k == 0 or p.heads_q == 0 or p.batch == 0:
+        return 0.0
+    vr = np.repeat(np.abs(to_f32(v, p.dtype).astype(np.float64)), p.group, axis=1)
+    return float((_probabilities(q, k, p, mask) @ vr).max(initial=0.0))
+
+
+def _probabilities(q: np.ndarray, k: np.ndarray, problem: Problem, mask: Optional[np.ndarray]) -> np.ndarray:
+    """The float64 attention probabilities P ``[B, Hq, Lq, Lk]`` of finite inputs (rows that see no key: 0)."""
+    s = _scores(q, k, problem, mask)
+    with np.errstate(all="ignore"):
+        m = s.max(axis=-1, keepdims=True)
+        hidden = m == -np.inf
+        e = np.exp(s - np.where(hidden, 0.0, m))
+        return np.where(hidden, 0.0, e / e.sum(axis=-1, keepdims=True))

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 import pytest
+from conftest import tolerance
 
 import aule_kp.vulkan.device as devmod
 from aule_kp import bench, dispatch, plots
@@ -93,14 +94,15 @@ def test_llama3_8b_scaled_cpu_plots(tmp_path: Path, capsys: pytest.CaptureFixtur
 @needs_vulkan
 @needs_matplotlib
 def test_tiny_vulkan_case_with_baselines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(PRESETS, "tiny", [Case(1, 2, 32, 32, 32, "float32", False)])
+    case = Case(1, 2, 32, 32, 32, "float32", False)
+    monkeypatch.setitem(PRESETS, "tiny", [case])
     out = tmp_path / "tiny"
     argv = ["bench", "--preset", "tiny", "--repeat", "1", "--backends", "vulkan", "--vs", "--plots", str(out)]
     assert main(argv) == 0
     data = _check_folder(out)
     backends = {r["backend"] for r in data["rows"]}
     assert "aule-kp vulkan" in backends
-    assert all(r["max_err"] < 1e-4 for r in data["rows"] if r["backend"] == "aule-kp vulkan")
+    assert all(r["max_err"] <= bench_tol(case) for r in data["rows"] if r["backend"] == "aule-kp vulkan")
     # torch (CPU) is installed for the tests: a speedup against it is recorded.
     if "torch SDPA cpu" in backends:
         assert any(s["baseline"] == "torch SDPA cpu" and s["speedup"] > 0 for s in data["speedups"])
@@ -119,6 +121,12 @@ def test_plots_without_matplotlib_write_table_and_json(tmp_path: Path, monkeypat
 # --- the aule-kp Triton row, --backends, and a triton column in the outputs --------------------------------
 
 TINY = Case(1, 2, 32, 32, 16, "float32", False)
+
+
+def bench_tol(case: Case) -> float:
+    """Largest ``max_err`` of a correct row (``conftest.tolerance``): the benchmark's inputs are seeded
+    standard normals, whose |v| stays below 6 at these sizes (probability 1 - 2e-9 per element)."""
+    return tolerance(case.dtype, case.lk + case.d, value_scale=6.0)
 HAS_TRITON = not dispatch.get("triton").available()
 CUDA = bool(HAS_TRITON and __import__("torch").cuda.is_available())
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="torch or triton not installed")
@@ -184,7 +192,8 @@ def test_triton_row_times_and_checks_through_the_interpreter(tmp_path: Path) -> 
     f32, f16 = json.loads(done.stdout.strip().splitlines()[-1])
     for row in (f32, f16):
         assert row["backend"] == TRITON_ROW and row["note"] == "" and row["ms"] > 0 and row["tflops"] > 0, row
-    assert f32["max_err"] < 2e-5 and f16["max_err"] < 2.5e-3
+    assert f32["max_err"] <= bench_tol(Case(1, 2, 32, 48, 16, "float32", True, hkv=1))
+    assert f16["max_err"] <= bench_tol(Case(1, 2, 32, 48, 16, "float16", True, hkv=1))
 
 
 def test_select_backends() -> None:
@@ -227,10 +236,10 @@ def test_cli_backends_filter_rows_and_say_why_triton_did_not_run(
     data = json.loads((out / "bench.json").read_text())
     by = {r["backend"]: r for r in data["rows"]}
     assert set(by) == {TRITON_ROW, "torch SDPA cpu"}
-    assert by["torch SDPA cpu"]["ms"] > 0 and by["torch SDPA cpu"]["max_err"] < 2e-5
+    assert by["torch SDPA cpu"]["ms"] > 0 and by["torch SDPA cpu"]["max_err"] <= bench_tol(TINY)
     triton = by[TRITON_ROW]
     if CUDA:
-        assert triton["ms"] > 0 and triton["max_err"] < 2e-5
+        assert triton["ms"] > 0 and triton["max_err"] <= bench_tol(TINY)
     else:
         assert triton["ms"] is None and triton["note"].startswith("skipped: ") and len(triton["note"]) > 12
         assert f"| {TRITON_ROW} | — | — | — | — | — | {triton['note']} |" in table

@@ -5,12 +5,9 @@ time whether a kernel is compiled or interpreted, and in this mode the backend t
 The interpreter runs every tile op in NumPy, so shapes are tiny and most cases pin 16 x 16 tiles:
 a few dozen rows and keys then cross several row blocks, key tiles, band edges and splits.
 
-Tolerances. Outputs and LSE as ``conftest.ATOL`` (max abs error; the LSE is fp32 from exactly
-widened inputs). Gradients by relative Frobenius error ``|g - ref| / |ref|``: fp32 ~1e-7 is seen
-(fp32 accumulation throughout), fp16/bf16 are dominated by rounding P and dS to the input type before
-the matmuls (2**-11 and 2**-8 relative per element): 1e-5, 3e-3, 2e-2. The mask gradient is compared
-against ``max(|ref|, 1)``: a mask broadcast over keys has an exactly zero gradient (softmax is
-shift-invariant), where a relative error means nothing.
+Tolerances: max abs errors from the suite's error model (``conftest.tolerance``) for outputs, LSE and
+gradients (``conftest.gradient_tolerances``); fp16/bf16 kernels round P and dS to the input type before
+the second GEMMs, which the model's 16-bit term covers.
 """
 
 from __future__ import annotations
@@ -31,15 +28,17 @@ import pytest  # noqa: E402
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
-from conftest import ATOL  # noqa: E402
+from conftest import gradient_tolerances, lse_tolerance, output_tolerance  # noqa: E402
+from test_nonfinite import CASES as NONFINITE_CASES  # noqa: E402
+from test_nonfinite import LK, LQ, check_semantics, planted_inputs  # noqa: E402
 
 import aule_kp  # noqa: E402
 from aule_kp import dispatch  # noqa: E402
+from aule_kp.dtypes import from_f32  # noqa: E402
 from aule_kp.errors import BackendUnavailable  # noqa: E402
 from aule_kp.problem import Problem, band  # noqa: E402
 from aule_kp.triton.backend import TritonBackend  # noqa: E402
 
-GRAD_TOL = {"float32": 1e-5, "float16": 3e-3, "bfloat16": 2e-2}
 TINY = TritonBackend(block_m=16, block_n=16)
 
 
@@ -109,25 +108,30 @@ def check(p: Problem, backend: TritonBackend = TINY, seed: int = 0, grads: bool 
     ref = reference(p, x["q"], x["k"], x["v"], x["mask"], x["dout"])
     assert out.dtype == x["q"].dtype and out.shape == ref[0].shape and lse.dtype == torch.float32
     assert not torch.isnan(out).any()
-    np.testing.assert_allclose(out.double().numpy(), ref[0].numpy(), atol=ATOL[p.dtype], rtol=0)
+    qf, kf = (x[n].float().numpy() for n in ("q", "k"))
+    mask = None if x["mask"] is None else x["mask"].numpy()
+    storage = [from_f32(x[n].float().numpy(), p.dtype) for n in ("q", "k", "v", "dout")]
+    atol = output_tolerance(p, *storage[:3], mask)
+    np.testing.assert_allclose(out.double().numpy(), ref[0].numpy(), atol=atol, rtol=0)
     np.testing.assert_array_equal(torch.isfinite(lse).numpy(), torch.isfinite(ref[1]).numpy())
     finite = torch.isfinite(ref[1])
-    np.testing.assert_allclose(lse[finite].double().numpy(), ref[1][finite].numpy(), atol=1e-4, rtol=1e-5)
+    np.testing.assert_allclose(lse[finite].double().numpy(), ref[1][finite].numpy(), rtol=0,
+                               atol=lse_tolerance(qf, kf, p.scale, mask))
     if got is None:
         return out, lse, None
-    tol = GRAD_TOL[p.dtype]
-    for name, g, r, like in zip(("dq", "dk", "dv"), got[:3], ref[2:5], (x["q"], x["k"], x["v"])):
+    tols = gradient_tolerances(p, *storage, mask)
+    for name, g, r, like, tol in zip(("dq", "dk", "dv"), got[:3], ref[2:5], (x["q"], x["k"], x["v"]), tols):
         assert g.shape == like.shape and g.dtype == like.dtype, name
         assert not torch.isnan(g).any(), name
-        err = (g.double() - r).norm().item()
-        assert err <= tol * max(r.norm().item(), 1e-12), f"{name}: relative error {err / r.norm().item():.2e}"
+        err = (g.double() - r).abs().max().item()
+        assert err <= tol, f"{name}: {err:.2e} vs {tol:.2e}"
     dmask = got[3]
     if x["mask"] is None:
         assert dmask is None
     else:
         assert dmask.shape == x["mask"].shape and dmask.dtype == torch.float32
-        err = (dmask.double() - ref[5]).norm().item()
-        assert err <= tol * max(ref[5].norm().item(), 1.0), f"dmask: error {err:.2e}"
+        err = (dmask.double() - ref[5]).abs().max().item()
+        assert err <= tols[3], f"dmask: {err:.2e} vs {tols[3]:.2e}"
     return out, lse, got
 
 
@@ -203,8 +207,9 @@ def test_finfo_min_mask_rows_average_like_float64() -> None:
     x = make_inputs(p)
     out, lse = TINY.forward(p, x["q"], x["k"], x["v"], mask)
     ref = reference(p, x["q"], x["k"], x["v"], mask, x["dout"])
-    np.testing.assert_allclose(out.double().numpy(), ref[0].numpy(), atol=ATOL["float32"], rtol=0)
-    np.testing.assert_allclose(out[0, :, 0].double().numpy(), x["v"][0].double().mean(1).numpy(), atol=1e-5)
+    atol = output_tolerance(p, x["q"].numpy(), x["k"].numpy(), x["v"].numpy(), mask.numpy())
+    np.testing.assert_allclose(out.double().numpy(), ref[0].numpy(), atol=atol, rtol=0)
+    np.testing.assert_allclose(out[0, :, 0].double().numpy(), x["v"][0].double().mean(1).numpy(), atol=atol, rtol=0)
 
 
 def test_public_api_runs_triton_on_cpu_tensors() -> None:
@@ -217,7 +222,10 @@ def test_public_api_runs_triton_on_cpu_tensors() -> None:
     got = aule_kp.flash_attention(q, k, v, causal=True, attn_mask=mask, backend="triton")
     want = aule_kp.flash_attention(q, k, v, causal=True, attn_mask=mask, backend="cpu")
     assert isinstance(got, torch.Tensor) and got.dtype == q.dtype and got.device == q.device
-    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=2e-5, rtol=0)
+    # each within its own tolerance of the exact result
+    p = make_problem(hq=4, lq=20, lk=36, causal=True, mask_shape=(1, 1, 20, 36))
+    atol = 2 * output_tolerance(p, q.numpy(), k.numpy(), v.numpy(), np.where(mask.numpy(), 0, -np.inf))
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=atol, rtol=0)
 
 
 def test_auto_prefers_cpu_backend_for_cpu_tensors() -> None:
@@ -248,3 +256,16 @@ def test_reasons(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_tile_override_is_validated() -> None:
     with pytest.raises(ValueError, match="power of two"):
         TritonBackend(block_m=24)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("case", [c for c in NONFINITE_CASES if c != "v-nan-late-key"])
+def test_nonfinite_inputs(case: str, causal: bool) -> None:
+    """The README's non-finite semantics (test_nonfinite.py), except a non-finite v of a key hidden
+    from a row, which this GPU path does not check on the host."""
+    p = make_problem(b=2, hq=4, hkv=2, lq=LQ, lk=LK, causal=causal, mask_shape=(2, 4, LQ, LK))
+    q, k, v, mask = planted_inputs(p, *NONFINITE_CASES[case])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the interpreter's NumPy on NaN lanes
+        out, lse = TINY.forward(p, *(torch.from_numpy(x) for x in (q, k, v, mask)))
+    check_semantics(p, q, k, v, mask, out.numpy(), lse.numpy())

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..backend import Backend
 from ..dtypes import STORAGE, from_f32, to_f32
+from ..nonfinite import enforce
 from ..problem import Problem
 
 logger = logging.getLogger("aule_kp")
@@ -181,7 +182,7 @@ class _Forward:
         self.scale = np.float32(p.scale)
         self.out = np.empty((p.batch, p.heads_q, p.len_q, p.dim_v), dtype=STORAGE[p.dtype])
         self.lse = np.empty((p.batch, p.heads_q, p.len_q), dtype=np.float32)
-        self._bias: Dict[Tuple[int, int, int], np.ndarray] = {}
+        self._bias: Dict[Tuple[int, int, int], np.ndarray] = {}  # band tiles: True = hidden
 
     def run_chunk(self, chunk: _Chunk) -> None:
         b, kv, blocks = chunk
@@ -260,35 +261,25 @@ class _Forward:
         qa[unseen, self.p.dim_k] = -est[unseen]
         return True
 
-    def _band_bias(self, rows: int, offset: int, width: int) -> np.ndarray:
-        """``0`` / ``-inf`` for ``rows`` query rows x ``width`` keys starting ``offset`` keys right of
-        the first row; it depends only on these three, so tiles of every head share it."""
+    def _band_hidden(self, rows: int, offset: int, width: int) -> np.ndarray:
+        """True where the band hides a key, for ``rows`` query rows x ``width`` keys starting
+        ``offset`` keys right of the first row; it depends only on these three, so tiles of every
+        head share it."""
         key = (rows, offset, width)
-        bias = self._bias.get(key)
-        if bias is None:
-            seen = self.p.visible(np.arange(rows), np.arange(offset, offset + width))
-            bias = np.where(seen, np.float32(0), np.float32(-np.inf))
+        hidden = self._bias.get(key)
+        if hidden is None:
+            hidden = ~self.p.visible(np.arange(rows), np.arange(offset, offset + width))
             if len(self._bias) < _BIAS_CACHE_ENTRIES:
-                self._bias[key] = bias  # a racing worker computes the same array; either copy will do
-        return bias
+                self._bias[key] = hidden  # a racing worker computes the same array; either copy will do
+        return hidden
 
     def _scores(self, s: np.ndarray, qa: np.ndarray, kt: np.ndarray, block: _Block, tile: _Tile) -> None:
-        """``s = scale * q.k - shift`` over the tile, band and mask applied."""
+        """``s = scale * q.k - shift`` over the tile, mask added, band applied."""
         p = self.p
         b, h0, h1, _, _ = block
         _, _, a, e, c0, c1 = tile
         np.matmul(qa, kt.T, out=s)
         s3 = s.reshape(h1 - h0, e - a, c1 - c0)
-        # Only keys left of the band edge of the last row, or right of the edge of the first row,
-        # are hidden from some row; adding a cached 0/-inf tile there is cheaper than a where-copy.
-        spans = []
-        if p.left is not None:
-            spans.append((c0, min(c1, e - 1 + p.diag - p.left)))
-        if p.right is not None:
-            spans.append((max(c0, a + p.diag + p.right + 1), c1))
-        for x0, x1 in spans:
-            if x0 < x1:
-                s3[:, :, x0 - c0 : x1 - c0] += self._band_bias(e - a, x0 - a, x1 - x0)
         if self.mask is not None:
             mb, mh, mq, mk = self.mask.shape
             s3 += self.mask[
@@ -297,6 +288,18 @@ class _Forward:
                 slice(a, e) if mq > 1 else slice(0, 1),
                 slice(c0, c1) if mk > 1 else slice(0, 1),
             ]
+        # Only keys left of the band edge of the last row, or right of the edge of the first row,
+        # are hidden from some row. The band overwrites their scores (after the mask) instead of
+        # adding -inf, so that a NaN in k or the mask of a key outside the band never reaches the row.
+        spans = []
+        if p.left is not None:
+            spans.append((c0, min(c1, e - 1 + p.diag - p.left)))
+        if p.right is not None:
+            spans.append((max(c0, a + p.diag + p.right + 1), c1))
+        for x0, x1 in spans:
+            if x0 < x1:
+                hidden = self._band_hidden(e - a, x0 - a, x1 - x0)
+                np.copyto(s3[:, :, x0 - c0 : x1 - c0], np.float32(-np.inf), where=hidden)
 
     def _block(self, block: _Block, k: np.ndarray, v: np.ndarray, k_lo: int, scratch: np.ndarray) -> None:
         """Online softmax of one block of query rows over its tiles, into ``out`` and ``lse``.
@@ -427,9 +430,10 @@ class CpuBackend(Backend):
         if workers == 1 or sum(_work(p, c) for c in chunks) < _POOL_MIN_WORK:
             for chunk in chunks:
                 job.run_chunk(chunk)
-            return job.out, job.lse
-        with _BLAS.single(), ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(job.run_chunk, chunks))
+        else:
+            with _BLAS.single(), ThreadPoolExecutor(max_workers=workers) as pool:
+                list(pool.map(job.run_chunk, chunks))
+        enforce(p, q, k, v, mask, job.out, job.lse)  # non-finite inputs (aule_kp.nonfinite)
         return job.out, job.lse
 
     def backward(

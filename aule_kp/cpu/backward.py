@@ -121,16 +121,16 @@ class _Backward:
             self.dq[task.part, b, h0:h1, i0:i1] = (dq * self.scale).reshape(g, i1 - i0, dk)
 
     def _hide(self, s: np.ndarray, b: int, h0: int, h1: int, i0: int, i1: int, c0: int, c1: int) -> None:
-        """Adds the band (``-inf`` outside it) and the additive mask to scores ``[heads, rows, keys]``."""
+        """Adds the additive mask to scores ``[heads, rows, keys]``, then sets them to ``-inf``
+        outside the band (overwritten, not added: keys outside the band never enter, NaN or not)."""
         p = self.p
+        if self.mask is not None:
+            s += self.mask[_mask_index(self.mask.shape, b, h0, h1, i0, i1, c0, c1)]
         inside = (p.left is None or c0 >= i1 - 1 + p.diag - p.left) and (
             p.right is None or c1 - 1 <= i0 + p.diag + p.right
         )
         if not inside:
-            seen = p.visible(np.arange(i0, i1), np.arange(c0, c1))
-            s += np.where(seen, np.float32(0), np.float32(-np.inf))
-        if self.mask is not None:
-            s += self.mask[_mask_index(self.mask.shape, b, h0, h1, i0, i1, c0, c1)]
+            np.copyto(s, np.float32(-np.inf), where=~p.visible(np.arange(i0, i1), np.arange(c0, c1)))
 
     def _mask_grad(self, ds: np.ndarray, b: int, h0: int, h1: int, i0: int, i1: int, c0: int, c1: int) -> None:
         """Adds ``dS [heads, rows, keys]`` into dmask, summed over the mask's broadcast dims."""

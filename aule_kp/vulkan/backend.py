@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from ..backend import Backend
+from ..nonfinite import enforce
 from ..problem import Problem
 from . import device as devmod
 from .backward import BackwardPlan, backward_groups_per_chunk, backward_plan, reduce_to_mask
@@ -73,7 +74,9 @@ class VulkanBackend(Backend):
                 mask: Optional[np.ndarray], config: Optional[ForwardConfig] = None) -> Tuple[np.ndarray, np.ndarray]:
         dev = devmod.get_device()
         with dev.lock:
-            return self.plan(problem, config).run(q, k, v, mask)
+            out, lse = self.plan(problem, config).run(q, k, v, mask)
+        enforce(problem, q, k, v, mask, out, lse)  # non-finite inputs (aule_kp.nonfinite)
+        return out, lse
 
     def backward_plan(self, problem: Problem, config: BackwardConfig) -> BackwardPlan:
         """The device's backward plan for ``problem``, bound to it (see ``backward.backward_plan``)."""
