@@ -101,10 +101,10 @@ def choices() -> Dict[str, Dict[str, List[str]]]:
     from aule_kp.vulkan.backend import VulkanBackend
     from aule_kp.vulkan.kernels import backward_config
 
-    for name in [n for n in os.environ if n.startswith("AULE_KP_")]:
-        del os.environ[name]
     out: Dict[str, Dict[str, List[str]]] = {}
-    with tuning.defaults_only():
+    defaults = {n: v for n, v in os.environ.items() if not n.startswith("AULE_KP_")}
+    # The knobs' defaults (no AULE_KP_* set) for the duration only; the self-check would run kernels.
+    with mock.patch.dict(os.environ, dict(defaults, AULE_KP_SELF_CHECK="0"), clear=True), tuning.defaults_only():
         for profile in PROFILES:
             backend_caps = caps_of(profile)
             with on_device(backend_caps):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ATOL
+from conftest import output_tolerance
 from reference import reference_attention
 
 import aule_kp
@@ -36,8 +36,9 @@ def attention_error(seed: int, lk: int = 64) -> float:
     q = rng.standard_normal((1, 8, 1, 64)).astype(np.float32)
     k, v = (rng.standard_normal((1, 8, lk, 64)).astype(np.float32) for _ in range(2))
     out = aule_kp.flash_attention(q, k, v, backend="vulkan")
-    ref, _ = reference_attention(q, k, v, Problem(1, 8, 8, 1, lk, 64, 64, "float32", 0.125))
-    return float(np.abs(out - ref).max()) / ATOL["float32"]
+    p = Problem(1, 8, 8, 1, lk, 64, 64, "float32", 0.125)
+    ref, _ = reference_attention(q, k, v, p)
+    return float(np.abs(out - ref).max()) / output_tolerance(p, q, k, v)
 
 
 def child_error(seed: int) -> float:
