@@ -11,15 +11,9 @@ with NumPy's OpenBLAS held to one thread meanwhile.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import glob
-import logging
 import math
-import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -27,96 +21,13 @@ from ..backend import Backend
 from ..dtypes import STORAGE, from_f32, to_f32
 from ..nonfinite import enforce
 from ..problem import Problem
-
-logger = logging.getLogger("aule_kp")
+from .backward import attention_backward
+from .pool import BLAS, split_range, worker_count
 
 #: One block of query rows: batch ``b``, query heads ``[h0, h1)`` of one KV group, positions
 #: ``[i0, i1)``. Either ``h1 - h0 == 1`` or the positions are all of ``[0, Lq)``, so the block's
 #: slice of q is contiguous.
 _Block = Tuple[int, int, int, int, int]
-
-
-def _worker_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))  # respects container CPU pinning, unlike os.cpu_count()
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def _find_openblas() -> Tuple[Optional[Callable[[], int]], Optional[Callable[[int], None]]]:
-    """``(get, set)`` for the thread count of NumPy's OpenBLAS, or ``(None, None)``.
-
-    OpenBLAS threads each large GEMM itself and its idle workers spin; with our own pool on top
-    that oversubscribes the cores (measured on 2 cores: concurrent matmuls ran no faster than one,
-    and spinning BLAS workers halved a concurrent ``np.add``). threadpoolctl does this lookup too,
-    but is not a dependency.
-    """
-    npdir = os.path.dirname(np.__file__)
-    paths = glob.glob(os.path.join(npdir, os.pardir, "numpy.libs", "*openblas*"))
-    paths += glob.glob(os.path.join(npdir, ".dylibs", "*openblas*"))
-    with contextlib.suppress(OSError):
-        with open("/proc/self/maps") as maps:
-            paths += sorted({line.split()[-1] for line in maps if "openblas" in line and "/" in line})
-    symbols = [
-        (prefix + "openblas_get_num_threads" + suffix, prefix + "openblas_set_num_threads" + suffix)
-        for prefix in ("", "scipy_")
-        for suffix in ("64_", "")
-    ]
-    for path in paths:
-        try:
-            lib = ctypes.CDLL(path)
-        except OSError:
-            continue
-        for get_name, set_name in symbols:
-            if hasattr(lib, get_name) and hasattr(lib, set_name):
-                getter, setter = getattr(lib, get_name), getattr(lib, set_name)
-                getter.restype = ctypes.c_int
-                setter.argtypes = [ctypes.c_int]
-                setter.restype = None
-                return getter, setter
-    return None, None
-
-
-class _BlasThreads:
-    """Process-wide, reference-counted "OpenBLAS on one thread" while our pools run (other threads'
-    NumPy matmuls run single-threaded meanwhile, as with threadpoolctl)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._probed = False
-        self._get: Optional[Callable[[], int]] = None
-        self._set: Optional[Callable[[int], None]] = None
-        self._users = 0
-        self._saved = 1
-
-    def controllable(self) -> bool:
-        with self._lock:
-            if not self._probed:
-                self._get, self._set = _find_openblas()
-                self._probed = True
-                if self._set is None:
-                    logger.debug("cpu backend: cannot set BLAS threads; running tasks serially")
-            return self._set is not None
-
-    @contextlib.contextmanager
-    def single(self) -> Iterator[None]:
-        assert self._get is not None and self._set is not None
-        with self._lock:
-            if self._users == 0:
-                self._saved = self._get()
-                self._set(1)
-            self._users += 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                self._users -= 1
-                if self._users == 0:
-                    self._set(self._saved)
-
-
-_BLAS = _BlasThreads()
-
 
 #: A fast-path tile (shift kept from earlier tiles, no max pass) is accepted while each row's sum of
 #: ``exp`` over the tile stays below this; a larger sum means scores outgrew the shift, and the tile
@@ -147,16 +58,6 @@ _Chunk = Tuple[int, int, List[_Block]]
 #: One GEMM-sized piece of a block: block rows ``[r0, r1)`` (query positions ``[a, e)``) x keys
 #: ``[c0, c1)``.
 _Tile = Tuple[int, int, int, int, int, int]
-
-
-def _split(lo: int, hi: int, size: int) -> List[Tuple[int, int]]:
-    """``[lo, hi)`` in the fewest pieces of at most ``size``, evenly: 1025 keys in three GEMMs of
-    342, not two of 512 and one of a single key."""
-    if hi <= lo:
-        return []
-    n = math.ceil((hi - lo) / size)
-    step = math.ceil((hi - lo) / n)
-    return [(c0, min(c0 + step, hi)) for c0 in range(lo, hi, step)]
 
 
 class _Forward:
@@ -218,7 +119,7 @@ class _Forward:
         core_lo = lo if p.left is None else max(lo, i1 - 1 + p.diag - p.left)
         core_hi = hi if p.right is None else min(hi, i0 + p.diag + p.right + 1)
         if core_lo < core_hi:
-            for c0, c1 in _split(core_lo, core_hi, bk):
+            for c0, c1 in split_range(core_lo, core_hi, bk):
                 yield 0, rows, i0, i1, c0, c1
         else:
             core_lo = core_hi = hi  # no common keys: the edges below cover each step's whole range
@@ -231,7 +132,7 @@ class _Forward:
             # scores, so that a staircase is a few wide GEMMs rather than many narrow ones.
             width = max(bk, self.tile_elems // (r1 - r0))
             for x0, x1 in ((s_lo, min(s_hi, core_lo)), (max(s_lo, core_hi), s_hi)):
-                for c0, c1 in _split(x0, x1, width):
+                for c0, c1 in split_range(x0, x1, width):
                     yield r0, r1, a, e, c0, c1
 
     def _inside_band(self, a: int, e: int, c0: int, c1: int) -> bool:
@@ -420,8 +321,8 @@ class CpuBackend(Backend):
         job = _Forward(p, q, k, v, mask, self.block_q, self.block_k, self.step)
         if job.lse.size == 0:  # no query rows (Dv = 0 alone still has row statistics to compute)
             return job.out, job.lse
-        workers = self.workers or _worker_count()
-        if workers > 1 and not _BLAS.controllable():
+        workers = self.workers or worker_count()
+        if workers > 1 and not BLAS.controllable():
             workers = 1  # BLAS threads each matmul itself instead; two pools would fight over the cores
         chunks = _chunks(p, self.block_q, workers)
         # Longest first, so the pool does not end on one long task.
@@ -431,7 +332,7 @@ class CpuBackend(Backend):
             for chunk in chunks:
                 job.run_chunk(chunk)
         else:
-            with _BLAS.single(), ThreadPoolExecutor(max_workers=workers) as pool:
+            with BLAS.single(), ThreadPoolExecutor(max_workers=workers) as pool:
                 list(pool.map(job.run_chunk, chunks))
         enforce(p, q, k, v, mask, job.out, job.lse)  # non-finite inputs (aule_kp.nonfinite)
         return job.out, job.lse
@@ -449,8 +350,6 @@ class CpuBackend(Backend):
         mask_grad: bool = False,
     ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
         """See :class:`aule_kp.backend.Backend`; FA2's backward in NumPy (:mod:`aule_kp.cpu.backward`)."""
-        from .backward import attention_backward  # imported here: that module builds on this one's helpers
-
         return attention_backward(problem, q, k, v, out, dout, lse, mask, mask_grad,
                                   block_q=min(self.block_q, _BACKWARD_BLOCK),
                                   block_k=min(self.block_k, _BACKWARD_BLOCK), workers=self.workers)

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..dtypes import from_f32, to_f32
 from ..problem import Problem
-from .backend import _BLAS, _split, _worker_count
+from .pool import BLAS, split_range, worker_count
 
 #: Tasks per worker: enough to even out the unequal key ranges of causal and windowed problems.
 _TASKS_PER_WORKER = 4
@@ -104,7 +104,7 @@ class _Backward:
             delta = np.einsum("nd,nd->n", do, o)[:, None]
             lse = self.lse[b, h0:h1, i0:i1].reshape(n, 1)
             dq = np.zeros((n, dk), dtype=np.float32)
-            for c0, c1 in _split(lo, hi, self.block_k):
+            for c0, c1 in split_range(lo, hi, self.block_k):
                 kt, vt = kf[c0 - task.k0 : c1 - task.k0], vf[c0 - task.k0 : c1 - task.k0]
                 s = qs @ kt.T
                 self._hide(s.reshape(g, i1 - i0, c1 - c0), b, h0, h1, i0, i1, c0, c1)
@@ -172,7 +172,7 @@ def _tasks(p: Problem, mask_shape: Optional[Tuple[int, ...]], block_k: int, work
     dq_bytes = 4 * p.batch * p.heads_q * p.len_q * p.dim_k
     parts = 1 if workers == 1 else math.ceil(_TASKS_PER_WORKER * workers / units)
     parts = max(1, min(parts, max_parts, _PARTIAL_BUDGET // max(1, dq_bytes)))
-    ranges = _split(0, p.len_k, math.ceil(p.len_k / parts))
+    ranges = split_range(0, p.len_k, math.ceil(p.len_k / parts))
     tasks = [_Task(bs, hs, k0, k1, j) for bs in batches for hs in heads for j, (k0, k1) in enumerate(ranges)]
     return tasks, len(ranges)
 
@@ -200,8 +200,8 @@ def attention_backward(
     p = problem
     if mask is not None:
         mask = np.asarray(mask, dtype=np.float32)
-    workers = workers or _worker_count()
-    if workers > 1 and not _BLAS.controllable():
+    workers = workers or worker_count()
+    if workers > 1 and not BLAS.controllable():
         workers = 1  # BLAS threads each GEMM itself instead; two pools would fight over the cores
     grad_shape = p.mask_shape if mask_grad and mask is not None else None
     tasks, parts = _tasks(p, grad_shape, block_k, workers)
@@ -212,7 +212,7 @@ def attention_backward(
         for task in tasks:
             job.run(task)
     else:
-        with _BLAS.single(), ThreadPoolExecutor(max_workers=workers) as pool:
+        with BLAS.single(), ThreadPoolExecutor(max_workers=workers) as pool:
             list(pool.map(job.run, tasks))
     dq = job.dq[0] if parts == 1 else job.dq.sum(axis=0)
     return (
