@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from ._version import __version__
 from .api import flash_attention
 from .errors import AuleFallbackWarning, BackendUnavailable
 from .info import info
 from .vulkan.tensor import Context, GpuTensor
 
-__version__ = "0.1.0"
 __all__ = ["flash_attention", "AuleFallbackWarning", "BackendUnavailable", "Context", "GpuTensor", "info",
            "__version__"]
 

@@ -36,7 +36,7 @@ from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .api import attention_forward
+from .call import attention_forward
 from .dtypes import from_f32
 from .problem import Problem, band
 from .vulkan.kernels import COOPMAT_CONVERT_ENV
@@ -319,7 +319,7 @@ def triton_skip_reasons(case: Case, device: str = "cuda") -> List[str]:
     missing package, no CUDA/ROCm device, Triton's CPU interpreter switched on for CUDA tensors, or what
     the Triton backend itself refuses (see :meth:`aule_kp.triton.backend.TritonBackend.reasons`)."""
     from . import dispatch
-    from .triton.backend import interpreting
+    from .triton.interpreter import interpreting
 
     backend = dispatch.get("triton")
     why = backend.available()

@@ -44,8 +44,8 @@ def _info(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     """Batched attention over NumPy arrays on the Vulkan device and the CPU backend, checked in float64."""
-    from .api import attention_forward
     from .bench import Case, _max_err, median_time
+    from .call import attention_forward
     from .info import info
     from .vulkan.backend import VulkanBackend
 

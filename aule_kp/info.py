@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Dict, List
 
 from . import dispatch
+from ._version import __version__
 from .problem import Problem
 from .vulkan import device as devmod
 from .vulkan import selfcheck, workarounds
@@ -34,8 +35,6 @@ def info() -> Dict[str, Any]:
     ``selected_device``: the index ``AULE_KP_DEVICE`` selects (None when it selects none);
     ``device_error``: why it selects none (not an integer, out of range), else None.
     """
-    from . import __version__
-
     devices = []
     for caps in devmod.devices():
         d = caps.as_dict()

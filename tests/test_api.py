@@ -29,7 +29,7 @@ from reference import output_scale, reference_attention
 
 import aule_kp
 import aule_kp.vulkan.device as devmod
-from aule_kp import api, dispatch, errors
+from aule_kp import call, dispatch, errors
 from aule_kp.dtypes import bf16_to_f32
 from aule_kp.problem import Problem, default_scale
 
@@ -769,7 +769,7 @@ def test_vulkan_splits_work_over_the_binding_limit(monkeypatch: pytest.MonkeyPat
         q, k, v = _qkv(rng, b=2, hq=6, hkv=3, lq=7, lk=9)
         mask = rng.standard_normal(mask_shape).astype(np.float32)
         mask[..., 0, :] = -np.inf  # the first query row of every (batch, head) sees nothing
-        out, lse, problem = api.attention_forward(q, k, v, attn_mask=mask, causal=True, backend="vulkan")
+        out, lse, problem = call.attention_forward(q, k, v, attn_mask=mask, causal=True, backend="vulkan")
         assert len(vk.plan(problem).chunks) == chunks
         _check(out, q, _expected(q, k, v, mask=mask, causal=True), "float32")
         assert not out[:, :, 0].any()
@@ -817,7 +817,7 @@ def test_matches_reference_property(
         full = (b, hkv * group, lq, lk)
         mshape = tuple(n if keep else 1 for n, keep in zip(full, mask_dims))
         mask = r.random(mshape) < 0.7 if mask_kind == "bool" else r.standard_normal(mshape).astype(np.float32)
-    out, lse, problem = api.attention_forward(q, k, v, causal=causal, window=window, attn_mask=mask,
+    out, lse, problem = call.attention_forward(q, k, v, causal=causal, window=window, attn_mask=mask,
                                               backend=backend)
     expected = _expected(q, k, v, causal=causal, window=window, mask=mask)
     _check(out, q, expected, dtype)

@@ -16,7 +16,8 @@ from reference import reference_attention
 
 import aule_kp
 import aule_kp.vulkan.device as devmod
-from aule_kp import api, inputs
+from aule_kp import inputs
+from aule_kp.call import prepare
 from aule_kp.problem import Problem, band
 
 _NO_VULKAN = devmod.vulkan_unavailable()
@@ -181,7 +182,7 @@ def test_kv_broadcast_over_heads_is_not_copied(backend: str, kind: str) -> None:
     else:
         q_in, k1t, v1t = (torch.from_numpy(x) for x in (q, k1, v1))
         k, v = k1t.expand(2, 4, 12, D), v1t.expand(2, 4, 12, D)
-    call = api.prepare(q_in, k, v, causal=True, backend=backend)
+    call = prepare(q_in, k, v, causal=True, backend=backend)
     assert call.problem.heads_kv == 1 and call.k.shape == (2, 1, 12, D)  # MQA, one head copied at most
     out = aule_kp.flash_attention(q_in, k, v, causal=True, backend=backend)
     np.testing.assert_allclose(np.asarray(out), want, atol=ATOL, rtol=0)
@@ -193,7 +194,7 @@ def test_huge_broadcast_kv_over_heads_and_mask_are_accepted() -> None:
     _, k1, v1 = _arrays((1, 1, 2, D), (1, 1, 16, D))
     k, v = (np.broadcast_to(x, (1, 4096, 16, D)) for x in (k1, v1))
     mask = np.broadcast_to(np.zeros((1, 1, 1, 16), np.float32), (1, 4096, 2, 16))
-    call = api.prepare(q, k, v, attn_mask=mask, backend="cpu")
+    call = prepare(q, k, v, attn_mask=mask, backend="cpu")
     assert call.problem.heads_kv == 1 and call.problem.mask_shape == (1, 1, 1, 16)
     out = aule_kp.flash_attention(q, k, v, attn_mask=mask, backend="cpu")
     np.testing.assert_allclose(out, _expected(q, k1, v1), atol=ATOL, rtol=0)
@@ -204,7 +205,7 @@ def test_kv_broadcast_of_one_of_them_only_is_copied() -> None:
     q, k1, v = _arrays((1, 4, 8, D), (1, 1, 12, D))
     v4 = np.repeat(v, 4, axis=1)
     k = np.broadcast_to(k1, (1, 4, 12, D))
-    assert api.prepare(q, k, v4, backend="cpu").problem.heads_kv == 4
+    assert prepare(q, k, v4, backend="cpu").problem.heads_kv == 4
     np.testing.assert_allclose(aule_kp.flash_attention(q, k, v4, backend="cpu"),
                                _expected(q, np.ascontiguousarray(k), v4), atol=ATOL, rtol=0)
 

@@ -30,7 +30,7 @@ from reference import reference_attention
 
 import aule_kp
 from aule_kp import dispatch
-from aule_kp.api import attention_forward
+from aule_kp.call import attention_forward
 from aule_kp.cli import main
 from aule_kp.dtypes import from_f32, to_f32
 from aule_kp.errors import BackendUnavailable
@@ -124,7 +124,7 @@ def test_corrupt_split_kv_is_turned_off_and_the_verdict_reused(checking: Path,
     code = textwrap.dedent("""
         import json, warnings
         import numpy as np
-        from aule_kp.api import attention_forward
+        from aule_kp.call import attention_forward
         from aule_kp.vulkan import selfcheck
         from aule_kp.vulkan.backend import VulkanBackend
         from aule_kp.vulkan.splitkv import SplitKVConfig

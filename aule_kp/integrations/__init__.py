@@ -18,7 +18,7 @@ def backend_scope(backend: Optional[str]) -> Iterator[None]:
     if backend is None:
         yield
         return
-    import aule_kp
+    from ..torch.patch import enabled
 
-    with aule_kp.enabled(backend=backend):
+    with enabled(backend=backend):
         yield

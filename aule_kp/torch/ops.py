@@ -23,8 +23,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .. import dispatch
-from ..api import Prepared, check_options, prepare
 from ..backend import Backend
+from ..call import Prepared, check_options, prepare
 from ..errors import warn_once
 from ..inputs import (
     check_scale_window,

@@ -8,16 +8,11 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 from typing import Any, List, Optional, Tuple
 
 from ..backend import Backend
 from ..problem import MAX_HEAD_DIM, Problem
-
-
-def interpreting() -> bool:
-    """Whether Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+from .interpreter import interpreting
 
 
 @functools.cache

@@ -18,7 +18,7 @@ import triton
 
 from ..problem import Problem
 from . import kernels as kern
-from .backend import interpreting
+from .interpreter import interpreting
 
 log = logging.getLogger("aule_kp")
 

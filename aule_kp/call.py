@@ -1,0 +1,112 @@
+"""One validated call: inputs checked and normalised into a Problem, its backend picked, and the
+inputs put in that backend's form. Below both the public API (``aule_kp.api``) and the autograd
+ops (``aule_kp.torch.ops``), which each run calls through it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple
+
+import numpy as np
+
+from . import dispatch, inputs
+from .backend import Backend
+from .dtypes import STORAGE
+from .problem import Problem, band
+
+
+@dataclass
+class Prepared:
+    """A validated call: its Problem, the backend that runs it, and inputs in that backend's form.
+
+    ``q``/``k``/``v`` are host arrays in engine storage, or contiguous torch tensors where they live
+    for a ``native_torch`` backend; ``mask`` is the float32 additive mask (same form) or None.
+    ``backend`` is None when the result is empty or trivially zero (no query, no key).
+    """
+
+    problem: Problem
+    backend: Optional[Backend]
+    q: Any
+    k: Any
+    v: Any
+    mask: Any
+    like: Any  # the caller's q: the result takes its type, dtype and device
+
+    def forward(self) -> Tuple[Any, Any]:
+        """``(out, lse)``: out in the type/dtype/device of the caller's q; lse float32 [B, Hq, Lq]."""
+        p = self.problem
+        if self.backend is None:
+            out = np.zeros((p.batch, p.heads_q, p.len_q, p.dim_v), dtype=STORAGE[p.dtype])
+            lse = np.full((p.batch, p.heads_q, p.len_q), -np.inf, np.float32)
+            return inputs.from_host(out, self.like, p.dtype), lse
+        out, lse = self.backend.forward(p, self.q, self.k, self.v, self.mask)
+        return (out if self.backend.native_torch else inputs.from_host(out, self.like, p.dtype)), lse
+
+
+def check_options(causal: Any, backend: Any) -> None:
+    """ValueError/TypeError naming ``backend`` or ``causal`` when either is not one the API takes."""
+    if backend not in dispatch.BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {dispatch.BACKEND_NAMES}, got {backend!r}")
+    inputs.check_causal(causal)
+
+
+def prepare(
+    q: Any,
+    k: Any,
+    v: Any,
+    *,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    window: Optional[Tuple[int, int]] = None,
+    attn_mask: Any = None,
+    backend: str = "auto",
+    top_left: bool = False,
+    broadcasts_in_place: bool = True,
+) -> Prepared:
+    """Validates and normalises one call (errors name the argument), and picks its backend.
+
+    With ``broadcasts_in_place``, k/v broadcast over heads (stride 0) become one kv head and a mask's
+    broadcast axes size 1, neither copied; a backward pass that must return gradients in the
+    caller's shapes turns it off. Sizes are checked before anything is copied.
+    """
+    check_options(causal, backend)
+    dtype = inputs.check_types(q, k, v)
+    b, hq, hkv, lq, lk, dk, dv = inputs.check_shapes(q, k, v)
+    scale = inputs.check_scale_window(scale, window, dk)
+    if broadcasts_in_place:
+        k, v = inputs.shared_kv_head(k, v)
+        hkv = int(k.shape[1])
+    diag, left, right = band(lq, lk, causal=bool(causal), window=window, top_left=top_left)
+    mask = mask_shape = None
+    if attn_mask is not None:
+        mask, is_bool = inputs.mask_view(attn_mask, (b, hq, lq, lk), collapse=broadcasts_in_place)
+        mask_shape = tuple(int(s) for s in mask.shape)
+    device = q.device.type if inputs.is_torch(q) else None
+    problem = Problem(b, hq, hkv, lq, lk, dk, dv, dtype, float(scale), diag, left, right, mask_shape, device)
+    out_bytes = b * hq * lq * dv * inputs.ITEMSIZES[dtype]
+    if problem.empty or lk == 0:
+        inputs.check_memory([("the output", 0 if device not in (None, "cpu") else out_bytes)])
+        return Prepared(problem, None, None, None, None, None, q)
+    chosen = dispatch.select(problem, backend)
+    if not chosen.native_torch:
+        mask_bytes = 0 if mask_shape is None else 4 * math.prod(mask_shape)
+        inputs.check_memory([("q", inputs.host_copy_bytes(q)), ("k", inputs.host_copy_bytes(k)),
+                             ("v", inputs.host_copy_bytes(v)), ("attn_mask", mask_bytes), ("the output", out_bytes)])
+    if mask is not None:
+        mask = inputs.mask_to_additive(mask, is_bool)
+    if chosen.native_torch:
+        import torch
+
+        if mask is not None:
+            mask = torch.from_numpy(mask).to(q.device)
+        return Prepared(problem, chosen, q.contiguous(), k.contiguous(), v.contiguous(), mask, q)
+    return Prepared(problem, chosen, inputs.to_host(q, dtype), inputs.to_host(k, dtype), inputs.to_host(v, dtype),
+                    mask, q)
+
+
+def attention_forward(q: Any, k: Any, v: Any, **options: Any) -> Tuple[Any, Any, Problem]:
+    """Validated forward pass: ``(out, lse, problem)``; options as ``prepare``."""
+    call = prepare(q, k, v, **options)
+    out, lse = call.forward()
+    return out, lse, call.problem
