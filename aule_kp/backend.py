@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import numpy as np
 
 from .problem import Problem
+
+#: What ``backend=`` takes everywhere: "auto" (the dispatcher's priority list) or one backend.
+BACKEND_NAMES = ("auto", "vulkan", "triton", "cpu")
+
+
+def check_backend_name(backend: Any, allow_none: bool = False) -> None:
+    """ValueError naming ``backend`` unless it is one of ``BACKEND_NAMES`` (or None, where
+    ``allow_none``: the integrations' "keep what install() chose")."""
+    if backend is None and allow_none:
+        return
+    if backend not in BACKEND_NAMES:
+        either = "None or one" if allow_none else "one"
+        raise ValueError(f"backend must be {either} of {BACKEND_NAMES}, got {backend!r}")
 
 
 class Backend:
@@ -21,17 +34,14 @@ class Backend:
 
     name = "base"
 
-    def available(self) -> List[str]:
-        """Reasons this backend cannot run at all on this machine (empty when it can)."""
+    def unavailable_reasons(self) -> List[str]:
+        """Why this backend cannot run at all on this machine (empty when it can)."""
         return []
 
-    def reasons(self, problem: Problem) -> List[str]:
-        """Reasons this backend cannot take ``problem`` (empty when it can)."""
-        return self.available()
-
-    def rank(self, problem: Problem) -> int:
-        """Lower is preferred by ``backend="auto"`` among backends that can take ``problem``."""
-        return 100
+    def problem_reasons(self, problem: Problem) -> List[str]:
+        """Why this backend cannot take ``problem``, ``unavailable_reasons()`` included (empty when it can).
+        Which of the backends that can take it runs it is ``aule_kp.dispatch.PRIORITY``'s choice."""
+        return self.unavailable_reasons()
 
     #: True for backends that take torch tensors where they live (Triton on CUDA/ROCm): then
     #: ``forward``/``backward`` receive and return contiguous torch tensors instead of host arrays.

@@ -322,7 +322,7 @@ def triton_skip_reasons(case: Case, device: str = "cuda") -> List[str]:
     from .triton.interpreter import interpreting
 
     backend = dispatch.get("triton")
-    why = backend.available()
+    why = backend.unavailable_reasons()
     if why:
         return why
     torch, why = _torch_on(device)
@@ -330,7 +330,7 @@ def triton_skip_reasons(case: Case, device: str = "cuda") -> List[str]:
         return why
     if device == "cuda" and interpreting():
         why.append("TRITON_INTERPRET=1 runs Triton's CPU interpreter: its timings would mean nothing")
-    return why + backend.reasons(replace(case.problem(), device=device))
+    return why + backend.problem_reasons(replace(case.problem(), device=device))
 
 
 def bench_triton(case: Case, repeat: int, device: str = "cuda") -> Dict[str, Any]:

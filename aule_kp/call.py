@@ -11,7 +11,7 @@ from typing import Any, Optional, Tuple
 import numpy as np
 
 from . import dispatch, inputs
-from .backend import Backend
+from .backend import Backend, check_backend_name
 from .dtypes import STORAGE
 from .problem import Problem, band
 
@@ -46,8 +46,7 @@ class Prepared:
 
 def check_options(causal: Any, backend: Any) -> None:
     """ValueError/TypeError naming ``backend`` or ``causal`` when either is not one the API takes."""
-    if backend not in dispatch.BACKEND_NAMES:
-        raise ValueError(f"backend must be one of {dispatch.BACKEND_NAMES}, got {backend!r}")
+    check_backend_name(backend)
     inputs.check_causal(causal)
 
 

@@ -1,21 +1,21 @@
-"""Backend registry: each backend says why it cannot take a Problem; "auto" takes the best that can."""
+"""Backend registry: each backend says why it cannot take a Problem; "auto" walks one priority list."""
 
 from __future__ import annotations
 
 import logging
-from typing import Dict, List
+from typing import Callable, Dict, List, Tuple
 
-from .backend import Backend
+from .backend import BACKEND_NAMES, Backend, check_backend_name
 from .cpu.backend import CpuBackend
 from .errors import BackendUnavailable, warn_once
 from .problem import Problem
 from .triton.backend import TritonBackend
+from .vulkan import device as devmod
 from .vulkan.backend import VulkanBackend
 
 log = logging.getLogger("aule_kp")
 
-BACKEND_NAMES = ("auto", "vulkan", "triton", "cpu")
-
+__all__ = ["BACKEND_NAMES", "PRIORITY", "available_backends", "get", "select"]
 
 _registry: Dict[str, Backend] = {
     "vulkan": VulkanBackend(),
@@ -24,51 +24,84 @@ _registry: Dict[str, Backend] = {
 }
 
 
+def _cuda_tensors(problem: Problem) -> bool:
+    return problem.device == "cuda"
+
+
+def _vulkan_gpu(problem: Problem) -> bool:
+    # Asked only of an installed Vulkan backend, so a device is there to ask.
+    return devmod.get_device().caps.type != "cpu"
+
+
+def _always(problem: Problem) -> bool:
+    return True
+
+
+#: ``backend="auto"`` runs a problem on the first entry whose backend can take it
+#: (``problem_reasons`` is empty) and whose condition holds. Every backend's last entry holds always,
+#: so each backend that can take a problem has a place in the list.
+PRIORITY: Tuple[Tuple[str, Callable[[Problem], bool]], ...] = (
+    ("triton", _cuda_tensors),  # torch tensors on a CUDA/ROCm GPU, computed where they live
+    ("vulkan", _vulkan_gpu),    # a GPU behind Vulkan
+    ("cpu", _always),           # NumPy on the host's cores
+    ("vulkan", _always),        # a CPU Vulkan driver (lavapipe): slower than the CPU backend on the same cores
+    ("triton", _always),        # CPU tensors under TRITON_INTERPRET=1: each tile op in NumPy, far slower than BLAS
+)
+
+
+def _place(name: str, problem: Problem) -> int:
+    """The index in ``PRIORITY`` at which backend ``name`` would take ``problem``."""
+    return next(i for i, (entry, holds) in enumerate(PRIORITY) if entry == name and holds(problem))
+
+
 def get(name: str) -> Backend:
+    """The registered backend ``name`` (ValueError naming ``backend`` for an unknown name, and for
+    "auto", which is a choice among backends, not one: ``select`` makes it)."""
     if name not in _registry:
-        raise ValueError(f"backend must be one of {BACKEND_NAMES}, got {name!r}")
+        check_backend_name(name)
+        raise ValueError("backend 'auto' is a choice among the backends, not one of them (select() makes it)")
     return _registry[name]
 
 
 def available_backends() -> List[str]:
     """Names of the backends that can run on this machine."""
-    return [name for name, b in _registry.items() if not b.available()]
+    return [name for name, b in _registry.items() if not b.unavailable_reasons()]
 
 
 def _warn_fallback(problem: Problem, best: Backend, why: Dict[str, List[str]]) -> None:
     """One AuleFallbackWarning per kind when "auto" runs ``problem`` on the CPU because Vulkan is
-    missing, or on a slower backend than an installed one that refused it (e.g. a GPU's Vulkan
-    over a device limit). A CPU Vulkan driver (lavapipe) ranks behind the CPU backend: no warning."""
-    vulkan_missing = _registry["vulkan"].available()
+    missing, or on a backend behind an installed one that refused it in ``PRIORITY`` (e.g. a GPU's
+    Vulkan over a device limit). A CPU Vulkan driver (lavapipe) comes after the CPU backend: no warning."""
+    vulkan_missing = _registry["vulkan"].unavailable_reasons()
     if vulkan_missing and best.name == "cpu":
         warn_once("no-vulkan", f"aule-kp: no usable Vulkan device ({'; '.join(vulkan_missing)}); "
                   "backend='auto' runs on the CPU backend")
     for name, reasons in why.items():
         backend = _registry[name]
-        if not backend.available() and backend.rank(problem) < best.rank(problem):
+        if not backend.unavailable_reasons() and _place(name, problem) < _place(best.name, problem):
             warn_once(f"refused:{name}", f"aule-kp: the {name} backend cannot run this problem "
                       f"({'; '.join(reasons)}); backend='auto' runs it on the {best.name} backend")
 
 
 def select(problem: Problem, name: str = "auto") -> Backend:
-    """The backend that runs ``problem``: the named one, or for "auto" the best able one."""
+    """The backend that runs ``problem``: the named one, or for "auto" the first in ``PRIORITY`` that can."""
     if name != "auto":
         backend = get(name)
-        reasons = backend.reasons(problem)
+        reasons = backend.problem_reasons(problem)
         if reasons:
             raise BackendUnavailable(name, reasons)
         return backend
     able = []
     why: Dict[str, List[str]] = {}
     for backend in _registry.values():
-        reasons = backend.reasons(problem)
+        reasons = backend.problem_reasons(problem)
         if reasons:
             why[backend.name] = reasons
         else:
             able.append(backend)
     if not able:
         raise BackendUnavailable("auto", [f"{n}: {'; '.join(r)}" for n, r in why.items()])
-    best = min(able, key=lambda b: b.rank(problem))
+    best = min(able, key=lambda b: _place(b.name, problem))
     _warn_fallback(problem, best, why)
     log.debug("auto backend for %s: %s", problem, best.name)
     return best

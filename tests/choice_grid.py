@@ -111,7 +111,7 @@ def choices() -> Dict[str, Dict[str, List[str]]]:
                 backend = VulkanBackend()
                 rows: Dict[str, List[str]] = {}
                 for key, p in problems():
-                    why = backend.reasons(p)
+                    why = backend.problem_reasons(p)
                     fwd = "refused: " + "; ".join(why) if why else repr(backend.config(p))
                     bwhy = backend.backward_reasons(p, mask_grad=p.has_mask)
                     bwd = "refused: " + "; ".join(bwhy) if bwhy else repr(

@@ -373,9 +373,8 @@ def test_forced_vulkan_over_binding_limit(monkeypatch: pytest.MonkeyPatch, rng: 
                                          warned_flag: None) -> None:
     q, k, v = _qkv(rng, lq=16, lk=16)
     problem = _problem()
-    vk = dispatch.get("vulkan")
     # Make Vulkan the preferred backend, so that "auto" falling back to the CPU is observable.
-    monkeypatch.setattr(type(vk), "rank", lambda self, p: 0)
+    monkeypatch.setattr(dispatch, "PRIORITY", (("vulkan", lambda p: True), *dispatch.PRIORITY))
     assert dispatch.select(problem, "auto").name == "vulkan"
 
     monkeypatch.setenv("AULE_KP_MAX_BINDING_BYTES", "64")

@@ -127,7 +127,7 @@ def bench_tol(case: Case) -> float:
     """Largest ``max_err`` of a correct row (``conftest.tolerance``): the benchmark's inputs are seeded
     standard normals, whose |v| stays below 6 at these sizes (probability 1 - 2e-9 per element)."""
     return tolerance(case.dtype, case.lk + case.d, value_scale=6.0)
-HAS_TRITON = not dispatch.get("triton").available()
+HAS_TRITON = not dispatch.get("triton").unavailable_reasons()
 CUDA = bool(HAS_TRITON and __import__("torch").cuda.is_available())
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="torch or triton not installed")
 

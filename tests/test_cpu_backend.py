@@ -320,9 +320,9 @@ def test_hidden_tiles_are_skipped(kwargs: dict, most: float) -> None:
     assert p.visible_fraction() * n * n <= area <= most * n * n
 
 
-def test_rank_and_name() -> None:
+def test_name_and_reasons() -> None:
     p = make_problem()
-    assert DEFAULT.name == "cpu" and DEFAULT.rank(p) == 50 and DEFAULT.reasons(p) == []
+    assert DEFAULT.name == "cpu" and DEFAULT.unavailable_reasons() == [] and DEFAULT.problem_reasons(p) == []
 
 
 @st.composite

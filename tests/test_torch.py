@@ -781,7 +781,7 @@ def test_import_aule_kp_does_not_import_torch() -> None:
     assert out.split() == ["False", "True"]
 
 
-@pytest.mark.skipif(bool(dispatch.get("triton").available()), reason="triton is not installed")
+@pytest.mark.skipif(bool(dispatch.get("triton").unavailable_reasons()), reason="triton is not installed")
 def test_native_torch_backend_through_triton_interpreter() -> None:
     """A backend that takes torch tensors where they live (Triton; here its CPU interpreter):
     forward and backward receive and return tensors, gradients match float64 torch."""

@@ -307,10 +307,6 @@ class CpuBackend(Backend):
         self.step = step
         self.workers = workers
 
-    def rank(self, problem: Problem) -> int:
-        """Fallback tier: behind a GPU backend, ahead of CPU Vulkan drivers such as lavapipe."""
-        return 50
-
     def forward(
         self, problem: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Optional[np.ndarray]
     ) -> Tuple[np.ndarray, np.ndarray]:

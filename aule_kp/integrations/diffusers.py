@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..backend import check_backend_name
 from . import backend_scope
 
 log = logging.getLogger("aule_kp")
@@ -32,11 +33,7 @@ class AuleAttnProcessor:
     """
 
     def __init__(self, backend: Optional[str] = None) -> None:
-        if backend is not None:
-            from aule_kp import dispatch
-
-            if backend not in dispatch.BACKEND_NAMES:
-                raise ValueError(f"backend must be None or one of {dispatch.BACKEND_NAMES}, got {backend!r}")
+        check_backend_name(backend, allow_none=True)
         self.backend = backend
 
     def __call__(

@@ -26,6 +26,7 @@ from typing import Any, Optional, Tuple
 
 import torch
 
+from ..backend import check_backend_name
 from . import backend_scope
 
 log = logging.getLogger("aule_kp")
@@ -101,11 +102,7 @@ def register(backend: Optional[str] = None) -> str:
         raise ImportError("aule_kp.integrations.transformers needs transformers >= 4.53 "
                           f"(AttentionInterface and AttentionMaskInterface): {exc}") from exc
 
-    if backend is not None:
-        from aule_kp import dispatch
-
-        if backend not in dispatch.BACKEND_NAMES:
-            raise ValueError(f"backend must be None or one of {dispatch.BACKEND_NAMES}, got {backend!r}")
+    check_backend_name(backend, allow_none=True)
     _backend = backend
     AttentionInterface.register(NAME, aule_attention_forward)
     # The sdpa mask: boolean (True = attend), None when purely causal (lets the kernel skip tiles).

@@ -18,17 +18,12 @@ from typing import Iterator, List, Optional, Tuple
 
 import torch
 
-from .. import dispatch
+from ..backend import check_backend_name
 from .sdpa import log, scaled_dot_product_attention, state
 
 _lock = threading.RLock()
 _installed: List[Optional[str]] = []  # install()'s backend, when installed (a list of at most one)
 _blocks: List[Tuple[object, Optional[str]]] = []  # active enabled() blocks: (token, backend), oldest first
-
-
-def _check_backend(backend: Optional[str]) -> None:
-    if backend is not None and backend not in dispatch.BACKEND_NAMES:
-        raise ValueError(f"backend must be None or one of {dispatch.BACKEND_NAMES}, got {backend!r}")
 
 
 def _apply() -> None:
@@ -61,7 +56,7 @@ def install(backend: Optional[str] = None) -> None:
     Raises:
         ValueError: an unknown backend name.
     """
-    _check_backend(backend)
+    check_backend_name(backend, allow_none=True)
     with _lock:
         _installed[:] = [backend]
         _apply()
@@ -83,7 +78,7 @@ def enabled(backend: Optional[str] = None) -> Iterator[None]:
     Blocks nest and may overlap across threads: on exit a block removes only itself, and the
     patch stays while :func:`install` or another block holds it.
     """
-    _check_backend(backend)
+    check_backend_name(backend, allow_none=True)
     token = object()
     with _lock:
         _blocks.append((token, backend))

@@ -38,13 +38,13 @@ class TritonBackend(Backend):
         self.block_m = block_m
         self.block_n = block_n
 
-    def available(self) -> List[str]:
+    def unavailable_reasons(self) -> List[str]:
         """Reasons Triton cannot run here at all: a missing package."""
         return [f"{name} is not installed (pip install aule-kp[triton])" for name in _missing()]
 
-    def reasons(self, problem: Problem) -> List[str]:
+    def problem_reasons(self, problem: Problem) -> List[str]:
         """Why this backend cannot take ``problem``: packages, where the tensors live, head dims."""
-        why = self.available()
+        why = self.unavailable_reasons()
         device = problem.device
         if device is None:
             why.append("the inputs are NumPy arrays; the Triton backend takes torch tensors")
@@ -57,11 +57,6 @@ class TritonBackend(Backend):
             if not 0 < d <= MAX_HEAD_DIM:
                 why.append(f"{what} = {d} is outside the kernels' 1..{MAX_HEAD_DIM}")
         return why
-
-    def rank(self, problem: Problem) -> int:
-        """First choice for GPU tensors; behind the CPU backend for CPU tensors (the interpreter
-        runs each tile op in NumPy, far slower than BLAS tiles)."""
-        return 5 if problem.device == "cuda" else 90
 
     def forward(self, problem: Problem, q: Any, k: Any, v: Any, mask: Any) -> Tuple[Any, Any]:
         """``(out, lse)`` torch tensors on q's device; see :class:`aule_kp.backend.Backend`."""

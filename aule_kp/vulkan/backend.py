@@ -27,7 +27,7 @@ class VulkanBackend(Backend):
         self.variant = variant
         self._choices: Dict[Any, Tuple[Optional[ForwardConfig], Tuple[str, ...]]] = {}
 
-    def available(self) -> List[str]:
+    def unavailable_reasons(self) -> List[str]:
         why = devmod.vulkan_unavailable() or devmod.selected_device_error()
         return [why] if why else []
 
@@ -54,13 +54,9 @@ class VulkanBackend(Backend):
     def _decide(self, problem: Problem) -> Tuple[Optional[ForwardConfig], Tuple[str, ...]]:
         return forward_choice(devmod.get_device().caps, problem, self.variant)
 
-    def reasons(self, problem: Problem) -> List[str]:
-        why = self.available()
+    def problem_reasons(self, problem: Problem) -> List[str]:
+        why = self.unavailable_reasons()
         return why if why else list(self._choice(problem)[1])
-
-    def rank(self, problem: Problem) -> int:
-        # A CPU Vulkan driver (lavapipe) is slower than the NumPy backend on the same cores.
-        return 80 if devmod.get_device().caps.type == "cpu" else 10
 
     def plan(self, problem: Problem, config: Optional[ForwardConfig] = None) -> Plan:
         """The device's plan for ``problem``, bound to it (see ``plan.forward_plan``): valid until the
@@ -86,7 +82,7 @@ class VulkanBackend(Backend):
 
     def backward_reasons(self, problem: Problem, mask_grad: bool = False) -> List[str]:
         """Why ``backward`` cannot take ``problem`` here (empty: it can), for callers that fall back."""
-        why = self.available()
+        why = self.unavailable_reasons()
         if why or problem.empty or problem.len_k == 0:
             return why
         caps = devmod.get_device().caps
