@@ -435,7 +435,7 @@ def test_dropout_goes_to_torch_with_one_notice(monkeypatch: pytest.MonkeyPatch) 
 
 def test_backend_reasons_send_the_call_to_torch(monkeypatch: pytest.MonkeyPatch,
                                                 went_to_torch: Callable[[], List[str]]) -> None:
-    monkeypatch.setattr(VulkanBackend, "reasons", lambda self, problem: ["no room for it (test)"])
+    monkeypatch.setattr(VulkanBackend, "problem_reasons", lambda self, problem: ["no room for it (test)"])
     q, k, v = _qkv((1, 2, 6, 16), (1, 2, 7, 16), (1, 2, 7, 16))
     with aule_kp.enabled("vulkan"):
         assert torch.equal(OURS(q, k, v), TORCH_SDPA(q, k, v))
