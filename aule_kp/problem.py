@@ -1,6 +1,6 @@
 """The Problem: everything a backend needs to know about one attention call, and nothing else.
 
-Shapes follow DESIGN.md §2: q ``[B, Hq, Lq, Dk]``, k ``[B, Hkv, Lk, Dk]``, v ``[B, Hkv, Lk, Dv]``.
+Shapes (as ``flash_attention`` takes them): q ``[B, Hq, Lq, Dk]``, k ``[B, Hkv, Lk, Dk]``, v ``[B, Hkv, Lk, Dv]``.
 Causal masking and sliding windows are folded into one *visibility band*: query ``i`` sees key
 ``j`` when ``i + diag - left <= j <= i + diag + right`` (``left``/``right`` of ``None`` mean
 unbounded). ``diag = Lk - Lq`` is flash-attn's bottom-right alignment, ``diag = 0`` torch's top-left.

@@ -1,4 +1,5 @@
-"""Tests of the public API (DESIGN.md §2): validation, dispatch, semantics, info() and Context.
+"""Tests of the public API (its names are fixed: code outside this repository calls them): validation,
+dispatch, semantics, info() and Context.
 
 Vulkan runs on Mesa's lavapipe here, where each new pipeline specialisation (head dims x dtype)
 costs about a second to compile: the Vulkan cases keep to tiny shapes and almost all use D=32, so

@@ -158,7 +158,8 @@ def test_triton_skip_reasons_on_a_cuda_device(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_triton_row_reports_missing_packages(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dispatch.get("triton"), "unavailable_reasons", lambda: ["triton is not installed (pip install x)"])
+    missing = ["triton is not installed (pip install x)"]
+    monkeypatch.setattr(dispatch.get("triton"), "unavailable_reasons", lambda: missing)
     row = bench.bench_triton(TINY, repeat=1)
     assert row["ms"] is None and row["note"] == "skipped: triton is not installed (pip install x)"
 

@@ -76,7 +76,7 @@ def test_as_dict_is_json_serialisable() -> None:
         d = dev.as_dict()
         back = json.loads(json.dumps(d))
         assert back == d
-        # the keys aule_kp.info() promises for every device (DESIGN.md section 2)
+        # the keys aule_kp.info() promises for every device (its docstring)
         for key in ("name", "vendor", "type", "subgroup_size", "shared_memory", "fp16", "coopmat"):
             assert key in back
         assert back["extensions"] == sorted(dev.extensions)

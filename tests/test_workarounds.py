@@ -1,6 +1,6 @@
 """The driver-trap table (aule_kp/vulkan/workarounds.py) applied by the kernel choice.
 
-Each trap users hit in the field (DESIGN.md section 7) gets a made-up device with the capabilities
+Each trap users hit in the field (the table cites each one's source) gets a made-up device with the capabilities
 the probe would record there (vendor id, VkDriverId, name, OS, architecture, subgroup facts), and
 the test checks what the automatic choice then runs: which variant, with or without subgroup
 shuffles, and that a turned-off variant says why (kernels.variant_reasons, aule_kp.info()). No
