@@ -188,7 +188,7 @@ def main(argv: List[str] | None = None) -> None:
     ap.add_argument("--timing", type=Path, metavar="DIR", help="A/B against the aule_kp package in DIR")
     args = ap.parse_args(argv)
     dev = devmod.get_device()
-    print(f"device: {dev.caps.name} ({dev.caps.type}), kp patch {getattr(dev.kp, 'aule_patch', 0)}, "
+    print(f"device: {dev.caps.name} ({dev.caps.type}), kp patch {devmod.kp_patch_level(dev.kp)}, "
           f"grids settable: {hasattr(dev.kp.Algorithm, 'set_workgroup')}, plan cache {dev.plans.max_bytes // MB} MB\n")
     rng = np.random.default_rng(1)
     if args.shapes:

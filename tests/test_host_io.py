@@ -71,7 +71,7 @@ def test_copy_threads_validation(monkeypatch):
 
 
 def _async_kp() -> bool:
-    return devmod.vulkan_unavailable() is None and getattr(devmod.get_device().kp, "aule_patch", 0) >= 2
+    return devmod.vulkan_unavailable() is None and devmod.kp_patch_level(devmod.get_device().kp) >= 2
 
 
 needs_async = pytest.mark.skipif(not _async_kp(), reason="pipelined calls need kp with our patch (eval_async)")

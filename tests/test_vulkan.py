@@ -203,6 +203,17 @@ def test_unpatched_kp_disables_coopmat(monkeypatch):
     assert variant_reasons("scalar", caps, p) == []
 
 
+def test_kp_patch_level() -> None:
+    """One answer to "is kp patched?": the unpatched release has no ``aule_patch`` (level 0)."""
+    from types import SimpleNamespace
+
+    assert devmod.kp_patch_level(SimpleNamespace()) == 0
+    assert devmod.kp_patch_level(SimpleNamespace(aule_patch=3)) == 3
+    status = devmod.kp_status()
+    if status["available"]:
+        assert status["patched"] == (devmod.kp_patch_level(devmod.import_kp()) > 0)
+
+
 def test_coopmat_d64_tile_choice():
     from dataclasses import replace
 

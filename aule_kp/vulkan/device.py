@@ -58,6 +58,12 @@ def import_kp() -> Any:
     return _kp
 
 
+def kp_patch_level(kp: Any) -> int:
+    """The version of aule-kp's patch the kp module ``kp`` was built with (``kp.aule_patch``; 0 for
+    the unpatched release): the one way to ask "is kp patched, and with what?"."""
+    return int(getattr(kp, "aule_patch", 0))
+
+
 def kp_status() -> Dict[str, Any]:
     """Whether kp imports, its version and whether it is the build with aule-kp's patch."""
     try:
@@ -67,7 +73,7 @@ def kp_status() -> Dict[str, Any]:
     return {
         "available": True,
         "version": getattr(kp, "__version__", "?"),
-        "patched": bool(getattr(kp, "aule_patch", 0)),
+        "patched": kp_patch_level(kp) > 0,
         "patch_id": getattr(kp, "aule_patch_id", None),
     }
 
