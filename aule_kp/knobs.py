@@ -6,7 +6,7 @@ the knobs with those the last snapshot was made from (a few dictionary lookups) 
 when one changed, so a test that sets a variable sees it at the next call. Memo keys hold the
 snapshot object itself (equal snapshots: equal raw values and overrides), never a list of variables.
 
-A knob whose value does not parse raises ``ValueError("AULE_KP_X must be ..., got '...'")`` when it
+A knob whose value does not parse raises ``ValueError("AULE_KP_SPLIT_KV must be ..., got 'x'")`` when it
 is read (``snapshot.x``), not when the snapshot is made: a bad knob fails what uses it, not the rest.
 Engineering knobs (forced variant, split count, coopmat conversion) are also keyword arguments of the
 internal entry points (``VulkanBackend(variant=..., num_splits=..., coopmat_convert=...)``), which
@@ -93,7 +93,7 @@ KNOBS: Tuple[Knob, ...] = (
     Knob("AULE_KP_HOST_TENSORS", "host_tensors", _flag, False,
          "1: GpuTensors live in host memory on discrete GPUs too"),
     Knob("AULE_KP_SPIRV_CACHE", "spirv_cache", str, None,
-         "folder of the compiled SPIR-V (default: spirv_cache/ in the source tree)"),
+         "folder of the compiled SPIR-V (default: spirv_cache/ in the source tree); read once, at import"),
     Knob("AULE_KP_TEST_CORRUPT", "test_corrupt", _families, frozenset(),
          "TEST ONLY: comma list of kernel families whose outputs are made wrong (self-check tests)"),
 )
@@ -145,7 +145,9 @@ class Snapshot:
 
     def describe(self) -> Dict[str, Dict[str, Any]]:
         """Every knob by name: its raw ``value`` (None: unset, the default applies), ``default``, ``meaning``."""
-        return {k.name: {"value": self.source[i], "default": k.default, "meaning": k.meaning}
+        return {k.name: {"value": self.source[i],
+                         "default": sorted(k.default) if isinstance(k.default, frozenset) else k.default,
+                         "meaning": k.meaning}
                 for i, k in enumerate(KNOBS)}
 
 
