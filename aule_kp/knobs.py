@@ -7,7 +7,7 @@ when one changed, so a test that sets a variable sees it at the next call. Memo 
 snapshot object itself (equal snapshots: equal raw values and overrides), never a list of variables.
 
 A knob whose value does not parse raises ``ValueError("AULE_KP_SPLIT_KV must be ..., got 'x'")`` when it
-is read (``snapshot.x``), not when the snapshot is made: a bad knob fails what uses it, not the rest.
+is read (``snapshot.split_kv``), not when the snapshot is made: a bad knob fails what uses it, not the rest.
 Engineering knobs (forced variant, split count, coopmat conversion) are also keyword arguments of the
 internal entry points (``VulkanBackend(variant=..., num_splits=..., coopmat_convert=...)``), which
 apply them with :meth:`Snapshot.override`.

@@ -5,7 +5,7 @@ vendor id, ``VkDriverId``, device-name pattern, host OS, GPU generation, device 
 *features* that are broken or slow there. The choice applies the table in two ways:
 
 * a kernel variant that cannot run without an avoided feature (:data:`NEEDS`) is turned off, with a
-  reason naming the trap and its source (``kernels.variant_reasons``, ``aule_kp.info()``), and
+  reason naming the trap and its source (``choice.variant_reasons``, ``aule_kp.info()``), and
   ``auto`` takes the next variant;
 * a feature the scalar kernels can do without (:data:`DO_WITHOUT`) is taken away from the
   capabilities the tile choice sees (:func:`effective`): e.g. no subgroup shuffles means TPR = 1,
