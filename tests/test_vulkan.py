@@ -222,3 +222,16 @@ def test_long_key_rows(rng, monkeypatch):
     # Split-KV would take this decode-like shape (tests/test_splitkv.py): keep the forward kernel.
     monkeypatch.setenv("AULE_KP_SPLIT_KV", "0")
     check(problem(lq=5, lk=9000, causal=True), rng)
+
+
+def test_one_choice_builds_each_config_once(monkeypatch):
+    """A forward choice builds the chosen variant's specialization once (no second config_for)."""
+    from aule_kp.vulkan import choice
+
+    calls = []
+    real = choice.config_for
+    monkeypatch.setattr(choice, "config_for", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    caps = devmod.get_device().caps
+    cfg, reasons = choice.choose_forward(caps, problem(lq=64, lk=64, dk=64, dv=64), num_splits=0)
+    assert cfg is not None and not reasons
+    assert len(calls) == len(set(calls)) == 1 and calls == [cfg.variant]
