@@ -38,8 +38,8 @@ import numpy as np
 
 from .call import attention_forward
 from .dtypes import from_f32
+from .knobs import COOPMAT_CONVERT_ENV
 from .problem import Problem, band
-from .vulkan.kernels import COOPMAT_CONVERT_ENV
 
 log = logging.getLogger("aule_kp")
 

@@ -39,6 +39,9 @@ def _info(args: argparse.Namespace) -> int:
         if d["self_check"]:
             print(f"      self-check: {len(d['self_check'])} verdict(s) recorded, "
                   f"{'wrong: ' + ', '.join(wrong) if wrong else 'none wrong'} (`aule-kp doctor` re-runs them)")
+    print("knobs (environment):")
+    for name, k in data["knobs"].items():
+        print(f"  {name}={'' if k['value'] is None else k['value']}  {k['meaning']}")
     return 0
 
 
@@ -108,8 +111,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 def _tune(args: argparse.Namespace) -> int:
     """Time tile candidates on the selected device and cache the winners; --show / --clear: that cache."""
+    from . import tune as tuning
     from .vulkan import device as devmod
-    from .vulkan import tuning
 
     why = devmod.vulkan_unavailable()
     if why:
@@ -148,7 +151,7 @@ def _doctor(args: argparse.Namespace) -> int:
     from .problem import DTYPES
     from .vulkan import device as devmod
     from .vulkan import selfcheck, workarounds
-    from .vulkan.kernels import FAMILIES, candidate_families
+    from .vulkan.choice import FAMILIES, candidate_families
 
     why = devmod.vulkan_unavailable()
     if why:

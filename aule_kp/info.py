@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any, Dict, List
 
-from . import dispatch
+from . import dispatch, knobs
 from ._version import __version__
 from .problem import Problem
 from .vulkan import device as devmod
 from .vulkan import selfcheck, workarounds
-from .vulkan.kernels import VARIANTS, disabled_reasons, variant_reasons
+from .vulkan.choice import VARIANTS, disabled_reasons, variant_reasons
 from .vulkan.probe import probe_error
 
 #: The typical problem ``variants`` answers for: fp16, head dim 64.
@@ -34,6 +34,8 @@ def info() -> Dict[str, Any]:
     ``<kernel family>/<dtype>``).
     ``selected_device``: the index ``AULE_KP_DEVICE`` selects (None when it selects none);
     ``device_error``: why it selects none (not an integer, out of range), else None.
+    ``knobs``: every ``AULE_KP_*`` variable by name: its ``value`` (None: unset), ``default`` and
+    ``meaning`` (aule_kp/knobs.py).
     """
     devices = []
     for caps in devmod.devices():
@@ -52,6 +54,7 @@ def info() -> Dict[str, Any]:
         "selected_device": None if device_error or not devices else devmod.selected_index(),
         "device_error": device_error,
         "kp": devmod.kp_status(),
+        "knobs": knobs.current().describe(),
     }
     if not devices:
         out["vulkan_error"] = probe_error() or devmod.vulkan_unavailable()

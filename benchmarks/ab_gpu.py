@@ -36,7 +36,7 @@ from aule_kp.problem import Problem, band
 from aule_kp.vulkan import device as devmod
 from aule_kp.vulkan.backend import VulkanBackend
 from aule_kp.vulkan.compile import spirv_path
-from aule_kp.vulkan.kernels import KernelConfig
+from aule_kp.vulkan.configs import KernelConfig
 from aule_kp.vulkan.plan import Plan
 
 #: (heads, length, head dim, causal), B1 fp16: the forward bars' shapes.

@@ -113,8 +113,7 @@ def run_loop(items: List[Any], one: Callable[[Any], float], what: str, every: in
 def pipelines() -> None:
     """What one pipeline of each kernel holds in RSS (see the module doc)."""
     from aule_kp.problem import Problem
-    from aule_kp.vulkan.kernels import backward_config, choose
-    from aule_kp.vulkan.splitkv import split_kernel
+    from aule_kp.vulkan.choice import backward_config, forward_kernel, split_kernel
 
     dev = devmod.get_device()
     kp, mgr = dev.kp, dev.manager
@@ -131,7 +130,8 @@ def pipelines() -> None:
     for d in (32, 64, 128, 256):
         for dtype in ("float16", "float32"):
             p = Problem(1, 8, 2, 1, 1024, d, d, dtype, 0.1)
-            fwd, split, bwd = choose(dev.caps, p), split_kernel(dev.caps, p), backward_config(dev.caps, p, False)
+            fwd, split = forward_kernel(dev.caps, p), split_kernel(dev.caps, p)
+            bwd = backward_config(dev.caps, p, False)
             back = " / ".join(f"{cost(k, bwd.spec(k), 12, 15):.1f}" for k in bwd.kernels())
             print(f"| {d} | {dtype} | {cost(fwd, fwd.spec(), 6, 15):.1f} | {cost(split, split.spec(), 9, 17):.1f} | "
                   f"{back} |")

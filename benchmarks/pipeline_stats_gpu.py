@@ -8,8 +8,8 @@ prints a markdown table: one row per pipeline with its specialization constants,
 the library's formula gives, and every statistic the driver reports (the union of their names).
 A device without the extension (Mesa's lavapipe 22.3, for one) gets a note and exit 0.
 
-Pipelines: the forward kernel ``kernels.choose`` picks for B1 H32 fp16 S2048 D64, S8192 D64,
-S8192 D128 and S8192 D128 causal, and the split-KV kernel ``splitkv.split_kv_config`` picks for
+Pipelines: the forward kernel ``choice.forward_kernel`` picks for B1 H32 fp16 S2048 D64, S8192 D64,
+S8192 D128 and S8192 D128 causal, and the split-KV kernel ``choice.split_kv_config`` picks for
 decoding B1 Hq32 Hkv8 Lq1 Lk32768 D128 fp16; then any given as arguments, to compare variants:
 
     python3 benchmarks/pipeline_stats_gpu.py [kernel:dk,dv,br,bc,tpr,dtype,wg,stage,rpt ...]
@@ -37,10 +37,10 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from aule_kp.problem import Problem, band
+from aule_kp.vulkan import choice
 from aule_kp.vulkan import device as devmod
-from aule_kp.vulkan import splitkv
 from aule_kp.vulkan.compile import spirv_path
-from aule_kp.vulkan.kernels import KernelConfig, choose, coopmat_shared_bytes
+from aule_kp.vulkan.configs import KernelConfig, coopmat_shared_bytes, splitkv_shared_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "scripts" / "pipeline_stats.c"
@@ -84,17 +84,17 @@ def library_pipelines() -> List[Pipeline]:
     for s, d, causal in ((2048, 64, False), (8192, 64, False), (8192, 128, False), (8192, 128, True)):
         name = f"fwd S{s} D{d}{' causal' if causal else ''}"
         try:
-            cfg = choose(caps, forward_problem(s, d, causal))
+            cfg = choice.forward_kernel(caps, forward_problem(s, d, causal))
         except ValueError as exc:
             print(f"note: {name}: {exc}")
             continue
         out.append((name, cfg, cfg.variant))
     p = decode_problem()
-    split = splitkv.split_kv_config(caps, p)
+    split = choice.split_kv_config(caps, p)
     if split is not None:
         out.append(("decode Lk32768 D128", split.kernel, f"splitkv, {split.n_split} x {split.split_len} keys"))
     else:  # this device runs the forward kernel there; show the split kernel it would use anyway
-        out.append(("decode Lk32768 D128", splitkv.split_kernel(caps, p), "splitkv (not picked on this device)"))
+        out.append(("decode Lk32768 D128", choice.split_kernel(caps, p), "splitkv (not picked on this device)"))
     return out
 
 
@@ -115,7 +115,7 @@ def shared_bytes(cfg: KernelConfig) -> str:
     """Shared memory by the library's formula for the kernel (what it checks against the device)."""
     try:
         if cfg.kernel.startswith("fa2_splitkv"):
-            return str(splitkv.shared_bytes(cfg))
+            return str(splitkv_shared_bytes(cfg))
         if "coopmat" in cfg.kernel:
             return str(coopmat_shared_bytes(cfg))
         if cfg.kernel == "fa2_fwd":

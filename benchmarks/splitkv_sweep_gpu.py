@@ -17,8 +17,9 @@ from aule_kp.bench import gpu_seconds
 from aule_kp.dtypes import from_f32, to_f32
 from aule_kp.problem import Problem, band
 from aule_kp.vulkan import device as devmod
+from aule_kp.vulkan.choice import split_kv_config
+from aule_kp.vulkan.configs import SplitKVConfig
 from aule_kp.vulkan.plan import Plan
-from aule_kp.vulkan.splitkv import SplitKVConfig, split_kv_config
 
 
 def main(lk: int = 32768, hq: int = 32) -> None:

@@ -21,7 +21,7 @@ from aule_kp.dtypes import from_f32
 from aule_kp.problem import Problem, band
 from aule_kp.vulkan import device as devmod
 from aule_kp.vulkan.backend import VulkanBackend
-from aule_kp.vulkan.kernels import backward_config
+from aule_kp.vulkan.choice import backward_config
 
 
 def main(b: int = 1, h: int = 32, s: int = 8192, d: int = 128, repeat: int = 5) -> None:

@@ -97,25 +97,22 @@ def on_device(caps: Any) -> Iterator[None]:
 
 def choices() -> Dict[str, Dict[str, List[str]]]:
     """``{profile: {problem: [forward choice or reasons, backward choice or reasons]}}``."""
-    from aule_kp.vulkan import tuning
+    from aule_kp.vulkan import tuning_cache
     from aule_kp.vulkan.backend import VulkanBackend
-    from aule_kp.vulkan.kernels import backward_config
 
     out: Dict[str, Dict[str, List[str]]] = {}
     defaults = {n: v for n, v in os.environ.items() if not n.startswith("AULE_KP_")}
     # The knobs' defaults (no AULE_KP_* set) for the duration only; the self-check would run kernels.
-    with mock.patch.dict(os.environ, dict(defaults, AULE_KP_SELF_CHECK="0"), clear=True), tuning.defaults_only():
+    with mock.patch.dict(os.environ, dict(defaults, AULE_KP_SELF_CHECK="0"), clear=True), tuning_cache.defaults_only():
         for profile in PROFILES:
-            backend_caps = caps_of(profile)
-            with on_device(backend_caps):
+            with on_device(caps_of(profile)):
                 backend = VulkanBackend()
                 rows: Dict[str, List[str]] = {}
                 for key, p in problems():
                     why = backend.problem_reasons(p)
                     fwd = "refused: " + "; ".join(why) if why else repr(backend.config(p))
                     bwhy = backend.backward_reasons(p, mask_grad=p.has_mask)
-                    bwd = "refused: " + "; ".join(bwhy) if bwhy else repr(
-                        backward_config(backend_caps, p, p.has_mask))
+                    bwd = "refused: " + "; ".join(bwhy) if bwhy else repr(backend.backward_config(p, p.has_mask))
                     rows[key] = [fwd, bwd]
                 out[profile] = rows
     return out

@@ -1,5 +1,5 @@
 """The zero-copy API's lifetime (a closed Context stays closed) and its kernel choice: the same
-decision as the host-array path (``aule_kp.vulkan.choice.forward_choice``), so a problem past a
+decision as the host-array path (``aule_kp.vulkan.choice.choose_forward``), so a problem past a
 device limit (storage binding range, grid y, a CPU driver's loop limit) is refused with the limit
 named, never dispatched. Limits are lowered for the test: ``AULE_KP_MAX_BINDING_BYTES``, a faked
 grid-y limit in the device's capabilities, and a lower CPU loop limit.
@@ -113,8 +113,8 @@ def test_same_choice_as_the_host_path(ctx: aule_kp.Context, fresh_choices: None)
         q, k, v = _arrays(hq=4, hkv=2, lq=lq, lk=lk)
         diag, left, right = band(lq, lk, causal=causal, window=None, top_left=False)
         p = Problem(1, 4, 2, lq, lk, D, D, "float32", D**-0.5, diag, left, right)
-        assert choice.forward_choice(caps, p, whole=True) == choice.forward_choice(caps, p)
-        assert dispatch.get("vulkan").config(p) == choice.forward_choice(caps, p, whole=True)[0]
+        assert choice.choose_forward(caps, p, whole=True) == choice.choose_forward(caps, p)
+        assert dispatch.get("vulkan").config(p) == choice.choose_forward(caps, p, whole=True)[0]
         got = ctx.attention(*_upload(ctx, q, k, v), causal=causal).download()
         np.testing.assert_allclose(got, _expected(q, k, v, causal), atol=ATOL, rtol=0)
 
@@ -175,6 +175,6 @@ def test_too_many_heads_for_one_grid(ctx: aule_kp.Context, fresh_choices: None) 
     by the plan after an output was allocated."""
     caps = devmod.get_device().caps
     p = Problem(2, 40000, 40000, 1, 1, 8, 8, "float16", 1.0)
-    cfg, reasons = choice.forward_choice(caps, p, whole=True)
+    cfg, reasons = choice.choose_forward(caps, p, whole=True)
     assert cfg is None and any("80000 query heads x batch" in r for r in reasons), reasons
-    assert choice.forward_choice(caps, p)[0] is not None  # the host path splits it into chunks
+    assert choice.choose_forward(caps, p)[0] is not None  # the host path splits it into chunks

@@ -11,7 +11,7 @@ from conftest import check, problem
 
 from aule_kp.vulkan import device as devmod
 from aule_kp.vulkan.backend import VulkanBackend
-from aule_kp.vulkan.kernels import coopmat_shared_bytes
+from aule_kp.vulkan.configs import coopmat_shared_bytes
 
 coopmat = pytest.mark.skipif(
     devmod.vulkan_unavailable() is not None or not devmod.get_device().caps.coopmat,

@@ -16,7 +16,7 @@ from aule_kp.vulkan import backward as backmod
 from aule_kp.vulkan import device as devmod
 from aule_kp.vulkan import plan as planmod
 from aule_kp.vulkan.backend import VulkanBackend
-from aule_kp.vulkan.kernels import backward_config
+from aule_kp.vulkan.choice import backward_config
 
 pytestmark = pytest.mark.skipif(devmod.vulkan_unavailable() is not None, reason="no Vulkan device")
 

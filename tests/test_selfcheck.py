@@ -35,10 +35,9 @@ from aule_kp.cli import main
 from aule_kp.dtypes import from_f32, to_f32
 from aule_kp.errors import BackendUnavailable
 from aule_kp.vulkan import device as devmod
-from aule_kp.vulkan import selfcheck, tuning
+from aule_kp.vulkan import selfcheck, tuning_cache
 from aule_kp.vulkan.backend import VulkanBackend
-from aule_kp.vulkan.kernels import TEST_CORRUPT_ENV, KernelConfig
-from aule_kp.vulkan.splitkv import SplitKVConfig
+from aule_kp.vulkan.configs import KernelConfig, SplitKVConfig
 
 _NO_VULKAN = devmod.vulkan_unavailable()
 pytestmark = pytest.mark.skipif(bool(_NO_VULKAN), reason=f"no Vulkan device: {_NO_VULKAN}")
@@ -52,9 +51,9 @@ def checking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """The automatic check on, verdicts in a directory of this test's own, no corruption, and the
     Vulkan backend's memoised choices forgotten before and after."""
     cache = tmp_path / "cache"
-    monkeypatch.setenv(tuning.ENV_DIR, str(cache))
-    monkeypatch.setenv(selfcheck.ENV, "1")
-    monkeypatch.delenv(TEST_CORRUPT_ENV, raising=False)
+    monkeypatch.setenv("AULE_KP_CACHE_DIR", str(cache))
+    monkeypatch.setenv("AULE_KP_SELF_CHECK", "1")
+    monkeypatch.delenv("AULE_KP_TEST_CORRUPT", raising=False)
     for name in ("AULE_KP_SPLIT_KV", "AULE_KP_FORCE_VARIANT", "AULE_KP_FORCE_BWD_VARIANT", "AULE_KP_WORKAROUNDS"):
         monkeypatch.delenv(name, raising=False)
     dispatch.get("vulkan")._choices.clear()
@@ -101,9 +100,9 @@ def test_corrupt_split_kv_is_turned_off_and_the_verdict_reused(checking: Path,
     q, k, v = decode_inputs()
     p = attention_forward(q, k, v, backend="cpu")[2]
     with monkeypatch.context() as m:
-        m.setenv(selfcheck.ENV, "0")
+        m.setenv("AULE_KP_SELF_CHECK", "0")
         assert isinstance(VulkanBackend().config(p), SplitKVConfig)  # the choice without the check
-    monkeypatch.setenv(TEST_CORRUPT_ENV, "splitkv")
+    monkeypatch.setenv("AULE_KP_TEST_CORRUPT", "splitkv")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         first = checked_forward(q, k, v, "vulkan")
@@ -127,7 +126,7 @@ def test_corrupt_split_kv_is_turned_off_and_the_verdict_reused(checking: Path,
         from aule_kp.call import attention_forward
         from aule_kp.vulkan import selfcheck
         from aule_kp.vulkan.backend import VulkanBackend
-        from aule_kp.vulkan.splitkv import SplitKVConfig
+        from aule_kp.vulkan.configs import SplitKVConfig
         rng = np.random.default_rng(7)
         q, k, v = (rng.standard_normal(s).astype(np.float32) for s in SHAPES)
         with warnings.catch_warnings(record=True) as caught:
@@ -138,7 +137,7 @@ def test_corrupt_split_kv_is_turned_off_and_the_verdict_reused(checking: Path,
                           "runs": selfcheck.stats["runs"],
                           "warnings": [str(w.message) for w in caught if "self-check" in str(w.message)]}))
     """).replace("SHAPES", repr(DECODE_SHAPES))
-    env = {key: val for key, val in os.environ.items() if key != TEST_CORRUPT_ENV}
+    env = {key: val for key, val in os.environ.items() if key != "AULE_KP_TEST_CORRUPT"}
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -148,7 +147,7 @@ def test_corrupt_split_kv_is_turned_off_and_the_verdict_reused(checking: Path,
 
 def test_doctor_reports_and_rechecks(checking: Path, capsys: pytest.CaptureFixture,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(TEST_CORRUPT_ENV, "splitkv")
+    monkeypatch.setenv("AULE_KP_TEST_CORRUPT", "splitkv")
     assert main(["doctor", "--kernels", "splitkv", "fwd.scalar", "--dtype", "float32", "--json"]) == 1
     report = json.loads(capsys.readouterr().out)
     assert report["wrong"] == ["splitkv/float32"]
@@ -159,7 +158,7 @@ def test_doctor_reports_and_rechecks(checking: Path, capsys: pytest.CaptureFixtu
         warnings.simplefilter("ignore", RuntimeWarning)
         assert isinstance(VulkanBackend().config(p), KernelConfig)
     # Fixed (here: the corruption gone), doctor re-checks and split-KV comes back.
-    monkeypatch.delenv(TEST_CORRUPT_ENV)
+    monkeypatch.delenv("AULE_KP_TEST_CORRUPT")
     assert main(["doctor", "--kernels", "splitkv", "--dtype", "float32"]) == 0
     out = capsys.readouterr().out
     assert "| splitkv | float32 | ok |" in out and "every kernel checked is correct" in out
@@ -171,7 +170,7 @@ def test_doctor_reports_and_rechecks(checking: Path, capsys: pytest.CaptureFixtu
 
 def test_corrupt_scalar_forward(checking: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The only forward variant lavapipe runs, wrong: Vulkan says why, ``auto`` takes the CPU backend."""
-    monkeypatch.setenv(TEST_CORRUPT_ENV, "fwd.scalar")
+    monkeypatch.setenv("AULE_KP_TEST_CORRUPT", "fwd.scalar")
     rng = np.random.default_rng(3)
     q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((1, 2, 24, 64), (1, 2, 40, 64), (1, 2, 40, 64)))
     with warnings.catch_warnings(record=True) as caught:
@@ -185,7 +184,7 @@ def test_corrupt_scalar_forward(checking: Path, monkeypatch: pytest.MonkeyPatch)
 
 
 def test_corrupt_backward_is_turned_off(checking: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(TEST_CORRUPT_ENV, "bwd.scalar")
+    monkeypatch.setenv("AULE_KP_TEST_CORRUPT", "bwd.scalar")
     q, k, v = decode_inputs()
     p = attention_forward(q, k, v, backend="cpu")[2]
     with warnings.catch_warnings(record=True) as caught:
@@ -197,8 +196,8 @@ def test_corrupt_backward_is_turned_off(checking: Path, monkeypatch: pytest.Monk
 
 
 def test_off_switch(checking: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(selfcheck.ENV, "0")
-    monkeypatch.setenv(TEST_CORRUPT_ENV, "splitkv")
+    monkeypatch.setenv("AULE_KP_SELF_CHECK", "0")
+    monkeypatch.setenv("AULE_KP_TEST_CORRUPT", "splitkv")
     runs = selfcheck.stats["runs"]
     q, k, v = decode_inputs()
     p = attention_forward(q, k, v, backend="cpu")[2]
@@ -219,7 +218,7 @@ def test_a_pipeline_the_driver_refuses_is_wrong(monkeypatch: pytest.MonkeyPatch)
 def test_stale_or_inapplicable_verdicts_change_nothing(checking: Path) -> None:
     dev = devmod.get_device()
     path = selfcheck.cache_path(dev.caps)
-    tuning.write_cache_file(path, dev.caps, selfcheck.SECTION,
+    tuning_cache.write_cache_file(path, dev.caps, selfcheck.SECTION,
                             {"splitkv/float32": {"ok": False, "detail": "old build", "build": "0" * 16}},
                             selfcheck.FORMAT)
     assert selfcheck.known_reasons("splitkv", dev.caps, "float32") == []

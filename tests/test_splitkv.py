@@ -1,4 +1,4 @@
-"""Split-KV decoding (glsl/fa2_splitkv.comp, aule_kp/vulkan/splitkv.py) on lavapipe against the
+"""Split-KV decoding (glsl/fa2_splitkv.comp; its choice in aule_kp/vulkan/choice.py) on lavapipe against the
 float64 reference, and the automatic choice on a GPU-like device description.
 
 Split counts are forced with ``AULE_KP_SPLIT_KV`` so tiny shapes exercise many splits, splits that
@@ -22,8 +22,8 @@ from aule_kp.dtypes import to_f32
 from aule_kp.vulkan import device as devmod
 from aule_kp.vulkan import plan as planmod
 from aule_kp.vulkan.backend import VulkanBackend
-from aule_kp.vulkan.kernels import KernelConfig
-from aule_kp.vulkan.splitkv import MIN_SPLIT_KEYS, SplitKVConfig, choose_forward, merge_lanes, split_kv_config
+from aule_kp.vulkan.choice import MIN_SPLIT_KEYS, choose_forward, split_kv_config
+from aule_kp.vulkan.configs import KernelConfig, SplitKVConfig, merge_lanes
 
 pytestmark = pytest.mark.skipif(devmod.vulkan_unavailable() is not None, reason="no Vulkan device")
 
@@ -225,7 +225,7 @@ def test_automatic_choice_on_a_discrete_gpu(monkeypatch):
     monkeypatch.delenv("AULE_KP_FORCE_VARIANT", raising=False)
     caps = _discrete_gpu()
     decode = problem(b=1, hq=32, hkv=8, lq=1, lk=32768, dk=128, dv=128, dtype="float16")
-    cfg = choose_forward(caps, decode)
+    cfg = choose_forward(caps, decode)[0]
     assert isinstance(cfg, SplitKVConfig)
     blocks = math.ceil(decode.group * decode.len_q / cfg.kernel.br)
     grid = cfg.n_split * decode.batch * decode.heads_kv * blocks
@@ -234,16 +234,16 @@ def test_automatic_choice_on_a_discrete_gpu(monkeypatch):
     # The packed rows (4 query heads x 1 row) share each K/V load.
     assert cfg.kernel.br == 4 and cfg.shared_bytes() <= caps.shared_memory
     # Speculative decoding (Lq 16), GQA 8: still split.
-    assert isinstance(choose_forward(caps, problem(hq=64, hkv=8, lq=16, lk=8192, dk=128, dv=128)), SplitKVConfig)
+    assert isinstance(choose_forward(caps, problem(hq=64, hkv=8, lq=16, lk=8192, dk=128, dv=128))[0], SplitKVConfig)
     # Not for a long query block, a large batch (the forward's grid fills the GPU) or short keys.
-    assert isinstance(choose_forward(caps, problem(hq=32, hkv=8, lq=4096, lk=4096, dk=128, dv=128)), KernelConfig)
-    assert isinstance(choose_forward(caps, problem(b=64, hq=32, hkv=8, lq=1, lk=32768, dk=128, dv=128)),
+    assert isinstance(choose_forward(caps, problem(hq=32, hkv=8, lq=4096, lk=4096, dk=128, dv=128))[0], KernelConfig)
+    assert isinstance(choose_forward(caps, problem(b=64, hq=32, hkv=8, lq=1, lk=32768, dk=128, dv=128))[0],
                       KernelConfig)
-    assert isinstance(choose_forward(caps, problem(hq=32, hkv=8, lq=1, lk=300, dk=128, dv=128)), KernelConfig)
+    assert isinstance(choose_forward(caps, problem(hq=32, hkv=8, lq=1, lk=300, dk=128, dv=128))[0], KernelConfig)
     # A pinned variant keeps its kernel unless splits are forced.
-    assert isinstance(choose_forward(caps, decode, "scalar"), KernelConfig)
-    monkeypatch.setenv("AULE_KP_SPLIT_KV", "0")
-    assert isinstance(choose_forward(caps, decode), KernelConfig)
+    assert isinstance(choose_forward(caps, decode, variant="scalar")[0], KernelConfig)
+    assert isinstance(choose_forward(caps, decode, num_splits=0)[0], KernelConfig)
+    assert isinstance(choose_forward(caps, decode, variant="scalar", num_splits=3)[0], SplitKVConfig)
 
 
 def test_automatic_choice_on_a_cpu_driver(monkeypatch):
@@ -252,9 +252,9 @@ def test_automatic_choice_on_a_cpu_driver(monkeypatch):
     monkeypatch.delenv("AULE_KP_SPLIT_KV", raising=False)
     monkeypatch.delenv("AULE_KP_FORCE_VARIANT", raising=False)
     caps = replace(devmod.get_device().caps, type="cpu")
-    assert isinstance(choose_forward(caps, problem(b=16, hq=8, hkv=2, lq=1, lk=1024, dk=64, dv=64)), SplitKVConfig)
-    assert isinstance(choose_forward(caps, problem(b=16, hq=8, hkv=2, lq=1, lk=300, dk=64, dv=64)), KernelConfig)
-    assert isinstance(choose_forward(caps, problem(b=1, hq=8, hkv=2, lq=64, lk=1024, dk=64, dv=64)), KernelConfig)
+    assert isinstance(choose_forward(caps, problem(b=16, hq=8, hkv=2, lq=1, lk=1024, dk=64, dv=64))[0], SplitKVConfig)
+    assert isinstance(choose_forward(caps, problem(b=16, hq=8, hkv=2, lq=1, lk=300, dk=64, dv=64))[0], KernelConfig)
+    assert isinstance(choose_forward(caps, problem(b=1, hq=8, hkv=2, lq=64, lk=1024, dk=64, dv=64))[0], KernelConfig)
 
 
 def test_gpu_tensor_path(splits):

@@ -1,5 +1,5 @@
-"""Tile tuning (aule_kp/vulkan/tuning.py): the per-device cache file, its use by ``config_for`` and
-``backward_config``, and ``aule-kp tune`` end to end on lavapipe.
+"""Tile tuning (aule_kp/tune.py; the cache file in aule_kp/vulkan/tuning_cache.py): the per-device
+cache file, its use by ``config_for`` and ``backward_config``, and ``aule-kp tune`` end to end on lavapipe.
 
 Cache tests run on a made-up lavapipe-like ``DeviceCaps`` (no device needed). The tuning runs use
 the tiniest preset (B1 H2 L64 D32 float32) with two or three candidates: every new specialization
@@ -20,18 +20,19 @@ import pytest
 from conftest import check, gradient_tolerances, problem
 from reference import reference_backward
 
+from aule_kp import tune as autotune
 from aule_kp.cli import main
 from aule_kp.dtypes import from_f32, to_f32
 from aule_kp.vulkan import device as devmod
-from aule_kp.vulkan import tuning
+from aule_kp.vulkan import tuning_cache as tuning
 from aule_kp.vulkan.backend import VulkanBackend
-from aule_kp.vulkan.kernels import backward_config, choose, config_for
+from aule_kp.vulkan.choice import backward_config, backward_reasons, config_for, forward_kernel, forward_reasons
 from aule_kp.vulkan.probe import DeviceCaps
 
 _NO_VULKAN = devmod.vulkan_unavailable()
 needs_vulkan = pytest.mark.skipif(bool(_NO_VULKAN), reason=f"no Vulkan device: {_NO_VULKAN}")
 
-QUICK = tuning.QUICK_CASES[0]
+QUICK = autotune.QUICK_CASES[0]
 
 
 def fake_caps(**kw: Any) -> DeviceCaps:
@@ -51,8 +52,8 @@ def fake_caps(**kw: Any) -> DeviceCaps:
 def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every test gets its own cache dir (never the user's), with the cache switched on."""
     d = tmp_path / "cache"
-    monkeypatch.setenv(tuning.ENV_DIR, str(d))
-    monkeypatch.delenv(tuning.ENV_OFF, raising=False)
+    monkeypatch.setenv("AULE_KP_CACHE_DIR", str(d))
+    monkeypatch.delenv("AULE_KP_NO_TUNING_CACHE", raising=False)
     return d
 
 
@@ -79,7 +80,7 @@ def tiles_of(k) -> Dict[str, int]:
 def test_cache_dir_resolution(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     assert tuning.cache_dir() == tmp_path / "cache"
     assert tuning.cache_dir(str(tmp_path / "x")) == tmp_path / "x"
-    monkeypatch.delenv(tuning.ENV_DIR)
+    monkeypatch.delenv("AULE_KP_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert tuning.cache_dir() == tmp_path / "xdg" / "aule_kp"
     monkeypatch.delenv("XDG_CACHE_HOME")
@@ -129,7 +130,7 @@ def test_key_includes_uuid_and_driver_version(cache: Path, caplog: pytest.LogCap
         assert tiles_of(config_for("scalar", c, P)) == tiles_of(defaults(c, P)[0])
     # The old driver's file put where the new driver's belongs: its contents say whose it is.
     tuning.cache_path(new_driver).write_bytes(tuning.cache_path(caps).read_bytes())
-    tuning._invalidate(tuning.cache_path(new_driver))
+    tuning.invalidate(tuning.cache_path(new_driver))
     with caplog.at_level(logging.WARNING, logger="aule_kp"):
         assert tuning.lookup(new_driver, "fwd.scalar", P) is None
     assert "written for device" in caplog.text
@@ -169,7 +170,7 @@ def test_config_for_and_backward_config_pick_cached_winners(monkeypatch: pytest.
                        tuning.problem_key("bwd.scalar", P): entry(**BWD_WIN)})
     cfg = config_for("scalar", caps, P)
     assert cfg == replace(fwd, **FWD_WIN)
-    assert choose(caps, P) == cfg
+    assert forward_kernel(caps, P) == cfg
     b = backward_config(caps, P)
     assert b.dkdv == replace(bwd.dkdv, **BWD_WIN) and b.dq == replace(bwd.dq, **BWD_WIN) and b.pre == bwd.pre
     # Lengths within a factor of two share the winner; farther lengths, another dtype or causality do not.
@@ -177,7 +178,7 @@ def test_config_for_and_backward_config_pick_cached_winners(monkeypatch: pytest.
     for other in (problem(lq=300, lk=64, dk=32, dv=32), problem(lq=64, lk=64, dk=32, dv=32, dtype="float16"),
                   problem(lq=64, lk=64, dk=32, dv=32, causal=True), problem(lq=64, lk=64, dk=64, dv=64)):
         assert config_for("scalar", caps, other) == defaults(caps, other)[0]
-    monkeypatch.setenv(tuning.ENV_OFF, "1")
+    monkeypatch.setenv("AULE_KP_NO_TUNING_CACHE", "1")
     assert config_for("scalar", caps, P) == fwd and backward_config(caps, P) == bwd
 
 
@@ -192,7 +193,7 @@ def test_illegal_cached_entry_is_ignored(fwd_tiles: Dict[str, int], why: str,
                                          caplog: pytest.LogCaptureFixture) -> None:
     caps = fake_caps()
     fwd, bwd = defaults(caps, P)
-    assert why in "; ".join(tuning.forward_reasons(replace(fwd, **fwd_tiles), caps, P))
+    assert why in "; ".join(forward_reasons(replace(fwd, **fwd_tiles), caps, P))
     tuning.save(caps, {tuning.problem_key("fwd.scalar", P): entry(**fwd_tiles),
                        tuning.problem_key("bwd.scalar", P): entry(**dict(BWD_WIN, br=13))})
     with caplog.at_level(logging.WARNING, logger="aule_kp"):
@@ -212,8 +213,8 @@ def test_malformed_entry_is_ignored(caplog: pytest.LogCaptureFixture) -> None:
 def test_candidates_are_legal_and_near_the_default() -> None:
     caps = fake_caps()
     fwd, bwd = defaults(caps, P)
-    for default, reasons in ((fwd, tuning.forward_reasons), (bwd, tuning.backward_reasons)):
-        cands = tuning.candidates(default, caps, P, 12)
+    for default, reasons in ((fwd, forward_reasons), (bwd, backward_reasons)):
+        cands = autotune.candidates(default, caps, P, 12)
         assert len(cands) == 12 and default not in cands
         assert all(not reasons(c, caps, P) for c in cands)
         base = tiles_of(default.dkdv if default is bwd else default)
@@ -235,13 +236,13 @@ def test_cli_tune_quick_end_to_end(cache: Path, tmp_path: Path, monkeypatch: pyt
     stored = json.loads(path.read_text())["entries"]
     p = QUICK.problem()
     with tuning.defaults_only():
-        fwd = choose(caps, p)
+        fwd = forward_kernel(caps, p)
         bwd = backward_config(caps, p)
     fkey, bkey = tuning.problem_key(f"fwd.{fwd.variant}", p), tuning.problem_key(f"bwd.{bwd.variant}", p)
     assert set(stored) == {fkey, bkey}
     # A later config_for / backward_config reads the winners (the default cache dir is elsewhere).
     assert tiles_of(config_for(fwd.variant, caps, p)) == tiles_of(fwd)
-    monkeypatch.setenv(tuning.ENV_DIR, str(target))
+    monkeypatch.setenv("AULE_KP_CACHE_DIR", str(target))
     assert tiles_of(config_for(fwd.variant, caps, p)) == {f: stored[fkey][f] for f in tuning.TILE_FIELDS}
     assert tiles_of(backward_config(caps, p).dq) == {f: stored[bkey][f] for f in tuning.TILE_FIELDS}
     assert main(["tune", "--show"]) == 0
@@ -256,7 +257,7 @@ def test_tune_keeps_the_fastest_correct_candidate(cache: Path, monkeypatch: pyte
                                                   caplog: pytest.LogCaptureFixture) -> None:
     """Candidate 0 is made the fastest, 1 returns wrong numbers, 2 fails to build: the winner is 0,
     and the tuned configs still match the float64 reference."""
-    real = tuning._trial
+    real = autotune._trial
     seen: Dict[str, List[Any]] = {}
 
     def trial(job, cfg, dev, repeat):
@@ -269,9 +270,9 @@ def test_tune_keeps_the_fastest_correct_candidate(cache: Path, monkeypatch: pyte
         outputs = real(job, cfg, dev, 1)[1]
         return (1.0, outputs) if i == 0 else (0.5, tuple(o + np.ones_like(o) for o in outputs))
 
-    monkeypatch.setattr(tuning, "_trial", trial)
+    monkeypatch.setattr(autotune, "_trial", trial)
     with caplog.at_level(logging.WARNING, logger="aule_kp"):
-        report = tuning.tune([QUICK], max_candidates=3, repeat=1)
+        report = autotune.tune([QUICK], max_candidates=3, repeat=1)
     assert [r["status"][:8] for r in report.rows] == ["default", "ok", "mismatch", "failed: "] * 2
     assert [r["winner"] for r in report.rows] == [False, True, False, False] * 2
     assert "disagrees with the default" in caplog.text and "vkCreateComputePipelines failed" in caplog.text
@@ -279,7 +280,7 @@ def test_tune_keeps_the_fastest_correct_candidate(cache: Path, monkeypatch: pyte
 
     caps = devmod.get_device().caps
     p = QUICK.problem()
-    fwd = config_for(choose(caps, p).variant, caps, p)
+    fwd = config_for(forward_kernel(caps, p).variant, caps, p)
     bwd = backward_config(caps, p)
     assert fwd == seen["forward"][0] and bwd == seen["backward"][0]
     assert fwd != defaults(caps, p, fwd.variant)[0]
@@ -295,9 +296,9 @@ def test_tune_keeps_the_fastest_correct_candidate(cache: Path, monkeypatch: pyte
 
 
 def test_default_cases_by_device_and_overrides() -> None:
-    assert tuning.default_cases(fake_caps()) == tuning.CPU_CASES
-    assert tuning.default_cases(fake_caps(type="discrete")) == tuning.GPU_CASES
-    cases = tuning.default_cases(fake_caps(type="discrete"), quick=True, dtype="float16", head_dims=[64, 128])
+    assert autotune.default_cases(fake_caps()) == autotune.CPU_CASES
+    assert autotune.default_cases(fake_caps(type="discrete")) == autotune.GPU_CASES
+    cases = autotune.default_cases(fake_caps(type="discrete"), quick=True, dtype="float16", head_dims=[64, 128])
     assert [(c.d, c.dtype, c.lq) for c in cases] == [(64, "float16", 64), (128, "float16", 64)]
 
 

@@ -16,7 +16,8 @@ from aule_kp.problem import Problem
 from aule_kp.vulkan import device as devmod
 from aule_kp.vulkan import plan as planmod
 from aule_kp.vulkan.backend import VulkanBackend
-from aule_kp.vulkan.kernels import KernelConfig, choose
+from aule_kp.vulkan.choice import forward_kernel
+from aule_kp.vulkan.configs import KernelConfig
 
 pytestmark = pytest.mark.skipif(devmod.vulkan_unavailable() is not None, reason="no Vulkan device")
 
@@ -34,7 +35,7 @@ FORCED = [
 def forced(cfg: KernelConfig, p: Problem) -> KernelConfig:
     from dataclasses import replace
 
-    from aule_kp.vulkan.kernels import DTYPE_CODE
+    from aule_kp.vulkan.configs import DTYPE_CODE
 
     return replace(cfg, dk=p.dim_k, dv=p.dim_v, dtype=DTYPE_CODE[p.dtype])
 
@@ -133,26 +134,22 @@ def test_query_grid_sections_divide_the_heads(monkeypatch):
 
 
 def test_section_heads_fit_the_bytes(monkeypatch):
-    from aule_kp.vulkan import kernels
-
-    monkeypatch.delenv(kernels.SECTION_BYTES_ENV, raising=False)
-    monkeypatch.setattr(kernels, "SECTION_BYTES", 1 << 20)
+    monkeypatch.delenv("AULE_KP_SECTION_BYTES", raising=False)
+    monkeypatch.setattr(planmod, "SECTION_BYTES", 1 << 20)
     # fp16, Lk 1024, D 64 + 64: 256 KiB of K and V per kv head; 2 query heads share them.
-    assert kernels.section_heads(problem(hq=4, hkv=2, lk=1024, dk=64, dv=64, dtype="float16")) == 8
-    assert kernels.section_heads(problem(lk=1024, dk=64, dv=64, dtype="float32", hq=1, hkv=1)) == 2
-    assert kernels.section_heads(problem(lk=1 << 20, dk=256, dv=256, hq=1, hkv=1)) == 1
+    assert planmod.section_heads(problem(hq=4, hkv=2, lk=1024, dk=64, dv=64, dtype="float16")) == 8
+    assert planmod.section_heads(problem(lk=1024, dk=64, dv=64, dtype="float32", hq=1, hkv=1)) == 2
+    assert planmod.section_heads(problem(lk=1 << 20, dk=256, dv=256, hq=1, hkv=1)) == 1
 
 
 def test_section_bytes_env(monkeypatch):
-    from aule_kp.vulkan import kernels
-
     p = problem(lk=1024, dk=64, dv=64, dtype="float16", hq=1, hkv=1)  # 256 KiB of K and V
-    monkeypatch.setenv(kernels.SECTION_BYTES_ENV, str(1 << 20))
-    assert kernels.section_heads(p) == 4
+    monkeypatch.setenv("AULE_KP_SECTION_BYTES", str(1 << 20))
+    assert planmod.section_heads(p) == 4
     for bad in ("16M", "0", "-5"):
-        monkeypatch.setenv(kernels.SECTION_BYTES_ENV, bad)
+        monkeypatch.setenv("AULE_KP_SECTION_BYTES", bad)
         with pytest.raises(ValueError, match="AULE_KP_SECTION_BYTES must be a positive"):
-            kernels.section_heads(p)
+            planmod.section_heads(p)
 
 
 def test_query_tiles_over_the_grid_limit_is_a_reason():
@@ -170,7 +167,7 @@ def test_device_choice_is_cpu_tiles():
     caps = devmod.get_device().caps
     if caps.type != "cpu":
         pytest.skip("CPU-driver tiles are chosen only on CPU Vulkan devices (lavapipe)")
-    cfg = choose(caps, problem(dk=64, dv=64))
+    cfg = forward_kernel(caps, problem(dk=64, dv=64))
     assert cfg.variant == "scalar" and cfg.stage == 0 and cfg.rpt == 4 and cfg.tpr <= caps.subgroup_size
 
 
@@ -192,7 +189,7 @@ def test_random_problems(b, hkv, group, lq, lk, d, dtype, causal, top_left, wind
 def test_unpatched_kp_disables_coopmat(monkeypatch):
     from dataclasses import replace
 
-    from aule_kp.vulkan.kernels import variant_reasons
+    from aule_kp.vulkan.choice import variant_reasons
 
     caps = replace(devmod.get_device().caps, coopmat=True,
                    coopmat_shapes=((16, 16, 16, "f16", "f16", "f32", "f32", "subgroup"),))
@@ -217,13 +214,13 @@ def test_kp_patch_level() -> None:
 def test_coopmat_d64_tile_choice():
     from dataclasses import replace
 
-    from aule_kp.vulkan.kernels import _coopmat_tiles
+    from aule_kp.vulkan.choice import coopmat_tiles
 
     caps = replace(devmod.get_device().caps, type="discrete", subgroup_size=32, shared_memory=48 << 10,
                    max_workgroup_invocations=1024)
 
     def tall(h: int, s: int) -> bool:
-        return _coopmat_tiles(caps, problem(hq=h, hkv=h, lq=s, lk=s, dk=64, dv=64, dtype="float16"))["br"] == 128
+        return coopmat_tiles(caps, problem(hq=h, hkv=h, lq=s, lk=s, dk=64, dv=64, dtype="float16")).br == 128
 
     assert tall(32, 2048) and tall(32, 8192) and tall(20, 1024)  # 512, 2048, 160 tiles of 128 rows
     assert not tall(8, 1024)  # 64 tiles: fewer than a discrete GPU runs at once
@@ -236,3 +233,16 @@ def test_long_key_rows(rng, monkeypatch):
     # Split-KV would take this decode-like shape (tests/test_splitkv.py): keep the forward kernel.
     monkeypatch.setenv("AULE_KP_SPLIT_KV", "0")
     check(problem(lq=5, lk=9000, causal=True), rng)
+
+
+def test_one_choice_builds_each_config_once(monkeypatch):
+    """A forward choice builds the chosen variant's specialization once (no second config_for)."""
+    from aule_kp.vulkan import choice
+
+    calls = []
+    real = choice.config_for
+    monkeypatch.setattr(choice, "config_for", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    caps = devmod.get_device().caps
+    cfg, reasons = choice.choose_forward(caps, problem(lq=64, lk=64, dk=64, dv=64), num_splits=0)
+    assert cfg is not None and not reasons
+    assert len(calls) == len(set(calls)) == 1 and calls == [cfg.variant]

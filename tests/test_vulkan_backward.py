@@ -31,7 +31,8 @@ from aule_kp.vulkan import device as devmod
 from aule_kp.vulkan import plan as planmod
 from aule_kp.vulkan.backend import VulkanBackend
 from aule_kp.vulkan.backward import backward_group_bytes, reduce_to_mask
-from aule_kp.vulkan.kernels import DTYPE_CODE, BackwardConfig, KernelConfig, backward_config, backward_config_reasons
+from aule_kp.vulkan.choice import backward_config, backward_config_reasons
+from aule_kp.vulkan.configs import DTYPE_CODE, BackwardConfig, KernelConfig
 
 pytestmark = pytest.mark.skipif(devmod.vulkan_unavailable() is not None, reason="no Vulkan device")
 
@@ -270,7 +271,7 @@ def test_device_choice_is_cpu_tiles():
     cfg = backward_config(caps, problem(dk=64, dv=64))
     for k in (cfg.dkdv, cfg.dq):
         assert isinstance(k, KernelConfig) and k.stage == 0 and k.tpr == min(8, caps.subgroup_size)
-        assert k.rpt * (k.dk + k.dv) * 2 // k.tpr <= 400  # registers per lane (see kernels.py)
+        assert k.rpt * (k.dk + k.dv) * 2 // k.tpr <= 400  # registers per lane (see choice.py)
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

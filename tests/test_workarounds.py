@@ -3,7 +3,7 @@
 Each trap users hit in the field (the table cites each one's source) gets a made-up device with the capabilities
 the probe would record there (vendor id, VkDriverId, name, OS, architecture, subgroup facts), and
 the test checks what the automatic choice then runs: which variant, with or without subgroup
-shuffles, and that a turned-off variant says why (kernels.variant_reasons, aule_kp.info()). No
+shuffles, and that a turned-off variant says why (choice.variant_reasons, aule_kp.info()). No
 device is needed: these only ask the choice, never run a kernel.
 """
 
@@ -19,18 +19,19 @@ from conftest import problem
 
 import aule_kp
 from aule_kp.vulkan import device as devmod
-from aule_kp.vulkan import tuning, workarounds
-from aule_kp.vulkan.kernels import (
-    FAMILIES,
-    KernelConfig,
+from aule_kp.vulkan import workarounds
+from aule_kp.vulkan.choice import (
     backward_config,
-    choose,
+    choose_forward,
     config_for,
     disabled_reasons,
+    forward_kernel,
+    kernel_reasons,
+    split_kernel,
     variant_reasons,
 )
+from aule_kp.vulkan.configs import FAMILIES, KernelConfig, SplitKVConfig
 from aule_kp.vulkan.probe import DeviceCaps, detect_architecture, probe_devices
-from aule_kp.vulkan.splitkv import SplitKVConfig, choose_forward, split_kernel
 
 COOPMAT_16 = ((16, 16, 16, "f16", "f16", "f32", "f32", "subgroup"),)
 AMD, INTEL, NVIDIA, APPLE = 0x1002, 0x8086, 0x10DE, 0x106B
@@ -74,7 +75,7 @@ DECODE = problem(b=1, hq=32, hkv=8, lq=1, lk=32768, dk=128, dv=128, dtype="float
 def patched_kp(monkeypatch: pytest.MonkeyPatch) -> None:
     """The choice as with the patched kp (coopmat needs it), whatever this machine built; the table on."""
     monkeypatch.setattr(devmod, "kp_status", lambda: {"available": True, "patched": True})
-    monkeypatch.delenv(workarounds.ENV_OFF, raising=False)
+    monkeypatch.delenv("AULE_KP_WORKAROUNDS", raising=False)
     monkeypatch.delenv("AULE_KP_FORCE_VARIANT", raising=False)
     monkeypatch.delenv("AULE_KP_FORCE_BWD_VARIANT", raising=False)
     monkeypatch.delenv("AULE_KP_SPLIT_KV", raising=False)
@@ -87,7 +88,7 @@ def ids(caps: DeviceCaps) -> set:
 def test_amd_windows_before_rdna3() -> None:
     """f16vec4 shuffles (#19881): our shuffles move fp32 values, so Wave64 keeps its shuffles."""
     assert ids(RDNA2_WINDOWS) == {"amd-windows-fp16"}
-    cfg = choose(RDNA2_WINDOWS, D128_FP16)
+    cfg = forward_kernel(RDNA2_WINDOWS, D128_FP16)
     assert cfg.variant == "wave64" and cfg.tpr > 1
     assert workarounds.effective(RDNA2_WINDOWS) is RDNA2_WINDOWS
     # fp16 arithmetic is avoided: the coopmat kernels would be off, had these GPUs any.
@@ -101,16 +102,16 @@ def test_amd_windows_before_rdna3() -> None:
 def test_moltenvk_amd_runs_without_shuffles() -> None:
     """Shuffles wrong on MoltenVK + AMD (#20029): TPR = 1 in every kernel that would shuffle."""
     assert ids(MOLTENVK_AMD) == {"moltenvk-amd-shuffle", "moltenvk-pipeline-creation"}
-    fwd = choose(MOLTENVK_AMD, D128_FP16)
+    fwd = forward_kernel(MOLTENVK_AMD, D128_FP16)
     assert fwd.variant == "wave64" and fwd.tpr == 1
     assert config_for("scalar", MOLTENVK_AMD, D128_FP16).tpr == 1
     assert split_kernel(MOLTENVK_AMD, DECODE).tpr == 1
     bwd = backward_config(MOLTENVK_AMD, D128_FP16)
     assert bwd.variant == "scalar" and bwd.dkdv.tpr == bwd.dq.tpr == 1
     # The same GPU elsewhere shuffles.
-    assert choose(replace(MOLTENVK_AMD, driver_id=RADV, os="linux"), D128_FP16).tpr > 1
+    assert forward_kernel(replace(MOLTENVK_AMD, driver_id=RADV, os="linux"), D128_FP16).tpr > 1
     # A cached tuning winner that shuffles is not legal there.
-    assert any("shuffles" in r for r in tuning.kernel_reasons(replace(fwd, tpr=4, br=32), MOLTENVK_AMD, D128_FP16))
+    assert any("shuffles" in r for r in kernel_reasons(replace(fwd, tpr=4, br=32), MOLTENVK_AMD, D128_FP16))
 
 
 def test_intel_needs_full_subgroups() -> None:
@@ -118,7 +119,7 @@ def test_intel_needs_full_subgroups() -> None:
     assert ids(ARC_B580) == {"intel-full-subgroups"}
     reasons = variant_reasons("coopmat", ARC_B580, D128_FP16)
     assert reasons and "full_subgroups" in reasons[0] and "17356" in reasons[0]
-    cfg = choose(ARC_B580, D128_FP16)
+    cfg = forward_kernel(ARC_B580, D128_FP16)
     assert cfg.variant == "scalar" and cfg.tpr == 1
     assert backward_config(ARC_B580, D128_FP16).variant == "scalar"
     assert ids(replace(ARC_B580, type="integrated", name="Intel(R) Graphics (LNL)")) == {"intel-full-subgroups"}
@@ -129,12 +130,12 @@ def test_nvidia_turing_avoids_coopmat() -> None:
     assert ids(TURING) == {"nvidia-turing-coopmat"}
     reasons = variant_reasons("coopmat", TURING, D128_FP16)
     assert any("pull/19290" in r for r in reasons)
-    cfg = choose(TURING, D128_FP16)
+    cfg = forward_kernel(TURING, D128_FP16)
     assert cfg.variant == "scalar" and cfg.tpr > 1
     assert backward_config(TURING, D128_FP16).variant == "scalar"
     # Ampere on the same driver keeps coopmat.
     assert not ids(AMPERE)
-    assert choose(AMPERE, D128_FP16).variant == "coopmat"
+    assert forward_kernel(AMPERE, D128_FP16).variant == "coopmat"
     assert backward_config(AMPERE, D128_FP16).variant == "coopmat"
     # A driver without VK_NV_shader_sm_builtins does not give warps per SM: the names catch it.
     for name in ("NVIDIA GeForce RTX 2060 SUPER", "Tesla T4", "NVIDIA GeForce GTX 1660 Ti", "Quadro RTX 6000"):
@@ -147,7 +148,7 @@ def test_arc_a770_linux_avoids_coopmat() -> None:
     assert ids(ARC_A770_LINUX) == {"intel-full-subgroups", "intel-xe1-coopmat-slow"}
     reasons = " ".join(variant_reasons("coopmat", ARC_A770_LINUX, D128_FP16))
     assert "pull/24404" in reasons and "pull/17356" in reasons
-    assert choose(ARC_A770_LINUX, D128_FP16).variant == "scalar"
+    assert forward_kernel(ARC_A770_LINUX, D128_FP16).variant == "scalar"
     # Known by name too, when the probe could not tell the architecture.
     assert "intel-xe1-coopmat-slow" in ids(replace(ARC_A770_LINUX, architecture="other"))
 
@@ -158,27 +159,27 @@ def test_moltenvk_pipeline_creation() -> None:
     assert ids(MOLTENVK_APPLE) == {"moltenvk-pipeline-creation"}
     entry = next(w for w in workarounds.TABLE if w.id == "moltenvk-pipeline-creation")
     assert not entry.avoid and "self-check" in entry.effect
-    cfg = choose(MOLTENVK_APPLE, D128_FP16)
+    cfg = forward_kernel(MOLTENVK_APPLE, D128_FP16)
     assert cfg.variant == "scalar" and cfg.tpr > 1
     assert all(not workarounds.family_reasons(f, MOLTENVK_APPLE) for f in FAMILIES)
 
 
 def test_split_kv_follows_the_table() -> None:
-    cfg = choose_forward(MOLTENVK_AMD, DECODE)
+    cfg = choose_forward(MOLTENVK_AMD, DECODE)[0]
     assert isinstance(cfg, SplitKVConfig) and cfg.kernel.tpr == 1
-    assert isinstance(choose_forward(TURING, DECODE), SplitKVConfig)
+    assert isinstance(choose_forward(TURING, DECODE)[0], SplitKVConfig)
 
 
 def test_the_table_can_be_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(workarounds.ENV_OFF, "0")
+    monkeypatch.setenv("AULE_KP_WORKAROUNDS", "0")
     assert not workarounds.matching(TURING)
-    assert choose(TURING, D128_FP16).variant == "coopmat"
-    assert choose(MOLTENVK_AMD, D128_FP16).tpr > 1
+    assert forward_kernel(TURING, D128_FP16).variant == "coopmat"
+    assert forward_kernel(MOLTENVK_AMD, D128_FP16).tpr > 1
 
 
 def test_forced_variant_is_refused_with_the_reason() -> None:
     with pytest.raises(ValueError, match="19290"):
-        choose(TURING, D128_FP16, "coopmat")
+        forward_kernel(TURING, D128_FP16, variant="coopmat")
 
 
 def test_nothing_matches_lavapipe_or_a_plain_gpu() -> None:
@@ -256,7 +257,7 @@ def test_driver_version_text() -> None:
 
 
 def test_kernel_config_family() -> None:
-    fwd = choose(TURING, D128_FP16)
+    fwd = forward_kernel(TURING, D128_FP16)
     assert isinstance(fwd, KernelConfig) and fwd.family == "fwd.scalar"
     assert split_kernel(TURING, DECODE).family == "splitkv"
     bwd = backward_config(AMPERE, D128_FP16)
@@ -281,7 +282,7 @@ def test_doctor_says_what_the_table_keeps_off(monkeypatch: pytest.MonkeyPatch, c
 
     if devmod.vulkan_unavailable():
         pytest.skip("no Vulkan device")
-    monkeypatch.setenv(tuning.ENV_DIR, str(tmp_path))
+    monkeypatch.setenv("AULE_KP_CACHE_DIR", str(tmp_path))
     dev = devmod.get_device()
     monkeypatch.setattr(dev, "caps", replace(dev.caps, name="NVIDIA GeForce RTX 2080 (test)", vendor_id=NVIDIA))
     monkeypatch.setattr(selfcheck, "check", lambda family, dtype, device: selfcheck.Verdict(

@@ -27,7 +27,8 @@ def engine() -> None:
     import aule_kp
     from aule_kp.vulkan import device as devmod
     from aule_kp.vulkan.backend import VulkanBackend
-    from aule_kp.vulkan.kernels import DTYPE_CODE, KernelConfig, config_for
+    from aule_kp.vulkan.choice import config_for
+    from aule_kp.vulkan.configs import DTYPE_CODE, KernelConfig
 
     caps = devmod.get_device().caps
     rng = np.random.default_rng(0)

@@ -2,30 +2,40 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from .. import knobs
 from ..backend import Backend
 from ..nonfinite import enforce
 from ..problem import Problem
 from . import device as devmod
-from .backward import BackwardPlan, backward_groups_per_chunk, backward_plan, reduce_to_mask
-from .choice import forward_choice
-from .kernels import COOPMAT_CONVERT_ENV, BackwardConfig, backward_config, backward_config_reasons
-from .plan import Plan, binding_limit, forward_plan, query_tiles_reason
-from .splitkv import ForwardConfig
+from . import tuning_cache
+from .backward import BackwardPlan, backward_plan, reduce_to_mask
+from .choice import BackwardChoice, Choice, backward_limits, choose_backward, choose_forward
+from .configs import BackwardConfig, ForwardConfig
+from .plan import Plan, forward_plan
 
 
 class VulkanBackend(Backend):
-    """FA2 forward on a Vulkan device. ``variant`` pins a kernel variant (else the device's best)."""
+    """FA2 on a Vulkan device. ``variant`` pins a forward kernel variant (else the device's best),
+    ``num_splits`` the split-KV count (0: never split) and ``coopmat_convert`` lets fp32/bf16 data
+    run the fp16 cooperative-matrix kernels; each overrides its ``AULE_KP_*`` knob."""
 
     name = "vulkan"
 
-    def __init__(self, variant: Optional[str] = None):
+    def __init__(self, variant: Optional[str] = None, *, num_splits: Optional[int] = None,
+                 coopmat_convert: Optional[bool] = None):
         self.variant = variant
-        self._choices: Dict[Any, Tuple[Optional[ForwardConfig], Tuple[str, ...]]] = {}
+        self.num_splits = num_splits
+        self.coopmat_convert = coopmat_convert
+        self._choices: Dict[Any, Choice] = {}
+
+    def knobs(self) -> knobs.Snapshot:
+        """The knobs this backend chooses with: the environment's, with its keyword arguments set."""
+        return knobs.current().override(force_variant=self.variant, split_kv=self.num_splits,
+                                        coopmat_convert=self.coopmat_convert)
 
     def unavailable_reasons(self) -> List[str]:
         why = devmod.vulkan_unavailable() or devmod.selected_device_error()
@@ -39,20 +49,18 @@ class VulkanBackend(Backend):
             raise ValueError("; ".join(reasons))
         return cfg
 
-    def _choice(self, problem: Problem) -> Tuple[Optional[ForwardConfig], Tuple[str, ...]]:
-        # Memoised: the choice depends only on these, and the hot path asks twice per call.
-        key = (problem, devmod.selected_index(), os.environ.get("AULE_KP_FORCE_VARIANT"),
-               os.environ.get("AULE_KP_MAX_BINDING_BYTES"), os.environ.get(COOPMAT_CONVERT_ENV),
-               os.environ.get("AULE_KP_SPLIT_KV"))
+    def _choice(self, problem: Problem) -> Choice:
+        # Memoised: the hot path asks twice per call. The choice depends on the problem, the knobs
+        # (the device index among them) and the tuning cache and verdict files, whose generation
+        # changes when one is written.
+        snap = self.knobs()
+        key = (problem, snap, tuning_cache.generation(), tuning_cache.bypassed())
         hit = self._choices.get(key)
         if hit is None:
-            hit = self._choices[key] = self._decide(problem)
+            hit = self._choices[key] = choose_forward(devmod.get_device().caps, problem, snap)
             if len(self._choices) > 4096:
                 self._choices.clear()
         return hit
-
-    def _decide(self, problem: Problem) -> Tuple[Optional[ForwardConfig], Tuple[str, ...]]:
-        return forward_choice(devmod.get_device().caps, problem, self.variant)
 
     def problem_reasons(self, problem: Problem) -> List[str]:
         why = self.unavailable_reasons()
@@ -80,27 +88,23 @@ class VulkanBackend(Backend):
         with dev.lock:
             return backward_plan(dev, problem, config)
 
+    def _backward_choice(self, problem: Problem, mask_grad: bool) -> BackwardChoice:
+        return choose_backward(devmod.get_device().caps, problem, self.knobs(),
+                               write_ds=mask_grad and problem.has_mask)
+
     def backward_reasons(self, problem: Problem, mask_grad: bool = False) -> List[str]:
         """Why ``backward`` cannot take ``problem`` here (empty: it can), for callers that fall back."""
         why = self.unavailable_reasons()
         if why or problem.empty or problem.len_k == 0:
             return why
-        caps = devmod.get_device().caps
-        return self._backward_reasons(problem, backward_config(caps, problem, mask_grad and problem.has_mask))
+        return list(self._backward_choice(problem, mask_grad)[1])
 
-    def _backward_reasons(self, problem: Problem, cfg: BackwardConfig) -> List[str]:
-        caps = devmod.get_device().caps
-        reasons = backward_config_reasons(cfg, caps, problem)
-        too_tall = query_tiles_reason(problem, cfg.dq.br, caps.max_workgroup_count[1])
-        reasons += [too_tall] if too_tall else []
-        limit = binding_limit(caps.max_storage_buffer_range)
-        if backward_groups_per_chunk(problem, limit, cfg.write_ds) < 1:
-            what = "with its mask gradient (dS) " if cfg.write_ds else ""
-            reasons.append(f"one (batch, kv-head) slice of the backward {what}is over the {limit} B storage "
-                           "binding limit")
-        if problem.mask_shape is not None and 4 * int(np.prod(problem.mask_shape)) > limit:
-            reasons.append(f"the mask is over the {limit} B storage binding limit")
-        return reasons
+    def backward_config(self, problem: Problem, mask_grad: bool = False) -> BackwardConfig:
+        """The backward pipelines for ``problem`` (ValueError when the device cannot take it)."""
+        cfg, reasons = self._backward_choice(problem, mask_grad)
+        if cfg is None:
+            raise ValueError(f"the Vulkan backward cannot run this problem: {'; '.join(reasons)}")
+        return cfg
 
     def backward(self, problem: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray,
                  dout: np.ndarray, lse: np.ndarray, mask: Optional[np.ndarray], mask_grad: bool = False,
@@ -114,10 +118,13 @@ class VulkanBackend(Backend):
             zeros = [np.zeros(s, q.dtype) for s in (q.shape, k.shape, v.shape)]
             return (*zeros, np.zeros(p.mask_shape, np.float32) if write_ds else None)
         dev = devmod.get_device()
-        cfg = config or backward_config(dev.caps, p, write_ds)
-        why = self._backward_reasons(p, cfg)
-        if why:
-            raise ValueError(f"the Vulkan backward cannot run this problem: {'; '.join(why)}")
+        if config is None:
+            cfg = self.backward_config(p, write_ds)
+        else:
+            cfg = config
+            why = backward_limits(cfg, dev.caps, p, self.knobs())
+            if why:
+                raise ValueError(f"the Vulkan backward cannot run this problem: {'; '.join(why)}")
         with dev.lock:
             dq, dk, dv, ds = self.backward_plan(p, cfg).run(q, k, v, out, dout, lse, mask)
         return dq, dk, dv, None if ds is None else reduce_to_mask(ds, p.mask_shape)

@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from .. import knobs
 from ..dtypes import STORAGE
 from ..problem import Problem
+from .configs import BackwardConfig
 from .hostcopy import copy_bytes
-from .kernels import BackwardConfig
 from .plan import (
     RecordedPlan,
     binding_limit,
@@ -219,7 +219,7 @@ def backward_plan(device: Any, problem: Problem, config: BackwardConfig) -> Back
     plan of the three pipelines (built, or replaced by a larger one, when the problem does not fit),
     or an exact plan where the problem needs several chunks. Call under ``device.lock``."""
     p = problem
-    route_key = ("backward", p, config, os.environ.get("AULE_KP_MAX_BINDING_BYTES"))
+    route_key = ("backward", p, config, knobs.current())
     route = device.plans.routes.get(route_key)
     if route is None:
         limit = binding_limit(device.caps.max_storage_buffer_range)

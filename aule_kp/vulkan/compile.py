@@ -18,11 +18,13 @@ import sysconfig
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+from .. import knobs
+
 log = logging.getLogger("aule_kp")
 
 ROOT = Path(__file__).resolve().parents[2]
 GLSL_DIR = ROOT / "glsl"
-SPIRV_DIR = Path(os.environ.get("AULE_KP_SPIRV_CACHE", ROOT / "spirv_cache"))
+SPIRV_DIR = Path(knobs.current().spirv_cache or ROOT / "spirv_cache")
 TARGET_ENV = "vulkan1.3"
 
 

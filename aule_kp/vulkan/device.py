@@ -24,6 +24,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
+from .. import knobs
 from .probe import DeviceCaps, probe_devices, probe_error
 
 log = logging.getLogger("aule_kp")
@@ -80,11 +81,7 @@ def kp_status() -> Dict[str, Any]:
 
 def selected_index() -> int:
     """The device index ``AULE_KP_DEVICE`` selects (default 0)."""
-    raw = os.environ.get("AULE_KP_DEVICE", "0")
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"AULE_KP_DEVICE must be a device index (an integer), got {raw!r}") from None
+    return knobs.current().device
 
 
 class ParentProcessLock:
@@ -111,7 +108,7 @@ class Device:
         self._spirv: Dict[str, bytes] = {}
         from .plan import PlanCache  # plan imports device types; keep the cycle lazy
 
-        self.plans = PlanCache(int(os.environ.get("AULE_KP_PLAN_CACHE_MB", "1024")) << 20)
+        self.plans = PlanCache(knobs.current().plan_cache_mb << 20)
 
     @property
     def kp(self) -> Any:
@@ -142,14 +139,14 @@ class Device:
     @property
     def host_memory(self) -> bool:
         """Keep tensors in host-visible memory: free syncs where the GPU reads host memory anyway."""
-        return self.caps.type in ("cpu", "integrated") or os.environ.get("AULE_KP_HOST_TENSORS") == "1"
+        return self.caps.type in ("cpu", "integrated") or knobs.current().host_tensors
 
     @property
     def direct_io(self) -> bool:
         """Discrete GPU with the patched kp: a plan's inputs go to device-local host-visible memory
         (resizable BAR, when the heap is large) and its outputs to cached host memory, so a call
         copies each byte once (see ``io_tensor``). ``AULE_KP_DIRECT_IO=0`` keeps staging buffers."""
-        return (not self.host_memory and os.environ.get("AULE_KP_DIRECT_IO", "1") != "0"
+        return (not self.host_memory and knobs.current().direct_io
                 and hasattr(self.kp, "aule_host_device_local"))
 
     def io_tensor(self, data: np.ndarray, role: str) -> Any:

@@ -15,18 +15,17 @@ from typing import List, Tuple
 
 import numpy as np
 
+from .. import knobs
+
 #: Copies below this many bytes stay on the calling thread (pool hand-off costs ~10-50 us).
 PARALLEL_MIN_BYTES = 8 << 20
 
 
 def copy_threads() -> int:
     """Threads a large copy is split over."""
-    raw = os.environ.get("AULE_KP_COPY_THREADS")
-    if raw:
-        try:
-            return max(1, int(raw))
-        except ValueError:
-            raise ValueError(f"AULE_KP_COPY_THREADS must be a positive integer, got {raw!r}") from None
+    forced = knobs.current().copy_threads
+    if forced:
+        return forced
     # Every core, at most 16 (the most measured): on a 16-core H200 host each doubling of the threads
     # made the copies faster (BENCHMARKS.md, "Notes moved from the sources").
     return max(1, min(16, os.cpu_count() or 1))

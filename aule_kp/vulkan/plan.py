@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -38,12 +37,13 @@ from typing import Any, Callable, Collection, Dict, Hashable, List, Optional, Se
 
 import numpy as np
 
+from .. import knobs
 from ..dtypes import ITEMSIZE, STORAGE
 from ..problem import Problem
+from .configs import ForwardConfig, KernelConfig, SplitKVConfig
 from .device import BAR_MIN_HEAP
 from .hostcopy import copy_bytes
-from .kernels import KernelConfig, parallelism, positive_int_env, section_heads
-from .splitkv import ForwardConfig, SplitKVConfig
+from .probe import parallelism
 
 log = logging.getLogger("aule_kp")
 
@@ -77,8 +77,8 @@ FLOAT_BUFFERS = frozenset({"lse", "stats", "ds"})
 
 def binding_limit(max_storage_buffer_range: int) -> int:
     """Largest buffer one binding may cover (``AULE_KP_MAX_BINDING_BYTES`` lowers it, for tests)."""
-    override = os.environ.get("AULE_KP_MAX_BINDING_BYTES")
-    return min(max_storage_buffer_range, int(override)) if override else max_storage_buffer_range
+    override = knobs.current().max_binding_bytes
+    return min(max_storage_buffer_range, override) if override else max_storage_buffer_range
 
 
 def group_bytes(p: Problem) -> Dict[str, int]:
@@ -123,7 +123,7 @@ def pipeline_chunks(device: Any, p: Problem, config: ForwardConfig) -> int:
     the device's parallelism. ``AULE_KP_PIPELINE_CHUNKS`` forces a count (tests; 1: never).
     """
     n_groups = p.batch * p.heads_kv
-    forced = positive_int_env("AULE_KP_PIPELINE_CHUNKS", "chunks")
+    forced = knobs.current().pipeline_chunks
     if forced is not None:
         return min(forced, n_groups) if getattr(device.kp, "aule_patch", 0) >= 2 else 1
     if (getattr(device.kp, "aule_patch", 0) < 2 or device.host_memory or not isinstance(config, KernelConfig)
@@ -162,6 +162,23 @@ def query_tiles_reason(p: Problem, br: int, max_grid_y: int) -> Optional[str]:
         return (f"{p.len_q} query rows need {tiles} query tiles of {br}: over the device's "
                 f"{max_grid_y} workgroups in grid y")
     return None
+
+
+#: K and V bytes the query heads of one scheduling section read (query_grid, glsl/fa2_common.glsl
+#: query_head(): longest query tiles first within a section, sections one after another). A fixed
+#: budget, not derived from the device (Vulkan does not report cache sizes): on an H200 (50 MiB L2)
+#: 16 MiB beat one head per section on most shapes, and 8 or 32 MiB were no better (BENCHMARKS.md,
+#: "Notes moved from the sources"). AULE_KP_SECTION_BYTES overrides it; it is read when a plan is
+#: built, so plans already cached for a shape keep their order.
+SECTION_BYTES = 16 << 20
+
+
+def section_heads(problem: Problem) -> int:
+    """Query heads per scheduling section: as many as keep the K and V they read within the section
+    budget (``AULE_KP_SECTION_BYTES``, else SECTION_BYTES)."""
+    budget = knobs.current().section_bytes or SECTION_BYTES
+    head_bytes = problem.len_k * (problem.dim_k + problem.dim_v) * ITEMSIZE[problem.dtype] / problem.group
+    return max(1, int(budget // max(head_bytes, 1)))
 
 
 def query_grid(p: Problem, heads: int, br: int) -> Tuple[int, int, int]:
@@ -535,7 +552,7 @@ def forward_plan(device: Any, problem: Problem, config: ForwardConfig) -> Plan:
     pipeline (built, or replaced by a larger one, when the problem does not fit), or an exact plan
     where the problem needs several chunks (over one binding, or pipelined). Call under ``device.lock``."""
     p = problem
-    route_key = (p, config, os.environ.get("AULE_KP_MAX_BINDING_BYTES"), os.environ.get("AULE_KP_PIPELINE_CHUNKS"))
+    route_key = (p, config, knobs.current())
     route = device.plans.routes.get(route_key)
     if route is None:
         limit = binding_limit(device.caps.max_storage_buffer_range)

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import platform
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-__all__ = ["DeviceCaps", "detect_architecture", "driver_id_name", "probe_devices", "probe_error", "vendor_name"]
+__all__ = ["DeviceCaps", "detect_architecture", "driver_id_name", "parallelism", "probe_devices", "probe_error",
+           "vendor_name"]
 
 logger = logging.getLogger("aule_kp")
 
@@ -324,6 +326,20 @@ class DeviceCaps:
             "os": self.os,
             "architecture": self.architecture,
         }
+
+
+#: Compute units of a device Vulkan cannot count (it has no SM/CU count): high-end discrete GPUs
+#: have ~100-140 (H100/H200 132 SMs, RX 7900 XTX 96 CUs, RTX 4090 128 SMs); integrated ones far fewer.
+GPU_PARALLELISM = {"discrete": 128, "integrated": 16}
+OTHER_PARALLELISM = 32
+
+
+def parallelism(caps: DeviceCaps) -> int:
+    """Workgroups the device runs at once, roughly: CPU drivers run one per core; for GPUs Vulkan
+    reports no compute-unit count, so a typical count for the device type."""
+    if caps.type == "cpu":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return GPU_PARALLELISM.get(caps.type, OTHER_PARALLELISM)
 
 
 # --- probing ----------------------------------------------------------------------------------------

@@ -6,12 +6,12 @@ driver, :func:`ensure` runs its canaries: a few tiny problems (causal, a float m
 GQA, head dims 64 and 128, Lq = 1 and 2 through split-KV, one backward with the mask's gradient),
 each through the real pipelines of that family, compared with a float64 NumPy reference within an
 error model (:func:`tolerance`). The verdict is cached beside the tuning cache
-(``selfcheck-<device uuid>-<driver version>.json`` in ``tuning.cache_dir()``), so each driver version
+(``selfcheck-<device uuid>-<driver version>.json`` in ``tuning_cache.cache_dir()``), so each driver version
 pays once; a verdict also records a digest of the family's SPIR-V and the aule-kp version, and a new
 build checks again.
 
 A family that gives a wrong result, or whose pipeline fails to build, is turned off on that driver
-(``kernels.disabled_reasons``): one ``warnings.warn`` per process names it, and ``auto`` takes the
+(``choice.disabled_reasons``): one ``warnings.warn`` per process names it, and ``auto`` takes the
 next variant (split-KV -> the forward kernel, coopmat -> scalar, scalar -> Wave64, ...).
 ``AULE_KP_SELF_CHECK=0`` turns the automatic check off; verdicts already recorded still apply
 (``aule-kp doctor --clear`` forgets them). ``aule-kp doctor`` runs every check now (:func:`run_checks`).
@@ -23,7 +23,6 @@ import datetime
 import hashlib
 import logging
 import math
-import os
 import threading
 import time
 import warnings
@@ -33,13 +32,15 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .. import knobs
 from ..dtypes import from_f32, to_f32
 from ..problem import DTYPES, Problem, band
+from . import tuning_cache
+from .configs import SplitKVConfig
 from .probe import DeviceCaps
 
 log = logging.getLogger("aule_kp")
 
-ENV = "AULE_KP_SELF_CHECK"
 FORMAT = 1
 SECTION = "verdicts"
 #: stats["runs"]: families checked in this process; stats["canaries"]: canary problems run.
@@ -57,22 +58,18 @@ _active: set = set()  # (device key, family, dtype) being checked: a canary's ow
 
 def enabled() -> bool:
     """Whether :func:`ensure` runs checks (``AULE_KP_SELF_CHECK=0`` turns that off)."""
-    return os.environ.get(ENV, "").strip() != "0"
+    return knobs.current().self_check
 
 
 # ---- the verdicts file --------------------------------------------------------------------------
 
 def cache_path(caps: DeviceCaps, directory: Optional[str] = None) -> Path:
     """The verdicts of this device and driver, beside its tuning cache."""
-    from .tuning import cache_dir, device_key
-
-    return cache_dir(directory) / f"selfcheck-{device_key(caps)}.json"
+    return tuning_cache.cache_dir(directory) / f"selfcheck-{tuning_cache.device_key(caps)}.json"
 
 
 def _path(caps: DeviceCaps) -> Path:
-    from .tuning import ENV_DIR
-
-    where = (os.environ.get(ENV_DIR), os.environ.get("XDG_CACHE_HOME"), caps.uuid, caps.driver_version, caps.name)
+    where = (*tuning_cache.location_key(), caps.uuid, caps.driver_version, caps.name)
     path = _paths.get(where)
     if path is None:
         path = _paths[where] = cache_path(caps)
@@ -81,35 +78,27 @@ def _path(caps: DeviceCaps) -> Path:
 
 def load(caps: DeviceCaps) -> Dict[str, Any]:
     """This device's recorded verdicts by ``<family>/<dtype>`` (read once per process and path)."""
-    from .tuning import read_cache_file
-
     path = _path(caps)
     with _lock:
         if str(path) not in _memo:
-            _memo[str(path)] = read_cache_file(path, caps, SECTION, "self-check verdicts", FORMAT)
+            _memo[str(path)] = tuning_cache.read_cache_file(path, caps, SECTION, "self-check verdicts", FORMAT)
         return _memo[str(path)]
 
 
 def _save(caps: DeviceCaps, verdicts: Sequence[Verdict], directory: Optional[str] = None) -> Path:
-    from ..dispatch import get
-    from .tuning import read_cache_file, write_cache_file
-
     path = cache_path(caps, directory)
     with _lock:
-        merged = dict(read_cache_file(path, caps, SECTION, "self-check verdicts", FORMAT))
+        merged = dict(tuning_cache.read_cache_file(path, caps, SECTION, "self-check verdicts", FORMAT))
         merged.update({f"{v.family}/{v.dtype}": v.record() for v in verdicts})
-        write_cache_file(path, caps, SECTION, merged, FORMAT)
+        tuning_cache.write_cache_file(path, caps, SECTION, merged, FORMAT)
         _memo.pop(str(path), None)
         _entries.clear()
-    # The Vulkan backend memoises its kernel choice per problem: forget it so new verdicts apply now.
-    getattr(get("vulkan"), "_choices", {}).clear()
+    tuning_cache.changed()  # memoised choices made before the new verdicts no longer hold
     return path
 
 
 def clear(caps: DeviceCaps, directory: Optional[str] = None) -> bool:
     """Deletes this device's verdicts; True when there were some."""
-    from ..dispatch import get
-
     path = cache_path(caps, directory)
     with _lock:
         _memo.pop(str(path), None)
@@ -120,7 +109,7 @@ def clear(caps: DeviceCaps, directory: Optional[str] = None) -> bool:
         except FileNotFoundError:
             return False
         finally:
-            getattr(get("vulkan"), "_choices", {}).clear()
+            tuning_cache.changed()
     return True
 
 
@@ -148,10 +137,7 @@ def build_id(family: str) -> str:
 
 def _entry(family: str, caps: DeviceCaps, dtype: str) -> Optional[Dict[str, Any]]:
     """The recorded verdict of ``family`` for ``dtype`` on this build, or None."""
-    from .tuning import ENV_DIR
-
-    key = (caps.uuid, caps.driver_version, caps.name, family, dtype, os.environ.get(ENV_DIR),
-           os.environ.get("XDG_CACHE_HOME"))
+    key = (caps.uuid, caps.driver_version, caps.name, family, dtype, *tuning_cache.location_key())
     if key not in _entries:
         entry = load(caps).get(f"{family}/{dtype}")
         ok = isinstance(entry, dict) and entry.get("build") == build_id(family)
@@ -264,9 +250,14 @@ CANARIES = {"fwd.scalar": _FORWARD, "fwd.wave64": _FORWARD, "fwd.coopmat": _FORW
 def _config(family: str, canary: Canary, p: Problem, caps: DeviceCaps) -> Tuple[Any, List[str]]:
     """The pipelines of ``family`` for ``p`` on this device and why they cannot run it (static
     legality only: recorded verdicts are what is being re-checked)."""
-    from .kernels import backward_config_reasons, backward_pipelines, config_for, variant_reasons
-    from .splitkv import SplitKVConfig, split_kernel
-    from .tuning import forward_reasons
+    from .choice import (
+        backward_config_reasons,
+        backward_pipelines,
+        config_for,
+        forward_reasons,
+        split_kernel,
+        variant_reasons,
+    )
 
     kind, _, variant = family.partition(".")
     if family == "splitkv":
@@ -484,11 +475,11 @@ def run_checks(families: Optional[Sequence[str]] = None, dtypes: Optional[Sequen
                device: Any = None, directory: Optional[str] = None,
                progress: Optional[Callable[[str, str], None]] = None) -> List[Verdict]:
     """Runs checks now, whatever is recorded (``aule-kp doctor``): each kernel family (default: those
-    the automatic choice may use here, ``kernels.candidate_families``) and dtype (default all) on
+    the automatic choice may use here, ``choice.candidate_families``) and dtype (default all) on
     ``device`` (default the selected one); records the verdicts (in ``directory``, default the cache
     dir). ``progress(family, dtype)`` is called before each check."""
     from . import device as devmod
-    from .kernels import candidate_families
+    from .choice import candidate_families
 
     dev = device or devmod.get_device()
     verdicts = []

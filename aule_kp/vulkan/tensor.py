@@ -5,18 +5,18 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
-import os
 import weakref
 from typing import Any, Callable, Dict, Hashable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .. import knobs
 from ..dtypes import ITEMSIZE, STORAGE
 from ..errors import BackendUnavailable
 from ..inputs import check_causal, check_scale_window, check_shapes, check_torch_tensor, dtype_name, is_torch, to_host
 from ..problem import Problem, band
 from . import device as devmod
-from .choice import forward_choice
+from .choice import choose_forward
 from .plan import Plan, binding_limit
 
 _serial = itertools.count()
@@ -195,8 +195,7 @@ class Context:
         sig = None
         if isinstance(out, GpuTensor):
             sig = (getattr(q, "serial", None), getattr(k, "serial", None), getattr(v, "serial", None), out.serial,
-                   causal, scale, window, os.environ.get("AULE_KP_SPLIT_KV"),
-                   os.environ.get("AULE_KP_FORCE_VARIANT"), os.environ.get("AULE_KP_MAX_BINDING_BYTES"))
+                   causal, scale, window, knobs.current())
             try:
                 hit = self._calls.get(sig)
             except TypeError:  # an unhashable argument (a list window): validated below
@@ -227,7 +226,7 @@ class Context:
             out.upload(np.zeros(out.shape, STORAGE[out.dtype_name]))
             return out
         dev = self.device
-        cfg, reasons = forward_choice(dev.caps, problem, whole=True)
+        cfg, reasons = choose_forward(dev.caps, problem, knobs.current(), whole=True)
         if cfg is None:
             raise BackendUnavailable("vulkan", list(reasons))
         out = out if out is not None else self.tensor((b, hq, lq, dv), q.dtype)

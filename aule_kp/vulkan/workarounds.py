@@ -5,7 +5,7 @@ vendor id, ``VkDriverId``, device-name pattern, host OS, GPU generation, device 
 *features* that are broken or slow there. The choice applies the table in two ways:
 
 * a kernel variant that cannot run without an avoided feature (:data:`NEEDS`) is turned off, with a
-  reason naming the trap and its source (``kernels.variant_reasons``, ``aule_kp.info()``), and
+  reason naming the trap and its source (``choice.variant_reasons``, ``aule_kp.info()``), and
   ``auto`` takes the next variant;
 * a feature the scalar kernels can do without (:data:`DO_WITHOUT`) is taken away from the
   capabilities the tile choice sees (:func:`effective`): e.g. no subgroup shuffles means TPR = 1,
@@ -18,14 +18,12 @@ known to be fixed); the self-check (aule_kp/vulkan/selfcheck.py) still guards th
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, replace
 from typing import Any, Dict, FrozenSet, List, Optional, Tuple
 
+from .. import knobs
 from .probe import DeviceCaps
-
-ENV_OFF = "AULE_KP_WORKAROUNDS"
 
 #: What a trap can break, in the terms the kernels are written in.
 FEATURES = {
@@ -201,7 +199,7 @@ TABLE: Tuple[Workaround, ...] = (
 
 def enabled() -> bool:
     """Whether the table applies (``AULE_KP_WORKAROUNDS=0`` turns it off)."""
-    return os.environ.get(ENV_OFF, "").strip() != "0"
+    return knobs.current().workarounds
 
 
 class _Applied:
