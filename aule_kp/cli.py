@@ -151,7 +151,7 @@ def _doctor(args: argparse.Namespace) -> int:
     from .problem import DTYPES
     from .vulkan import device as devmod
     from .vulkan import selfcheck, workarounds
-    from .vulkan.choice import FAMILIES, candidate_families
+    from .vulkan.choice import FAMILIES, canary_config, candidate_families
 
     why = devmod.vulkan_unavailable()
     if why:
@@ -174,7 +174,7 @@ def _doctor(args: argparse.Namespace) -> int:
     def progress(family: str, dtype: str) -> None:
         print(f"checking {family} {dtype} ...", file=sys.stderr, flush=True)
 
-    verdicts = selfcheck.run_checks(families, dtypes, dev, args.cache_dir, progress)
+    verdicts = selfcheck.run_checks(families, canary_config, dtypes, dev, args.cache_dir, progress)
     wrong = [v for v in verdicts if v.ok is False]
     traps = workarounds.describe(caps)
     # A family the table turns off stays off whatever its canaries say (AULE_KP_WORKAROUNDS=0 lifts it).

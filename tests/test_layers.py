@@ -15,8 +15,6 @@ import ast
 from pathlib import Path
 from typing import Dict, Iterator, List, Set, Tuple
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent / "aule_kp"
 
 #: What aule_kp/vulkan/ must not import: the layers that are built on it.
@@ -144,9 +142,6 @@ def test_no_cycle_outside_vulkan() -> None:
     assert not cycles, "\n".join(_describe(graph, c) for c in cycles)
 
 
-@pytest.mark.xfail(strict=False, reason="h6 restructures aule_kp/vulkan/: tuning imports bench and dispatch, "
-                   "selfcheck imports dispatch and the aule_kp package (for __version__: aule_kp/_version.py), "
-                   "and kernels, device, plan, selfcheck and tuning import each other")
 def test_no_cycle() -> None:
     """No import cycle anywhere in aule_kp, lazy imports included."""
     graph = _graph()
@@ -154,15 +149,12 @@ def test_no_cycle() -> None:
     assert not cycles, "\n".join(_describe(graph, c) for c in cycles)
 
 
-@pytest.mark.xfail(strict=False, reason="h6 restructures aule_kp/vulkan/: tuning imports bench and dispatch, "
-                   "selfcheck imports dispatch")
 def test_vulkan_imports_no_layer_above() -> None:
     """aule_kp/vulkan/ imports none of the layers built on it, lazily or not."""
     bad = [f"{a} -> {b} (line {line})" for a, edges in _graph().items() for b, line in edges.items() if _upward(a, b)]
     assert not bad, "\n".join(bad)
 
 
-@pytest.mark.xfail(strict=False, reason="h6 moves knob reads into aule_kp/knobs.py")
 def test_knobs_read_in_at_most_two_modules() -> None:
     """``AULE_KP_*`` names appear as string literals in at most two modules (the knob parser and,
     at most, one that documents them)."""

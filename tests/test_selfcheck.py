@@ -37,6 +37,7 @@ from aule_kp.errors import BackendUnavailable
 from aule_kp.vulkan import device as devmod
 from aule_kp.vulkan import selfcheck, tuning_cache
 from aule_kp.vulkan.backend import VulkanBackend
+from aule_kp.vulkan.choice import canary_config
 from aule_kp.vulkan.configs import KernelConfig, SplitKVConfig
 
 _NO_VULKAN = devmod.vulkan_unavailable()
@@ -81,7 +82,7 @@ def self_check_warnings(caught: List[warnings.WarningMessage]) -> List[str]:
 def test_clean_kernels_pass_and_are_checked_once(checking: Path) -> None:
     runs = selfcheck.stats["runs"]
     families = ("fwd.scalar", "splitkv", "bwd.scalar")
-    verdicts = selfcheck.run_checks(families, ["float32"])
+    verdicts = selfcheck.run_checks(families, canary_config, ["float32"])
     assert [v.ok for v in verdicts] == [True] * 3
     assert all(v.canaries >= 1 and v.worst < 1.0 for v in verdicts)
     assert selfcheck.stats["runs"] == runs + 3
@@ -211,7 +212,7 @@ def test_a_pipeline_the_driver_refuses_is_wrong(monkeypatch: pytest.MonkeyPatch)
         raise RuntimeError("vkCreateComputePipelines failed: VK_ERROR_INITIALIZATION_FAILED")
 
     monkeypatch.setattr(selfcheck, "_run", refuse)
-    verdict = selfcheck.check("splitkv", "float32", devmod.get_device())
+    verdict = selfcheck.check("splitkv", "float32", devmod.get_device(), canary_config)
     assert verdict.ok is False and math.isinf(verdict.worst) and "VK_ERROR_INITIALIZATION_FAILED" in verdict.detail
 
 
@@ -222,7 +223,7 @@ def test_stale_or_inapplicable_verdicts_change_nothing(checking: Path) -> None:
                             {"splitkv/float32": {"ok": False, "detail": "old build", "build": "0" * 16}},
                             selfcheck.FORMAT)
     assert selfcheck.known_reasons("splitkv", dev.caps, "float32") == []
-    coop = selfcheck.check("fwd.coopmat", "float16", dev)
+    coop = selfcheck.check("fwd.coopmat", "float16", dev, canary_config)
     assert coop.ok is None and coop.canaries == 0 and "cooperative" in coop.detail
 
 
@@ -251,7 +252,7 @@ def test_shuffle_free_kernels_pass_on_lavapipe(monkeypatch: pytest.MonkeyPatch) 
     cases = [("fwd.scalar", selfcheck.Canary("causal GQA D16", 1, 4, 2, 20, 37, 16, causal=True)),
              ("splitkv", selfcheck.CANARIES["splitkv"][0]), ("bwd.scalar", selfcheck.CANARIES["bwd.scalar"][0])]
     for family, canary in cases:
-        cfg, why = selfcheck._config(family, canary, canary.problem("float32"), dev.caps)
+        cfg, why = canary_config(family, dev.caps, canary.problem("float32"), canary.n_split)
         assert not why
         kernels = cfg.kernels() if family.startswith("bwd") else [cfg.kernel if family == "splitkv" else cfg]
         assert all(k.tpr == 1 for k in kernels), family

@@ -285,7 +285,7 @@ def test_doctor_says_what_the_table_keeps_off(monkeypatch: pytest.MonkeyPatch, c
     monkeypatch.setenv("AULE_KP_CACHE_DIR", str(tmp_path))
     dev = devmod.get_device()
     monkeypatch.setattr(dev, "caps", replace(dev.caps, name="NVIDIA GeForce RTX 2080 (test)", vendor_id=NVIDIA))
-    monkeypatch.setattr(selfcheck, "check", lambda family, dtype, device: selfcheck.Verdict(
+    monkeypatch.setattr(selfcheck, "check", lambda family, dtype, device, configure: selfcheck.Verdict(
         family, dtype, True, 1, 0.1, 0.0, "stub", "0" * 16))
     assert main(["doctor", "--kernels", "fwd.coopmat", "fwd.scalar", "--dtype", "float16"]) == 0
     out = capsys.readouterr().out

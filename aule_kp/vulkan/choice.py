@@ -133,7 +133,7 @@ def disabled_reasons(family: str, caps: DeviceCaps, dtype: str, warn: bool = Tru
 def passes_self_check(cfg: Any, caps: DeviceCaps, dtype: str) -> bool:
     """Runs the self-check of ``cfg``'s kernel family the first time it is used on this device and
     driver (selfcheck.ensure); False when it is wrong here (then turned off, with one warning)."""
-    return not selfcheck.ensure(cfg.family, caps, dtype)
+    return not selfcheck.ensure(cfg.family, caps, dtype, canary_config)
 
 
 def preferred_variants(caps: DeviceCaps) -> List[str]:
@@ -655,3 +655,24 @@ def choose_backward(caps: DeviceCaps, problem: Problem, snapshot: Optional[knobs
     cfg = backward_config(caps, problem, write_ds, snapshot=snap)
     reasons = backward_limits(cfg, caps, problem, snap)
     return (None if reasons else cfg), tuple(reasons)
+
+
+def canary_config(family: str, caps: DeviceCaps, p: Problem, n_split: int) -> Tuple[Any, List[str]]:
+    """The pipelines of kernel family ``family`` for the self-check's canary problem ``p`` (split-KV:
+    ``n_split`` splits) and why they cannot run it: static legality only, since recorded verdicts are
+    what the self-check re-checks (selfcheck.Configure)."""
+    kind, _, variant = family.partition(".")
+    if family == "splitkv":
+        kernel = split_kernel(caps, p)
+        step = kernel.wg // kernel.tpr * kernel.bc
+        lo, hi = p.key_range(0, p.len_q)
+        split_len = step * math.ceil((hi - lo) / (n_split * step))
+        cfg = SplitKVConfig(kernel, math.ceil((hi - lo) / split_len), split_len)
+        why = [] if cfg.shared_bytes() <= caps.shared_memory else [f"needs {cfg.shared_bytes()} B of shared memory"]
+        return cfg, why + ([f"needs {kernel.wg} invocations"] if kernel.wg > caps.max_workgroup_invocations else [])
+    if kind == "bwd":
+        cfg = backward_pipelines(caps, p, True, variant)
+        return cfg, backward_config_reasons(cfg, caps, p, checks=False)
+    why = variant_reasons(variant, caps, p, checks=False)
+    cfg = None if why else config_for(variant, caps, p)
+    return cfg, why if why else forward_reasons(cfg, caps, p)

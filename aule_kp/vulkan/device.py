@@ -25,6 +25,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from .. import knobs
+from .plan import PlanCache
 from .probe import DeviceCaps, probe_devices, probe_error
 
 log = logging.getLogger("aule_kp")
@@ -106,8 +107,6 @@ class Device:
         self.lock = threading.RLock()
         self._manager: Any = None
         self._spirv: Dict[str, bytes] = {}
-        from .plan import PlanCache  # plan imports device types; keep the cycle lazy
-
         self.plans = PlanCache(knobs.current().plan_cache_mb << 20)
 
     @property
@@ -148,6 +147,12 @@ class Device:
         copies each byte once (see ``io_tensor``). ``AULE_KP_DIRECT_IO=0`` keeps staging buffers."""
         return (not self.host_memory and knobs.current().direct_io
                 and hasattr(self.kp, "aule_host_device_local"))
+
+    @property
+    def staged(self) -> bool:
+        """Whether plans' inputs or outputs go through staging buffers, copied whole on every call
+        (discrete GPUs without ``direct_io`` or without a large BAR heap, see ``io_tensor``)."""
+        return not self.host_memory and (not self.direct_io or self.caps.host_visible_device_heap < BAR_MIN_HEAP)
 
     def io_tensor(self, data: np.ndarray, role: str) -> Any:
         """A kp tensor for data the host writes (``role="in"``) or reads (``"out"``) on every call.

@@ -41,7 +41,6 @@ from .. import knobs
 from ..dtypes import ITEMSIZE, STORAGE
 from ..problem import Problem
 from .configs import ForwardConfig, KernelConfig, SplitKVConfig
-from .device import BAR_MIN_HEAP
 from .hostcopy import copy_bytes
 from .probe import parallelism
 
@@ -211,8 +210,8 @@ def grids_settable(kp: Any) -> bool:
 
 def staged(device: Any) -> bool:
     """Whether a plan's inputs or outputs go through staging buffers, copied whole on every call
-    (discrete GPUs without ``direct_io`` or without a large BAR heap, see ``Device.io_tensor``)."""
-    return not device.host_memory and (not device.direct_io or device.caps.host_visible_device_heap < BAR_MIN_HEAP)
+    (``Device.staged``)."""
+    return device.staged
 
 
 def round_up(n: int, steps: int) -> int:

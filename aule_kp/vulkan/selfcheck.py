@@ -36,7 +36,6 @@ from .. import knobs
 from ..dtypes import from_f32, to_f32
 from ..problem import DTYPES, Problem, band
 from . import tuning_cache
-from .configs import SplitKVConfig
 from .probe import DeviceCaps
 
 log = logging.getLogger("aule_kp")
@@ -124,7 +123,7 @@ _builds: Dict[str, str] = {}
 def build_id(family: str) -> str:
     """aule-kp's version and a digest of the SPIR-V the family runs: a verdict holds for this build."""
     if family not in _builds:
-        from .. import __version__
+        from .._version import __version__
         from .compile import spirv_path
 
         h = hashlib.sha256(__version__.encode())
@@ -187,10 +186,17 @@ def _device_of(caps: DeviceCaps) -> Any:
     return None
 
 
-def ensure(family: str, caps: DeviceCaps, dtype: str) -> List[str]:
+#: ``configure(family, caps, problem, n_split) -> (pipelines, reasons they cannot run it)``: the
+#: pipelines of one kernel family for a canary, from the kernel choice (``choice.canary_config``),
+#: which passes itself in so that this module never imports the choice that consults it.
+Configure = Callable[[str, DeviceCaps, Problem, int], Tuple[Any, List[str]]]
+
+
+def ensure(family: str, caps: DeviceCaps, dtype: str, configure: Configure) -> List[str]:
     """Why ``family`` must not run ``dtype`` here (empty: it may): a recorded failed verdict, or the
-    result of its canaries, run now when nothing is recorded for this build, the self-check is on
-    (:func:`enabled`) and ``caps`` describe a real device. A failure warns once and is recorded."""
+    result of its canaries (pipelines from ``configure``), run now when nothing is recorded for this
+    build, the self-check is on (:func:`enabled`) and ``caps`` describe a real device. A failure warns
+    once and is recorded."""
     entry = _entry(family, caps, dtype)
     if entry is not None or not enabled():
         return _reasons(entry, family, caps, dtype, True)
@@ -203,7 +209,7 @@ def ensure(family: str, caps: DeviceCaps, dtype: str) -> List[str]:
             return known_reasons(family, caps, dtype)
         _active.add(key)
         try:
-            verdict = check(family, dtype, device)
+            verdict = check(family, dtype, device, configure)
         finally:
             _active.discard(key)
         _save(device.caps, [verdict])
@@ -245,35 +251,6 @@ _BACKWARD = (Canary("backward causal GQA mask-grad D64", 1, 4, 2, 24, 40, 64, ca
                     backward=True),)
 CANARIES = {"fwd.scalar": _FORWARD, "fwd.wave64": _FORWARD, "fwd.coopmat": _FORWARD, "splitkv": _SPLIT,
             "bwd.scalar": _BACKWARD, "bwd.coopmat": _BACKWARD}
-
-
-def _config(family: str, canary: Canary, p: Problem, caps: DeviceCaps) -> Tuple[Any, List[str]]:
-    """The pipelines of ``family`` for ``p`` on this device and why they cannot run it (static
-    legality only: recorded verdicts are what is being re-checked)."""
-    from .choice import (
-        backward_config_reasons,
-        backward_pipelines,
-        config_for,
-        forward_reasons,
-        split_kernel,
-        variant_reasons,
-    )
-
-    kind, _, variant = family.partition(".")
-    if family == "splitkv":
-        kernel = split_kernel(caps, p)
-        step = kernel.wg // kernel.tpr * kernel.bc
-        lo, hi = p.key_range(0, p.len_q)
-        split_len = step * math.ceil((hi - lo) / (canary.n_split * step))
-        cfg = SplitKVConfig(kernel, math.ceil((hi - lo) / split_len), split_len)
-        why = [] if cfg.shared_bytes() <= caps.shared_memory else [f"needs {cfg.shared_bytes()} B of shared memory"]
-        return cfg, why + ([f"needs {kernel.wg} invocations"] if kernel.wg > caps.max_workgroup_invocations else [])
-    if kind == "bwd":
-        cfg = backward_pipelines(caps, p, True, variant)
-        return cfg, backward_config_reasons(cfg, caps, p, checks=False)
-    why = variant_reasons(variant, caps, p, checks=False)
-    cfg = None if why else config_for(variant, caps, p)
-    return cfg, why if why else forward_reasons(cfg, caps, p)
 
 
 def _inputs(canary: Canary, p: Problem, seed: int) -> Dict[str, np.ndarray]:
@@ -439,8 +416,9 @@ class Verdict:
         return f"{self.family} {self.dtype}: {state} ({self.canaries} canaries, {self.detail})"
 
 
-def check(family: str, dtype: str, device: Any) -> Verdict:
-    """Runs the canaries of ``family`` for ``dtype`` on ``device`` now (nothing recorded). Stops at
+def check(family: str, dtype: str, device: Any, configure: Configure) -> Verdict:
+    """Runs the canaries of ``family`` for ``dtype`` on ``device`` now (nothing recorded), with the
+    pipelines ``configure`` gives (``choice.canary_config``). Stops at
     the first wrong one; an exception (a pipeline the driver refuses, ...) is a wrong result."""
     caps = device.caps
     t0 = time.perf_counter()
@@ -449,7 +427,7 @@ def check(family: str, dtype: str, device: Any) -> Verdict:
     for i, canary in enumerate(CANARIES[family]):
         p = canary.problem(dtype)
         try:
-            cfg, why = _config(family, canary, p, caps)
+            cfg, why = configure(family, caps, p, canary.n_split)
             if why:
                 detail = detail or f"{canary.name}: {why[0]}"
                 continue
@@ -471,24 +449,24 @@ def check(family: str, dtype: str, device: Any) -> Verdict:
                    datetime.datetime.now().isoformat(timespec="seconds"))
 
 
-def run_checks(families: Optional[Sequence[str]] = None, dtypes: Optional[Sequence[str]] = None,
+def run_checks(families: Sequence[str], configure: Configure, dtypes: Optional[Sequence[str]] = None,
                device: Any = None, directory: Optional[str] = None,
                progress: Optional[Callable[[str, str], None]] = None) -> List[Verdict]:
-    """Runs checks now, whatever is recorded (``aule-kp doctor``): each kernel family (default: those
-    the automatic choice may use here, ``choice.candidate_families``) and dtype (default all) on
-    ``device`` (default the selected one); records the verdicts (in ``directory``, default the cache
-    dir). ``progress(family, dtype)`` is called before each check."""
+    """Runs checks now, whatever is recorded (``aule-kp doctor``): each kernel family (the caller
+    passes those the automatic choice may use, ``choice.candidate_families``) and dtype (default
+    all) on ``device`` (default the selected one), with pipelines from ``configure``; records the
+    verdicts (in ``directory``, default the cache dir). ``progress(family, dtype)`` is called before
+    each check."""
     from . import device as devmod
-    from .choice import candidate_families
 
     dev = device or devmod.get_device()
     verdicts = []
-    for family in families or candidate_families(dev.caps):
+    for family in families:
         for dtype in dtypes or DTYPES:
             if progress is not None:
                 progress(family, dtype)
             with dev.lock:
-                verdicts.append(check(family, dtype, dev))
+                verdicts.append(check(family, dtype, dev, configure))
     _save(dev.caps, [v for v in verdicts if v.ok is not None], directory)
     return verdicts
 
