@@ -52,7 +52,7 @@ def host_call(p: Problem, qkv: tuple, label: str, phases: bool, h2d_rate: float)
     kernel_only = plan.record(dev.manager.sequence(), transfers=False)
     kernel = median_s(kernel_only.eval, 5)
     kernel_only.destroy()
-    kinds = {str(t.tensor_type()) for c in plan.chunks for t in c.tensors}
+    kinds = {str(t.tensor_type()) for c in plan.chunks for t in c.tensors.values()}
     bar = dev.caps.host_visible_device_heap >> 20
     print(f"\n{label}: {len(plan.chunks)} chunk(s), tensors {sorted(kinds)}; device-local host-visible heap "
           f"{bar} MiB\n")
@@ -67,14 +67,13 @@ def host_call(p: Problem, qkv: tuple, label: str, phases: bool, h2d_rate: float)
         print(timeline(plan, qkv))
     if not phases:
         return
-    sources = [x.reshape(-1).view(np.uint8) for x in qkv]
-    pairs_in = [(dst, src[lo:hi]) for c in plan.chunks for dst, src, (lo, hi) in zip(c.inputs, sources, c.input_ranges)]
+    pairs_in = [pair for c in plan.chunks for pair in c.input_pairs(qkv)]
     row("phase: inputs -> plan tensors", 3 * q.nbytes, median_s(lambda: copy_bytes(pairs_in), 5))
     row("phase: sequence eval (kernel, O written to host memory)", q.nbytes, median_s(plan.eval, 5))
 
     def copy_out() -> None:
-        out = np.empty(sum(c.output.nbytes for c in plan.chunks), np.uint8)
-        copy_bytes([(out[: c.output.nbytes], c.output) for c in plan.chunks])
+        out = np.empty(sum(c.views["o"].nbytes for c in plan.chunks), np.uint8)
+        copy_bytes([(out[: c.views["o"].nbytes], c.views["o"]) for c in plan.chunks])
 
     row("phase: output -> fresh array", q.nbytes, median_s(copy_out, 5))
 
@@ -82,20 +81,20 @@ def host_call(p: Problem, qkv: tuple, label: str, phases: bool, h2d_rate: float)
 def timeline(plan: Plan, qkv: tuple) -> str:
     """One pipelined call replayed step by step (Plan._run_pipelined's order), with the time at
     which each step ended: where the pipeline waits."""
-    sources = [x.reshape(-1).view(np.uint8) for x in qkv]
-    out = np.empty(sum(c.output.nbytes for c in plan.chunks), np.uint8)
+    out = np.empty(sum(c.views["o"].nbytes for c in plan.chunks), np.uint8)
     t0 = time.perf_counter()
     marks = []
     for i, c in enumerate(plan.chunks):
-        copy_bytes([(dst, src[lo:hi]) for dst, src, (lo, hi) in zip(c.inputs, sources, c.input_ranges)])
+        copy_bytes(c.input_pairs(qkv))
         marks.append((f"in{i}", time.perf_counter()))
         c.sequence.eval_async()
     lo = 0
     for i, c in enumerate(plan.chunks):
         c.sequence.eval_await()
         marks.append((f"wait{i}", time.perf_counter()))
-        copy_bytes([(out[lo:lo + c.output.nbytes], c.output)])
-        lo += c.output.nbytes
+        o = c.views["o"]
+        copy_bytes([(out[lo:lo + o.nbytes], o)])
+        lo += o.nbytes
         marks.append((f"out{i}", time.perf_counter()))
     return "timeline (ms): " + ", ".join(f"{name} {(t - t0) * 1e3:.2f}" for name, t in marks)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -26,6 +25,7 @@ from ..problem import Problem
 from .configs import BackwardConfig
 from .hostcopy import copy_bytes
 from .plan import (
+    Chunk,
     RecordedPlan,
     binding_limit,
     capacity,
@@ -67,16 +67,6 @@ def reduce_to_mask(ds: np.ndarray, mask_shape: Tuple[int, ...]) -> np.ndarray:
     return (ds.sum(axis=axes, keepdims=True) if axes else ds).reshape(mask_shape).astype(np.float32, copy=False)
 
 
-@dataclass
-class BackwardChunk:
-    g0: int
-    g1: int
-    tensors: Dict[str, Any]  # kp tensors by binding name
-    memory: Dict[str, np.ndarray]  # their whole mapped memory, as bytes
-    algorithms: List[Any]  # pre, dkdv, dq
-    views: Dict[str, np.ndarray] = field(default_factory=dict)  # the bound problem's bytes of ``memory``
-
-
 def backward_bytes(p: Problem, write_ds: bool, n_groups: int) -> Dict[str, int]:
     """Bytes each buffer of a backward chunk of ``n_groups`` groups needs (dS none without
     ``write_ds``: its binding still gets a buffer of one word)."""
@@ -115,7 +105,7 @@ class BackwardPlan(RecordedPlan):
             bound = [tensors[name] for name in BINDINGS]
             algorithms = [self._algorithm(bound, k, config.spec(k), grid, push)
                           for k, (grid, push) in zip(config.kernels(), self._dispatches(p, g0, n))]
-            self.chunks.append(BackwardChunk(g0, g1, tensors, memory, algorithms))
+            self.chunks.append(Chunk(g0, g1, tensors, algorithms, memory=memory))
         self.bind(p, config)
         stats["plans"] += 1
         log.debug("backward plan for %s: %d chunk(s), %s", p, len(self.chunks), config)

@@ -247,22 +247,36 @@ def pipeline_of(config: ForwardConfig) -> KernelConfig:
     return config.kernel if isinstance(config, SplitKVConfig) else config
 
 
+#: Binding order of the forward kernels (glsl/fa2_fwd*.comp); split-KV adds SPLITKV_SCRATCH after.
+BINDINGS = ("q", "k", "v", "o", "lse", "mask")
+SPLITKV_SCRATCH = ("partial_o", "partial_ml", "counters")
+INPUTS = ("q", "k", "v")
+OUTPUTS = ("o", "lse")
+
+
 @dataclass
 class Chunk:
-    """The dispatch over kv groups ``[g0, g1)`` and, on the host path, views of its mapped memory
+    """The dispatches of a forward or backward plan over kv groups ``[g0, g1)``, their kp tensors
+    by binding name and, for the tensors the host writes or reads, views of their mapped memory
     for the problem the plan is bound to."""
 
     g0: int
     g1: int
-    tensors: List[Any]  # q, k, v, o, lse (kp tensors)
-    algorithms: List[Any]  # the one dispatch's
-    scratch: List[Any] = field(default_factory=list)  # split-KV's partials and counters (bindings 6-8)
-    sequence: Any = None  # pipelined host calls: this chunk's transfers and dispatch
-    memory: Dict[str, np.ndarray] = field(default_factory=dict)  # q, k, v, o, lse mapped memory, as bytes
-    inputs: List[np.ndarray] = field(default_factory=list)  # q, k, v mapped memory, as bytes
-    input_ranges: List[Tuple[int, int]] = field(default_factory=list)  # their bytes in the caller's arrays
-    output: Optional[np.ndarray] = None  # o mapped memory, as bytes
-    lse: Optional[np.ndarray] = None  # lse mapped memory, float32
+    tensors: Dict[str, Any]  # kp tensors by binding name (the plan's mask and device-only scratch included)
+    algorithms: List[Any]  # forward: the one dispatch's; backward: pre, dkdv, dq
+    memory: Dict[str, np.ndarray] = field(default_factory=dict)  # host-copied tensors' whole mapped memory, as bytes
+    views: Dict[str, np.ndarray] = field(default_factory=dict)  # the bound problem's bytes of ``memory``
+    input_ranges: Dict[str, Tuple[int, int]] = field(default_factory=dict)  # forward: inputs' bytes in the caller's
+    sequence: Any = None  # pipelined forward host calls: this chunk's transfers and dispatch
+
+    def input_pairs(self, qkv: Sequence[np.ndarray]) -> List[Tuple[np.ndarray, np.ndarray]]:
+        """(mapped memory, bytes of the caller's array) for the forward inputs ``q, k, v`` of this
+        chunk: what ``copy_bytes`` copies in."""
+        pairs = []
+        for name, x in zip(INPUTS, qkv):
+            lo, hi = self.input_ranges[name]
+            pairs.append((self.views[name], x.reshape(-1).view(np.uint8)[lo:hi]))
+        return pairs
 
 
 class RecordedPlan:
@@ -275,7 +289,7 @@ class RecordedPlan:
     problem: Problem
     config: Any
     sequence: Any
-    chunks: List[Any]
+    chunks: List[Chunk]
     capacity: Optional[Dict[str, int]]
 
     def _chunk_groups(self, device: Any, problem: Problem, config: Any, per: Dict[str, int],
@@ -385,7 +399,7 @@ class RecordedPlan:
         for c in self.chunks:
             for algorithm in c.algorithms:
                 algorithm.destroy()
-            if getattr(c, "sequence", None) is not None:
+            if c.sequence is not None:
                 c.sequence.destroy()
         self.chunks.clear()
 
@@ -422,24 +436,26 @@ class Plan(RecordedPlan):
             n = g1 - g0
             sizes = capacity if capacity is not None else forward_bytes(p, config, n)
             io_sizes = {name: sizes[name] for name in (("q", "k", "v", "o", "lse") if io is None else ("lse",))}
-            tensors, memory = self._io_tensors(io_sizes, ("o", "lse"))
+            tensors, memory = self._io_tensors(io_sizes, OUTPUTS)
             if io is not None:
-                tensors.update(zip(("q", "k", "v", "o"), io))
+                tensors.update(zip((*INPUTS, "o"), io))
+            tensors["mask"] = self.mask
             # Split-KV scratch lives on the device only. The partials need no initial value; the
             # counters must start at zero (the shader puts them back after each call): device
             # tensors, whose zeros are copied up once below (storage tensors are uninitialised).
-            scratch = []
-            if isinstance(config, SplitKVConfig):
-                for name in ("partial_o", "partial_ml", "counters"):
+            split = isinstance(config, SplitKVConfig)
+            if split:
+                for name in SPLITKV_SCRATCH:
                     words = max(sizes[name] // 4, 1)
-                    scratch.append(mgr.tensor_t(np.zeros(words, np.uint32), kp.TensorTypes.device) if name == "counters"
-                                   else mgr.tensor_t(np.zeros(words, np.float32), kp.TensorTypes.storage))
+                    tensors[name] = (mgr.tensor_t(np.zeros(words, np.uint32), kp.TensorTypes.device)
+                                     if name == "counters"
+                                     else mgr.tensor_t(np.zeros(words, np.float32), kp.TensorTypes.storage))
                     self.nbytes += 4 * words
-                zeroed.append(scratch[-1])
-            bound = [tensors[name] for name in ("q", "k", "v", "o", "lse")]
+                zeroed.append(tensors["counters"])
+            bound = [tensors[name] for name in (*BINDINGS, *(SPLITKV_SCRATCH if split else ()))]
             kc, grid, push = dispatch(config, p, n, g0)
-            algorithm = self._algorithm([*bound, self.mask, *scratch], kc, kc.spec(), grid, push)
-            self.chunks.append(Chunk(g0, g1, bound, [algorithm], scratch, memory=memory))
+            algorithm = self._algorithm(bound, kc, kc.spec(), grid, push)
+            self.chunks.append(Chunk(g0, g1, tensors, [algorithm], memory=memory))
 
         if zeroed:
             init = mgr.sequence().record(kp.OpTensorSyncDevice(zeroed))
@@ -463,10 +479,9 @@ class Plan(RecordedPlan):
             return
         for c in self.chunks:
             n = c.g1 - c.g0
-            c.inputs = [c.memory[name][: n * per[name]] for name in ("q", "k", "v")]
-            c.input_ranges = [(c.g0 * per[name], c.g1 * per[name]) for name in ("q", "k", "v")]
-            c.output = c.memory["o"][: n * per["o"]]
-            c.lse = c.memory["lse"][: n * per["lse"]].view(np.float32)
+            c.views = {name: c.memory[name][: n * per[name]] for name in (*INPUTS, *OUTPUTS)}
+            c.views["lse"] = c.views["lse"].view(np.float32)
+            c.input_ranges = {name: (c.g0 * per[name], c.g1 * per[name]) for name in INPUTS}
 
     def record(self, sequence: Any, transfers: bool, chunks: Optional[List[Chunk]] = None) -> Any:
         """Records the call over ``chunks`` (default: all) of the bound problem into ``sequence``:
@@ -477,7 +492,7 @@ class Plan(RecordedPlan):
         p = self.problem
         chunks = self.chunks if chunks is None else chunks
         transfers = transfers and self.host_io
-        inputs = [t for c in chunks for t in c.tensors[:3]] if transfers else []
+        inputs = [c.tensors[name] for c in chunks for name in INPUTS] if transfers else []
         if p.has_mask and chunks[0] is self.chunks[0]:
             inputs.append(self.mask)
         if inputs:
@@ -490,7 +505,7 @@ class Plan(RecordedPlan):
             self._set_grid(c.algorithms[0], grid)
             sequence.record(kp.OpAlgoDispatch(c.algorithms[0], push))
         if transfers:
-            sequence.record(kp.OpTensorSyncLocal([t for c in chunks for t in c.tensors[3:]]))
+            sequence.record(kp.OpTensorSyncLocal([c.tensors[name] for c in chunks for name in OUTPUTS]))
         return sequence
 
     def run(self, q: np.ndarray, k: np.ndarray, v: np.ndarray,
@@ -505,23 +520,23 @@ class Plan(RecordedPlan):
         if q.shape != (p.batch, p.heads_q, p.len_q, p.dim_k) or k.shape != (p.batch, p.heads_kv, p.len_k, p.dim_k):
             raise ValueError(f"q {q.shape} and k {k.shape} are not the shapes of the problem this plan is bound to "
                              f"({p}); get the plan again for theirs")
-        sources = [x.reshape(-1).view(np.uint8) for x in (q, k, v)]
-        inputs = [[(dst, src[lo:hi]) for dst, src, (lo, hi) in zip(c.inputs, sources, c.input_ranges)]
-                  for c in self.chunks]
+        inputs = [c.input_pairs((q, k, v)) for c in self.chunks]
         if mask is not None:
             self.mask_view[:] = mask.reshape(-1)
-        out = np.empty(sum(c.output.nbytes for c in self.chunks), np.uint8)
+        out = np.empty(sum(c.views["o"].nbytes for c in self.chunks), np.uint8)
         outputs, lo = [], 0
         for c in self.chunks:
-            outputs.append([(out[lo:lo + c.output.nbytes], c.output)])
-            lo += c.output.nbytes
+            o = c.views["o"]
+            outputs.append([(out[lo:lo + o.nbytes], o)])
+            lo += o.nbytes
         if self.pipelined:
             self._run_pipelined(inputs, outputs)
         else:
             copy_bytes([pair for pairs in inputs for pair in pairs])
             self.eval()
             copy_bytes([pair for pairs in outputs for pair in pairs])
-        lse = np.concatenate([c.lse for c in self.chunks]) if len(self.chunks) > 1 else self.chunks[0].lse.copy()
+        lse = (np.concatenate([c.views["lse"] for c in self.chunks]) if len(self.chunks) > 1
+               else self.chunks[0].views["lse"].copy())
         shape = (p.batch, p.heads_q, p.len_q)
         return out.view(STORAGE[p.dtype]).reshape(*shape, p.dim_v), lse.reshape(shape)
 
