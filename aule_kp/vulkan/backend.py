@@ -15,7 +15,7 @@ from . import tuning_cache
 from .backward import BackwardPlan, backward_plan, reduce_to_mask
 from .choice import BackwardChoice, Choice, backward_limits, choose_backward, choose_forward
 from .configs import BackwardConfig, ForwardConfig
-from .plan import Plan, forward_plan
+from .plan import Plan, forward_plan, run_forward
 
 
 class VulkanBackend(Backend):
@@ -38,7 +38,7 @@ class VulkanBackend(Backend):
                                         coopmat_convert=self.coopmat_convert)
 
     def unavailable_reasons(self) -> List[str]:
-        why = devmod.vulkan_unavailable() or devmod.selected_device_error()
+        why = devmod.unavailable()
         return [why] if why else []
 
     def config(self, problem: Problem) -> ForwardConfig:
@@ -77,8 +77,9 @@ class VulkanBackend(Backend):
     def forward(self, problem: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray,
                 mask: Optional[np.ndarray], config: Optional[ForwardConfig] = None) -> Tuple[np.ndarray, np.ndarray]:
         dev = devmod.get_device()
+        cfg = config or self.config(problem)
         with dev.lock:
-            out, lse = self.plan(problem, config).run(q, k, v, mask)
+            out, lse = run_forward(dev, problem, cfg, q, k, v, mask)
         enforce(problem, q, k, v, mask, out, lse)  # non-finite inputs (aule_kp.nonfinite)
         return out, lse
 

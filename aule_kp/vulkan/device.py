@@ -257,6 +257,12 @@ def index_error(index: int, what: str) -> Optional[str]:
                                                     else "there is no Vulkan device")
 
 
+def unavailable() -> Optional[str]:
+    """Why the selected Vulkan device cannot be used (no kp, no device, or an ``AULE_KP_DEVICE``
+    that selects none), or None."""
+    return vulkan_unavailable() or selected_device_error()
+
+
 def selected_device_error() -> Optional[str]:
     """Why ``AULE_KP_DEVICE`` selects no device (not an integer, or out of range); None when it does."""
     try:

@@ -588,6 +588,12 @@ def forward_plan(device: Any, problem: Problem, config: ForwardConfig) -> Plan:
     return device.plans.fitted(key, need, build).bind(p, config)
 
 
+def run_forward(device: Any, problem: Problem, config: ForwardConfig, q: np.ndarray, k: np.ndarray, v: np.ndarray,
+                mask: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+    """``forward_plan(...).run(q, k, v, mask)``: one host-path forward call. Call under ``device.lock``."""
+    return forward_plan(device, problem, config).run(q, k, v, mask)
+
+
 class PlanCache:
     """Least-recently-used plans, bounded by what they hold (``RecordedPlan.nbytes``: buffers,
     staging, pipelines)."""
