@@ -152,31 +152,46 @@ TIMED = {"B1 H2 L4 D32": ((1, 2, 4, 32), (1, 2, 4, 32)), "B1 Hq8 Hkv2 Lq1 Lk512 
          "B1 H8 L128 D64": ((1, 8, 128, 64), (1, 8, 128, 64))}
 
 
+def _host_call(package: Any, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> Callable[[], Any]:
+    return lambda: package.flash_attention(q, k, v, backend="vulkan")
+
+
+def _gpu_tensor_call(package: Any, q: np.ndarray, k: np.ndarray, v: np.ndarray) -> Callable[[], Any]:
+    """A repeated ``Context.attention`` into the same output (the data stays on the device)."""
+    ctx = package.Context()
+    qt, kt, vt = (ctx.tensor(x.shape, np.float16).upload(x) for x in (q, k, v))
+    out = ctx.attention(qt, kt, vt)
+    return lambda: ctx.attention(qt, kt, vt, out)
+
+
 def timing(base: Path, rounds: int = 7, calls: int = 300) -> None:
-    """Median per-call time of repeated same-shape calls (fp16), this checkout vs ``base``: rounds of
-    ``calls`` calls each, the two in turns, either one first by turns."""
+    """Median per-call time of repeated same-shape calls (fp16), this checkout vs ``base``, on the
+    NumPy host path and the GpuTensor path: rounds of ``calls`` calls each, the two in turns, either
+    one first by turns."""
     other = load_package(base, "aule_kp_base")
-    runs = {"before": other.flash_attention, "after": aule_kp.flash_attention}
+    packages = {"before": other, "after": aule_kp}
     rng = np.random.default_rng(0)
     print("| fp16, repeated call | before µs | after µs | after / before | rounds before; after (µs) |")
     print("|---|---:|---:|---:|---|")
     for label, (q_shape, kv_shape) in TIMED.items():
         q, k, v = (rng.standard_normal(s).astype(np.float16) for s in (q_shape, kv_shape, kv_shape))
-        medians: Dict[str, List[float]] = {name: [] for name in runs}
-        for f in runs.values():
-            for _ in range(20):
-                f(q, k, v, backend="vulkan")
-        for r in range(rounds):
-            for name, f in sorted(runs.items(), reverse=r % 2 == 1):  # either one first, by turns
-                times = []
-                for _ in range(calls):
-                    t0 = time.perf_counter()
-                    f(q, k, v, backend="vulkan")
-                    times.append(time.perf_counter() - t0)
-                medians[name].append(statistics.median(times) * 1e6)
-        before, after = (statistics.median(medians[name]) for name in runs)
-        detail = "; ".join(", ".join(f"{x:.0f}" for x in medians[name]) for name in runs)
-        print(f"| {label} | {before:.0f} | {after:.0f} | {after / before:.3f} | {detail} |", flush=True)
+        for path, make in (("NumPy", _host_call), ("GpuTensor", _gpu_tensor_call)):
+            runs = {name: make(package, q, k, v) for name, package in packages.items()}
+            medians: Dict[str, List[float]] = {name: [] for name in runs}
+            for f in runs.values():
+                for _ in range(20):
+                    f()
+            for r in range(rounds):
+                for name, f in sorted(runs.items(), reverse=r % 2 == 1):  # either one first, by turns
+                    times = []
+                    for _ in range(calls):
+                        t0 = time.perf_counter()
+                        f()
+                        times.append(time.perf_counter() - t0)
+                    medians[name].append(statistics.median(times) * 1e6)
+            before, after = (statistics.median(medians[name]) for name in runs)
+            detail = "; ".join(", ".join(f"{x:.0f}" for x in medians[name]) for name in runs)
+            print(f"| {label} {path} | {before:.0f} | {after:.0f} | {after / before:.3f} | {detail} |", flush=True)
 
 
 def main(argv: List[str] | None = None) -> None:
