@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple
+import functools
+from typing import Any, Callable, List, Optional, Tuple
 
 import numpy as np
 
@@ -10,6 +11,9 @@ from .problem import Problem
 
 #: What ``backend=`` takes everywhere: "auto" (the dispatcher's priority list) or one backend.
 BACKEND_NAMES = ("auto", "vulkan", "triton", "cpu")
+
+#: A forward pass bound to its backend and Problem (``Backend.bind``): ``(q, k, v, mask) -> (out, lse)``.
+Runner = Callable[[Any, Any, Any, Any], Tuple[Any, Any]]
 
 
 def check_backend_name(backend: Any, allow_none: bool = False) -> None:
@@ -42,6 +46,13 @@ class Backend:
         """Why this backend cannot take ``problem``, ``unavailable_reasons()`` included (empty when it can).
         Which of the backends that can take it runs it is ``aule_kp.dispatch.PRIORITY``'s choice."""
         return self.unavailable_reasons()
+
+    def bind(self, problem: Problem) -> Tuple[Optional[Runner], List[str]]:
+        """``(runner, [])`` when this backend can take ``problem``, ``runner(q, k, v, mask)`` computing it
+        as ``forward(problem, q, k, v, mask)`` does; ``(None, problem_reasons(problem))`` when it cannot.
+        One call for both, so that the dispatcher's check and the run that follows share their work."""
+        reasons = self.problem_reasons(problem)
+        return (None, reasons) if reasons else (functools.partial(self.forward, problem), [])
 
     #: True for backends that take torch tensors where they live (Triton on CUDA/ROCm): then
     #: ``forward``/``backward`` receive and return contiguous torch tensors instead of host arrays.

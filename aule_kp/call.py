@@ -11,7 +11,7 @@ from typing import Any, Optional, Tuple
 import numpy as np
 
 from . import dispatch, inputs
-from .backend import Backend, check_backend_name
+from .backend import Backend, Runner, check_backend_name
 from .dtypes import STORAGE
 from .problem import Problem, band
 
@@ -22,7 +22,8 @@ class Prepared:
 
     ``q``/``k``/``v`` are host arrays in engine storage, or contiguous torch tensors where they live
     for a ``native_torch`` backend; ``mask`` is the float32 additive mask (same form) or None.
-    ``backend`` is None when the result is empty or trivially zero (no query, no key).
+    ``backend`` is None when the result is empty or trivially zero (no query, no key); ``run`` is its
+    forward pass bound to ``problem`` (``Backend.bind``), None with it.
     """
 
     problem: Problem
@@ -32,6 +33,7 @@ class Prepared:
     v: Any
     mask: Any
     like: Any  # the caller's q: the result takes its type, dtype and device
+    run: Optional[Runner] = None
 
     def forward(self) -> Tuple[Any, Any]:
         """``(out, lse)``: out in the type/dtype/device of the caller's q; lse float32 [B, Hq, Lq]."""
@@ -40,7 +42,7 @@ class Prepared:
             out = np.zeros((p.batch, p.heads_q, p.len_q, p.dim_v), dtype=STORAGE[p.dtype])
             lse = np.full((p.batch, p.heads_q, p.len_q), -np.inf, np.float32)
             return inputs.from_host(out, self.like, p.dtype), lse
-        out, lse = self.backend.forward(p, self.q, self.k, self.v, self.mask)
+        out, lse = self.run(self.q, self.k, self.v, self.mask)
         return (out if self.backend.native_torch else inputs.from_host(out, self.like, p.dtype)), lse
 
 
@@ -87,7 +89,7 @@ def prepare(
     if problem.empty or lk == 0:
         inputs.check_memory([("the output", 0 if device not in (None, "cpu") else out_bytes)])
         return Prepared(problem, None, None, None, None, None, q)
-    chosen = dispatch.select(problem, backend)
+    chosen, run = dispatch.select_bound(problem, backend)
     if not chosen.native_torch:
         mask_bytes = 0 if mask_shape is None else 4 * math.prod(mask_shape)
         inputs.check_memory([("q", inputs.host_copy_bytes(q)), ("k", inputs.host_copy_bytes(k)),
@@ -99,9 +101,9 @@ def prepare(
 
         if mask is not None:
             mask = torch.from_numpy(mask).to(q.device)
-        return Prepared(problem, chosen, q.contiguous(), k.contiguous(), v.contiguous(), mask, q)
+        return Prepared(problem, chosen, q.contiguous(), k.contiguous(), v.contiguous(), mask, q, run)
     return Prepared(problem, chosen, inputs.to_host(q, dtype), inputs.to_host(k, dtype), inputs.to_host(v, dtype),
-                    mask, q)
+                    mask, q, run)
 
 
 def attention_forward(q: Any, k: Any, v: Any, **options: Any) -> Tuple[Any, Any, Problem]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Callable, Dict, List, Tuple
 
-from .backend import BACKEND_NAMES, Backend, check_backend_name
+from .backend import BACKEND_NAMES, Backend, Runner, check_backend_name
 from .cpu.backend import CpuBackend
 from .errors import BackendUnavailable, warn_once
 from .problem import Problem
@@ -15,7 +15,7 @@ from .vulkan.backend import VulkanBackend
 
 log = logging.getLogger("aule_kp")
 
-__all__ = ["BACKEND_NAMES", "PRIORITY", "available_backends", "get", "select"]
+__all__ = ["BACKEND_NAMES", "PRIORITY", "available_backends", "get", "select", "select_bound"]
 
 _registry: Dict[str, Backend] = {
     "vulkan": VulkanBackend(),
@@ -38,7 +38,7 @@ def _always(problem: Problem) -> bool:
 
 
 #: ``backend="auto"`` runs a problem on the first entry whose backend can take it
-#: (``problem_reasons`` is empty) and whose condition holds. Every backend's last entry holds always,
+#: (``bind`` gives no reasons) and whose condition holds. Every backend's last entry holds always,
 #: so each backend that can take a problem has a place in the list.
 PRIORITY: Tuple[Tuple[str, Callable[[Problem], bool]], ...] = (
     ("triton", _cuda_tensors),  # torch tensors on a CUDA/ROCm GPU, computed where they live
@@ -83,25 +83,32 @@ def _warn_fallback(problem: Problem, best: Backend, why: Dict[str, List[str]]) -
                       f"({'; '.join(reasons)}); backend='auto' runs it on the {best.name} backend")
 
 
-def select(problem: Problem, name: str = "auto") -> Backend:
-    """The backend that runs ``problem``: the named one, or for "auto" the first in ``PRIORITY`` that can."""
+def select_bound(problem: Problem, name: str = "auto") -> Tuple[Backend, Runner]:
+    """The backend that runs ``problem`` (the named one, or for "auto" the first in ``PRIORITY`` that
+    can) and its forward pass bound to ``problem`` (``Backend.bind``); BackendUnavailable with every
+    reason when none can."""
     if name != "auto":
         backend = get(name)
-        reasons = backend.problem_reasons(problem)
-        if reasons:
+        runner, reasons = backend.bind(problem)
+        if runner is None:
             raise BackendUnavailable(name, reasons)
-        return backend
-    able = []
+        return backend, runner
+    able: Dict[str, Tuple[Backend, Runner]] = {}
     why: Dict[str, List[str]] = {}
     for backend in _registry.values():
-        reasons = backend.problem_reasons(problem)
-        if reasons:
+        runner, reasons = backend.bind(problem)
+        if runner is None:
             why[backend.name] = reasons
         else:
-            able.append(backend)
+            able[backend.name] = (backend, runner)
     if not able:
         raise BackendUnavailable("auto", [f"{n}: {'; '.join(r)}" for n, r in why.items()])
-    best = min(able, key=lambda b: _place(b.name, problem))
-    _warn_fallback(problem, best, why)
-    log.debug("auto backend for %s: %s", problem, best.name)
+    best = min(able.values(), key=lambda pair: _place(pair[0].name, problem))
+    _warn_fallback(problem, best[0], why)
+    log.debug("auto backend for %s: %s", problem, best[0].name)
     return best
+
+
+def select(problem: Problem, name: str = "auto") -> Backend:
+    """The backend that runs ``problem``: the named one, or for "auto" the first in ``PRIORITY`` that can."""
+    return select_bound(problem, name)[0]

@@ -91,7 +91,7 @@ def on_device(caps: Any) -> Iterator[None]:
 
     fake = mock.Mock(spec=["caps"], caps=caps)
     with mock.patch.object(devmod, "get_device", lambda index=None: fake), \
-            mock.patch.object(devmod, "vulkan_unavailable", lambda: None):
+            mock.patch.object(devmod, "unavailable", lambda: None):
         yield
 
 

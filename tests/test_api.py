@@ -402,7 +402,8 @@ def test_no_vulkan_falls_back_and_warns_once(
 ) -> None:
     """One AuleFallbackWarning (visible without any logging set up), naming the reason."""
     reason = "simulated: no Vulkan ICD installed"
-    monkeypatch.setattr(devmod, "vulkan_unavailable", lambda: reason)
+    monkeypatch.setattr(devmod, "vulkan_unavailable", lambda: reason)  # what Context asks
+    monkeypatch.setattr(devmod, "unavailable", lambda: reason)  # what the Vulkan backend asks
     q, k, v = _qkv(rng, hq=4, hkv=2, lq=8, lk=12)
     expected = _expected(q, k, v)
     with pytest.warns(aule_kp.AuleFallbackWarning) as record:

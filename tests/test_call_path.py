@@ -33,18 +33,6 @@ LEAVES = {
     "aule_kp.backend": "the Backend base class and the backend-name check",
 }
 
-#: Modules entered twice today, and why the fix is larger than this change.
-KNOWN = {
-    "aule_kp.vulkan.backend": "dispatch.select asks the backend whether it can run the problem, then "
-                              "call runs it: one entry to choose, one to run (merging them means select "
-                              "hands call a bound plan)",
-    "aule_kp.vulkan.device": "entered once from the backend's availability check (under dispatch.select) "
-                             "and once to run (see vulkan.backend)",
-    "aule_kp.vulkan.probe": "device.unavailable reads probe's memoised device list twice (vulkan_unavailable, "
-                            "then index_error); passing one list down both would fix it",
-}
-
-
 def entries() -> List[str]:
     """aule_kp modules in the order a warm second ``flash_attention(..., backend="vulkan")`` enters
     them, up to the eval of its recorded plan."""
@@ -91,8 +79,7 @@ MODULES = ["aule_kp.api", "aule_kp.call", "aule_kp.dispatch", "aule_kp.vulkan.ba
            "aule_kp.vulkan.probe", "aule_kp.vulkan.plan", "aule_kp.vulkan.hostcopy"]
 
 
-@pytest.mark.parametrize("module", [pytest.param(m, marks=pytest.mark.xfail(reason=KNOWN[m], strict=True))
-                                    if m in KNOWN else m for m in MODULES])
+@pytest.mark.parametrize("module", MODULES)
 def test_module_entered_once(path: List[str], module: str) -> None:
     assert path.count(module) == 1, f"{module} entered {path.count(module)} times: {path}"
 

@@ -435,7 +435,7 @@ def test_dropout_goes_to_torch_with_one_notice(monkeypatch: pytest.MonkeyPatch) 
 
 def test_backend_reasons_send_the_call_to_torch(monkeypatch: pytest.MonkeyPatch,
                                                 went_to_torch: Callable[[], List[str]]) -> None:
-    monkeypatch.setattr(VulkanBackend, "problem_reasons", lambda self, problem: ["no room for it (test)"])
+    monkeypatch.setattr(VulkanBackend, "bind", lambda self, problem: (None, ["no room for it (test)"]))
     q, k, v = _qkv((1, 2, 6, 16), (1, 2, 7, 16), (1, 2, 7, 16))
     with aule_kp.enabled("vulkan"):
         assert torch.equal(OURS(q, k, v), TORCH_SDPA(q, k, v))
@@ -445,8 +445,9 @@ def test_backend_reasons_send_the_call_to_torch(monkeypatch: pytest.MonkeyPatch,
 def test_configured_backend_is_used(monkeypatch: pytest.MonkeyPatch) -> None:
     """CPU tensors go to "auto" by default; enabled()/install() pick the backend for forward and backward."""
     names: List[str] = []
-    select = dispatch.select
-    monkeypatch.setattr(dispatch, "select", lambda problem, name="auto": names.append(name) or select(problem, name))
+    select = dispatch.select_bound
+    monkeypatch.setattr(dispatch, "select_bound",
+                        lambda problem, name="auto": names.append(name) or select(problem, name))
     q, k, v = inputs((1, 2, 6, 16), (1, 2, 7, 16), (1, 2, 7, 16))
     OURS(q, k, v).sum().backward()
     assert set(names) == {"auto"}

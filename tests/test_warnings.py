@@ -59,7 +59,7 @@ def test_backward_on_the_cpu_warns_once(monkeypatch: pytest.MonkeyPatch) -> None
 
 @needs_vulkan
 def test_sdpa_on_a_named_backend_that_refuses_warns_once(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(VulkanBackend, "problem_reasons", lambda self, problem: ["no room for it (test)"])
+    monkeypatch.setattr(VulkanBackend, "bind", lambda self, problem: (None, ["no room for it (test)"]))
     q, k, v = _tensors(requires_grad=False)
     with pytest.warns(aule_kp.AuleFallbackWarning, match="no room for it") as record, aule_kp.enabled("vulkan"):
         for _ in range(3):

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from .. import knobs
-from ..backend import Backend
-from ..nonfinite import enforce
+from ..backend import Backend, Runner
 from ..problem import Problem
 from . import device as devmod
 from . import tuning_cache
@@ -49,22 +49,32 @@ class VulkanBackend(Backend):
             raise ValueError("; ".join(reasons))
         return cfg
 
-    def _choice(self, problem: Problem) -> Choice:
+    def _choice(self, problem: Problem, dev: Optional[devmod.Device] = None) -> Choice:
         # Memoised: the hot path asks twice per call. The choice depends on the problem, the knobs
         # (the device index among them) and the tuning cache and verdict files, whose generation
-        # changes when one is written.
+        # changes when one is written. ``dev``: the selected device where the caller has it.
         snap = self.knobs()
         key = (problem, snap, tuning_cache.generation(), tuning_cache.bypassed())
         hit = self._choices.get(key)
         if hit is None:
-            hit = self._choices[key] = choose_forward(devmod.get_device().caps, problem, snap)
+            hit = self._choices[key] = choose_forward((dev or devmod.get_device()).caps, problem, snap)
             if len(self._choices) > 4096:
                 self._choices.clear()
         return hit
 
     def problem_reasons(self, problem: Problem) -> List[str]:
-        why = self.unavailable_reasons()
-        return why if why else list(self._choice(problem)[1])
+        return self.bind(problem)[1]
+
+    def bind(self, problem: Problem) -> Tuple[Optional[Runner], List[str]]:
+        """The device's availability, the kernel choice and the device in one pass: the runner is
+        ``plan.run_forward`` bound to the device, ``problem`` and its config (see ``Backend.bind``)."""
+        dev, why = devmod.usable_device()
+        if dev is None:
+            return None, [why]
+        cfg, reasons = self._choice(problem, dev)
+        if cfg is None:
+            return None, list(reasons)
+        return functools.partial(run_forward, dev, problem, cfg), []
 
     def plan(self, problem: Problem, config: Optional[ForwardConfig] = None) -> Plan:
         """The device's plan for ``problem``, bound to it (see ``plan.forward_plan``): valid until the
@@ -76,12 +86,7 @@ class VulkanBackend(Backend):
 
     def forward(self, problem: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray,
                 mask: Optional[np.ndarray], config: Optional[ForwardConfig] = None) -> Tuple[np.ndarray, np.ndarray]:
-        dev = devmod.get_device()
-        cfg = config or self.config(problem)
-        with dev.lock:
-            out, lse = run_forward(dev, problem, cfg, q, k, v, mask)
-        enforce(problem, q, k, v, mask, out, lse)  # non-finite inputs (aule_kp.nonfinite)
-        return out, lse
+        return run_forward(devmod.get_device(), problem, config or self.config(problem), q, k, v, mask)
 
     def backward_plan(self, problem: Problem, config: BackwardConfig) -> BackwardPlan:
         """The device's backward plan for ``problem``, bound to it (see ``backward.backward_plan``)."""

@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -238,19 +238,25 @@ def devices() -> List[DeviceCaps]:
     return probe_devices()
 
 
-def vulkan_unavailable() -> Optional[str]:
-    """Why no Vulkan device can be used, or None."""
+def _probed() -> Tuple[List[DeviceCaps], Optional[str]]:
+    """The devices found and why none can be used (None: some can). kp is asked first: without it
+    nothing is probed."""
     status = kp_status()
     if not status["available"]:
-        return status["error"]
-    if not devices():
-        return probe_error() or "no Vulkan device found"
-    return None
+        return [], status["error"]
+    found = devices()
+    return found, None if found else (probe_error() or "no Vulkan device found")
 
 
-def index_error(index: int, what: str) -> Optional[str]:
-    """Why ``index`` (named ``what`` in the message) selects no device here (None: it does)."""
-    n = len(devices())
+def vulkan_unavailable() -> Optional[str]:
+    """Why no Vulkan device can be used, or None."""
+    return _probed()[1]
+
+
+def index_error(index: int, what: str, found: Optional[List[DeviceCaps]] = None) -> Optional[str]:
+    """Why ``index`` (named ``what`` in the message) selects no device here (None: it does);
+    ``found``: the devices probed (None: probe them)."""
+    n = len(devices() if found is None else found)
     if 0 <= index < n:
         return None
     return f"{what}={index} is out of range: " + (f"there are {n} Vulkan device(s), valid indices 0-{n - 1}" if n
@@ -259,16 +265,25 @@ def index_error(index: int, what: str) -> Optional[str]:
 
 def unavailable() -> Optional[str]:
     """Why the selected Vulkan device cannot be used (no kp, no device, or an ``AULE_KP_DEVICE``
-    that selects none), or None."""
-    return vulkan_unavailable() or selected_device_error()
+    that selects none), or None. The device list is read once, for both checks."""
+    found, why = _probed()
+    return why or selected_device_error(found)
 
 
-def selected_device_error() -> Optional[str]:
-    """Why ``AULE_KP_DEVICE`` selects no device (not an integer, or out of range); None when it does."""
+def selected_device_error(found: Optional[List[DeviceCaps]] = None) -> Optional[str]:
+    """Why ``AULE_KP_DEVICE`` selects no device (not an integer, or out of range); None when it does.
+    ``found``: the devices probed (None: probe them)."""
     try:
-        return index_error(selected_index(), "AULE_KP_DEVICE")
+        return index_error(selected_index(), "AULE_KP_DEVICE", found)
     except ValueError as exc:
         return str(exc)
+
+
+def usable_device() -> Tuple[Optional[Device], Optional[str]]:
+    """``(the selected Device, None)``, or ``(None, why it cannot be used)`` as ``unavailable`` says:
+    the availability check and the device in one call."""
+    why = unavailable()
+    return (None, why) if why else (get_device(), None)
 
 
 def get_device(index: Optional[int] = None) -> Device:

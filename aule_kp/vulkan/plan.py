@@ -39,6 +39,7 @@ import numpy as np
 
 from .. import knobs
 from ..dtypes import ITEMSIZE, STORAGE
+from ..nonfinite import enforce
 from ..problem import Problem
 from .configs import ForwardConfig, KernelConfig, SplitKVConfig
 from .hostcopy import copy_bytes
@@ -590,8 +591,12 @@ def forward_plan(device: Any, problem: Problem, config: ForwardConfig) -> Plan:
 
 def run_forward(device: Any, problem: Problem, config: ForwardConfig, q: np.ndarray, k: np.ndarray, v: np.ndarray,
                 mask: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
-    """``forward_plan(...).run(q, k, v, mask)``: one host-path forward call. Call under ``device.lock``."""
-    return forward_plan(device, problem, config).run(q, k, v, mask)
+    """One host-path forward call: ``forward_plan(...).run(q, k, v, mask)`` under ``device.lock``, then
+    the non-finite repairs (``aule_kp.nonfinite.enforce``) outside it."""
+    with device.lock:
+        out, lse = forward_plan(device, problem, config).run(q, k, v, mask)
+    enforce(problem, q, k, v, mask, out, lse)
+    return out, lse
 
 
 class PlanCache:
