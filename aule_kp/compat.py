@@ -19,6 +19,7 @@ Printing: aule-attention's ``install``, ``uninstall``, ``print_backend_info`` an
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -29,6 +30,8 @@ from .errors import BackendUnavailable
 from .info import info as _kp_info
 from .vulkan.tensor import Context
 from .vulkan.tensor import GpuTensor as _KpTensor
+
+log = logging.getLogger("aule_kp")
 
 __all__ = ["flash_attention", "attention", "scaled_dot_product_attention", "flash_attention_rope",
            "apply_rope_separate", "precompute_rope_frequencies", "install", "uninstall", "get_available_backends",
@@ -211,24 +214,33 @@ def install(backend: Optional[str] = None, verbose: bool = False) -> None:
     kp_torch.install(backend)
     _forced_backend, _verbose = backend, bool(verbose)
     if _installed:
-        print(f"aule-kp: Updated (backend={backend or 'auto'}, verbose={verbose})")
+        _say(verbose, f"aule-kp: Updated (backend={backend or 'auto'}, verbose={verbose})")
         return
     _installed = True
     name = backend.capitalize() if backend else f"auto: {get_available_backends()[0].capitalize()}"
-    print(f"aule-kp: Installed ({name}{', verbose' if verbose else ''})")
+    _say(verbose, f"aule-kp: Installed ({name}{', verbose' if verbose else ''})")
+
+
+def _say(verbose: bool, line: str) -> None:
+    """aule-attention printed these lines; here they are printed when the caller asked for output
+    (``verbose=True``) and otherwise logged at INFO on logger ``aule_kp``."""
+    if verbose:
+        print(line)
+    else:
+        log.info("%s", line)
 
 
 def uninstall() -> None:
     """aule-attention's ``uninstall``: puts torch's SDPA back (:func:`aule_kp.uninstall`)."""
     global _forced_backend, _verbose, _installed
     if not _installed:
-        print("aule-kp: Not installed")
+        log.info("aule-kp: Not installed")
         return
     from . import torch as kp_torch
 
     kp_torch.uninstall()
     _forced_backend, _verbose, _installed = None, False, False
-    print("aule-kp: Uninstalled, restored PyTorch SDPA")
+    log.info("aule-kp: Uninstalled, restored PyTorch SDPA")
 
 
 def get_available_backends() -> List[str]:
