@@ -409,7 +409,7 @@ def tiny_call_overhead(repeat: int = 2000, path: str = "numpy") -> List[Dict[str
     path (the call with the plan's eval stubbed out), and kp's submit + fence wait (the eval minus
     the kernel's own time, read from GPU timestamps around the same dispatch). ``path``: "numpy"
     (``attention_forward`` on host arrays; bar 0.150 ms) or "gputensor" (``Context.attention`` with
-    ``out=`` on device tensors; bar 0.060 ms end to end)."""
+    ``out=`` on device tensors; bar 0.060 ms end to end). The rows carry ``"breakdown": True`` and no TFLOPS."""
     from .vulkan import device as devmod
     from .vulkan.backend import VulkanBackend
 
@@ -441,11 +441,13 @@ def tiny_call_overhead(repeat: int = 2000, path: str = "numpy") -> List[Dict[str
     finally:
         del plan.eval
     host = python + max(0.0, evaluate - kernel)
-    return [_row(case, f"{label}, whole call", full, note="cached plan" + bars[0]),
-            _row(case, "kp Sequence.eval()", evaluate, note="submit + kernel + fence"),
-            _row(case, "kernel (GPU timestamps)", kernel, note="same dispatch"),
-            _row(case, "Python path (eval stubbed)", python, note="validate, dispatch, copies"),
-            _row(case, "host overhead", host, note="Python + eval - kernel" + bars[1])]
+    parts = [_row(case, f"{label}, whole call", full, note="cached plan" + bars[0]),
+             _row(case, "kp Sequence.eval()", evaluate, note="submit + kernel + fence"),
+             _row(case, "kernel (GPU timestamps)", kernel, note="same dispatch"),
+             _row(case, "Python path (eval stubbed)", python, note="validate, dispatch, copies"),
+             _row(case, "host overhead", host, note="Python + eval - kernel" + bars[1])]
+    # Parts of one tiny call, not attention throughput: no TFLOPS, and plotted apart (plots.write_plots).
+    return [dict(r, tflops=None, breakdown=True) for r in parts]
 
 
 def machine(command: Optional[str] = None) -> Dict[str, str]:

@@ -5,8 +5,66 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
-from typing import List, Optional
+from typing import Any, Callable, List, Optional, Sequence
+
+
+def _positive(kind: type) -> Callable[[str], Any]:
+    """An argparse type: a ``kind`` (int or float) above 0, else a usage error (exit 2) saying so."""
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__} > 0, got {text!r}") from None
+        if not value > 0:  # NaN fails too
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    parse.__name__ = f"positive {kind.__name__}"
+    return parse
+
+
+def _candidate_count(text: str) -> int:
+    """``--candidates``: a count >= 0, or ``all`` (every legal candidate)."""
+    from .tune import ALL_CANDIDATES
+
+    if text == "all":
+        return ALL_CANDIDATES
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a count >= 0 or 'all', got {text!r}")
+    return value
+
+
+def _unwritable(option: str, path: str, folder: bool) -> Optional[str]:
+    """Why ``path`` (the value of ``option``) cannot be written, or None: checked before a long run, so that
+    a typo does not cost the whole benchmark. A folder is created (it is where the results go anyway)."""
+    try:
+        if folder:
+            os.makedirs(path, exist_ok=True)
+            if not os.access(path, os.W_OK | os.X_OK):
+                raise PermissionError(f"{path} is not writable")
+        else:
+            # Append mode creates nothing that was not asked for: the run appends to this file anyway.
+            with open(path, "a"):
+                pass
+    except OSError as exc:
+        return f"{option} {path}: cannot write there ({exc.strerror or exc})"
+    return None
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[bool]) -> List[str]:
+    """Plain-text table lines (header, rule, rows), each column as wide as its widest cell."""
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+
+    def line(cells: Sequence[str]) -> str:
+        return " ".join(f"{c:>{w}}" if r else f"{c:<{w}}" for c, w, r in zip(cells, widths, right)).rstrip()
+
+    return [line(header), "-" * len(line(header)), *(line(r) for r in rows)]
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -57,9 +115,7 @@ def _demo(args: argparse.Namespace) -> int:
     cases = [Case(2, 8, 256, 256, 64, "float32", False), Case(2, 8, 256, 256, 64, "float16", True),
              Case(1, 8, 128, 384, 128, "float32", True, hkv=2), Case(4, 4, 1, 512, 64, "float16", False)]
     print(f"device: {dev['name'] if dev else 'none'} ({dev['type'] if dev else '-'})")
-    header = f"{'backend':8} {'variant':8} {'shape (q / k)':44} {'ms':>9} {'GFLOP/s':>9} {'max err':>9}"
-    print(header)
-    print("-" * len(header))
+    rows: List[List[str]] = []
     worst = 0.0
     tol = {"float32": 1e-4, "float16": 5e-3}
     for case in cases:
@@ -71,8 +127,10 @@ def _demo(args: argparse.Namespace) -> int:
             err = _max_err(out, case, q, k, v)
             worst = max(worst, err / tol[case.dtype])
             variant = VulkanBackend().config(p).variant if backend == "vulkan" else "numpy"
-            shape = f"{tuple(q.shape)} / {tuple(k.shape)} {case.dtype}{' causal' if case.causal else ''}"
-            print(f"{backend:8} {variant:8} {shape:44} {ms:9.2f} {p.flops() / ms / 1e6:9.2f} {err:9.1e}")
+            rows.append([backend, variant, f"{tuple(q.shape)} / {tuple(k.shape)}", case.dtype,
+                         "causal" if case.causal else "-", f"{ms:.2f}", f"{p.flops() / ms / 1e6:.2f}", f"{err:.1e}"])
+    header = ["backend", "variant", "shape (q / k)", "dtype", "mask", "ms", "GFLOP/s", "max err"]
+    print("\n".join(_table(header, rows, [False] * 5 + [True] * 3)))
     ok = worst <= 1.0
     print(f"\nall results within tolerance of the float64 reference: {'yes' if ok else 'NO'}")
     return 0 if ok else 1
@@ -83,14 +141,16 @@ def _bench(args: argparse.Namespace) -> int:
     from . import bench
     from .info import info
 
+    for option, path, folder in (("--markdown", args.markdown, False), ("--plots", args.plots, True)):
+        why = path and _unwritable(option, path, folder)
+        if why:
+            print(f"aule-kp bench: {why}", file=sys.stderr)
+            return 2
     data = info()
     preset = args.preset
     if preset == "auto":
         dev = next((d for d in data["devices"] if d["index"] == data["selected_device"]), None)
         preset = "gpu" if dev and dev["type"] in ("discrete", "integrated") else "cpu"
-    if args.scale <= 0:
-        print(f"aule-kp bench: --scale must be > 0 (got {args.scale})", file=sys.stderr)
-        return 2
     if args.plots:
         from .plots import matplotlib_available
 
@@ -106,6 +166,17 @@ def _bench(args: argparse.Namespace) -> int:
     rows = bench.run(preset, args.vs, args.repeat, args.markdown, backends, scale=args.scale, plots=args.plots,
                      command=command)
     print(bench.format_table(rows))
+    if args.plots:
+        from .plots import SPEEDUP_PNG, speedups
+
+        if not speedups(rows):
+            print(f"aule-kp bench: no {SPEEDUP_PNG} in {args.plots}: no torch SDPA or aule-attention row ran to "
+                  f"compare with (--vs adds them)", file=sys.stderr)
+    failed = [r for r in rows if r["note"].startswith("failed")]
+    if failed:
+        print(f"aule-kp bench: {len(failed)} row(s) failed: "
+              + "; ".join(f"{r['backend']} on {r['case']}: {r['note']}" for r in failed), file=sys.stderr)
+        return 1
     return 0
 
 
@@ -135,6 +206,9 @@ def _tune(args: argparse.Namespace) -> int:
         print(tuning.format_entries(entries) if entries else "(no entries)")
     if args.clear or args.show:
         return 0
+    if args.quick and args.candidates is not None and args.candidates > tuning.MAX_CANDIDATES["quick"]:
+        print(f"aule-kp tune: --quick times at most {tuning.MAX_CANDIDATES['quick']} candidates per problem; "
+              f"drop --quick for more", file=sys.stderr)
     report = tuning.tune(quick=args.quick, dtype=args.dtype, head_dims=args.head_dim, repeat=args.repeat,
                          passes=passes, max_candidates=args.candidates, directory=args.cache_dir)
     print(f"device: {report.device}")
@@ -211,7 +285,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=_info)
     p = sub.add_parser("demo", help="batched NumPy attention on Vulkan and CPU, checked against float64")
-    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--repeat", type=_positive(int), default=3, help="timed calls per row (median)")
     p.set_defaults(fn=_demo)
     p = sub.add_parser("bench", help="benchmark table (ms, TFLOPS, peak memory)")
     from .bench import PRESETS
@@ -220,25 +294,28 @@ def main(argv: Optional[List[str]] = None) -> int:
                    help="auto (cpu or gpu by the device), cpu, gpu, or model shapes: llama3-8b, llama3-70b, sdxl, flux")
     p.add_argument("--vs", action="store_true",
                    help="also time torch SDPA and aule-attention 0.5.0 (adds torch,aule-attention to --backends)")
-    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--repeat", type=_positive(int), default=5, help="timed calls per row (median)")
     p.add_argument("--backends", metavar="LIST",
                    help="comma-separated rows to run, from vulkan,triton,cpu,torch,aule-attention (default: every "
                         "available aule-kp backend, plus torch,aule-attention with --vs); triton times CUDA/ROCm "
                         "tensors and reports why where it cannot run")
     p.add_argument("--markdown", help="append the table, machine and command to this file")
-    p.add_argument("--scale", type=float, default=1.0,
+    p.add_argument("--scale", type=_positive(float), default=1.0,
                    help="divide sequence lengths by F (min 16; decode's Lq=1 kept): smoke-run GPU presets on a CPU")
     p.add_argument("--plots", metavar="DIR",
-                   help="write bench.md, bench.json and PNG plots (latency, TFLOPS, memory, speedup) into DIR")
+                   help="write bench.md, bench.json and PNG plots (latency, TFLOPS, memory, host overhead, and speedup "
+                        "with --vs) into DIR")
     p.set_defaults(fn=_bench)
     p = sub.add_parser("tune", help="time tile sizes on this device and cache the fastest per problem")
     p.add_argument("--quick", action="store_true", help="tiny shapes and 2 candidates per problem (seconds)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="dtype of the problems (default: float32 on CPU devices, float16 on GPUs)")
     p.add_argument("--head-dim", type=int, nargs="+", metavar="D", help="head dims to tune (default: the preset's)")
-    p.add_argument("--repeat", type=int, default=5, help="timed evals per candidate (median, after a warm-up)")
-    p.add_argument("--candidates", type=int, metavar="N",
-                   help="candidates per problem besides the default (default: 2 quick, 6 CPU, 24 GPU)")
+    p.add_argument("--repeat", type=_positive(int), default=5,
+                   help="timed evals per candidate (median, after a warm-up)")
+    p.add_argument("--candidates", type=_candidate_count, metavar="N",
+                   help="candidates per problem besides the default: a count >= 0 or 'all' (default: 6 CPU, "
+                        "24 GPU); --quick caps it at 2")
     p.add_argument("--passes", default="forward,backward", help="comma list: forward,backward")
     p.add_argument("--cache-dir", metavar="DIR",
                    help="tuning cache folder (default: $AULE_KP_CACHE_DIR, else the user cache dir)")

@@ -5,11 +5,15 @@ Files written into DIR:
 - ``bench.md``: machine, driver, date, command, the table and the speedups.
 - ``bench.json``: ``{"meta": {...}, "rows": [...], "speedups": [...]}``; a row has ``case``, ``backend``,
   ``ms``, ``tflops``, ``max_err``, ``peak_mb`` and ``note`` (``null`` where not measured).
-- ``latency_ms.png``, ``tflops.png``, ``peak_host_mb.png``, ``speedup.png``: one group of bars per case,
-  one bar per backend (aule-kp vulkan, vulkan GpuTensor, triton, cpu, torch SDPA, aule-attention: the
-  rows that ran). The speedup is a baseline's time over each aule-kp row's time on the same case (above 1:
-  aule-kp is faster), one bar per (aule-kp row, baseline) pair, for torch SDPA and aule-attention 0.5.0
-  where those rows exist; ``bench.md`` and ``bench.json`` list the same speedups.
+- ``latency_ms.png``, ``tflops.png``, ``peak_host_mb.png``: one group of bars per case, one bar per
+  backend that ran on it (aule-kp vulkan, vulkan GpuTensor, triton, cpu, torch SDPA, aule-attention), on
+  a log axis (the values span decades).
+- ``host_overhead_ms.png`` (``cpu`` and ``gpu`` presets with the vulkan row): the host-overhead breakdown
+  of a tiny call (whole call, ``Sequence.eval()``, kernel, Python path, host overhead), in ms only: those
+  rows are parts of one call, not attention throughput, so they are kept off the plots above.
+- ``speedup.png``, only when torch SDPA or aule-attention rows ran (``--vs``): a baseline's time over
+  each aule-kp row's time on the same case (above 1: aule-kp is faster), one bar per (aule-kp row,
+  baseline) pair; ``bench.md`` and ``bench.json`` list the same speedups.
 
 The PNGs need matplotlib (drawn with the Agg backend, no display); without it only the markdown and
 JSON are written and a warning says so.
@@ -26,7 +30,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 log = logging.getLogger("aule_kp")
 
-PNG_FILES = ("latency_ms.png", "tflops.png", "peak_host_mb.png", "speedup.png")
+LATENCY_PNG, TFLOPS_PNG, MEMORY_PNG, OVERHEAD_PNG, SPEEDUP_PNG = (
+    "latency_ms.png", "tflops.png", "peak_host_mb.png", "host_overhead_ms.png", "speedup.png")
+#: Every PNG ``--plots`` may write; a run writes those it has rows for (see :func:`write_plots`).
+PNG_FILES = (LATENCY_PNG, TFLOPS_PNG, MEMORY_PNG, OVERHEAD_PNG, SPEEDUP_PNG)
 BASELINES = ("torch SDPA", "aule-attention")
 
 
@@ -66,49 +73,51 @@ def format_speedups(rows: Sequence[Dict[str, Any]]) -> str:
 
 
 def _grouped_barh(path: str, cases: List[str], series: Dict[str, Dict[str, float]], xlabel: str,
-                  title: str, logx: bool = False, ref: Optional[float] = None) -> None:
-    """Horizontal grouped bars: one group per case (top to bottom), one bar per series, values written."""
+                  title: str, ref: Optional[float] = None) -> None:
+    """Horizontal grouped bars on a log axis: one group per case (top to bottom) holding a bar for each
+    series that has a value there (no empty slots), values written beside the bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     names = list(series)
-    height = max(3.0, 0.3 * len(cases) * max(1, len(names)) + 1.5)
-    fig, ax = plt.subplots(figsize=(11, height))
-    if not names or not cases:
-        ax.text(0.5, 0.5, "no rows to plot in this run", ha="center", va="center", transform=ax.transAxes)
-        ax.set_axis_off()
-    else:
-        bar = 0.8 / len(names)
-        for j, name in enumerate(names):
-            ys: List[float] = []
-            xs: List[float] = []
-            for i, case in enumerate(cases):
-                if case in series[name]:
-                    ys.append(len(cases) - 1 - i + (len(names) / 2 - j - 0.5) * bar)
-                    xs.append(series[name][case])
-            bars = ax.barh(ys, xs, height=bar, label=name)
-            ax.bar_label(bars, labels=[f"{x:.3g}" for x in xs], padding=2, fontsize=7)
-        ax.set_yticks(range(len(cases)), list(reversed(cases)), fontsize=8)
-        if logx:
-            from matplotlib.ticker import FuncFormatter
-
-            ax.set_xscale("log")
-            ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x:g}"))
-            # Minor ticks: label 2x and 5x of each decade only, so that labels never overlap.
-            ax.xaxis.set_minor_formatter(FuncFormatter(
-                lambda x, _pos: f"{x:g}" if x > 0 and round(x / 10 ** math.floor(math.log10(x))) in (2, 5) else ""))
-            ax.tick_params(axis="x", which="minor", labelsize=7)
-        if ref is not None:
-            ax.axvline(ref, color="black", linewidth=0.8, linestyle="--")
-        ax.set_xlabel(xlabel)
-        ax.margins(x=0.15)
-        ax.legend(fontsize=8, loc="best")
-        ax.grid(axis="x", alpha=0.3)
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    # Bars from the top: one slot per (case, series) present, half a slot between groups.
+    ys: Dict[str, List[float]] = {n: [] for n in names}
+    xs: Dict[str, List[float]] = {n: [] for n in names}
+    centres: List[float] = []
+    y = 0.0
+    for case in cases:
+        first = y
+        for n in names:
+            if case in series[n]:
+                ys[n].append(-y)
+                xs[n].append(series[n][case])
+                y += 1
+        centres.append(-(first + y - 1) / 2)
+        y += 0.5
+    fig, ax = plt.subplots(figsize=(10, 1.4 + 0.22 * y + 0.1 * len(names)), layout="constrained")
+    for n in names:
+        bars = ax.barh(ys[n], xs[n], height=0.9, label=n)
+        ax.bar_label(bars, labels=[f"{x:.3g}" for x in xs[n]], padding=2, fontsize=7)
+    ax.set_yticks(centres, cases, fontsize=8)
+    # Values span decades (a decode row beside a prefill row): a linear axis hides the small ones.
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos: f"{x:g}"))
+    # Minor ticks: label 2x and 5x of each decade only, so that labels never overlap.
+    ax.xaxis.set_minor_formatter(FuncFormatter(
+        lambda x, _pos: f"{x:g}" if x > 0 and round(x / 10 ** math.floor(math.log10(x))) in (2, 5) else ""))
+    ax.tick_params(axis="x", which="minor", labelsize=7)
+    if ref is not None:
+        ax.axvline(ref, color="black", linewidth=0.8, linestyle="--")
+    ax.set_ylim(-y + 0.25, 0.75)
+    ax.set_xlabel(xlabel)
+    ax.margins(x=0.1)
+    fig.legend(fontsize=8, loc="outside lower center", ncol=min(3, len(names)), frameon=False)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -127,21 +136,33 @@ def _series(rows: Sequence[Dict[str, Any]], key: str) -> Tuple[List[str], Dict[s
 
 
 def write_plots(out_dir: str, rows: Sequence[Dict[str, Any]], title: str) -> List[str]:
-    """Draw the four PNGs into ``out_dir``; returns their paths."""
-    paths = [os.path.join(out_dir, name) for name in PNG_FILES]
-    cases, s = _series(rows, "ms")
-    _grouped_barh(paths[0], cases, s, "ms (median, log scale; lower is better)", f"Latency — {title}", logx=True)
-    cases, s = _series(rows, "tflops")
-    _grouped_barh(paths[1], cases, s, "TFLOPS (higher is better)", f"Throughput — {title}")
-    cases, s = _series(rows, "peak_mb")
-    _grouped_barh(paths[2], cases, s, "peak host memory of one call, MB (tracemalloc)", f"Host memory — {title}")
-    sp = speedups(rows)
-    cases = list(dict.fromkeys(x["case"] for x in sp))
-    series: Dict[str, Dict[str, float]] = {}
+    """Draw the PNGs of ``rows`` into ``out_dir`` (a plot with nothing to show is not drawn); returns their paths.
+
+    End-to-end rows go to the latency, TFLOPS and memory plots; the parts of the host-overhead breakdown
+    (rows with ``"breakdown": True``) to their own plot in ms; the speedups only where a baseline ran."""
+    whole = [r for r in rows if not r.get("breakdown")]
+    parts = [r for r in rows if r.get("breakdown")]
+    sp = speedups(whole)
+    speedup_series: Dict[str, Dict[str, float]] = {}
     for x in sp:
-        series.setdefault(f"{x['ours'].removeprefix('aule-kp ')} vs {x['baseline']}", {})[x["case"]] = x["speedup"]
-    _grouped_barh(paths[3], cases, series, "baseline ms / aule-kp ms (log scale; above 1: aule-kp faster)",
-                  f"Speedup — {title}" + ("" if sp else " (no torch SDPA / aule-attention rows)"), logx=True, ref=1.0)
+        speedup_series.setdefault(f"{x['ours'].removeprefix('aule-kp ')} vs {x['baseline']}", {})[x["case"]] = \
+            x["speedup"]
+    plots = [
+        (LATENCY_PNG, *_series(whole, "ms"), "ms (median, log scale; lower is better)", "Latency", None),
+        (TFLOPS_PNG, *_series(whole, "tflops"), "TFLOPS (log scale; higher is better)", "Throughput", None),
+        (MEMORY_PNG, *_series(whole, "peak_mb"), "peak host memory of one call, MB (tracemalloc, log scale)",
+         "Host memory", None),
+        (OVERHEAD_PNG, *_series(parts, "ms"), "ms (median, log scale), tiny shape, cached plan",
+         "Host overhead of a call, in parts", None),
+        (SPEEDUP_PNG, list(dict.fromkeys(x["case"] for x in sp)), speedup_series,
+         "baseline ms / aule-kp ms (log scale; above 1: aule-kp faster)", "Speedup", 1.0),
+    ]
+    paths = []
+    for name, cases, series, xlabel, what, ref in plots:
+        if not cases:
+            continue
+        paths.append(os.path.join(out_dir, name))
+        _grouped_barh(paths[-1], cases, series, xlabel, f"{what} — {title}", ref=ref)
     return paths
 
 

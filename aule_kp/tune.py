@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import logging
 import math
+import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -29,8 +30,8 @@ from .vulkan.configs import BackwardConfig, KernelConfig
 from .vulkan.probe import DeviceCaps
 from .vulkan.tuning_cache import TILE_FIELDS, cache_dir, cache_path, clear, defaults_only, load, problem_key, save
 
-__all__ = ["PASSES", "TuneReport", "cache_dir", "cache_path", "candidates", "clear", "default_cases",
-           "format_entries", "format_rows", "load", "tune"]
+__all__ = ["ALL_CANDIDATES", "PASSES", "TuneReport", "cache_dir", "cache_path", "candidate_limit", "candidates",
+           "clear", "default_cases", "format_entries", "format_rows", "load", "tune"]
 
 log = logging.getLogger("aule_kp")
 
@@ -46,6 +47,8 @@ GPU_CASES = [Case(1, 32, s, s, d, "float16", causal) for d in (64, 128) for s in
              for causal in (False, True)] + [Case(1, 32, 1, 8192, d, "float16", False, hkv=8) for d in (64, 128)]
 #: Candidates timed per problem and pass besides the default.
 MAX_CANDIDATES = {"quick": 2, "cpu": 6, "gpu": 24}
+#: ``max_candidates`` that times every legal candidate (``aule-kp tune --candidates all``).
+ALL_CANDIDATES = sys.maxsize
 PASSES = ("forward", "backward")
 
 
@@ -249,6 +252,16 @@ def _measure(job: _Job, cfg: Any, dev: Any, repeat: int, seed: int) -> Dict[str,
     return row
 
 
+def candidate_limit(caps: DeviceCaps, quick: bool = False, max_candidates: Optional[int] = None) -> int:
+    """Candidates timed per problem and pass besides the default: ``max_candidates`` (None: 6 on a CPU
+    device, 24 on a GPU; :data:`ALL_CANDIDATES`: every legal one), capped at 2 when ``quick`` (a quick
+    run stays seconds long whatever else is asked). Raises ValueError for a negative count."""
+    if max_candidates is not None and max_candidates < 0:
+        raise ValueError(f"max_candidates must be >= 0 or ALL_CANDIDATES, got {max_candidates}")
+    limit = MAX_CANDIDATES["cpu" if caps.type == "cpu" else "gpu"] if max_candidates is None else max_candidates
+    return min(limit, MAX_CANDIDATES["quick"]) if quick else limit
+
+
 def tune(cases: Optional[Sequence[Case]] = None, *, quick: bool = False, dtype: Optional[str] = None,
          head_dims: Optional[Sequence[int]] = None, repeat: int = 5, passes: Sequence[str] = PASSES,
          max_candidates: Optional[int] = None, directory: Optional[str] = None, seed: int = 0,
@@ -257,8 +270,9 @@ def tune(cases: Optional[Sequence[Case]] = None, *, quick: bool = False, dtype: 
     ``head_dims`` replace theirs) on the selected device, forward and/or backward (``passes``), and
     stores each problem's fastest in the cache.
 
-    Per problem and pass: the default specialization and up to ``max_candidates`` others (default:
-    2 quick, 6 on a CPU device, 24 on a GPU) are each built as a real plan, run once, checked against
+    Per problem and pass: the default specialization and up to ``max_candidates`` others (see
+    :func:`candidate_limit`: default 6 on a CPU device, 24 on a GPU, :data:`ALL_CANDIDATES` for every
+    legal one; ``quick`` caps it at 2) are each built as a real plan, run once, checked against
     the default's outputs (a candidate that fails to build or run, or disagrees, is logged and
     skipped) and timed by GPU timestamps around its dispatches (median of ``repeat``, after a 0.5 s
     warm-up, see ``bench.gpu_seconds``). The fastest wins if it beats
@@ -269,8 +283,7 @@ def tune(cases: Optional[Sequence[Case]] = None, *, quick: bool = False, dtype: 
 
     dev = devmod.get_device()
     caps = dev.caps
-    preset = "quick" if quick else "cpu" if caps.type == "cpu" else "gpu"
-    limit = MAX_CANDIDATES[preset] if max_candidates is None else max_candidates
+    limit = candidate_limit(caps, quick, max_candidates)
     cases = default_cases(caps, quick, dtype, head_dims, cases)
     repeat = max(1, repeat)
     jobs: List[_Job] = []

@@ -33,7 +33,12 @@ def _check_folder(out: Path) -> Dict[str, Any]:
     for r in rows:
         assert isinstance(r["ms"], float) and math.isfinite(r["ms"]) and r["ms"] > 0, r
         assert r["case"] in md
-    for name in plots.PNG_FILES:
+    # The end-to-end plots always; the breakdown's and the speedups' only when there are such rows.
+    expected = {plots.LATENCY_PNG, plots.TFLOPS_PNG, plots.MEMORY_PNG}
+    expected |= {plots.OVERHEAD_PNG} if any(r.get("breakdown") for r in rows) else set()
+    expected |= {plots.SPEEDUP_PNG} if data["speedups"] else set()
+    assert {p.name for p in out.glob("*.png")} == expected
+    for name in expected:
         png = (out / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 1000, name
     return data
@@ -299,6 +304,38 @@ def test_outputs_carry_a_triton_column(tmp_path: Path, monkeypatch: pytest.Monke
 
 @needs_matplotlib
 def test_triton_column_plots_for_real(tmp_path: Path) -> None:
-    written = plots.write_results(str(tmp_path), _fake_gpu_rows(), {"preset": "llama3-8b", "scale": 1.0}, "x")
-    assert sorted(Path(p).name for p in written) == sorted(["bench.md", "bench.json", *plots.PNG_FILES])
-    assert all((tmp_path / n).read_bytes()[:4] == b"\x89PNG" for n in plots.PNG_FILES)
+    part = dict(bench._row(TINY, "host overhead", 5e-5), tflops=None, breakdown=True)
+    written = plots.write_results(str(tmp_path), [*_fake_gpu_rows(), part], {"preset": "llama3-8b", "scale": 1.0},
+                                  "x")
+    # No row measured peak host memory: that plot is the one left out.
+    pngs = [n for n in plots.PNG_FILES if n != plots.MEMORY_PNG]
+    assert sorted(Path(p).name for p in written) == sorted(["bench.md", "bench.json", *pngs])
+    assert all((tmp_path / n).read_bytes()[:4] == b"\x89PNG" for n in pngs)
+
+
+def test_breakdown_rows_plot_apart_in_ms_and_no_speedup_without_baselines(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The host-overhead parts never share an axis with end-to-end rows and have no TFLOPS; without a
+    baseline row there is no speedup plot at all (not an empty one)."""
+    case = Case(1, 8, 64, 64, 64, "float32", False)
+    rows = [bench._row(case, "aule-kp vulkan", 2e-3, 1e-7, 1.0), bench._row(case, "aule-kp cpu", 1e-3, 1e-7, 1.0),
+            *(dict(bench._row(TINY, who, s), tflops=None, breakdown=True)
+              for who, s in (("kp Sequence.eval()", 1e-4), ("host overhead", 5e-5)))]
+    drawn: Dict[str, Any] = {}
+    monkeypatch.setattr(plots, "matplotlib_available", lambda: True)
+    monkeypatch.setattr(plots, "_grouped_barh", lambda path, cases, series, *a, **k: drawn.update(
+        {Path(path).name: (cases, series)}))
+    written = plots.write_results(str(tmp_path), rows, {"preset": "cpu", "scale": 1.0}, "x")
+    assert set(drawn) == {plots.LATENCY_PNG, plots.TFLOPS_PNG, plots.MEMORY_PNG, plots.OVERHEAD_PNG}
+    assert plots.SPEEDUP_PNG not in {Path(p).name for p in written}
+    for name in (plots.LATENCY_PNG, plots.TFLOPS_PNG, plots.MEMORY_PNG):
+        assert drawn[name][0] == [case.label()] and set(drawn[name][1]) == {"aule-kp vulkan", "aule-kp cpu"}
+    cases, series = drawn[plots.OVERHEAD_PNG]
+    assert cases == [TINY.label()] and series == {"kp Sequence.eval()": {TINY.label(): pytest.approx(0.1)},
+                                                 "host overhead": {TINY.label(): pytest.approx(0.05)}}
+
+
+@needs_vulkan
+def test_tiny_call_overhead_rows_are_a_breakdown_without_tflops() -> None:
+    rows = bench.tiny_call_overhead(repeat=3)
+    assert len(rows) == 5 and all(r["breakdown"] and r["tflops"] is None and r["ms"] > 0 for r in rows)
