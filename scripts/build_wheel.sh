@@ -28,7 +28,7 @@ wheel=$(ls "$raw"/aule_kp-*.whl)
 name=$(basename "$wheel")
 rm -f dist/"${name%%-*}"-*.whl
 if [ -x "$VENV/bin/auditwheel" ]; then
-  "$VENV/bin/auditwheel" repair --exclude libvulkan.so.1 -w dist "$wheel"
+  PATH="$PWD/$VENV/bin:$PATH" "$VENV/bin/auditwheel" repair --exclude libvulkan.so.1 -w dist "$wheel"
 else
   cp "$wheel" dist/
 fi
