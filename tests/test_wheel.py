@@ -94,3 +94,15 @@ def test_missing_spirv_names_the_file_and_the_fix(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(comp, "SPIRV_DIR", tmp_path / "spirv")
     with pytest.raises(FileNotFoundError, match=r"fa2_fwd\.spv.*(reinstall|make shaders)"):
         devmod.Device(caps).spirv("fa2_fwd")
+
+
+def test_kp_arrays_of_stride_zero_are_refused() -> None:
+    """What a kp built with pybind11 < 2.12 returns under numpy 2: refused, never read as data."""
+    from aule_kp.vulkan.plan import mapped_memory
+
+    class BrokenTensor:
+        def data(self) -> np.ndarray:
+            return np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), shape=(6,), strides=(0,))
+
+    with pytest.raises(RuntimeError, match="pybind11 < 2.12"):
+        mapped_memory(BrokenTensor())
