@@ -55,9 +55,10 @@ def pybind11_cmake_dir() -> str:
     try:
         import pybind11
     except ImportError:
-        sys.exit("aule-kp's build needs pybind11>=2.12 (numpy 2 support): pip install 'pybind11>=2.12'")
-    if tuple(int(x) for x in pybind11.__version__.split(".")[:2]) < (2, 12):
-        sys.exit(f"aule-kp's build needs pybind11>=2.12 for numpy 2, found {pybind11.__version__}")
+        sys.exit("aule-kp's build needs pybind11: pip install 'pybind11>=2.12,<3'")
+    # 2.12: numpy 2. Before 3: PYBIND11_INTERNALS_KIND (PRELUDE), which 3.x dropped.
+    if not (2, 12) <= tuple(int(x) for x in pybind11.__version__.split(".")[:2]) < (3, 0):
+        sys.exit(f"aule-kp's build needs pybind11>=2.12,<3 (numpy 2; private internals), found {pybind11.__version__}")
     return pybind11.get_cmake_dir()
 
 
@@ -114,7 +115,8 @@ def build_private_kp() -> Path:
 
 def compile_shaders(dest: Path) -> None:
     """Compiles (spirv-val-checked) every kernel into spirv_cache/ and copies it, and the GLSL, into ``dest``."""
-    env = dict(os.environ, AULE_KP_SPIRV_CACHE=str(ROOT / "spirv_cache"), PYTHONPATH=str(ROOT))
+    env = dict(os.environ, AULE_KP_SPIRV_CACHE=str(ROOT / "spirv_cache"),
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     subprocess.run([sys.executable, "-m", "aule_kp.vulkan.compile", "--quiet"], cwd=ROOT, env=env, check=True)
     kernels = sorted((ROOT / "glsl").glob("*.comp"))
     (dest / "spirv").mkdir(parents=True, exist_ok=True)

