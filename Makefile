@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test lint shaders bench gpu clean
+.PHONY: install demo test lint shaders bench gpu clean wheel
 
 install:
 	./scripts/setup.sh
@@ -22,5 +22,9 @@ shaders: install
 bench: install
 	$(VENV)/bin/aule-kp bench --vs
 
+# dist/aule_kp-*.whl: the patched kp (private, aule_kp._kp) and every SPIR-V kernel inside; its own build venv.
+wheel:
+	./scripts/build_wheel.sh
+
 clean:
-	rm -rf build spirv_cache
+	rm -rf build spirv_cache dist

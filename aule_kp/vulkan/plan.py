@@ -280,6 +280,19 @@ class Chunk:
         return pairs
 
 
+def mapped_memory(tensor: Any) -> np.ndarray:
+    """``tensor.data()``, the array over a kp tensor's mapped memory, checked to be one: a kp binding
+    built with pybind11 < 2.12 hands numpy 2 arrays of stride 0 (every element the first word), so
+    nothing written or read through them would be the tensor's."""
+    data = tensor.data()
+    if data.ndim != 1 or data.strides[0] != data.itemsize:
+        raise RuntimeError(
+            f"kp returned an array of strides {data.strides} for a tensor of {data.dtype}: this kp was built "
+            f"with pybind11 < 2.12, which cannot exchange arrays with numpy {np.__version__}; install the "
+            "aule-kp wheel (its own kp works with numpy 1 and 2), rebuild kp with pybind11>=2.12, or use numpy<2")
+    return data
+
+
 class RecordedPlan:
     """What every plan shares: a mask tensor, chunks of whole (batch, kv-head) groups holding their
     algorithms and tensors, the sequence recorded for the bound problem, and ``nbytes``, what the
@@ -318,7 +331,7 @@ class RecordedPlan:
                              f"limit of {limit} B")
         size = capacity["mask"] if capacity is not None else mask_bytes(p)
         self.mask = device.io_tensor(np.zeros(max(size // 4, 1), np.float32), "in")
-        self.mask_memory = self.mask.data()
+        self.mask_memory = mapped_memory(self.mask)
         self.mask_view = self.mask_memory[: mask_bytes(p) // 4]
         staged = 2 if not (device.host_memory or device.direct_io) else 1
         held = sum(v for k, v in capacity.items() if k in per) if capacity is not None else n_groups * sum(per.values())
@@ -335,7 +348,7 @@ class RecordedPlan:
                        np.zeros(max(math.ceil(size / 4), 1), np.float32 if name in FLOAT_BUFFERS else np.uint32),
                        "out" if name in outputs else "in")
                    for name, size in sizes.items()}
-        return tensors, {name: t.data().view(np.uint8) for name, t in tensors.items()}
+        return tensors, {name: mapped_memory(t).view(np.uint8) for name, t in tensors.items()}
 
     def _algorithm(self, tensors: List[Any], kernel: KernelConfig, spec: np.ndarray,
                    grid: Tuple[int, int, int], push: np.ndarray) -> Any:

@@ -17,7 +17,7 @@ from ..inputs import check_causal, check_scale_window, check_shapes, check_torch
 from ..problem import Problem, band
 from . import device as devmod
 from .choice import choose_forward
-from .plan import Plan, binding_limit
+from .plan import Plan, binding_limit, mapped_memory
 
 _serial = itertools.count()
 DTypeLike = Union[str, type, np.dtype]
@@ -80,7 +80,7 @@ class GpuTensor:
         ttype = kp.TensorTypes.host if dev.host_memory else kp.TensorTypes.device
         with dev.lock:
             self.kp_tensor = dev.manager.tensor_t(np.zeros(max(1, math.ceil(nbytes / 4)), np.uint32), ttype)
-            self._view = self.kp_tensor.data().view(np.uint8)
+            self._view = mapped_memory(self.kp_tensor).view(np.uint8)
             self._to_device = dev.manager.sequence().record(kp.OpTensorSyncDevice([self.kp_tensor]))
             self._to_host = dev.manager.sequence().record(kp.OpTensorSyncLocal([self.kp_tensor]))
         self.nbytes = nbytes

