@@ -10,7 +10,9 @@ install:
 demo: install
 	$(VENV)/bin/aule-kp demo
 
-test: install lint
+# The wheel is built first (cached by its inputs' hash) so that tests/test_wheel.py installs it into a
+# fresh venv with numpy 2 and runs the Vulkan tests from outside the tree.
+test: install lint wheel
 	$(PY) -m pytest -q -p no:cacheprovider
 
 lint: install
