@@ -4,7 +4,8 @@ kp 0.9.0 is built from the vendored sdist (third_party/, so nothing is downloade
 patches/kp-0.9.0-aule.patch and installed as ``aule_kp._kp``: its pybind11 module is renamed and given
 its own pybind11 internals, so a user's own ``kp`` (patched or not) never clashes with it. The build is
 cached under build/kp-private/<hash of its inputs>/. Every shader is compiled and spirv-val-checked
-into aule_kp/spirv/ and the GLSL sources ship as aule_kp/glsl/. An editable install (scripts/setup.sh)
+into aule_kp/spirv/, the GLSL sources ship as aule_kp/glsl/ and the ComfyUI node pack as
+aule_kp/comfyui_node/. An editable install (scripts/setup.sh)
 skips all of this: it uses .venv's kp and spirv_cache/ in the tree.
 """
 
@@ -135,6 +136,9 @@ class BuildPy(build_py):
         package = Path(self.build_lib) / "aule_kp"
         shutil.copy2(build_private_kp(), package)
         compile_shaders(package)
+        # The ComfyUI node pack, for `python -m aule_kp.comfyui install <ComfyUI dir>`.
+        shutil.copytree(ROOT / "comfyui_aule", package / "comfyui_node", dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns("__pycache__"))
 
 
 class BinaryDistribution(Distribution):

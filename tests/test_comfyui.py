@@ -25,7 +25,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 REPO = Path(__file__).resolve().parents[1]
-PACK = REPO / "comfyui_aule"
+# tests/test_comfyui_install.py points this at a copy that `python -m aule_kp.comfyui install` wrote.
+PACK = Path(os.environ.get("AULE_KP_COMFYUI_PACK", REPO / "comfyui_aule"))
 COMFYUI = Path(os.environ.get("AULE_KP_COMFYUI", REPO.parent / "shared" / "thirdparty" / "ComfyUI"))
 
 if not (COMFYUI / "comfy" / "ldm" / "modules" / "attention.py").is_file():
