@@ -47,3 +47,27 @@ def test_good_environment(monkeypatch):
     monkeypatch.setenv("AULE_KP_DEVICE", "0")
     report = aule_kp.info()
     assert report["selected_device"] == 0 and report["device_error"] is None and "vulkan" in report["backends"]
+
+
+def test_missing_shaders_make_vulkan_unavailable(monkeypatch):
+    """An install without its SPIR-V (and no way to compile it) lists no vulkan backend and says why,
+    instead of failing at the first call (issue 17: `aule-kp info` listed it)."""
+    from aule_kp import dispatch
+
+    monkeypatch.setattr(devmod, "_shaders_found", False)
+    monkeypatch.setattr(devmod, "shaders_missing", lambda: "9 SPIR-V kernel(s) missing (test)")
+    assert devmod.vulkan_unavailable() == "9 SPIR-V kernel(s) missing (test)"
+    assert "vulkan" not in dispatch.available_backends()
+    assert "SPIR-V" in " ".join(dispatch.get("vulkan").unavailable_reasons())
+    monkeypatch.setattr(devmod, "shaders_missing", lambda: None)
+    assert devmod.vulkan_unavailable() is None and devmod._shaders_found
+
+
+def test_shaders_missing_names_a_file_and_the_fix(monkeypatch, tmp_path):
+    from aule_kp.vulkan import compile as compmod
+
+    assert compmod.shaders_missing() is None  # this checkout: SPIR-V compiled, sources and glslang here
+    monkeypatch.setattr(compmod, "SPIRV_DIR", tmp_path / "spirv")
+    monkeypatch.setattr(compmod, "GLSL_DIR", tmp_path / "glsl")
+    why = compmod.shaders_missing()
+    assert why is not None and "fa2_fwd.spv" in why and "make shaders" in why

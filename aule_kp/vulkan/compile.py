@@ -59,6 +59,24 @@ def spirv_path(kernel: str) -> Path:
     return SPIRV_DIR / f"{kernel}.spv"
 
 
+def shaders_missing() -> Optional[str]:
+    """Why the kernels cannot be had (None: every kernel's SPIR-V is there, or its GLSL source and
+    glslangValidator are, to compile it on first use). A backend without them is not available."""
+    missing = [p for p in (spirv_path(src.stem) for src in sources()) if not p.exists()]
+    if not sources():
+        missing = [spirv_path("fa2_fwd")] if not spirv_path("fa2_fwd").exists() else []
+    if not missing:
+        return None
+    try:
+        if sources():
+            _tool("glslangValidator")
+            return None
+    except FileNotFoundError:
+        pass
+    return (f"{len(missing)} SPIR-V kernel(s) missing (e.g. {missing[0]}) and they cannot be compiled here: "
+            "reinstall the wheel (pip install --force-reinstall aule-kp), or in a checkout run `make shaders`")
+
+
 def compile_one(src: Path, force: bool = False) -> Optional[Path]:
     """Compiles and validates ``src``; returns the output path, or None when it was up to date."""
     out = spirv_path(src.stem)

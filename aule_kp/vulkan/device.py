@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from .. import knobs
+from .compile import shaders_missing
 from .plan import PlanCache
 from .probe import DeviceCaps, probe_devices, probe_error
 
@@ -249,12 +250,21 @@ def devices() -> List[DeviceCaps]:
     return probe_devices()
 
 
+_shaders_found = False
+
+
 def _probed() -> Tuple[List[DeviceCaps], Optional[str]]:
     """The devices found and why none can be used (None: some can). kp is asked first: without it
     nothing is probed."""
     status = kp_status()
     if not status["available"]:
         return [], status["error"]
+    global _shaders_found
+    if not _shaders_found:  # once found they stay (the hot path asks on every call); a miss asks again
+        shaders = shaders_missing()
+        if shaders:
+            return [], shaders
+        _shaders_found = True
     found = devices()
     return found, None if found else (probe_error() or "no Vulkan device found")
 
