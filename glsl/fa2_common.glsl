@@ -1,6 +1,6 @@
 // Shared interface of every FA2 forward kernel (scalar/subgroup, Wave64, coopmat).
-// The host (aule_kp/vulkan/kernels.py) fills the same bindings, push constants and spec constants
-// for all of them, so variants differ only in the source file and the specialization.
+// The host (aule_kp/vulkan/configs.py, plan.py) fills the same bindings, push constants and spec
+// constants for all of them, so variants differ only in the source file and the specialization.
 //
 // Layout: a dispatch covers one *chunk* of key/value groups (a group = one (batch, kv-head) pair and
 // its `group` query heads). Buffers hold only that chunk, contiguous:
@@ -23,8 +23,8 @@ layout(constant_id = 6) const uint WG = 64;      // invocations per workgroup
 layout(constant_id = 7) const uint STAGE = 1;    // 1: stage K/V tiles in shared memory
 layout(constant_id = 8) const uint RPT = 1;      // query rows per invocation group (scalar variant)
 // TEST ONLY (ids 9 and 10 are the backward's): 1 adds 1.0 to every output value stored, a wrong
-// kernel for the self-check's tests (kernels.py AULE_KP_TEST_CORRUPT). Always 0 otherwise, and a
-// specialization constant, so drivers fold the check away.
+// kernel for the self-check's tests (configs.py TEST_CORRUPT_ID, knob AULE_KP_TEST_CORRUPT). Always
+// 0 otherwise, and a specialization constant, so drivers fold the check away.
 layout(constant_id = 11) const uint TEST_CORRUPT = 0;
 
 layout(local_size_x_id = 6, local_size_y = 1, local_size_z = 1) in;

@@ -11,7 +11,7 @@
  *     NAME PATH_TO_SPV C0 C1 ... C8
  *
  * (no spaces in NAME or PATH; C0.. are the uint32 specialization constants with constant_id 0, 1,
- * ... -- KernelConfig.spec() in aule_kp/vulkan/kernels.py gives 9; up to 32 are taken; blank lines
+ * ... -- KernelConfig.spec() in aule_kp/vulkan/configs.py gives 9; up to 32 are taken; blank lines
  * and lines starting with '#' are skipped). For each it creates the compute pipeline as kp does
  * (entry point "main", one descriptor set of 9 storage buffers at bindings 0..8, a 128-byte push
  * constant range) plus VK_PIPELINE_CREATE_CAPTURE_STATISTICS_BIT_KHR, and prints one line:
