@@ -12,7 +12,7 @@ import numpy as np
 
 from . import dispatch, inputs
 from .backend import Backend, Runner, check_backend_name
-from .dtypes import STORAGE
+from .dtypes import ITEMSIZE, STORAGE
 from .problem import Problem, band
 
 
@@ -52,6 +52,16 @@ def check_options(causal: Any, backend: Any) -> None:
     inputs.check_causal(causal)
 
 
+def check_call(q: Any, k: Any, v: Any, causal: Any, scale: Optional[float], window: Any,
+               backend: Any) -> Tuple[str, Tuple[int, ...], float]:
+    """The checks of every ``flash_attention`` entry, in the order their errors are raised:
+    ``(dtype, (B, Hq, Hkv, Lq, Lk, Dk, Dv), scale to use)``."""
+    check_options(causal, backend)
+    dtype = inputs.check_types(q, k, v)
+    dims = inputs.check_shapes(q, k, v)
+    return dtype, dims, inputs.check_scale_window(scale, window, dims[5])
+
+
 def prepare(
     q: Any,
     k: Any,
@@ -71,10 +81,7 @@ def prepare(
     broadcast axes size 1, neither copied; a backward pass that must return gradients in the
     caller's shapes turns it off. Sizes are checked before anything is copied.
     """
-    check_options(causal, backend)
-    dtype = inputs.check_types(q, k, v)
-    b, hq, hkv, lq, lk, dk, dv = inputs.check_shapes(q, k, v)
-    scale = inputs.check_scale_window(scale, window, dk)
+    dtype, (b, hq, hkv, lq, lk, dk, dv), scale = check_call(q, k, v, causal, scale, window, backend)
     if broadcasts_in_place:
         k, v = inputs.shared_kv_head(k, v)
         hkv = int(k.shape[1])
@@ -85,7 +92,7 @@ def prepare(
         mask_shape = tuple(int(s) for s in mask.shape)
     device = q.device.type if inputs.is_torch(q) else None
     problem = Problem(b, hq, hkv, lq, lk, dk, dv, dtype, float(scale), diag, left, right, mask_shape, device)
-    out_bytes = b * hq * lq * dv * inputs.ITEMSIZES[dtype]
+    out_bytes = b * hq * lq * dv * ITEMSIZE[dtype]
     if problem.empty or lk == 0:
         inputs.check_memory([("the output", 0 if device not in (None, "cpu") else out_bytes)])
         return Prepared(problem, None, None, None, None, None, q)

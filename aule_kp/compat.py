@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from . import api
+from . import api, dispatch, inputs
 from ._version import __version__
 from .errors import BackendUnavailable
 from .info import info as _kp_info
@@ -59,8 +59,7 @@ def _band_args(lq: int, lk: int, causal: bool, window_size: int = -1) -> Dict[st
     """
     if not isinstance(window_size, int) or isinstance(window_size, bool):
         raise TypeError(f"window_size must be an int (-1 = full attention), got {window_size!r}")
-    if not isinstance(causal, (bool, np.bool_)):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    inputs.check_causal(causal)
     left = window_size if window_size > 0 else None
     right = 0 if causal else left
     if left is None and right is None:
@@ -245,7 +244,7 @@ def uninstall() -> None:
 
 def get_available_backends() -> List[str]:
     """Backend names usable here, best first (``aule_kp.info()["backends"]``)."""
-    return list(_kp_info()["backends"])
+    return list(dispatch.available_backends())
 
 
 _DESCRIPTIONS = {"vulkan": "Vulkan compute (aule-kp FlashAttention-2)", "triton": "Triton FlashAttention-2",

@@ -72,13 +72,17 @@ def _warn_fallback(problem: Problem, best: Backend, why: Dict[str, List[str]]) -
     """One AuleFallbackWarning per kind when "auto" runs ``problem`` on the CPU because Vulkan is
     missing, or on a backend behind an installed one that refused it in ``PRIORITY`` (e.g. a GPU's
     Vulkan over a device limit). A CPU Vulkan driver (lavapipe) comes after the CPU backend: no warning."""
-    vulkan_missing = _registry["vulkan"].unavailable_reasons()
-    if vulkan_missing and best.name == "cpu":
+    if not why:
+        return
+    # A backend whose bind succeeded is not in ``why``: only a refused Vulkan can be a missing one.
+    vulkan_missing = _registry["vulkan"].unavailable_reasons() if best.name == "cpu" and "vulkan" in why else []
+    if vulkan_missing:
         warn_once("no-vulkan", f"aule-kp: no usable Vulkan device ({'; '.join(vulkan_missing)}); "
                   "backend='auto' runs on the CPU backend")
+    best_place = _place(best.name, problem)
     for name, reasons in why.items():
         backend = _registry[name]
-        if not backend.unavailable_reasons() and _place(name, problem) < _place(best.name, problem):
+        if not backend.unavailable_reasons() and _place(name, problem) < best_place:
             warn_once(f"refused:{name}", f"aule-kp: the {name} backend cannot run this problem "
                       f"({'; '.join(reasons)}); backend='auto' runs it on the {best.name} backend")
 

@@ -19,7 +19,6 @@ from .problem import MAX_HEAD_DIM, default_scale
 
 NUMPY_DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}
 TORCH_DTYPES = ("float32", "float16", "bfloat16")
-ITEMSIZES = {"float32": 4, "float16": 2, "bfloat16": 2}
 SHAPES = {"q": "[B, Hq, Lq, Dk]", "k": "[B, Hkv, Lk, Dk]", "v": "[B, Hkv, Lk, Dv]"}
 
 

@@ -70,7 +70,7 @@ KNOBS: Tuple[Knob, ...] = (
          "0: do not run a kernel family's self-check on first use (recorded verdicts still apply)"),
     Knob("AULE_KP_WORKAROUNDS", "workarounds", _flag, True,
          "0: ignore the driver-trap table (aule_kp/vulkan/workarounds.py)"),
-    Knob("AULE_KP_COOPMAT_CONVERT", "coopmat_convert", _flag, False,
+    Knob(COOPMAT_CONVERT_ENV, "coopmat_convert", _flag, False,
          "1: fp32/bf16 data may run the fp16 cooperative-matrix kernels (rounded to fp16 on load)"),
     Knob("AULE_KP_FORCE_VARIANT", "force_variant", str, None,
          "pin the forward kernel variant (scalar, wave64, coopmat); tests and benchmarks"),

@@ -55,8 +55,7 @@ if [ "$(python -c 'import kp; print(getattr(kp, "aule_patch_id", ""))' 2>/dev/nu
   say "building kp $KP_VERSION with $(basename "$PATCH") (takes a few minutes)"
   build=$ROOT/build/kp
   rm -rf "$build" && mkdir -p "$build"
-  $PIP download --no-deps --no-binary :all: "kp==$KP_VERSION" -d "$build"
-  tar -xzf "$build/kp-$KP_VERSION.tar.gz" -C "$build"
+  tar -xzf "$ROOT/third_party/kp-$KP_VERSION.tar.gz" -C "$build"  # the sdist setup.py builds the wheel's kp from
   src=$build/kp-$KP_VERSION
   patch -d "$src" -p1 < "$PATCH"
   # The binding reports which patch it was built with, so re-runs can skip the build.

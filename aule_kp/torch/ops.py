@@ -24,12 +24,9 @@ from torch.autograd.function import once_differentiable
 
 from .. import dispatch
 from ..backend import Backend
-from ..call import Prepared, check_options, prepare
+from ..call import Prepared, check_call, prepare
 from ..errors import warn_once
 from ..inputs import (
-    check_scale_window,
-    check_shapes,
-    check_types,
     from_host,
     mask_to_additive,
     mask_view,
@@ -193,10 +190,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
     """:func:`aule_kp.flash_attention` on torch tensors through :class:`FlashAttentionFunction`,
     differentiable in q, k, v and a float ``attn_mask`` (its gradient in the shape given, summed
     over broadcast dims). Arguments are checked here as ``aule_kp.flash_attention`` checks them."""
-    check_options(causal, backend)
-    check_types(q, k, v)
-    b, hq, _, lq, lk, dk, _ = check_shapes(q, k, v)
-    scale = check_scale_window(scale, window, dk)
+    _, (b, hq, _, lq, lk, _, _), scale = check_call(q, k, v, causal, scale, window, backend)
     mask = None
     if isinstance(attn_mask, np.ndarray):  # no gradient: taken as the engine's additive mask
         mask = torch.from_numpy(mask_to_additive(*mask_view(attn_mask, (b, hq, lq, lk))))
