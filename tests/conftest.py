@@ -106,11 +106,13 @@ def exponent_range(q: np.ndarray, k: np.ndarray, scale: float, mask: Optional[np
 
 
 def output_tolerance(p: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray,
-                     mask: Optional[np.ndarray] = None) -> float:
+                     mask: Optional[np.ndarray] = None, stored: Optional[str] = None) -> float:
     """:func:`tolerance` of an attention output for storage-dtype inputs: sums over the keys (and the
-    head dim), scaled by the largest ``P|V|`` (:func:`reference.output_scale`)."""
+    head dim), scaled by the largest ``P|V|`` (:func:`reference.output_scale`). ``stored``: the dtype
+    the result is stored in when the inputs are given widened to ``p.dtype`` (default ``p.dtype``)."""
     qf, kf = to_f32(q, p.dtype), to_f32(k, p.dtype)
-    return tolerance(p.dtype, p.len_k + p.dim_k, output_scale(q, k, v, p, mask), exponent_range(qf, kf, p.scale, mask))
+    return tolerance(stored or p.dtype, p.len_k + p.dim_k, output_scale(q, k, v, p, mask),
+                     exponent_range(qf, kf, p.scale, mask))
 
 
 def lse_tolerance(q: np.ndarray, k: np.ndarray, scale: float, mask: Optional[np.ndarray] = None) -> float:
@@ -138,7 +140,8 @@ def rng() -> np.random.Generator:
 
 
 def gradient_tolerances(p: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray, dout: np.ndarray,
-                        mask: Optional[np.ndarray] = None) -> Tuple[float, float, float, float]:
+                        mask: Optional[np.ndarray] = None, stored: Optional[str] = None
+                        ) -> Tuple[float, float, float, float]:
     """:func:`tolerance` of ``(dq, dk, dv, dmask)`` for storage-dtype inputs: each gradient's partial
     sums are bounded by :func:`reference.backward_scales`, its rounding runs through a sum over the
     query rows of a group, one over the keys and one over the head dim (dP and D), and a 16-bit
@@ -146,7 +149,8 @@ def gradient_tolerances(p: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray,
     n = p.len_q * p.group + p.len_k + max(p.dim_k, p.dim_v)
     qf, kf = to_f32(q, p.dtype), to_f32(k, p.dtype)
     e = exponent_range(qf, kf, p.scale, mask)
-    return tuple(tolerance(p.dtype, n, scale, e, roundings=4) for scale in backward_scales(q, k, v, dout, p, mask))
+    return tuple(tolerance(stored or p.dtype, n, scale, e, roundings=4)
+                 for scale in backward_scales(q, k, v, dout, p, mask))
 
 
 def problem(b=1, hq=2, hkv=1, lq=24, lk=40, dk=32, dv=32, dtype="float32", causal=False, window=None,

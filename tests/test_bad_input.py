@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, List, Tuple
 import numpy as np
 import pytest
 import torch
-from conftest import tolerance
+from conftest import output_tolerance
 from reference import reference_attention
 
 import aule_kp
@@ -24,9 +24,6 @@ _NO_VULKAN = devmod.vulkan_unavailable()
 needs_vulkan = pytest.mark.skipif(bool(_NO_VULKAN), reason=f"no Vulkan device: {_NO_VULKAN}")
 BACKENDS = ("cpu", pytest.param("vulkan", marks=needs_vulkan))
 D = 32
-#: float32 against the float64 reference (conftest.tolerance's error model): outputs are convex
-#: combinations of standard-normal v rows (|o| <= 3), float32 sums over <= 16 keys and D terms.
-ATOL = tolerance("float32", 16 + D, value_scale=3.0)
 
 
 def _arrays(shape_q: Tuple[int, ...] = (1, 2, 8, D), shape_kv: Tuple[int, ...] = (1, 2, 8, D),
@@ -35,11 +32,19 @@ def _arrays(shape_q: Tuple[int, ...] = (1, 2, 8, D), shape_kv: Tuple[int, ...] =
     return tuple(rng.standard_normal(s).astype(np.float32) for s in (shape_q, shape_kv, shape_kv))
 
 
-def _expected(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool = False) -> np.ndarray:
+def _expected(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool = False) -> Tuple[np.ndarray, float]:
+    """The float64 reference output and its tolerance (the error model, conftest.output_tolerance)."""
     b, hq, lq, dk = q.shape
     diag, left, right = band(lq, k.shape[2], causal=causal, window=None, top_left=False)
     p = Problem(b, hq, k.shape[1], lq, k.shape[2], dk, v.shape[-1], "float32", dk**-0.5, diag, left, right)
-    return reference_attention(np.ascontiguousarray(q), np.ascontiguousarray(k), np.ascontiguousarray(v), p)[0]
+    q, k, v = (np.ascontiguousarray(x) for x in (q, k, v))
+    return reference_attention(q, k, v, p)[0], output_tolerance(p, q, k, v)
+
+
+def _assert_expected(got: Any, expected: Tuple[np.ndarray, float]) -> None:
+    """``got`` against the float64 reference within the error model's tolerance."""
+    want, tol = expected
+    np.testing.assert_allclose(np.asarray(got), want, atol=tol, rtol=0)
 
 
 def _engine_intact() -> None:
@@ -48,14 +53,13 @@ def _engine_intact() -> None:
     want = _expected(q, k, v, causal=True)
     backends = ["cpu"] + ([] if _NO_VULKAN else ["vulkan"])
     for backend in backends:
-        np.testing.assert_allclose(aule_kp.flash_attention(q, k, v, causal=True, backend=backend), want,
-                                   atol=ATOL, rtol=0)
+        _assert_expected(aule_kp.flash_attention(q, k, v, causal=True, backend=backend), want)
         out = aule_kp.flash_attention(*(torch.from_numpy(x) for x in (q, k, v)), causal=True, backend=backend)
-        np.testing.assert_allclose(out.numpy(), want, atol=ATOL, rtol=0)
+        _assert_expected(out.numpy(), want)
     if not _NO_VULKAN:
         with aule_kp.Context() as ctx:
             qt, kt, vt = (ctx.tensor(x.shape, np.float32).upload(x) for x in (q, k, v))
-            np.testing.assert_allclose(ctx.attention(qt, kt, vt, causal=True).download(), want, atol=ATOL, rtol=0)
+            _assert_expected(ctx.attention(qt, kt, vt, causal=True).download(), want)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,8 +167,7 @@ def test_size_is_checked_before_copying(monkeypatch: pytest.MonkeyPatch) -> None
     assert copied == []  # refused before any copy
     # contiguous inputs are read in place: only the output counts
     monkeypatch.setattr(inputs, "available_memory", lambda: out_bytes)
-    np.testing.assert_allclose(aule_kp.flash_attention(q, k, v, backend="cpu"), _expected(q, k, v), atol=ATOL,
-                               rtol=0)
+    _assert_expected(aule_kp.flash_attention(q, k, v, backend="cpu"), _expected(q, k, v))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -185,7 +188,7 @@ def test_kv_broadcast_over_heads_is_not_copied(backend: str, kind: str) -> None:
     call = prepare(q_in, k, v, causal=True, backend=backend)
     assert call.problem.heads_kv == 1 and call.k.shape == (2, 1, 12, D)  # MQA, one head copied at most
     out = aule_kp.flash_attention(q_in, k, v, causal=True, backend=backend)
-    np.testing.assert_allclose(np.asarray(out), want, atol=ATOL, rtol=0)
+    _assert_expected(np.asarray(out), want)
 
 
 def test_huge_broadcast_kv_over_heads_and_mask_are_accepted() -> None:
@@ -197,7 +200,7 @@ def test_huge_broadcast_kv_over_heads_and_mask_are_accepted() -> None:
     call = prepare(q, k, v, attn_mask=mask, backend="cpu")
     assert call.problem.heads_kv == 1 and call.problem.mask_shape == (1, 1, 1, 16)
     out = aule_kp.flash_attention(q, k, v, attn_mask=mask, backend="cpu")
-    np.testing.assert_allclose(out, _expected(q, k1, v1), atol=ATOL, rtol=0)
+    _assert_expected(out, _expected(q, k1, v1))
 
 
 def test_kv_broadcast_of_one_of_them_only_is_copied() -> None:
@@ -206,8 +209,7 @@ def test_kv_broadcast_of_one_of_them_only_is_copied() -> None:
     v4 = np.repeat(v, 4, axis=1)
     k = np.broadcast_to(k1, (1, 4, 12, D))
     assert prepare(q, k, v4, backend="cpu").problem.heads_kv == 4
-    np.testing.assert_allclose(aule_kp.flash_attention(q, k, v4, backend="cpu"),
-                               _expected(q, np.ascontiguousarray(k), v4), atol=ATOL, rtol=0)
+    _assert_expected(aule_kp.flash_attention(q, k, v4, backend="cpu"), _expected(q, np.ascontiguousarray(k), v4))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,11 +8,11 @@ grid-y limit in the device's capabilities, and a lower CPU loop limit.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Tuple
+from typing import Any, Iterator, Tuple
 
 import numpy as np
 import pytest
-from conftest import tolerance
+from conftest import output_tolerance
 from reference import reference_attention
 
 import aule_kp
@@ -24,9 +24,6 @@ from aule_kp.vulkan import choice
 _NO_VULKAN = devmod.vulkan_unavailable()
 pytestmark = pytest.mark.skipif(bool(_NO_VULKAN), reason=f"no Vulkan device: {_NO_VULKAN}")
 D = 32
-#: float32 against the float64 reference (conftest.tolerance's error model): outputs are convex
-#: combinations of standard-normal v rows (|o| <= 3), float32 sums over <= 64 keys and D terms.
-ATOL = tolerance("float32", 64 + D, value_scale=3.0)
 
 
 def _arrays(b: int = 1, hq: int = 2, hkv: int = 2, lq: int = 8, lk: int = 8,
@@ -35,11 +32,19 @@ def _arrays(b: int = 1, hq: int = 2, hkv: int = 2, lq: int = 8, lk: int = 8,
     return tuple(rng.standard_normal(s).astype(np.float32) for s in ((b, hq, lq, D), (b, hkv, lk, D), (b, hkv, lk, D)))
 
 
-def _expected(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool = False) -> np.ndarray:
+def _expected(q: np.ndarray, k: np.ndarray, v: np.ndarray, causal: bool = False) -> Tuple[np.ndarray, float]:
+    """The float64 reference output and its tolerance (the error model, conftest.output_tolerance)."""
     b, hq, lq, _ = q.shape
     diag, left, right = band(lq, k.shape[2], causal=causal, window=None, top_left=False)
     p = Problem(b, hq, k.shape[1], lq, k.shape[2], D, D, "float32", D**-0.5, diag, left, right)
-    return reference_attention(q, k, v, p)[0]
+    q, k, v = (np.ascontiguousarray(x) for x in (q, k, v))
+    return reference_attention(q, k, v, p)[0], output_tolerance(p, q, k, v)
+
+
+def _assert_expected(got: Any, expected: Tuple[np.ndarray, float]) -> None:
+    """``got`` against the float64 reference within the error model's tolerance."""
+    want, tol = expected
+    np.testing.assert_allclose(np.asarray(got), want, atol=tol, rtol=0)
 
 
 @pytest.fixture
@@ -91,8 +96,7 @@ def test_exit_closes(ctx: aule_kp.Context) -> None:
         t.download()
     # the device and other contexts are unaffected
     q, k, v = _arrays(seed=1)
-    np.testing.assert_allclose(ctx.attention(*_upload(ctx, q, k, v)).download(), _expected(q, k, v), atol=ATOL,
-                               rtol=0)
+    _assert_expected(ctx.attention(*_upload(ctx, q, k, v)).download(), _expected(q, k, v))
 
 
 def test_gpu_tensor_records_no_autograd(ctx: aule_kp.Context) -> None:
@@ -116,7 +120,7 @@ def test_same_choice_as_the_host_path(ctx: aule_kp.Context, fresh_choices: None)
         assert choice.choose_forward(caps, p, whole=True) == choice.choose_forward(caps, p)
         assert dispatch.get("vulkan").config(p) == choice.choose_forward(caps, p, whole=True)[0]
         got = ctx.attention(*_upload(ctx, q, k, v), causal=causal).download()
-        np.testing.assert_allclose(got, _expected(q, k, v, causal), atol=ATOL, rtol=0)
+        _assert_expected(got, _expected(q, k, v, causal))
 
 
 def test_binding_limit_splits_host_calls_and_refuses_gpu_tensors(ctx: aule_kp.Context, fresh_choices: None,
@@ -128,13 +132,12 @@ def test_binding_limit_splits_host_calls_and_refuses_gpu_tensors(ctx: aule_kp.Co
     out = ctx.tensor(q.shape, np.float32)
     limit = 2 * 2 * 8 * D * 4  # two groups of q (two query heads each, float32)
     monkeypatch.setenv("AULE_KP_MAX_BINDING_BYTES", str(limit))
-    np.testing.assert_allclose(aule_kp.flash_attention(q, k, v, backend="vulkan"), _expected(q, k, v), atol=ATOL,
-                               rtol=0)
+    _assert_expected(aule_kp.flash_attention(q, k, v, backend="vulkan"), _expected(q, k, v))
     for o in (out, None):
         with pytest.raises(aule_kp.BackendUnavailable, match=f"over the {limit} B storage binding limit"):
             ctx.attention(*tensors, o)
     monkeypatch.delenv("AULE_KP_MAX_BINDING_BYTES")
-    np.testing.assert_allclose(ctx.attention(*tensors, out).download(), _expected(q, k, v), atol=ATOL, rtol=0)
+    _assert_expected(ctx.attention(*tensors, out).download(), _expected(q, k, v))
 
 
 def test_grid_y_limit_is_respected(ctx: aule_kp.Context, fresh_choices: None,
@@ -150,7 +153,7 @@ def test_grid_y_limit_is_respected(ctx: aule_kp.Context, fresh_choices: None,
         aule_kp.flash_attention(q, k, v, backend="vulkan")
     monkeypatch.undo()
     dispatch.get("vulkan")._choices.clear()
-    np.testing.assert_allclose(ctx.attention(*tensors).download(), _expected(q, k, v), atol=ATOL, rtol=0)
+    _assert_expected(ctx.attention(*tensors).download(), _expected(q, k, v))
 
 
 @pytest.mark.parametrize("lq", [8, 1], ids=["forward", "split-kv"])
@@ -167,7 +170,7 @@ def test_cpu_loop_limit_is_respected(ctx: aule_kp.Context, fresh_choices: None, 
             call()
     monkeypatch.undo()
     dispatch.get("vulkan")._choices.clear()
-    np.testing.assert_allclose(ctx.attention(*tensors).download(), _expected(q, k, v), atol=ATOL, rtol=0)
+    _assert_expected(ctx.attention(*tensors).download(), _expected(q, k, v))
 
 
 def test_too_many_heads_for_one_grid(ctx: aule_kp.Context, fresh_choices: None) -> None:
