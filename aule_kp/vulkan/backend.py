@@ -50,7 +50,7 @@ class VulkanBackend(Backend):
         return cfg
 
     def _choice(self, problem: Problem, dev: Optional[devmod.Device] = None) -> Choice:
-        # Memoised: the hot path asks twice per call. The choice depends on the problem, the knobs
+        # Memoised: every call asks (bind). The choice depends on the problem, the knobs
         # (the device index among them) and the tuning cache and verdict files, whose generation
         # changes when one is written. ``dev``: the selected device where the caller has it.
         snap = self.knobs()

@@ -27,8 +27,6 @@ import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
-import numpy as np
-
 from .. import knobs
 from ..problem import Problem
 from . import selfcheck, tuning_cache, workarounds
@@ -45,7 +43,7 @@ from .configs import (
     coopmat_shared_bytes,
     splitkv_shared_bytes,
 )
-from .plan import MAX_GRID_Y, binding_limit, group_bytes, groups_per_chunk, query_tiles_reason
+from .plan import MAX_GRID_Y, binding_limit, group_bytes, groups_per_chunk, mask_bytes, query_tiles_reason
 from .probe import DeviceCaps, parallelism
 
 log = logging.getLogger("aule_kp")
@@ -265,7 +263,6 @@ def backward_coopmat_tiles(caps: DeviceCaps, problem: Problem) -> Tiles:
     """Largest tiles of glsl/fa2_bwd_cm.glsl that fit the device's shared memory, the fastest on an
     H200 first (BENCHMARKS.md, "Notes moved from the sources")."""
     wave = max(caps.subgroup_size, 1)
-    tiles = Tiles(br=16, bc=16, wg=32)
     for br, bc, wg in ((128, 32, 256), (64, 16, 128), (64, 32, 128), (32, 16, 64), (16, 16, 32)):
         tiles = Tiles(br=br, bc=bc, wg=max(wg, wave) // wave * wave)
         probe = KernelConfig("coopmat", "fa2_bwd_dq_coopmat", problem.dim_k, problem.dim_v, br, bc, 1, 0, wg, 1)
@@ -589,7 +586,7 @@ def choose_forward(caps: DeviceCaps, problem: Problem, snapshot: Optional[knobs.
         reasons += [f"its {name} buffer needs {size * n_groups} B in one binding: over the {limit} B storage "
                     "binding limit (GpuTensors are not split)" for name, size in sizes.items()
                     if size * n_groups > limit]
-    if p.mask_shape is not None and 4 * int(np.prod(p.mask_shape)) > limit:
+    if mask_bytes(p) > limit:
         reasons.append(f"the mask is over the {limit} B storage binding limit")
     return (None if reasons else cfg), tuple(reasons)
 
@@ -642,7 +639,7 @@ def backward_limits(cfg: BackwardConfig, caps: DeviceCaps, problem: Problem,
         what = "with its mask gradient (dS) " if cfg.write_ds else ""
         reasons.append(f"one (batch, kv-head) slice of the backward {what}is over the {limit} B storage "
                        "binding limit")
-    if problem.mask_shape is not None and 4 * int(np.prod(problem.mask_shape)) > limit:
+    if mask_bytes(problem) > limit:
         reasons.append(f"the mask is over the {limit} B storage binding limit")
     return reasons
 

@@ -62,17 +62,17 @@ def spirv_path(kernel: str) -> Path:
 def shaders_missing() -> Optional[str]:
     """Why the kernels cannot be had (None: every kernel's SPIR-V is there, or its GLSL source and
     glslangValidator are, to compile it on first use). A backend without them is not available."""
-    missing = [p for p in (spirv_path(src.stem) for src in sources()) if not p.exists()]
-    if not sources():
-        missing = [spirv_path("fa2_fwd")] if not spirv_path("fa2_fwd").exists() else []
+    srcs = sources()
+    kernels = [src.stem for src in srcs] or ["fa2_fwd"]  # without sources, at least the forward's SPIR-V
+    missing = [p for p in map(spirv_path, kernels) if not p.exists()]
     if not missing:
         return None
-    try:
-        if sources():
+    if srcs:
+        try:
             _tool("glslangValidator")
             return None
-    except FileNotFoundError:
-        pass
+        except FileNotFoundError:
+            pass
     return (f"{len(missing)} SPIR-V kernel(s) missing (e.g. {missing[0]}) and they cannot be compiled here: "
             "reinstall the wheel (pip install --force-reinstall aule-kp), or in a checkout run `make shaders`")
 

@@ -120,6 +120,11 @@ class Device:
         return import_kp()
 
     @property
+    def kp_patch(self) -> int:
+        """``kp_patch_level`` of the kp this device runs on."""
+        return kp_patch_level(self.kp)
+
+    @property
     def manager(self) -> Any:
         with self.lock:
             if self._manager is None:

@@ -123,10 +123,11 @@ def pipeline_chunks(device: Any, p: Problem, config: ForwardConfig) -> int:
     the device's parallelism. ``AULE_KP_PIPELINE_CHUNKS`` forces a count (tests; 1: never).
     """
     n_groups = p.batch * p.heads_kv
+    patched = device.kp_patch >= 2
     forced = knobs.current().pipeline_chunks
     if forced is not None:
-        return min(forced, n_groups) if getattr(device.kp, "aule_patch", 0) >= 2 else 1
-    if (getattr(device.kp, "aule_patch", 0) < 2 or device.host_memory or not isinstance(config, KernelConfig)
+        return min(forced, n_groups) if patched else 1
+    if (not patched or device.host_memory or not isinstance(config, KernelConfig)
             or n_groups < 2):
         return 1
     sizes = group_bytes(p)
