@@ -1,0 +1,124 @@
+"""Packed sequences of one serving call, and their per-sequence computation on any backend.
+
+Both serving entry points (``varlen``, ``kvcache``) reduce to a ``Ragged``: query rows packed as
+``[total_q, Hq, Dk]`` and keys/values as rows ``[R, Hkv, D]`` of a store (packed sequences, a
+contiguous cache seen as rows, or a paged cache whose pages are rows ``page * block + slot``), with
+one int32 row per sequence ``(q_start, len_q, k_start, len_k)`` and, for a paged store, the block
+table. Sequence ``s``'s key ``j`` is row ``k_start + j``, or ``table[s, j // page] * page + j % page``.
+
+``run`` computes each sequence as its own attention problem (causal and window aligned bottom-right
+per sequence, as flash-attn) on the backend the dispatcher picks for it, or the whole batch in one
+dispatch on Vulkan (``aule_kp.vulkan.ragged``), where tiles never cross a sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Tuple, Union
+
+import numpy as np
+
+from .. import dispatch, inputs
+from ..dtypes import STORAGE, from_f32
+from ..problem import Problem, band
+from .quant import Q8Cache
+
+#: The rows of a key or value store: host storage ``[R, H, D]``, or a q8_0 cache viewed as rows.
+Store = Union[np.ndarray, Q8Cache]
+
+
+@dataclass
+class Ragged:
+    """One serving call's sequences (see the module docstring)."""
+
+    q: np.ndarray  # [total_q, Hq, Dk] host storage of ``dtype``
+    k: Store  # rows [R, Hkv, Dk]
+    v: Store  # rows [R, Hkv, Dv]
+    seqs: np.ndarray  # int32 [B, 4]: q_start, len_q, k_start, len_k
+    dtype: str
+    scale: float
+    causal: bool
+    window: Optional[Tuple[int, int]]
+    table: Optional[np.ndarray] = None  # int32 [B, max_blocks] for a paged store
+    page: int = 0
+
+    @property
+    def heads_q(self) -> int:
+        return int(self.q.shape[1])
+
+    @property
+    def heads_kv(self) -> int:
+        return int(_shape(self.k)[1])
+
+    @property
+    def dim_k(self) -> int:
+        return int(self.q.shape[2])
+
+    @property
+    def dim_v(self) -> int:
+        return int(_shape(self.v)[2])
+
+    def key_rows(self, s: int) -> np.ndarray:
+        """Store rows of sequence ``s``'s keys, in order."""
+        _, _, k0, lk = (int(x) for x in self.seqs[s])
+        j = np.arange(lk)
+        if self.table is None:
+            return k0 + j
+        return self.table[s, j // self.page].astype(np.int64) * self.page + j % self.page
+
+    def problem(self, s: int) -> Problem:
+        """Sequence ``s`` as a one-batch Problem (causal/window bottom-right, as flash-attn)."""
+        _, lq, _, lk = (int(x) for x in self.seqs[s])
+        diag, left, right = band(lq, lk, causal=self.causal, window=self.window, top_left=False)
+        return Problem(1, self.heads_q, self.heads_kv, lq, lk, self.dim_k, self.dim_v, self.dtype, self.scale,
+                       diag, left, right)
+
+
+def _shape(store: Store) -> Tuple[int, ...]:
+    return store.shape if isinstance(store, Q8Cache) else tuple(store.shape)
+
+
+def gather(store: Store, rows: np.ndarray, dtype: str) -> np.ndarray:
+    """Host storage ``[len(rows), H, D]`` of the store's ``rows`` (q8_0 dequantized)."""
+    if isinstance(store, Q8Cache):
+        return from_f32(store.rows(rows), dtype)
+    return store[rows]
+
+
+def run(call: Ragged, backend: str, like: Any) -> np.ndarray:
+    """``[total_q, Hq, Dv]`` host storage: every sequence's attention. ``like`` (the caller's q)
+    says where a native-torch backend (Triton) computes."""
+    native = _native_vulkan(call, backend)
+    if native is not None:
+        return native
+    out = np.zeros((call.q.shape[0], call.heads_q, call.dim_v), STORAGE[call.dtype])
+    for s in range(call.seqs.shape[0]):
+        q0, lq, _, lk = (int(x) for x in call.seqs[s])
+        if lq == 0 or lk == 0:
+            continue  # no query, or no key: the rows stay 0
+        rows = call.key_rows(s)
+        q = np.ascontiguousarray(call.q[q0 : q0 + lq].transpose(1, 0, 2)[None])
+        k = np.ascontiguousarray(gather(call.k, rows, call.dtype).transpose(1, 0, 2)[None])
+        v = np.ascontiguousarray(gather(call.v, rows, call.dtype).transpose(1, 0, 2)[None])
+        p = call.problem(s)
+        chosen, runner = dispatch.select_bound(_with_device(p, like), backend)
+        if chosen.native_torch:
+            o, _ = runner(*(inputs.from_host(x, like, call.dtype).contiguous() for x in (q, k, v)), None)
+            o = inputs.to_host(o, call.dtype)
+        else:
+            o, _ = runner(q, k, v, None)
+        out[q0 : q0 + lq] = o[0].transpose(1, 0, 2)
+    return out
+
+
+def _with_device(p: Problem, like: Any) -> Problem:
+    if not inputs.is_torch(like):
+        return p
+    return Problem(p.batch, p.heads_q, p.heads_kv, p.len_q, p.len_k, p.dim_k, p.dim_v, p.dtype, p.scale, p.diag,
+                   p.left, p.right, None, like.device.type)
+
+
+def _native_vulkan(call: Ragged, backend: str) -> Optional[np.ndarray]:
+    """The whole call in one Vulkan dispatch when Vulkan is the backend (named, or ``auto``'s choice
+    for the call's longest sequence) and its ragged kernel can take it; else None."""
+    return None
