@@ -13,6 +13,7 @@ dispatch on Vulkan (``aule_kp.vulkan.ragged``), where tiles never cross a sequen
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Optional, Tuple, Union
 
@@ -22,6 +23,8 @@ from .. import dispatch, inputs
 from ..dtypes import STORAGE, from_f32
 from ..problem import Problem, band
 from .quant import Q8Cache
+
+log = logging.getLogger("aule_kp")
 
 #: The rows of a key or value store: host storage ``[R, H, D]``, or a q8_0 cache viewed as rows.
 Store = Union[np.ndarray, Q8Cache]
@@ -88,7 +91,7 @@ def gather(store: Store, rows: np.ndarray, dtype: str) -> np.ndarray:
 def run(call: Ragged, backend: str, like: Any) -> np.ndarray:
     """``[total_q, Hq, Dv]`` host storage: every sequence's attention. ``like`` (the caller's q)
     says where a native-torch backend (Triton) computes."""
-    native = _native_vulkan(call, backend)
+    native = _native_vulkan(call, backend, like)
     if native is not None:
         return native
     out = np.zeros((call.q.shape[0], call.heads_q, call.dim_v), STORAGE[call.dtype])
@@ -118,7 +121,28 @@ def _with_device(p: Problem, like: Any) -> Problem:
                    p.left, p.right, None, like.device.type)
 
 
-def _native_vulkan(call: Ragged, backend: str) -> Optional[np.ndarray]:
+def _native_vulkan(call: Ragged, backend: str, like: Any) -> Optional[np.ndarray]:
     """The whole call in one Vulkan dispatch when Vulkan is the backend (named, or ``auto``'s choice
-    for the call's longest sequence) and its ragged kernel can take it; else None."""
-    return None
+    for the call's longest sequences) and its ragged kernel can take it; else None (the call then
+    runs per sequence, on the same backend)."""
+    if backend not in ("vulkan", "auto") or call.q.shape[0] == 0 or not (call.seqs[:, 1] > 0).any():
+        return None
+    lq, lk = int(call.seqs[:, 1].max()), int(call.seqs[:, 3].max())
+    diag, left, right = band(lq, lk, causal=call.causal, window=call.window, top_left=False)
+    whole = Problem(1, call.heads_q, call.heads_kv, lq, max(lk, 1), call.dim_k, call.dim_v, call.dtype, call.scale,
+                    diag, left, right)
+    if dispatch.select(_with_device(whole, like), backend).name != "vulkan":
+        return None
+    from ..vulkan import device as devmod
+    from ..vulkan import ragged as vk
+
+    q8 = isinstance(call.k, Q8Cache)
+    spec = vk.RaggedCall(call.heads_q, call.heads_kv, call.dim_k, call.dim_v, call.dtype, q8, call.scale,
+                         -1 if left is None else left, -1 if right is None else right, call.page, lq, lk)
+    k, v = (x.qs if q8 else x for x in (call.k, call.v))
+    scales = (call.k.scales, call.v.scales) if q8 else (None, None)
+    try:
+        return vk.forward(devmod.get_device(), spec, call.q, k, v, call.seqs, call.table, scales)
+    except ValueError as exc:  # over a device limit: per sequence instead, through the forward's choice
+        log.debug("ragged Vulkan kernel refused (%s); running per sequence", exc)
+        return None
