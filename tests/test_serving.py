@@ -150,3 +150,137 @@ def test_kvcache(backend, case, rng):
     tol = _tol("float32", qw, kw, vw, scale, max(lens) + new) if dtype == "float32" else \
         _tol(dtype, from_f32(qw, dtype), from_f32(kw, dtype), from_f32(vw, dtype), scale, max(lens) + new, bool(rot))
     np.testing.assert_allclose(_f(out, dtype), want, atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kvcache_q8(backend, rng):
+    """A q8_0 cache: the appended rows are quantized into it (within half a block step of the
+    values, plus the fp16 scale's rounding), and the attention reads what the cache holds."""
+    b, hq, hkv, d, new, lens, page = 2, 4, 2, 32, 2, [21, 4], 16
+    q, kc, vc, kn, vn, seqlens, table = _cache_case(rng, b, 1, hq, hkv, d, new, lens, page)
+    k8, v8 = aule_kp.Q8Cache.from_float(kc), aule_kp.Q8Cache.from_float(vc)
+    out = aule_kp.flash_attention_with_kvcache(q, k8, v8, kn, vn, cache_seqlens=seqlens, block_table=table,
+                                               causal=True, backend=backend)
+    _, kw, vw, _ = ref.kvcache(q, kc, vc, kn, vn, seqlens, table, causal=True)
+    for cache, want in ((k8, kw), (v8, vw)):
+        step = np.repeat(np.abs(want).reshape(*want.shape[:-1], -1, 32).max(-1) / 127, 32, axis=-1)
+        assert (np.abs(cache.dequantize() - want) <= step * (0.5 + 2 * UNIT_ROUNDOFF["float16"] * 127)).all()
+    kq, vq = k8.dequantize(), v8.dequantize()
+    want, _, _, _ = ref.kvcache(q, kq, vq, cache_seqlens=seqlens + new, block_table=table, causal=True)
+    np.testing.assert_allclose(out, want, atol=_tol("float32", q, kq, vq, 1 / math.sqrt(d), max(lens) + new), rtol=0)
+
+
+VULKAN_ONLY = pytest.mark.skipif(devmod.vulkan_unavailable() is not None, reason="no Vulkan device")
+
+
+@VULKAN_ONLY
+def test_vulkan_decode_splits(rng):
+    """A decode step over a long cache splits its keys over workgroups (a merge dispatch follows)."""
+    from aule_kp.vulkan import plan as planmod
+    from aule_kp.vulkan import ragged as vk
+
+    q, kc, vc, kn, vn, seqlens, _ = _cache_case(rng, 1, 1, 4, 1, 32, 1, [1100])
+    assert vk.splits(devmod.get_device().caps, 1, 1101)[0] > 1
+    before = planmod.stats["evals"]
+    out = aule_kp.flash_attention_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=seqlens, causal=True, backend="vulkan")
+    assert planmod.stats["evals"] == before + 2
+    want, kw, vw, _ = ref.kvcache(q, kc.copy(), vc.copy(), kn, vn, seqlens, causal=True)
+    np.testing.assert_allclose(out, want, atol=_tol("float32", q, kw, vw, 1 / math.sqrt(32), 1101), rtol=0)
+
+
+@VULKAN_ONLY
+def test_vulkan_key_groups(rng, monkeypatch):
+    """GPU tiling on lavapipe: a decode step's few packed rows share the workgroup with key groups
+    that merge in shared memory (kg > 1). Head dim 8 keeps lavapipe's compile short."""
+    from aule_kp.vulkan import ragged as vk
+
+    monkeypatch.setattr(vk, "key_groups_pay", lambda caps: True)
+    q, k, v, cu_q, cu_k = _varlen_case(rng, [1, 2, 1], [40, 9, 0], 4, 2, 8, 8)
+    out = aule_kp.flash_attention_varlen(q, k, v, cu_q, cu_k, 2, 40, causal=True, backend="vulkan")
+    want = ref.varlen(q, k, v, cu_q, cu_k, 1 / math.sqrt(8), True)
+    np.testing.assert_allclose(out, want, atol=_tol("float32", q, k, v, 1 / math.sqrt(8), 40), rtol=0)
+
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_kvcache_in_place(backend, rng):
+    """torch bf16 tensors: the result is torch bf16, the torch cache holds the appended rows."""
+    q, kc, vc, kn, vn, seqlens, table = _cache_case(rng, 2, 1, 4, 2, 32, 1, [5, 18], 16)
+    t = {name: torch.from_numpy(x).to(torch.bfloat16) for name, x in dict(q=q, kc=kc, vc=vc, kn=kn, vn=vn).items()}
+    out = aule_kp.flash_attention_with_kvcache(t["q"], t["kc"], t["vc"], t["kn"], t["vn"],
+                                               cache_seqlens=torch.from_numpy(seqlens),
+                                               block_table=torch.from_numpy(table), causal=True, backend=backend)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 1, 4, 32)
+    f = {name: x.double().numpy() for name, x in t.items()}
+    want, kw, vw, _ = ref.kvcache(f["q"], f["kc"], f["vc"], f["kn"], f["vn"], seqlens, table, causal=True)
+    np.testing.assert_array_equal(t["kc"].double().numpy(), kw)
+    tol = tolerance("bfloat16", 19 + 32, float(np.abs(vw).max()), exponent_range(f["q"].reshape(-1, 32),
+                                                                                  kw.reshape(-1, 32), 32 ** -0.5))
+    np.testing.assert_allclose(out.double().numpy(), want, atol=tol, rtol=0)
+
+
+def test_torch_varlen_backward(rng):
+    """Gradients through varlen (per sequence, the differentiable flash_attention) equal float64
+    autograd of the reference attention."""
+    q, k, v, cu_q, cu_k = _varlen_case(rng, [4, 7], [6, 7], 2, 1, 16, 16)
+    tq, tk, tv = (torch.from_numpy(x).requires_grad_() for x in (q, k, v))
+    out = aule_kp.flash_attention_varlen(tq, tk, tv, torch.from_numpy(cu_q), torch.from_numpy(cu_k), 7, 7,
+                                         causal=True, backend="cpu")
+    dout = torch.from_numpy(rng.standard_normal(out.shape).astype(np.float32))
+    out.backward(dout)
+    rq, rk, rv = (torch.from_numpy(x).double().requires_grad_() for x in (q, k, v))
+    pieces = []
+    for b in range(2):
+        qs, ks = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        s = torch.einsum("ihd,jhd->hij", rq[qs], rk[ks].repeat_interleave(2, 1)) / 4
+        lq, lk = s.shape[1:]
+        hide = torch.arange(lk)[None] > torch.arange(lq)[:, None] + lk - lq
+        p = torch.softmax(s.masked_fill(hide, -torch.inf), -1)
+        pieces.append(torch.einsum("hij,jhd->ihd", p, rv[ks].repeat_interleave(2, 1)))
+    torch.cat(pieces).backward(dout.double())
+    for got, want in ((tq, rq), (tk, rk), (tv, rv)):
+        # float32 gradients: the error model's gradient bound at these sizes (4 roundings, 16 + 7 terms).
+        scale = float(want.grad.abs().max())
+        np.testing.assert_allclose(got.grad.numpy(), want.grad.numpy(),
+                                   atol=tolerance("float32", 7 * 2 + 7 + 16, max(scale, 1.0), 12.0, 4), rtol=0)
+
+
+BAD_VARLEN = [
+    (dict(cu_seqlens_q=np.array([0, 3, 2], np.int32)), ValueError, "cu_seqlens_q"),
+    (dict(cu_seqlens_k=np.array([0.0, 5.0])), TypeError, "cu_seqlens_k"),
+    (dict(max_seqlen_q=1), ValueError, "max_seqlen_q"),
+    (dict(softcap=30.0), ValueError, "softcap"),
+    (dict(alibi_slopes=np.ones(2, np.float32)), ValueError, "alibi_slopes"),
+    (dict(sinks=np.ones(2, np.float32)), ValueError, "sinks"),
+]
+
+
+@pytest.mark.parametrize("change,error,name", BAD_VARLEN)
+def test_varlen_bad_input(change, error, name, rng):
+    q, k, v, cu_q, cu_k = _varlen_case(rng, [2, 3], [2, 3], 2, 1, 8, 8)
+    args = dict(cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=3, max_seqlen_k=3)
+    args.update(change)
+    with pytest.raises(error, match=name):
+        aule_kp.flash_attention_varlen(q, k, v, args.pop("cu_seqlens_q"), args.pop("cu_seqlens_k"),
+                                       args.pop("max_seqlen_q"), args.pop("max_seqlen_k"), backend="cpu", **args)
+
+
+BAD_KVCACHE = [
+    (dict(cache_seqlens=None), ValueError, "cache_seqlens"),
+    (dict(cache_seqlens=np.array([30, 1], np.int32)), ValueError, "cache_seqlens"),
+    (dict(block_table=np.array([[99, 0], [1, 2]], np.int32)), ValueError, "block_table"),
+    (dict(rotary_cos=np.ones((4, 8), np.float32)), ValueError, "rotary_cos and rotary_sin"),
+    (dict(rotary_cos=np.ones((4, 8), np.float32), rotary_sin=np.ones((4, 8), np.float32)), ValueError, "positions"),
+    (dict(k=None), ValueError, "k and v"),
+]
+
+
+@pytest.mark.parametrize("change,error,name", BAD_KVCACHE)
+def test_kvcache_bad_input(change, error, name, rng):
+    q, kc, vc, kn, vn, seqlens, table = _cache_case(rng, 2, 1, 2, 1, 16, 1, [3, 9], 16)
+    args = dict(k=kn, v=vn, cache_seqlens=seqlens, block_table=table)
+    args.update(change)
+    with pytest.raises(error, match=name):
+        aule_kp.flash_attention_with_kvcache(q, kc, vc, args.pop("k"), args.pop("v"), backend="cpu", **args)
