@@ -29,6 +29,7 @@ import numpy as np
 
 from .dtypes import from_f32, to_f32
 from .problem import Problem
+from .scoremods import alibi_distance, cap
 
 #: Largest ``bits & 0x7fff`` of a finite 16-bit value (exponent all ones: inf or NaN).
 _FINITE_BELOW = {"float16": 0x7C00, "bfloat16": 0x7F80}
@@ -70,10 +71,12 @@ def poisoned_by_mask(problem: Problem, mask: Optional[np.ndarray]) -> Optional[n
 
 
 def enforce(problem: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Optional[np.ndarray],
-            out: np.ndarray, lse: np.ndarray) -> None:
+            out: np.ndarray, lse: np.ndarray, alibi: Optional[np.ndarray] = None) -> None:
     """Make a backend's ``(out, lse)`` for these host inputs follow the module's semantics, in place.
 
-    ``q``/``k``/``v``/``out`` in engine storage, ``mask`` float32 additive (or None), ``lse`` float32.
+    ``q``/``k``/``v``/``out`` in engine storage, ``mask`` float32 additive (or None), ``lse`` float32,
+    ``alibi`` the float32 slopes of ``problem.alibi_rows`` (the scores are modified as
+    :mod:`aule_kp.scoremods` says; a soft-capped score is finite wherever the plain one is).
     """
     p = problem
     if out.size == 0:
@@ -86,7 +89,7 @@ def enforce(problem: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask:
         rows = _row_is_nonfinite(out, p.dtype)
         if by_mask is not None:
             rows &= ~by_mask
-        _recompute(p, q, k, v, mask, rows, out, lse)
+        _recompute(p, q, k, v, mask, rows, out, lse, alibi)
     else:
         # With v finite, only a NaN or +inf score makes NaN: that whole row is NaN.
         nan_rows = _row_has_nan(out, p.dtype)
@@ -102,7 +105,7 @@ def _fill_nan(p: Problem, out: np.ndarray, lse: np.ndarray, rows: np.ndarray) ->
 
 
 def _recompute(p: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Optional[np.ndarray],
-               rows: np.ndarray, out: np.ndarray, lse: np.ndarray) -> None:
+               rows: np.ndarray, out: np.ndarray, lse: np.ndarray, alibi: Optional[np.ndarray]) -> None:
     """Rows ``rows`` (``[B, Hq, Lq]`` bools) of ``out``/``lse`` from the definition, in float64."""
     for b, h in zip(*np.nonzero(rows.any(axis=-1))):
         kv = h // p.group
@@ -115,18 +118,20 @@ def _recompute(p: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Op
         step = max(1, _CHUNK_SCORES // max(1, p.len_k))
         for c in range(0, len(idx), step):
             i = idx[c : c + step]
-            o, s_lse = _rows(p, q, kf, v0, vf[bad_keys], bad_keys, mask, b, h, i)
+            o, s_lse = _rows(p, q, kf, v0, vf[bad_keys], bad_keys, mask, b, h, i, alibi)
             out[b, h, i] = from_f32(o.astype(np.float32), p.dtype)
             lse[b, h, i] = s_lse
 
 
 def _rows(p: Problem, q: np.ndarray, kf: np.ndarray, v0: np.ndarray, v_bad: np.ndarray, bad_keys: np.ndarray,
-          mask: Optional[np.ndarray], b: int, h: int, i: np.ndarray):
+          mask: Optional[np.ndarray], b: int, h: int, i: np.ndarray, alibi: Optional[np.ndarray] = None):
     """``(out [n, Dv], lse [n])`` float64 of query rows ``i`` of (batch ``b``, head ``h``); ``v0`` is v
     with its non-finite entries zeroed, ``v_bad`` the full rows of v at keys ``bad_keys``."""
     qf = to_f32(q[b, h, i], p.dtype).astype(np.float64)
     with np.errstate(all="ignore"):
-        s = qf @ kf.T * p.scale
+        s = cap(qf @ kf.T * p.scale, p.softcap)
+        if alibi is not None:
+            s -= alibi[b if alibi.shape[0] > 1 else 0, h] * alibi_distance(p.diag, i, np.arange(p.len_k), np.float64)
         if mask is not None:
             mb, mh, mq, _ = mask.shape
             s = s + mask[b if mb > 1 else 0, h if mh > 1 else 0][i if mq > 1 else np.zeros_like(i)]
