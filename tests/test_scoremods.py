@@ -238,3 +238,20 @@ def test_every_backend_takes_them():
     for name in ("cpu", "vulkan", "triton"):
         why = dispatch.get(name).problem_reasons(p)
         assert not any("softcap" in r or "alibi" in r for r in why), why
+
+
+def test_plain_pipelines_unchanged():
+    """Without modifiers the specialization constants are exactly the plain kernels' (ids 0..8 and,
+    for the backward, 9 and 10: SOFTCAP and ALIBI left at their 0 default, so the driver folds their
+    code away); with them, ids 12 and 13 are set and TEST_CORRUPT (11) stays 0."""
+    from aule_kp.vulkan.configs import BackwardConfig, KernelConfig, score_spec
+
+    k = KernelConfig("scalar", "fa2_fwd", 64, 64, 16, 16, 4, 1, 64, 0, 2)
+    plain = Problem(1, 2, 1, 8, 8, 64, 64, "float16", 0.125)
+    assert score_spec(plain) == (0, 0)
+    assert k.spec(mods=score_spec(plain)).tolist() == k.spec().tolist() == [64, 64, 16, 16, 4, 1, 64, 0, 2]
+    capped = Problem(1, 2, 1, 8, 8, 64, 64, "float16", 0.125, softcap=30.0, alibi_rows=1)
+    assert k.spec(mods=score_spec(capped)).tolist() == [64, 64, 16, 16, 4, 1, 64, 0, 2, 0, 0, 0, 1, 1]
+    bwd = BackwardConfig("scalar", k, k, k, has_mask=True)
+    assert bwd.spec(k).tolist() == [64, 64, 16, 16, 4, 1, 64, 0, 2, 0, 1]
+    assert bwd.spec(k, (1, 0)).tolist() == [64, 64, 16, 16, 4, 1, 64, 0, 2, 0, 1, 0, 1, 0]
