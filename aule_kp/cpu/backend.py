@@ -345,7 +345,7 @@ class CpuBackend(Backend):
         else:
             with BLAS.single(), ThreadPoolExecutor(max_workers=workers) as pool:
                 list(pool.map(job.run_chunk, chunks))
-        enforce(p, q, k, v, mask, job.out, job.lse, alibi)  # non-finite inputs (aule_kp.nonfinite)
+        enforce(p, q, k, v, mask, job.out, job.lse, alibi=alibi)  # non-finite inputs (aule_kp.nonfinite)
         return job.out, job.lse
 
     def backward(
