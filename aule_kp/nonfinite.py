@@ -29,6 +29,7 @@ import numpy as np
 
 from .dtypes import from_f32, to_f32
 from .problem import Problem
+from .scoremods import alibi_distance, cap
 
 #: Largest ``bits & 0x7fff`` of a finite 16-bit value (exponent all ones: inf or NaN).
 _FINITE_BELOW = {"float16": 0x7C00, "bfloat16": 0x7F80}
@@ -37,15 +38,31 @@ _FINITE_BELOW = {"float16": 0x7C00, "bfloat16": 0x7F80}
 _CHUNK_SCORES = 1 << 22
 
 
+#: Elements one pass of :func:`all_finite` reduces: the block and its scratch stay in the L2 cache.
+_BLOCK = 1 << 15
+
+
 def all_finite(a: np.ndarray, dtype: str) -> bool:
-    """Whether host storage ``a`` of ``dtype`` (bf16 as uint16 bits) holds no NaN or inf, by
-    reductions that make no array of bools (NumPy's own float16 reductions are slow)."""
+    """Whether host storage ``a`` of ``dtype`` (bf16 as uint16 bits; any contiguous view of the bytes
+    will do) holds no NaN or inf. Block by block, with no array as large as ``a``: a whole-array
+    temporary cost more than the check (page faults) on the Vulkan host path's outputs."""
     if a.size == 0:
         return True
+    flat = np.ascontiguousarray(a).reshape(-1)
     if dtype == "float32":
-        return bool(np.isfinite(a.max()) and np.isfinite(a.min()))
-    bits = np.ascontiguousarray(a).view(np.uint16)
-    return int(np.bitwise_and(bits, 0x7FFF).max()) < _FINITE_BELOW[dtype]
+        f = flat.view(np.float32)
+        # NaN propagates through max; +inf shows in max, -inf in min.
+        return all(np.isfinite(f[lo:lo + _BLOCK].max()) and np.isfinite(f[lo:lo + _BLOCK].min())
+                   for lo in range(0, f.size, _BLOCK))
+    bits = flat.view(np.uint16)
+    scratch = np.empty(min(bits.size, _BLOCK), np.uint16)
+    below = _FINITE_BELOW[dtype]
+    for lo in range(0, bits.size, _BLOCK):
+        block = scratch[:min(_BLOCK, bits.size - lo)]
+        np.bitwise_and(bits[lo:lo + _BLOCK], 0x7FFF, out=block)  # NumPy's float16 reductions are slow
+        if block.max() >= below:
+            return False
+    return True
 
 
 def _row_is_nonfinite(out: np.ndarray, dtype: str) -> np.ndarray:
@@ -70,23 +87,29 @@ def poisoned_by_mask(problem: Problem, mask: Optional[np.ndarray]) -> Optional[n
 
 
 def enforce(problem: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Optional[np.ndarray],
-            out: np.ndarray, lse: np.ndarray) -> None:
+            out: np.ndarray, lse: np.ndarray, out_finite: Optional[bool] = None,
+            alibi: Optional[np.ndarray] = None) -> None:
     """Make a backend's ``(out, lse)`` for these host inputs follow the module's semantics, in place.
 
-    ``q``/``k``/``v``/``out`` in engine storage, ``mask`` float32 additive (or None), ``lse`` float32.
+    ``q``/``k``/``v``/``out`` in engine storage, ``mask`` float32 additive (or None), ``lse`` float32;
+    ``out_finite``: whether ``out`` is known to be all finite (None: checked here); ``alibi`` the
+    float32 slopes of ``problem.alibi_rows`` (the scores are modified as :mod:`aule_kp.scoremods`
+    says; a soft-capped score is finite wherever the plain one is).
     """
     p = problem
     if out.size == 0:
         return
     by_mask = poisoned_by_mask(p, mask)
-    if all_finite(out, p.dtype) and by_mask is None:
+    if out_finite is None:
+        out_finite = all_finite(out, p.dtype)
+    if out_finite and by_mask is None:
         return
     if not all_finite(v, p.dtype):
         # Non-finite rows may hold a hidden key's leaked v: recompute them exactly.
         rows = _row_is_nonfinite(out, p.dtype)
         if by_mask is not None:
             rows &= ~by_mask
-        _recompute(p, q, k, v, mask, rows, out, lse)
+        _recompute(p, q, k, v, mask, rows, out, lse, alibi)
     else:
         # With v finite, only a NaN or +inf score makes NaN: that whole row is NaN.
         nan_rows = _row_has_nan(out, p.dtype)
@@ -102,7 +125,7 @@ def _fill_nan(p: Problem, out: np.ndarray, lse: np.ndarray, rows: np.ndarray) ->
 
 
 def _recompute(p: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Optional[np.ndarray],
-               rows: np.ndarray, out: np.ndarray, lse: np.ndarray) -> None:
+               rows: np.ndarray, out: np.ndarray, lse: np.ndarray, alibi: Optional[np.ndarray]) -> None:
     """Rows ``rows`` (``[B, Hq, Lq]`` bools) of ``out``/``lse`` from the definition, in float64."""
     for b, h in zip(*np.nonzero(rows.any(axis=-1))):
         kv = h // p.group
@@ -115,18 +138,20 @@ def _recompute(p: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Op
         step = max(1, _CHUNK_SCORES // max(1, p.len_k))
         for c in range(0, len(idx), step):
             i = idx[c : c + step]
-            o, s_lse = _rows(p, q, kf, v0, vf[bad_keys], bad_keys, mask, b, h, i)
+            o, s_lse = _rows(p, q, kf, v0, vf[bad_keys], bad_keys, mask, b, h, i, alibi)
             out[b, h, i] = from_f32(o.astype(np.float32), p.dtype)
             lse[b, h, i] = s_lse
 
 
 def _rows(p: Problem, q: np.ndarray, kf: np.ndarray, v0: np.ndarray, v_bad: np.ndarray, bad_keys: np.ndarray,
-          mask: Optional[np.ndarray], b: int, h: int, i: np.ndarray):
+          mask: Optional[np.ndarray], b: int, h: int, i: np.ndarray, alibi: Optional[np.ndarray] = None):
     """``(out [n, Dv], lse [n])`` float64 of query rows ``i`` of (batch ``b``, head ``h``); ``v0`` is v
     with its non-finite entries zeroed, ``v_bad`` the full rows of v at keys ``bad_keys``."""
     qf = to_f32(q[b, h, i], p.dtype).astype(np.float64)
     with np.errstate(all="ignore"):
-        s = qf @ kf.T * p.scale
+        s = cap(qf @ kf.T * p.scale, p.softcap)
+        if alibi is not None:
+            s -= alibi[b if alibi.shape[0] > 1 else 0, h] * alibi_distance(p.diag, i, np.arange(p.len_k), np.float64)
         if mask is not None:
             mb, mh, mq, _ = mask.shape
             s = s + mask[b if mb > 1 else 0, h if mh > 1 else 0][i if mq > 1 else np.zeros_like(i)]

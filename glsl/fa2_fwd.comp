@@ -37,6 +37,7 @@ void main() {
     const uint hq = (gkv % pc.heads_kv) * pc.group + qhead % pc.group;
     const int row0 = int(query_tile() * BR);
     const int first = row0 + int(t / TPR);
+    const float slope = alibi_slope(batch, hq);
 
     float q[RPT * QPT];
     float o[RPT * OPT];
@@ -96,7 +97,7 @@ void main() {
             }
             [[unroll]] for (uint r = 0u; r < RPT; ++r) {
                 const int i = first + int(r * ROW_STRIDE);
-                float sc = reduce_row(acc[r]) * pc.scale_log2;
+                float sc = scaled_score(reduce_row(acc[r])) + alibi_term(slope, i, j);
                 if (!key_visible(i, j)) {
                     sc = -1.0 / 0.0;
                 } else if (pc.has_mask != 0u) {

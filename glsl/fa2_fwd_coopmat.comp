@@ -141,11 +141,12 @@ uint g_obase;      // element offset of O[y][0][0]
 uint g_kbase;      // element offset of K[y / group][0][0]
 uint g_vbase;
 uint g_mbase;      // mask element offset of (batch, head) of this workgroup's query head
+float g_slope;     // ALiBi slope (exp2 domain) of this workgroup's query head (ALIBI only)
 
 // Score of query row i (global) against key j, in the exp2 domain; -inf when hidden.
 float score(float raw, int i, int j) {
     if (i >= int(pc.len_q) || !key_visible(i, j)) return NEG_INF;
-    float s = raw * pc.scale_log2;
+    float s = scaled_score(raw) + alibi_term(g_slope, i, j);
     if (pc.has_mask != 0u) {
         s += mask_term(mask_data[g_mbase + uint(i) * pc.mask_si + uint(j) * pc.mask_sj]);
     }
@@ -346,6 +347,7 @@ void main() {
     {
         const uint gq = pc.group0 * pc.group + y;      // global query head: batch * heads_q + head
         g_mbase = (gq / pc.heads_q) * pc.mask_sb + (gq % pc.heads_q) * pc.mask_sh;
+        g_slope = alibi_slope(gq / pc.heads_q, gq % pc.heads_q);
     }
 
     // Keys any row of this tile may see; tiles outside are skipped (causal / sliding window).
@@ -430,7 +432,8 @@ void main() {
             // kernel 7-17% slower on an H200 (one-process A/B, fifth session), as the index order
             // computed by integer division did: the codegen here moves with small changes.
             const int kl = kb + int(BC) - 1;
-            const bool full = pc.has_mask == 0u && kl < int(pc.len_k)
+            // Soft-capped or biased scores take the per-score path (score()) too.
+            const bool full = SOFTCAP == 0u && ALIBI == 0u && pc.has_mask == 0u && kl < int(pc.len_k)
                 && (pc.left < 0 || kb >= int(g_q0 + BR) - 1 + pc.diag - pc.left)
                 && (pc.right < 0 || kl <= int(g_q0) + pc.diag + pc.right);
 

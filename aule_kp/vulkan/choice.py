@@ -114,6 +114,11 @@ def limit_reasons(variant: Variant, caps: DeviceCaps, problem: Problem, snapshot
         # fp32/bf16 would be rounded to fp16 on load: exact only for fp16 data, so opt-in.
         reasons.append(f"{variant.name} computes on {variant.computes_in}; got {problem.dtype} "
                        "(AULE_KP_COOPMAT_CONVERT=1 allows it)")
+    if variant.needs_coopmat and problem.has_score_mods:
+        # The coopmat backward does not compute them; the coopmat forward does (per-score path of
+        # glsl/fa2_fwd_coopmat.comp) but has not run on a GPU with them yet. The scalar kernels,
+        # checked on lavapipe, take them.
+        reasons.append(f"{variant.label} does not take soft-capped or ALiBi scores (the scalar kernels do)")
     m, top = variant.head_dim_multiple, variant.max_head_dim
     if problem.dim_k % m or problem.dim_v % m or (top is not None and max(problem.dim_k, problem.dim_v) > top):
         reasons.append(f"{variant.label} needs head dims that are multiples of {m}"

@@ -33,15 +33,16 @@ import math
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Collection, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .. import knobs
 from ..dtypes import ITEMSIZE, STORAGE
-from ..nonfinite import enforce
+from ..nonfinite import all_finite, enforce
 from ..problem import Problem
-from .configs import ForwardConfig, KernelConfig, SplitKVConfig
+from .configs import ForwardConfig, KernelConfig, SplitKVConfig, score_spec
 from .hostcopy import copy_bytes
 from .probe import parallelism
 
@@ -146,13 +147,19 @@ def mask_strides(p: Problem) -> Tuple[int, int, int, int]:
     return tuple(int(s) if n > 1 else 0 for s, n in zip(strides, shape))
 
 
+def _float_bits(x: float) -> int:
+    return struct.unpack("<I", struct.pack("<f", x))[0]
+
+
 def push_constants(p: Problem, group0: int) -> np.ndarray:
-    """Push constants in the order of ``Push`` in glsl/fa2_common.glsl."""
-    scale_bits = struct.unpack("<I", struct.pack("<f", p.scale * LOG2E))[0]
+    """Push constants in the order of ``Push`` in glsl/fa2_common.glsl. The ALiBi slopes follow the
+    mask in the mask buffer (``mask_bytes``, ``mask_payload``)."""
     signed = [p.diag, -1 if p.left is None else p.left, -1 if p.right is None else p.right]
     sb, sh, si, sj = mask_strides(p)
-    vals = [p.len_q, p.len_k, p.group, p.heads_kv, group0, scale_bits, *(x & 0xFFFFFFFF for x in signed),
-            int(p.has_mask), sb, sh, si, sj, p.heads_q]
+    alibi_base = math.prod(p.mask_shape) if p.mask_shape else 0
+    vals = [p.len_q, p.len_k, p.group, p.heads_kv, group0, _float_bits(p.scale * LOG2E),
+            *(x & 0xFFFFFFFF for x in signed), int(p.has_mask), sb, sh, si, sj, p.heads_q,
+            _float_bits(p.softcap * LOG2E), alibi_base, p.heads_q if p.alibi_rows > 1 else 0]
     return np.array(vals, dtype=np.uint32)
 
 
@@ -234,8 +241,23 @@ def capacity(device: Any, old: Optional[Dict[str, int]], need: Dict[str, int], l
 
 
 def mask_bytes(p: Problem) -> int:
-    """Bytes of the float32 mask of ``p`` (0 without one)."""
-    return 4 * math.prod(p.mask_shape) if p.mask_shape else 0
+    """Bytes of the mask buffer's data for ``p``: the float32 mask, then the ALiBi slopes
+    (``alibi_rows x heads_q``; 0 bytes with neither)."""
+    return 4 * ((math.prod(p.mask_shape) if p.mask_shape else 0) + p.alibi_rows * p.heads_q)
+
+
+def uses_mask_buffer(p: Problem) -> bool:
+    """Whether the kernels of ``p`` read the mask buffer (a mask, or ALiBi slopes): it is uploaded then."""
+    return p.has_mask or p.alibi_rows > 0
+
+
+def write_mask_payload(view: np.ndarray, mask: Optional[np.ndarray], alibi: Optional[np.ndarray]) -> None:
+    """The mask buffer's data (``mask_bytes``) into its mapped ``view``: the mask, then the slopes."""
+    n = 0 if mask is None else mask.size
+    if mask is not None:
+        view[:n] = mask.reshape(-1)
+    if alibi is not None:
+        view[n:n + alibi.size] = alibi.reshape(-1)
 
 
 def forward_bytes(p: Problem, config: ForwardConfig, n_groups: int) -> Dict[str, int]:
@@ -469,7 +491,7 @@ class Plan(RecordedPlan):
                 zeroed.append(tensors["counters"])
             bound = [tensors[name] for name in (*BINDINGS, *(SPLITKV_SCRATCH if split else ()))]
             kc, grid, push = dispatch(config, p, n, g0)
-            algorithm = self._algorithm(bound, kc, kc.spec(), grid, push)
+            algorithm = self._algorithm(bound, kc, kc.spec(mods=score_spec(p)), grid, push)
             self.chunks.append(Chunk(g0, g1, tensors, [algorithm], memory=memory))
 
         if zeroed:
@@ -508,7 +530,7 @@ class Plan(RecordedPlan):
         chunks = self.chunks if chunks is None else chunks
         transfers = transfers and self.host_io
         inputs = [c.tensors[name] for c in chunks for name in INPUTS] if transfers else []
-        if p.has_mask and chunks[0] is self.chunks[0]:
+        if uses_mask_buffer(p) and chunks[0] is self.chunks[0]:
             inputs.append(self.mask)
         if inputs:
             sequence.record(kp.OpTensorSyncDevice(inputs))
@@ -523,10 +545,17 @@ class Plan(RecordedPlan):
             sequence.record(kp.OpTensorSyncLocal([c.tensors[name] for c in chunks for name in OUTPUTS]))
         return sequence
 
-    def run(self, q: np.ndarray, k: np.ndarray, v: np.ndarray,
-            mask: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+    def run(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Optional[np.ndarray],
+            alibi: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
         """Host arrays of the bound problem in (engine storage, contiguous), ``(out, lse)`` out (see
-        Backend.forward).
+        Backend.forward; ``alibi``: the float32 slopes of ``problem.alibi_rows``)."""
+        out, lse, _ = self.run_checked(q, k, v, mask, alibi)
+        return out, lse
+
+    def run_checked(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Optional[np.ndarray],
+                    alibi: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray, bool]:
+        """``run``, and whether ``out`` is all finite: checked piece by piece by the copy threads as
+        they write it (a separate pass over a large output cost as much as the kernel).
 
         One copy each way between the caller's arrays and mapped memory, as raw bytes (packed
         16-bit data needs no conversion); the slices are computed when the plan is bound.
@@ -536,31 +565,34 @@ class Plan(RecordedPlan):
             raise ValueError(f"q {q.shape} and k {k.shape} are not the shapes of the problem this plan is bound to "
                              f"({p}); get the plan again for theirs")
         inputs = [c.input_pairs((q, k, v)) for c in self.chunks]
-        if mask is not None:
-            self.mask_view[:] = mask.reshape(-1)
+        write_mask_payload(self.mask_view, mask, alibi)
         out = np.empty(sum(c.views["o"].nbytes for c in self.chunks), np.uint8)
         outputs, lo = [], 0
         for c in self.chunks:
             o = c.views["o"]
             outputs.append([(out[lo:lo + o.nbytes], o)])
             lo += o.nbytes
+        check = partial(all_finite, dtype=p.dtype)
         if self.pipelined:
-            self._run_pipelined(inputs, outputs)
+            finite = self._run_pipelined(inputs, outputs, check)
         else:
             copy_bytes([pair for pairs in inputs for pair in pairs])
             self.eval()
-            copy_bytes([pair for pairs in outputs for pair in pairs])
+            finite = copy_bytes([pair for pairs in outputs for pair in pairs], check)
         lse = (np.concatenate([c.views["lse"] for c in self.chunks]) if len(self.chunks) > 1
                else self.chunks[0].views["lse"].copy())
         shape = (p.batch, p.heads_q, p.len_q)
-        return out.view(STORAGE[p.dtype]).reshape(*shape, p.dim_v), lse.reshape(shape)
+        return out.view(STORAGE[p.dtype]).reshape(*shape, p.dim_v), lse.reshape(shape), finite
 
     def _run_pipelined(self, inputs: List[List[Tuple[np.ndarray, np.ndarray]]],
-                       outputs: List[List[Tuple[np.ndarray, np.ndarray]]]) -> None:
+                       outputs: List[List[Tuple[np.ndarray, np.ndarray]]],
+                       check: Callable[[np.ndarray], bool]) -> bool:
         """Chunk by chunk: copy in and submit, then (once all are submitted) wait for each and copy
         its output out, so copies overlap the kernels of other chunks. Whatever fails, every
-        submitted sequence is waited for before returning (a running sequence cannot be resubmitted)."""
+        submitted sequence is waited for before returning (a running sequence cannot be resubmitted).
+        Returns whether ``check`` passed on every piece of the outputs."""
         submitted: List[Chunk] = []
+        finite = True
         try:
             for c, pairs in zip(self.chunks, inputs):
                 copy_bytes(pairs)
@@ -570,10 +602,11 @@ class Plan(RecordedPlan):
             for c, pairs in zip(self.chunks, outputs):
                 c.sequence.eval_await()
                 submitted.remove(c)
-                copy_bytes(pairs)
+                finite = copy_bytes(pairs, check) and finite
         finally:
             for c in submitted:
                 c.sequence.eval_await()
+        return finite
 
 
 def forward_plan(device: Any, problem: Problem, config: ForwardConfig) -> Plan:
@@ -590,7 +623,7 @@ def forward_plan(device: Any, problem: Problem, config: ForwardConfig) -> Plan:
             route = ((p, config), None, limit)
         else:
             grid = None if grids_settable(device.kp) else dispatch(config, p, n_groups, 0)[1]
-            route = (("forward", pipeline_of(config), limit, grid),
+            route = (("forward", pipeline_of(config), score_spec(p), limit, grid),
                      dict(forward_bytes(p, config, n_groups), mask=mask_bytes(p)), limit)
         device.plans.remember(route_key, route)
     key, need, limit = route
@@ -604,12 +637,12 @@ def forward_plan(device: Any, problem: Problem, config: ForwardConfig) -> Plan:
 
 
 def run_forward(device: Any, problem: Problem, config: ForwardConfig, q: np.ndarray, k: np.ndarray, v: np.ndarray,
-                mask: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
-    """One host-path forward call: ``forward_plan(...).run(q, k, v, mask)`` under ``device.lock``, then
-    the non-finite repairs (``aule_kp.nonfinite.enforce``) outside it."""
+                mask: Optional[np.ndarray], *, alibi: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """One host-path forward call: ``forward_plan(...).run(q, k, v, mask, alibi)`` under ``device.lock``,
+    then the non-finite repairs (``aule_kp.nonfinite.enforce``) outside it."""
     with device.lock:
-        out, lse = forward_plan(device, problem, config).run(q, k, v, mask)
-    enforce(problem, q, k, v, mask, out, lse)
+        out, lse, finite = forward_plan(device, problem, config).run_checked(q, k, v, mask, alibi)
+    enforce(problem, q, k, v, mask, out, lse, out_finite=finite, alibi=alibi)
     return out, lse
 
 
