@@ -11,10 +11,14 @@ import numpy as np
 
 
 def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, causal: bool,
-           window: Optional[Tuple[int, int]]) -> np.ndarray:
+           window: Optional[Tuple[int, int]], softcap: float = 0.0, slopes: Optional[np.ndarray] = None,
+           sinks: Optional[np.ndarray] = None) -> np.ndarray:
     """One sequence: q ``[Lq, Hq, D]``, k ``[Lk, Hkv, D]``, v ``[Lk, Hkv, Dv]`` -> ``[Lq, Hq, Dv]``.
     Causal and window are aligned bottom-right: query ``i`` sees keys in
-    ``[i + Lk - Lq - left, i + Lk - Lq + right]`` (causal: right = 0); a row with no key is 0."""
+    ``[i + Lk - Lq - left, i + Lk - Lq + right]`` (causal: right = 0); a row with no key is 0.
+    ``softcap``: scores ``softcap * tanh(s / softcap)``; ``slopes [Hq]``: ALiBi bias
+    ``-slope * |i + Lk - Lq - j|`` (flash-attn); ``sinks [Hq]``: a logit per head in every row's
+    softmax denominator that carries no value (gpt-oss)."""
     lq, hq, _ = q.shape
     lk, hkv, dv = v.shape
     out = np.zeros((lq, hq, dv))
@@ -26,6 +30,10 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, causal: bo
     s = np.einsum("ihd,jhd->hij", q.astype(np.float64), kk) * scale
     i = np.arange(lq)[:, None] + lk - lq
     j = np.arange(lk)[None, :]
+    if softcap:
+        s = softcap * np.tanh(s / softcap)
+    if slopes is not None:
+        s = s - np.asarray(slopes, np.float64)[:, None, None] * np.abs(i - j)[None]
     ok = np.ones((lq, lk), bool)
     left, right = (-1, -1) if window is None else window
     if causal:
@@ -35,6 +43,9 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, causal: bo
     if right >= 0:
         ok &= j <= i + right
     s = np.where(ok[None], s, -np.inf)
+    if sinks is not None:  # a sink column: in the softmax, no value
+        s = np.concatenate([s, np.broadcast_to(np.asarray(sinks, np.float64)[:, None, None], (hq, lq, 1))], -1)
+        vv = np.concatenate([vv, np.zeros((1, hq, dv))], 0)
     m = s.max(axis=-1, keepdims=True)
     seen = np.isfinite(m)
     p = np.exp(s - np.where(seen, m, 0.0))
@@ -42,12 +53,14 @@ def attend(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float, causal: bo
     return np.einsum("hij,jhd->ihd", p, vv)
 
 
-def varlen(q, k, v, cu_q, cu_k, scale, causal=False, window=None) -> np.ndarray:
-    """``flash_attn_varlen_func``: each sequence attends to its own keys only."""
+def varlen(q, k, v, cu_q, cu_k, scale, causal=False, window=None, softcap=0.0, slopes=None, sinks=None):
+    """``flash_attn_varlen_func``: each sequence attends to its own keys only (``slopes`` ``[Hq]``
+    or per sequence ``[B, Hq]``)."""
     out = np.zeros((q.shape[0], q.shape[1], v.shape[2]))
     for b in range(len(cu_q) - 1):
         qs, ks = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
-        out[qs] = attend(q[qs], k[ks], v[ks], scale, causal, window)
+        sl = None if slopes is None else (slopes[b] if np.ndim(slopes) == 2 else slopes)
+        out[qs] = attend(q[qs], k[ks], v[ks], scale, causal, window, softcap, sl, sinks)
     return out
 
 
@@ -69,7 +82,8 @@ def rotary(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, pos: np.ndarray, int
 
 
 def kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, block_table=None, cos=None, sin=None,
-            interleaved=True, causal=False, scale=None, window=None, round_to=None):
+            interleaved=True, causal=False, scale=None, window=None, round_to=None, softcap=0.0, slopes=None,
+            sinks=None):
     """``flash_attn_with_kvcache`` in float64: ``(out [B, Lq, Hq, Dv], k_cache, v_cache, q_rotated)`` with
     the caches as they are after the call (new k rotated at ``cache_seqlens + i``, then written at those
     positions; q rotated at ``cache_seqlens + i`` when causal or local, else at ``cache_seqlens``).
@@ -104,5 +118,6 @@ def kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, block_table
         total = n + new
         ks = np.stack([kc[slot(s, t)] for t in range(total)]) if total else kc[:0, 0]
         vs = np.stack([vc[slot(s, t)] for t in range(total)]) if total else vc[:0, 0]
-        out[s] = attend(qs, ks, vs, scale, causal, window)
+        sl = None if slopes is None else (slopes[s] if np.ndim(slopes) == 2 else slopes)
+        out[s] = attend(qs, ks, vs, scale, causal, window, softcap, sl, sinks)
     return out, kc, vc, q_rot

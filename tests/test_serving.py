@@ -251,9 +251,9 @@ BAD_VARLEN = [
     (dict(cu_seqlens_q=np.array([0, 3, 2], np.int32)), ValueError, "cu_seqlens_q"),
     (dict(cu_seqlens_k=np.array([0.0, 5.0])), TypeError, "cu_seqlens_k"),
     (dict(max_seqlen_q=1), ValueError, "max_seqlen_q"),
-    (dict(softcap=30.0), ValueError, "softcap"),
-    (dict(alibi_slopes=np.ones(2, np.float32)), ValueError, "alibi_slopes"),
-    (dict(sinks=np.ones(2, np.float32)), ValueError, "sinks"),
+    (dict(softcap=-1.0), ValueError, "softcap"),
+    (dict(alibi_slopes=np.ones(3, np.float32)), ValueError, "alibi_slopes"),
+    (dict(sinks=np.ones((2, 2), np.float32)), ValueError, "sinks"),
 ]
 
 
@@ -284,3 +284,29 @@ def test_kvcache_bad_input(change, error, name, rng):
     args.update(change)
     with pytest.raises(error, match=name):
         aule_kp.flash_attention_with_kvcache(q, kc, vc, args.pop("k"), args.pop("v"), backend="cpu", **args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_score_modifiers(backend, rng):
+    """softcap, ALiBi (per sequence [B, Hq] for varlen, [Hq] for the cache) and sinks go into the core
+    attention per sequence; the bias's magnitude widens the exponent range of the error model."""
+    q, k, v, cu_q, cu_k = _varlen_case(rng, [4, 9], [7, 9], 4, 2, 16, 16)
+    slopes = rng.uniform(0.05, 0.5, (2, 4)).astype(np.float32)
+    sinks = rng.standard_normal(4).astype(np.float32)
+    out = aule_kp.flash_attention_varlen(q, k, v, cu_q, cu_k, 9, 9, causal=True, softcap=5.0, alibi_slopes=slopes,
+                                         sinks=sinks, backend=backend)
+    want = ref.varlen(q, k, v, cu_q, cu_k, 0.25, True, None, 5.0, slopes, sinks)
+    bias = 2 * float(slopes.max()) * 9
+    tol = tolerance("float32", 9 + 16, float(np.abs(v).max()), exponent_range(q.reshape(-1, 16), k.reshape(-1, 16),
+                                                                                0.25) + bias)
+    np.testing.assert_allclose(out, want, atol=tol, rtol=0)
+
+    qc, kc, vc, kn, vn, seqlens, table = _cache_case(rng, 2, 1, 4, 2, 16, 1, [5, 12], 16)
+    out = aule_kp.flash_attention_with_kvcache(qc, kc, vc, kn, vn, cache_seqlens=seqlens, block_table=table,
+                                               causal=True, softcap=5.0, alibi_slopes=slopes[0], sinks=sinks,
+                                               backend=backend)
+    want, kw, vw, _ = ref.kvcache(qc, kc.copy(), vc.copy(), kn, vn, seqlens, table, causal=True, softcap=5.0,
+                                  slopes=slopes[0], sinks=sinks)
+    tol = tolerance("float32", 13 + 16, float(np.abs(vw).max()), exponent_range(qc.reshape(-1, 16),
+                                                                                 kw.reshape(-1, 16), 0.25) + 26 * 0.5)
+    np.testing.assert_allclose(out, want, atol=tol, rtol=0)

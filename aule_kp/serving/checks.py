@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import numbers
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import numpy as np
 
-from .. import inputs
+from .. import inputs, scoremods
 from ..problem import MAX_HEAD_DIM
 
 
@@ -32,17 +31,9 @@ def head_dim(name: str, d: int) -> None:
         raise ValueError(f"{name} must be a multiple of 8 in [8, {MAX_HEAD_DIM}], got {d}")
 
 
-def score_modifiers(softcap: Any, alibi_slopes: Any, sinks: Any) -> None:
-    """ValueError naming the argument for a score modifier the core attention does not take yet."""
-    if not isinstance(softcap, numbers.Real) or isinstance(softcap, bool) or not np.isfinite(softcap) or softcap < 0:
-        raise ValueError(f"softcap must be a finite number >= 0 (0 = off), got {softcap!r}")
-    for name, value, default in (("softcap", softcap, 0.0), ("alibi_slopes", alibi_slopes, None),
-                                 ("sinks", sinks, None)):
-        off = value == default if name == "softcap" else value is None
-        if not off:
-            raise ValueError(f"{name} is not supported by this build's core attention yet; pass "
-                             f"{name}={default!r}")
-
-
-def scale_value(scale: Optional[float], dim_k: int) -> float:
-    return inputs.check_scale_window(scale, None, dim_k)
+def score_modifiers(softcap: Any, alibi_slopes: Any, sinks: Any, batch: int,
+                    heads_q: int) -> Tuple[float, Optional[np.ndarray], Optional[np.ndarray]]:
+    """``(softcap, slopes [1 or B, Hq] or None, sinks [Hq] or None)`` checked as the core attention
+    checks them (:mod:`aule_kp.scoremods`; errors name the argument)."""
+    return (scoremods.check_softcap(softcap), scoremods.check_alibi(alibi_slopes, batch, heads_q),
+            scoremods.check_sinks(sinks, heads_q))

@@ -53,8 +53,8 @@ def flash_attention_with_kvcache(
             ``cache_seqlens + i``; q too when causal or windowed, else every q row at ``cache_seqlens``.
             ``rotary_interleaved``: pairs dims ``(2i, 2i+1)`` (GPT-J); False pairs ``(i, i + R/2)`` (GPT-NeoX).
         causal: aligned bottom-right: q row ``i`` sees keys ``j <= i + Lk - Lq``, ``Lk = cache_seqlens + Lnew``.
-        scale, window: as :func:`aule_kp.flash_attention`. softcap, alibi_slopes, sinks: only their
-            defaults are accepted until the core attention takes them.
+        scale, window, softcap, alibi_slopes (``[Hq]`` or ``[B, Hq]``), sinks (``[Hq]``): as
+            :func:`aule_kp.flash_attention` (ALiBi's distance ``|i + Lk - Lq - j|`` per sequence).
         backend: ``"auto" | "vulkan" | "triton" | "cpu"``.
 
     Returns:
@@ -62,7 +62,6 @@ def flash_attention_with_kvcache(
     """
     check_backend_name(backend)
     inputs.check_causal(causal)
-    checks.score_modifiers(softcap, alibi_slopes, sinks)
     dtype = inputs.dtype_name("q", q)
     if len(q.shape) != 4:
         raise ValueError(f"q must be 4-D [B, Lq, Hq, Dk], got shape {tuple(q.shape)}")
@@ -81,6 +80,7 @@ def flash_attention_with_kvcache(
     checks.head_dim("Dk (q/k head dim)", dk)
     checks.head_dim("Dv (v head dim)", dv)
     scale = inputs.check_scale_window(scale, window, dk)
+    softcap, slopes, sink_logits = checks.score_modifiers(softcap, alibi_slopes, sinks, b, hq)
     if paged:
         table = checks.int_array("block_table", block_table, 2, "[B, max_blocks]")
         if table.shape[0] != b:
@@ -110,7 +110,8 @@ def flash_attention_with_kvcache(
     seqs = np.stack([np.arange(b) * lq, np.full(b, lq), starts, total], axis=1).astype(np.int32)
     call = ragged.Ragged(qh.reshape(b * lq, hq, dk), k_rows, v_rows, seqs, dtype, scale, bool(causal),
                          None if window is None else tuple(window),
-                         None if table is None else table.astype(np.int32), n1 if paged else 0)
+                         None if table is None else table.astype(np.int32), n1 if paged else 0, softcap, slopes,
+                         sink_logits)
     out = ragged.run(call, backend, q).reshape(b, lq, hq, dv)
     return inputs.from_host(out, q, dtype)
 

@@ -6,9 +6,10 @@ contiguous cache seen as rows, or a paged cache whose pages are rows ``page * bl
 one int32 row per sequence ``(q_start, len_q, k_start, len_k)`` and, for a paged store, the block
 table. Sequence ``s``'s key ``j`` is row ``k_start + j``, or ``table[s, j // page] * page + j % page``.
 
-``run`` computes each sequence as its own attention problem (causal and window aligned bottom-right
-per sequence, as flash-attn) on the backend the dispatcher picks for it, or the whole batch in one
-dispatch on Vulkan (``aule_kp.vulkan.ragged``), where tiles never cross a sequence.
+``run`` computes the whole batch in one dispatch on Vulkan (``aule_kp.vulkan.ragged``), where tiles
+never cross a sequence; otherwise (other backends, score modifiers, a device limit) each sequence as
+its own attention problem (causal and window aligned bottom-right per sequence, as flash-attn) on
+the backend the dispatcher picks for it, its keys gathered from the store first.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 
-from .. import dispatch, inputs
+from .. import dispatch, inputs, scoremods
 from ..dtypes import STORAGE, from_f32
 from ..problem import Problem, band
 from .quant import Q8Cache
@@ -44,6 +45,14 @@ class Ragged:
     window: Optional[Tuple[int, int]]
     table: Optional[np.ndarray] = None  # int32 [B, max_blocks] for a paged store
     page: int = 0
+    softcap: float = 0.0
+    alibi: Optional[np.ndarray] = None  # float32 slopes [1 or B, Hq]
+    sinks: Optional[np.ndarray] = None  # float32 [Hq]
+
+    @property
+    def modified(self) -> bool:
+        """Whether a score modifier (aule_kp.scoremods) is on."""
+        return self.softcap != 0.0 or self.alibi is not None or self.sinks is not None
 
     @property
     def heads_q(self) -> int:
@@ -74,7 +83,13 @@ class Ragged:
         _, lq, _, lk = (int(x) for x in self.seqs[s])
         diag, left, right = band(lq, lk, causal=self.causal, window=self.window, top_left=False)
         return Problem(1, self.heads_q, self.heads_kv, lq, lk, self.dim_k, self.dim_v, self.dtype, self.scale,
-                       diag, left, right)
+                       diag, left, right, softcap=self.softcap, alibi_rows=0 if self.alibi is None else 1)
+
+    def slopes(self, s: int) -> Optional[np.ndarray]:
+        """Sequence ``s``'s ALiBi slopes ``[1, Hq]`` (None without ALiBi)."""
+        if self.alibi is None:
+            return None
+        return self.alibi[s if self.alibi.shape[0] > 1 else 0][None]
 
 
 def _shape(store: Store) -> Tuple[int, ...]:
@@ -98,19 +113,23 @@ def run(call: Ragged, backend: str, like: Any) -> np.ndarray:
     for s in range(call.seqs.shape[0]):
         q0, lq, _, lk = (int(x) for x in call.seqs[s])
         if lq == 0 or lk == 0:
-            continue  # no query, or no key: the rows stay 0
+            continue  # no query, or no key: the rows stay 0 (a sink keeps them 0)
         rows = call.key_rows(s)
         q = np.ascontiguousarray(call.q[q0 : q0 + lq].transpose(1, 0, 2)[None])
         k = np.ascontiguousarray(gather(call.k, rows, call.dtype).transpose(1, 0, 2)[None])
         v = np.ascontiguousarray(gather(call.v, rows, call.dtype).transpose(1, 0, 2)[None])
         p = call.problem(s)
         chosen, runner = dispatch.select_bound(_with_device(p, like), backend)
+        slopes, sinks = call.slopes(s), call.sinks
         if chosen.native_torch:
-            o, _ = runner(*(inputs.from_host(x, like, call.dtype).contiguous() for x in (q, k, v)), None)
-            o = inputs.to_host(o, call.dtype)
-        else:
-            o, _ = runner(q, k, v, None)
-        out[q0 : q0 + lq] = o[0].transpose(1, 0, 2)
+            import torch
+
+            q, k, v = (inputs.from_host(x, like, call.dtype).contiguous() for x in (q, k, v))
+            slopes, sinks = (None if x is None else torch.from_numpy(x).to(like.device) for x in (slopes, sinks))
+        o, lse = runner(q, k, v, None, **({} if slopes is None else {"alibi": slopes}))
+        if sinks is not None:
+            o, _ = scoremods.apply_sinks(o, lse, sinks, call.dtype)
+        out[q0 : q0 + lq] = (inputs.to_host(o, call.dtype) if chosen.native_torch else o)[0].transpose(1, 0, 2)
     return out
 
 
@@ -125,7 +144,8 @@ def _native_vulkan(call: Ragged, backend: str, like: Any) -> Optional[np.ndarray
     """The whole call in one Vulkan dispatch when Vulkan is the backend (named, or ``auto``'s choice
     for the call's longest sequences) and its ragged kernel can take it; else None (the call then
     runs per sequence, on the same backend)."""
-    if backend not in ("vulkan", "auto") or call.q.shape[0] == 0 or not (call.seqs[:, 1] > 0).any():
+    # Score modifiers run in the core kernels (per sequence), not in the ragged one.
+    if backend not in ("vulkan", "auto") or call.modified or not (call.seqs[:, 1] > 0).any():
         return None
     lq, lk = int(call.seqs[:, 1].max()), int(call.seqs[:, 3].max())
     diag, left, right = band(lq, lk, causal=call.causal, window=call.window, top_left=False)

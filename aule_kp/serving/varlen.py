@@ -39,8 +39,9 @@ def flash_attention_varlen(
         max_seqlen_q, max_seqlen_k: at least the longest sequence (a smaller value is an error).
         causal: per sequence, aligned bottom-right (query ``i`` sees keys ``j <= i + Lk - Lq``).
         scale: default ``1/sqrt(Dk)``. window: ``(left, right)``, ``-1`` unbounded, bottom-right aligned.
-        softcap, alibi_slopes, sinks: score modifiers; only their defaults are accepted until the core
-            attention takes them (ValueError naming the argument otherwise).
+        softcap: tanh soft-capping of the scores (0.0: off); alibi_slopes: ``[Hq]`` or ``[B, Hq]``
+            (bias ``-slope * |i + Lk - Lq - j|`` per sequence); sinks: ``[Hq]`` attention-sink logits
+            (see :func:`aule_kp.flash_attention`).
         backend: ``"auto" | "vulkan" | "triton" | "cpu"``.
 
     Returns:
@@ -50,7 +51,6 @@ def flash_attention_varlen(
     """
     check_backend_name(backend)
     inputs.check_causal(causal)
-    checks.score_modifiers(softcap, alibi_slopes, sinks)
     dtype = inputs.check_types(q, k, v)
     for name, x in (("q", q), ("k", k), ("v", v)):
         if len(x.shape) != 3:
@@ -71,11 +71,14 @@ def flash_attention_varlen(
     cu_k = _cu_seqlens("cu_seqlens_k", cu_seqlens_k, total_k, max_seqlen_k, "max_seqlen_k")
     if len(cu_q) != len(cu_k):
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must both have B + 1 entries, got {len(cu_q)} and {len(cu_k)}")
-    if _needs_grad(q, k, v):
-        return _differentiable(q, k, v, cu_q, cu_k, causal, scale, window, backend)
+    softcap, slopes, sink_logits = checks.score_modifiers(softcap, alibi_slopes, sinks, len(cu_q) - 1, hq)
+    if _needs_grad(q, k, v, sinks):
+        return _differentiable(q, k, v, cu_q, cu_k, backend, causal=causal, scale=scale, window=window,
+                               softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
     seqs = np.stack([cu_q[:-1], np.diff(cu_q), cu_k[:-1], np.diff(cu_k)], axis=1).astype(np.int32)
     call = ragged.Ragged(inputs.to_host(q, dtype), inputs.to_host(k, dtype), inputs.to_host(v, dtype), seqs,
-                         dtype, scale, bool(causal), None if window is None else tuple(window))
+                         dtype, scale, bool(causal), None if window is None else tuple(window), softcap=softcap,
+                         alibi=slopes, sinks=sink_logits)
     return inputs.from_host(ragged.run(call, backend, q), q, dtype)
 
 
@@ -92,16 +95,16 @@ def _cu_seqlens(name: str, cu: Any, total: int, max_len: Any, max_name: str) -> 
     return c
 
 
-def _needs_grad(q: Any, k: Any, v: Any) -> bool:
+def _needs_grad(q: Any, k: Any, v: Any, sinks: Any) -> bool:
     if not inputs.is_torch(q):
         return False
     import torch
 
-    return torch.is_grad_enabled() and any(bool(x.requires_grad) for x in (q, k, v))
+    return torch.is_grad_enabled() and any(bool(getattr(x, "requires_grad", False)) for x in (q, k, v, sinks))
 
 
-def _differentiable(q: Any, k: Any, v: Any, cu_q: np.ndarray, cu_k: np.ndarray, causal: bool, scale: float,
-                    window: Any, backend: str) -> Any:
+def _differentiable(q: Any, k: Any, v: Any, cu_q: np.ndarray, cu_k: np.ndarray, backend: str,
+                    alibi_slopes: Any, **options: Any) -> Any:
     """Per sequence through the differentiable ``flash_attention``; autograd joins the pieces."""
     import torch
 
@@ -112,7 +115,8 @@ def _differentiable(q: Any, k: Any, v: Any, cu_q: np.ndarray, cu_k: np.ndarray, 
         q0, q1, k0, k1 = int(cu_q[b]), int(cu_q[b + 1]), int(cu_k[b]), int(cu_k[b + 1])
         qs = q[q0:q1].transpose(0, 1)[None]
         ks, vs = k[k0:k1].transpose(0, 1)[None], v[k0:k1].transpose(0, 1)[None]
-        o = flash_attention(qs, ks, vs, causal=causal, scale=scale, window=window, backend=backend)
+        slopes = alibi_slopes[b] if alibi_slopes is not None and len(alibi_slopes.shape) == 2 else alibi_slopes
+        o = flash_attention(qs, ks, vs, alibi_slopes=slopes, backend=backend, **options)
         pieces.append(o[0].transpose(0, 1))
     if not pieces:
         return q.new_zeros((0, q.shape[1], v.shape[2]))
