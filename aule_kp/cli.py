@@ -136,6 +136,36 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _bench_serving(args: argparse.Namespace, backends: List[str], command: str) -> int:
+    """``bench --preset serving``: the sweep sized for the device (scaled down on a CPU device)."""
+    from . import bench, bench_serving
+    from .vulkan import device as devmod
+
+    dev, _ = devmod.usable_device()
+    gpu = dev is not None and dev.caps.type in ("discrete", "integrated")
+    ours = [b for b in backends if b in bench.OUR_BACKENDS]
+    rows = bench_serving.run(ours, args.vs or "torch" in backends, args.repeat, gpu, args.scale)
+    table = bench_serving.format_table(rows)
+    print(table)
+    if args.markdown or args.plots:
+        from .plots import format_speedups, write_results
+
+        m = bench.machine(command)
+        head = "\n".join(f"- {k}: {v}" for k, v in m.items())
+        text = f"### `serving` preset ({'GPU' if gpu else 'CPU device, scaled down'}), {m['date']}\n\n{head}\n\n" \
+               f"{table}\n{format_speedups(rows)}"
+        if args.markdown:
+            with open(args.markdown, "a") as f:
+                f.write(f"\n{text}")
+        if args.plots:
+            write_results(args.plots, rows, {"preset": "serving", "scale": args.scale, "repeat": args.repeat, **m},
+                          text)
+    failed = [r for r in rows if r["note"].startswith("failed")]
+    for r in failed:
+        print(f"aule-kp bench: {r['backend']} on {r['case']}: {r['note']}", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     """Run a preset, print its table on stdout (progress on stderr), write --markdown / --plots."""
     from . import bench
@@ -163,6 +193,8 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"aule-kp bench: {exc}", file=sys.stderr)
         return 2
     command = " ".join(["aule-kp", *args.argv])
+    if preset == "serving":
+        return _bench_serving(args, backends, command)
     rows = bench.run(preset, args.vs, args.repeat, args.markdown, backends, scale=args.scale, plots=args.plots,
                      command=command)
     print(bench.format_table(rows))
@@ -290,8 +322,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = sub.add_parser("bench", help="benchmark table (ms, TFLOPS, peak memory)")
     from .bench import PRESETS
 
-    p.add_argument("--preset", choices=["auto", *PRESETS], default="auto",
-                   help="auto (cpu or gpu by the device), cpu, gpu, or model shapes: llama3-8b, llama3-70b, sdxl, flux")
+    p.add_argument("--preset", choices=["auto", *PRESETS, "serving"], default="auto",
+                   help="auto (cpu or gpu by the device), cpu, gpu, model shapes (llama3-8b, llama3-70b, sdxl, "
+                        "flux), or serving (prefill and decode sweeps of the varlen and KV-cache calls)")
     p.add_argument("--vs", action="store_true",
                    help="also time torch SDPA and aule-attention 0.5.0 (adds torch,aule-attention to --backends)")
     p.add_argument("--repeat", type=_positive(int), default=5, help="timed calls per row (median)")

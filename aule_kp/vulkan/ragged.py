@@ -25,7 +25,7 @@ from .plan import MIN_STAGED_BYTES, binding_limit, grids_settable, mapped_memory
 from .probe import parallelism
 
 KERNEL = "fa2_ragged"
-#: Invocations per workgroup.
+#: Invocations per workgroup on GPUs (packed rows x key groups).
 WG = 64
 #: Keys per step (BC in the shader), unrolled. lavapipe (LLVM) compiles the kernel in time that
 #: grows faster than the unrolled code: 44 s at BC 8, 6.6 s at BC 2 (D 64, 2 loaded cores, measured
@@ -55,9 +55,14 @@ class RaggedConfig:
     dtype: str
     q8: bool
 
+    @property
+    def wg(self) -> int:
+        """Invocations per workgroup."""
+        return self.br * self.kg
+
     def spec(self) -> np.ndarray:
         """Specialization constants in constant_id order (11, TEST_CORRUPT, left at 0)."""
-        values = [self.dk, self.dv, self.br, self.kg, self.bc, DTYPE_CODE[self.dtype], WG, int(self.q8)]
+        values = [self.dk, self.dv, self.br, self.kg, self.bc, DTYPE_CODE[self.dtype], self.wg, int(self.q8)]
         return np.array(values, np.uint32)
 
     def shared_bytes(self) -> int:
@@ -95,11 +100,15 @@ def choose(caps: Any, call: RaggedCall, n_tiles_hint: int) -> Tuple[Optional[Rag
     if call.q8 and (call.dk % 32 or call.dv % 32):
         why.append(f"a q8_0 cache needs head dims that are multiples of 32, got Dk {call.dk}, Dv {call.dv}")
     rows = max(1, call.group * call.max_len_q)
-    br = WG if rows >= WG or not key_groups_pay(caps) else 1 << (rows - 1).bit_length()
-    if br < WG and FLOAT_BYTES * br * call.dv > caps.shared_memory // 2:
-        br = WG  # the key groups' merge would not fit: one key group, as for long query blocks
-    cfg = RaggedConfig(call.dk, call.dv, br, WG // br, STEP_KEYS if key_groups_pay(caps) else CPU_STEP_KEYS,
-                       call.dtype, call.q8)
+    br = WG if rows >= WG else 1 << (rows - 1).bit_length()
+    if key_groups_pay(caps):
+        if FLOAT_BYTES * br * call.dv > caps.shared_memory // 2:
+            br = WG  # the key groups' merge would not fit: one key group, as for long query blocks
+        cfg = RaggedConfig(call.dk, call.dv, br, WG // br, STEP_KEYS, call.dtype, call.q8)
+    else:
+        # A CPU driver runs a workgroup as SIMD lanes: no wider than the rows (nor than a vector).
+        cfg = RaggedConfig(call.dk, call.dv, max(br, max(caps.subgroup_size, 1)), 1, CPU_STEP_KEYS, call.dtype,
+                           call.q8)
     if cfg.shared_bytes() > caps.shared_memory:
         why.append(f"needs {cfg.shared_bytes()} B of shared memory, the device has {caps.shared_memory}")
     if call.heads_kv > caps.max_workgroup_count[1]:
@@ -277,7 +286,7 @@ def forward(device: Any, call: RaggedCall, q: np.ndarray, k: Optional[np.ndarray
     dispatches = [((len(cfg_tiles), call.heads_kv, n_split),
                    push_constants(call, table_arr.shape[1], n_split, split_len, 0, rows))]
     if n_split > 1:
-        dispatches.append(((math.ceil(rows / WG), 1, 1), push_constants(call, table_arr.shape[1], n_split,
+        dispatches.append(((math.ceil(rows / cfg.wg), 1, 1), push_constants(call, table_arr.shape[1], n_split,
                                                                          split_len, 1, rows)))
     out_bytes = need["o"]
     with device.lock:
