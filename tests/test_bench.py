@@ -339,3 +339,24 @@ def test_breakdown_rows_plot_apart_in_ms_and_no_speedup_without_baselines(
 def test_tiny_call_overhead_rows_are_a_breakdown_without_tflops() -> None:
     rows = bench.tiny_call_overhead(repeat=3)
     assert len(rows) == 5 and all(r["breakdown"] and r["tflops"] is None and r["ms"] > 0 for r in rows)
+
+
+@needs_matplotlib
+def test_serving_preset_writes_its_five_plots(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``bench --preset serving`` on the CPU backend with the baselines, contexts / 64 (all 16 or 32):
+    prefill and decode rows with tokens/s, decode's KV cache size (q8_0 about a quarter of float32's),
+    and the five PNGs."""
+    from aule_kp import bench_serving
+
+    assert main(["bench", "--preset", "serving", "--backends", "cpu", "--vs", "--repeat", "1", "--scale", "64",
+                 "--plots", str(tmp_path)]) == 0
+    assert "tokens/s" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
+    kinds = {r["case"].split()[0] for r in rows}
+    assert kinds == {"prefill", "decode"}
+    assert all(r["tokens_per_s"] > 0 and r["max_err"] < 1e-2 for r in rows)
+    q8 = {r["case"]: r["kv_cache_mb"] for r in rows if r["backend"] == "aule-kp cpu q8_0"}
+    f32 = {r["case"]: r["kv_cache_mb"] for r in rows if r["backend"] == "aule-kp cpu" and r["kv_cache_mb"]}
+    assert q8 and all(math.isclose(q8[c] / f32[c], 34 / 128) for c in q8)
+    assert {p.name for p in tmp_path.glob("*.png")} == set(plots.SERVING_PNG_FILES)
+    assert len(bench_serving.cases(gpu=True)) == 3 * 3 + 3 * 4  # prefill up to 8K, decode up to 32K
