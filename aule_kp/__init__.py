@@ -9,7 +9,8 @@ from ._version import __version__
 from .api import flash_attention
 from .errors import AuleFallbackWarning, BackendUnavailable
 from .info import info
-from .serving import Q8Cache, flash_attention_varlen, flash_attention_with_kvcache
+from .q8 import Q8Cache
+from .serving import flash_attention_varlen, flash_attention_with_kvcache
 from .vulkan.tensor import Context, GpuTensor
 
 __all__ = ["flash_attention", "flash_attention_varlen", "flash_attention_with_kvcache", "Q8Cache",

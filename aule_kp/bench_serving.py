@@ -29,7 +29,8 @@ import numpy as np
 
 from .bench import median_time
 from .dtypes import STORAGE, from_f32, to_f32
-from .serving import Q8Cache, flash_attention_varlen, flash_attention_with_kvcache
+from .q8 import Q8Cache
+from .serving import flash_attention_varlen, flash_attention_with_kvcache
 
 log = logging.getLogger("aule_kp")
 

@@ -310,3 +310,40 @@ def test_score_modifiers(backend, rng):
     tol = tolerance("float32", 13 + 16, float(np.abs(vw).max()), exponent_range(qc.reshape(-1, 16),
                                                                                  kw.reshape(-1, 16), 0.25) + 26 * 0.5)
     np.testing.assert_allclose(out, want, atol=tol, rtol=0)
+
+
+@VULKAN_ONLY
+@pytest.mark.parametrize("quantized", [False, True])
+def test_device_resident_cache(quantized, rng):
+    """Context.kv_cache: a prefill and decode steps append on the device (glsl/kv_append.comp) and the
+    ragged kernel reads the cache in place; its plan holds no host copy of K or V. The cache holds
+    the reference's rows (float), or what they quantize to (q8_0, and the attention reads those)."""
+    b, hq, hkv, d, page, blocks = 2, 4, 2, 32, 16, 8
+    table = rng.permutation(blocks)[:6].reshape(2, 3).astype(np.int32)
+    with aule_kp.Context() as ctx:
+        kc, vc = (ctx.kv_cache((blocks, page, hkv, d), np.float32, quantized) for _ in range(2))
+        hk = np.zeros((blocks, page, hkv, d))
+        hv = hk.copy()
+        lens = np.zeros(b, np.int32)
+        for n in (5, 1, 3):
+            q = rng.standard_normal((b, n, hq, d)).astype(np.float32)
+            kn, vn = (rng.standard_normal((b, n, hkv, d)).astype(np.float32) for _ in range(2))
+            out = aule_kp.flash_attention_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=lens, block_table=table,
+                                                       causal=True)
+            want, hk, hv, _ = ref.kvcache(q, hk, hv, kn, vn, lens, table, causal=True)
+            if quantized:
+                from aule_kp.q8 import dequantize, quantize
+
+                for cache, h in ((kc, hk), (vc, hv)):
+                    np.testing.assert_array_equal(cache.download(), dequantize(*quantize(h.astype(np.float32))))
+                want, _, _, _ = ref.kvcache(q, kc.download(), vc.download(), cache_seqlens=lens + n,
+                                            block_table=table, causal=True)
+            else:
+                np.testing.assert_array_equal(kc.download(), hk)
+                np.testing.assert_array_equal(vc.download(), hv)
+            lens = lens + n
+            np.testing.assert_allclose(out, want, atol=_tol("float32", q, hk, hv, d ** -0.5, int(lens.max())), rtol=0)
+        plans = [p for p in devmod.get_device().plans._plans.values() if getattr(p, "io", None)]
+        assert plans and all("k" not in p.memory and "v" not in p.memory for p in plans)
+    with pytest.raises(ValueError, match="freed"):
+        kc.download()

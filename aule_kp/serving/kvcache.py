@@ -10,8 +10,9 @@ import numpy as np
 from .. import inputs
 from ..backend import check_backend_name
 from ..dtypes import from_f32, to_f32
+from ..q8 import Q8Cache, quantize
+from ..vulkan.kvcache import DeviceKVCache
 from . import checks, ragged
-from .quant import Q8Cache
 from .rotary import apply_rotary
 
 
@@ -42,7 +43,8 @@ def flash_attention_with_kvcache(
         q: ``[B, Lq, Hq, Dk]``.
         k_cache, v_cache: ``[B, S, Hkv, Dk]`` / ``[B, S, Hkv, Dv]``, or with ``block_table`` a paged
             cache ``[num_blocks, page_size, Hkv, D]``. Float caches of q's type and dtype, or both
-            :class:`aule_kp.Q8Cache` (int8 q8_0 blocks; q NumPy or torch on the CPU).
+            :class:`aule_kp.Q8Cache` (int8 q8_0 blocks; q NumPy or torch on the CPU), or both
+            device caches from ``aule_kp.Context.kv_cache`` (Vulkan; a call moves only q and the new rows).
         k, v: optional new keys/values ``[B, Lnew, Hkv, D]``, written into the caches *in place* at
             positions ``cache_seqlens[b] ...`` (after rotary, for k) and attended to.
         cache_seqlens: int or ``[B]`` int32: tokens already in each sequence's cache (before ``k``).
@@ -118,6 +120,17 @@ def flash_attention_with_kvcache(
 
 def _check_caches(q: Any, k_cache: Any, v_cache: Any, dtype: str) -> None:
     """TypeError/ValueError naming the cache that does not fit."""
+    on_device = [isinstance(c, DeviceKVCache) for c in (k_cache, v_cache)]
+    if any(on_device):
+        if not all(on_device) or k_cache.q8 != v_cache.q8 or k_cache.device is not v_cache.device:
+            raise TypeError("k_cache and v_cache must both be DeviceKVCaches of one Context, both q8_0 or both not")
+        for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+            c._live()
+            if not c.q8 and c.dtype_name != dtype:
+                raise TypeError(f"{name} holds {c.dtype_name}; q is {dtype}")
+        if inputs.is_torch(q) and q.device.type != "cpu":
+            raise TypeError("with a DeviceKVCache, q must be a NumPy array or a CPU torch tensor")
+        return
     quant = [isinstance(c, Q8Cache) for c in (k_cache, v_cache)]
     if any(quant):
         if not all(quant):
@@ -223,7 +236,10 @@ def _append(k_cache: Any, v_cache: Any, k: Any, v: Any, seqlens: np.ndarray, new
         kh = from_f32(_rotate(to_f32(kh, dtype), rotary, pos, "k"), dtype)
     for cache, values in ((k_cache, kh), (v_cache, vh)):
         rows = values.reshape(b * new, *values.shape[2:])
-        if isinstance(cache, Q8Cache):
+        if isinstance(cache, DeviceKVCache):
+            flat = index[0].astype(np.int64) * cache.shape[1] + index[1]
+            cache.write(flat, *(quantize(to_f32(rows, dtype)) if cache.q8 else (np.ascontiguousarray(rows), None)))
+        elif isinstance(cache, Q8Cache):
             cache.write(index, to_f32(rows, dtype))
         elif inputs.is_torch(cache):
             import torch
@@ -235,7 +251,10 @@ def _append(k_cache: Any, v_cache: Any, k: Any, v: Any, seqlens: np.ndarray, new
 
 
 def _rows(cache: Any, dtype: str) -> ragged.Store:
-    """The cache as store rows ``[n0 * n1, Hkv, D]`` (a view where the cache is on the host)."""
+    """The cache as store rows ``[n0 * n1, Hkv, D]`` (a view where the cache is on the host; a
+    device cache stays where it is)."""
+    if isinstance(cache, DeviceKVCache):
+        return cache
     if isinstance(cache, Q8Cache):
         n0, n1, h, d = cache.shape
         return Q8Cache(cache.qs.reshape(n0 * n1, h, d), cache.scales.reshape(n0 * n1, h, d // 32))

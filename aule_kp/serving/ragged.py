@@ -23,12 +23,14 @@ import numpy as np
 from .. import dispatch, inputs, scoremods
 from ..dtypes import STORAGE, from_f32
 from ..problem import Problem, band
-from .quant import Q8Cache
+from ..q8 import Q8Cache
+from ..vulkan.kvcache import DeviceKVCache
 
 log = logging.getLogger("aule_kp")
 
-#: The rows of a key or value store: host storage ``[R, H, D]``, or a q8_0 cache viewed as rows.
-Store = Union[np.ndarray, Q8Cache]
+#: The rows of a key or value store: host storage ``[R, H, D]``, a q8_0 cache viewed as rows, or a
+#: cache resident on a Vulkan device.
+Store = Union[np.ndarray, Q8Cache, DeviceKVCache]
 
 
 @dataclass
@@ -93,11 +95,17 @@ class Ragged:
 
 
 def _shape(store: Store) -> Tuple[int, ...]:
+    if isinstance(store, DeviceKVCache):
+        return (store.shape[0] * store.shape[1], *store.shape[2:])
     return store.shape if isinstance(store, Q8Cache) else tuple(store.shape)
 
 
 def gather(store: Store, rows: np.ndarray, dtype: str) -> np.ndarray:
-    """Host storage ``[len(rows), H, D]`` of the store's ``rows`` (q8_0 dequantized)."""
+    """Host storage ``[len(rows), H, D]`` of the store's ``rows`` (q8_0 dequantized; a device cache
+    downloaded whole, the slow path that only score modifiers take)."""
+    if isinstance(store, DeviceKVCache):
+        values = store.download().reshape(_shape(store))[rows]
+        return from_f32(values, dtype) if store.q8 else values
     if isinstance(store, Q8Cache):
         return from_f32(store.rows(rows), dtype)
     return store[rows]
@@ -151,18 +159,28 @@ def _native_vulkan(call: Ragged, backend: str, like: Any) -> Optional[np.ndarray
     diag, left, right = band(lq, lk, causal=call.causal, window=call.window, top_left=False)
     whole = Problem(1, call.heads_q, call.heads_kv, lq, max(lk, 1), call.dim_k, call.dim_v, call.dtype, call.scale,
                     diag, left, right)
-    if dispatch.select(_with_device(whole, like), backend).name != "vulkan":
+    resident = isinstance(call.k, DeviceKVCache)  # the data is on the device already: compute there
+    if not resident and dispatch.select(_with_device(whole, like), backend).name != "vulkan":
         return None
     from ..vulkan import device as devmod
     from ..vulkan import ragged as vk
 
-    q8 = isinstance(call.k, Q8Cache)
+    q8 = call.k.q8 if resident else isinstance(call.k, Q8Cache)
     spec = vk.RaggedCall(call.heads_q, call.heads_kv, call.dim_k, call.dim_v, call.dtype, q8, call.scale,
                          -1 if left is None else left, -1 if right is None else right, call.page, lq, lk)
-    k, v = (x.qs if q8 else x for x in (call.k, call.v))
-    scales = (call.k.scales, call.v.scales) if q8 else (None, None)
+    io = None
+    k = v = None
+    scales: Tuple[Any, Any] = (None, None)
+    if resident:
+        kt, vt = call.k.tensors(), call.v.tensors()
+        io = ((call.k.serial, call.v.serial),
+              {"k": kt["data"], "v": vt["data"], "k_scales": kt["scales"], "v_scales": vt["scales"]})
+    else:
+        k, v = (x.qs if q8 else x for x in (call.k, call.v))
+        scales = (call.k.scales, call.v.scales) if q8 else (None, None)
     try:
-        return vk.forward(devmod.get_device(), spec, call.q, k, v, call.seqs, call.table, scales)
+        device = call.k.device if resident else devmod.get_device()
+        return vk.forward(device, spec, call.q, k, v, call.seqs, call.table, scales, io)
     except ValueError as exc:  # over a device limit: per sequence instead, through the forward's choice
         log.debug("ragged Vulkan kernel refused (%s); running per sequence", exc)
         return None

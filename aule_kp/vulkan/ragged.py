@@ -236,14 +236,14 @@ def capacity(device: Any, old: Optional[Dict[str, int]], need: Dict[str, int]) -
 
 def forward(device: Any, call: RaggedCall, q: np.ndarray, k: Optional[np.ndarray], v: Optional[np.ndarray],
             seqs: np.ndarray, table: Optional[np.ndarray], scales: Tuple[Optional[np.ndarray], Optional[np.ndarray]],
-            io: Optional[Tuple[Any, Dict[str, Any], Dict[str, int]]] = None) -> np.ndarray:
+            io: Optional[Tuple[Any, Dict[str, Any]]] = None) -> np.ndarray:
     """O ``[total_q, Hq, Dv]`` (host storage of ``call.dtype``) of packed q ``[total_q, Hq, Dk]`` over
     the store rows ``k``/``v`` (``[R, Hkv, D]``: floats in q's storage, or int8 with float16
     ``scales`` ``[R, Hkv, D/32]``), sequences ``seqs`` (int32 ``[B, 4]``: q_start, len_q, k_start,
     len_k) and a paged cache's block table (int32 ``[B, max_blocks]``, ``call.page`` > 0).
 
-    ``io``: ``(key, tensors, sizes)`` of a device-resident cache: its kp tensors stand for k, v and
-    the scales (then None here), ``sizes`` their bytes, ``key`` names them in the plan cache.
+    ``io``: ``(key, tensors)`` of a device-resident cache: its kp tensors stand for k, v and the
+    scales (then None here), ``key`` names them in the plan cache.
     ValueError when the device cannot take the call (``choose``'s reasons)."""
     cfg_tiles = None
     cfg, why = choose(device.caps, call, 0)
@@ -274,7 +274,7 @@ def forward(device: Any, call: RaggedCall, q: np.ndarray, k: Optional[np.ndarray
     key: Tuple[Any, ...] = ("ragged", cfg)
     io_tensors = None
     if io is not None:
-        io_key, io_tensors, _ = io
+        io_key, io_tensors = io
         key += ("io", io_key)
         for name in CACHE_BUFFERS:
             need.pop(name, None)

@@ -17,6 +17,7 @@ from ..inputs import check_causal, check_scale_window, check_shapes, check_torch
 from ..problem import Problem, band
 from . import device as devmod
 from .choice import choose_forward
+from .kvcache import DeviceKVCache
 from .plan import Plan, binding_limit, mapped_memory
 
 _serial = itertools.count()
@@ -156,7 +157,7 @@ class Context:
             raise BackendUnavailable("vulkan", [why])
         self.device = devmod.get_device(device)
         self.closed = False
-        self._tensors: weakref.WeakSet[GpuTensor] = weakref.WeakSet()
+        self._tensors: weakref.WeakSet[Union[GpuTensor, DeviceKVCache]] = weakref.WeakSet()
         # Repeated calls on the same tensors and arguments skip validation and the kernel choice:
         # call signature -> (plan cache key, plan builder). Plans themselves stay in the device's LRU.
         self._calls: Dict[Hashable, Tuple[Hashable, Callable[[], Plan]]] = {}
@@ -171,6 +172,19 @@ class Context:
         t = GpuTensor(self, shape, dtype)
         self._tensors.add(t)
         return t
+
+    def kv_cache(self, shape: Sequence[int], dtype: DTypeLike = np.float16, quantized: bool = False) -> DeviceKVCache:
+        """A zero-filled K or V cache on this Context's device for
+        :func:`aule_kp.flash_attention_with_kvcache`: ``[B, S, Hkv, D]``, or ``[num_blocks, page_size,
+        Hkv, D]`` with a block table; of ``dtype`` (q's), or q8_0 with ``quantized`` (int8 and an fp16
+        scale per 32 values, D a multiple of 32). Calls append to it and read it in place."""
+        self._open()
+        dims = _shape(shape)
+        if len(dims) != 4:
+            raise ValueError(f"shape must be 4-D [B, S, Hkv, D] or [num_blocks, page_size, Hkv, D], got {dims}")
+        cache = DeviceKVCache(self.device, dims, _dtype_name(dtype), bool(quantized))
+        self._tensors.add(cache)
+        return cache
 
     def _own(self, name: str, t: Any) -> GpuTensor:
         """``t`` if it is a live GpuTensor of this Context; an error naming ``name`` otherwise."""
