@@ -244,3 +244,36 @@ def projected_layer(x_q: torch.Tensor, x_k: torch.Tensor, x_v: torch.Tensor, w: 
     grads = (linear_input_gradient(merged(dq), w.wq), linear_input_gradient(merged(dk), w.wk),
              linear_input_gradient(merged(dv), w.wv))
     return out, grads
+
+
+def rms_norm(x: Bounded, weight: torch.Tensor, eps: float) -> Bounded:
+    """``w·x/rms(x)`` in float64 with its float32 error bounds: the mean square is a sum of ``n``
+    squares (conftest's rounding, relative), its root and the two products round once each; to
+    first order an input error moves ``x/rms`` by ``E_x/rms + |x|·(Σ|x|E_x)/(n·rms³)``."""
+    w = weight.detach().to(torch.float64)
+    n = x.value.shape[-1]
+    rms = torch.sqrt(x.value.pow(2).mean(-1, keepdim=True) + eps)
+    y = w * x.value / rms
+    moved = x.err / rms + x.value.abs() * (x.value.abs() * x.err).sum(-1, keepdim=True) / (n * rms**3)
+    relative = tolerance("float32", n, 1.0, exponent_range=1.0) / 2 + 3 * U32
+    return Bounded(y, w.abs() * moved + relative * y.abs())
+
+
+def split(x: Bounded, sizes, dim: int = -1) -> Tuple[Bounded, ...]:
+    return tuple(Bounded(v, e) for v, e in zip(x.value.split(sizes, dim), x.err.split(sizes, dim)))
+
+
+def cat(xs, dim: int = -1) -> Bounded:
+    return Bounded(torch.cat([x.value for x in xs], dim), torch.cat([x.err for x in xs], dim))
+
+
+def expand(x: Bounded, *shape: int) -> Bounded:
+    return Bounded(x.value.expand(*shape), x.err.expand(*shape))
+
+
+def per_head(x: Bounded, weight: torch.Tensor) -> Bounded:
+    """``x [B, H, L, d] @ weight [H, d, c]`` head by head, with its float32 error bounds."""
+    w = weight.detach().to(torch.float64)
+    absolute = torch.einsum("bhld,hdc->bhlc", x.value.abs(), w.abs())
+    return Bounded(torch.einsum("bhld,hdc->bhlc", x.value, w),
+                   _per_unit(w.shape[1]) * absolute + torch.einsum("bhld,hdc->bhlc", x.err, w.abs()))
