@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 import zlib
 
+import numpy as np
 import pytest
 import torch
-from conftest import UNIT_ROUNDOFF
-from layer_error import Projections, additive, plus, projected_layer
+from conftest import UNIT_ROUNDOFF, gradient_tolerances
+from layer_error import Projections, additive, attention, plus, projected_layer
 
-from aule_kp import AuleFallbackWarning
 from aule_kp.nn import (
     GroupedQueryAttention,
     KVCache,
@@ -247,3 +246,231 @@ def test_cross_attention_inputs(backend: str, kind: str) -> None:
     _close_bounded(out, traced.value, traced.err, "output")
     _close_bounded(x.grad, grads[0].value, grads[0].err, "d hidden_states")
     _close_bounded(ctx.grad, plus(grads[1], grads[2]).value, plus(grads[1], grads[2]).err, "d context")
+
+
+# ---------------------------------------------------------------- decoding with a KV cache
+
+def _decode(m, x: torch.Tensor, prefill: int) -> torch.Tensor:
+    """``x`` through ``m`` with a cache: ``prefill`` positions at once, then one position per step."""
+    cache = m.new_cache(x.shape[0], x.shape[1] + 2)
+    with torch.no_grad():
+        steps = [m(x[:, :prefill], cache=cache)]
+        steps += [m(x[:, i:i + 1], cache=cache) for i in range(prefill, x.shape[1])]
+    assert cache.length == x.shape[1]
+    return torch.cat(steps, 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("position", ["rope", "alibi", "none"])
+def test_decode_equals_full_recompute(backend: str, position: str) -> None:
+    """A prefill and Lq=1 steps through a KVCache give the full causal recompute: both within the
+    float64 trace's bound (ALiBi enters as its float bias, the mask of the trace)."""
+    m = GroupedQueryAttention(HIDDEN, HEADS, KV_HEADS, backend=backend, position=position)
+    x = torch.randn(1, L, HIDDEN, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        full = m(x)
+    steps = _decode(m, x, prefill=4)
+    pos = torch.arange(L)
+    mask = None if position != "alibi" else alibi_bias(m.alibi_slopes, L, L, torch.float64).numpy()
+    traced, _ = projected_layer(x, x, x, _gqa_weights(m), HEADS, KV_HEADS, HEAD_DIM, HEAD_DIM ** -0.5, causal=True,
+                                mask=mask, rotary=m.rotary, q_pos=pos, k_pos=pos)
+    _close_bounded(full, traced.value, traced.err, "full recompute")
+    _close_bounded(steps, traced.value, traced.err, "decode steps")
+
+
+def test_kv_cache_bounds() -> None:
+    cache = KVCache(1, 2, 4, 8, 8)
+    cache.append(torch.zeros(1, 2, 3, 8), torch.zeros(1, 2, 3, 8))
+    with pytest.raises(ValueError, match="exceed max_len"):
+        cache.append(torch.zeros(1, 2, 2, 8), torch.zeros(1, 2, 2, 8))
+    with pytest.raises(ValueError, match="k must be"):
+        cache.append(torch.zeros(1, 3, 1, 8), torch.zeros(1, 3, 1, 8))
+    with pytest.raises(ValueError, match="pass v"):
+        cache.append(torch.zeros(1, 2, 1, 8))
+    assert cache.length == 3
+    cache.reset()
+    keys, values = cache.append(torch.ones(1, 2, 1, 8), torch.full((1, 2, 1, 8), 2.0))
+    assert keys.shape == (1, 2, 1, 8) and float(values.min()) == 2.0
+
+
+# ---------------------------------------------------------------- SelfAttention, positions
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_self_attention_fused_projection(backend: str) -> None:
+    """SelfAttention's fused qkv_proj equals three projections of its rows; RoPE interleaved."""
+    m = SelfAttention(HIDDEN, HEADS, causal=True, position="rope", rope_interleaved=True, backend=backend)
+    x = torch.randn(B, L, HIDDEN, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    out = m(x)
+    dy = torch.randn(out.shape, dtype=torch.float64)
+    (out.double() * dy).sum().backward()
+    wq, wk, wv = m.qkv_proj.weight.chunk(3)
+    bq, bk, bv = m.qkv_proj.bias.chunk(3)
+    pos = torch.arange(L)
+    w = Projections(wq, bq, wk, bk, wv, bv, m.out_proj.weight, m.out_proj.bias)
+    traced, grads = projected_layer(x, x, x, w, HEADS, HEADS, HEAD_DIM, HEAD_DIM ** -0.5, causal=True,
+                                    rotary=m.rotary, q_pos=pos, k_pos=pos, dy=dy)
+    _close_bounded(out, traced.value, traced.err, "output")
+    g = plus(*grads)
+    _close_bounded(x.grad, g.value, g.err, "d x")
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rope_is_a_rotation_of_pairs(interleaved: bool) -> None:
+    """RoPE rotates each pair by position·inv_freq: q·k after rotation depends on the position
+    difference only, and the pairs are the layout's."""
+    rot = RotaryEmbedding(8, theta=100.0, interleaved=interleaved)
+    q, k = torch.randn(2, 1, 1, 8, dtype=torch.float64).unbind(0)
+    dots = [float((rot(q[None], torch.tensor([p + 3])) * rot(k[None], torch.tensor([p]))).sum()) for p in (0, 5, 11)]
+    assert max(dots) - min(dots) <= 64 * 2**-52 * float(q.abs().sum() * k.abs().max() + 1)
+    x = torch.zeros(1, 1, 1, 8, dtype=torch.float64)
+    x[..., 0] = 1.0
+    y = rot(x, torch.tensor([1]))
+    partner = 1 if interleaved else 4
+    assert abs(float(y[..., partner]) - math.sin(1.0)) < 1e-15 and abs(float(y[..., 0]) - math.cos(1.0)) < 1e-15
+
+
+def test_llama3_scaling_matches_transformers() -> None:
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+    cfg = LlamaConfig(hidden_size=256, num_attention_heads=2, rope_theta=500000.0, rope_scaling=scaling)
+    want, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    got = rope_inv_freq(128, 500000.0, scaling)
+    assert torch.equal(got, want)
+    assert not torch.equal(got, rope_inv_freq(128, 500000.0))
+    with pytest.raises(ValueError, match="yarn"):
+        rope_inv_freq(128, 10000.0, {"rope_type": "yarn", "factor": 4.0})
+
+
+def test_alibi_slopes() -> None:
+    """The paper's slopes: 2^(-8i/n) for n a power of two, and the interleaved extension."""
+    assert torch.allclose(alibi_slopes(8), torch.tensor([2.0 ** (-i) for i in range(1, 9)]))
+    s12 = alibi_slopes(12)
+    assert torch.allclose(s12[:8], alibi_slopes(8)) and torch.allclose(s12[8:], alibi_slopes(16)[0::2][:4])
+    bias = alibi_bias(alibi_slopes(2), 2, 4)
+    assert bias.shape == (1, 2, 2, 4) and float(bias[0, 0, 1, 3]) == 0.0 and float(bias[0, 0, 0, 0]) == -2 * 0.0625
+
+
+# ---------------------------------------------------------------- LatentAttention vs DeepseekV3
+
+def _deepseek(interleave: bool, q_lora: bool = True):
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Attention
+
+    cfg = DeepseekV3Config(hidden_size=HIDDEN, num_attention_heads=HEADS, num_key_value_heads=HEADS,
+                           q_lora_rank=24 if q_lora else None, kv_lora_rank=16, qk_nope_head_dim=16,
+                           qk_rope_head_dim=8, v_head_dim=8, rope_interleave=interleave, attention_bias=False,
+                           max_position_embeddings=64, rope_scaling=None)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(13)
+    hf = DeepseekV3Attention(cfg, layer_idx=0)
+    with torch.no_grad():  # the norms start at 1: give them values to check
+        for name, p in hf.named_parameters():
+            if "layernorm" in name:
+                p.uniform_(0.5, 1.5)
+    return cfg, hf
+
+
+def _float64(hf: torch.nn.Module) -> torch.nn.Module:
+    """A float64 copy of ``hf`` whose RMS norms compute in float64 (Hugging Face's round to float32
+    by design, whatever the input)."""
+    wide = copy.deepcopy(hf).double()
+    for module in wide.modules():
+        if type(module).__name__.endswith("RMSNorm"):
+            module.forward = lambda x, m=module: m.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True)
+                                                                            + m.variance_epsilon)
+    return wide
+
+
+def _mla_trace(m: LatentAttention, x: torch.Tensor, absorbed: bool):
+    """LatentAttention in float64 with its float32 error bounds, by either path."""
+    from layer_error import cat, exact, expand, heads, linear, merged, per_head, rms_norm, rope, split
+
+    b, length = x.shape[:2]
+    h, nope, r, c, vd = m.num_heads, m.qk_nope_head_dim, m.qk_rope_head_dim, m.kv_lora_rank, m.v_head_dim
+    pos = torch.arange(length)
+    if m.q_lora_rank is None:
+        q = linear(exact(x), m.q_proj.weight)
+    else:
+        q = linear(rms_norm(linear(exact(x), m.q_a_proj.weight), m.q_a_layernorm.weight, m.q_a_layernorm.eps),
+                   m.q_b_proj.weight)
+    q_pass, q_rot = split(heads(q, h, nope + r), [nope, r])
+    q_rot = rope(q_rot, m.rotary, pos)
+    latent, k_rot = split(linear(exact(x), m.kv_a_proj_with_mqa.weight), [c, r])
+    latent = rms_norm(latent, m.kv_a_layernorm.weight, m.kv_a_layernorm.eps)
+    k_rot = rope(heads(k_rot, 1, r), m.rotary, pos)
+    w = m.kv_b_proj.weight.reshape(h, nope + vd, c)
+    if not absorbed:
+        k_pass, v = split(heads(linear(latent, m.kv_b_proj.weight), h, nope + vd), [nope, vd])
+        k = cat([k_pass, expand(k_rot, b, h, length, r)])
+        out, _ = attention(cat([q_pass, q_rot]), k, v, m.scaling, causal=True)
+    else:
+        q_lat = per_head(q_pass, w[:, :nope])
+        lat = heads(latent, 1, c)
+        out_lat, _ = attention(cat([q_lat, q_rot]), cat([lat, k_rot]), lat, m.scaling, causal=True)
+        out = per_head(out_lat, w[:, nope:].transpose(1, 2))
+    return linear(merged(out), m.o_proj.weight)
+
+
+@pytest.mark.parametrize("backend,interleave,q_lora", [("cpu", True, True), ("cpu", False, False),
+                                                        ("vulkan", True, True)])
+def test_latent_attention_matches_deepseek_v3(backend: str, interleave: bool, q_lora: bool) -> None:
+    """LatentAttention with a transformers DeepseekV3Attention's state_dict against that module in
+    float64 (training path, with the input gradient), and the absorbed decoding path (latent cache,
+    Dk != Dv) against the same reference within its own trace's bound."""
+    cfg, hf = _deepseek(interleave, q_lora)
+    ours = LatentAttention.from_config(cfg, backend=backend)
+    ours.load_state_dict(hf.state_dict())
+    gen = torch.Generator().manual_seed(17)
+    x = torch.randn(B, L, HIDDEN, generator=gen, requires_grad=True)
+    out = ours(x)
+    x64 = x.detach().double().requires_grad_()
+    pos = torch.arange(L)
+    want, _ = _float64(hf)(x64, _cos_sin64(ours.rotary, pos), _causal_additive(L, L))
+    traced = _mla_trace(ours, x, absorbed=False)
+    _close(traced.value, want, 1e-12, "the model's float64 trace")
+    _close_bounded(out, want, traced.err, "output")
+    absorbed = _mla_trace(ours, x, absorbed=True)
+    _close(absorbed.value, want, 1e-12, "the absorbed float64 trace")
+    _close_bounded(_decode(ours, x, prefill=3), want, absorbed.err, "decode steps")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_latent_attention_gradients(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The training path's attention call (Dk = nope + rope != Dv, one rope key shared by the heads)
+    differentiates right: its q, k, v gradients against float64 for the inputs and output gradient
+    it saw (conftest.gradient_tolerances); the rest of the chain is torch's autograd."""
+    from reference import reference_backward
+
+    import aule_kp.nn.latent as latent
+    from aule_kp.problem import Problem, band
+
+    seen = {}
+    original = latent.attend
+
+    def recording(q, k, v, **options):
+        for t in (q, k, v):
+            t.retain_grad()
+        out = original(q, k, v, **options)
+        out.retain_grad()
+        seen.update(q=q, k=k, v=v, out=out, scale=options["scale"])
+        return out
+
+    cfg, hf = _deepseek(True)
+    ours = LatentAttention.from_config(cfg, backend=backend)
+    monkeypatch.setattr(latent, "attend", recording)
+    x = torch.randn(B, L, HIDDEN, generator=torch.Generator().manual_seed(19), requires_grad=True)
+    ours(x).pow(2).sum().backward()
+    q, k, v = (seen[n].detach().numpy() for n in ("q", "k", "v"))
+    dout = seen["out"].grad.numpy()
+    diag, left, right = band(L, L, causal=True, window=None, top_left=False)
+    p = Problem(B, HEADS, HEADS, L, L, q.shape[-1], v.shape[-1], "float32", seen["scale"], diag, left, right)
+    assert p.dim_k != p.dim_v
+    want = reference_backward(q, k, v, dout, p)
+    for got, ref, tol, name in zip((seen["q"].grad, seen["k"].grad, seen["v"].grad), want,
+                                   gradient_tolerances(p, q, k, v, dout), ("dq", "dk", "dv")):
+        err = float(np.abs(got.numpy() - ref).max())
+        assert err <= tol, f"{name}: {err:.3e} over {tol:.3e}"
+    assert x.grad is not None and bool(torch.isfinite(x.grad).all())

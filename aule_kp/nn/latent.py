@@ -21,7 +21,7 @@ from .positions import RotaryEmbedding
 
 
 class RMSNorm(torch.nn.Module):
-    """Root-mean-square norm as DeepSeek's and Llama's: statistics in float32, ``weight`` after."""
+    """Root-mean-square norm as DeepSeek's and Llama's: statistics in float32 (or wider), ``weight`` after."""
 
     def __init__(self, dim: int, eps: float = 1e-6, device: Any = None, dtype: Any = None):
         super().__init__()
@@ -29,7 +29,7 @@ class RMSNorm(torch.nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        wide = x.to(torch.float32)
+        wide = x.to(torch.promote_types(x.dtype, torch.float32))
         wide = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * wide.to(x.dtype)
 
