@@ -474,3 +474,22 @@ def test_latent_attention_gradients(backend: str, monkeypatch: pytest.MonkeyPatc
         err = float(np.abs(got.numpy() - ref).max())
         assert err <= tol, f"{name}: {err:.3e} over {tol:.3e}"
     assert x.grad is not None and bool(torch.isfinite(x.grad).all())
+
+
+# ---------------------------------------------------------------- the layers benchmark
+
+def test_bench_layers_preset(capsys: pytest.CaptureFixture) -> None:
+    """``aule-kp bench --preset layers --scale F`` prints every model x layer with torch eager and the
+    aule-kp backends asked for (nothing failed)."""
+    from aule_kp import bench_layers
+    from aule_kp.cli import main
+
+    assert [m.hidden for m in bench_layers.MODELS] == [7168, 8192, 16384]
+    small = bench_layers.scaled(bench_layers.MODELS[2], 64)
+    assert (small.heads, small.kv_heads, small.head_dim, small.seq) == (2, 1, 128, 32)
+    assert main(["bench", "--preset", "layers", "--scale", "128", "--repeat", "1", "--backends", "cpu"]) == 0
+    table = capsys.readouterr().out
+    for layer in bench_layers.LAYERS:
+        for model in ("DeepSeek-V3", "Llama-3-70B", "Llama-3-405B"):
+            assert sum(f"| {layer} | " in ln and model in ln for ln in table.splitlines()) == 2, (layer, model)
+    assert "failed" not in table and "aule-kp vulkan" not in table
