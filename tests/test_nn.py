@@ -4,17 +4,23 @@ conftest's); decoding with a KV cache against the full recompute; RoPE and ALiBi
 
 from __future__ import annotations
 
-import copy
-import math
-import zlib
+import os
 
-import numpy as np
-import pytest
-import torch
-from conftest import UNIT_ROUNDOFF, gradient_tolerances
-from layer_error import Projections, additive, attention, plus, projected_layer
+# Triton's CPU interpreter decides at decoration time: set before anything imports triton (as test_triton).
+os.environ["TRITON_INTERPRET"] = "1"
 
-from aule_kp.nn import (
+import copy  # noqa: E402
+import math  # noqa: E402
+import zlib  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from conftest import UNIT_ROUNDOFF, gradient_tolerances  # noqa: E402
+from layer_error import Projections, additive, attention, plus, projected_layer  # noqa: E402
+
+from aule_kp import AuleFallbackWarning  # noqa: E402
+from aule_kp.nn import (  # noqa: E402
     GroupedQueryAttention,
     KVCache,
     LatentAttention,
@@ -26,7 +32,7 @@ from aule_kp.nn import (
     alibi_slopes,
     rope_inv_freq,
 )
-from aule_kp.nn.mha import merge_masks
+from aule_kp.nn.mha import merge_masks  # noqa: E402
 
 BACKENDS = ("cpu", "vulkan")
 U32 = UNIT_ROUNDOFF["float32"]
@@ -493,3 +499,90 @@ def test_bench_layers_preset(capsys: pytest.CaptureFixture) -> None:
         for model in ("DeepSeek-V3", "Llama-3-70B", "Llama-3-405B"):
             assert sum(f"| {layer} | " in ln and model in ln for ln in table.splitlines()) == 2, (layer, model)
     assert "failed" not in table and "aule-kp vulkan" not in table
+
+
+# ---------------------------------------------------------------- other backends, torch hand-offs, errors
+
+def test_layers_on_triton() -> None:
+    """The Triton backend (its interpreter on CPU tensors here) under MultiHeadAttention and
+    GroupedQueryAttention, forward and backward, as the cpu and vulkan rows above."""
+    pytest.importorskip("triton")
+    test_mha_matches_torch("triton", False, "key_padding")
+    test_gqa_matches_llama("triton", False)
+
+
+def test_need_weights_is_torchs_answer() -> None:
+    """need_weights=True (torch's default) hands the call to torch's implementation with one notice:
+    the same output and weights as torch.nn.MultiheadAttention, is_causal honoured without a mask."""
+    ref = torch.nn.MultiheadAttention(E, H, batch_first=True)
+    ours = MultiHeadAttention(E, H, batch_first=True, backend="cpu")
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(B, LQ, E)
+    with pytest.warns(AuleFallbackWarning, match="need_weights=True runs torch"):
+        out, weights = ours(x, x, x, is_causal=True)
+    causal = torch.ones(LQ, LQ, dtype=torch.bool).triu(1)
+    want, want_w = ref(x, x, x, attn_mask=causal, is_causal=True)
+    assert torch.equal(out, want) and torch.equal(weights, want_w)
+    assert float(weights[0, 0, 1:].abs().max()) == 0.0  # averaged over heads: row 0 sees key 0 only
+
+
+def test_dropout_in_training_runs_torch() -> None:
+    """Attention dropout exists only in torch's SDPA: a training call with dropout > 0 warns once and
+    runs there (rows of the output are then no longer the plain attention); eval mode runs aule-kp."""
+    m = MultiHeadAttention(E, H, dropout=0.5, batch_first=True, backend="cpu")
+    x = torch.randn(B, LQ, E)
+    with pytest.warns(AuleFallbackWarning, match="dropout"):
+        m.train()(x, x, x, need_weights=False)
+    m.eval()
+    with torch.no_grad():
+        out, _ = m(x, x, x, need_weights=False)
+    traced = _mha_trace(m, x)
+    _close_bounded(out, traced.value, traced.err, "eval mode")
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: MultiHeadAttention(E, H, backend="cuda"), "backend must be one of"),
+    (lambda: GroupedQueryAttention(64, 4, 3), "multiple of num_kv_heads"),
+    (lambda: GroupedQueryAttention(64, 4, 2, position="sinusoidal"), "position must be one of"),
+    (lambda: SelfAttention(30, 4), "multiple of num_heads"),
+    (lambda: LatentAttention(64, 4, 16, 16, 8, 8, 8, rope_scaling={"rope_type": "yarn", "factor": 40.0}), "yarn"),
+])
+def test_bad_arguments(make, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_bad_inputs() -> None:
+    m = MultiHeadAttention(E, H, batch_first=True, backend="cpu")
+    x = torch.randn(B, LQ, E)
+    with pytest.raises(ValueError, match="key_padding_mask must have shape"):
+        m(x, x, x, need_weights=False, key_padding_mask=torch.zeros(B, LQ + 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="attn_mask must have shape"):
+        m(x, x, x, need_weights=False, attn_mask=torch.zeros(LQ, LQ + 1))
+    with pytest.raises(TypeError, match="attn_mask must be bool"):
+        m(x, x, x, need_weights=False, attn_mask=torch.zeros(LQ, LQ, dtype=torch.int64))
+    g = GroupedQueryAttention(64, 4, 2, backend="cpu")
+    with pytest.raises(ValueError, match="context or cache"):
+        g(torch.randn(1, 3, 64), torch.randn(1, 5, 64), cache=g.new_cache(1, 8))
+    with pytest.raises(ValueError, match="positions must be integers"):
+        g(torch.randn(1, 3, 64), positions=torch.arange(4))
+
+
+def test_unbatched_mha() -> None:
+    """2-D (unbatched) inputs as torch takes them."""
+    ref = torch.nn.MultiheadAttention(E, H)
+    ours = MultiHeadAttention(E, H, backend="cpu")
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(LQ, E)
+    with torch.no_grad():
+        got, _ = ours(x, x, x, need_weights=False)
+    assert got.shape == (LQ, E)
+    traced = _mha_trace(ours, x[None])
+    _close_bounded(got, traced.value[0], traced.err[0], "unbatched")
+
+
+def _mha_trace(m: MultiHeadAttention, x: torch.Tensor):
+    """The float64 trace of MultiHeadAttention self-attention on batch-first ``x``, no mask."""
+    w = Projections(*m._projection(0), *m._projection(1), *m._projection(2), m.out_proj.weight, m.out_proj.bias)
+    traced, _ = projected_layer(x, x, x, w, m.num_heads, m.num_heads, m.head_dim, m.head_dim ** -0.5)
+    return traced
