@@ -17,6 +17,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from conftest import UNIT_ROUNDOFF, gradient_tolerances  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 from layer_error import Projections, additive, attention, plus, projected_layer  # noqa: E402
 
 from aule_kp import AuleFallbackWarning  # noqa: E402
@@ -586,3 +588,41 @@ def _mha_trace(m: MultiHeadAttention, x: torch.Tensor):
     w = Projections(*m._projection(0), *m._projection(1), *m._projection(2), m.out_proj.weight, m.out_proj.bias)
     traced, _ = projected_layer(x, x, x, w, m.num_heads, m.num_heads, m.head_dim, m.head_dim ** -0.5)
     return traced
+
+
+# ---------------------------------------------------------------- random layers
+
+@settings(max_examples=12, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(kv_heads=st.sampled_from([1, 2, 4]), group=st.sampled_from([1, 2, 3]), head_dim=st.sampled_from([8, 16]),
+       len_q=st.integers(1, 12), len_k=st.integers(1, 12), cross=st.booleans(), causal=st.booleans(),
+       position=st.sampled_from(["rope", "alibi", "none"]), interleaved=st.booleans(), bias=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_random_gqa_layers(kv_heads: int, group: int, head_dim: int, len_q: int, len_k: int, cross: bool,
+                           causal: bool, position: str, interleaved: bool, bias: bool, seed: int) -> None:
+    """Random GroupedQueryAttention layers (heads, group, head dim, lengths, self or cross inputs,
+    causal, positions, biases) on the cpu backend against the float64 trace, output and gradients."""
+    heads = kv_heads * group
+    embed = 24
+    m = GroupedQueryAttention(embed, heads, kv_heads, bias=bias, causal=causal, backend="cpu", head_dim=head_dim,
+                              position=position, rope_interleaved=interleaved, context_dim=20 if cross else None)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, len_q, embed, generator=gen, requires_grad=True)
+    ctx = torch.randn(B, len_k, 20, generator=gen, requires_grad=True) if cross else None
+    len_k = len_k if cross else len_q
+    out = m(x, ctx)
+    dy = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    (out.double() * dy).sum().backward()
+    mask = None if position != "alibi" else alibi_bias(m.alibi_slopes, len_q, len_k, torch.float64).numpy()
+    source = ctx if cross else x
+    traced, grads = projected_layer(x, source, source, _gqa_weights(m), heads, kv_heads, head_dim, head_dim ** -0.5,
+                                    causal=causal, mask=mask, rotary=m.rotary, q_pos=torch.arange(len_q),
+                                    k_pos=torch.arange(len_k), dy=dy)
+    _close_bounded(out, traced.value, traced.err, "output")
+    if cross:
+        _close_bounded(x.grad, grads[0].value, grads[0].err, "d x")
+        kv = plus(grads[1], grads[2])
+        _close_bounded(ctx.grad, kv.value, kv.err, "d context")
+    else:
+        g = plus(*grads)
+        _close_bounded(x.grad, g.value, g.err, "d x")
