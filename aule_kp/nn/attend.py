@@ -71,7 +71,15 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, c
         warn_once("nn-dropout", "aule_kp.nn: attention dropout runs only in torch's SDPA; this layer's training "
                   "calls with dropout > 0 run there (set dropout=0.0 to use aule-kp's kernels)")
         return _torch_sdpa(q, k, v, mask, causal, top_left, scale, dropout_p)
-    from ..torch.ops import FlashAttentionFunction
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        from ..torch.ops import FlashAttentionFunction
 
-    out, _ = FlashAttentionFunction.apply(q, k, v, mask, bool(causal), float(scale), backend, -1, -1, bool(top_left))
+        out, _ = FlashAttentionFunction.apply(q, k, v, mask, bool(causal), float(scale), backend, -1, -1,
+                                              bool(top_left))
+        return out
+    # Inference (decoding steps): the validated call alone, without the autograd op around it.
+    from ..call import attention_forward
+
+    out, _, _ = attention_forward(q, k, v, causal=bool(causal), scale=float(scale), attn_mask=mask, backend=backend,
+                                  top_left=bool(top_left))
     return out
