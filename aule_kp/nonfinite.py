@@ -37,15 +37,31 @@ _FINITE_BELOW = {"float16": 0x7C00, "bfloat16": 0x7F80}
 _CHUNK_SCORES = 1 << 22
 
 
+#: Elements one pass of :func:`all_finite` reduces: the block and its scratch stay in the L2 cache.
+_BLOCK = 1 << 15
+
+
 def all_finite(a: np.ndarray, dtype: str) -> bool:
-    """Whether host storage ``a`` of ``dtype`` (bf16 as uint16 bits) holds no NaN or inf, by
-    reductions that make no array of bools (NumPy's own float16 reductions are slow)."""
+    """Whether host storage ``a`` of ``dtype`` (bf16 as uint16 bits; any contiguous view of the bytes
+    will do) holds no NaN or inf. Block by block, with no array as large as ``a``: a whole-array
+    temporary cost more than the check (page faults) on the Vulkan host path's outputs."""
     if a.size == 0:
         return True
+    flat = np.ascontiguousarray(a).reshape(-1)
     if dtype == "float32":
-        return bool(np.isfinite(a.max()) and np.isfinite(a.min()))
-    bits = np.ascontiguousarray(a).view(np.uint16)
-    return int(np.bitwise_and(bits, 0x7FFF).max()) < _FINITE_BELOW[dtype]
+        f = flat.view(np.float32)
+        # NaN propagates through max; +inf shows in max, -inf in min.
+        return all(np.isfinite(f[lo:lo + _BLOCK].max()) and np.isfinite(f[lo:lo + _BLOCK].min())
+                   for lo in range(0, f.size, _BLOCK))
+    bits = flat.view(np.uint16)
+    scratch = np.empty(min(bits.size, _BLOCK), np.uint16)
+    below = _FINITE_BELOW[dtype]
+    for lo in range(0, bits.size, _BLOCK):
+        block = scratch[:min(_BLOCK, bits.size - lo)]
+        np.bitwise_and(bits[lo:lo + _BLOCK], 0x7FFF, out=block)  # NumPy's float16 reductions are slow
+        if block.max() >= below:
+            return False
+    return True
 
 
 def _row_is_nonfinite(out: np.ndarray, dtype: str) -> np.ndarray:
@@ -70,16 +86,19 @@ def poisoned_by_mask(problem: Problem, mask: Optional[np.ndarray]) -> Optional[n
 
 
 def enforce(problem: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Optional[np.ndarray],
-            out: np.ndarray, lse: np.ndarray) -> None:
+            out: np.ndarray, lse: np.ndarray, out_finite: Optional[bool] = None) -> None:
     """Make a backend's ``(out, lse)`` for these host inputs follow the module's semantics, in place.
 
-    ``q``/``k``/``v``/``out`` in engine storage, ``mask`` float32 additive (or None), ``lse`` float32.
+    ``q``/``k``/``v``/``out`` in engine storage, ``mask`` float32 additive (or None), ``lse`` float32;
+    ``out_finite``: whether ``out`` is known to be all finite (None: checked here).
     """
     p = problem
     if out.size == 0:
         return
     by_mask = poisoned_by_mask(p, mask)
-    if all_finite(out, p.dtype) and by_mask is None:
+    if out_finite is None:
+        out_finite = all_finite(out, p.dtype)
+    if out_finite and by_mask is None:
         return
     if not all_finite(v, p.dtype):
         # Non-finite rows may hold a hidden key's leaked v: recompute them exactly.
