@@ -57,7 +57,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, c
            top_left: bool = False, attn_mask: Optional[torch.Tensor] = None, backend: str = "auto",
            dropout_p: float = 0.0) -> torch.Tensor:
     """``softmax(q kᵀ·scale + mask) v`` for ``q [B, Hq, Lq, Dk]``, ``k [B, Hkv, Lk, Dk]``,
-    ``v [B, Hkv, Lk, Dv]`` (GQA when Hkv < Hq), differentiable in q, k, v.
+    ``v [B, Hkv, Lk, Dv]`` (GQA when Hkv < Hq), differentiable in q, k, v and a float mask.
 
     ``causal`` aligned top-left (torch's) or bottom-right (flash-attn's, what a KV cache needs);
     ``attn_mask`` bool (True = attend) or float (added), broadcastable to ``[B, Hq, Lq, Lk]``.
@@ -71,7 +71,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, c
         warn_once("nn-dropout", "aule_kp.nn: attention dropout runs only in torch's SDPA; this layer's training "
                   "calls with dropout > 0 run there (set dropout=0.0 to use aule-kp's kernels)")
         return _torch_sdpa(q, k, v, mask, causal, top_left, scale, dropout_p)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, mask)):
         from ..torch.ops import FlashAttentionFunction
 
         out, _ = FlashAttentionFunction.apply(q, k, v, mask, bool(causal), float(scale), backend, -1, -1,

@@ -10,7 +10,7 @@ are the final cos/sin and the rotation itself.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 
@@ -72,13 +72,18 @@ class RotaryEmbedding(torch.nn.Module):
         super().__init__()
         self.dim = dim
         self.interleaved = bool(interleaved)
-        # A buffer, so that .to(device) moves it; not persistent: state_dicts stay the models'.
-        self.register_buffer("inv_freq", rope_inv_freq(dim, theta, scaling), persistent=False)
+        # Not a buffer: module.half() must not round the frequencies (nor state_dicts carry them).
+        self.inv_freq = rope_inv_freq(dim, theta, scaling)
+        self._wide: Dict[torch.device, torch.Tensor] = {}  # float64 copies per device
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)`` of shape ``positions.shape + [dim // 2]`` in ``dtype`` (angles in float64)."""
-        angles = positions.to(torch.float64)[..., None] * self.inv_freq.to(positions.device, torch.float64)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        where = positions.device if positions.device.type != "mps" else torch.device("cpu")  # MPS has no float64
+        wide = self._wide.get(where)
+        if wide is None:
+            wide = self._wide[where] = self.inv_freq.to(where, torch.float64)
+        angles = positions.to(where, torch.float64)[..., None] * wide
+        return angles.cos().to(positions.device, dtype), angles.sin().to(positions.device, dtype)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """``x [B, H, L, dim]`` rotated at ``positions`` (``[L]`` or ``[B, L]`` integers)."""
