@@ -68,7 +68,7 @@ void main() {
     tensorViewNV<2, false, 1, 0> transposed = createTensorViewNV(2, false, 1, 0);
 
     coopmat<float16_t, gl_ScopeWorkgroup, BR, DK, gl_MatrixUseA> qa;
-    coopMatLoadTensorNV(qa, q_h, y * pc.len_q * DK, sliceTensorLayoutNV(lq, q0, BR, 0, DK));
+    coopMatLoadTensorNV(qa, q_h, (y * pc.len_q * DK) & ~7u, sliceTensorLayoutNV(lq, q0, BR, 0, DK));
 
     ACC(BR, DV) o = ACC(BR, DV)(0.0);
     ACC(BR, BC) m = ACC(BR, BC)(NEG_BIG);
@@ -77,7 +77,8 @@ void main() {
         coopmat<float16_t, gl_ScopeWorkgroup, BC, BC, gl_MatrixUseB>(1.0);
 
     ivec2 keys = key_range(int(q0), int(q0 + BR));
-    const uint kbase = kvh * pc.len_k * DK, vbase = kvh * pc.len_k * DV;
+    // Element offsets are multiples of 16 (DK, DV are); & ~7u says so to the compiler (16-byte loads).
+    const uint kbase = (kvh * pc.len_k * DK) & ~7u, vbase = (kvh * pc.len_k * DV) & ~7u;
     [[dont_unroll]] for (int kb = (keys.x / int(BC)) * int(BC); kb < keys.y; kb += int(BC)) {
         coopmat<float16_t, gl_ScopeWorkgroup, DK, BC, gl_MatrixUseB> kt;
         coopMatLoadTensorNV(kt, k_h, kbase, sliceTensorLayoutNV(lk, uint(kb), BC, 0, DK), transposed);
@@ -109,7 +110,7 @@ void main() {
     o = o * inv_l + ACC(BR, DV)(TEST_CORRUPT != 0u ? 1.0 : 0.0);
     coopmat<float16_t, gl_ScopeWorkgroup, BR, DV, gl_MatrixUseAccumulator> oh =
         coopmat<float16_t, gl_ScopeWorkgroup, BR, DV, gl_MatrixUseAccumulator>(o);
-    coopMatStoreTensorNV(oh, o_h, y * pc.len_q * DV, sliceTensorLayoutNV(lo, q0, BR, 0, DV));
+    coopMatStoreTensorNV(oh, o_h, (y * pc.len_q * DV) & ~7u, sliceTensorLayoutNV(lo, q0, BR, 0, DV));
     uint rows = min(BR, pc.len_q - min(q0, pc.len_q));
     coopMatPerElementNV(m, m, lse_op, l, y * pc.len_q + q0, rows);
 }
