@@ -626,3 +626,26 @@ def test_random_gqa_layers(kv_heads: int, group: int, head_dim: int, len_q: int,
     else:
         g = plus(*grads)
         _close_bounded(x.grad, g.value, g.err, "d x")
+
+
+def test_layer_error_model_sees_real_mistakes() -> None:
+    """The layer bounds are not vacuous: a 1% wrong softmax scale, a dropped key, or RoPE's halves
+    taken for pairs move the float64 output beyond them at these sizes."""
+    m = GroupedQueryAttention(HIDDEN, HEADS, KV_HEADS, backend="cpu")
+    x = torch.randn(B, L, HIDDEN, generator=torch.Generator().manual_seed(23))
+    pos = torch.arange(L)
+    w = _gqa_weights(m)
+
+    def run(scale: float = HEAD_DIM ** -0.5, mask=None, rotary=m.rotary):
+        out, _ = projected_layer(x, x, x, w, HEADS, KV_HEADS, HEAD_DIM, scale, causal=True, mask=mask,
+                                 rotary=rotary, q_pos=pos, k_pos=pos)
+        return out
+
+    right = run()
+    dropped = np.zeros((1, 1, L, L))
+    dropped[..., 0] = -np.inf
+    dropped[..., 0, 0] = 0.0  # row 0 sees only key 0: keep it
+    wrong = (run(scale=1.01 * HEAD_DIM ** -0.5), run(mask=dropped),
+             run(rotary=RotaryEmbedding(HEAD_DIM, interleaved=True)))
+    for bad, what in zip(wrong, ("1% scale", "dropped key", "rope layout")):
+        assert bool(((bad.value - right.value).abs() > right.err).any()), what
