@@ -68,9 +68,11 @@ class MultiHeadAttention(torch.nn.MultiheadAttention):
     """
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
-                 add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: Optional[int] = None,
-                 vdim: Optional[int] = None, batch_first: bool = False, device: Any = None, dtype: Any = None, *,
-                 backend: str = "auto"):
+                 kdim: Optional[int] = None, vdim: Optional[int] = None, batch_first: bool = False,
+                 backend: str = "auto", *, add_bias_kv: bool = False, add_zero_attn: bool = False,
+                 device: Any = None, dtype: Any = None):
+        # The positional order is aule-kp's public contract (DESIGN.md); torch's add_bias_kv and
+        # add_zero_attn, which sit between bias and kdim there, are keyword-only here.
         super().__init__(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first,
                          device=device, dtype=dtype)
         self.backend = check_layer_backend(backend)
