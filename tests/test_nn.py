@@ -649,3 +649,10 @@ def test_layer_error_model_sees_real_mistakes() -> None:
              run(rotary=RotaryEmbedding(HEAD_DIM, interleaved=True)))
     for bad, what in zip(wrong, ("1% scale", "dropped key", "rope layout")):
         assert bool(((bad.value - right.value).abs() > right.err).any()), what
+
+
+def test_mha_positional_contract():
+    """DESIGN.md's positional order (code outside the repo calls it): embed_dim, num_heads, dropout,
+    bias, kdim, vdim, batch_first, backend."""
+    m = MultiHeadAttention(8, 2, 0.0, False, 6, 4, True, "cpu")
+    assert (m.kdim, m.vdim, m.batch_first, m.backend, m.in_proj_bias) == (6, 4, True, "cpu", None)
