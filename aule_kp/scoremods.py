@@ -1,5 +1,6 @@
 """Score modifiers: tanh soft-capping and ALiBi (flash-attn's ``softcap``, ``alibi_slopes``) and
-attention sinks (gpt-oss): their checks, and the host arithmetic every backend shares.
+attention sinks (gpt-oss): their checks, and the host arithmetic of the CPU backend and the
+non-finite repairs (the GPU kernels do the same in GLSL and Triton).
 
 For query ``i`` and a key ``j`` its causal/window band lets through (``Problem.visible``) the score is
 
@@ -94,12 +95,12 @@ def fold_sinks(m: np.ndarray, total: np.ndarray, sinks: np.ndarray) -> np.ndarra
     """Folds one sink logit per row into a finished online softmax, in place: ``m`` (the rows' shift,
     -inf for a row that saw no key) becomes ``max(m, sink)`` and ``total`` (their sum of
     ``exp(s - m)``) gains ``exp(sink - m)``; returns the factor ``exp(m_old - m_new)`` the rows'
-    weighted sums must be multiplied by (0 for rows that saw no key, NaN for NaN rows)."""
+    weighted sums must be multiplied by (0 for rows that saw no key; a NaN total stays NaN)."""
     with np.errstate(invalid="ignore", over="ignore"):
-        m_new = np.fmax(m, sinks)  # fmax: a NaN row's m stays NaN through the factor below
-        factor = np.exp(np.where(np.isneginf(m), -np.inf, m - m_new)).astype(m.dtype)
+        m_new = np.maximum(m, sinks)
+        factor = np.exp(m - m_new)
         total *= factor
-        total += np.exp(sinks - m_new).astype(total.dtype)
+        total += np.exp(sinks - m_new)
         m[:] = m_new
     return factor
 
