@@ -25,8 +25,7 @@ class Prepared:
     ``backend`` is None when the result is empty or trivially zero (no query, no key); ``run`` is its
     forward pass bound to ``problem`` (``Backend.bind``), None with it. ``alibi``: float32 slopes
     ``[problem.alibi_rows, Hq]`` (host, or a torch tensor beside q for a ``native_torch`` backend) or
-    None; ``sinks``: float32 ``[Hq]`` sink logits in the same form (applied to the kernel's result,
-    :func:`aule_kp.scoremods.apply_sinks`) or None.
+    None; ``sinks``: float32 ``[Hq]`` sink logits in the same form (where ``problem.sinks``) or None.
     """
 
     problem: Problem
@@ -50,10 +49,8 @@ class Prepared:
             if self.sinks is not None:
                 lse = scoremods.sink_lse(lse, self.sinks)  # host sinks: no backend was bound
             return inputs.from_host(out, self.like, p.dtype), lse
-        options = {} if self.alibi is None else {"alibi": self.alibi}
+        options = {name: x for name, x in (("alibi", self.alibi), ("sinks", self.sinks)) if x is not None}
         out, lse = self.run(self.q, self.k, self.v, self.mask, **options)
-        if self.sinks is not None:
-            out, lse = scoremods.apply_sinks(out, lse, self.sinks, p.dtype)
         return (out if self.backend.native_torch else inputs.from_host(out, self.like, p.dtype)), lse
 
 
@@ -111,7 +108,7 @@ def prepare(
         mask_shape = tuple(int(s) for s in mask.shape)
     device = q.device.type if inputs.is_torch(q) else None
     problem = Problem(b, hq, hkv, lq, lk, dk, dv, dtype, float(scale), diag, left, right, mask_shape, device,
-                      softcap=softcap, alibi_rows=0 if alibi is None else alibi.shape[0])
+                      softcap=softcap, alibi_rows=0 if alibi is None else alibi.shape[0], sinks=sink_logits is not None)
     out_bytes = b * hq * lq * dv * ITEMSIZE[dtype]
     if problem.empty or lk == 0:
         inputs.check_memory([("the output", 0 if device not in (None, "cpu") else out_bytes)])

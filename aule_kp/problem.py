@@ -43,10 +43,12 @@ class Problem:
     # Score modifiers (aule_kp.scoremods): the score of a key the band lets through is
     # ``cap(scale q.k) + alibi + mask`` with ``cap(s) = softcap * tanh(s / softcap)`` (0.0: off) and
     # ``alibi = -slope * |j - (i + diag)|``; ``alibi_rows`` slopes of ``heads_q`` each (0: no ALiBi, 1:
-    # one per head for every batch, ``batch``: per batch and head). The values of the slopes are data,
-    # passed beside the inputs; attention sinks never reach a backend (scoremods.apply_sinks).
+    # one per head for every batch, ``batch``: per batch and head); ``sinks``: one logit per query
+    # head joins each row's softmax denominator. The slopes' and sinks' values are data, passed
+    # beside the inputs.
     softcap: float = 0.0
     alibi_rows: int = 0
+    sinks: bool = False
 
     @property
     def group(self) -> int:

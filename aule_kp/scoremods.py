@@ -1,5 +1,6 @@
 """Score modifiers: tanh soft-capping and ALiBi (flash-attn's ``softcap``, ``alibi_slopes``) and
-attention sinks (gpt-oss): their checks, and the host arithmetic every backend shares.
+attention sinks (gpt-oss): their checks, and the host arithmetic of the CPU backend and the
+non-finite repairs (the GPU kernels do the same in GLSL and Triton).
 
 For query ``i`` and a key ``j`` its causal/window band lets through (``Problem.visible``) the score is
 
@@ -9,12 +10,12 @@ For query ``i`` and a key ``j`` its causal/window band lets through (``Problem.v
 
 with the slope of the row's query head (and batch, for ``[B, Hq]`` slopes). Soft-capping comes after
 the scale and before the bias and mask, as flash-attn applies it. A sink is one logit per query head
-that joins every row's softmax denominator but carries no value (gpt-oss): with ``lse`` the row's
-log-sum-exp over its keys, ``lse' = logaddexp(lse, sink)`` and ``out' = out * exp(lse - lse')``. The
-kernels never see sinks: :func:`apply_sinks` rescales their ``(out, lse)``, which is exactly the
-softmax with the sink column (a row that sees no key stays 0, with ``lse' = sink``). The backward
-pass then needs nothing new for q, k and v (``P = exp(S - lse')`` are the true probabilities and
-``D = rowsum(dO * O')``), and ``d sink_h = -sum over (b, i) of exp(sink_h - lse'_bhi) * D_bhi``.
+that joins every row's softmax denominator but carries no value (gpt-oss): the kernels fold it into
+a row's running (max, sum) once its keys are done, so the output is the softmax with the sink
+column and the returned log-sum-exp includes it (a row that sees no key is 0, with lse = sink). The
+backward pass then needs nothing new for q, k and v (``P = exp(S - lse)`` are the true
+probabilities and ``D = rowsum(dO * O)``), and ``d sink_h = -sum over (b, i) of exp(sink_h - lse_bhi) * D_bhi``
+(:func:`sinks_grad`).
 """
 
 from __future__ import annotations
@@ -24,8 +25,6 @@ import numbers
 from typing import Any, Optional, Tuple
 
 import numpy as np
-
-from .dtypes import from_f32, to_f32
 
 
 def _is_torch(x: Any) -> bool:
@@ -92,29 +91,23 @@ def alibi_distance(diag: int, rows: np.ndarray, cols: np.ndarray, dtype: Any = n
     return np.abs(cols[None, :] - (rows[:, None] + diag)).astype(dtype)
 
 
-def sink_lse(lse: Any, sinks: Any) -> Any:
-    """``logaddexp(lse [B, Hq, Lq], sinks [Hq])`` (NumPy or torch, as given)."""
-    if _is_torch(lse):
-        import torch
+def fold_sinks(m: np.ndarray, total: np.ndarray, sinks: np.ndarray) -> np.ndarray:
+    """Folds one sink logit per row into a finished online softmax, in place: ``m`` (the rows' shift,
+    -inf for a row that saw no key) becomes ``max(m, sink)`` and ``total`` (their sum of
+    ``exp(s - m)``) gains ``exp(sink - m)``; returns the factor ``exp(m_old - m_new)`` the rows'
+    weighted sums must be multiplied by (0 for rows that saw no key; a NaN total stays NaN)."""
+    with np.errstate(invalid="ignore", over="ignore"):
+        m_new = np.maximum(m, sinks)
+        factor = np.exp(m - m_new)
+        total *= factor
+        total += np.exp(sinks - m_new)
+        m[:] = m_new
+    return factor
 
-        return torch.logaddexp(lse, sinks.to(lse.dtype)[None, :, None])
+
+def sink_lse(lse: np.ndarray, sinks: np.ndarray) -> np.ndarray:
+    """``logaddexp(lse [B, Hq, Lq], sinks [Hq])``: the log-sum-exp of rows that see no key is the sink."""
     return np.logaddexp(lse, sinks[None, :, None]).astype(np.float32)
-
-
-def apply_sinks(out: Any, lse: Any, sinks: Any, dtype: str) -> Tuple[Any, Any]:
-    """``(out', lse')`` of a kernel's ``(out [B, Hq, Lq, Dv], lse [B, Hq, Lq])`` with one sink logit
-    per query head: ``lse' = logaddexp(lse, sink)``, ``out' = out * exp(lse - lse')`` (rows that see
-    no key: ``lse = -inf``, so they stay 0). Host storage arrays (``dtype``, bf16 as uint16 bits)
-    with NumPy sinks, or torch tensors with torch sinks (differentiable)."""
-    new = sink_lse(lse, sinks)
-    if _is_torch(out):
-        import torch
-
-        weight = torch.exp(lse - new).unsqueeze(-1)
-        return (out.float() * weight).to(out.dtype), new
-    with np.errstate(invalid="ignore"):
-        weight = np.exp(lse - new)[..., None]
-    return from_f32(to_f32(out, dtype) * weight, dtype), new
 
 
 def sinks_grad(out: Any, dout: Any, lse: Any, sinks: Any) -> Any:

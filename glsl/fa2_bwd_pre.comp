@@ -49,6 +49,7 @@ void main() {
                 l += exp2(s - m);
             }
         }
+        fold_sink(m, l, (pc.group0 * pc.group + qhead) % pc.heads_q);
         ml = l > 0.0 ? vec2(m, log2(l)) : vec2(1.0 / 0.0, 0.0);
     }
     row_stats[row] = vec4(ml, dsum, 0.0);

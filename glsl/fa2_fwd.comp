@@ -136,8 +136,9 @@ void main() {
     [[unroll]] for (uint r = 0u; r < RPT; ++r) {
         const int i = first + int(r * ROW_STRIDE);
         if (i >= int(pc.len_q)) continue;
+        const float f = fold_sink(m[r], l[r], hq);
         // l == 0: every key hidden; the row is 0 with lse -inf, as flash-attn and torch return.
-        const float inv_l = l[r] > 0.0 ? 1.0 / l[r] : 0.0;
+        const float inv_l = l[r] > 0.0 ? f / l[r] : 0.0;
         const uint obase = (qhead * pc.len_q + uint(i)) * DV + lane * OPT;
         [[unroll]] for (uint d = 0u; d < OPT; d += 2u) {
             store_pair(obase + d, vec2(o[r * OPT + d], o[r * OPT + d + 1u]) * inv_l);

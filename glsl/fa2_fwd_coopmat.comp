@@ -142,6 +142,7 @@ uint g_kbase;      // element offset of K[y / group][0][0]
 uint g_vbase;
 uint g_mbase;      // mask element offset of (batch, head) of this workgroup's query head
 float g_slope;     // ALiBi slope (exp2 domain) of this workgroup's query head (ALIBI only)
+uint g_hq;         // this workgroup's query head within its batch (its sink, SINKS only)
 
 // Score of query row i (global) against key j, in the exp2 domain; -inf when hidden.
 float score(float raw, int i, int j) {
@@ -348,6 +349,7 @@ void main() {
         const uint gq = pc.group0 * pc.group + y;      // global query head: batch * heads_q + head
         g_mbase = (gq / pc.heads_q) * pc.mask_sb + (gq % pc.heads_q) * pc.mask_sh;
         g_slope = alibi_slope(gq / pc.heads_q, gq % pc.heads_q);
+        g_hq = gq % pc.heads_q;
     }
 
     // Keys any row of this tile may see; tiles outside are skipped (causal / sliding window).
@@ -544,8 +546,10 @@ void main() {
                     const uint cp = idx % (w / 2u);
                     const uint i = g_q0 + row;
                     if (i < pc.len_q) {
-                        const float l = l_sh[row];
-                        const float inv = l > 0.0 ? 1.0 / l : 0.0;
+                        float m = m_sh[row];
+                        float l = l_sh[row];
+                        const float f = fold_sink(m, l, g_hq);
+                        const float inv = l > 0.0 ? f / l : 0.0;
                         const vec4 v4 = s_sh[row * SSTR + cp / 2u];
                         const vec2 v = (cp & 1u) == 0u ? v4.xy : v4.zw;
                         store_pair(g_obase + i * DV + ch * BC + 2u * cp, v * inv);
@@ -555,8 +559,10 @@ void main() {
             for (uint rl = lane; rl < NROWS; rl += sgs) {
                 const uint i = g_q0 + row0 + rl;
                 if (i < pc.len_q) {
-                    const float l = l_sh[row0 + rl];
-                    lse_data[y * pc.len_q + i] = l > 0.0 ? (m_sh[row0 + rl] + log2(l)) * LN2 : NEG_INF;
+                    float m = m_sh[row0 + rl];
+                    float l = l_sh[row0 + rl];
+                    fold_sink(m, l, g_hq);
+                    lse_data[y * pc.len_q + i] = l > 0.0 ? (m + log2(l)) * LN2 : NEG_INF;
                 }
             }
         }

@@ -133,7 +133,8 @@ vec2 pair_of(uvec4 u, uint c) {
 // Normalised O (4 columns at col) and, once per row, LSE of chunk row `row` from its merged (m, l, O).
 // l == 0 over every split (no visible key: band, mask, or empty splits) gives O = 0, LSE = -inf.
 void store_out(uint row, uint col, float m, float l, vec4 o) {
-    const float inv_l = l > 0.0 ? 1.0 / l : 0.0;
+    const float f = fold_sink(m, l, (pc.group0 * pc.group + row / pc.len_q) % pc.heads_q);
+    const float inv_l = l > 0.0 ? f / l : 0.0;
     const uint e = row * DV + 4u * col;
     store_pair(e, o.xy * inv_l);
     store_pair(e + 2u, o.zw * inv_l);

@@ -131,12 +131,11 @@ def output_tolerance(p: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray,
     """:func:`tolerance` of an attention output for storage-dtype inputs: sums over the keys (and the
     head dim), scaled by the largest ``P|V|`` (:func:`reference.output_scale`). ``stored``: the dtype
     the result is stored in when the inputs are given widened to ``p.dtype`` (default ``p.dtype``).
-    Score modifiers widen the exponent range (``score_mods_range``); sinks rescale the stored output
-    once more (one more rounding to the storage type)."""
+    Score modifiers widen the exponent range (``score_mods_range``); a sink is one more term of the
+    row's sum (inside the model's reduction)."""
     qf, kf = to_f32(q, p.dtype), to_f32(k, p.dtype)
     return tolerance(stored or p.dtype, p.len_k + p.dim_k, output_scale(q, k, v, p, mask, alibi, sinks),
-                     exponent_range(qf, kf, p.scale, mask) + score_mods_range(p, alibi),
-                     roundings=2 if sinks is None else 3)
+                     exponent_range(qf, kf, p.scale, mask) + score_mods_range(p, alibi))
 
 
 def lse_tolerance(q: np.ndarray, k: np.ndarray, scale: float, mask: Optional[np.ndarray] = None,
@@ -173,12 +172,12 @@ def gradient_tolerances(p: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray,
     """:func:`tolerance` of ``(dq, dk, dv, dmask)`` for storage-dtype inputs: each gradient's partial
     sums are bounded by :func:`reference.backward_scales`, its rounding runs through a sum over the
     query rows of a group, one over the keys and one over the head dim (dP and D), and a 16-bit
-    gradient goes through four roundings to the input type (five with sinks: the rescaled O).
-    Score modifiers widen the exponent range as for the output."""
+    gradient goes through four roundings to the input type. Score modifiers widen the exponent range
+    as for the output."""
     n = p.len_q * p.group + p.len_k + max(p.dim_k, p.dim_v)
     qf, kf = to_f32(q, p.dtype), to_f32(k, p.dtype)
     e = exponent_range(qf, kf, p.scale, mask) + score_mods_range(p, alibi)
-    return tuple(tolerance(stored or p.dtype, n, scale, e, roundings=4 if sinks is None else 5)
+    return tuple(tolerance(stored or p.dtype, n, scale, e, roundings=4)
                  for scale in backward_scales(q, k, v, dout, p, mask, alibi, sinks))
 
 

@@ -21,7 +21,7 @@ from ..backend import Backend
 from ..dtypes import STORAGE, from_f32, to_f32
 from ..nonfinite import enforce
 from ..problem import Problem
-from ..scoremods import alibi_distance, cap
+from ..scoremods import alibi_distance, cap, fold_sinks
 from .backward import attention_backward
 from .pool import BLAS, split_range, worker_count
 
@@ -75,11 +75,12 @@ class _Forward:
         block_k: int,
         step: int,
         alibi: Optional[np.ndarray] = None,
+        sinks: Optional[np.ndarray] = None,
     ) -> None:
         p = problem
         self.p = p
         self.q, self.k, self.v, self.mask = q, k, v, mask
-        self.alibi = alibi
+        self.alibi, self.sinks = alibi, sinks
         self.block_k = block_k
         self.step = step
         self.tile_elems = block_q * block_k
@@ -263,6 +264,8 @@ class _Forward:
             np.matmul(s, vt, out=part)
             at += part
         total = acc[:, dv]
+        if self.sinks is not None:
+            acc[:, :dv] *= fold_sinks(m, total, np.repeat(self.sinks[h0:h1], i1 - i0))[:, None]
         seen = total != 0  # NaN compares unequal, so NaN rows stay NaN instead of becoming hidden rows
         o = np.where(seen[:, None], acc[:, :dv] / total[:, None], np.float32(0))
         self.out[b, h0:h1, i0:i1] = from_f32(o, p.dtype).reshape(h1 - h0, i1 - i0, dv)
@@ -323,13 +326,13 @@ class CpuBackend(Backend):
 
     def forward(
         self, problem: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Optional[np.ndarray], *,
-        alibi: Optional[np.ndarray] = None,
+        alibi: Optional[np.ndarray] = None, sinks: Optional[np.ndarray] = None,
     ) -> Tuple[np.ndarray, np.ndarray]:
         """See :class:`aule_kp.backend.Backend`: ``(out [B, Hq, Lq, Dv] in q's storage, lse float32)``."""
         p = problem
         if mask is not None:
             mask = np.asarray(mask, dtype=np.float32)
-        job = _Forward(p, q, k, v, mask, self.block_q, self.block_k, self.step, alibi)
+        job = _Forward(p, q, k, v, mask, self.block_q, self.block_k, self.step, alibi, sinks)
         if job.lse.size == 0:  # no query rows (Dv = 0 alone still has row statistics to compute)
             return job.out, job.lse
         workers = self.workers or worker_count()
@@ -345,7 +348,7 @@ class CpuBackend(Backend):
         else:
             with BLAS.single(), ThreadPoolExecutor(max_workers=workers) as pool:
                 list(pool.map(job.run_chunk, chunks))
-        enforce(p, q, k, v, mask, job.out, job.lse, alibi=alibi)  # non-finite inputs (aule_kp.nonfinite)
+        enforce(p, q, k, v, mask, job.out, job.lse, alibi=alibi, sinks=sinks)  # non-finite inputs (aule_kp.nonfinite)
         return job.out, job.lse
 
     def backward(
@@ -361,8 +364,10 @@ class CpuBackend(Backend):
         mask_grad: bool = False,
         *,
         alibi: Optional[np.ndarray] = None,
+        sinks: Optional[np.ndarray] = None,
     ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
-        """See :class:`aule_kp.backend.Backend`; FA2's backward in NumPy (:mod:`aule_kp.cpu.backward`)."""
+        """See :class:`aule_kp.backend.Backend`; FA2's backward in NumPy (:mod:`aule_kp.cpu.backward`),
+        which reads the saved lse alone (``sinks`` are in it)."""
         return attention_backward(problem, q, k, v, out, dout, lse, mask, mask_grad, alibi=alibi,
                                   block_q=min(self.block_q, _BACKWARD_BLOCK),
                                   block_k=min(self.block_k, _BACKWARD_BLOCK), workers=self.workers)

@@ -139,7 +139,7 @@ def _backend_backward(backend: Backend, call: Prepared, out: torch.Tensor, dout:
                       mask_grad: bool) -> Tuple[Any, Any, Any, Any]:
     """``backend.backward`` on the call's inputs, in host storage unless the backend takes torch."""
     p = call.problem
-    options = {} if call.alibi is None else {"alibi": call.alibi}
+    options = {name: x for name, x in (("alibi", call.alibi), ("sinks", call.sinks)) if x is not None}
     if backend.native_torch:  # then it is the call's own backend, and the inputs are its tensors
         return backend.backward(p, call.q, call.k, call.v, out.contiguous(), dout.contiguous(), lse.contiguous(),
                                 call.mask, mask_grad, **options)
@@ -150,8 +150,7 @@ def _backend_backward(backend: Backend, call: Prepared, out: torch.Tensor, dout:
     mask = call.mask
     if isinstance(mask, torch.Tensor):  # prepared for a native-torch backend: float32 on its device
         mask = mask.cpu().numpy()
-    if isinstance(call.alibi, torch.Tensor):
-        options["alibi"] = call.alibi.cpu().numpy()
+    options = {name: x.cpu().numpy() if isinstance(x, torch.Tensor) else x for name, x in options.items()}
     return backend.backward(p, host(call.q), host(call.k), host(call.v), host(out), host(dout),
                             lse.detach().cpu().numpy(), mask, mask_grad, **options)
 

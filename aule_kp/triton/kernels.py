@@ -18,7 +18,9 @@ Conventions shared by every kernel here:
 * Score modifiers (``aule_kp.scoremods``), constexpr-gated (off: the plain kernels): ``SOFTCAP``
   soft-caps the scaled score, ``softcap_log2 * tanh(s / softcap_log2)``, and ``ALIBI`` adds
   ``-slope * |j - (i + diag)|`` (slopes in log2 units, from the ``Alibi`` ``[rows, Hq]`` table),
-  both before the mask. Through the cap, dS reaches dQ and dK times ``1 - tanh²``.
+  both before the mask. Through the cap, dS reaches dQ and dK times ``1 - tanh²``. ``SINKS`` folds
+  one logit per query head (``Sinks``) into each row's (max, sum) once its keys are done (in the
+  combine kernel for split-KV partials): the output and LSE are the softmax's with the sink column.
 * ``DOT`` picks the matrix-multiply flavour: 0 the native fp16/bf16 tensor-core dot; 1 exact fp32
   (``"ieee"``: the tf32 default would miss float32's tolerance by ~100x); 2 operands upcast to fp32
   first, for bf16 under ``TRITON_INTERPRET=1`` (Triton 3.9's interpreter multiplies bf16 bit
@@ -190,7 +192,7 @@ def _fwd_run(acc, l_i, m_i, q, k_base, v_base, mask_rows, t_start, t_end,
 
 
 @triton.jit(do_not_specialize=["tune_bucket"])
-def _fwd_kernel(Q, K, V, Mask, Out, LSE, Alibi,
+def _fwd_kernel(Q, K, V, Mask, Out, LSE, Alibi, Sinks,
                 stride_qb, stride_qh, stride_qm,
                 stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn,
@@ -202,7 +204,7 @@ def _fwd_kernel(Q, K, V, Mask, Out, LSE, Alibi,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 PACK_GQA: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                 HAS_MASK: tl.constexpr, DOT: tl.constexpr, SOFTCAP: tl.constexpr = False,
-                ALIBI: tl.constexpr = False):
+                ALIBI: tl.constexpr = False, SINKS: tl.constexpr = False):
     """One program: one block of query rows x one split of its keys.
 
     Grid ``(row blocks, B * heads, splits)``. Without ``PACK_GQA`` a block is ``BLOCK_M`` positions of
@@ -212,7 +214,8 @@ def _fwd_kernel(Q, K, V, Mask, Out, LSE, Alibi,
     ``Out``/``LSE`` are the final outputs when ``num_splits == 1``, else fp32 per-split partials
     (normalised output and natural-log LSE, ``stride_os``/``stride_ls`` apart) for the combine kernel.
     ``tune_bucket`` only keys the autotuner (power-of-2 buckets of the lengths). ``Alibi``: slopes in
-    log2 units, ``stride_ab`` apart per batch (0: shared), read with ``ALIBI`` only.
+    log2 units, ``stride_ab`` apart per batch (0: shared), read with ``ALIBI`` only; ``Sinks``: one
+    logit per query head (natural units), folded in with ``SINKS`` (never with split partials).
     """
     group = heads_q // heads_kv
     pid_h = tl.program_id(1)
@@ -271,6 +274,13 @@ def _fwd_kernel(Q, K, V, Mask, Out, LSE, Alibi,
                              slope, softcap_log2, BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, True, HAS_LEFT, HAS_RIGHT,
                              HAS_MASK, DOT, SOFTCAP, ALIBI)
 
+    if SINKS:
+        sink = tl.load(Sinks + head + tl.zeros([BLOCK_M], tl.int32), mask=row_ok, other=0.0) * _LOG2E
+        m_new = tl.maximum(m_i, sink)
+        f = tl.math.exp2(m_i - m_new)
+        l_i = l_i * f + tl.math.exp2(sink - m_new)
+        acc = acc * f[:, None]
+        m_i = m_new
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(l_i)) * _LN2, float("-inf"))
@@ -282,16 +292,23 @@ def _fwd_kernel(Q, K, V, Mask, Out, LSE, Alibi,
 
 
 @triton.jit
-def _combine_kernel(OPart, LPart, Out, LSE, rows, num_splits,
-                    DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr):
+def _combine_kernel(OPart, LPart, Out, LSE, Sinks, rows, num_splits, heads_q, len_q,
+                    DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr, SINKS: tl.constexpr = False):
     """Merge split-KV partials of one query row: ``lse = logsumexp_s(lse_s)``,
-    ``out = sum_s exp(lse_s - lse) * out_s``. Partials are ``[splits, rows, DV]`` / ``[splits, rows]``."""
+    ``out = sum_s exp(lse_s - lse) * out_s``. Partials are ``[splits, rows, DV]`` / ``[splits, rows]``
+    (rows ``[B, Hq, Lq]`` in order). With ``SINKS`` the row's head's sink joins the sum as one more
+    split whose output is 0."""
     row = tl.program_id(0).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
     lse_s = tl.load(LPart + offs_s * rows + row, mask=offs_s < num_splits, other=float("-inf"))
     m = tl.max(lse_s, 0)
+    if SINKS:
+        sink = tl.load(Sinks + (row // len_q) % heads_q)
+        m = tl.maximum(m, sink)
     m_use = tl.where(m == float("-inf"), 0.0, m)
     total = tl.sum(tl.exp(lse_s - m_use), 0)
+    if SINKS:
+        total += tl.exp(sink - m_use)
     lse = tl.where(total > 0.0, m_use + tl.log(total), float("-inf"))
     offs_d = tl.arange(0, BLOCK_DV)
     acc = tl.zeros([BLOCK_DV], tl.float32)

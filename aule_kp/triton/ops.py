@@ -58,7 +58,7 @@ _DKDV_CONFIGS: Dict[int, List[triton.Config]] = {
     128: [_cfg(32, 64, 8, 3), _cfg(16, 128, 8, 3), _cfg(32, 128, 8, 2)],
 }
 _DQ_CONFIGS: List[triton.Config] = [_cfg(128, 64, 8, 2), _cfg(128, 32, 8, 3), _cfg(64, 64, 4, 3)]
-_FLAGS = ["DK", "DV", "HAS_LEFT", "HAS_RIGHT", "HAS_MASK", "DOT", "SOFTCAP", "ALIBI"]
+_FLAGS = ["DK", "DV", "HAS_LEFT", "HAS_RIGHT", "HAS_MASK", "DOT", "SOFTCAP", "ALIBI", "SINKS"]
 _BWD_FLAGS = ["DK_", "DV_", "HAS_LEFT", "HAS_RIGHT", "HAS_MASK", "DOT", "SOFTCAP", "ALIBI"]
 
 _fwd_tuned = {d: triton.autotune(configs=c, key=["tune_bucket", *_FLAGS])(kern._fwd_kernel)
@@ -149,11 +149,13 @@ def _mods_args(problem: Problem, alibi: Optional[torch.Tensor], stand_in: torch.
 
 def forward(problem: Problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
             block_m: Optional[int] = None, block_n: Optional[int] = None,
-            alibi: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+            alibi: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None
+            ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, Hq, Lq, Dv] in q's dtype, lse float32 [B, Hq, Lq])`` on q's device.
 
     ``block_m``/``block_n`` pin the tile (tests use tiny ones to cross many tiles); else tuned or
-    heuristic as the module docstring says. ``alibi``: float32 slopes ``[problem.alibi_rows, Hq]``.
+    heuristic as the module docstring says. ``alibi``: float32 slopes ``[problem.alibi_rows, Hq]``;
+    ``sinks``: float32 ``[Hq]`` (the lse includes them).
     """
     p = problem
     g = p.group
@@ -165,6 +167,7 @@ def forward(problem: Problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     mask_t = _mask_log2(mask) if has_mask else q  # without a mask, q stands in as a pointer never read
     mstrides = _bcast_strides(mask_t, p) if has_mask else (0, 0, 0, 0)
     alibi_t, softcap_log2, stride_ab, mod_flags = _mods_args(p, alibi, q)
+    sinks_t = q if sinks is None else sinks.float().contiguous()  # q: a stand-in pointer, never read
     flags = dict(DK=p.dim_k, DV=p.dim_v, BLOCK_DK=bdk, BLOCK_DV=bdv, HAS_LEFT=p.left is not None,
                  HAS_RIGHT=p.right is not None, HAS_MASK=has_mask, DOT=_dot_mode(p), **mod_flags)
     scalars = (p.scale * kern.LOG2E, p.heads_q, p.heads_kv, p.len_q, p.len_k, diag, left, right)
@@ -175,8 +178,8 @@ def forward(problem: Problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         log.debug("triton forward %s: autotuned", p)
         tuned = _fwd_tuned[max(64, bdk, bdv)]
         tuned[lambda meta: (triton.cdiv(p.len_q, meta["BLOCK_M"]), p.batch * p.heads_q, 1)](
-            q, k, v, mask_t, out, lse, alibi_t, *common, out.stride(0), out.stride(1), out.stride(2), 0, 0,
-            *scalars, 1, _tune_bucket(p), softcap_log2, stride_ab, PACK_GQA=False, **flags)
+            q, k, v, mask_t, out, lse, alibi_t, sinks_t, *common, out.stride(0), out.stride(1), out.stride(2), 0, 0,
+            *scalars, 1, _tune_bucket(p), softcap_log2, stride_ab, PACK_GQA=False, SINKS=sinks is not None, **flags)
         return out, lse
 
     es = q.element_size()
@@ -198,16 +201,16 @@ def forward(problem: Problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     launch = dict(PACK_GQA=pack, BLOCK_M=bm, BLOCK_N=bn, num_warps=_warps(bm, bdv), num_stages=2, **flags)
     tail = (*scalars, splits, _tune_bucket(p), softcap_log2, stride_ab)
     if splits == 1:
-        kern._fwd_kernel[grid](q, k, v, mask_t, out, lse, alibi_t, *common, out.stride(0), out.stride(1),
-                               out.stride(2), 0, 0, *tail, **launch)
+        kern._fwd_kernel[grid](q, k, v, mask_t, out, lse, alibi_t, sinks_t, *common, out.stride(0), out.stride(1),
+                               out.stride(2), 0, 0, *tail, SINKS=sinks is not None, **launch)
         return out, lse
     part_o = torch.empty((splits, *out.shape), dtype=torch.float32, device=q.device)
     part_l = torch.empty((splits, *lse.shape), dtype=torch.float32, device=q.device)
-    kern._fwd_kernel[grid](q, k, v, mask_t, part_o, part_l, alibi_t, *common, part_o.stride(1), part_o.stride(2),
-                           part_o.stride(3), part_o.stride(0), part_l.stride(0), *tail, **launch)
+    kern._fwd_kernel[grid](q, k, v, mask_t, part_o, part_l, alibi_t, sinks_t, *common, part_o.stride(1),
+                           part_o.stride(2), part_o.stride(3), part_o.stride(0), part_l.stride(0), *tail, **launch)
     rows = lse.numel()
-    kern._combine_kernel[(rows,)](part_o, part_l, out, lse, rows, splits, DV=p.dim_v, BLOCK_DV=bdv,
-                                  BLOCK_S=_p2(splits), num_warps=4)
+    kern._combine_kernel[(rows,)](part_o, part_l, out, lse, sinks_t, rows, splits, p.heads_q, p.len_q, DV=p.dim_v,
+                                  BLOCK_DV=bdv, BLOCK_S=_p2(splits), SINKS=sinks is not None, num_warps=4)
     return out, lse
 
 

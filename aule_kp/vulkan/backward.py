@@ -129,10 +129,11 @@ class BackwardPlan(RecordedPlan):
 
     def run(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray, dout: np.ndarray,
             lse: np.ndarray, mask: Optional[np.ndarray], alibi: Optional[np.ndarray] = None,
-            ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
-        """Host arrays in (see ``Backend.backward``; ``alibi``: the float32 slopes of
-        ``problem.alibi_rows``); ``(dq, dk, dv, ds)`` out, ``ds`` the full float32 [B, Hq, Lq, Lk]
-        when the config writes it, else None."""
+            sinks: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
+        """Host arrays in (see ``Backend.backward``; ``alibi``/``sinks``: the float32 slopes and sinks
+        the problem has, the sinks read by fa2_bwd_pre's recompute of extreme rows only);
+        ``(dq, dk, dv, ds)`` out, ``ds`` the full float32 [B, Hq, Lq, Lk] when the config writes it,
+        else None."""
         p = self.problem
         groups = p.batch * p.heads_kv
         shapes = {"q": (p.heads_q, p.len_q, p.dim_k), "k": (p.heads_kv, p.len_k, p.dim_k),
@@ -150,7 +151,7 @@ class BackwardPlan(RecordedPlan):
         # One copy into mapped memory; packed 16-bit data goes in as raw bytes.
         copy_bytes([(c.views[name], part.reshape(-1).view(np.uint8))
                     for c in self.chunks for name in INPUTS for part in (src[name][c.g0:c.g1],)])
-        write_mask_payload(self.mask_view, mask, alibi)
+        write_mask_payload(self.mask_view, mask, alibi, sinks)
         if self.config.write_ds:
             # The dK/dV kernel writes dS only where it computes (tiles the band hides are skipped):
             # the rest must read 0, whatever an earlier problem left in the buffer.

@@ -152,14 +152,15 @@ def _float_bits(x: float) -> int:
 
 
 def push_constants(p: Problem, group0: int) -> np.ndarray:
-    """Push constants in the order of ``Push`` in glsl/fa2_common.glsl. The ALiBi slopes follow the
-    mask in the mask buffer (``mask_bytes``, ``mask_payload``)."""
+    """Push constants in the order of ``Push`` in glsl/fa2_common.glsl. The ALiBi slopes, then the
+    sinks, follow the mask in the mask buffer (``mask_bytes``, ``write_mask_payload``)."""
     signed = [p.diag, -1 if p.left is None else p.left, -1 if p.right is None else p.right]
     sb, sh, si, sj = mask_strides(p)
     alibi_base = math.prod(p.mask_shape) if p.mask_shape else 0
     vals = [p.len_q, p.len_k, p.group, p.heads_kv, group0, _float_bits(p.scale * LOG2E),
             *(x & 0xFFFFFFFF for x in signed), int(p.has_mask), sb, sh, si, sj, p.heads_q,
-            _float_bits(p.softcap * LOG2E), alibi_base, p.heads_q if p.alibi_rows > 1 else 0]
+            _float_bits(p.softcap * LOG2E), alibi_base, p.heads_q if p.alibi_rows > 1 else 0,
+            alibi_base + p.alibi_rows * p.heads_q]
     return np.array(vals, dtype=np.uint32)
 
 
@@ -242,22 +243,24 @@ def capacity(device: Any, old: Optional[Dict[str, int]], need: Dict[str, int], l
 
 def mask_bytes(p: Problem) -> int:
     """Bytes of the mask buffer's data for ``p``: the float32 mask, then the ALiBi slopes
-    (``alibi_rows x heads_q``; 0 bytes with neither)."""
-    return 4 * ((math.prod(p.mask_shape) if p.mask_shape else 0) + p.alibi_rows * p.heads_q)
+    (``alibi_rows x heads_q``), then the sinks (``heads_q``); 0 bytes with none of them."""
+    mask = math.prod(p.mask_shape) if p.mask_shape else 0
+    return 4 * (mask + p.alibi_rows * p.heads_q + (p.heads_q if p.sinks else 0))
 
 
 def uses_mask_buffer(p: Problem) -> bool:
-    """Whether the kernels of ``p`` read the mask buffer (a mask, or ALiBi slopes): it is uploaded then."""
-    return p.has_mask or p.alibi_rows > 0
+    """Whether the kernels of ``p`` read the mask buffer (a mask, slopes or sinks): it is uploaded then."""
+    return p.has_mask or p.alibi_rows > 0 or p.sinks
 
 
-def write_mask_payload(view: np.ndarray, mask: Optional[np.ndarray], alibi: Optional[np.ndarray]) -> None:
-    """The mask buffer's data (``mask_bytes``) into its mapped ``view``: the mask, then the slopes."""
-    n = 0 if mask is None else mask.size
-    if mask is not None:
-        view[:n] = mask.reshape(-1)
-    if alibi is not None:
-        view[n:n + alibi.size] = alibi.reshape(-1)
+def write_mask_payload(view: np.ndarray, mask: Optional[np.ndarray], alibi: Optional[np.ndarray],
+                       sinks: Optional[np.ndarray] = None) -> None:
+    """The mask buffer's data (``mask_bytes``) into its mapped ``view``: the mask, the slopes, the sinks."""
+    n = 0
+    for part in (mask, alibi, sinks):
+        if part is not None:
+            view[n:n + part.size] = part.reshape(-1)
+            n += part.size
 
 
 def forward_bytes(p: Problem, config: ForwardConfig, n_groups: int) -> Dict[str, int]:
@@ -546,14 +549,15 @@ class Plan(RecordedPlan):
         return sequence
 
     def run(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Optional[np.ndarray],
-            alibi: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+            alibi: Optional[np.ndarray] = None, sinks: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
         """Host arrays of the bound problem in (engine storage, contiguous), ``(out, lse)`` out (see
-        Backend.forward; ``alibi``: the float32 slopes of ``problem.alibi_rows``)."""
-        out, lse, _ = self.run_checked(q, k, v, mask, alibi)
+        Backend.forward; ``alibi``/``sinks``: the float32 slopes and sinks the problem has)."""
+        out, lse, _ = self.run_checked(q, k, v, mask, alibi, sinks)
         return out, lse
 
     def run_checked(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Optional[np.ndarray],
-                    alibi: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray, bool]:
+                    alibi: Optional[np.ndarray] = None,
+                    sinks: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray, bool]:
         """``run``, and whether ``out`` is all finite: checked piece by piece by the copy threads as
         they write it (a separate pass over a large output cost as much as the kernel).
 
@@ -565,7 +569,7 @@ class Plan(RecordedPlan):
             raise ValueError(f"q {q.shape} and k {k.shape} are not the shapes of the problem this plan is bound to "
                              f"({p}); get the plan again for theirs")
         inputs = [c.input_pairs((q, k, v)) for c in self.chunks]
-        write_mask_payload(self.mask_view, mask, alibi)
+        write_mask_payload(self.mask_view, mask, alibi, sinks)
         out = np.empty(sum(c.views["o"].nbytes for c in self.chunks), np.uint8)
         outputs, lo = [], 0
         for c in self.chunks:
@@ -637,12 +641,13 @@ def forward_plan(device: Any, problem: Problem, config: ForwardConfig) -> Plan:
 
 
 def run_forward(device: Any, problem: Problem, config: ForwardConfig, q: np.ndarray, k: np.ndarray, v: np.ndarray,
-                mask: Optional[np.ndarray], *, alibi: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
-    """One host-path forward call: ``forward_plan(...).run(q, k, v, mask, alibi)`` under ``device.lock``,
-    then the non-finite repairs (``aule_kp.nonfinite.enforce``) outside it."""
+                mask: Optional[np.ndarray], *, alibi: Optional[np.ndarray] = None,
+                sinks: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """One host-path forward call: ``forward_plan(...).run(q, k, v, mask, alibi, sinks)`` under
+    ``device.lock``, then the non-finite repairs (``aule_kp.nonfinite.enforce``) outside it."""
     with device.lock:
-        out, lse, finite = forward_plan(device, problem, config).run_checked(q, k, v, mask, alibi)
-    enforce(problem, q, k, v, mask, out, lse, out_finite=finite, alibi=alibi)
+        out, lse, finite = forward_plan(device, problem, config).run_checked(q, k, v, mask, alibi, sinks)
+    enforce(problem, q, k, v, mask, out, lse, out_finite=finite, alibi=alibi, sinks=sinks)
     return out, lse
 
 
