@@ -15,12 +15,12 @@ the backend the dispatcher picks for it, its keys gathered from the store first.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional, Tuple, Union
 
 import numpy as np
 
-from .. import dispatch, inputs, scoremods
+from .. import dispatch, inputs
 from ..dtypes import STORAGE, from_f32
 from ..problem import Problem, band
 from ..q8 import Q8Cache
@@ -85,7 +85,8 @@ class Ragged:
         _, lq, _, lk = (int(x) for x in self.seqs[s])
         diag, left, right = band(lq, lk, causal=self.causal, window=self.window, top_left=False)
         return Problem(1, self.heads_q, self.heads_kv, lq, lk, self.dim_k, self.dim_v, self.dtype, self.scale,
-                       diag, left, right, softcap=self.softcap, alibi_rows=0 if self.alibi is None else 1)
+                       diag, left, right, softcap=self.softcap, alibi_rows=0 if self.alibi is None else 1,
+                       sinks=self.sinks is not None)
 
     def slopes(self, s: int) -> Optional[np.ndarray]:
         """Sequence ``s``'s ALiBi slopes ``[1, Hq]`` (None without ALiBi)."""
@@ -134,9 +135,8 @@ def run(call: Ragged, backend: str, like: Any) -> np.ndarray:
 
             q, k, v = (inputs.from_host(x, like, call.dtype).contiguous() for x in (q, k, v))
             slopes, sinks = (None if x is None else torch.from_numpy(x).to(like.device) for x in (slopes, sinks))
-        o, lse = runner(q, k, v, None, **({} if slopes is None else {"alibi": slopes}))
-        if sinks is not None:
-            o, _ = scoremods.apply_sinks(o, lse, sinks, call.dtype)
+        options = {name: x for name, x in (("alibi", slopes), ("sinks", sinks)) if x is not None}
+        o, _ = runner(q, k, v, None, **options)
         out[q0 : q0 + lq] = (inputs.to_host(o, call.dtype) if chosen.native_torch else o)[0].transpose(1, 0, 2)
     return out
 
@@ -144,8 +144,7 @@ def run(call: Ragged, backend: str, like: Any) -> np.ndarray:
 def _with_device(p: Problem, like: Any) -> Problem:
     if not inputs.is_torch(like):
         return p
-    return Problem(p.batch, p.heads_q, p.heads_kv, p.len_q, p.len_k, p.dim_k, p.dim_v, p.dtype, p.scale, p.diag,
-                   p.left, p.right, None, like.device.type)
+    return replace(p, device=like.device.type)
 
 
 def _native_vulkan(call: Ragged, backend: str, like: Any) -> Optional[np.ndarray]:
