@@ -189,6 +189,21 @@ def test_vulkan_decode_splits(rng):
 
 
 @VULKAN_ONLY
+def test_vulkan_loop_limit_splits():
+    """lavapipe ends an invocation's loops after 65535 iterations in all: a long cache is split so
+    that no split's key loop gets there (else keys past it would be dropped silently)."""
+    from aule_kp.vulkan import ragged as vk
+    from aule_kp.vulkan.choice import CPU_LOOP_LIMIT
+
+    caps = devmod.get_device().caps
+    cfg = vk.RaggedConfig(64, 64, 64, 1, 2, "float16", False)
+    n, length = vk.splits(caps, 10_000, 1 << 20, cfg)
+    assert n * length >= 1 << 20
+    if caps.type == "cpu":
+        assert -(-length // (cfg.bc * cfg.kg)) + cfg.kg < CPU_LOOP_LIMIT
+
+
+@VULKAN_ONLY
 def test_vulkan_key_groups(rng, monkeypatch):
     """GPU tiling on lavapipe: a decode step's few packed rows share the workgroup with key groups
     that merge in shared memory (kg > 1). Head dim 8 keeps lavapipe's compile short."""

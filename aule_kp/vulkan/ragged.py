@@ -20,6 +20,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..dtypes import ITEMSIZE, STORAGE
+from .choice import CPU_LOOP_LIMIT
 from .configs import DTYPE_CODE, FLOAT_BYTES
 from .plan import MIN_STAGED_BYTES, binding_limit, grids_settable, mapped_memory, pipeline_bytes, round_up, stats
 from .probe import parallelism
@@ -136,11 +137,15 @@ def tiles(seqs: np.ndarray, group: int, br: int) -> np.ndarray:
     return np.stack([seq, first], axis=1).astype(np.uint32)
 
 
-def splits(caps: Any, n_workgroups: int, max_len_k: int) -> Tuple[int, int]:
+def splits(caps: Any, n_workgroups: int, max_len_k: int, cfg: Optional[RaggedConfig] = None) -> Tuple[int, int]:
     """``(n_split, split_len)``: keys split over workgroups when the tiles alone leave the device idle
-    (decode), each split at least ``MIN_SPLIT_KEYS`` keys."""
+    (decode), each split at least ``MIN_SPLIT_KEYS`` keys; and on CPU drivers, which end an
+    invocation's loops after ``CPU_LOOP_LIMIT`` iterations in all, often enough that a split's key
+    loop stays below that (``cfg``: the pipeline, whose ``bc * kg`` keys make one iteration)."""
     want = math.ceil(2 * parallelism(caps) / max(n_workgroups, 1))
     n = max(1, min(want, max_len_k // MIN_SPLIT_KEYS))
+    if caps.type == "cpu" and cfg is not None:
+        n = max(n, math.ceil(max_len_k / ((CPU_LOOP_LIMIT - cfg.kg - 1) * cfg.bc * cfg.kg)))
     length = -(-max(max_len_k, 1) // n)
     return n, -(-length // STEP_KEYS) * STEP_KEYS
 
@@ -254,7 +259,7 @@ def forward(device: Any, call: RaggedCall, q: np.ndarray, k: Optional[np.ndarray
         raise ValueError("; ".join(why))
     n_seq = seqs.shape[0]
     total_q = q.shape[0]
-    n_split, split_len = splits(device.caps, len(cfg_tiles) * call.heads_kv, call.max_len_k)
+    n_split, split_len = splits(device.caps, len(cfg_tiles) * call.heads_kv, call.max_len_k, cfg)
     rows = total_q * call.heads_q
     table_arr = np.zeros((n_seq, 1), np.uint32) if table is None else table.astype(np.uint32)
     data: Dict[str, np.ndarray] = {"q": q, "seqs": seqs.astype(np.uint32), "tiles": cfg_tiles, "table": table_arr}
