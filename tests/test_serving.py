@@ -236,13 +236,14 @@ def test_torch_kvcache_in_place(backend, rng):
     np.testing.assert_allclose(out.double().numpy(), want, atol=tol, rtol=0)
 
 
-def test_torch_varlen_backward(rng):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_varlen_backward(backend, rng):
     """Gradients through varlen (per sequence, the differentiable flash_attention) equal float64
     autograd of the reference attention."""
     q, k, v, cu_q, cu_k = _varlen_case(rng, [4, 7], [6, 7], 2, 1, 16, 16)
     tq, tk, tv = (torch.from_numpy(x).requires_grad_() for x in (q, k, v))
     out = aule_kp.flash_attention_varlen(tq, tk, tv, torch.from_numpy(cu_q), torch.from_numpy(cu_k), 7, 7,
-                                         causal=True, backend="cpu")
+                                         causal=True, backend=backend)
     dout = torch.from_numpy(rng.standard_normal(out.shape).astype(np.float32))
     out.backward(dout)
     rq, rk, rv = (torch.from_numpy(x).double().requires_grad_() for x in (q, k, v))
