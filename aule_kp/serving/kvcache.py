@@ -54,6 +54,7 @@ def flash_attention_with_kvcache(
         rotary_cos, rotary_sin: ``[seqlen_ro, R/2]`` (``R <= Dk``): the new k is rotated at positions
             ``cache_seqlens + i``; q too when causal or windowed, else every q row at ``cache_seqlens``.
             ``rotary_interleaved``: pairs dims ``(2i, 2i+1)`` (GPT-J); False pairs ``(i, i + R/2)`` (GPT-NeoX).
+            flash-attn refuses rotary without new k/v; here q alone is then rotated, by the same rule.
         causal: aligned bottom-right: q row ``i`` sees keys ``j <= i + Lk - Lq``, ``Lk = cache_seqlens + Lnew``.
         scale, window, softcap, alibi_slopes (``[Hq]`` or ``[B, Hq]``), sinks (``[Hq]``): as
             :func:`aule_kp.flash_attention` (ALiBi's distance ``|i + Lk - Lq - j|`` per sequence).
