@@ -23,6 +23,7 @@ they ran, at the cost of two reductions (over the output and over a float mask) 
 
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import numpy as np
@@ -38,8 +39,19 @@ _FINITE_BELOW = {"float16": 0x7C00, "bfloat16": 0x7F80}
 _CHUNK_SCORES = 1 << 22
 
 
-#: Elements one pass of :func:`all_finite` reduces: the block and its scratch stay in the L2 cache.
-_BLOCK = 1 << 15
+#: Bytes one pass of :func:`all_finite` reduces: few enough passes that the Python between them
+#: costs nothing (the copy threads check 1-2 MiB pieces in one or two), and no whole-array temporary.
+_BLOCK_BYTES = 1 << 20
+_scratch = threading.local()
+
+
+def _scratch_u16(n: int) -> np.ndarray:
+    """This thread's reusable uint16 scratch of at least ``n`` elements (a fresh array per call would
+    page-fault its memory in every time)."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.size < n:
+        buf = _scratch.buf = np.empty(n, np.uint16)
+    return buf[:n]
 
 
 def all_finite(a: np.ndarray, dtype: str) -> bool:
@@ -51,15 +63,16 @@ def all_finite(a: np.ndarray, dtype: str) -> bool:
     flat = np.ascontiguousarray(a).reshape(-1)
     if dtype == "float32":
         f = flat.view(np.float32)
+        step = _BLOCK_BYTES // 4
         # NaN propagates through max; +inf shows in max, -inf in min.
-        return all(np.isfinite(f[lo:lo + _BLOCK].max()) and np.isfinite(f[lo:lo + _BLOCK].min())
-                   for lo in range(0, f.size, _BLOCK))
+        return all(np.isfinite(f[lo:lo + step].max()) and np.isfinite(f[lo:lo + step].min())
+                   for lo in range(0, f.size, step))
     bits = flat.view(np.uint16)
-    scratch = np.empty(min(bits.size, _BLOCK), np.uint16)
+    step = _BLOCK_BYTES // 2
     below = _FINITE_BELOW[dtype]
-    for lo in range(0, bits.size, _BLOCK):
-        block = scratch[:min(_BLOCK, bits.size - lo)]
-        np.bitwise_and(bits[lo:lo + _BLOCK], 0x7FFF, out=block)  # NumPy's float16 reductions are slow
+    for lo in range(0, bits.size, step):
+        block = _scratch_u16(min(step, bits.size - lo))
+        np.bitwise_and(bits[lo:lo + step], 0x7FFF, out=block)  # NumPy's float16 reductions are slow
         if block.max() >= below:
             return False
     return True

@@ -7,7 +7,8 @@ SPIR-V in the SPIR-V folder (compiled by glslang >= 15.2). Correctness first: th
 shapes, a float mask, GQA, a window, against float64; then GPU-timestamp medians of alternating rounds
 (benchmarks/ab_gpu.py's ``alternate``) on the bars' shapes. Prints markdown tables.
 
-    python3 benchmarks/coopmat2_gpu.py [gemm] [check] [time] [TILES...]   # TILES: BRxBCxWG, e.g. 64x64x128
+    python3 benchmarks/coopmat2_gpu.py [gemm] [check] [time] [TILES...]   # TILES: BRxBCxWG[e], e.g. 64x64x128
+                                                                          # (e: the -DEAGER build)
 """
 
 from __future__ import annotations
@@ -31,13 +32,19 @@ from coopmat_gemm_gpu import Gemm, torch_matmul  # noqa: E402
 
 GEMM_TILES = [(128, 128, 32, 256), (128, 128, 64, 256), (128, 256, 32, 256), (256, 128, 32, 256),
               (128, 128, 32, 128), (64, 128, 64, 128), (128, 64, 64, 128)]
-FWD_TILES = [(64, 64, 128), (128, 64, 256), (64, 32, 128), (128, 32, 256), (64, 128, 128), (128, 128, 256)]
+FWD_TILES = [(64, 32, 128), (64, 32, 128, 1), (64, 64, 128), (128, 64, 256), (128, 32, 256), (64, 16, 128)]
 PROBLEMS = [(32, 8192, 128, False), (32, 8192, 128, True), (32, 2048, 64, False), (32, 8192, 64, False),
             (32, 16384, 64, True)]
 
 
-def cm2(p: Problem, br: int, bc: int, wg: int) -> KernelConfig:
-    return KernelConfig("coopmat2", "fa2_fwd_cm2", p.dim_k, p.dim_v, br, bc, 1, 1, wg, 1)
+def cm2(p: Problem, br: int, bc: int, wg: int, eager: int = 0) -> KernelConfig:
+    """The cm2 forward with these tiles; ``eager``: the build with -DEAGER (rescale on every tile)."""
+    return KernelConfig("coopmat2", "fa2_fwd_cm2_eager" if eager else "fa2_fwd_cm2", p.dim_k, p.dim_v, br, bc, 1, 1,
+                        wg, 1)
+
+
+def tile_label(t: Tuple[int, ...]) -> str:
+    return "x".join(map(str, t[:3])) + (" eager" if len(t) > 3 and t[3] else "")
 
 
 def gemm(sizes: List[int]) -> None:
@@ -93,7 +100,7 @@ def reference(p: Problem, q, k, v, mask) -> np.ndarray:
     return np.where(tot > 0, (w / np.where(tot > 0, tot, 1)) @ vf, 0.0)
 
 
-def check(tiles: List[Tuple[int, int, int]]) -> None:
+def check(tiles: List[Tuple[int, ...]]) -> None:
     """The cm2 forward against float64 over shapes that exercise every edge (partial tiles, GQA, a
     window, a float mask); the error bound is the fp16 model: inputs and P rounded to fp16, O to fp16."""
     dev = devmod.get_device()
@@ -103,7 +110,7 @@ def check(tiles: List[Tuple[int, int, int]]) -> None:
         (1, 4, 1, 77, 300, 64, True, (32, 0), False), (1, 2, 2, 100, 150, 128, False, None, True),
         (1, 2, 2, 1, 500, 128, False, None, False), (1, 4, 2, 300, 100, 64, True, None, False)]
     print("| cm2 tile | case | max abs error | bound | ok |\n|---|---|---|---|---|")
-    for br, bc, wg in tiles:
+    for tile in tiles:
         for b, hq, hkv, lq, lk, d, causal, window, with_mask in cases:
             diag, left, right = band(lq, lk, causal=causal, window=window, top_left=False)
             mshape = (b, 1, lq, lk) if with_mask else None
@@ -115,16 +122,16 @@ def check(tiles: List[Tuple[int, int, int]]) -> None:
             label = f"B{b} H{hq}/{hkv} Lq{lq} Lk{lk} D{d}{' causal' if causal else ''}" \
                     f"{f' window {window}' if window else ''}{' mask' if with_mask else ''}"
             try:
-                plan = Plan(dev, p, cm2(p, br, bc, wg))
+                plan = Plan(dev, p, cm2(p, *tile))
                 out, _ = plan.run(q, k, v, mask)
                 plan.destroy()
             except Exception as exc:
-                print(f"| {br}x{bc}x{wg} | {label} | failed: {str(exc).splitlines()[0][:100]} | | no |")
+                print(f"| {tile_label(tile)} | {label} | failed: {str(exc).splitlines()[0][:100]} | | no |")
                 continue
             want = reference(p, q, k, v, mask)
             err = float(np.max(np.abs(out.astype(np.float64) - want)))
             bound = 4 * 2.0 ** -11 * (1 + math.sqrt(lk) * 2.0 ** -11) * max(1.0, float(np.abs(want).max()))
-            print(f"| {br}x{bc}x{wg} | {label} | {err:.2e} | {bound:.1e} | {'yes' if err <= bound else 'NO'} |",
+            print(f"| {tile_label(tile)} | {label} | {err:.2e} | {bound:.1e} | {'yes' if err <= bound else 'NO'} |",
                   flush=True)
 
 
@@ -152,10 +159,10 @@ def torch_flash_ms(h: int, s: int, d: int, causal: bool) -> Optional[float]:
     return statistics.median(times)
 
 
-def timing(tiles: List[Tuple[int, int, int]]) -> None:
+def timing(tiles: List[Tuple[int, ...]]) -> None:
     dev = devmod.get_device()
     print("\n| problem | engine's choice | ms | "
-          + " | ".join(f"cm2 {br}x{bc}x{wg} ms (max diff)" for br, bc, wg in tiles)
+          + " | ".join(f"cm2 {tile_label(t)} ms (max diff)" for t in tiles)
           + " | torch flash ms | best cm2 / flash |")
     print("|---|---|---|" + "---|" * len(tiles) + "---|---|")
     for h, s, d, causal in PROBLEMS:
@@ -178,7 +185,8 @@ def timing(tiles: List[Tuple[int, int, int]]) -> None:
 
 def main(argv: List[str]) -> None:
     steps = [a for a in argv if a in ("gemm", "check", "time")] or ["gemm", "check", "time"]
-    tiles = [tuple(int(x) for x in a.split("x")) for a in argv if "x" in a] or FWD_TILES
+    tiles = [tuple(int(x) for x in a.rstrip("e").split("x")) + ((1,) if a.endswith("e") else ())
+             for a in argv if "x" in a] or FWD_TILES
     dev = devmod.get_device()
     print(f"{dev.caps.name}, {dev.caps.driver_info}; coopmat2 {dev.caps.coopmat2}, kp patch {dev.kp_patch}\n")
     if "gemm" in steps:

@@ -153,7 +153,7 @@ def test_enforce_is_a_no_op_on_finite_results() -> None:
 @pytest.mark.parametrize("where", [0, 500, -1])
 def test_all_finite(dtype: str, value: float, where: int) -> None:
     # Longer than one block of the check (nonfinite._BLOCK), so the last element sits in a partial block.
-    a = from_f32(np.linspace(-60000, 60000, nonfinite._BLOCK * 2 + 7, dtype=np.float32), dtype)
+    a = from_f32(np.linspace(-60000, 60000, nonfinite._BLOCK_BYTES + 7, dtype=np.float32), dtype)
     assert all_finite(a, dtype) and all_finite(a[:0], dtype)
     assert all_finite(a.view(np.uint8), dtype)  # the copy threads check raw bytes
     a[where] = from_f32(np.array([value], np.float32), dtype)[0]

@@ -33,6 +33,11 @@ void main() {
     la = setTensorLayoutDimensionNV(la, pc.M, pc.K);
     lb = BT == 1u ? setTensorLayoutDimensionNV(lb, pc.N, pc.K) : setTensorLayoutDimensionNV(lb, pc.K, pc.N);
     lc = setTensorLayoutDimensionNV(lc, pc.M, pc.N);
+    // Row strides are multiples of 8 elements (the host's sizes are multiples of the tiles): saying so
+    // (& ~7) lets the compiler issue 16-byte loads; a runtime stride of unknown alignment does not.
+    la = setTensorLayoutStrideNV(la, pc.K & ~7u, 1);
+    lb = setTensorLayoutStrideNV(lb, (BT == 1u ? pc.K : pc.N) & ~7u, 1);
+    lc = setTensorLayoutStrideNV(lc, pc.N & ~7u, 1);
     tensorViewNV<2, false, 1, 0> transposed = createTensorViewNV(2, false, 1, 0);
 
     uint m0 = gl_WorkGroupID.y * BM, n0 = gl_WorkGroupID.x * BN;

@@ -8,9 +8,11 @@
 //
 // Per workgroup (BR query rows of one query head), for each BC-key tile of key_range():
 //   S = Q K^T (fp32); scores in the exp2 domain: S * scale_log2, plus the band and mask on tiles
-//   that need them (per element); M' = max(M, rowmax S); P = exp2(S - M') (fp16); L = L exp2(M - M')
-//   + rowsum P; O = O exp2(M - M') + P V. Row-constant values live smeared across their row, so
-//   that they combine element by element with the tiles. Finally O / L and LSE = (M + log2 L) ln 2.
+//   that need them (per element); when a row's max passes its reference M by more than TAU (lazy
+//   rescale; -DEAGER: always) M' = max(M, rowmax S), L *= exp2(M - M'), O *= exp2(M - M');
+//   P = exp2(S - M) (fp16); L += rowsum P; O += P V. Row-constant values live smeared across their
+//   row, so that they combine element by element with the tiles. Finally O / L and LSE =
+//   (M + log2 L) ln 2.
 // Rows that see no key keep M = NEG_BIG (finite) and L = 0: O = 0, LSE = -inf.
 #extension GL_EXT_control_flow_attributes : enable
 #extension GL_EXT_shader_explicit_arithmetic_types_float16 : require
@@ -29,6 +31,7 @@ layout(std430, binding = 3) writeonly buffer OH { float16_t o_h[]; };
 
 #define ACC(R, C) coopmat<float, gl_ScopeWorkgroup, R, C, gl_MatrixUseAccumulator>
 #define NEG_INF uintBitsToFloat(0xFF800000u)
+const float TAU = 8.0;  // lazy-rescale threshold, log2 domain
 
 // Per-element operations (row, col: of the matrix; extra arguments after the element).
 float score_op(const in uint r, const in uint c, const in float s, const in uint q0, const in uint kb,
@@ -68,7 +71,7 @@ void main() {
     tensorViewNV<2, false, 1, 0> transposed = createTensorViewNV(2, false, 1, 0);
 
     coopmat<float16_t, gl_ScopeWorkgroup, BR, DK, gl_MatrixUseA> qa;
-    coopMatLoadTensorNV(qa, q_h, y * pc.len_q * DK, sliceTensorLayoutNV(lq, q0, BR, 0, DK));
+    coopMatLoadTensorNV(qa, q_h, (y * pc.len_q * DK) & ~7u, sliceTensorLayoutNV(lq, q0, BR, 0, DK));
 
     ACC(BR, DV) o = ACC(BR, DV)(0.0);
     ACC(BR, BC) m = ACC(BR, BC)(NEG_BIG);
@@ -77,7 +80,8 @@ void main() {
         coopmat<float16_t, gl_ScopeWorkgroup, BC, BC, gl_MatrixUseB>(1.0);
 
     ivec2 keys = key_range(int(q0), int(q0 + BR));
-    const uint kbase = kvh * pc.len_k * DK, vbase = kvh * pc.len_k * DV;
+    // Element offsets are multiples of 16 (DK, DV are); & ~7u says so to the compiler (16-byte loads).
+    const uint kbase = (kvh * pc.len_k * DK) & ~7u, vbase = (kvh * pc.len_k * DV) & ~7u;
     [[dont_unroll]] for (int kb = (keys.x / int(BC)) * int(BC); kb < keys.y; kb += int(BC)) {
         coopmat<float16_t, gl_ScopeWorkgroup, DK, BC, gl_MatrixUseB> kt;
         coopMatLoadTensorNV(kt, k_h, kbase, sliceTensorLayoutNV(lk, uint(kb), BC, 0, DK), transposed);
@@ -87,20 +91,33 @@ void main() {
         } else {
             coopMatPerElementNV(s, s, score_op, q0, uint(kb), mbase);
         }
-        ACC(BR, BC) rowmax, m_new, p, alpha;
+        ACC(BR, BC) rowmax, p;
         coopMatReduceNV(rowmax, s, gl_CooperativeMatrixReduceRowNV, max_reduce);
-        coopMatPerElementNV(m_new, rowmax, max_op, m);
-        coopMatPerElementNV(p, s - m_new, exp2_op);
-        coopMatPerElementNV(alpha, m - m_new, exp2_op);
-        m = m_new;
+#ifndef EAGER
+        // Lazy rescale (as fa2_fwd_coopmat.comp): the reference max m moves only when some row's max
+        // passes it by more than TAU, so most tiles skip the rescale of O and L. P <= 2^TAU then.
+        ACC(BR, BC) growth;
+        coopMatReduceNV(growth, rowmax - m, gl_CooperativeMatrixReduceRowAndColumnNV, max_reduce);
+        if (growth[0] > TAU) {  // the same value in every element: uniform across the workgroup
+#endif
+            ACC(BR, BC) m_new, alpha;
+            coopMatPerElementNV(m_new, rowmax, max_op, m);
+            coopMatPerElementNV(alpha, m - m_new, exp2_op);
+            m = m_new;
+            l = l * alpha;
+            ACC(BR, DV) alpha_o;
+            coopMatReduceNV(alpha_o, alpha, gl_CooperativeMatrixReduceRowNV, max_reduce);  // row-constant: smear
+            o = o * alpha_o;
+#ifndef EAGER
+        }
+#endif
+        coopMatPerElementNV(p, s - m, exp2_op);
         coopmat<float16_t, gl_ScopeWorkgroup, BR, BC, gl_MatrixUseA> pa =
             coopmat<float16_t, gl_ScopeWorkgroup, BR, BC, gl_MatrixUseA>(p);
-        l = l * alpha + coopMatMulAdd(pa, ones, ACC(BR, BC)(0.0));  // row sums of the fp16 P that P V uses
-        ACC(BR, DV) alpha_o;
-        coopMatReduceNV(alpha_o, alpha, gl_CooperativeMatrixReduceRowNV, max_reduce);  // row-constant: smear
+        l += coopMatMulAdd(pa, ones, ACC(BR, BC)(0.0));  // row sums of the fp16 P that P V uses
         coopmat<float16_t, gl_ScopeWorkgroup, BC, DV, gl_MatrixUseB> vb;
         coopMatLoadTensorNV(vb, v_h, vbase, sliceTensorLayoutNV(lv, uint(kb), BC, 0, DV));
-        o = coopMatMulAdd(pa, vb, o * alpha_o);
+        o = coopMatMulAdd(pa, vb, o);
     }
 
     ACC(BR, DV) inv_l;
@@ -109,7 +126,7 @@ void main() {
     o = o * inv_l + ACC(BR, DV)(TEST_CORRUPT != 0u ? 1.0 : 0.0);
     coopmat<float16_t, gl_ScopeWorkgroup, BR, DV, gl_MatrixUseAccumulator> oh =
         coopmat<float16_t, gl_ScopeWorkgroup, BR, DV, gl_MatrixUseAccumulator>(o);
-    coopMatStoreTensorNV(oh, o_h, y * pc.len_q * DV, sliceTensorLayoutNV(lo, q0, BR, 0, DV));
+    coopMatStoreTensorNV(oh, o_h, (y * pc.len_q * DV) & ~7u, sliceTensorLayoutNV(lo, q0, BR, 0, DV));
     uint rows = min(BR, pc.len_q - min(q0, pc.len_q));
     coopMatPerElementNV(m, m, lse_op, l, y * pc.len_q + q0, rows);
 }
