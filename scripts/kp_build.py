@@ -232,15 +232,19 @@ def input_key() -> str:
 
 def build() -> Path:
     """The patched kp as ``_kp<EXT_SUFFIX>`` under build/kp-private/, compiled once per set of inputs.
-    Exits with one message when the machine lacks something the build needs."""
-    lacking, pybind11 = missing(), pybind11_problem()
-    if lacking or pybind11:
-        sys.exit(missing_message(lacking, pybind11))
+    Exits with one message when the machine lacks something the build needs (a cached build needs
+    pybind11 alone: its version is one of the inputs)."""
+    pybind11 = pybind11_problem()
+    if pybind11:
+        sys.exit(missing_message(missing(), pybind11))
     suffix = sysconfig.get_config_var("EXT_SUFFIX")
     cache = CACHE / input_key()
     target = cache / f"{MODULE}{suffix}"
     if target.exists():
         return target
+    lacking = missing()
+    if lacking:
+        sys.exit(missing_message(lacking, None))
     shutil.rmtree(cache, ignore_errors=True)
     cache.mkdir(parents=True)
     with tarfile.open(KP_SDIST) as tar:

@@ -70,12 +70,18 @@ def test_one_message_names_what_to_install(kp_build: ModuleType, platform: str, 
     assert 'pip install "pybind11>=2.12,<3"' in message and "prebuilt aule-kp wheel" in message
 
 
-def test_build_stops_with_that_message(kp_build: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("pybind11", [None, "pybind11 is not installed"])
+def test_build_stops_with_that_message(kp_build: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                       pybind11: str) -> None:
+    monkeypatch.setattr(kp_build, "CACHE", tmp_path)  # no cached build to fall back on
     monkeypatch.setattr(kp_build, "missing", lambda: ["compiler", "vulkan"])
-    monkeypatch.setattr(kp_build, "pybind11_problem", lambda: None)
+    monkeypatch.setattr(kp_build, "pybind11_problem", lambda: pybind11)
+    if pybind11 is None:
+        pytest.importorskip("pybind11")
     with pytest.raises(SystemExit) as stop:
         kp_build.build()
-    assert "lacks: a C++17 compiler, the Vulkan headers and loader." in str(stop.value.code)
+    assert "lacks: a C++17 compiler, the Vulkan headers and loader" in str(stop.value.code)
+    assert ("pybind11" in str(stop.value.code)) == (pybind11 is not None)
 
 
 def test_vulkan_sdk_is_searched_first(kp_build: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

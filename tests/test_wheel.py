@@ -97,11 +97,12 @@ def test_vulkan_suite_under_numpy2_with_the_installed_wheel(wheel_venv: Path, tm
 
 @needs_wheel
 def test_private_kp_coexists_with_the_users_kp(wheel_venv: Path, tmp_path: Path) -> None:
-    """The environment's own kp (.venv's, pybind11 2.10: the same internals version as the wheel's
-    2.13 on Python < 3.12) imported beside the wheel's: both load, each with its own types."""
+    """The environment's own kp imported beside the wheel's: both load, each with its own types. Only
+    where the environment has a kp: `make install` builds the private one alone (aule_kp/_kp), so a
+    .venv holds a plain ``kp`` only from before that, or where a user installed one."""
     spec = importlib.util.find_spec("kp")
     if spec is None or spec.origin is None:
-        pytest.skip("no kp in this environment to put beside the wheel's")
+        pytest.skip("no kp in this environment to put beside the wheel's (make install builds aule_kp._kp only)")
     script = textwrap.dedent("""
         import kp, aule_kp.vulkan.device as d
         private = d.import_kp()
