@@ -212,7 +212,7 @@ def cmake_arguments(src: Path, work: Path, out: Path) -> List[str]:
     if sys.platform == "darwin":  # cibuildwheel says the target architectures in ARCHFLAGS
         archs = re.findall(r"-arch\s+(\S+)", os.environ.get("ARCHFLAGS", ""))
         args += [f"-DCMAKE_OSX_ARCHITECTURES={';'.join(archs)}"] if archs else []
-    if sys.platform == "win32":
+    if sys.platform == "win32" and not os.environ.get("CMAKE_GENERATOR"):  # Visual Studio's: its platform
         args += ["-A", "x64" if sys.maxsize > 2**32 else "Win32"]
     return args
 
