@@ -45,8 +45,10 @@ KOMPUTE_OPTIONS = {
     "KOMPUTE_OPT_DISABLE_VULKAN_VERSION_CHECK": "ON", "KOMPUTE_OPT_USE_BUILT_IN_VULKAN_HEADER": "OFF",
     "KOMPUTE_OPT_USE_BUILT_IN_FMT": "OFF", "KOMPUTE_OPT_USE_BUILT_IN_PYBIND11": "OFF", "KOMPUTE_OPT_INSTALL": "OFF",
 }
-# Prepended to kp's binding: its own pybind11 internals (no "type already registered" against another kp).
-PRELUDE = f'#define PYBIND11_INTERNALS_KIND "_aule_kp"\n#define VERSION_INFO "{KP_VERSION}"\n'
+# For every translation unit (kompute's own include pybind11 too: one value, or the inline get_internals()
+# differs between them): the binding's own pybind11 internals, so no "type already registered" against
+# another kp; and the version kp reports.
+DEFINITIONS = f'"PYBIND11_INTERNALS_KIND=\\"_aule_kp\\"" "VERSION_INFO=\\"{KP_VERSION}\\""'
 
 
 class Need(NamedTuple):
@@ -188,7 +190,8 @@ def edit_sources(src: Path, patch_id: str) -> None:
         ("python/src/main.cpp", r"PYBIND11_MODULE\(kp, m\)", f"PYBIND11_MODULE({MODULE}, m)"),
         ("python/src/main.cpp", r'(m\.attr\("aule_patch"\) = \d+;)',
          rf'\1\n    m.attr("aule_patch_id") = "{patch_id}";'),
-        ("python/src/main.cpp", r"\A", PRELUDE),
+        ("CMakeLists.txt", r"add_compile_definitions\(KOMPUTE_BUILD_PYTHON=1\)",
+         f"add_compile_definitions(KOMPUTE_BUILD_PYTHON=1 {DEFINITIONS})".replace("\\", "\\\\")),
         ("CMakeLists.txt", r"\n *find_package\(PythonLibs REQUIRED\)", ""),
         ("src/CMakeLists.txt", r"pybind11::headers \$\{PYTHON_LIBRARIES\}", "pybind11::headers"),
     ]
