@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import textwrap
@@ -51,8 +52,13 @@ def test_wheel_holds_kp_spirv_and_glsl() -> None:
     assert kernels
     missing = [k for k in kernels if f"aule_kp/spirv/{k}.spv" not in names or f"aule_kp/glsl/{k}.comp" not in names]
     assert not missing, f"kernels missing from the wheel: {missing}"
-    assert any(n.startswith("aule_kp/_kp.") and n.endswith(".so") for n in names)
+    private = [n for n in names if n.startswith("aule_kp/_kp.") and n.endswith(".so")]
+    assert private
     assert not any(n.startswith("kp.") or n.startswith("kp/") for n in names), "kp must stay private to aule_kp"
+    # One pybind11 internals id in the whole module, the private one: kompute's sources include pybind11
+    # too, and a second id would leave which one the module uses to the linker (then a user's kp clashes).
+    ids = set(re.findall(rb"__pybind11_internals_v\d+\w*?__", zipfile.ZipFile(built_wheels()[-1]).read(private[0])))
+    assert len(ids) == 1 and b"_aule_kp" in ids.pop(), "the private kp must use its own pybind11 internals alone"
 
 
 @needs_wheel
