@@ -136,6 +136,8 @@ def limit_reasons(variant: Variant, caps: DeviceCaps, problem: Problem, snapshot
         # lavapipe, take them.
         reasons.append(f"{variant.label} does not take soft-capped or ALiBi scores"
                        + (" or sinks" if variant.family == "fwd.coopmat" else "") + " (the scalar kernels do)")
+    if variant.needs_coopmat2 and (problem.has_score_mods or problem.sinks):
+        reasons.append(f"{variant.label} does not take soft-capped or ALiBi scores or sinks (the scalar kernels do)")
     m, top = variant.head_dim_multiple, variant.max_head_dim
     if problem.dim_k % m or problem.dim_v % m or (top is not None and max(problem.dim_k, problem.dim_v) > top):
         reasons.append(f"{variant.label} needs head dims that are multiples of {m}"
