@@ -14,6 +14,7 @@ from . import dispatch, inputs
 from .backend import Backend, Runner, check_backend_name
 from .dtypes import ITEMSIZE, STORAGE
 from .problem import Problem, band
+from .quant import check_precision
 
 
 @dataclass
@@ -74,14 +75,17 @@ def prepare(
     backend: str = "auto",
     top_left: bool = False,
     broadcasts_in_place: bool = True,
+    precision: Any = "fp",
 ) -> Prepared:
     """Validates and normalises one call (errors name the argument), and picks its backend.
 
     With ``broadcasts_in_place``, k/v broadcast over heads (stride 0) become one kv head and a mask's
     broadcast axes size 1, neither copied; a backward pass that must return gradients in the
-    caller's shapes turns it off. Sizes are checked before anything is copied.
+    caller's shapes turns it off. Sizes are checked before anything is copied. ``precision``: "fp"
+    (or None) or "int8" (``aule_kp.quant``).
     """
     dtype, (b, hq, hkv, lq, lk, dk, dv), scale = check_call(q, k, v, causal, scale, window, backend)
+    precision = check_precision(precision)
     if broadcasts_in_place:
         k, v = inputs.shared_kv_head(k, v)
         hkv = int(k.shape[1])
@@ -91,7 +95,8 @@ def prepare(
         mask, is_bool = inputs.mask_view(attn_mask, (b, hq, lq, lk), collapse=broadcasts_in_place)
         mask_shape = tuple(int(s) for s in mask.shape)
     device = q.device.type if inputs.is_torch(q) else None
-    problem = Problem(b, hq, hkv, lq, lk, dk, dv, dtype, float(scale), diag, left, right, mask_shape, device)
+    problem = Problem(b, hq, hkv, lq, lk, dk, dv, dtype, float(scale), diag, left, right, mask_shape, device,
+                      precision)
     out_bytes = b * hq * lq * dv * ITEMSIZE[dtype]
     if problem.empty or lk == 0:
         inputs.check_memory([("the output", 0 if device not in (None, "cpu") else out_bytes)])

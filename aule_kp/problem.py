@@ -40,6 +40,8 @@ class Problem:
     # backends such as Triton say whether they can take the tensors; not part of equality or hash,
     # since it does not change the math (plans keyed by Problem are shared).
     device: Optional[str] = field(default=None, compare=False)
+    # "fp": exact attention; "int8": SageAttention's INT8 Q·Kᵀ (aule_kp.quant), a different result.
+    precision: str = "fp"
 
     @property
     def group(self) -> int:

@@ -21,6 +21,7 @@ from ..backend import Backend
 from ..dtypes import STORAGE, from_f32, to_f32
 from ..nonfinite import enforce
 from ..problem import Problem
+from . import int8
 from .backward import attention_backward
 from .pool import BLAS, split_range, worker_count
 
@@ -314,6 +315,8 @@ class CpuBackend(Backend):
         p = problem
         if mask is not None:
             mask = np.asarray(mask, dtype=np.float32)
+        if p.precision == "int8":
+            return int8.forward(p, q, k, v, mask)
         job = _Forward(p, q, k, v, mask, self.block_q, self.block_k, self.step)
         if job.lse.size == 0:  # no query rows (Dv = 0 alone still has row statistics to compute)
             return job.out, job.lse
