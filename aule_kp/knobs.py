@@ -94,6 +94,8 @@ KNOBS: Tuple[Knob, ...] = (
          "1: GpuTensors live in host memory on discrete GPUs too"),
     Knob("AULE_KP_SPIRV_CACHE", "spirv_cache", str, None,
          "folder of the compiled SPIR-V (default: spirv_cache/ in the source tree); read once, at import"),
+    Knob("AULE_KP_GLSLANG", "glslang", str, None,
+         "a glslang >= 15.2 to rebuild glsl/prebuilt/ with (scripts/glslang15.sh; default: `glslang` on PATH)"),
     Knob("AULE_KP_TEST_CORRUPT", "test_corrupt", _families, frozenset(),
          "TEST ONLY: comma list of kernel families whose outputs are made wrong (self-check tests)"),
 )

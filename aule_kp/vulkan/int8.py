@@ -1,0 +1,247 @@
+"""``precision="int8"`` on Vulkan (the scheme is aule_kp/quant.py): its kernel choice and its plan.
+
+One recorded sequence per call: ``fa2_int8_quant`` smooths and quantizes K into two device-only
+buffers (glsl/fa2_int8.glsl), then the attention kernel quantizes each workgroup's Q block as it
+loads it and runs Q·Kᵀ on int8. Variants:
+
+* ``int8dot`` (glsl/fa2_fwd_int8.comp): scalar/subgroup, packed 4 x int8 dot products
+  (``GL_EXT_integer_dot_product``; core in Vulkan 1.3, lavapipe runs it). Its SPIR-V ships prebuilt.
+* ``int8coopmat`` (glsl/fa2_fwd_int8_coopmat.comp): ``coopmat<int8_t>`` for Q·Kᵀ, chosen where the
+  device reports a subgroup-scope s8 x s8 + s32 shape of the kernel's size.
+
+Plans are exact (keyed by their Problem) and bind every (batch, kv-head) group in one dispatch. The
+self-check, the tuning cache and split-KV do not cover these kernels (yet).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+
+from .. import knobs
+from ..problem import Problem
+from ..quant import BLOCK_K, BLOCK_Q, check_host_values
+from .configs import DTYPE_CODE, KernelConfig
+from .plan import (
+    BINDINGS,
+    INPUTS,
+    MAX_GRID_Y,
+    OUTPUTS,
+    Chunk,
+    Plan,
+    binding_limit,
+    group_bytes,
+    mask_bytes,
+    push_constants,
+    query_grid,
+    query_tiles_reason,
+    stats,
+)
+from .probe import DeviceCaps
+
+#: In the order the automatic choice tries them.
+VARIANTS = ("int8coopmat", "int8dot")
+#: Device-only buffers the quantize pass writes and the attention reads (bindings 6 and 7).
+SCRATCH = ("k8", "kscale")
+#: Invocations of fa2_int8_quant.comp (a power of two, a multiple of DK/2 for every DK <= 256).
+QUANT_WG = 256
+#: lavapipe (gallivm) ends every loop of an invocation once 65535 iterations have run in total.
+CPU_LOOP_LIMIT = 65535
+#: The int8 coopmat shape the kernel is written for: (M, N, K) of a subgroup-scope s8 x s8 + s32 matrix.
+COOPMAT_SHAPE = (16, 16, 32)
+
+
+@dataclass(frozen=True)
+class Int8Config:
+    """The two pipelines of an int8 forward: ``quant`` (fa2_int8_quant) and ``kernel`` (the attention)."""
+
+    kernel: KernelConfig
+    quant: KernelConfig
+
+    @property
+    def variant(self) -> str:
+        return self.kernel.variant
+
+
+def int8_group_bytes(p: Problem) -> Dict[str, int]:
+    """Bytes each buffer needs per (batch, kv-head) group: the forward's and the quantized K's."""
+    return dict(group_bytes(p), k8=p.len_k * p.dim_k, kscale=4 * math.ceil(p.len_k / BLOCK_K))
+
+
+def integer_dot(caps: DeviceCaps) -> bool:
+    """Whether the device has packed int8 dot products (Vulkan 1.3 core, where the patched kp enables them)."""
+    major, minor = (int(x) for x in caps.api_version.split(".")[:2])
+    return (major, minor) >= (1, 3) and "VK_KHR_shader_integer_dot_product" in caps.extensions
+
+
+def int8_coopmat(caps: DeviceCaps) -> bool:
+    """Whether the device reports the subgroup-scope s8 x s8 + s32 cooperative-matrix shape of the kernel."""
+    return any(tuple(s[:3]) == COOPMAT_SHAPE and tuple(s[3:7]) == ("s8", "s8", "s32", "s32") and s[7] == "subgroup"
+               for s in caps.coopmat_shapes)
+
+
+def _pow2_floor(x: int) -> int:
+    return 1 << (max(1, x).bit_length() - 1)
+
+
+def _dot_kernel(caps: DeviceCaps, p: Problem) -> KernelConfig:
+    """glsl/fa2_fwd_int8.comp's tiles: BR = BLOCK_Q rows (one Q scale per workgroup), TPR lanes per
+    row with a whole number of packed q words and o pairs each, RPT rows per lane group."""
+    dmax = max(p.dim_k, p.dim_v)
+    shuffle = caps.subgroup_size if caps.subgroup_shuffle else 1
+    cpu = caps.type == "cpu"
+    tpr = min(8, shuffle, _pow2_floor(dmax // (16 if cpu else 32)))
+    while tpr > 1 and (p.dim_k % (4 * tpr) or p.dim_v % (2 * tpr)):
+        tpr //= 2
+    # CPU drivers: 4 rows per lane group so each K/V load feeds 4 rows (as the scalar forward).
+    rpt, bc = (4, 8) if cpu else (1, 16)
+    wg = BLOCK_Q // rpt * tpr
+    return KernelConfig("int8dot", "fa2_fwd_int8", p.dim_k, p.dim_v, BLOCK_Q, bc, tpr, DTYPE_CODE[p.dtype], wg, 0, rpt)
+
+
+def _coopmat_kernel(caps: DeviceCaps, p: Problem) -> KernelConfig:
+    """glsl/fa2_fwd_int8_coopmat.comp: BR = BLOCK_Q rows over 4 subgroups of 16, BC = 32 keys."""
+    wave = max(caps.subgroup_size, 1)
+    return KernelConfig("int8coopmat", "fa2_fwd_int8_coopmat", p.dim_k, p.dim_v, BLOCK_Q, 32, 1,
+                        DTYPE_CODE[p.dtype], 4 * wave, 1, 1)
+
+
+def coopmat_shared_bytes(k: KernelConfig) -> int:
+    """Shared memory of glsl/fa2_fwd_int8_coopmat.comp (the formula in its header)."""
+    return (k.br * k.dk + k.bc * k.dk + 4 * k.br * k.bc + 2 * k.br * k.bc + 2 * k.bc * k.dv + 4 * k.br * k.dv
+            + 4 * 3 * k.br + 4 * k.wg)
+
+
+def _quant_kernel(p: Problem) -> KernelConfig:
+    return KernelConfig("int8quant", "fa2_int8_quant", p.dim_k, p.dim_v, BLOCK_Q, BLOCK_K, 1, DTYPE_CODE[p.dtype],
+                        QUANT_WG, 0, 1)
+
+
+def variant_reasons(name: str, caps: DeviceCaps, p: Problem) -> List[str]:
+    """Why int8 variant ``name`` cannot run ``p`` on this device (empty: it can)."""
+    from .device import kp_status
+
+    reasons = []
+    if not kp_status()["patched"]:
+        reasons.append("kp is the unpatched release build: the int8 kernels' device features are not enabled")
+    if name == "int8dot":
+        if not integer_dot(caps):
+            reasons.append("device has no Vulkan 1.3 VK_KHR_shader_integer_dot_product")
+        if p.dim_k % 4 or p.dim_v % 2:
+            reasons.append("int8dot needs Dk a multiple of 4 and Dv a multiple of 2")
+        if max(p.dim_k, p.dim_v) > 256:
+            reasons.append("int8dot takes head dims up to 256")
+    elif name == "int8coopmat":
+        if not int8_coopmat(caps):
+            reasons.append(f"device has no {'x'.join(map(str, COOPMAT_SHAPE))} s8*s8+s32 subgroup cooperative matrix")
+        if p.dim_k % 32 or p.dim_v % 16 or max(p.dim_k, p.dim_v) > 256:
+            reasons.append("int8coopmat needs Dk a multiple of 32, Dv a multiple of 16, both at most 256")
+        elif coopmat_shared_bytes(_coopmat_kernel(caps, p)) > caps.shared_memory:
+            reasons.append(f"int8coopmat needs {coopmat_shared_bytes(_coopmat_kernel(caps, p))} B of shared memory")
+    else:
+        reasons.append(f"unknown int8 variant {name!r}; expected one of {VARIANTS}")
+    return reasons
+
+
+def choose(caps: DeviceCaps, p: Problem, snapshot: Optional[knobs.Snapshot] = None) -> Tuple[Optional[Int8Config],
+                                                                                            Tuple[str, ...]]:
+    """``(config, ())`` of the int8 forward for ``p`` on this device, or ``(None, reasons)``.
+    ``AULE_KP_FORCE_VARIANT`` (or the backend's ``variant``) pins one of ``VARIANTS``."""
+    snap = snapshot or knobs.current()
+    names = [snap.force_variant] if snap.force_variant in VARIANTS else list(VARIANTS)
+    why: Dict[str, List[str]] = {name: variant_reasons(name, caps, p) for name in names}
+    usable = [name for name in names if not why[name]]
+    if not usable:
+        detail = "; ".join(f"{n}: {', '.join(r)}" for n, r in why.items())
+        return None, (f"no Vulkan int8 kernel variant can run this problem ({detail})",)
+    kernel = (_coopmat_kernel if usable[0] == "int8coopmat" else _dot_kernel)(caps, p)
+    cfg = Int8Config(kernel, _quant_kernel(p))
+    reasons = []
+    for k in (kernel, cfg.quant):
+        if k.wg > caps.max_workgroup_invocations:
+            reasons.append(f"{k.kernel} needs {k.wg} invocations per workgroup, device allows "
+                           f"{caps.max_workgroup_invocations}")
+    tall = query_tiles_reason(p, kernel.br, caps.max_workgroup_count[1])
+    reasons += [tall] if tall else []
+    n_groups = p.batch * p.heads_kv
+    if p.group * n_groups > MAX_GRID_Y or n_groups > caps.max_workgroup_count[0]:
+        reasons.append(f"{p.group * n_groups} query heads x batch: over one dispatch's grid (int8 plans are not split)")
+    limit = binding_limit(caps.max_storage_buffer_range)
+    reasons += [f"its {name} buffer needs {n_groups * size} B in one binding: over the {limit} B storage binding "
+                "limit (int8 plans are not split)" for name, size in int8_group_bytes(p).items()
+                if n_groups * size > limit]
+    if mask_bytes(p) > limit:
+        reasons.append(f"the mask is over the {limit} B storage binding limit")
+    if caps.type == "cpu":
+        loops = {"the attention": -(-p.len_k // kernel.bc),
+                 "the quantize pass": -(-p.len_k // (QUANT_WG // (p.dim_k // 2))) + 2 * -(-p.len_k // BLOCK_K) * 9}
+        reasons += [f"{what} would loop {n} times per invocation; CPU drivers (lavapipe) stop at {CPU_LOOP_LIMIT}"
+                    for what, n in loops.items() if n > CPU_LOOP_LIMIT]
+    return (None, tuple(reasons)) if reasons else (cfg, ())
+
+
+class Int8Plan(Plan):
+    """The int8 forward's buffers and two pipelines for one Problem (an exact plan, one chunk)."""
+
+    def __init__(self, device: Any, problem: Problem, config: Int8Config):
+        kp = device.kp
+        p = problem
+        per = int8_group_bytes(p)
+        io_names = (*INPUTS, *OUTPUTS)
+        ((g0, g1),) = self._chunk_groups(device, p, config, {n: per[n] for n in io_names}, None,
+                                         "(batch, head) slice")
+        n = g1 - g0
+        tensors, memory = self._io_tensors({name: n * per[name] for name in io_names}, OUTPUTS)
+        tensors["mask"] = self.mask
+        for name in SCRATCH:
+            words = max(math.ceil(n * per[name] / 4), 1)
+            tensors[name] = device.manager.tensor_t(np.zeros(words, np.uint32), kp.TensorTypes.device)
+            self.nbytes += 2 * 4 * words  # device memory and its staging copy
+        bound = [tensors[name] for name in (*BINDINGS, *SCRATCH)]
+        push = push_constants(p, g0)
+        quant = self._algorithm(bound, config.quant, config.quant.spec(), (n, 1, 1), push)
+        attention = self._algorithm(bound, config.kernel, config.kernel.spec(),
+                                    query_grid(p, n * p.group, config.kernel.br), push)
+        self.chunks.append(Chunk(g0, g1, tensors, [quant, attention], memory=memory))
+        self.host_io = True
+        self.pipelined = False
+        self.bind(p, config)
+        stats["plans"] += 1
+
+    def record(self, sequence: Any, transfers: bool, chunks: Optional[List[Chunk]] = None) -> Any:
+        """Inputs up (with ``transfers``), the quantize pass, the attention, outputs back."""
+        kp = self.device.kp
+        p = self.problem
+        (c,) = self.chunks
+        inputs = [c.tensors[name] for name in INPUTS] if transfers else []
+        if p.has_mask:
+            inputs.append(self.mask)
+        if inputs:
+            sequence.record(kp.OpTensorSyncDevice(inputs))
+        quant, attention = c.algorithms
+        n = c.g1 - c.g0
+        push = push_constants(p, c.g0)
+        self._set_grid(quant, (n, 1, 1))
+        sequence.record(kp.OpAlgoDispatch(quant, push))
+        # The attention reads what the quantize pass wrote. kp records no compute -> compute barrier:
+        # syncing the scratch out records compute -> transfer, and the next dispatch's own
+        # transfer -> compute barrier on the same buffers completes the dependency (as backward.py).
+        sequence.record(kp.OpTensorSyncLocal([c.tensors[name] for name in SCRATCH]))
+        self._set_grid(attention, query_grid(p, n * p.group, self.config.kernel.br))
+        sequence.record(kp.OpAlgoDispatch(attention, push))
+        if transfers:
+            sequence.record(kp.OpTensorSyncLocal([c.tensors[name] for name in OUTPUTS]))
+        return sequence
+
+
+def run_forward(device: Any, problem: Problem, config: Int8Config, q: np.ndarray, k: np.ndarray, v: np.ndarray,
+                mask: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+    """One host-path int8 forward: ``(out, lse)`` as ``Backend.forward`` (ValueError for non-finite
+    inputs or float32 v beyond fp16's range, ``aule_kp.quant.check_values``)."""
+    check_host_values(q, k, v, problem.dtype)
+    with device.lock:
+        plan = device.plans.get(("int8", problem, config), lambda: Int8Plan(device, problem, config))
+        return plan.run(q, k, v, mask)
