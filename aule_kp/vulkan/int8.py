@@ -111,8 +111,8 @@ def _coopmat_kernel(caps: DeviceCaps, p: Problem) -> KernelConfig:
 
 def coopmat_shared_bytes(k: KernelConfig) -> int:
     """Shared memory of glsl/fa2_fwd_int8_coopmat.comp (the formula in its header)."""
-    return (k.br * k.dk + k.bc * k.dk + 4 * k.br * k.bc + 2 * k.br * k.bc + 2 * k.bc * k.dv + 4 * k.br * k.dv
-            + 4 * 3 * k.br + 4 * k.wg)
+    return (k.br * k.dk + k.bc * k.dk + 4 * k.br * k.bc + 2 * k.br * k.bc + 2 * k.bc * k.dv + 4 * k.br * 16
+            + 4 * 2 * k.br + 4 * k.wg + 4 * k.bc)
 
 
 def _quant_kernel(p: Problem) -> KernelConfig:
@@ -137,8 +137,12 @@ def variant_reasons(name: str, caps: DeviceCaps, p: Problem) -> List[str]:
     elif name == "int8coopmat":
         if not int8_coopmat(caps):
             reasons.append(f"device has no {'x'.join(map(str, COOPMAT_SHAPE))} s8*s8+s32 subgroup cooperative matrix")
-        if p.dim_k % 32 or p.dim_v % 16 or max(p.dim_k, p.dim_v) > 256:
-            reasons.append("int8coopmat needs Dk a multiple of 32, Dv a multiple of 16, both at most 256")
+        if p.dim_k % 32 or p.dim_v % 16 or max(p.dim_k, p.dim_v) > 128:
+            reasons.append("int8coopmat needs Dk a multiple of 32, Dv a multiple of 16, both at most 128")
+        if caps.min_subgroup_size not in (0, caps.max_subgroup_size):
+            reasons.append("int8coopmat needs a fixed subgroup size (4 subgroups of the reported size per workgroup)")
+        if p.dtype == "bfloat16":
+            reasons.append("int8coopmat runs P·V in fp16: bfloat16 runs on int8dot (P·V in bf16)")
         elif coopmat_shared_bytes(_coopmat_kernel(caps, p)) > caps.shared_memory:
             reasons.append(f"int8coopmat needs {coopmat_shared_bytes(_coopmat_kernel(caps, p))} B of shared memory")
     else:
