@@ -8,9 +8,10 @@
   head, ``BLOCK_K`` consecutive keys of one kv head, one float32 scale ``max|x| / 127`` each;
   values round half away from zero.
 * ``Q·Kᵀ`` is accumulated in int32 (exact) and scaled by the two blocks' scales: base-2 scores.
-* The softmax runs in float32 with exp2; ``P·V`` takes P rounded to 16 bits and V in 16 bits (fp16,
-  or bf16 for bf16 inputs: V is then exact) and accumulates in float32. The row sums use the
-  unrounded P, as FlashAttention's fp16 kernels do.
+* The softmax runs in float32 with exp2 (the row log-sum-exp a backend returns has the smoothing
+  shift ``scale·q·mean(k)`` added back: it is that of the scores the result comes from); ``P·V``
+  takes P rounded to 16 bits and V in 16 bits (fp16, or bf16 for bf16 inputs: V is then exact) and
+  accumulates in float32. The row sums use the unrounded P, as FlashAttention's fp16 kernels do.
 
 This module holds the constants and the NumPy form of the quantization (the CPU backend's reference,
 and what tests compare the device kernels with). The attention is opt-in and forward-only.
@@ -74,10 +75,25 @@ def round_half_away(x: np.ndarray) -> np.ndarray:
     return np.trunc(x + np.copysign(np.float32(0.5), x))
 
 
+def key_mean(k: np.ndarray) -> np.ndarray:
+    """float32 mean of ``k [..., Lk, D]`` over the keys, ``[..., 1, D]``: what smoothing subtracts."""
+    return np.asarray(k, dtype=np.float32).mean(axis=-2, dtype=np.float32, keepdims=True)
+
+
 def smooth_k(k: np.ndarray) -> np.ndarray:
     """float32 ``k - mean(k over the keys)`` per channel; k ``[..., Lk, D]``."""
-    k = np.asarray(k, dtype=np.float32)
-    return k - k.mean(axis=-2, dtype=np.float32, keepdims=True)
+    return np.asarray(k, dtype=np.float32) - key_mean(k)
+
+
+def lse_shift(q: np.ndarray, mean: np.ndarray, scale: float) -> np.ndarray:
+    """float32 ``scale · q · mean`` per query row ``[B, Hq, Lq]``: what smoothing took off every score
+    of the row (natural-log units), added back to the log-sum-exp. ``q`` float32 ``[B, Hq, Lq, D]``,
+    ``mean`` ``[B, Hkv, 1, D]`` (``key_mean``)."""
+    b, hq, lq, d = q.shape
+    hkv = mean.shape[1]
+    q5 = np.asarray(q, np.float32).reshape(b, hkv, hq // hkv, lq, d)
+    shift = np.einsum("bhgld,bhd->bhgl", q5, mean[:, :, 0, :], dtype=np.float32)
+    return (np.float32(scale) * shift).reshape(b, hq, lq)
 
 
 def quantize_blocks(x: np.ndarray, block: int) -> Tuple[np.ndarray, np.ndarray]:

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..dtypes import STORAGE, bf16_to_f32, f32_to_bf16, from_f32, to_f32
 from ..problem import Problem
-from ..quant import BLOCK_K, BLOCK_Q, LOG2E, check_host_values, pv_dtype, quantize_qk
+from ..quant import BLOCK_K, BLOCK_Q, LOG2E, check_host_values, key_mean, lse_shift, pv_dtype, quantize_qk
 
 #: Scores per block of rows (16 MiB of float32): rows per block = this / visible keys.
 _SCORES_PER_BLOCK = 1 << 22
@@ -43,7 +43,8 @@ def forward(p: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray,
     """``(out [B, Hq, Lq, Dv] in q's storage, lse float32 [B, Hq, Lq])`` (natural log) of the
     INT8 scheme; ValueError for non-finite inputs or fp32 v beyond fp16's range."""
     check_host_values(q, k, v, p.dtype)
-    q8, qs, k8, ks = quantize_qk(to_f32(q, p.dtype), to_f32(k, p.dtype), p.scale)
+    qf, kf = to_f32(q, p.dtype), to_f32(k, p.dtype)
+    q8, qs, k8, ks = quantize_qk(qf, kf, p.scale)
     pv = pv_dtype(p.dtype)
     v16 = round16(to_f32(v, p.dtype), pv)
     out = np.empty((p.batch, p.heads_q, p.len_q, p.dim_v), STORAGE[p.dtype])
@@ -67,7 +68,7 @@ def forward(p: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray,
                     o, row_lse = _softmax_pv(s, v16[b, kv, lo:hi], pv)
                     out[b, h, i0:i1] = from_f32(o, p.dtype)
                     lse[b, h, i0:i1] = row_lse
-    return out, lse
+    return out, lse + lse_shift(qf, key_mean(kf), p.scale)
 
 
 def _mask_block(mask: np.ndarray, b: int, h: int, i0: int, i1: int, lo: int, hi: int) -> np.ndarray:

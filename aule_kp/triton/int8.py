@@ -169,4 +169,7 @@ def forward(problem: Problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         HAS_RIGHT=p.right is not None, HAS_MASK=has_mask, KBLOCK=BLOCK_K, PV_BF16=pv_dtype(p.dtype) == "bfloat16",
         DOT=2 if interpreting() else 0,
         num_warps=4 if max(bdk, bdv) <= 64 else 8, num_stages=2)
-    return out, lse
+    # The kernel's lse is that of the smoothed scores: add the smoothing shift scale * q.mean back.
+    g = p.group
+    shift = torch.einsum("bhgld,bhd->bhgl", q.float().reshape(p.batch, p.heads_kv, g, p.len_q, p.dim_k), mean)
+    return out, lse + p.scale * shift.reshape(lse.shape)

@@ -22,8 +22,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from .. import knobs
+from ..dtypes import to_f32
 from ..problem import Problem
-from ..quant import BLOCK_K, BLOCK_Q, check_host_values
+from ..quant import BLOCK_K, BLOCK_Q, check_host_values, key_mean, lse_shift
 from .configs import DTYPE_CODE, KernelConfig
 from .plan import (
     BINDINGS,
@@ -244,8 +245,11 @@ class Int8Plan(Plan):
 def run_forward(device: Any, problem: Problem, config: Int8Config, q: np.ndarray, k: np.ndarray, v: np.ndarray,
                 mask: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
     """One host-path int8 forward: ``(out, lse)`` as ``Backend.forward`` (ValueError for non-finite
-    inputs or float32 v beyond fp16's range, ``aule_kp.quant.check_values``)."""
-    check_host_values(q, k, v, problem.dtype)
+    inputs or float32 v beyond fp16's range, ``aule_kp.quant.check_values``). The kernels' lse is
+    that of the smoothed scores: the host adds the smoothing shift back (``quant.lse_shift``)."""
+    p = problem
+    check_host_values(q, k, v, p.dtype)
     with device.lock:
-        plan = device.plans.get(("int8", problem, config), lambda: Int8Plan(device, problem, config))
-        return plan.run(q, k, v, mask)
+        plan = device.plans.get(("int8", p, config), lambda: Int8Plan(device, p, config))
+        out, lse = plan.run(q, k, v, mask)
+    return out, lse + lse_shift(to_f32(q, p.dtype), key_mean(to_f32(k, p.dtype)), p.scale)
