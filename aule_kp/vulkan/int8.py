@@ -242,6 +242,11 @@ class Int8Plan(Plan):
         return sequence
 
 
+def int8_plan(device: Any, problem: Problem, config: Int8Config) -> Int8Plan:
+    """The device's cached plan for ``problem`` (built on first use). Call under ``device.lock``."""
+    return device.plans.get(("int8", problem, config), lambda: Int8Plan(device, problem, config))
+
+
 def run_forward(device: Any, problem: Problem, config: Int8Config, q: np.ndarray, k: np.ndarray, v: np.ndarray,
                 mask: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
     """One host-path int8 forward: ``(out, lse)`` as ``Backend.forward`` (ValueError for non-finite
@@ -250,6 +255,5 @@ def run_forward(device: Any, problem: Problem, config: Int8Config, q: np.ndarray
     p = problem
     check_host_values(q, k, v, p.dtype)
     with device.lock:
-        plan = device.plans.get(("int8", p, config), lambda: Int8Plan(device, p, config))
-        out, lse = plan.run(q, k, v, mask)
+        out, lse = int8_plan(device, p, config).run(q, k, v, mask)
     return out, lse + lse_shift(to_f32(q, p.dtype), key_mean(to_f32(k, p.dtype)), p.scale)
