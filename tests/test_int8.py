@@ -275,6 +275,24 @@ def test_int8_coopmat_chosen_where_the_device_reports_s8_shapes():
     assert cfg.variant == "int8dot"
 
 
+def test_vulkan_int8_refuses_past_the_cpu_loop_limit():
+    from dataclasses import replace
+
+    from choice_grid import caps_of
+
+    from aule_kp.vulkan import int8
+    from aule_kp.vulkan.device import kp_status
+
+    if not kp_status()["patched"]:
+        pytest.skip("the int8 variants need the patched kp")
+    caps = caps_of("lavapipe")
+    caps = replace(caps, extensions=caps.extensions | {"VK_KHR_shader_integer_dot_product"})
+    ok, _ = int8.choose(caps, Problem(1, 1, 1, 1, 65536, 128, 128, "float16", 0.088, precision="int8"))
+    assert ok is not None
+    cfg, reasons = int8.choose(caps, Problem(1, 1, 1, 1, 1 << 20, 128, 128, "float16", 0.088, precision="int8"))
+    assert cfg is None and any("lavapipe" in r for r in reasons)
+
+
 # ---- prebuilt SPIR-V ----------------------------------------------------------------------------
 
 def test_prebuilt_spirv_matches_its_source_and_validates():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -15,7 +15,11 @@ from . import int8, tuning_cache
 from .backward import BackwardPlan, backward_plan, reduce_to_mask
 from .choice import BackwardChoice, Choice, backward_limits, choose_backward, choose_forward
 from .configs import BackwardConfig, ForwardConfig
+from .int8 import Int8Config
 from .plan import Plan, forward_plan, run_forward
+
+#: A forward pass's pipelines: fp (a forward kernel or split-KV) or precision="int8".
+AnyForward = Union[ForwardConfig, Int8Config]
 
 
 class VulkanBackend(Backend):
@@ -41,9 +45,10 @@ class VulkanBackend(Backend):
         why = devmod.unavailable()
         return [why] if why else []
 
-    def config(self, problem: Problem) -> ForwardConfig:
+    def config(self, problem: Problem) -> AnyForward:
         """The kernel specialisation for ``problem``: a forward KernelConfig, or a SplitKVConfig for
-        short query blocks over long keys (ValueError when no variant can take it)."""
+        short query blocks over long keys, or for precision="int8" an Int8Config (ValueError when
+        no variant can take it)."""
         cfg, reasons = self._choice(problem)
         if cfg is None:
             raise ValueError("; ".join(reasons))
@@ -88,7 +93,7 @@ class VulkanBackend(Backend):
             return forward_plan(dev, problem, cfg)
 
     def forward(self, problem: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray,
-                mask: Optional[np.ndarray], config: Optional[ForwardConfig] = None) -> Tuple[np.ndarray, np.ndarray]:
+                mask: Optional[np.ndarray], config: Optional[AnyForward] = None) -> Tuple[np.ndarray, np.ndarray]:
         run = int8.run_forward if problem.precision == "int8" else run_forward
         return run(devmod.get_device(), problem, config or self.config(problem), q, k, v, mask)
 

@@ -121,6 +121,17 @@ def _quant_kernel(p: Problem) -> KernelConfig:
                         QUANT_WG, 0, 1)
 
 
+def cpu_loops(kernel: KernelConfig, p: Problem) -> Dict[str, int]:
+    """Loop iterations per invocation of each int8 kernel, an upper bound (CPU drivers stop an
+    invocation at 65535 in all): the reduction trees (log2 WG each), the quantize pass's mean
+    stripes and its two passes over each key block, the attention's key tiles."""
+    tree = QUANT_WG.bit_length() - 1
+    blocks = -(-p.len_k // BLOCK_K)
+    per_block = 2 * -(-(BLOCK_K * p.dim_k // 4) // QUANT_WG) + tree
+    return {"fa2_int8_quant": -(-p.len_k // (QUANT_WG // (p.dim_k // 2))) + 1 + blocks * (per_block + 1),
+            kernel.kernel: -(-p.len_k // kernel.bc) + kernel.wg.bit_length()}
+
+
 def variant_reasons(name: str, caps: DeviceCaps, p: Problem) -> List[str]:
     """Why int8 variant ``name`` cannot run ``p`` on this device (empty: it can)."""
     from .device import kp_status
@@ -181,10 +192,8 @@ def choose(caps: DeviceCaps, p: Problem, snapshot: Optional[knobs.Snapshot] = No
     if mask_bytes(p) > limit:
         reasons.append(f"the mask is over the {limit} B storage binding limit")
     if caps.type == "cpu":
-        loops = {"the attention": -(-p.len_k // kernel.bc),
-                 "the quantize pass": -(-p.len_k // (QUANT_WG // (p.dim_k // 2))) + 2 * -(-p.len_k // BLOCK_K) * 9}
         reasons += [f"{what} would loop {n} times per invocation; CPU drivers (lavapipe) stop at {CPU_LOOP_LIMIT}"
-                    for what, n in loops.items() if n > CPU_LOOP_LIMIT]
+                    for what, n in cpu_loops(kernel, p).items() if n > CPU_LOOP_LIMIT]
     return (None, tuple(reasons)) if reasons else (cfg, ())
 
 
