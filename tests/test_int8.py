@@ -68,6 +68,14 @@ def offset_inputs(rng, dtype, d, b=1, hq=4, hkv=2, lq=100, lk=130, offset=10.0):
     return tuple(x.astype(dtype) for x in (q, k, v))
 
 
+def scheme_tolerance(p, q, k, v, stored=None):
+    """Max abs difference of a device kernel from the CPU reference of the scheme (module docstring):
+    the float32 model plus twice ``u16·max|v|`` (u16 of the type P is rounded to)."""
+    pv = "bfloat16" if (stored or p.dtype) == "bfloat16" else "float16"
+    v_max = float(np.abs(np.asarray(v, np.float32)).max())
+    return 2 * UNIT_ROUNDOFF[pv] * v_max + output_tolerance(p, q, k, v, stored=stored)
+
+
 def check_bar(backend, q, k, v, **kw):
     """The issue's bar on one problem; returns the int8 output."""
     ref = reference(q, k, v, **kw)
@@ -223,21 +231,45 @@ def test_vulkan_meets_the_bar_and_matches_the_cpu_scheme(rng, dtype, d):
         cpu = aule_kp.flash_attention(q, k, v, causal=causal, backend="cpu", precision="int8")
         diag, left, right = band(q.shape[2], k.shape[2], causal=causal, window=None, top_left=False)
         p = Problem(1, 4, 2, q.shape[2], k.shape[2], d, d, np.dtype(dtype).name, 1 / math.sqrt(d), diag, left, right)
-        atol = 2 * UNIT_ROUNDOFF["float16"] * float(np.abs(v.astype(np.float32)).max()) + output_tolerance(p, q, k, v)
-        np.testing.assert_allclose(out.astype(np.float32), cpu.astype(np.float32), atol=atol, rtol=0)
+        np.testing.assert_allclose(out.astype(np.float32), cpu.astype(np.float32),
+                                   atol=scheme_tolerance(p, q, k, v), rtol=0)
 
 
-def test_vulkan_mask_window_and_padding_rows(rng):
-    """A float mask, a sliding window and query/key lengths that are not multiples of the blocks."""
+def test_vulkan_bf16_mask_window_and_padding_rows(rng):
+    """bf16 (P·V in bf16), a float mask, a sliding window and query/key lengths that are not
+    multiples of the blocks."""
+    torch = pytest.importorskip("torch")
     _vulkan_int8()
-    q, k, v = offset_inputs(rng, np.float32, 64, hq=2, hkv=1, lq=70, lk=77)
+    q, k, v = (torch.from_numpy(x).to(torch.bfloat16)
+               for x in offset_inputs(rng, np.float32, 64, hq=2, hkv=1, lq=70, lk=77))
     mask = (rng.standard_normal((1, 2, 70, 77)) * 3).astype(np.float32)
-    mask[0, 1, 5] = -np.inf  # a row that sees no key: 0, lse -inf
-    ref = reference(q, k, v, window=(20, 5), mask=mask)
-    out = aule_kp.flash_attention(q, k, v, window=(20, 5), attn_mask=mask, backend="vulkan", precision="int8")
-    cos, l1, _ = sage_metrics(out, ref)
+    mask[0, 1, 5] = -np.inf  # a row that sees no key: 0
+    ref = reference(*(x.float().numpy() for x in (q, k, v)), window=(20, 5), mask=mask)
+    out = aule_kp.flash_attention(q, k, v, window=(20, 5), attn_mask=torch.from_numpy(mask), backend="vulkan",
+                                  precision="int8")
+    assert out.dtype == torch.bfloat16
+    cos, l1, _ = sage_metrics(out.float().numpy(), ref)
     assert cos >= COSINE_MIN and l1 <= REL_L1_MAX
-    np.testing.assert_array_equal(out[0, 1, 5], 0)
+    assert not out[0, 1, 5].any()
+
+
+def test_vulkan_int8_plans_are_reused_across_lengths(rng):
+    """A decode-like loop (keys growing by one) binds one plan's pipelines again instead of
+    building new ones, as the fp plans do."""
+    from aule_kp.vulkan import plan as planmod
+
+    _vulkan_int8()
+    q, k, v = offset_inputs(rng, np.float16, 64, lq=1, lk=90)
+    aule_kp.flash_attention(q, k[:, :, :80], v[:, :, :80], backend="vulkan", precision="int8")
+    made = dict(planmod.stats)
+    for lk in range(81, 90):
+        kk, vv = k[:, :, :lk], v[:, :, :lk]
+        out = aule_kp.flash_attention(q, kk, vv, backend="vulkan", precision="int8")
+        cpu = aule_kp.flash_attention(q, kk, vv, backend="cpu", precision="int8")
+        p = Problem(1, 4, 2, 1, lk, 64, 64, "float16", 0.125, diag=lk - 1)
+        np.testing.assert_allclose(out.astype(np.float32), cpu.astype(np.float32),
+                                   atol=scheme_tolerance(p, q, kk, vv), rtol=0)
+    assert planmod.stats["algorithms"] == made["algorithms"] and planmod.stats["plans"] == made["plans"]
 
 
 def test_vulkan_choice_int8_leaves_fp_alone():

@@ -34,6 +34,7 @@ from .plan import (
     Chunk,
     Plan,
     binding_limit,
+    capacity,
     group_bytes,
     mask_bytes,
     push_constants,
@@ -198,20 +199,21 @@ def choose(caps: DeviceCaps, p: Problem, snapshot: Optional[knobs.Snapshot] = No
 
 
 class Int8Plan(Plan):
-    """The int8 forward's buffers and two pipelines for one Problem (an exact plan, one chunk)."""
+    """The int8 forward's buffers and two pipelines, one chunk of every (batch, kv-head) group.
+    Reusable as the fp forward's plans are (plan.py): buffers of ``capacity`` bytes (``need_bytes``
+    names them) serve every problem of the same pipelines that fits them, bound in turn."""
 
-    def __init__(self, device: Any, problem: Problem, config: Int8Config):
+    def __init__(self, device: Any, problem: Problem, config: Int8Config, capacity: Dict[str, int]):
         kp = device.kp
         p = problem
-        per = int8_group_bytes(p)
         io_names = (*INPUTS, *OUTPUTS)
-        ((g0, g1),) = self._chunk_groups(device, p, config, {n: per[n] for n in io_names}, None,
-                                         "(batch, head) slice")
+        ((g0, g1),) = self._chunk_groups(device, p, config, {n: capacity[n] for n in io_names}, None,
+                                         "(batch, head) slice", capacity)
         n = g1 - g0
-        tensors, memory = self._io_tensors({name: n * per[name] for name in io_names}, OUTPUTS)
+        tensors, memory = self._io_tensors({name: capacity[name] for name in io_names}, OUTPUTS)
         tensors["mask"] = self.mask
         for name in SCRATCH:
-            words = max(math.ceil(n * per[name] / 4), 1)
+            words = max(math.ceil(capacity[name] / 4), 1)
             tensors[name] = device.manager.tensor_t(np.zeros(words, np.uint32), kp.TensorTypes.device)
             self.nbytes += 2 * 4 * words  # device memory and its staging copy
         bound = [tensors[name] for name in (*BINDINGS, *SCRATCH)]
@@ -251,9 +253,22 @@ class Int8Plan(Plan):
         return sequence
 
 
+def need_bytes(p: Problem) -> Dict[str, int]:
+    """Bytes each buffer of an int8 plan needs for ``p`` (every group in one chunk, the mask)."""
+    n_groups = p.batch * p.heads_kv
+    return dict({name: n_groups * size for name, size in int8_group_bytes(p).items()}, mask=mask_bytes(p))
+
+
 def int8_plan(device: Any, problem: Problem, config: Int8Config) -> Int8Plan:
-    """The device's cached plan for ``problem`` (built on first use). Call under ``device.lock``."""
-    return device.plans.get(("int8", problem, config), lambda: Int8Plan(device, problem, config))
+    """The device's plan of ``config``'s pipelines, bound to ``problem``: reused while the problem
+    fits its buffers, else replaced by a larger one (``plan.capacity``). Call under ``device.lock``."""
+    limit = binding_limit(device.caps.max_storage_buffer_range)
+    need = need_bytes(problem)
+
+    def build(old: Optional[Int8Plan]) -> Int8Plan:
+        return Int8Plan(device, problem, config, capacity(device, old and old.capacity, need, limit))
+
+    return device.plans.fitted(("int8", config, limit), need, build).bind(problem, config)
 
 
 def run_forward(device: Any, problem: Problem, config: Int8Config, q: np.ndarray, k: np.ndarray, v: np.ndarray,
