@@ -146,7 +146,8 @@ def forward(problem: Problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """``(out [B, Hq, Lq, Dv] in q's dtype, lse float32 [B, Hq, Lq])`` of the INT8 scheme on q's device."""
     p = problem
     check_tensor_values(q, k, v, p.dtype)
-    bdk, bdv = max(16, _p2(p.dim_k)), max(16, _p2(p.dim_v))
+    # int8 tensor-core products take K (here the head dim) in steps of 32.
+    bdk, bdv = max(32, _p2(p.dim_k)), max(16, _p2(p.dim_v))
     n_groups = p.batch * p.heads_kv
     n_kblocks = triton.cdiv(p.len_k, BLOCK_K)
     mean = k.float().mean(dim=2).contiguous()
