@@ -9,8 +9,9 @@ loads it and runs Q·Kᵀ on int8. Variants:
 * ``int8coopmat`` (glsl/fa2_fwd_int8_coopmat.comp): ``coopmat<int8_t>`` for Q·Kᵀ, chosen where the
   device reports a subgroup-scope s8 x s8 + s32 shape of the kernel's size.
 
-Plans are exact (keyed by their Problem) and bind every (batch, kv-head) group in one dispatch. The
-self-check, the tuning cache and split-KV do not cover these kernels (yet).
+A plan binds every (batch, kv-head) group in one dispatch (a problem over one storage binding is
+refused, not split) and is reused, as the fp plans are, by every problem of its pipelines that fits
+its buffers. The self-check, the tuning cache and split-KV do not cover these kernels (yet).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .. import knobs
 from ..dtypes import to_f32
 from ..problem import Problem
 from ..quant import BLOCK_K, BLOCK_Q, check_host_values, key_mean, lse_shift
+from .choice import CPU_LOOP_LIMIT
 from .configs import DTYPE_CODE, KernelConfig
 from .plan import (
     BINDINGS,
@@ -50,8 +52,6 @@ VARIANTS = ("int8coopmat", "int8dot")
 SCRATCH = ("k8", "kscale")
 #: Invocations of fa2_int8_quant.comp (a power of two, a multiple of DK/2 for every DK <= 256).
 QUANT_WG = 256
-#: lavapipe (gallivm) ends every loop of an invocation once 65535 iterations have run in total.
-CPU_LOOP_LIMIT = 65535
 #: The int8 coopmat shape the kernel is written for: (M, N, K) of a subgroup-scope s8 x s8 + s32 matrix.
 COOPMAT_SHAPE = (16, 16, 32)
 
