@@ -31,6 +31,7 @@ LEAVES = {
     "aule_kp.vulkan.tuning_cache": "the tuning cache's generation, part of the choice's memo key",
     "aule_kp.dtypes": "dtype tables",
     "aule_kp.backend": "the Backend base class and the backend-name check",
+    "aule_kp.quant": "the precision argument's check (the int8 scheme's code runs only for precision='int8')",
 }
 
 def entries() -> List[str]:
