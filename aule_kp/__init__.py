@@ -26,4 +26,8 @@ def __getattr__(name: str) -> Any:
         from . import torch as torch_integration
 
         return getattr(torch_integration, name)
+    if name == "nn":  # the attention layers (torch modules), on first use like the torch entry points
+        import importlib
+
+        return importlib.import_module(".nn", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -32,6 +32,7 @@ LEAVES = {
     "aule_kp.dtypes": "dtype tables",
     "aule_kp.backend": "the Backend base class and the backend-name check",
     "aule_kp.quant": "the precision argument's check (the int8 scheme's code runs only for precision='int8')",
+    "aule_kp.scoremods": "the score modifiers' argument checks and spec values, asked where each is used",
 }
 
 def entries() -> List[str]:

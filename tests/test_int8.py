@@ -120,6 +120,14 @@ def test_bad_precision_names_the_argument(bad):
         aule_kp.flash_attention(q, q, q, backend="cpu", precision=bad)
 
 
+@pytest.mark.parametrize("mod", [dict(softcap=30.0), dict(alibi_slopes=np.ones(4, np.float32)),
+                                 dict(sinks=np.zeros(4, np.float32))])
+def test_score_modifiers_are_refused(rng, mod):
+    q, k, v = offset_inputs(rng, np.float32, 64, lq=8, lk=8)
+    with pytest.raises(ValueError, match="precision='int8' takes no"):
+        aule_kp.flash_attention(q, k, v, backend="cpu", precision="int8", **mod)
+
+
 def test_precision_none_is_fp(rng):
     q, k, v = offset_inputs(rng, np.float32, 64, lq=8, lk=8)
     np.testing.assert_array_equal(aule_kp.flash_attention(q, k, v, backend="cpu", precision=None),

@@ -272,10 +272,14 @@ def int8_plan(device: Any, problem: Problem, config: Int8Config) -> Int8Plan:
 
 
 def run_forward(device: Any, problem: Problem, config: Int8Config, q: np.ndarray, k: np.ndarray, v: np.ndarray,
-                mask: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+                mask: Optional[np.ndarray], *, alibi: Optional[np.ndarray] = None,
+                sinks: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
     """One host-path int8 forward: ``(out, lse)`` as ``Backend.forward`` (ValueError for non-finite
     inputs or float32 v beyond fp16's range, ``aule_kp.quant.check_values``). The kernels' lse is
-    that of the smoothed scores: the host adds the smoothing shift back (``quant.lse_shift``)."""
+    that of the smoothed scores: the host adds the smoothing shift back (``quant.lse_shift``).
+    ``alibi``/``sinks``: never given (``call.prepare`` refuses score modifiers with int8)."""
+    if alibi is not None or sinks is not None:
+        raise ValueError("precision='int8' takes no alibi_slopes or sinks")
     p = problem
     check_host_values(q, k, v, p.dtype)
     with device.lock:
