@@ -212,6 +212,24 @@ def test_sdpa_install_int8(rng):
         aule_kp.install(precision="int4")
 
 
+def test_layers_follow_enabled_precision(rng):
+    """aule_kp.nn layers run int8 under enabled(precision="int8") (inference), fp otherwise."""
+    torch = pytest.importorskip("torch")
+    from aule_kp.nn import GroupedQueryAttention
+
+    torch.manual_seed(0)
+    layer = GroupedQueryAttention(256, 4, 2, backend="cpu").eval()
+    x = torch.randn(1, 96, 256)
+    with torch.no_grad():
+        exact = layer(x)
+        with aule_kp.enabled(backend="cpu", precision="int8"):
+            quantized = layer(x)
+        again = layer(x)
+    torch.testing.assert_close(again, exact, rtol=0, atol=0)
+    cos, l1, _ = sage_metrics(quantized.numpy(), exact.numpy())
+    assert cos >= COSINE_MIN and 0 < l1 <= REL_L1_MAX
+
+
 # ---- Vulkan -------------------------------------------------------------------------------------
 
 def _vulkan_int8(variant="int8dot"):

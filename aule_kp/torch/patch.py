@@ -56,8 +56,9 @@ def install(backend: Optional[str] = None, precision: Optional[str] = None) -> N
             ``"vulkan"``) or one of ``"auto" | "vulkan" | "triton" | "cpu"`` for every device.
             Installing again only changes the backend and precision.
         precision: ``"fp"`` (default, also None) or ``"int8"``: SageAttention-style INT8 Q·Kᵀ for
-            the calls the engine takes (see :func:`aule_kp.flash_attention`); calls that need
-            gradients run ``"fp"`` (warned once), int8 being forward-only.
+            the calls the engine takes (see :func:`aule_kp.flash_attention`), the SDPA drop-in's and
+            the ``aule_kp.nn`` layers' (on aule-kp backends); calls that need gradients run ``"fp"``
+            (warned once), int8 being forward-only.
 
     Raises:
         ValueError: an unknown backend name or precision.
