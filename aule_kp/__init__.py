@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 from typing import Any
 
@@ -26,4 +27,6 @@ def __getattr__(name: str) -> Any:
         from . import torch as torch_integration
 
         return getattr(torch_integration, name)
+    if name == "distributed":  # sequence parallelism over torch.distributed: needs torch too
+        return importlib.import_module(f"{__name__}.distributed")
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
