@@ -2,15 +2,16 @@
 attention on the CPU backend, gloo on 127.0.0.1.
 
     .venv/bin/python benchmarks/ring_cpu.py [--seq 4096] [--heads 8] [--kv-heads 4] [--dim 64]
-                                            [--worlds 1 2 4] [--repeat 3] [--backend cpu]
+                                            [--worlds 1 2 4] [--repeat 3] [--rounds 2] [--backend cpu]
 
 Every world size runs on the same cores (each rank pinned to its share of them, round robin when
 there are more ranks than cores), so the table shows what splitting costs or saves on one machine:
 the transfers, the merges, the smaller blocks, and for causal attention how evenly each layout
 spreads the work. It is not a multi-GPU speed-up. Each rank holds ``seq / W`` positions of q, k and v
-(the memory sequence parallelism exists to save). Timing: one warm-up, then ``--repeat`` rounds of a
-forward pass and of a forward + backward pass, each started after a barrier and timed on every rank;
-a round takes as long as its slowest rank; medians.
+(the memory sequence parallelism exists to save). Timing: per launch one warm-up, then ``--repeat`` runs of
+a forward pass and of a forward + backward pass, each started after a barrier and timed on every
+rank (a run takes as long as its slowest rank); ``--rounds`` launches of each world size, taken in
+turn; medians of all runs.
 """
 
 from __future__ import annotations
@@ -74,15 +75,15 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, cores: Lis
                 elapsed = torch.tensor([time.perf_counter() - start], dtype=torch.float64)
                 dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)
                 seconds.append(float(elapsed))
-            timings.append(statistics.median(seconds[1:]))
+            timings.append(seconds[1:])
         table[(fn, causal, layout)] = tuple(timings)
     if rank == 0:
         results.put(table)
     dist.destroy_process_group()
 
 
-def run_world(world: int, args: argparse.Namespace, cores: List[int]) -> Dict[Tuple[str, bool, str], Tuple[float, ...]]:
-    """``{config: (forward s, forward + backward s)}`` of ``world`` ranks (rank 0 reports)."""
+def run_world(world: int, args: argparse.Namespace, cores: List[int]) -> Dict[Tuple[str, bool, str], Any]:
+    """``{config: ([forward s], [forward + backward s])}`` of ``world`` ranks (rank 0 reports)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -104,15 +105,24 @@ def main() -> None:
     parser.add_argument("--kv-heads", type=int, default=4)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2, 4])
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per launch, after one warm-up")
+    parser.add_argument("--rounds", type=int, default=2, help="launches of each world size, taken in turn")
     parser.add_argument("--backend", default="cpu")
     args = parser.parse_args()
     cores = sorted(os.sched_getaffinity(0))
-    tables = {w: run_world(w, args, cores) for w in args.worlds}
+    samples: Dict[int, Dict[Tuple[str, bool, str], Tuple[List[float], List[float]]]] = {
+        w: {c: ([], []) for c in CONFIGS} for w in args.worlds}
+    for _ in range(args.rounds):  # world sizes in turn, so that a shared machine's drift hits each alike
+        for w in args.worlds:
+            for config, (forward, both) in run_world(w, args, cores).items():
+                samples[w][config][0].extend(forward)
+                samples[w][config][1].extend(both)
+    tables = {w: {c: tuple(statistics.median(x) for x in runs) for c, runs in by_config.items()}
+              for w, by_config in samples.items()}
     now = datetime.datetime.now(datetime.timezone.utc)
     print(f"# {now:%Y-%m-%d %H:%M} UTC, {platform.machine()}, {len(cores)} cores, backend {args.backend}")
     print(f"# B1 Hq{args.heads} Hkv{args.kv_heads} S{args.seq} D{args.dim} float32; "
-          f"medians of {args.repeat}; ms (x the 1-process time of the same row)")
+          f"medians of {args.rounds} x {args.repeat}; ms (x the 1-process time of the same row)")
     print(f"| {'function':8} | {'causal':6} | {'layout':10} | {'ranks':5} | {'forward ms':>18} | {'fwd+bwd ms':>18} |")
     print(f"|{'-' * 10}|{'-' * 8}|{'-' * 12}|{'-' * 7}|{'-' * 20}|{'-' * 20}|")
     base = tables.get(min(args.worlds), {})
