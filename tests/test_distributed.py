@@ -32,7 +32,7 @@ from conftest import exponent_range, make_inputs, tolerance
 from reference import backward_scales, output_scale, reference_attention, reference_backward
 
 from aule_kp.distributed import PeerFailure, ring_attention, shard, ulysses_attention, unshard
-from aule_kp.distributed.layout import natural_order
+from aule_kp.distributed.layout import block, natural_order
 from aule_kp.dtypes import to_f32
 from aule_kp.problem import Problem, band
 from aule_kp.vulkan import device as devmod
@@ -316,6 +316,27 @@ def test_shard_unshard_and_natural_order(layout):
     assert torch.equal(joined if order is None else joined[:, :, order], x)
     if layout == "zigzag":
         assert parts[0][0, 0, :, 0].tolist() == [0, 1, 2, 3, 20, 21, 22, 23]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_causal_blocks_cover_exactly_what_queries_see(layout):
+    """For every (rank, source) pair of 1 to 5 ranks, the ring step's block holds every visible
+    (query, key) pair of the two chunks and, where it is not causal, only visible ones."""
+    for world in range(1, 6):
+        n = 4
+        positions = [shard(torch.arange(n * world).reshape(1, 1, -1, 1), r, world, layout)[0, 0, :, 0]
+                     for r in range(world)]
+        for rank in range(world):
+            for source in range(world):
+                seen = positions[source][None, :] <= positions[rank][:, None]
+                blk = block(rank, source, n, n, True, layout)
+                inside = torch.zeros_like(seen)
+                if blk is not None:
+                    inside[blk.rows, blk.cols] = True
+                    part = seen[blk.rows, blk.cols]
+                    want = torch.ones_like(part).tril() if blk.causal else torch.ones_like(part)
+                    assert torch.equal(part, want), (world, rank, source)
+                assert not (seen & ~inside).any(), (world, rank, source)
 
 
 def test_bad_arguments_are_named():
