@@ -21,6 +21,7 @@ from ..backend import Backend
 from ..dtypes import STORAGE, from_f32, to_f32
 from ..nonfinite import enforce
 from ..problem import Problem
+from ..scoremods import alibi_distance, cap, fold_sinks
 from .backward import attention_backward
 from .pool import BLAS, split_range, worker_count
 
@@ -73,10 +74,13 @@ class _Forward:
         block_q: int,
         block_k: int,
         step: int,
+        alibi: Optional[np.ndarray] = None,
+        sinks: Optional[np.ndarray] = None,
     ) -> None:
         p = problem
         self.p = p
         self.q, self.k, self.v, self.mask = q, k, v, mask
+        self.alibi, self.sinks = alibi, sinks
         self.block_k = block_k
         self.step = step
         self.tile_elems = block_q * block_k
@@ -151,7 +155,8 @@ class _Forward:
         spares a block's first tile the max and subtract passes.
         """
         _, _, a, e, c0, c1 = tile
-        if self.mask is not None or not self._inside_band(a, e, c0, c1):
+        # A soft-capped or biased score is below the plain one the sample sees: no shift from it.
+        if self.mask is not None or self.p.has_score_mods or not self._inside_band(a, e, c0, c1):
             return False
         # Rows without a shift have 0 in qa's shift column, so these are plain scores.
         est = (qa @ kt[:: max(1, (c1 - c0) // _PROBE_KEYS)].T).max(axis=1)
@@ -175,12 +180,22 @@ class _Forward:
         return hidden
 
     def _scores(self, s: np.ndarray, qa: np.ndarray, kt: np.ndarray, block: _Block, tile: _Tile) -> None:
-        """``s = scale * q.k - shift`` over the tile, mask added, band applied."""
+        """``s = cap(scale * q.k) + alibi - shift`` over the tile, mask added, band applied."""
         p = self.p
         b, h0, h1, _, _ = block
         _, _, a, e, c0, c1 = tile
-        np.matmul(qa, kt.T, out=s)
         s3 = s.reshape(h1 - h0, e - a, c1 - c0)
+        if p.has_score_mods:
+            # The shift cannot ride in the GEMM: it comes after the cap.
+            dk = p.dim_k
+            np.matmul(qa[:, :dk], kt[:, :dk].T, out=s)
+            cap(s, p.softcap)
+            if self.alibi is not None:
+                slopes = self.alibi[b if self.alibi.shape[0] > 1 else 0, h0:h1]
+                s3 -= slopes[:, None, None] * alibi_distance(p.diag, np.arange(a, e), np.arange(c0, c1))[None]
+            s += qa[:, dk:]
+        else:
+            np.matmul(qa, kt.T, out=s)
         if self.mask is not None:
             mb, mh, mq, mk = self.mask.shape
             s3 += self.mask[
@@ -249,6 +264,8 @@ class _Forward:
             np.matmul(s, vt, out=part)
             at += part
         total = acc[:, dv]
+        if self.sinks is not None:
+            acc[:, :dv] *= fold_sinks(m, total, np.repeat(self.sinks[h0:h1], i1 - i0))[:, None]
         seen = total != 0  # NaN compares unequal, so NaN rows stay NaN instead of becoming hidden rows
         o = np.where(seen[:, None], acc[:, :dv] / total[:, None], np.float32(0))
         self.out[b, h0:h1, i0:i1] = from_f32(o, p.dtype).reshape(h1 - h0, i1 - i0, dv)
@@ -308,13 +325,14 @@ class CpuBackend(Backend):
         self.workers = workers
 
     def forward(
-        self, problem: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Optional[np.ndarray]
+        self, problem: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Optional[np.ndarray], *,
+        alibi: Optional[np.ndarray] = None, sinks: Optional[np.ndarray] = None,
     ) -> Tuple[np.ndarray, np.ndarray]:
         """See :class:`aule_kp.backend.Backend`: ``(out [B, Hq, Lq, Dv] in q's storage, lse float32)``."""
         p = problem
         if mask is not None:
             mask = np.asarray(mask, dtype=np.float32)
-        job = _Forward(p, q, k, v, mask, self.block_q, self.block_k, self.step)
+        job = _Forward(p, q, k, v, mask, self.block_q, self.block_k, self.step, alibi, sinks)
         if job.lse.size == 0:  # no query rows (Dv = 0 alone still has row statistics to compute)
             return job.out, job.lse
         workers = self.workers or worker_count()
@@ -330,7 +348,7 @@ class CpuBackend(Backend):
         else:
             with BLAS.single(), ThreadPoolExecutor(max_workers=workers) as pool:
                 list(pool.map(job.run_chunk, chunks))
-        enforce(p, q, k, v, mask, job.out, job.lse)  # non-finite inputs (aule_kp.nonfinite)
+        enforce(p, q, k, v, mask, job.out, job.lse, alibi=alibi, sinks=sinks)  # non-finite inputs (aule_kp.nonfinite)
         return job.out, job.lse
 
     def backward(
@@ -344,8 +362,12 @@ class CpuBackend(Backend):
         lse: np.ndarray,
         mask: Optional[np.ndarray],
         mask_grad: bool = False,
+        *,
+        alibi: Optional[np.ndarray] = None,
+        sinks: Optional[np.ndarray] = None,
     ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
-        """See :class:`aule_kp.backend.Backend`; FA2's backward in NumPy (:mod:`aule_kp.cpu.backward`)."""
-        return attention_backward(problem, q, k, v, out, dout, lse, mask, mask_grad,
+        """See :class:`aule_kp.backend.Backend`; FA2's backward in NumPy (:mod:`aule_kp.cpu.backward`),
+        which reads the saved lse alone (``sinks`` are in it)."""
+        return attention_backward(problem, q, k, v, out, dout, lse, mask, mask_grad, alibi=alibi,
                                   block_q=min(self.block_q, _BACKWARD_BLOCK),
                                   block_k=min(self.block_k, _BACKWARD_BLOCK), workers=self.workers)

@@ -85,8 +85,11 @@ class VulkanBackend(Backend):
             return forward_plan(dev, problem, cfg)
 
     def forward(self, problem: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray,
-                mask: Optional[np.ndarray], config: Optional[ForwardConfig] = None) -> Tuple[np.ndarray, np.ndarray]:
-        return run_forward(devmod.get_device(), problem, config or self.config(problem), q, k, v, mask)
+                mask: Optional[np.ndarray], config: Optional[ForwardConfig] = None, *,
+                alibi: Optional[np.ndarray] = None,
+                sinks: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+        return run_forward(devmod.get_device(), problem, config or self.config(problem), q, k, v, mask, alibi=alibi,
+                           sinks=sinks)
 
     def backward_plan(self, problem: Problem, config: BackwardConfig) -> BackwardPlan:
         """The device's backward plan for ``problem``, bound to it (see ``backward.backward_plan``)."""
@@ -114,8 +117,8 @@ class VulkanBackend(Backend):
 
     def backward(self, problem: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray,
                  dout: np.ndarray, lse: np.ndarray, mask: Optional[np.ndarray], mask_grad: bool = False,
-                 config: Optional[BackwardConfig] = None
-                 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
+                 config: Optional[BackwardConfig] = None, *, alibi: Optional[np.ndarray] = None,
+                 sinks: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
         """FA2 backward on the device (see ``Backend.backward``); ``config`` pins the pipelines.
         ValueError when the device cannot take the problem (``backward_reasons`` says why)."""
         p = problem
@@ -132,5 +135,5 @@ class VulkanBackend(Backend):
             if why:
                 raise ValueError(f"the Vulkan backward cannot run this problem: {'; '.join(why)}")
         with dev.lock:
-            dq, dk, dv, ds = self.backward_plan(p, cfg).run(q, k, v, out, dout, lse, mask)
+            dq, dk, dv, ds = self.backward_plan(p, cfg).run(q, k, v, out, dout, lse, mask, alibi, sinks)
         return dq, dk, dv, None if ds is None else reduce_to_mask(ds, p.mask_shape)
