@@ -120,8 +120,8 @@ def _backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
             ks, vs = _unpack(kv, k, v)
             rows = (slice(None), slice(None), blk.rows)
             cols = (slice(None), slice(None), blk.cols)
-            gq, gk, gv, _ = flash_attention_backward(dout[rows], q[rows], ks[cols], vs[cols], out[rows], lse[rows],
-                                                     None, blk.causal, call.scale, call.backend, False, -1, -1, True)
+            gq, gk, gv = flash_attention_backward(dout[rows], q[rows], ks[cols], vs[cols], out[rows], lse[rows],
+                                                  None, blk.causal, call.scale, call.backend, False, -1, -1, True)[:3]
             dq[rows] += gq
         acc = torch.zeros(k.numel() + v.numel(), dtype=torch.float32, device=k.device) if arriving is None \
             else arriving.wait()
