@@ -99,9 +99,7 @@ def prepare(
         k, v = inputs.shared_kv_head(k, v)
         hkv = int(k.shape[1])
     diag, left, right = band(lq, lk, causal=bool(causal), window=window, top_left=top_left)
-    softcap = scoremods.check_softcap(softcap)
-    alibi = scoremods.check_alibi(alibi_slopes, b, hq)
-    sink_logits = scoremods.check_sinks(sinks, hq)
+    softcap, alibi, sink_logits = scoremods.check(softcap, alibi_slopes, sinks, b, hq)
     mask = mask_shape = None
     if attn_mask is not None:
         mask, is_bool = inputs.mask_view(attn_mask, (b, hq, lq, lk), collapse=broadcasts_in_place)

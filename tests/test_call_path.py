@@ -75,8 +75,8 @@ def path() -> List[str]:
 
 
 # The modules the path goes through (a module missing from it fails its case: update the list).
-MODULES = ["aule_kp.api", "aule_kp.call", "aule_kp.dispatch", "aule_kp.vulkan.backend", "aule_kp.vulkan.device",
-           "aule_kp.vulkan.probe", "aule_kp.vulkan.plan", "aule_kp.vulkan.hostcopy"]
+MODULES = ["aule_kp.api", "aule_kp.call", "aule_kp.scoremods", "aule_kp.dispatch", "aule_kp.vulkan.backend",
+           "aule_kp.vulkan.device", "aule_kp.vulkan.probe", "aule_kp.vulkan.plan", "aule_kp.vulkan.hostcopy"]
 
 
 @pytest.mark.parametrize("module", MODULES)
