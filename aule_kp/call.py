@@ -103,9 +103,7 @@ def prepare(
         k, v = inputs.shared_kv_head(k, v)
         hkv = int(k.shape[1])
     diag, left, right = band(lq, lk, causal=bool(causal), window=window, top_left=top_left)
-    softcap = scoremods.check_softcap(softcap)
-    alibi = scoremods.check_alibi(alibi_slopes, b, hq)
-    sink_logits = scoremods.check_sinks(sinks, hq)
+    softcap, alibi, sink_logits = scoremods.check(softcap, alibi_slopes, sinks, b, hq)
     if precision != "fp" and (softcap or alibi is not None or sink_logits is not None):
         raise ValueError(f"precision={precision!r} takes no softcap, alibi_slopes or sinks (its kernels compute "
                          "none of them); use precision='fp' for them")
