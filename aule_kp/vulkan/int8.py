@@ -79,10 +79,19 @@ def integer_dot(caps: DeviceCaps) -> bool:
     return (major, minor) >= (1, 3) and "VK_KHR_shader_integer_dot_product" in caps.extensions
 
 
+#: The fp16 shape its P·V runs on: 16 x 16 x 16, f16 x f16 + f32.
+PV_SHAPE = (16, 16, 16, "f16", "f16", "f32", "f32")
+
+
+def _has_shape(caps: DeviceCaps, shape: Tuple[Any, ...]) -> bool:
+    """Whether the device reports ``(M, N, K, a, b, c, result)`` at subgroup scope."""
+    return any(tuple(s[:7]) == shape and s[7] == "subgroup" for s in caps.coopmat_shapes)
+
+
 def int8_coopmat(caps: DeviceCaps) -> bool:
-    """Whether the device reports the subgroup-scope s8 x s8 + s32 cooperative-matrix shape of the kernel."""
-    return any(tuple(s[:3]) == COOPMAT_SHAPE and tuple(s[3:7]) == ("s8", "s8", "s32", "s32") and s[7] == "subgroup"
-               for s in caps.coopmat_shapes)
+    """Whether the device reports both cooperative-matrix shapes of the int8coopmat kernel: the
+    subgroup-scope s8 x s8 + s32 one of Q·Kᵀ and the f16 one of P·V."""
+    return _has_shape(caps, (*COOPMAT_SHAPE, "s8", "s8", "s32", "s32")) and _has_shape(caps, PV_SHAPE)
 
 
 def _pow2_floor(x: int) -> int:
@@ -149,7 +158,8 @@ def variant_reasons(name: str, caps: DeviceCaps, p: Problem) -> List[str]:
             reasons.append("int8dot takes head dims up to 256")
     elif name == "int8coopmat":
         if not int8_coopmat(caps):
-            reasons.append(f"device has no {'x'.join(map(str, COOPMAT_SHAPE))} s8*s8+s32 subgroup cooperative matrix")
+            reasons.append(f"device lacks the {'x'.join(map(str, COOPMAT_SHAPE))} s8*s8+s32 or the 16x16x16 "
+                           "f16*f16+f32 subgroup cooperative matrix")
         if p.dim_k % 32 or p.dim_v % 16 or max(p.dim_k, p.dim_v) > 128:
             reasons.append("int8coopmat needs Dk a multiple of 32, Dv a multiple of 16, both at most 128")
         if caps.min_subgroup_size not in (0, caps.max_subgroup_size):
