@@ -29,7 +29,7 @@ def compile_shaders(dest: Path) -> None:
     env = dict(os.environ, AULE_KP_SPIRV_CACHE=str(ROOT / "spirv_cache"),
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     subprocess.run([sys.executable, "-m", "aule_kp.vulkan.compile", "--quiet"], cwd=ROOT, env=env, check=True)
-    kernels = sorted((ROOT / "glsl").glob("*.comp"))
+    kernels = sorted((ROOT / "glsl").rglob("*.comp"))  # glsl/glslang15/ too (SPIR-V from glsl/prebuilt/)
     (dest / "spirv").mkdir(parents=True, exist_ok=True)
     for src in kernels:
         shutil.copy2(ROOT / "spirv_cache" / f"{src.stem}.spv", dest / "spirv" / f"{src.stem}.spv")

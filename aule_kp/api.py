@@ -6,6 +6,7 @@ from typing import Any, Optional, Tuple
 
 from . import inputs
 from .call import attention_forward
+from .quant import check_precision
 
 
 def flash_attention(
@@ -18,6 +19,7 @@ def flash_attention(
     window: Optional[Tuple[int, int]] = None,
     attn_mask: Any = None,
     backend: str = "auto",
+    precision: Optional[str] = None,
     softcap: float = 0.0,
     alibi_slopes: Any = None,
     sinks: Any = None,
@@ -33,6 +35,10 @@ def flash_attention(
         window: ``(left, right)`` sliding window around the diagonal, ``-1`` = unbounded.
         attn_mask: bool (True = attend) or float (added to scores), broadcastable to ``[B, Hq, Lq, Lk]``.
         backend: ``"auto" | "vulkan" | "triton" | "cpu"``.
+        precision: ``"fp"`` (default, also None): exact attention. ``"int8"``: SageAttention-style
+            INT8 Q·Kᵀ (K smoothed by its per-channel mean, Q and K quantized per block of 64 rows,
+            int32 accumulation, P·V in 16 bits with float32 accumulation; ``aule_kp.quant``), close
+            to but not equal to the exact result; forward only, finite inputs only.
         softcap: tanh soft-capping of the scores, ``softcap * tanh(s / softcap)``, after the scale
             and before ALiBi and the mask (flash-attn's); ``0.0`` = off.
         alibi_slopes: ALiBi slopes ``[Hq]`` or ``[B, Hq]`` (float, NumPy or torch): the bias
@@ -53,14 +59,18 @@ def flash_attention(
         TypeError: bad types or dtypes.
         BackendUnavailable: a forced backend cannot take the problem (every reason listed).
     """
+    precision = check_precision(precision)
     mods = dict(softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
     if _needs_grad(q, k, v, attn_mask, sinks):
+        if precision != "fp":
+            raise ValueError(f"precision={precision!r} is forward-only (no backward): call it under "
+                             "torch.no_grad() or on tensors that do not require grad, or use precision='fp'")
         from .torch.ops import flash_attention as differentiable
 
         return differentiable(q, k, v, causal=causal, scale=scale, window=window, attn_mask=attn_mask,
                               backend=backend, **mods)
     out, _, _ = attention_forward(q, k, v, causal=causal, scale=scale, window=window, attn_mask=attn_mask,
-                                  backend=backend, **mods)
+                                  backend=backend, precision=precision, **mods)
     return out
 
 

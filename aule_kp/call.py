@@ -14,6 +14,7 @@ from . import dispatch, inputs, scoremods
 from .backend import Backend, Runner, check_backend_name
 from .dtypes import ITEMSIZE, STORAGE
 from .problem import Problem, band
+from .quant import check_precision
 
 
 @dataclass
@@ -82,6 +83,7 @@ def prepare(
     backend: str = "auto",
     top_left: bool = False,
     broadcasts_in_place: bool = True,
+    precision: Any = "fp",
     softcap: float = 0.0,
     alibi_slopes: Any = None,
     sinks: Any = None,
@@ -92,23 +94,27 @@ def prepare(
 
     With ``broadcasts_in_place``, k/v broadcast over heads (stride 0) become one kv head and a mask's
     broadcast axes size 1, neither copied; a backward pass that must return gradients in the
-    caller's shapes turns it off. Sizes are checked before anything is copied.
+    caller's shapes turns it off. Sizes are checked before anything is copied. ``precision``: "fp"
+    (or None) or "int8" (``aule_kp.quant``).
     """
     dtype, (b, hq, hkv, lq, lk, dk, dv), scale = check_call(q, k, v, causal, scale, window, backend)
+    precision = check_precision(precision)
     if broadcasts_in_place:
         k, v = inputs.shared_kv_head(k, v)
         hkv = int(k.shape[1])
     diag, left, right = band(lq, lk, causal=bool(causal), window=window, top_left=top_left)
-    softcap = scoremods.check_softcap(softcap)
-    alibi = scoremods.check_alibi(alibi_slopes, b, hq)
-    sink_logits = scoremods.check_sinks(sinks, hq)
+    softcap, alibi, sink_logits = scoremods.check(softcap, alibi_slopes, sinks, b, hq)
+    if precision != "fp" and (softcap or alibi is not None or sink_logits is not None):
+        raise ValueError(f"precision={precision!r} takes no softcap, alibi_slopes or sinks (its kernels compute "
+                         "none of them); use precision='fp' for them")
     mask = mask_shape = None
     if attn_mask is not None:
         mask, is_bool = inputs.mask_view(attn_mask, (b, hq, lq, lk), collapse=broadcasts_in_place)
         mask_shape = tuple(int(s) for s in mask.shape)
     device = q.device.type if inputs.is_torch(q) else None
     problem = Problem(b, hq, hkv, lq, lk, dk, dv, dtype, float(scale), diag, left, right, mask_shape, device,
-                      softcap=softcap, alibi_rows=0 if alibi is None else alibi.shape[0], sinks=sink_logits is not None)
+                      softcap=softcap, alibi_rows=0 if alibi is None else alibi.shape[0],
+                      sinks=sink_logits is not None, precision=precision)
     out_bytes = b * hq * lq * dv * ITEMSIZE[dtype]
     if problem.empty or lk == 0:
         inputs.check_memory([("the output", 0 if device not in (None, "cpu") else out_bytes)])

@@ -49,6 +49,8 @@ class Problem:
     softcap: float = 0.0
     alibi_rows: int = 0
     sinks: bool = False
+    # "fp": exact attention; "int8": SageAttention's INT8 Q·Kᵀ (aule_kp.quant), a different result.
+    precision: str = "fp"
 
     @property
     def group(self) -> int:

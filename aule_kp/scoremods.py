@@ -76,6 +76,13 @@ def check_sinks(sinks: Any, heads_q: int) -> Optional[np.ndarray]:
     return _per_head("sinks", sinks, ((heads_q,),), f"[Hq] = ({heads_q},)")
 
 
+def check(softcap: Any, alibi_slopes: Any, sinks: Any, batch: int,
+          heads_q: int) -> Tuple[float, Optional[np.ndarray], Optional[np.ndarray]]:
+    """``(check_softcap, check_alibi, check_sinks)`` of one call's modifiers, in one pass through
+    this module (tests/test_call_path.py)."""
+    return check_softcap(softcap), check_alibi(alibi_slopes, batch, heads_q), check_sinks(sinks, heads_q)
+
+
 def cap(s: np.ndarray, softcap: float) -> np.ndarray:
     """``softcap * tanh(s / softcap)`` of float scores, in place; ``s`` unchanged for softcap 0."""
     if softcap:

@@ -22,6 +22,7 @@ from ..dtypes import STORAGE, from_f32, to_f32
 from ..nonfinite import enforce
 from ..problem import Problem
 from ..scoremods import alibi_distance, cap, fold_sinks
+from . import int8
 from .backward import attention_backward
 from .pool import BLAS, split_range, worker_count
 
@@ -332,6 +333,8 @@ class CpuBackend(Backend):
         p = problem
         if mask is not None:
             mask = np.asarray(mask, dtype=np.float32)
+        if p.precision == "int8":
+            return int8.forward(p, q, k, v, mask)
         job = _Forward(p, q, k, v, mask, self.block_q, self.block_k, self.step, alibi, sinks)
         if job.lse.size == 0:  # no query rows (Dv = 0 alone still has row statistics to compute)
             return job.out, job.lse

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 from ..backend import BACKEND_NAMES
 from ..errors import warn_once
+from ..quant import check_precision
+from ..torch.sdpa import state
 
 #: ``backend=`` values of the layers: aule-kp's (see :data:`aule_kp.backend.BACKEND_NAMES`) and torch SDPA.
 LAYER_BACKENDS = (*BACKEND_NAMES, "torch")
@@ -55,7 +57,7 @@ def _torch_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optiona
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool = False,
            top_left: bool = False, attn_mask: Optional[torch.Tensor] = None, backend: str = "auto",
-           dropout_p: float = 0.0) -> torch.Tensor:
+           dropout_p: float = 0.0, precision: Optional[str] = None) -> torch.Tensor:
     """``softmax(q kᵀ·scale + mask) v`` for ``q [B, Hq, Lq, Dk]``, ``k [B, Hkv, Lk, Dk]``,
     ``v [B, Hkv, Lk, Dv]`` (GQA when Hkv < Hq), differentiable in q, k, v and a float mask.
 
@@ -63,8 +65,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, c
     ``attn_mask`` bool (True = attend) or float (added), broadcastable to ``[B, Hq, Lq, Lk]``.
     Attention dropout exists only in torch's kernel: a training call with ``dropout_p > 0`` on an
     aule-kp backend runs torch SDPA, with one :class:`aule_kp.AuleFallbackWarning`.
+    ``precision``: ``"fp"`` or ``"int8"`` (:func:`aule_kp.flash_attention`'s) on aule-kp backends;
+    None takes what :func:`aule_kp.install` / :func:`aule_kp.enabled` set (default ``"fp"``). int8
+    is forward-only: calls that need gradients run ``"fp"``, with one AuleFallbackWarning.
     """
     mask = _as_4d(attn_mask)
+    precision = state.precision if precision is None else check_precision(precision)
     if backend == "torch":
         return _torch_sdpa(q, k, v, mask, causal, top_left, scale, dropout_p)
     if dropout_p > 0:
@@ -74,6 +80,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, c
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, mask)):
         from ..torch.ops import FlashAttentionFunction
 
+        if precision != "fp":
+            warn_once("nn-int8-grad", f"aule_kp.nn: precision={precision!r} is forward-only; layer calls that "
+                      "need gradients run precision='fp'")
         out, _ = FlashAttentionFunction.apply(q, k, v, mask, bool(causal), float(scale), backend, -1, -1,
                                               bool(top_left))
         return out
@@ -81,5 +90,5 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, c
     from ..call import attention_forward
 
     out, _, _ = attention_forward(q, k, v, causal=bool(causal), scale=float(scale), attn_mask=mask, backend=backend,
-                                  top_left=bool(top_left))
+                                  top_left=bool(top_left), precision=precision)
     return out

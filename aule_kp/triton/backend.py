@@ -63,7 +63,12 @@ class TritonBackend(Backend):
         """``(out, lse)`` torch tensors on q's device; see :class:`aule_kp.backend.Backend`."""
         from . import ops
 
-        out, lse = ops.forward(problem, q, k, v, mask, self.block_m, self.block_n, alibi, sinks)
+        if problem.precision == "int8":
+            from . import int8
+
+            out, lse = int8.forward(problem, q, k, v, mask)
+        else:
+            out, lse = ops.forward(problem, q, k, v, mask, self.block_m, self.block_n, alibi, sinks)
         # A NaN row's log-sum-exp is NaN (aule_kp.nonfinite), as on the other backends; on the
         # device, with no host sync. Unlike them, a non-finite v of a key hidden from a row may
         # still reach it here (no host check on this path; README, flash_attention).
