@@ -21,6 +21,7 @@ from ..backend import Backend
 from ..dtypes import STORAGE, from_f32, to_f32
 from ..nonfinite import enforce
 from ..problem import Problem
+from . import compiled
 from .backward import attention_backward
 from .pool import BLAS, split_range, worker_count
 
@@ -51,6 +52,9 @@ _BACKWARD_BLOCK = 256
 #: Band tiles kept per call. The distinct ones number about ``block_q / step`` per edge for causal
 #: and windowed problems; the cap only bounds memory for odd shapes, whose extra tiles are rebuilt.
 _BIAS_CACHE_ENTRIES = 64
+
+#: The compiled path's query rows per task, keys per tile and rows per stair of a band edge.
+COMPILED_BLOCK_Q, COMPILED_BLOCK_K, COMPILED_STEP = 256, 512, 64
 
 #: One task: batch ``b``, key/value head ``kv`` and the row blocks of its query heads to compute.
 _Chunk = Tuple[int, int, List[_Block]]
@@ -297,15 +301,24 @@ class CpuBackend(Backend):
 
     name = "cpu"
 
-    def __init__(self, block_q: int = 1024, block_k: int = 512, step: int = 128, workers: Optional[int] = None) -> None:
+    def __init__(self, block_q: int = 1024, block_k: int = 512, step: int = 128, workers: Optional[int] = None,
+                 use_compiled: bool = True) -> None:
         """``block_q`` query rows per block, ``block_k`` keys per tile, ``step`` rows per stair of a
-        band edge; ``workers`` threads (default: the CPUs this process may use)."""
+        band edge (the NumPy path's sizes; the compiled path has its own, measured); ``workers``
+        threads (default: the CPUs this process may use); ``use_compiled=False`` keeps to the NumPy
+        path even where the compiled kernels (numba) are available."""
         if min(block_q, block_k, step) < 1:
             raise ValueError(f"sizes must be positive, got {block_q=}, {block_k=}, {step=}")
         self.block_q = block_q
         self.block_k = block_k
         self.step = step
         self.workers = workers
+        self.use_compiled = use_compiled
+
+    def kernels(self):
+        """The compiled kernels this backend runs (:func:`aule_kp.cpu.compiled.load`), or None for
+        the NumPy path."""
+        return compiled.load() if self.use_compiled else None
 
     def forward(
         self, problem: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Optional[np.ndarray]
@@ -314,6 +327,12 @@ class CpuBackend(Backend):
         p = problem
         if mask is not None:
             mask = np.asarray(mask, dtype=np.float32)
+        kern = self.kernels()
+        if kern is not None:
+            out, lse = compiled.forward(kern, p, q, k, v, mask, block_q=COMPILED_BLOCK_Q, block_k=COMPILED_BLOCK_K,
+                                        step=COMPILED_STEP, workers=self.workers)
+            enforce(p, q, k, v, mask, out, lse)
+            return out, lse
         job = _Forward(p, q, k, v, mask, self.block_q, self.block_k, self.step)
         if job.lse.size == 0:  # no query rows (Dv = 0 alone still has row statistics to compute)
             return job.out, job.lse

@@ -1,0 +1,177 @@
+"""CPU backend: FlashAttention-2's forward pass with compiled per-tile kernels (:mod:`.kernels`).
+
+One task is a block of query rows of one (batch, head). It walks the key tiles the band lets it see
+(hidden tiles are never computed): per tile one BLAS GEMM for the base-2 scores (``log2(e)`` folded
+into the query's scale), one compiled pass that adds the mask, applies the band and turns the
+scores into weights with the online-softmax bookkeeping (:func:`.kernels.softmax_tile`), and one
+GEMM of the weights against V. Scratch is two score tiles and a ``rows x Dv`` accumulator per task,
+never ``Lq x Lk``. Tasks run on a thread pool: BLAS and the kernels (``nogil``) release the GIL, and
+NumPy's OpenBLAS is held to one thread meanwhile.
+
+:func:`load` imports the kernels, or says once why it cannot (no numba): the backend then runs its
+NumPy path (:mod:`.backend`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from concurrent.futures import ThreadPoolExecutor
+from types import ModuleType
+from typing import Iterator, List, Optional, Tuple
+
+import numpy as np
+
+from ..dtypes import STORAGE, from_f32, to_f32
+from ..errors import warn_once
+from ..problem import Problem
+from .pool import BLAS, split_range, worker_count
+
+log = logging.getLogger("aule_kp")
+
+_LOG2E = 1.4426950408889634
+
+#: Band offset standing for "unbounded" (a row index plus it never leaves the int64 range).
+_FAR = 1 << 40
+
+#: Below this many scores (about a millisecond of work) a thread pool's start-up costs more than it saves.
+_POOL_MIN_WORK = 1 << 20
+
+#: Tasks per worker, enough to even out unequal (causal, windowed) blocks.
+_TASKS_PER_WORKER = 4
+
+#: One task: batch, query head, query rows ``[i0, i1)``.
+_Task = Tuple[int, int, int, int]
+
+#: One tile of a task: query rows ``[a, e)`` x keys ``[c0, c1)``.
+_Tile = Tuple[int, int, int, int]
+
+_kernels: Optional[ModuleType] = None
+_tried = False
+
+
+def load() -> Optional[ModuleType]:
+    """The compiled kernels module, or None (with one AuleFallbackWarning saying why) when numba
+    cannot be imported."""
+    global _kernels, _tried
+    if not _tried:
+        _tried = True
+        try:
+            from . import kernels
+        except Exception as exc:  # ImportError, or a numba/llvmlite that does not load on this platform
+            warn_once("cpu-compiled", f"aule-kp: the CPU backend's compiled kernels are unavailable "
+                      f"({type(exc).__name__}: {exc}); it runs its slower NumPy path (pip install numba)")
+        else:
+            _kernels = kernels
+    return _kernels
+
+
+class _Forward:
+    """One forward call's arrays; ``run`` computes one task into ``out``/``lse``."""
+
+    def __init__(self, kern: ModuleType, p: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray,
+                 mask: Optional[np.ndarray], block_k: int, step: int) -> None:
+        self.kern, self.p = kern, p
+        self.q, self.k, self.v = q, k, v
+        self.mask = mask
+        self.no_mask = np.zeros((1, 1), dtype=np.float32)
+        self.block_k, self.step = block_k, step
+        self.scale = np.float32(p.scale * _LOG2E)
+        self.out = np.empty((p.batch, p.heads_q, p.len_q, p.dim_v), dtype=STORAGE[p.dtype])
+        self.lse = np.empty((p.batch, p.heads_q, p.len_q), dtype=np.float32)
+        self.lo_off = -_FAR if p.left is None else p.diag - p.left
+        self.hi_off = _FAR if p.right is None else p.diag + p.right + 1
+
+    def tiles(self, i0: int, i1: int) -> Iterator[_Tile]:
+        """Full-height tiles over the keys every row sees, then the band's edges in steps of
+        ``step`` rows, each only as wide as its rows see (a staircase along a causal diagonal)."""
+        p = self.p
+        lo, hi = p.key_range(i0, i1)
+        core_lo = lo if p.left is None else max(lo, i1 - 1 + p.diag - p.left)
+        core_hi = hi if p.right is None else min(hi, i0 + p.diag + p.right + 1)
+        if core_lo < core_hi:
+            for c0, c1 in split_range(core_lo, core_hi, self.block_k):
+                yield i0, i1, c0, c1
+        else:
+            core_lo = core_hi = hi  # no key every row sees: the steps cover each one's whole range
+        for a in range(i0, i1, self.step):
+            e = min(a + self.step, i1)
+            s_lo, s_hi = p.key_range(a, e)
+            for x0, x1 in ((s_lo, min(s_hi, core_lo)), (max(s_lo, core_hi), s_hi)):
+                for c0, c1 in split_range(x0, x1, self.block_k):
+                    yield a, e, c0, c1
+
+    def _mask_tile(self, b: int, h: int, a: int, e: int, c0: int, c1: int) -> np.ndarray:
+        if self.mask is None:
+            return self.no_mask
+        mb, mh, mq, mk = self.mask.shape
+        return self.mask[b if mb > 1 else 0, h if mh > 1 else 0,
+                         slice(a, e) if mq > 1 else slice(0, 1), slice(c0, c1) if mk > 1 else slice(0, 1)]
+
+    def run(self, task: _Task) -> None:
+        p, kern = self.p, self.kern
+        b, h, i0, i1 = task
+        kv = h // p.group
+        rows = i1 - i0
+        lo, hi = p.key_range(i0, i1)
+        qs = to_f32(self.q[b, h, i0:i1], p.dtype) * self.scale
+        m = np.full(rows, -np.inf, dtype=np.float32)
+        total = np.zeros(rows, dtype=np.float32)
+        acc = np.zeros((rows, p.dim_v), dtype=np.float32)
+        if lo < hi:
+            k = to_f32(self.k[b, kv, lo:hi], p.dtype)
+            v = to_f32(self.v[b, kv, lo:hi], p.dtype)
+            size = rows * min(hi - lo, self.block_k)
+            s_buf = np.empty(size, dtype=np.float32)
+            p_buf = np.empty(size, dtype=np.float32)
+            part = np.empty((rows, p.dim_v), dtype=np.float32)
+            for a, e, c0, c1 in self.tiles(i0, i1):
+                r0, r1, n = a - i0, e - i0, (e - a) * (c1 - c0)
+                s = s_buf[:n].reshape(e - a, c1 - c0)
+                w = p_buf[:n].reshape(e - a, c1 - c0)
+                np.matmul(qs[r0:r1], k[c0 - lo : c1 - lo].T, out=s)
+                kern.softmax_tile(s, w, m[r0:r1], total[r0:r1], acc[r0:r1], a + self.lo_off - c0,
+                                  a + self.hi_off - c0, self._mask_tile(b, h, a, e, c0, c1), self.mask is not None)
+                pv = part[r0:r1]
+                np.matmul(w, v[c0 - lo : c1 - lo], out=pv)
+                acc[r0:r1] += pv
+        o = np.empty((rows, p.dim_v), dtype=np.float32)
+        kern.finish_rows(acc, m, total, o, self.lse[b, h, i0:i1])
+        self.out[b, h, i0:i1] = from_f32(o, p.dtype)
+
+
+def _tasks(p: Problem, block_q: int, workers: int) -> List[_Task]:
+    """Row blocks of every (batch, head), in even sizes, small enough to give each worker several."""
+    heads = p.batch * p.heads_q
+    n = max(math.ceil(p.len_q / block_q), math.ceil(_TASKS_PER_WORKER * workers / heads) if workers > 1 else 1)
+    n = min(n, max(1, p.len_q // 16))  # a block of a few rows wastes its GEMMs
+    size = math.ceil(p.len_q / n)
+    return [(b, h, i0, min(i0 + size, p.len_q))
+            for b in range(p.batch) for h in range(p.heads_q) for i0 in range(0, p.len_q, size)]
+
+
+def forward(kern: ModuleType, p: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray,
+            mask: Optional[np.ndarray], *, block_q: int, block_k: int, step: int,
+            workers: Optional[int]) -> Tuple[np.ndarray, np.ndarray]:
+    """``(out, lse)`` as :meth:`aule_kp.backend.Backend.forward` specifies, before
+    :func:`aule_kp.nonfinite.enforce` (the caller's)."""
+    job = _Forward(kern, p, q, k, v, mask, block_k, step)
+    if job.lse.size == 0:
+        return job.out, job.lse
+    workers = workers or worker_count()
+    if workers > 1 and not BLAS.controllable():
+        workers = 1  # BLAS threads each GEMM itself instead; two pools would fight over the cores
+    tasks = _tasks(p, block_q, workers)
+
+    def work(task: _Task) -> int:
+        lo, hi = p.key_range(task[2], task[3])
+        return (task[3] - task[2]) * (hi - lo)
+
+    tasks.sort(key=work, reverse=True)  # longest first, so that the pool does not end on one long task
+    if workers == 1 or sum(map(work, tasks)) * p.dim_k < _POOL_MIN_WORK * 64:
+        for task in tasks:
+            job.run(task)
+    else:
+        with BLAS.single(), ThreadPoolExecutor(max_workers=min(workers, len(tasks))) as pool:
+            list(pool.map(job.run, tasks))
+    return job.out, job.lse

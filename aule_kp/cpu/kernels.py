@@ -1,0 +1,219 @@
+"""The CPU backend's compiled per-tile kernels (numba): everything between the BLAS tile products.
+
+NumPy spends its time on a score tile in separate passes (max, subtract, exp, sum, each over the
+tile in memory); these do them in one or two passes per row while the row sits in L1. Scores are in
+base-2 units (the caller folds ``log2(e)`` into the query's scale), so the exponential is
+``exp2``: a degree-6 polynomial on the fraction times ``2**n`` built from the exponent bits, which
+LLVM vectorises (numba has no vector ``exp`` without Intel's SVML).
+
+Non-finite scores follow :mod:`aule_kp.nonfinite`: comparisons are written so that NaN passes
+through ``_exp2`` (and so into the row's sum), +inf becomes NaN against any shift, -inf gives 0.
+The fastmath flags leave out ``nnan``/``ninf`` for that reason.
+
+Importing this module compiles nothing: each kernel compiles on first use, into numba's on-disk
+cache (``cache=True``: next to this file, else numba's per-user cache directory).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, types
+from numba.extending import intrinsic
+
+#: Reassociation (vector sums), contraction (FMA), no signed zeros; not nnan/ninf (see above).
+_FAST = {"contract", "afn", "reassoc", "nsz", "arcp"}
+
+#: A row keeps its shift (the exact max of its first keys) while a tile's weights sum to at most
+#: this: every weight is then <= 2**16 and ``sum x |v|`` far from float32 overflow. A larger sum
+#: means scores outgrew the shift, and the tile is redone with its exact max. Random and real scores
+#: rarely grow by 16 bits after a row's first tile, so most tiles skip the max pass. (A NaN sum
+#: fails the test and stays NaN; +inf scores give NaN weights.)
+_SUM_LIMIT = np.float32(2.0**16)
+
+_LOG2E = np.float32(1.4426950408889634)
+_NEG_INF = np.float32(-np.inf)
+
+
+@intrinsic
+def _bits_to_f32(typingctx, bits):  # noqa: ARG001 (numba's signature)
+    """The float32 whose bit pattern is the int32 ``bits`` (a register move, vectorisable)."""
+    sig = types.float32(types.int32)
+
+    def codegen(context, builder, signature, args):  # noqa: ARG001
+        return builder.bitcast(args[0], context.get_value_type(types.float32))
+
+    return sig, codegen
+
+
+@njit(inline="always", fastmath=_FAST)
+def _exp2(x):
+    """``2**x`` for ``x <= 0`` within 1 ulp-ish (relative error < 1e-6); ``x < -127`` gives 0,
+    NaN gives NaN (``not (x >= -127)`` would drop it, so the test is written the other way)."""
+    x = np.float32(-127.0) if x < np.float32(-127.0) else x
+    n = np.floor(x + np.float32(0.5))
+    f = x - n  # in [-0.5, 0.5]
+    p = np.float32(1.5353362e-4)
+    p = p * f + np.float32(1.3398874e-3)
+    p = p * f + np.float32(9.6180231e-3)
+    p = p * f + np.float32(5.5503395e-2)
+    p = p * f + np.float32(2.4022652e-1)
+    p = p * f + np.float32(6.9314718e-1)
+    p = p * f + np.float32(1.0)
+    # NaN/inf never reach the int conversion (LLVM leaves that undefined): they are NaN in p already.
+    nc = n if n < np.float32(128.0) else np.float32(128.0)
+    return p * _bits_to_f32(np.int32(nc + np.float32(127.0)) << 23)
+
+
+@njit(inline="always", fastmath=_FAST)
+def _row_band(i, width, lo0, hi0):
+    """Columns ``[lo, hi)`` of tile row ``i`` inside the band (``lo0 + i``, ``hi0 + i`` clipped).
+    Loops then run over ``row[lo:hi]`` views: LLVM did not vectorise loops bounded by these
+    clipped indices directly (4x slower, measured)."""
+    lo = min(max(lo0 + i, 0), width)
+    hi = min(max(hi0 + i, lo), width)
+    return lo, hi
+
+
+@njit(inline="always", fastmath=_FAST)
+def _add_mask(row, mask_row, scale):
+    """``row += scale * mask_row`` (a mask row of one entry broadcasts)."""
+    if mask_row.shape[0] > 1:
+        for j in range(row.shape[0]):
+            row[j] += scale * mask_row[j]
+    else:
+        c = scale * mask_row[0]
+        for j in range(row.shape[0]):
+            row[j] += c
+
+
+@njit(inline="always", fastmath=_FAST)
+def _mask_row(mask, i, lo, hi):
+    """Row ``i``'s mask entries for columns ``[lo, hi)`` (size-1 dims broadcast)."""
+    mi = i if mask.shape[0] > 1 else 0
+    return mask[mi, lo:hi] if mask.shape[1] > 1 else mask[mi, 0:1]
+
+
+@njit(inline="always", fastmath=_FAST)
+def _gt(x, y):
+    """The larger of ``x`` and ``y``; ``y`` when ``x`` is NaN."""
+    return x if x > y else y
+
+
+@njit(inline="always", fastmath=_FAST)
+def _row_max(row):
+    """Max of ``row`` (NaN skipped: it reaches the row through the exponentials instead).
+
+    Eight running maxima, as scalars: LLVM does not vectorise a float max reduction without
+    ``nnan``, and keeps scalars (not an array of lanes) in registers; 3x faster than lanes in an
+    array, 7x faster than one running max (measured).
+    """
+    n = row.shape[0]
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = _NEG_INF
+    j = 0
+    while j + 8 <= n:
+        a0 = _gt(row[j], a0)
+        a1 = _gt(row[j + 1], a1)
+        a2 = _gt(row[j + 2], a2)
+        a3 = _gt(row[j + 3], a3)
+        a4 = _gt(row[j + 4], a4)
+        a5 = _gt(row[j + 5], a5)
+        a6 = _gt(row[j + 6], a6)
+        a7 = _gt(row[j + 7], a7)
+        j += 8
+    for jj in range(j, n):
+        a0 = _gt(row[jj], a0)
+    return _gt(_gt(_gt(a0, a1), _gt(a2, a3)), _gt(_gt(a4, a5), _gt(a6, a7)))
+
+
+@njit(inline="always", fastmath=_FAST)
+def _exp_row(src, dst, shift):
+    """``dst = exp2(src - shift)``; returns their sum."""
+    total = np.float32(0.0)
+    for j in range(src.shape[0]):
+        e = _exp2(src[j] - shift)
+        dst[j] = e
+        total += e
+    return total
+
+
+@njit(nogil=True, cache=True, fastmath=_FAST)
+def softmax_tile(s, p, m, l, acc, lo0, hi0, mask, has_mask):
+    """One key tile of the online softmax, for its rows (in place of FA2's rescaling step).
+
+    ``s`` [rows, keys] base-2 scores (read; the mask, scaled by log2(e), is added in place), ``p``
+    gets the weights ``exp2(s - m)`` (0 outside the band), ``m``/``l`` each row's shift and sum,
+    ``acc`` [rows, Dv] the running ``sum p v``, rescaled here when a row's shift grows; the caller
+    adds ``p @ v`` to it. Row ``i`` sees columns ``[lo0 + i, hi0 + i)``.
+    """
+    rows, width = s.shape
+    for i in range(rows):
+        lo, hi = _row_band(i, width, lo0, hi0)
+        p[i, :lo] = 0.0
+        p[i, hi:] = 0.0
+        row, out = s[i, lo:hi], p[i, lo:hi]
+        if has_mask:
+            _add_mask(row, _mask_row(mask, i, lo, hi), _LOG2E)
+        shift = m[i]
+        if shift == _NEG_INF:  # the row's first keys: its shift is their exact max
+            shift = _row_max(row)
+            if shift == _NEG_INF:  # every key hidden or NaN: weights 0 or NaN, the row's sum says which
+                l[i] += _exp_row(row, out, np.float32(0.0))
+                continue
+            m[i] = shift
+        total = _exp_row(row, out, shift)
+        if total > _SUM_LIMIT:  # scores outgrew the shift: exact max, rescale what came before
+            mx = _row_max(row)
+            alpha = _exp2(shift - mx)
+            for d in range(acc.shape[1]):
+                acc[i, d] *= alpha
+            l[i] *= alpha
+            m[i] = mx
+            total = _exp_row(row, out, mx)
+        l[i] += total
+
+
+@njit(nogil=True, cache=True, fastmath=_FAST)
+def finish_rows(acc, m, l, out, lse):
+    """``out = acc / l`` and natural-log ``lse = (m + log2 l) ln 2``; rows with ``l == 0`` saw no
+    key: 0 and -inf. NaN sums stay NaN in both."""
+    rows, dv = acc.shape
+    ln2 = np.float32(0.6931471805599453)
+    for i in range(rows):
+        total = l[i]
+        if total == 0.0:
+            for d in range(dv):
+                out[i, d] = 0.0
+            lse[i] = _NEG_INF
+            continue
+        inv = np.float32(1.0) / total
+        for d in range(dv):
+            out[i, d] = acc[i, d] * inv
+        lse[i] = (m[i] + np.log2(total)) * ln2
+
+
+@njit(nogil=True, cache=True, fastmath=_FAST)
+def probs_tile(s, lse2, lo0, hi0, mask, has_mask):
+    """Backward: ``s`` [rows, keys] natural-unit scores become ``P = exp2(s log2(e) - lse2)`` in
+    place (mask added first, 0 outside the band); ``lse2`` is each row's base-2 log-sum-exp
+    (+inf for a row that sees no key, so its P is 0)."""
+    rows, width = s.shape
+    for i in range(rows):
+        lo, hi = _row_band(i, width, lo0, hi0)
+        s[i, :lo] = 0.0
+        s[i, hi:] = 0.0
+        row = s[i, lo:hi]
+        if has_mask:
+            _add_mask(row, _mask_row(mask, i, lo, hi), np.float32(1.0))
+        shift = lse2[i]
+        for j in range(row.shape[0]):
+            row[j] = _exp2(row[j] * _LOG2E - shift)
+
+
+@njit(nogil=True, cache=True, fastmath=_FAST)
+def dscores_tile(dp, p, delta):
+    """Backward: ``dp`` [rows, keys] becomes ``dS = P (dP - delta)`` in place (``delta`` per row)."""
+    rows, width = dp.shape
+    for i in range(rows):
+        dl = delta[i]
+        for j in range(width):
+            dp[i, j] = p[i, j] * (dp[i, j] - dl)
