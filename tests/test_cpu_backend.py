@@ -26,6 +26,9 @@ from aule_kp.problem import Problem, band, default_scale
 SMALL = CpuBackend(block_q=16, block_k=24, step=4, workers=2)
 DEFAULT = CpuBackend()
 
+#: Every test here runs on the compiled path and on the NumPy path (conftest.cpu_path).
+pytestmark = pytest.mark.usefixtures("cpu_path")
+
 
 def make_problem(
     b: int = 1,

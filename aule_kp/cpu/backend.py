@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
+from types import ModuleType
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -53,8 +54,11 @@ _BACKWARD_BLOCK = 256
 #: and windowed problems; the cap only bounds memory for odd shapes, whose extra tiles are rebuilt.
 _BIAS_CACHE_ENTRIES = 64
 
-#: The compiled path's query rows per task, keys per tile and rows per stair of a band edge.
-COMPILED_BLOCK_Q, COMPILED_BLOCK_K, COMPILED_STEP = 256, 512, 64
+#: ``(block_q, block_k, step)`` defaults of each path: query rows per block, keys per tile, rows
+#: per stair of a band edge. NumPy: 1024/512/128 were the fastest on 2 cores (B1 H16 S2048 D64).
+#: Compiled: 512/512/64 (see BENCHMARKS.md, issue 20).
+NUMPY_BLOCKS = (1024, 512, 128)
+COMPILED_BLOCKS = (512, 512, 64)
 
 #: One task: batch ``b``, key/value head ``kv`` and the row blocks of its query heads to compute.
 _Chunk = Tuple[int, int, List[_Block]]
@@ -301,24 +305,30 @@ class CpuBackend(Backend):
 
     name = "cpu"
 
-    def __init__(self, block_q: int = 1024, block_k: int = 512, step: int = 128, workers: Optional[int] = None,
-                 use_compiled: bool = True) -> None:
+    def __init__(self, block_q: Optional[int] = None, block_k: Optional[int] = None, step: Optional[int] = None,
+                 workers: Optional[int] = None, use_compiled: bool = True) -> None:
         """``block_q`` query rows per block, ``block_k`` keys per tile, ``step`` rows per stair of a
-        band edge (the NumPy path's sizes; the compiled path has its own, measured); ``workers``
-        threads (default: the CPUs this process may use); ``use_compiled=False`` keeps to the NumPy
-        path even where the compiled kernels (numba) are available."""
-        if min(block_q, block_k, step) < 1:
-            raise ValueError(f"sizes must be positive, got {block_q=}, {block_k=}, {step=}")
-        self.block_q = block_q
-        self.block_k = block_k
-        self.step = step
+        band edge (None: each path's measured default, ``NUMPY_BLOCKS`` / ``COMPILED_BLOCKS``);
+        ``workers`` threads (default: the CPUs this process may use); ``use_compiled=False`` keeps
+        to the NumPy path even where the compiled kernels (numba) are available."""
+        sizes = {"block_q": block_q, "block_k": block_k, "step": step}
+        for name, size in sizes.items():
+            if size is not None and (not isinstance(size, int) or size < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {size!r}")
+        self.sizes = sizes
         self.workers = workers
         self.use_compiled = use_compiled
 
-    def kernels(self):
+    def kernels(self) -> Optional[ModuleType]:
         """The compiled kernels this backend runs (:func:`aule_kp.cpu.compiled.load`), or None for
         the NumPy path."""
         return compiled.load() if self.use_compiled else None
+
+    def blocks(self, compiled_path: bool) -> Tuple[int, int, int]:
+        """``(block_q, block_k, step)`` of one path: the given sizes, else the path's defaults."""
+        defaults = COMPILED_BLOCKS if compiled_path else NUMPY_BLOCKS
+        given = (self.sizes["block_q"], self.sizes["block_k"], self.sizes["step"])
+        return tuple(d if g is None else g for g, d in zip(given, defaults))  # type: ignore[return-value]
 
     def forward(
         self, problem: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Optional[np.ndarray]
@@ -328,18 +338,19 @@ class CpuBackend(Backend):
         if mask is not None:
             mask = np.asarray(mask, dtype=np.float32)
         kern = self.kernels()
+        block_q, block_k, step = self.blocks(kern is not None)
         if kern is not None:
-            out, lse = compiled.forward(kern, p, q, k, v, mask, block_q=COMPILED_BLOCK_Q, block_k=COMPILED_BLOCK_K,
-                                        step=COMPILED_STEP, workers=self.workers)
+            out, lse = compiled.forward(kern, p, q, k, v, mask, block_q=block_q, block_k=block_k, step=step,
+                                        workers=self.workers)
             enforce(p, q, k, v, mask, out, lse)
             return out, lse
-        job = _Forward(p, q, k, v, mask, self.block_q, self.block_k, self.step)
+        job = _Forward(p, q, k, v, mask, block_q, block_k, step)
         if job.lse.size == 0:  # no query rows (Dv = 0 alone still has row statistics to compute)
             return job.out, job.lse
         workers = self.workers or worker_count()
         if workers > 1 and not BLAS.controllable():
             workers = 1  # BLAS threads each matmul itself instead; two pools would fight over the cores
-        chunks = _chunks(p, self.block_q, workers)
+        chunks = _chunks(p, block_q, workers)
         # Longest first, so the pool does not end on one long task.
         chunks.sort(key=lambda c: _work(p, c), reverse=True)
         workers = min(workers, len(chunks))
@@ -364,7 +375,9 @@ class CpuBackend(Backend):
         mask: Optional[np.ndarray],
         mask_grad: bool = False,
     ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
-        """See :class:`aule_kp.backend.Backend`; FA2's backward in NumPy (:mod:`aule_kp.cpu.backward`)."""
+        """See :class:`aule_kp.backend.Backend`; FA2's backward (:mod:`aule_kp.cpu.backward`)."""
+        kern = self.kernels()
+        block_q, block_k, _ = self.blocks(kern is not None)
         return attention_backward(problem, q, k, v, out, dout, lse, mask, mask_grad,
-                                  block_q=min(self.block_q, _BACKWARD_BLOCK),
-                                  block_k=min(self.block_k, _BACKWARD_BLOCK), workers=self.workers)
+                                  block_q=min(block_q, _BACKWARD_BLOCK), block_k=min(block_k, _BACKWARD_BLOCK),
+                                  workers=self.workers, kern=kern)

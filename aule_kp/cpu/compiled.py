@@ -14,6 +14,7 @@ NumPy path (:mod:`.backend`).
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -57,7 +58,7 @@ def load() -> Optional[ModuleType]:
     if not _tried:
         _tried = True
         try:
-            from . import kernels
+            kernels = importlib.import_module(f"{__package__}.kernels")
         except Exception as exc:  # ImportError, or a numba/llvmlite that does not load on this platform
             warn_once("cpu-compiled", f"aule-kp: the CPU backend's compiled kernels are unavailable "
                       f"({type(exc).__name__}: {exc}); it runs its slower NumPy path (pip install numba)")
