@@ -17,6 +17,7 @@ from reference import reference_attention
 from aule_kp import errors
 from aule_kp.cpu import compiled
 from aule_kp.cpu.backend import CpuBackend
+from aule_kp.dtypes import to_f32
 from aule_kp.errors import AuleFallbackWarning
 from aule_kp.problem import Problem, band, default_scale
 
@@ -89,3 +90,14 @@ def test_without_numba_numpy_runs_and_says_why_once(monkeypatch) -> None:
     ref, _ = reference_attention(q, k, v, p)
     np.testing.assert_allclose(out, ref, rtol=0, atol=output_tolerance(p, q, k, v))
     assert backend.kernels() is None
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_16_bit_conversion_is_exact(kernels, dtype: str) -> None:
+    # Every 16-bit pattern: normals, subnormals, zeros of both signs, inf, NaN (payload aside).
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).reshape(256, 256)
+    got = compiled.to_f32(kernels, bits if dtype == "bfloat16" else bits.view(np.float16), dtype)
+    want = to_f32(bits, dtype) if dtype == "bfloat16" else bits.view(np.float16).astype(np.float32)
+    nan = np.isnan(want)
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))  # -0.0 too

@@ -8,7 +8,8 @@ with the saved row log-sum-exp (``P = exp(S - lse)``, no online rescaling), then
 
 all in float32, so scratch is a few ``block_q x block_k`` tiles per worker, never ``Lq x Lk``.
 Tiles the band hides are never computed. With the compiled kernels (:mod:`.kernels`), the mask,
-band and exponential of ``P`` and the ``dS`` product are each one pass per tile instead of several. The query heads that share a key/value head are stacked
+band and exponential of ``P`` and the ``dS`` product are each one pass per tile instead of several.
+The query heads that share a key/value head are stacked
 into one block, so the ``dSᵀ Q`` and ``Pᵀ dO`` GEMMs sum their dK/dV contributions (GQA) for free.
 
 Tasks own disjoint key ranges of one (batch, kv head) and write dK/dV there alone; when a (batch,
@@ -28,6 +29,7 @@ import numpy as np
 
 from ..dtypes import from_f32, to_f32
 from ..problem import Problem
+from .compiled import to_f32 as compiled_f32
 from .pool import BLAS, split_range, worker_count
 
 #: Tasks per worker: enough to even out the unequal key ranges of causal and windowed problems.
@@ -74,7 +76,7 @@ class _Backward:
         p = problem
         self.p = p
         self.kern = kern
-        self.no_mask = np.zeros((1, 1), dtype=np.float32)
+        self.no_mask = np.zeros((1, 1, 1), dtype=np.float32)
         self.lo_off = -_FAR if p.left is None else p.diag - p.left
         self.hi_off = _FAR if p.right is None else p.diag + p.right + 1
         self.q, self.k, self.v, self.out, self.dout, self.mask = q, k, v, out, dout, mask
@@ -100,8 +102,8 @@ class _Backward:
         p = self.p
         g, dk, dv = p.group, p.dim_k, p.dim_v
         h0, h1 = kv * g, (kv + 1) * g
-        kf = to_f32(self.k[b, kv, task.k0 : task.k1], p.dtype)
-        vf = to_f32(self.v[b, kv, task.k0 : task.k1], p.dtype)
+        kf = self._f32(self.k[b, kv, task.k0 : task.k1])
+        vf = self._f32(self.v[b, kv, task.k0 : task.k1])
         dk_acc = self.dk[b, kv, task.k0 : task.k1]
         dv_acc = self.dv[b, kv, task.k0 : task.k1]
         for i0 in range(0, p.len_q, self.rows):
@@ -111,9 +113,9 @@ class _Backward:
             if lo >= hi:
                 continue
             n = g * (i1 - i0)
-            qs = to_f32(self.q[b, h0:h1, i0:i1], p.dtype).reshape(n, dk) * self.scale
-            do = to_f32(self.dout[b, h0:h1, i0:i1], p.dtype).reshape(n, dv)
-            o = to_f32(self.out[b, h0:h1, i0:i1], p.dtype).reshape(n, dv)
+            qs = self._f32(self.q[b, h0:h1, i0:i1]).reshape(n, dk) * self.scale
+            do = self._f32(self.dout[b, h0:h1, i0:i1]).reshape(n, dv)
+            o = self._f32(self.out[b, h0:h1, i0:i1]).reshape(n, dv)
             delta = np.einsum("nd,nd->n", do, o)
             dq = np.zeros((n, dk), dtype=np.float32)
             for c0, c1 in split_range(lo, hi, self.block_k):
@@ -133,6 +135,9 @@ class _Backward:
                 dk_acc[c0 - task.k0 : c1 - task.k0] += ds.T @ qs  # qs carries the scale already
             self.dq[task.part, b, h0:h1, i0:i1] = (dq * self.scale).reshape(g, i1 - i0, dk)
 
+    def _f32(self, a: np.ndarray) -> np.ndarray:
+        return to_f32(a, self.p.dtype) if self.kern is None else compiled_f32(self.kern, a, self.p.dtype)
+
     def _probs(self, s: np.ndarray, b: int, h0: int, h1: int, i0: int, i1: int, c0: int, c1: int) -> np.ndarray:
         """``P`` of scores ``s`` [heads x rows, keys] (natural units), in place: mask, band, then
         ``exp(s - lse)``."""
@@ -144,7 +149,7 @@ class _Backward:
         for h in range(h0, h1):  # the band is linear in the row index within one head
             mask = self.no_mask
             if self.mask is not None:
-                mask = self.mask[_mask_index(self.mask.shape, b, h, h + 1, i0, i1, c0, c1)][0]
+                mask = self.mask[_mask_index(self.mask.shape, b, h, h + 1, i0, i1, c0, c1)]
             self.kern.probs_tile(s3[h - h0], self.lse2[b, h, i0:i1], i0 + self.lo_off - c0, i0 + self.hi_off - c0,
                                  mask, self.mask is not None)
         return s

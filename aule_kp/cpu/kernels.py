@@ -45,6 +45,17 @@ def _bits_to_f32(typingctx, bits):  # noqa: ARG001 (numba's signature)
     return sig, codegen
 
 
+@intrinsic
+def _f32_to_bits(typingctx, value):  # noqa: ARG001 (numba's signature)
+    """The int32 bit pattern of the float32 ``value``."""
+    sig = types.int32(types.float32)
+
+    def codegen(context, builder, signature, args):  # noqa: ARG001
+        return builder.bitcast(args[0], context.get_value_type(types.int32))
+
+    return sig, codegen
+
+
 @njit(inline="always", fastmath=_FAST)
 def _exp2(x):
     """``2**x`` for ``x <= 0`` within 1 ulp-ish (relative error < 1e-6); ``x < -127`` gives 0,
@@ -66,7 +77,7 @@ def _exp2(x):
 
 @njit(inline="always", fastmath=_FAST)
 def _row_band(i, width, lo0, hi0):
-    """Columns ``[lo, hi)`` of tile row ``i`` inside the band (``lo0 + i``, ``hi0 + i`` clipped).
+    """Columns ``[lo, hi)`` of tile position ``i`` inside the band (``lo0 + i``, ``hi0 + i`` clipped).
     Loops then run over ``row[lo:hi]`` views: LLVM did not vectorise loops bounded by these
     clipped indices directly (4x slower, measured)."""
     lo = min(max(lo0 + i, 0), width)
@@ -87,10 +98,12 @@ def _add_mask(row, mask_row, scale):
 
 
 @njit(inline="always", fastmath=_FAST)
-def _mask_row(mask, i, lo, hi):
-    """Row ``i``'s mask entries for columns ``[lo, hi)`` (size-1 dims broadcast)."""
-    mi = i if mask.shape[0] > 1 else 0
-    return mask[mi, lo:hi] if mask.shape[1] > 1 else mask[mi, 0:1]
+def _mask_row(mask, head, pos, lo, hi):
+    """The mask entries of ``head`` (within the tile's heads) at row ``pos`` for columns
+    ``[lo, hi)`` of a ``[heads, rows, keys]`` tile whose size-1 dims broadcast."""
+    mh = head if mask.shape[0] > 1 else 0
+    mi = pos if mask.shape[1] > 1 else 0
+    return mask[mh, mi, lo:hi] if mask.shape[2] > 1 else mask[mh, mi, 0:1]
 
 
 @njit(inline="always", fastmath=_FAST)
@@ -137,27 +150,30 @@ def _exp_row(src, dst, shift):
 
 
 @njit(nogil=True, cache=True, fastmath=_FAST)
-def softmax_tile(s, p, m, l, acc, lo0, hi0, mask, has_mask):
+def softmax_tile(s, p, m, sums, acc, lo0, hi0, group, mask, has_mask):
     """One key tile of the online softmax, for its rows (in place of FA2's rescaling step).
 
     ``s`` [rows, keys] base-2 scores (read; the mask, scaled by log2(e), is added in place), ``p``
-    gets the weights ``exp2(s - m)`` (0 outside the band), ``m``/``l`` each row's shift and sum,
+    gets the weights ``exp2(s - m)`` (0 outside the band), ``m``/``sums`` each row's shift and sum,
     ``acc`` [rows, Dv] the running ``sum p v``, rescaled here when a row's shift grows; the caller
-    adds ``p @ v`` to it. Row ``i`` sees columns ``[lo0 + i, hi0 + i)``.
+    adds ``p @ v`` to it. Rows are positions x ``group`` heads (position-major): row ``i`` is head
+    ``i % group`` at position ``pos = i // group``, which sees columns ``[lo0 + pos, hi0 + pos)``;
+    ``mask`` is the tile's ``[heads, positions, keys]`` mask (size-1 dims broadcast).
     """
     rows, width = s.shape
     for i in range(rows):
-        lo, hi = _row_band(i, width, lo0, hi0)
+        pos = i // group
+        lo, hi = _row_band(pos, width, lo0, hi0)
         p[i, :lo] = 0.0
         p[i, hi:] = 0.0
         row, out = s[i, lo:hi], p[i, lo:hi]
         if has_mask:
-            _add_mask(row, _mask_row(mask, i, lo, hi), _LOG2E)
+            _add_mask(row, _mask_row(mask, i % group, pos, lo, hi), _LOG2E)
         shift = m[i]
         if shift == _NEG_INF:  # the row's first keys: its shift is their exact max
             shift = _row_max(row)
             if shift == _NEG_INF:  # every key hidden or NaN: weights 0 or NaN, the row's sum says which
-                l[i] += _exp_row(row, out, np.float32(0.0))
+                sums[i] += _exp_row(row, out, np.float32(0.0))
                 continue
             m[i] = shift
         total = _exp_row(row, out, shift)
@@ -166,20 +182,20 @@ def softmax_tile(s, p, m, l, acc, lo0, hi0, mask, has_mask):
             alpha = _exp2(shift - mx)
             for d in range(acc.shape[1]):
                 acc[i, d] *= alpha
-            l[i] *= alpha
+            sums[i] *= alpha
             m[i] = mx
             total = _exp_row(row, out, mx)
-        l[i] += total
+        sums[i] += total
 
 
 @njit(nogil=True, cache=True, fastmath=_FAST)
-def finish_rows(acc, m, l, out, lse):
-    """``out = acc / l`` and natural-log ``lse = (m + log2 l) ln 2``; rows with ``l == 0`` saw no
+def finish_rows(acc, m, sums, out, lse):
+    """``out = acc / sums`` and natural-log ``lse = (m + log2 sums) ln 2``; rows with a sum of 0 saw no
     key: 0 and -inf. NaN sums stay NaN in both."""
     rows, dv = acc.shape
     ln2 = np.float32(0.6931471805599453)
     for i in range(rows):
-        total = l[i]
+        total = sums[i]
         if total == 0.0:
             for d in range(dv):
                 out[i, d] = 0.0
@@ -194,8 +210,8 @@ def finish_rows(acc, m, l, out, lse):
 @njit(nogil=True, cache=True, fastmath=_FAST)
 def probs_tile(s, lse2, lo0, hi0, mask, has_mask):
     """Backward: ``s`` [rows, keys] natural-unit scores become ``P = exp2(s log2(e) - lse2)`` in
-    place (mask added first, 0 outside the band); ``lse2`` is each row's base-2 log-sum-exp
-    (+inf for a row that sees no key, so its P is 0)."""
+    place (mask ``[1, rows, keys]`` added first, 0 outside the band); ``lse2`` is each row's base-2
+    log-sum-exp (+inf for a row that sees no key, so its P is 0)."""
     rows, width = s.shape
     for i in range(rows):
         lo, hi = _row_band(i, width, lo0, hi0)
@@ -203,7 +219,7 @@ def probs_tile(s, lse2, lo0, hi0, mask, has_mask):
         s[i, hi:] = 0.0
         row = s[i, lo:hi]
         if has_mask:
-            _add_mask(row, _mask_row(mask, i, lo, hi), np.float32(1.0))
+            _add_mask(row, _mask_row(mask, 0, i, lo, hi), np.float32(1.0))
         shift = lse2[i]
         for j in range(row.shape[0]):
             row[j] = _exp2(row[j] * _LOG2E - shift)
@@ -217,3 +233,28 @@ def dscores_tile(dp, p, delta):
         dl = delta[i]
         for j in range(width):
             dp[i, j] = p[i, j] * (dp[i, j] - dl)
+
+
+@njit(nogil=True, cache=True, fastmath=_FAST)
+def half_to_f32(src, out):
+    """``out`` [rows, cols] float32 = the float16 values whose bits ``src`` (uint16) holds, exactly
+    (NumPy's own conversion takes ~4 ns an element). Normal and subnormal halves alike are their
+    exponent and mantissa moved into float32's fields and scaled by 2**112; inf and NaN keep their
+    mantissa under an all-ones exponent; the sign bit is copied."""
+    for i in range(src.shape[0]):
+        for j in range(src.shape[1]):
+            h = np.int32(src[i, j])
+            x = (h & 0x7FFF) << 13
+            if (h & 0x7C00) == 0x7C00:
+                v = _bits_to_f32(x | 0x7F800000)
+            else:
+                v = _bits_to_f32(x) * np.float32(2.0**112)
+            out[i, j] = _bits_to_f32(_f32_to_bits(v) | ((h & 0x8000) << 16))
+
+
+@njit(nogil=True, cache=True, fastmath=_FAST)
+def bf16_to_f32(src, out):
+    """``out`` [rows, cols] float32 = the bfloat16 values whose bits ``src`` (uint16) holds."""
+    for i in range(src.shape[0]):
+        for j in range(src.shape[1]):
+            out[i, j] = _bits_to_f32(np.int32(src[i, j]) << 16)
