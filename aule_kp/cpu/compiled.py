@@ -49,21 +49,22 @@ _Tile = Tuple[int, int, int, int]
 
 _kernels: Optional[ModuleType] = None
 _tried = False
+_why = ""
 
 
-def load() -> Optional[ModuleType]:
-    """The compiled kernels module, or None (with one AuleFallbackWarning saying why) when numba
-    cannot be imported."""
-    global _kernels, _tried
+def load(quiet: bool = False) -> Optional[ModuleType]:
+    """The compiled kernels module, or None when numba cannot be imported: then, unless ``quiet``
+    (a question, not a run), one AuleFallbackWarning per process says why."""
+    global _kernels, _tried, _why
     if not _tried:
         _tried = True
         try:
-            kernels = importlib.import_module(f"{__package__}.kernels")
+            _kernels = importlib.import_module(f"{__package__}.kernels")
         except Exception as exc:  # ImportError, or a numba/llvmlite that does not load on this platform
-            warn_once("cpu-compiled", f"aule-kp: the CPU backend's compiled kernels are unavailable "
-                      f"({type(exc).__name__}: {exc}); it runs its slower NumPy path (pip install numba)")
-        else:
-            _kernels = kernels
+            _why = f"{type(exc).__name__}: {exc}"
+    if _kernels is None and not quiet:
+        warn_once("cpu-compiled", f"aule-kp: the CPU backend's compiled kernels are unavailable ({_why}); "
+                  "it runs its slower NumPy path (pip install numba)")
     return _kernels
 
 
