@@ -327,7 +327,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--json", action="store_true")
     p.add_argument("--kernels", nargs="+", metavar="FAMILY",
                    help="kernel families to check (default: those the automatic choice may use here), from "
-                        "fwd.scalar fwd.wave64 fwd.coopmat splitkv bwd.scalar bwd.coopmat")
+                        "fwd.scalar fwd.wave64 fwd.coopmat fwd.coopmat2 splitkv bwd.scalar bwd.coopmat")
     p.add_argument("--dtype", nargs="+", choices=["float32", "float16", "bfloat16"], help="dtypes (default all)")
     p.add_argument("--cache-dir", metavar="DIR",
                    help="where verdicts go (default: $AULE_KP_CACHE_DIR, else the user cache dir)")

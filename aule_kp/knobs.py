@@ -73,7 +73,7 @@ KNOBS: Tuple[Knob, ...] = (
     Knob(COOPMAT_CONVERT_ENV, "coopmat_convert", _flag, False,
          "1: fp32/bf16 data may run the fp16 cooperative-matrix kernels (rounded to fp16 on load)"),
     Knob("AULE_KP_FORCE_VARIANT", "force_variant", str, None,
-         "pin the forward kernel variant (scalar, wave64, coopmat); tests and benchmarks"),
+         "pin the forward kernel variant (scalar, wave64, coopmat, coopmat2); tests and benchmarks"),
     Knob("AULE_KP_FORCE_BWD_VARIANT", "force_bwd_variant", str, None,
          "pin the backward kernel variant (scalar, coopmat); tests and benchmarks"),
     Knob("AULE_KP_SPLIT_KV", "split_kv", _integer(0, "0 (never split) or a number of splits"), None,

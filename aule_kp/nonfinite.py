@@ -23,6 +23,7 @@ they ran, at the cost of two reductions (over the output and over a float mask) 
 
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import numpy as np
@@ -37,15 +38,43 @@ _FINITE_BELOW = {"float16": 0x7C00, "bfloat16": 0x7F80}
 _CHUNK_SCORES = 1 << 22
 
 
+#: Bytes one pass of :func:`all_finite` reduces: few enough passes that the Python between them
+#: costs nothing (the copy threads check 1-2 MiB pieces in one or two), and no whole-array temporary.
+_BLOCK_BYTES = 1 << 20
+_scratch = threading.local()
+
+
+def _scratch_u16(n: int) -> np.ndarray:
+    """This thread's reusable uint16 scratch of at least ``n`` elements (a fresh array per call would
+    page-fault its memory in every time)."""
+    buf = getattr(_scratch, "buf", None)
+    if buf is None or buf.size < n:
+        buf = _scratch.buf = np.empty(n, np.uint16)
+    return buf[:n]
+
+
 def all_finite(a: np.ndarray, dtype: str) -> bool:
-    """Whether host storage ``a`` of ``dtype`` (bf16 as uint16 bits) holds no NaN or inf, by
-    reductions that make no array of bools (NumPy's own float16 reductions are slow)."""
+    """Whether host storage ``a`` of ``dtype`` (bf16 as uint16 bits; any contiguous view of the bytes
+    will do) holds no NaN or inf. Block by block, with no array as large as ``a``: a whole-array
+    temporary cost more than the check (page faults) on the Vulkan host path's outputs."""
     if a.size == 0:
         return True
+    flat = np.ascontiguousarray(a).reshape(-1)
     if dtype == "float32":
-        return bool(np.isfinite(a.max()) and np.isfinite(a.min()))
-    bits = np.ascontiguousarray(a).view(np.uint16)
-    return int(np.bitwise_and(bits, 0x7FFF).max()) < _FINITE_BELOW[dtype]
+        f = flat.view(np.float32)
+        step = _BLOCK_BYTES // 4
+        # NaN propagates through max; +inf shows in max, -inf in min.
+        return all(np.isfinite(f[lo:lo + step].max()) and np.isfinite(f[lo:lo + step].min())
+                   for lo in range(0, f.size, step))
+    bits = flat.view(np.uint16)
+    step = _BLOCK_BYTES // 2
+    below = _FINITE_BELOW[dtype]
+    for lo in range(0, bits.size, step):
+        block = _scratch_u16(min(step, bits.size - lo))
+        np.bitwise_and(bits[lo:lo + step], 0x7FFF, out=block)  # NumPy's float16 reductions are slow
+        if block.max() >= below:
+            return False
+    return True
 
 
 def _row_is_nonfinite(out: np.ndarray, dtype: str) -> np.ndarray:
@@ -70,16 +99,19 @@ def poisoned_by_mask(problem: Problem, mask: Optional[np.ndarray]) -> Optional[n
 
 
 def enforce(problem: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Optional[np.ndarray],
-            out: np.ndarray, lse: np.ndarray) -> None:
+            out: np.ndarray, lse: np.ndarray, out_finite: Optional[bool] = None) -> None:
     """Make a backend's ``(out, lse)`` for these host inputs follow the module's semantics, in place.
 
-    ``q``/``k``/``v``/``out`` in engine storage, ``mask`` float32 additive (or None), ``lse`` float32.
+    ``q``/``k``/``v``/``out`` in engine storage, ``mask`` float32 additive (or None), ``lse`` float32;
+    ``out_finite``: whether ``out`` is known to be all finite (None: checked here).
     """
     p = problem
     if out.size == 0:
         return
     by_mask = poisoned_by_mask(p, mask)
-    if all_finite(out, p.dtype) and by_mask is None:
+    if out_finite is None:
+        out_finite = all_finite(out, p.dtype)
+    if out_finite and by_mask is None:
         return
     if not all_finite(v, p.dtype):
         # Non-finite rows may hold a hidden key's leaked v: recompute them exactly.

@@ -25,10 +25,10 @@ export AULE_KP_SPIRV_CACHE=$PWD/spirv_cache
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.limit,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
 python3 -m aule_kp info | tee "$OUT/info.txt"
 # STEPS picks what runs after the set-up (default: everything), e.g. STEPS="gemm host" .
-STEPS=" ${STEPS:-tests bench backward host decode gemm tune triton} "  # also: splitkv (a tile sweep), ab, cmd
+STEPS=" ${STEPS:-tests bench backward host decode gemm coopmat2 tune triton} "  # also: splitkv (a tile sweep), ab, cmd
 step() { [[ "$STEPS" == *" $1 "* ]]; }
 if step tests; then
-  python3 -m pytest -q -p no:cacheprovider $(ls tests/test_{vulkan,gpu,vulkan_backward,splitkv,host_io}.py 2>/dev/null) \
+  python3 -m pytest -q -p no:cacheprovider $(ls tests/test_{vulkan,gpu,coopmat2,vulkan_backward,splitkv,host_io}.py 2>/dev/null) \
     "$@" 2>&1 | tail -25 | tee "$OUT/tests.txt"
 fi
 step bench && python3 -m aule_kp bench --preset gpu --vs --backends ${BACKENDS:-vulkan,triton,torch,aule-attention} \
@@ -41,6 +41,8 @@ step host && python3 benchmarks/host_path_gpu.py 2>&1 | tee "$OUT/host_path.md"
 step decode && python3 benchmarks/decode_gpu.py 2>&1 | tee "$OUT/decode.md"
 step splitkv && python3 benchmarks/splitkv_sweep_gpu.py 2>&1 | tee "$OUT/splitkv.md"
 step gemm && python3 benchmarks/coopmat_gemm_gpu.py 2>&1 | tee "$OUT/gemm.md"
+# NV cooperative matrix 2: its GEMM ceiling and the cm2 forward (SPIR-V prebuilt by glslang >= 15.2).
+step coopmat2 && python3 benchmarks/coopmat2_gpu.py ${CM2_ARGS:-} 2>&1 | tee "$OUT/coopmat2.md"
 step tune && timeout ${TUNE_S:-300} python3 -m aule_kp tune --cache-dir "$OUT/tune" ${TUNE_ARGS:-} 2>&1 | tee "$OUT/tune.md"
 step triton && python3 benchmarks/triton_vs_aule_gpu.py 2>&1 | tee "$OUT/triton_vs_aule.md"
 # Anything else, in this set-up: STEPS=cmd GPU_CMD='python3 -m aule_kp tune ...'

@@ -59,7 +59,15 @@ def test_copy_bytes_splits_large_copies(monkeypatch, threads):
     rng = np.random.default_rng(0)
     srcs = [rng.integers(0, 256, n, dtype=np.uint8) for n in (5 << 20, 3, 1 << 20)]
     dsts = [np.zeros_like(s) for s in srcs]
-    hostcopy.copy_bytes(list(zip(dsts, srcs)))
+    assert hostcopy.copy_bytes(list(zip(dsts, srcs))) is True
+    for d, s in zip(dsts, srcs):
+        np.testing.assert_array_equal(d, s)
+    # A check runs on every piece written; one failing piece fails the copy's answer, not the copy.
+    seen = []
+    dsts = [np.zeros_like(s) for s in srcs]
+    fail_3_bytes = lambda piece: seen.append(piece.nbytes) or piece.nbytes != 3  # noqa: E731
+    assert not hostcopy.copy_bytes(list(zip(dsts, srcs)), fail_3_bytes)
+    assert sum(seen) == sum(s.nbytes for s in srcs)
     for d, s in zip(dsts, srcs):
         np.testing.assert_array_equal(d, s)
 

@@ -18,6 +18,7 @@ from conftest import output_tolerance, problem
 from reference import reference_attention
 
 import aule_kp.vulkan.device as devmod
+from aule_kp import nonfinite
 from aule_kp.cpu.backend import CpuBackend
 from aule_kp.dtypes import from_f32, to_f32
 from aule_kp.nonfinite import all_finite, enforce, poisoned_by_mask
@@ -149,11 +150,14 @@ def test_enforce_is_a_no_op_on_finite_results() -> None:
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
-def test_all_finite(dtype: str, value: float) -> None:
-    a = from_f32(np.linspace(-60000, 60000, 1001, dtype=np.float32), dtype)
+@pytest.mark.parametrize("where", [0, 500, -1])
+def test_all_finite(dtype: str, value: float, where: int) -> None:
+    # Longer than one block of the check (nonfinite._BLOCK), so the last element sits in a partial block.
+    a = from_f32(np.linspace(-60000, 60000, nonfinite._BLOCK_BYTES + 7, dtype=np.float32), dtype)
     assert all_finite(a, dtype) and all_finite(a[:0], dtype)
-    a[500] = from_f32(np.array([value], np.float32), dtype)[0]
-    assert not all_finite(a, dtype)
+    assert all_finite(a.view(np.uint8), dtype)  # the copy threads check raw bytes
+    a[where] = from_f32(np.array([value], np.float32), dtype)[0]
+    assert not all_finite(a, dtype) and not all_finite(a.view(np.uint8), dtype)
 
 
 @pytest.mark.parametrize("backend", ["cpu", pytest.param("vulkan", marks=needs_vulkan)])

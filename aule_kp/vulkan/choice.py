@@ -64,6 +64,8 @@ class Variant:
     name: str
     family: str  # KernelConfig.family: what the trap table, verdicts and tuning cache are keyed by
     needs_coopmat: bool = False  # the patched kp and a 16x16x16 f16*f16+f32 VK_KHR_cooperative_matrix shape
+    needs_coopmat2: bool = False  # kp patch 4 (its features enabled) and VK_NV_cooperative_matrix2
+    only_dtype: Optional[str] = None  # reads this storage dtype alone (no conversion on load)
     computes_in: Optional[str] = None  # other storage dtypes only with AULE_KP_COOPMAT_CONVERT
     head_dim_multiple: int = 1
     max_head_dim: Optional[int] = None  # register budget
@@ -77,6 +79,10 @@ FORWARD: Dict[str, Variant] = {
     "wave64": Variant("wave64", "fwd.wave64"),
     "coopmat": Variant("coopmat", "fwd.coopmat", needs_coopmat=True, computes_in="float16", head_dim_multiple=16,
                        label="coopmat"),
+    # Opt-in (AULE_KP_FORCE_VARIANT=coopmat2): on an H200 it ran at 0.88-1.03x the coopmat kernel's
+    # speed (BENCHMARKS.md, 2026-12-05), so the automatic choice does not take it yet.
+    "coopmat2": Variant("coopmat2", "fwd.coopmat2", needs_coopmat2=True, only_dtype="float16", head_dim_multiple=16,
+                        max_head_dim=128, label="coopmat2"),
 }
 #: Backward variants: "coopmat" where the device and problem allow it (on an H200 it runs 10-20x
 #: faster than "scalar", still ~3.5x slower than torch's flash backward), else "scalar".
@@ -110,6 +116,15 @@ def limit_reasons(variant: Variant, caps: DeviceCaps, problem: Problem, snapshot
             reasons.append("device has no VK_KHR_cooperative_matrix")
         elif not _has_coopmat_16(caps):
             reasons.append("device has no 16x16x16 f16*f16+f32 cooperative matrix shape")
+    if variant.needs_coopmat2:
+        from .device import import_kp, kp_patch_level
+
+        if not caps.coopmat2:
+            reasons.append("device has no VK_NV_cooperative_matrix2")
+        elif kp_patch_level(import_kp()) < 4:
+            reasons.append("kp is older than aule-kp's patch 4: VK_NV_cooperative_matrix2's features are not enabled")
+    if variant.only_dtype and problem.dtype != variant.only_dtype:
+        reasons.append(f"{variant.name} reads {variant.only_dtype} only; got {problem.dtype}")
     if variant.computes_in and problem.dtype != variant.computes_in and not snapshot.coopmat_convert:
         # fp32/bf16 would be rounded to fp16 on load: exact only for fp16 data, so opt-in.
         reasons.append(f"{variant.name} computes on {variant.computes_in}; got {problem.dtype} "
@@ -235,6 +250,13 @@ def coopmat_tiles(caps: DeviceCaps, problem: Problem) -> Tiles:
     return Tiles(br=16, bc=16, wg=wave, stage=1)
 
 
+def coopmat2_tiles(caps: DeviceCaps, problem: Problem) -> Tiles:
+    """Tiles for glsl/fa2_fwd_cm2.comp: the fastest of those timed on an H200 (BR x BC x invocations
+    64x32x128 at D=128, 64x64x128 at D=64; benchmarks/coopmat2_gpu.py, BENCHMARKS.md 2026-12-05)."""
+    wave = max(caps.subgroup_size, 1)
+    return Tiles(br=64, bc=32 if max(problem.dim_k, problem.dim_v) > 64 else 64, wg=max(128, wave) // wave * wave)
+
+
 def backward_scalar_tiles(caps: DeviceCaps, problem: Problem) -> Tiles:
     """Tiles of the scalar dK/dV and dQ kernels on this device (the same for both)."""
     shuffle_width = caps.subgroup_size if caps.subgroup_shuffle else 1
@@ -314,8 +336,8 @@ def kernel_reasons(k: KernelConfig, caps: DeviceCaps, problem: Problem) -> List[
     stages = (1, 2) if k.kernel == "fa2_fwd_coopmat" else (0, 1)
     if min(k.br, k.bc, k.wg, k.tpr, k.rpt) < 1 or k.stage not in stages:
         return [f"tiles out of range: {k}"]
-    if k.variant == "coopmat":
-        # fa2_fwd_coopmat.comp / fa2_bwd_cm.glsl: 16x16 blocks, whole subgroups.
+    if k.variant in ("coopmat", "coopmat2"):
+        # fa2_fwd_coopmat.comp / fa2_bwd_cm.glsl / fa2_fwd_cm2.comp: 16x16 blocks, whole subgroups.
         wave = max(caps.subgroup_size, 1)
         if k.br % 16 or k.bc % 16:
             reasons.append(f"coopmat tiles must be multiples of 16 (BR={k.br}, BC={k.bc})")
@@ -410,6 +432,8 @@ def config_for(variant: str, caps: DeviceCaps, problem: Problem,
     caps = workarounds.effective(caps)
     if variant == "coopmat":
         cfg = _kernel(variant, "fa2_fwd_coopmat", problem, coopmat_tiles(caps, problem))
+    elif variant == "coopmat2":
+        cfg = _kernel(variant, "fa2_fwd_cm2", problem, coopmat2_tiles(caps, problem))
     else:
         wave = 64 if variant == "wave64" else max(caps.subgroup_size, 1)
         cfg = _kernel(variant, "fa2_fwd", problem,

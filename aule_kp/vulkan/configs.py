@@ -20,7 +20,7 @@ from ..problem import Problem
 DTYPE_CODE = {"float32": 0, "float16": 1, "bfloat16": 2}
 FLOAT_BYTES = 4
 #: Every kernel family (``KernelConfig.family``), in the order the self-check and doctor list them.
-FAMILIES = ("fwd.scalar", "fwd.wave64", "fwd.coopmat", "splitkv", "bwd.scalar", "bwd.coopmat")
+FAMILIES = ("fwd.scalar", "fwd.wave64", "fwd.coopmat", "fwd.coopmat2", "splitkv", "bwd.scalar", "bwd.coopmat")
 #: Spec constant TEST_CORRUPT (glsl/fa2_common.glsl), set in the pipelines of the families
 #: ``AULE_KP_TEST_CORRUPT`` names (TEST ONLY), which then add 1.0 to every output they store: a wrong
 #: kernel on the device, for the self-check's tests. Normal pipelines leave it at 0, which the driver
@@ -64,6 +64,8 @@ class KernelConfig:
     def shared_bytes(self) -> int:
         if self.variant == "coopmat":
             return coopmat_shared_bytes(self)
+        if self.variant == "coopmat2":
+            return 0  # fa2_fwd_cm2.comp declares none; the driver's own staging is checked at pipeline creation
         return FLOAT_BYTES * (self.stage * self.bc * (self.dk + self.dv) + 2)
 
 

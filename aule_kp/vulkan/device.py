@@ -124,11 +124,16 @@ class Device:
         """``kp_patch_level`` of the kp this device runs on."""
         return kp_patch_level(self.kp)
 
+    def wanted_extensions(self) -> Tuple[str, ...]:
+        """Device extensions the kernels may use. VK_NV_cooperative_matrix2 only where kp's patch
+        enables its features (patch 4): the extension alone would not make its shaders legal."""
+        return ("VK_KHR_cooperative_matrix",) + (("VK_NV_cooperative_matrix2",) if self.kp_patch >= 4 else ())
+
     @property
     def manager(self) -> Any:
         with self.lock:
             if self._manager is None:
-                wanted = [ext for ext in ("VK_KHR_cooperative_matrix",) if ext in self.caps.extensions]
+                wanted = [ext for ext in self.wanted_extensions() if ext in self.caps.extensions]
                 log.debug("creating kp.Manager on device %d (%s), extensions %s", self.caps.index,
                           self.caps.name, wanted)
                 self._manager = self.kp.Manager(self.caps.index, [], wanted)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
-from typing import List, Tuple
+from typing import Callable, List, Optional, Tuple
 
 import numpy as np
 
@@ -36,19 +36,23 @@ def _pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="aule_kp_copy")
 
 
-def copy_bytes(pairs: List[Tuple[np.ndarray, np.ndarray]]) -> None:
-    """``dst[:] = src`` for each (dst, src) pair of equal-sized uint8 views, split over threads when large."""
+def copy_bytes(pairs: List[Tuple[np.ndarray, np.ndarray]],
+               check: Optional[Callable[[np.ndarray], bool]] = None) -> bool:
+    """``dst[:] = src`` for each (dst, src) pair of equal-sized uint8 views, split over threads when
+    large. ``check`` runs on each piece of ``dst`` right after its copy, while the piece is in cache;
+    returns whether every check passed (True without one)."""
     total = sum(src.nbytes for _, src in pairs)
     threads = copy_threads() if total >= PARALLEL_MIN_BYTES else 1
     if threads == 1:
-        for dst, src in pairs:
-            dst[:] = src
-        return
-    piece = max(1 << 20, -(-total // (threads * 2)))
-    jobs = [(dst[lo:lo + piece], src[lo:lo + piece]) for dst, src in pairs for lo in range(0, src.nbytes, piece)]
+        jobs = pairs
+    else:
+        piece = max(1 << 20, -(-total // (threads * 2)))
+        jobs = [(dst[lo:lo + piece], src[lo:lo + piece]) for dst, src in pairs for lo in range(0, src.nbytes, piece)]
 
-    def run(job: Tuple[np.ndarray, np.ndarray]) -> None:
+    def run(job: Tuple[np.ndarray, np.ndarray]) -> bool:
         job[0][:] = job[1]
+        return check is None or check(job[0])
 
-    for _ in _pool(threads).map(run, jobs):
-        pass
+    if threads == 1:
+        return all([run(job) for job in jobs])  # a list: every copy runs, whatever a check says
+    return all(list(_pool(threads).map(run, jobs)))

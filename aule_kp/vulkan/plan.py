@@ -33,13 +33,14 @@ import math
 import struct
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Callable, Collection, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from .. import knobs
 from ..dtypes import ITEMSIZE, STORAGE
-from ..nonfinite import enforce
+from ..nonfinite import all_finite, enforce
 from ..problem import Problem
 from .configs import ForwardConfig, KernelConfig, SplitKVConfig
 from .hostcopy import copy_bytes
@@ -526,7 +527,14 @@ class Plan(RecordedPlan):
     def run(self, q: np.ndarray, k: np.ndarray, v: np.ndarray,
             mask: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
         """Host arrays of the bound problem in (engine storage, contiguous), ``(out, lse)`` out (see
-        Backend.forward).
+        Backend.forward)."""
+        out, lse, _ = self.run_checked(q, k, v, mask)
+        return out, lse
+
+    def run_checked(self, q: np.ndarray, k: np.ndarray, v: np.ndarray,
+                    mask: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray, bool]:
+        """``run``, and whether ``out`` is all finite: checked piece by piece by the copy threads as
+        they write it (a separate pass over a large output cost as much as the kernel).
 
         One copy each way between the caller's arrays and mapped memory, as raw bytes (packed
         16-bit data needs no conversion); the slices are computed when the plan is bound.
@@ -544,23 +552,27 @@ class Plan(RecordedPlan):
             o = c.views["o"]
             outputs.append([(out[lo:lo + o.nbytes], o)])
             lo += o.nbytes
+        check = partial(all_finite, dtype=p.dtype)
         if self.pipelined:
-            self._run_pipelined(inputs, outputs)
+            finite = self._run_pipelined(inputs, outputs, check)
         else:
             copy_bytes([pair for pairs in inputs for pair in pairs])
             self.eval()
-            copy_bytes([pair for pairs in outputs for pair in pairs])
+            finite = copy_bytes([pair for pairs in outputs for pair in pairs], check)
         lse = (np.concatenate([c.views["lse"] for c in self.chunks]) if len(self.chunks) > 1
                else self.chunks[0].views["lse"].copy())
         shape = (p.batch, p.heads_q, p.len_q)
-        return out.view(STORAGE[p.dtype]).reshape(*shape, p.dim_v), lse.reshape(shape)
+        return out.view(STORAGE[p.dtype]).reshape(*shape, p.dim_v), lse.reshape(shape), finite
 
     def _run_pipelined(self, inputs: List[List[Tuple[np.ndarray, np.ndarray]]],
-                       outputs: List[List[Tuple[np.ndarray, np.ndarray]]]) -> None:
+                       outputs: List[List[Tuple[np.ndarray, np.ndarray]]],
+                       check: Callable[[np.ndarray], bool]) -> bool:
         """Chunk by chunk: copy in and submit, then (once all are submitted) wait for each and copy
         its output out, so copies overlap the kernels of other chunks. Whatever fails, every
-        submitted sequence is waited for before returning (a running sequence cannot be resubmitted)."""
+        submitted sequence is waited for before returning (a running sequence cannot be resubmitted).
+        Returns whether ``check`` passed on every piece of the outputs."""
         submitted: List[Chunk] = []
+        finite = True
         try:
             for c, pairs in zip(self.chunks, inputs):
                 copy_bytes(pairs)
@@ -570,10 +582,11 @@ class Plan(RecordedPlan):
             for c, pairs in zip(self.chunks, outputs):
                 c.sequence.eval_await()
                 submitted.remove(c)
-                copy_bytes(pairs)
+                finite = copy_bytes(pairs, check) and finite
         finally:
             for c in submitted:
                 c.sequence.eval_await()
+        return finite
 
 
 def forward_plan(device: Any, problem: Problem, config: ForwardConfig) -> Plan:
@@ -608,8 +621,8 @@ def run_forward(device: Any, problem: Problem, config: ForwardConfig, q: np.ndar
     """One host-path forward call: ``forward_plan(...).run(q, k, v, mask)`` under ``device.lock``, then
     the non-finite repairs (``aule_kp.nonfinite.enforce``) outside it."""
     with device.lock:
-        out, lse = forward_plan(device, problem, config).run(q, k, v, mask)
-    enforce(problem, q, k, v, mask, out, lse)
+        out, lse, finite = forward_plan(device, problem, config).run_checked(q, k, v, mask)
+    enforce(problem, q, k, v, mask, out, lse, out_finite=finite)
     return out, lse
 
 

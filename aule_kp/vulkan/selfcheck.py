@@ -114,6 +114,7 @@ def clear(caps: DeviceCaps, directory: Optional[str] = None) -> bool:
 
 _KERNELS = {
     "fwd.scalar": ("fa2_fwd",), "fwd.wave64": ("fa2_fwd",), "fwd.coopmat": ("fa2_fwd_coopmat",),
+    "fwd.coopmat2": ("fa2_fwd_cm2",),
     "splitkv": ("fa2_splitkv",), "bwd.scalar": ("fa2_bwd_pre", "fa2_bwd_dkdv", "fa2_bwd_dq"),
     "bwd.coopmat": ("fa2_bwd_pre", "fa2_bwd_dkdv_coopmat", "fa2_bwd_dq_coopmat"),
 }
@@ -249,7 +250,8 @@ _SPLIT = (Canary("Lq1 GQA D64 split-KV", 1, 4, 1, 1, 600, 64, n_split=3),
           Canary("Lq2 causal mask D128 split-KV", 1, 2, 2, 2, 520, 128, causal=True, mask=(1, 2, 2, 520), n_split=2))
 _BACKWARD = (Canary("backward causal GQA mask-grad D64", 1, 4, 2, 24, 40, 64, causal=True, mask=(1, 1, 24, 40),
                     backward=True),)
-CANARIES = {"fwd.scalar": _FORWARD, "fwd.wave64": _FORWARD, "fwd.coopmat": _FORWARD, "splitkv": _SPLIT,
+CANARIES = {"fwd.scalar": _FORWARD, "fwd.wave64": _FORWARD, "fwd.coopmat": _FORWARD, "fwd.coopmat2": _FORWARD,
+            "splitkv": _SPLIT,
             "bwd.scalar": _BACKWARD, "bwd.coopmat": _BACKWARD}
 
 

@@ -31,6 +31,7 @@ FEATURES = {
     "fp16_shuffle": "subgroup shuffles of float16 values",
     "fp16_arithmetic": "float16 arithmetic in shaders (the cooperative-matrix kernels' P and operands)",
     "coopmat": "VK_KHR_cooperative_matrix",
+    "coopmat2": "VK_NV_cooperative_matrix2 (workgroup-scope matrices, tensor addressing, reductions)",
     "full_subgroups": "every subgroup fully populated at the size the device reports (needs "
                       "VK_PIPELINE_SHADER_STAGE_CREATE_REQUIRE_FULL_SUBGROUPS_BIT, which kp cannot set)",
 }
@@ -46,6 +47,8 @@ NEEDS: Dict[str, FrozenSet[str]] = {
     # of a row, subgroupAny; fa2_bwd_cm.glsl: subgroup-scope matrices and subgroup barriers.
     "fwd.coopmat": frozenset({"coopmat", "fp16_arithmetic", "subgroup_shuffle", "full_subgroups"}),
     "bwd.coopmat": frozenset({"coopmat", "fp16_arithmetic", "full_subgroups"}),
+    # fa2_fwd_cm2.comp: workgroup-scope matrices; no subgroup operation of its own.
+    "fwd.coopmat2": frozenset({"coopmat2", "fp16_arithmetic"}),
 }
 
 #: Features the other kernels use only when the device offers them, and what they do instead.
