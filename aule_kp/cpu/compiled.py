@@ -36,8 +36,9 @@ _LOG2E = 1.4426950408889634
 #: Band offset standing for "unbounded" (a row index plus it never leaves the int64 range).
 _FAR = 1 << 40
 
-#: Below this many scores (about a millisecond of work) a thread pool's start-up costs more than it saves.
-_POOL_MIN_WORK = 1 << 20
+#: Below this many multiply-adds (about a millisecond of work) a thread pool's start-up costs more
+#: than it saves.
+_POOL_MIN_WORK = 1 << 26
 
 #: Tasks per worker, enough to even out unequal (causal, windowed) blocks.
 _TASKS_PER_WORKER = 4
@@ -202,11 +203,12 @@ def forward(kern: ModuleType, p: Problem, q: np.ndarray, k: np.ndarray, v: np.nd
     tasks = _tasks(p, block_q, workers)
 
     def work(task: _Task) -> int:
+        """Multiply-adds of the task's two GEMMs, hidden tiles skipped (up to the staircase's edges)."""
         lo, hi = p.key_range(task[2], task[3])
-        return (task[3] - task[2]) * (hi - lo) * p.group
+        return (task[3] - task[2]) * p.group * (hi - lo) * (p.dim_k + p.dim_v)
 
     tasks.sort(key=work, reverse=True)  # longest first, so that the pool does not end on one long task
-    if workers == 1 or sum(map(work, tasks)) * p.dim_k < _POOL_MIN_WORK * 64:
+    if workers == 1 or sum(map(work, tasks)) < _POOL_MIN_WORK:
         for task in tasks:
             job.run(task)
     else:
