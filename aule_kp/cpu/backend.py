@@ -56,9 +56,10 @@ _BIAS_CACHE_ENTRIES = 64
 
 #: ``(block_q, block_k, step)`` defaults of each path: query rows per block, keys per tile, rows
 #: per stair of a band edge. NumPy: 1024/512/128 were the fastest on 2 cores (B1 H16 S2048 D64).
-#: Compiled: 512/512/64 (see BENCHMARKS.md, issue 20).
+#: Compiled: 256/512/64, level with 512/512 (and ahead of 1024/512, 512/1024, 128/512) within the
+#: noise of a shared 2-core machine, with half its L2 footprint (BENCHMARKS.md, issue 20).
 NUMPY_BLOCKS = (1024, 512, 128)
-COMPILED_BLOCKS = (512, 512, 64)
+COMPILED_BLOCKS = (256, 512, 64)
 
 #: One task: batch ``b``, key/value head ``kv`` and the row blocks of its query heads to compute.
 _Chunk = Tuple[int, int, List[_Block]]
