@@ -15,7 +15,6 @@ NumPy path (:mod:`.backend`).
 from __future__ import annotations
 
 import importlib
-import logging
 import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -28,8 +27,6 @@ from ..dtypes import STORAGE, from_f32
 from ..errors import warn_once
 from ..problem import Problem
 from .pool import BLAS, split_range, worker_count
-
-log = logging.getLogger("aule_kp")
 
 _LOG2E = 1.4426950408889634
 
