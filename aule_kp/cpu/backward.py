@@ -41,8 +41,6 @@ _PARTIAL_BUDGET = 256 << 20
 #: Below this many scores (a few ms of work) a thread pool's start-up costs more than it saves.
 _POOL_MIN_WORK = 1 << 18
 
-_LOG2E = 1.4426950408889634
-
 #: Band offset standing for "unbounded" (the compiled kernels take ints).
 _FAR = 1 << 40
 
@@ -82,7 +80,6 @@ class _Backward:
         self.q, self.k, self.v, self.out, self.dout, self.mask = q, k, v, out, dout, mask
         # A row that sees no key has lse -inf; +inf makes its P = exp(S - inf) = 0 on every tile.
         self.lse = np.where(np.isneginf(lse), np.float32(np.inf), lse).astype(np.float32, copy=False)
-        self.lse2 = self.lse * np.float32(_LOG2E)  # the compiled kernel's base-2 units (+inf stays)
         self.block_k = block_k
         self.rows = max(1, block_q // p.group)  # query positions per block: group x rows GEMM rows
         self.scale = np.float32(p.scale)
@@ -150,7 +147,7 @@ class _Backward:
             mask = self.no_mask
             if self.mask is not None:
                 mask = self.mask[_mask_index(self.mask.shape, b, h, h + 1, i0, i1, c0, c1)]
-            self.kern.probs_tile(s3[h - h0], self.lse2[b, h, i0:i1], i0 + self.lo_off - c0, i0 + self.hi_off - c0,
+            self.kern.probs_tile(s3[h - h0], self.lse[b, h, i0:i1], i0 + self.lo_off - c0, i0 + self.hi_off - c0,
                                  mask, self.mask is not None)
         return s
 

@@ -2,7 +2,7 @@
 
 One task is a block of query positions of the query heads of one (batch, kv head). It walks the
 key tiles the band lets it see (hidden tiles are never computed): per tile one BLAS GEMM for the
-base-2 scores (``log2(e)`` folded into the query's scale), one compiled pass that adds the mask,
+scores (the scale folded into the query), one compiled pass that adds the mask,
 applies the band and turns the scores into weights with the online-softmax bookkeeping
 (:func:`.kernels.softmax_tile`), and one GEMM of the weights against V. Scratch is two score tiles
 and a ``rows x Dv`` accumulator per task, never ``Lq x Lk``. Tasks run on a thread pool: BLAS and
@@ -27,8 +27,6 @@ from ..dtypes import STORAGE, from_f32
 from ..errors import warn_once
 from ..problem import Problem
 from .pool import BLAS, split_range, worker_count
-
-_LOG2E = 1.4426950408889634
 
 #: Band offset standing for "unbounded" (a row index plus it never leaves the int64 range).
 _FAR = 1 << 40
@@ -89,7 +87,7 @@ class _Forward:
         self.mask = mask
         self.no_mask = np.zeros((1, 1, 1), dtype=np.float32)
         self.block_k, self.step = block_k, step
-        self.scale = np.float32(p.scale * _LOG2E)
+        self.scale = np.float32(p.scale)
         self.out = np.empty((p.batch, p.heads_q, p.len_q, p.dim_v), dtype=STORAGE[p.dtype])
         self.lse = np.empty((p.batch, p.heads_q, p.len_q), dtype=np.float32)
         self.lo_off = -_FAR if p.left is None else p.diag - p.left

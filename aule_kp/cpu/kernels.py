@@ -1,10 +1,12 @@
 """The CPU backend's compiled per-tile kernels (numba): everything between the BLAS tile products.
 
 NumPy spends its time on a score tile in separate passes (max, subtract, exp, sum, each over the
-tile in memory); these do them in one or two passes per row while the row sits in L1. Scores are in
-base-2 units (the caller folds ``log2(e)`` into the query's scale), so the exponential is
-``exp2``: a degree-6 polynomial on the fraction times ``2**n`` built from the exponent bits, which
-LLVM vectorises (numba has no vector ``exp`` without Intel's SVML).
+tile in memory); these do them in one or two passes per row while the row sits in L1. The
+exponential is ``exp2((s - shift) log2(e))``: a degree-6 polynomial on the fraction times ``2**n``
+built from the exponent bits, which LLVM vectorises (numba has no vector ``exp`` without Intel's
+SVML). Scores, masks and shifts stay in natural units, and only differences are scaled to base 2:
+a float mask of float32's most negative value (what Hugging Face passes) would overflow to -inf
+if scaled by log2(e) itself, and hide keys that it only pushes down.
 
 Non-finite scores follow :mod:`aule_kp.nonfinite`: comparisons are written so that NaN passes
 through ``_exp2`` (and so into the row's sum), +inf becomes NaN against any shift, -inf gives 0.
@@ -86,13 +88,13 @@ def _row_band(i, width, lo0, hi0):
 
 
 @njit(inline="always", fastmath=_FAST)
-def _add_mask(row, mask_row, scale):
-    """``row += scale * mask_row`` (a mask row of one entry broadcasts)."""
+def _add_mask(row, mask_row):
+    """``row += mask_row`` (a mask row of one entry broadcasts)."""
     if mask_row.shape[0] > 1:
         for j in range(row.shape[0]):
-            row[j] += scale * mask_row[j]
+            row[j] += mask_row[j]
     else:
-        c = scale * mask_row[0]
+        c = mask_row[0]
         for j in range(row.shape[0]):
             row[j] += c
 
@@ -140,10 +142,10 @@ def _row_max(row):
 
 @njit(inline="always", fastmath=_FAST)
 def _exp_row(src, dst, shift):
-    """``dst = exp2(src - shift)``; returns their sum."""
+    """``dst = exp(src - shift)``; returns their sum."""
     total = np.float32(0.0)
     for j in range(src.shape[0]):
-        e = _exp2(src[j] - shift)
+        e = _exp2((src[j] - shift) * _LOG2E)
         dst[j] = e
         total += e
     return total
@@ -153,8 +155,8 @@ def _exp_row(src, dst, shift):
 def softmax_tile(s, p, m, sums, acc, lo0, hi0, group, mask, has_mask):
     """One key tile of the online softmax, for its rows (in place of FA2's rescaling step).
 
-    ``s`` [rows, keys] base-2 scores (read; the mask, scaled by log2(e), is added in place), ``p``
-    gets the weights ``exp2(s - m)`` (0 outside the band), ``m``/``sums`` each row's shift and sum,
+    ``s`` [rows, keys] scores (read; the mask is added in place), ``p`` gets the weights
+    ``exp(s - m)`` (0 outside the band), ``m``/``sums`` each row's shift and sum,
     ``acc`` [rows, Dv] the running ``sum p v``, rescaled here when a row's shift grows; the caller
     adds ``p @ v`` to it. Rows are positions x ``group`` heads (position-major): row ``i`` is head
     ``i % group`` at position ``pos = i // group``, which sees columns ``[lo0 + pos, hi0 + pos)``;
@@ -168,7 +170,7 @@ def softmax_tile(s, p, m, sums, acc, lo0, hi0, group, mask, has_mask):
         p[i, hi:] = 0.0
         row, out = s[i, lo:hi], p[i, lo:hi]
         if has_mask:
-            _add_mask(row, _mask_row(mask, i % group, pos, lo, hi), _LOG2E)
+            _add_mask(row, _mask_row(mask, i % group, pos, lo, hi))
         shift = m[i]
         if shift == _NEG_INF:  # the row's first keys: its shift is their exact max
             shift = _row_max(row)
@@ -177,9 +179,11 @@ def softmax_tile(s, p, m, sums, acc, lo0, hi0, group, mask, has_mask):
                 continue
             m[i] = shift
         total = _exp_row(row, out, shift)
-        if total > _SUM_LIMIT:  # scores outgrew the shift: exact max, rescale what came before
+        # Scores outgrew the shift (or a NaN sum, which a difference of huge scores can also give):
+        # exact max, rescale what came before. A NaN score leaves the sum NaN after the redo too.
+        if not total <= _SUM_LIMIT:
             mx = _row_max(row)
-            alpha = _exp2(shift - mx)
+            alpha = _exp2((shift - mx) * _LOG2E)
             for d in range(acc.shape[1]):
                 acc[i, d] *= alpha
             sums[i] *= alpha
@@ -190,7 +194,7 @@ def softmax_tile(s, p, m, sums, acc, lo0, hi0, group, mask, has_mask):
 
 @njit(nogil=True, cache=True, fastmath=_FAST)
 def finish_rows(acc, m, sums, out, lse):
-    """``out = acc / sums`` and natural-log ``lse = (m + log2 sums) ln 2``; rows with a sum of 0 saw no
+    """``out = acc / sums`` and ``lse = m + ln(sums)``; rows with a sum of 0 saw no
     key: 0 and -inf. NaN sums stay NaN in both."""
     rows, dv = acc.shape
     ln2 = np.float32(0.6931471805599453)
@@ -204,14 +208,14 @@ def finish_rows(acc, m, sums, out, lse):
         inv = np.float32(1.0) / total
         for d in range(dv):
             out[i, d] = acc[i, d] * inv
-        lse[i] = (m[i] + np.log2(total)) * ln2
+        lse[i] = m[i] + np.log2(total) * ln2
 
 
 @njit(nogil=True, cache=True, fastmath=_FAST)
-def probs_tile(s, lse2, lo0, hi0, mask, has_mask):
-    """Backward: ``s`` [rows, keys] natural-unit scores become ``P = exp2(s log2(e) - lse2)`` in
-    place (mask ``[1, rows, keys]`` added first, 0 outside the band); ``lse2`` is each row's base-2
-    log-sum-exp (+inf for a row that sees no key, so its P is 0)."""
+def probs_tile(s, lse, lo0, hi0, mask, has_mask):
+    """Backward: ``s`` [rows, keys] scores become ``P = exp(s - lse)`` in place (mask
+    ``[1, rows, keys]`` added first, 0 outside the band); ``lse`` is each row's log-sum-exp (+inf
+    for a row that sees no key, so its P is 0)."""
     rows, width = s.shape
     for i in range(rows):
         lo, hi = _row_band(i, width, lo0, hi0)
@@ -219,10 +223,10 @@ def probs_tile(s, lse2, lo0, hi0, mask, has_mask):
         s[i, hi:] = 0.0
         row = s[i, lo:hi]
         if has_mask:
-            _add_mask(row, _mask_row(mask, 0, i, lo, hi), np.float32(1.0))
-        shift = lse2[i]
+            _add_mask(row, _mask_row(mask, 0, i, lo, hi))
+        shift = lse[i]
         for j in range(row.shape[0]):
-            row[j] = _exp2(row[j] * _LOG2E - shift)
+            row[j] = _exp2((row[j] - shift) * _LOG2E)
 
 
 @njit(nogil=True, cache=True, fastmath=_FAST)
