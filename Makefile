@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test lint shaders bench gpu clean wheel
+.PHONY: install demo test lint shaders prebuilt bench gpu clean wheel
 
 install:
 	./scripts/setup.sh
@@ -18,8 +18,13 @@ test: install lint wheel
 lint: install
 	$(VENV)/bin/ruff check aule_kp tests benchmarks examples comfyui_aule
 
+# Kernels that need glslang >= 15.2 are copied from glsl/prebuilt/ (hash-checked) unless AULE_KP_GLSLANG
+# names one (or `glslang` on PATH is one): then they are rebuilt there too. `make prebuilt` fetches it.
 shaders: install
 	$(PY) -m aule_kp.vulkan.compile --force
+
+prebuilt: install
+	AULE_KP_GLSLANG=$(CURDIR)/scripts/glslang15.sh $(PY) -m aule_kp.vulkan.compile --force
 
 bench: install
 	$(VENV)/bin/aule-kp bench --vs

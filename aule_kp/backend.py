@@ -12,7 +12,8 @@ from .problem import Problem
 #: What ``backend=`` takes everywhere: "auto" (the dispatcher's priority list) or one backend.
 BACKEND_NAMES = ("auto", "vulkan", "triton", "cpu")
 
-#: A forward pass bound to its backend and Problem (``Backend.bind``): ``(q, k, v, mask) -> (out, lse)``.
+#: A forward pass bound to its backend and Problem (``Backend.bind``): ``(q, k, v, mask) -> (out, lse)``,
+#: with the keywords ``alibi`` / ``sinks`` where ``problem.alibi_rows`` / ``problem.sinks`` (see ``Backend``).
 Runner = Callable[[Any, Any, Any, Any], Tuple[Any, Any]]
 
 
@@ -34,6 +35,13 @@ class Backend:
     ``problem.mask_shape`` (``-inf`` = hidden). It returns ``(out, lse)``: ``out`` in the storage
     dtype of q, shape ``[B, Hq, Lq, Dv]``, and the natural-log row log-sum-exp, float32
     ``[B, Hq, Lq]`` (``-inf`` for a row that sees no key; such a row's output is 0).
+
+    Score modifiers (:mod:`aule_kp.scoremods`): every backend applies ``problem.softcap``; when
+    ``problem.alibi_rows``, the keyword argument ``alibi`` of ``forward`` and ``backward`` (float32
+    slopes ``[alibi_rows, Hq]``, host or torch as the other inputs); when ``problem.sinks``, the
+    keyword argument ``sinks`` of ``forward`` and ``backward`` (float32 ``[Hq]``; the returned lse
+    includes them, and ``backward``'s gradients need nothing more than that lse: a backend may read
+    the sinks where it recomputes a row's statistics).
     """
 
     name = "base"
@@ -59,7 +67,8 @@ class Backend:
     native_torch = False
 
     def forward(
-        self, problem: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Optional[np.ndarray]
+        self, problem: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Optional[np.ndarray], *,
+        alibi: Optional[np.ndarray] = None, sinks: Optional[np.ndarray] = None,
     ) -> Tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
@@ -78,6 +87,9 @@ class Backend:
         lse: np.ndarray,
         mask: Optional[np.ndarray],
         mask_grad: bool = False,
+        *,
+        alibi: Optional[np.ndarray] = None,
+        sinks: Optional[np.ndarray] = None,
     ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
         """Gradients ``(dq, dk, dv, dmask)`` of the forward pass, FA2-style from the saved ``lse``.
 

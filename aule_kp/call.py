@@ -10,10 +10,11 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
-from . import dispatch, inputs
+from . import dispatch, inputs, scoremods
 from .backend import Backend, Runner, check_backend_name
 from .dtypes import ITEMSIZE, STORAGE
 from .problem import Problem, band
+from .quant import check_precision
 
 
 @dataclass
@@ -23,7 +24,9 @@ class Prepared:
     ``q``/``k``/``v`` are host arrays in engine storage, or contiguous torch tensors where they live
     for a ``native_torch`` backend; ``mask`` is the float32 additive mask (same form) or None.
     ``backend`` is None when the result is empty or trivially zero (no query, no key); ``run`` is its
-    forward pass bound to ``problem`` (``Backend.bind``), None with it.
+    forward pass bound to ``problem`` (``Backend.bind``), None with it. ``alibi``: float32 slopes
+    ``[problem.alibi_rows, Hq]`` (host, or a torch tensor beside q for a ``native_torch`` backend) or
+    None; ``sinks``: float32 ``[Hq]`` sink logits in the same form (where ``problem.sinks``) or None.
     """
 
     problem: Problem
@@ -34,15 +37,21 @@ class Prepared:
     mask: Any
     like: Any  # the caller's q: the result takes its type, dtype and device
     run: Optional[Runner] = None
+    alibi: Any = None
+    sinks: Any = None
 
     def forward(self) -> Tuple[Any, Any]:
-        """``(out, lse)``: out in the type/dtype/device of the caller's q; lse float32 [B, Hq, Lq]."""
+        """``(out, lse)``: out in the type/dtype/device of the caller's q; lse float32 [B, Hq, Lq]
+        (sinks included)."""
         p = self.problem
         if self.backend is None:
             out = np.zeros((p.batch, p.heads_q, p.len_q, p.dim_v), dtype=STORAGE[p.dtype])
             lse = np.full((p.batch, p.heads_q, p.len_q), -np.inf, np.float32)
+            if self.sinks is not None:
+                lse = scoremods.sink_lse(lse, self.sinks)  # host sinks: no backend was bound
             return inputs.from_host(out, self.like, p.dtype), lse
-        out, lse = self.run(self.q, self.k, self.v, self.mask)
+        options = {name: x for name, x in (("alibi", self.alibi), ("sinks", self.sinks)) if x is not None}
+        out, lse = self.run(self.q, self.k, self.v, self.mask, **options)
         return (out if self.backend.native_torch else inputs.from_host(out, self.like, p.dtype)), lse
 
 
@@ -74,28 +83,42 @@ def prepare(
     backend: str = "auto",
     top_left: bool = False,
     broadcasts_in_place: bool = True,
+    precision: Any = "fp",
+    softcap: float = 0.0,
+    alibi_slopes: Any = None,
+    sinks: Any = None,
 ) -> Prepared:
     """Validates and normalises one call (errors name the argument), and picks its backend.
 
+    ``softcap``, ``alibi_slopes`` and ``sinks`` are the score modifiers of :mod:`aule_kp.scoremods`.
+
     With ``broadcasts_in_place``, k/v broadcast over heads (stride 0) become one kv head and a mask's
     broadcast axes size 1, neither copied; a backward pass that must return gradients in the
-    caller's shapes turns it off. Sizes are checked before anything is copied.
+    caller's shapes turns it off. Sizes are checked before anything is copied. ``precision``: "fp"
+    (or None) or "int8" (``aule_kp.quant``).
     """
     dtype, (b, hq, hkv, lq, lk, dk, dv), scale = check_call(q, k, v, causal, scale, window, backend)
+    precision = check_precision(precision)
     if broadcasts_in_place:
         k, v = inputs.shared_kv_head(k, v)
         hkv = int(k.shape[1])
     diag, left, right = band(lq, lk, causal=bool(causal), window=window, top_left=top_left)
+    softcap, alibi, sink_logits = scoremods.check(softcap, alibi_slopes, sinks, b, hq)
+    if precision != "fp" and (softcap or alibi is not None or sink_logits is not None):
+        raise ValueError(f"precision={precision!r} takes no softcap, alibi_slopes or sinks (its kernels compute "
+                         "none of them); use precision='fp' for them")
     mask = mask_shape = None
     if attn_mask is not None:
         mask, is_bool = inputs.mask_view(attn_mask, (b, hq, lq, lk), collapse=broadcasts_in_place)
         mask_shape = tuple(int(s) for s in mask.shape)
     device = q.device.type if inputs.is_torch(q) else None
-    problem = Problem(b, hq, hkv, lq, lk, dk, dv, dtype, float(scale), diag, left, right, mask_shape, device)
+    problem = Problem(b, hq, hkv, lq, lk, dk, dv, dtype, float(scale), diag, left, right, mask_shape, device,
+                      softcap=softcap, alibi_rows=0 if alibi is None else alibi.shape[0],
+                      sinks=sink_logits is not None, precision=precision)
     out_bytes = b * hq * lq * dv * ITEMSIZE[dtype]
     if problem.empty or lk == 0:
         inputs.check_memory([("the output", 0 if device not in (None, "cpu") else out_bytes)])
-        return Prepared(problem, None, None, None, None, None, q)
+        return Prepared(problem, None, None, None, None, None, q, sinks=sink_logits)
     chosen, run = dispatch.select_bound(problem, backend)
     if not chosen.native_torch:
         mask_bytes = 0 if mask_shape is None else 4 * math.prod(mask_shape)
@@ -108,9 +131,11 @@ def prepare(
 
         if mask is not None:
             mask = torch.from_numpy(mask).to(q.device)
-        return Prepared(problem, chosen, q.contiguous(), k.contiguous(), v.contiguous(), mask, q, run)
+        alibi, sink_logits = (None if x is None else torch.from_numpy(x).to(q.device) for x in (alibi, sink_logits))
+        return Prepared(problem, chosen, q.contiguous(), k.contiguous(), v.contiguous(), mask, q, run, alibi,
+                        sink_logits)
     return Prepared(problem, chosen, inputs.to_host(q, dtype), inputs.to_host(k, dtype), inputs.to_host(v, dtype),
-                    mask, q, run)
+                    mask, q, run, alibi, sink_logits)
 
 
 def attention_forward(q: Any, k: Any, v: Any, **options: Any) -> Tuple[Any, Any, Problem]:

@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import sys
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 
 def _positive(kind: type) -> Callable[[str], Any]:
@@ -136,6 +136,27 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _bench_layers(args: argparse.Namespace, data: Dict[str, Any]) -> int:
+    """``bench --preset layers``: the aule_kp.nn layers on model shapes (aule_kp.bench_layers)."""
+    from . import bench, bench_layers
+
+    try:
+        backends = bench.select_backends(args.backends, data["backends"])
+    except ValueError as exc:
+        print(f"aule-kp bench: {exc}", file=sys.stderr)
+        return 2
+    rows = bench_layers.run(args.repeat, args.scale, backends)
+    table = bench_layers.format_table(rows)
+    if args.markdown:
+        m = bench.machine(" ".join(["aule-kp", *args.argv]))
+        title = "### `layers` preset" + (f", lengths, heads and ranks / {args.scale:g}" if args.scale != 1 else "")
+        with open(args.markdown, "a") as f:
+            f.write(f"\n{title}, {m['date']}\n\n" + "\n".join(f"- {k}: {v}" for k, v in m.items()) + f"\n\n{table}\n")
+    print(table)
+    failed = [r for r in rows if r["note"].startswith("failed")]
+    return 1 if failed else 0
+
+
 def _bench(args: argparse.Namespace) -> int:
     """Run a preset, print its table on stdout (progress on stderr), write --markdown / --plots."""
     from . import bench
@@ -148,6 +169,8 @@ def _bench(args: argparse.Namespace) -> int:
             return 2
     data = info()
     preset = args.preset
+    if preset == "layers":
+        return _bench_layers(args, data)
     if preset == "auto":
         dev = next((d for d in data["devices"] if d["index"] == data["selected_device"]), None)
         preset = "gpu" if dev and dev["type"] in ("discrete", "integrated") else "cpu"
@@ -290,8 +313,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = sub.add_parser("bench", help="benchmark table (ms, TFLOPS, peak memory)")
     from .bench import PRESETS
 
-    p.add_argument("--preset", choices=["auto", *PRESETS], default="auto",
-                   help="auto (cpu or gpu by the device), cpu, gpu, or model shapes: llama3-8b, llama3-70b, sdxl, flux")
+    p.add_argument("--preset", choices=["auto", *PRESETS, "layers"], default="auto",
+                   help="auto (cpu or gpu by the device), cpu, gpu, model shapes: llama3-8b, llama3-70b, sdxl, flux; "
+                        "or layers: the aule_kp.nn layers on DeepSeek-V3 / Llama-3-70B / 405B shapes")
     p.add_argument("--vs", action="store_true",
                    help="also time torch SDPA and aule-attention 0.5.0 (adds torch,aule-attention to --backends)")
     p.add_argument("--repeat", type=_positive(int), default=5, help="timed calls per row (median)")
@@ -301,7 +325,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "tensors and reports why where it cannot run")
     p.add_argument("--markdown", help="append the table, machine and command to this file")
     p.add_argument("--scale", type=_positive(float), default=1.0,
-                   help="divide sequence lengths by F (min 16; decode's Lq=1 kept): smoke-run GPU presets on a CPU")
+                   help="divide sequence lengths by F (min 16; decode's Lq=1 kept; the layers preset divides heads "
+                        "and LoRA ranks too): smoke-run GPU presets on a CPU")
     p.add_argument("--plots", metavar="DIR",
                    help="write bench.md, bench.json and PNG plots (latency, TFLOPS, memory, host overhead, and speedup "
                         "with --vs) into DIR")

@@ -8,7 +8,7 @@ from . import dispatch, knobs
 from ._version import __version__
 from .problem import Problem
 from .vulkan import device as devmod
-from .vulkan import selfcheck, workarounds
+from .vulkan import int8, selfcheck, workarounds
 from .vulkan.choice import VARIANTS, disabled_reasons, variant_reasons
 from .vulkan.probe import probe_error
 
@@ -29,7 +29,8 @@ def info() -> Dict[str, Any]:
     Each device dict has at least ``name``, ``vendor``, ``type``, ``subgroup_size``,
     ``shared_memory``, ``fp16``, ``coopmat`` and ``variants`` (forward kernel variants it can run for
     a typical fp16 problem), plus ``variant_reasons`` (why each other variant cannot: device limits,
-    the driver-trap table, a self-check verdict), ``workarounds`` (the table's entries that apply,
+    the driver-trap table, a self-check verdict), ``int8_variants`` (the ``precision="int8"`` kernel
+    variants it can run for that problem), ``workarounds`` (the table's entries that apply,
     aule_kp/vulkan/workarounds.py) and ``self_check`` (verdicts recorded for this driver, by
     ``<kernel family>/<dtype>``).
     ``selected_device``: the index ``AULE_KP_DEVICE`` selects (None when it selects none);
@@ -43,6 +44,7 @@ def info() -> Dict[str, Any]:
         reasons = _variant_reasons(caps)
         d["variants"] = [v for v in VARIANTS if not reasons[v]]
         d["variant_reasons"] = {v: r for v, r in reasons.items() if r}
+        d["int8_variants"] = [v for v in int8.VARIANTS if not int8.variant_reasons(v, caps, _TYPICAL)]
         d["workarounds"] = workarounds.describe(caps)
         d["self_check"] = selfcheck.verdicts_for(caps)
         devices.append(d)

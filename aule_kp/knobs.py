@@ -73,7 +73,7 @@ KNOBS: Tuple[Knob, ...] = (
     Knob(COOPMAT_CONVERT_ENV, "coopmat_convert", _flag, False,
          "1: fp32/bf16 data may run the fp16 cooperative-matrix kernels (rounded to fp16 on load)"),
     Knob("AULE_KP_FORCE_VARIANT", "force_variant", str, None,
-         "pin the forward kernel variant (scalar, wave64, coopmat, coopmat2); tests and benchmarks"),
+         "pin the forward kernel variant (scalar, wave64, coopmat, coopmat2; int8dot, int8coopmat); tests"),
     Knob("AULE_KP_FORCE_BWD_VARIANT", "force_bwd_variant", str, None,
          "pin the backward kernel variant (scalar, coopmat); tests and benchmarks"),
     Knob("AULE_KP_SPLIT_KV", "split_kv", _integer(0, "0 (never split) or a number of splits"), None,
@@ -94,6 +94,8 @@ KNOBS: Tuple[Knob, ...] = (
          "1: GpuTensors live in host memory on discrete GPUs too"),
     Knob("AULE_KP_SPIRV_CACHE", "spirv_cache", str, None,
          "folder of the compiled SPIR-V (default: spirv_cache/ in the source tree); read once, at import"),
+    Knob("AULE_KP_GLSLANG", "glslang", str, None,
+         "a glslang >= 15.2 to rebuild glsl/prebuilt/ with (scripts/glslang15.sh; default: `glslang` on PATH)"),
     Knob("AULE_KP_TEST_CORRUPT", "test_corrupt", _families, frozenset(),
          "TEST ONLY: comma list of kernel families whose outputs are made wrong (self-check tests)"),
 )

@@ -30,6 +30,7 @@ import numpy as np
 
 from .dtypes import from_f32, to_f32
 from .problem import Problem
+from .scoremods import alibi_distance, cap, fold_sinks
 
 #: Largest ``bits & 0x7fff`` of a finite 16-bit value (exponent all ones: inf or NaN).
 _FINITE_BELOW = {"float16": 0x7C00, "bfloat16": 0x7F80}
@@ -99,11 +100,14 @@ def poisoned_by_mask(problem: Problem, mask: Optional[np.ndarray]) -> Optional[n
 
 
 def enforce(problem: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Optional[np.ndarray],
-            out: np.ndarray, lse: np.ndarray, out_finite: Optional[bool] = None) -> None:
+            out: np.ndarray, lse: np.ndarray, out_finite: Optional[bool] = None,
+            alibi: Optional[np.ndarray] = None, sinks: Optional[np.ndarray] = None) -> None:
     """Make a backend's ``(out, lse)`` for these host inputs follow the module's semantics, in place.
 
     ``q``/``k``/``v``/``out`` in engine storage, ``mask`` float32 additive (or None), ``lse`` float32;
-    ``out_finite``: whether ``out`` is known to be all finite (None: checked here).
+    ``out_finite``: whether ``out`` is known to be all finite (None: checked here); ``alibi`` the
+    float32 slopes of ``problem.alibi_rows`` and ``sinks`` the float32 sink logits (the scores are
+    modified as :mod:`aule_kp.scoremods` says; a soft-capped score is finite wherever the plain one is).
     """
     p = problem
     if out.size == 0:
@@ -118,7 +122,7 @@ def enforce(problem: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask:
         rows = _row_is_nonfinite(out, p.dtype)
         if by_mask is not None:
             rows &= ~by_mask
-        _recompute(p, q, k, v, mask, rows, out, lse)
+        _recompute(p, q, k, v, mask, rows, out, lse, alibi, sinks)
     else:
         # With v finite, only a NaN or +inf score makes NaN: that whole row is NaN.
         nan_rows = _row_has_nan(out, p.dtype)
@@ -134,7 +138,8 @@ def _fill_nan(p: Problem, out: np.ndarray, lse: np.ndarray, rows: np.ndarray) ->
 
 
 def _recompute(p: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Optional[np.ndarray],
-               rows: np.ndarray, out: np.ndarray, lse: np.ndarray) -> None:
+               rows: np.ndarray, out: np.ndarray, lse: np.ndarray, alibi: Optional[np.ndarray],
+               sinks: Optional[np.ndarray]) -> None:
     """Rows ``rows`` (``[B, Hq, Lq]`` bools) of ``out``/``lse`` from the definition, in float64."""
     for b, h in zip(*np.nonzero(rows.any(axis=-1))):
         kv = h // p.group
@@ -147,18 +152,22 @@ def _recompute(p: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Op
         step = max(1, _CHUNK_SCORES // max(1, p.len_k))
         for c in range(0, len(idx), step):
             i = idx[c : c + step]
-            o, s_lse = _rows(p, q, kf, v0, vf[bad_keys], bad_keys, mask, b, h, i)
+            o, s_lse = _rows(p, q, kf, v0, vf[bad_keys], bad_keys, mask, b, h, i, alibi,
+                             None if sinks is None else float(sinks[h]))
             out[b, h, i] = from_f32(o.astype(np.float32), p.dtype)
             lse[b, h, i] = s_lse
 
 
 def _rows(p: Problem, q: np.ndarray, kf: np.ndarray, v0: np.ndarray, v_bad: np.ndarray, bad_keys: np.ndarray,
-          mask: Optional[np.ndarray], b: int, h: int, i: np.ndarray):
+          mask: Optional[np.ndarray], b: int, h: int, i: np.ndarray, alibi: Optional[np.ndarray] = None,
+          sink: Optional[float] = None):
     """``(out [n, Dv], lse [n])`` float64 of query rows ``i`` of (batch ``b``, head ``h``); ``v0`` is v
     with its non-finite entries zeroed, ``v_bad`` the full rows of v at keys ``bad_keys``."""
     qf = to_f32(q[b, h, i], p.dtype).astype(np.float64)
     with np.errstate(all="ignore"):
-        s = qf @ kf.T * p.scale
+        s = cap(qf @ kf.T * p.scale, p.softcap)
+        if alibi is not None:
+            s -= alibi[b if alibi.shape[0] > 1 else 0, h] * alibi_distance(p.diag, i, np.arange(p.len_k), np.float64)
         if mask is not None:
             mb, mh, mq, _ = mask.shape
             s = s + mask[b if mb > 1 else 0, h if mh > 1 else 0][i if mq > 1 else np.zeros_like(i)]
@@ -174,9 +183,11 @@ def _rows(p: Problem, q: np.ndarray, kf: np.ndarray, v0: np.ndarray, v_bad: np.n
             seen = s[:, bad_keys] > -np.inf  # the non-finite v of a hidden key is never used
             terms = np.where(seen[:, :, None], w[:, bad_keys, None] * v_bad[None], 0.0)
             acc = acc + np.where(np.isfinite(v_bad)[None], 0.0, terms).sum(axis=1)
+        if sink is not None:  # the sink joins every row's sum; a hidden row's lse is the sink
+            acc = acc * fold_sinks(m, total, np.full_like(m, sink))[:, None]
         o = np.where(hidden[:, None], 0.0, acc / np.where(hidden, 1.0, total)[:, None])
         o[poisoned] = np.nan
-        row_lse = np.where(hidden, -np.inf, m + np.log(total))
+        row_lse = m + np.log(total) if sink is not None else np.where(hidden, -np.inf, m + np.log(total))
         row_lse[poisoned] = np.nan
     return o, row_lse.astype(np.float32)
 

@@ -40,6 +40,17 @@ class Problem:
     # backends such as Triton say whether they can take the tensors; not part of equality or hash,
     # since it does not change the math (plans keyed by Problem are shared).
     device: Optional[str] = field(default=None, compare=False)
+    # Score modifiers (aule_kp.scoremods): the score of a key the band lets through is
+    # ``cap(scale q.k) + alibi + mask`` with ``cap(s) = softcap * tanh(s / softcap)`` (0.0: off) and
+    # ``alibi = -slope * |j - (i + diag)|``; ``alibi_rows`` slopes of ``heads_q`` each (0: no ALiBi, 1:
+    # one per head for every batch, ``batch``: per batch and head); ``sinks``: one logit per query
+    # head joins each row's softmax denominator. The slopes' and sinks' values are data, passed
+    # beside the inputs.
+    softcap: float = 0.0
+    alibi_rows: int = 0
+    sinks: bool = False
+    # "fp": exact attention; "int8": SageAttention's INT8 Q·Kᵀ (aule_kp.quant), a different result.
+    precision: str = "fp"
 
     @property
     def group(self) -> int:
@@ -53,6 +64,11 @@ class Problem:
     @property
     def has_mask(self) -> bool:
         return self.mask_shape is not None
+
+    @property
+    def has_score_mods(self) -> bool:
+        """Whether the scores are soft-capped or ALiBi-biased (kernels compile that code in)."""
+        return self.softcap != 0.0 or self.alibi_rows != 0
 
     @property
     def empty(self) -> bool:

@@ -51,17 +51,24 @@ ivec2 query_range(int key_lo, int key_hi) {
     return ivec2(lo, max(lo, hi));
 }
 
+// ALiBi slope (exp2 domain) of query head qhead of the chunk (0 without ALIBI).
+float head_slope(uint qhead) {
+    const uint gq = pc.group0 * pc.group + qhead;  // global query head: batch * heads_q + head
+    return alibi_slope(gq / pc.heads_q, gq % pc.heads_q);
+}
+
 // Mask element offset of (batch, head) for query head qhead of the chunk.
 uint mask_head_base(uint qhead) {
     const uint gq = pc.group0 * pc.group + qhead;  // global query head: batch * heads_q + head
     return (gq / pc.heads_q) * pc.mask_sb + (gq % pc.heads_q) * pc.mask_sh;
 }
 
-// P of query row i and key j from the raw dot product q.k, the mask term mt (0 without a mask)
-// and the row statistics st. Exactly 0 for hidden pairs and rows past len_q (a select, not a
-// branch: see above).
+// P of query row i and key j from the raw dot product q.k, the terms added after the scale and
+// soft-cap mt (mask and ALiBi bias; 0 without them) and the row statistics st. Exactly 0 for hidden
+// pairs and rows past len_q (a select, not a branch: see above). Through a soft-cap, dS reaches
+// dQ and dK times cap_slope(qk) (fa2_common.glsl).
 float prob(float qk, int i, int j, float mt, vec3 st) {
-    const float p = exp2(((qk * pc.scale_log2 + mt) - st.x) - st.y);
+    const float p = exp2(((scaled_score(qk) + mt) - st.x) - st.y);
     return i < int(pc.len_q) && key_visible(i, j) ? p : 0.0;
 }
 

@@ -59,6 +59,7 @@ void main() {
     for (uint hh = 0u; hh < pc.group; ++hh) {
         const uint qhead = kvg * pc.group + hh;
         const uint mbase = mask_head_base(qhead);
+        const float slope = head_slope(qhead);
         const uint qrow0 = qhead * pc.len_q;
         for (int i0 = rows.x; i0 < rows.y; i0 += int(BC)) {
             if (STAGE == 1u) {
@@ -115,12 +116,14 @@ void main() {
                 float dsv[RPT];
                 [[unroll]] for (uint r = 0u; r < RPT; ++r) {
                     const int j = first + int(r * KEY_STRIDE);
-                    const float mt = HAS_MASK == 1u ? pick(mv, r, lane0) : 0.0;
-                    const float p = prob(reduce_row(sacc[r]), i, j, mt, st);
+                    const float mt = (HAS_MASK == 1u ? pick(mv, r, lane0) : 0.0) + alibi_term(slope, i, j);
+                    const float qk = reduce_row(sacc[r]);
+                    const float p = prob(qk, i, j, mt, st);
                     const float ds = p * (reduce_row(pacc[r]) - st.z);
                     dsv[r] = ds;
+                    const float dsc = ds * cap_slope(qk);
                     [[unroll]] for (uint d = 0u; d < OPT; ++d) dv[r * OPT + d] += p * dov[d];
-                    [[unroll]] for (uint d = 0u; d < QPT; ++d) dk[r * QPT + d] += ds * qv[d];
+                    [[unroll]] for (uint d = 0u; d < QPT; ++d) dk[r * QPT + d] += dsc * qv[d];
                 }
                 if (WRITE_DS == 1u) {
                     // Lane l stores keys l, l + TPR, ... of its group (every lane holds every dS).

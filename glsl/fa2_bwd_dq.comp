@@ -23,6 +23,7 @@ void main() {
     const uint qhead = query_head();
     const uint kvg = qhead / pc.group;
     const uint mbase = mask_head_base(qhead);
+    const float slope = head_slope(qhead);
     const int row0 = int(query_tile() * BR);
     const int first = row0 + int(t / TPR);
     const uint kbase = kvg * pc.len_k * DK;
@@ -102,9 +103,10 @@ void main() {
             }
             [[unroll]] for (uint r = 0u; r < RPT; ++r) {
                 const int i = first + int(r * ROW_STRIDE);
-                const float mt = HAS_MASK == 1u ? pick(mv, r, lane0) : 0.0;
-                const float p = prob(reduce_row(sacc[r]), i, j, mt, st[r]);
-                const float ds = p * (reduce_row(pacc[r]) - st[r].z);
+                const float mt = (HAS_MASK == 1u ? pick(mv, r, lane0) : 0.0) + alibi_term(slope, i, j);
+                const float qk = reduce_row(sacc[r]);
+                const float p = prob(qk, i, j, mt, st[r]);
+                const float ds = p * (reduce_row(pacc[r]) - st[r].z) * cap_slope(qk);
                 [[unroll]] for (uint d = 0u; d < QPT; ++d) dq[r * QPT + d] += ds * kv[d];
             }
         }

@@ -31,6 +31,7 @@ void main() {
         const uint kbase = (qhead / pc.group) * pc.len_k * DK;
         const uint mbase = mask_head_base(qhead) + i * pc.mask_si;
         const ivec2 keys = key_range(int(i), int(i) + 1);
+        const float slope = head_slope(qhead);
         float m = NEG_BIG;
         float l = 0.0;
         for (int j = keys.x; j < keys.y; ++j) {
@@ -39,7 +40,7 @@ void main() {
             [[unroll]] for (uint d = 0u; d < DK; d += 2u) {
                 qk += dot(LOAD_PAIR(q_data, row * DK + d), LOAD_PAIR(k_data, kbase + uint(j) * DK + d));
             }
-            float s = qk * pc.scale_log2;
+            float s = scaled_score(qk) + alibi_term(slope, int(i), j);
             if (HAS_MASK == 1u) s += mask_term(mask_data[mbase + uint(j) * pc.mask_sj]);
             if (s > m) {
                 l = l * exp2(m - s) + 1.0;
@@ -48,6 +49,7 @@ void main() {
                 l += exp2(s - m);
             }
         }
+        fold_sink(m, l, (pc.group0 * pc.group + qhead) % pc.heads_q);
         ml = l > 0.0 ? vec2(m, log2(l)) : vec2(1.0 / 0.0, 0.0);
     }
     row_stats[row] = vec4(ml, dsum, 0.0);

@@ -10,6 +10,12 @@
 // 16-bit data is packed two per uint (element e in word e>>1, low half first), fp32 as float bits.
 // Visibility: query i sees key j when i + diag - left <= j <= i + diag + right (left/right < 0:
 // unbounded), and, with a mask, the mask value (x log2(e)) is added to the score; -inf hides the key.
+// Score modifiers (aule_kp/scoremods.py), compiled in by spec constants SOFTCAP, ALIBI and SINKS (0:
+// the code is folded away, the kernels are the plain ones): the scaled score is soft-capped,
+// softcap * tanh(s / softcap), then the ALiBi bias -slope * |j - (i + diag)| and the mask are added;
+// a sink (one logit per query head) joins each row's softmax sum once its keys are done
+// (fold_sink), so O and LSE are the softmax's with the sink column. The slopes and the sinks sit in
+// the mask buffer after the mask (pc.alibi_base, pc.alibi_sb per batch; pc.sink_base).
 
 #extension GL_EXT_control_flow_attributes : enable
 
@@ -26,6 +32,9 @@ layout(constant_id = 8) const uint RPT = 1;      // query rows per invocation gr
 // kernel for the self-check's tests (configs.py TEST_CORRUPT_ID, knob AULE_KP_TEST_CORRUPT). Always
 // 0 otherwise, and a specialization constant, so drivers fold the check away.
 layout(constant_id = 11) const uint TEST_CORRUPT = 0;
+layout(constant_id = 12) const uint SOFTCAP = 0;  // 1: soft-cap the scores (pc.softcap_log2)
+layout(constant_id = 13) const uint ALIBI = 0;    // 1: add the ALiBi bias (slopes in mask_data)
+layout(constant_id = 14) const uint SINKS = 0;    // 1: fold the sinks (in mask_data) into the row sums
 
 layout(local_size_x_id = 6, local_size_y = 1, local_size_z = 1) in;
 
@@ -52,6 +61,10 @@ layout(push_constant) uniform Push {
     uint mask_si;
     uint mask_sj;
     uint heads_q;
+    float softcap_log2; // softcap * log2(e) (read with SOFTCAP = 1 only)
+    uint alibi_base;    // element of mask_data holding the slope of batch 0, head 0 (ALIBI = 1 only)
+    uint alibi_sb;      // slope stride per batch: heads_q, or 0 for slopes shared by every batch
+    uint sink_base;     // element of mask_data holding the sink of head 0 (SINKS = 1 only)
 #ifdef FA2_SPLIT_KV
     // Split-KV kernels only (fa2_splitkv*.comp define FA2_SPLIT_KV; the host pushes these two
     // after the fields above to them alone): split s covers the keys
@@ -73,6 +86,53 @@ const float NEG_BIG = -FLT_MAX;
 // uniform average, as in torch, rather than becoming hidden.
 float mask_term(float mv) {
     return isinf(mv) && mv < 0.0 ? mv : max(mv * LOG2E, -FLT_MAX);
+}
+
+// tanh of a score (exp2 domain) over the cap: (1 - e) / (1 + e) with e = exp(-2|x|) <= 1, finite
+// for every finite x (GLSL's tanh may be inf / inf for large |x|), a few ulp off in absolute terms.
+float tanh_score(float x) {
+    const float e = exp2(-2.0 * LOG2E * abs(x));
+    return sign(x) * ((1.0 - e) / (1.0 + e));
+}
+
+// A scaled score (exp2 domain) soft-capped with SOFTCAP; unchanged without.
+float capped(float s) {
+    return SOFTCAP == 1u ? pc.softcap_log2 * tanh_score(s / pc.softcap_log2) : s;
+}
+
+// The score (exp2 domain) of a raw dot product q.k: scaled, then soft-capped with SOFTCAP.
+float scaled_score(float qk) {
+    return capped(qk * pc.scale_log2);
+}
+
+// d(capped score) / d(scaled score) for a raw dot product: 1 - tanh^2 with SOFTCAP, else 1.
+float cap_slope(float qk) {
+    if (SOFTCAP == 0u) return 1.0;
+    const float t = tanh_score(qk * pc.scale_log2 / pc.softcap_log2);
+    return 1.0 - t * t;
+}
+
+// ALiBi slope (exp2 domain) of global batch `batch`, query head `hq`; 0 without ALIBI.
+float alibi_slope(uint batch, uint hq) {
+    return ALIBI == 1u ? mask_data[pc.alibi_base + batch * pc.alibi_sb + hq] * LOG2E : 0.0;
+}
+
+// ALiBi bias (exp2 domain) of query row i and key j for a row's slope: -slope * |j - (i + diag)|.
+float alibi_term(float slope, int i, int j) {
+    return ALIBI == 1u ? -slope * float(abs(j - i - pc.diag)) : 0.0;
+}
+
+// Folds the sink of query head hq (global index within a batch) into a row whose keys are done: its
+// running max m and sum l (exp2 domain) become those of the softmax with the sink column. Returns
+// the factor the row's weighted sum of v must be multiplied by; 1 (m, l unchanged) without SINKS.
+float fold_sink(inout float m, inout float l, uint hq) {
+    if (SINKS == 0u) return 1.0;
+    const float s = mask_data[pc.sink_base + hq] * LOG2E;
+    const float m_new = max(m, s);
+    const float f = exp2(m - m_new);
+    l = l * f + exp2(s - m_new);
+    m = m_new;
+    return f;
 }
 
 // Element e of a packed buffer, as float.

@@ -37,6 +37,7 @@ void main() {
     const uint hq = (gkv % pc.heads_kv) * pc.group + qhead % pc.group;
     const int row0 = int(query_tile() * BR);
     const int first = row0 + int(t / TPR);
+    const float slope = alibi_slope(batch, hq);
 
     float q[RPT * QPT];
     float o[RPT * OPT];
@@ -96,7 +97,7 @@ void main() {
             }
             [[unroll]] for (uint r = 0u; r < RPT; ++r) {
                 const int i = first + int(r * ROW_STRIDE);
-                float sc = reduce_row(acc[r]) * pc.scale_log2;
+                float sc = scaled_score(reduce_row(acc[r])) + alibi_term(slope, i, j);
                 if (!key_visible(i, j)) {
                     sc = -1.0 / 0.0;
                 } else if (pc.has_mask != 0u) {
@@ -135,8 +136,9 @@ void main() {
     [[unroll]] for (uint r = 0u; r < RPT; ++r) {
         const int i = first + int(r * ROW_STRIDE);
         if (i >= int(pc.len_q)) continue;
+        const float f = fold_sink(m[r], l[r], hq);
         // l == 0: every key hidden; the row is 0 with lse -inf, as flash-attn and torch return.
-        const float inv_l = l[r] > 0.0 ? 1.0 / l[r] : 0.0;
+        const float inv_l = l[r] > 0.0 ? f / l[r] : 0.0;
         const uint obase = (qhead * pc.len_q + uint(i)) * DV + lane * OPT;
         [[unroll]] for (uint d = 0u; d < OPT; d += 2u) {
             store_pair(obase + d, vec2(o[r * OPT + d], o[r * OPT + d + 1u]) * inv_l);

@@ -141,11 +141,13 @@ uint g_obase;      // element offset of O[y][0][0]
 uint g_kbase;      // element offset of K[y / group][0][0]
 uint g_vbase;
 uint g_mbase;      // mask element offset of (batch, head) of this workgroup's query head
+float g_slope;     // ALiBi slope (exp2 domain) of this workgroup's query head (ALIBI only)
+uint g_hq;         // this workgroup's query head within its batch (its sink, SINKS only)
 
 // Score of query row i (global) against key j, in the exp2 domain; -inf when hidden.
 float score(float raw, int i, int j) {
     if (i >= int(pc.len_q) || !key_visible(i, j)) return NEG_INF;
-    float s = raw * pc.scale_log2;
+    float s = scaled_score(raw) + alibi_term(g_slope, i, j);
     if (pc.has_mask != 0u) {
         s += mask_term(mask_data[g_mbase + uint(i) * pc.mask_si + uint(j) * pc.mask_sj]);
     }
@@ -346,6 +348,8 @@ void main() {
     {
         const uint gq = pc.group0 * pc.group + y;      // global query head: batch * heads_q + head
         g_mbase = (gq / pc.heads_q) * pc.mask_sb + (gq % pc.heads_q) * pc.mask_sh;
+        g_slope = alibi_slope(gq / pc.heads_q, gq % pc.heads_q);
+        g_hq = gq % pc.heads_q;
     }
 
     // Keys any row of this tile may see; tiles outside are skipped (causal / sliding window).
@@ -430,7 +434,8 @@ void main() {
             // kernel 7-17% slower on an H200 (one-process A/B, fifth session), as the index order
             // computed by integer division did: the codegen here moves with small changes.
             const int kl = kb + int(BC) - 1;
-            const bool full = pc.has_mask == 0u && kl < int(pc.len_k)
+            // Soft-capped or biased scores take the per-score path (score()) too.
+            const bool full = SOFTCAP == 0u && ALIBI == 0u && pc.has_mask == 0u && kl < int(pc.len_k)
                 && (pc.left < 0 || kb >= int(g_q0 + BR) - 1 + pc.diag - pc.left)
                 && (pc.right < 0 || kl <= int(g_q0) + pc.diag + pc.right);
 
@@ -541,8 +546,10 @@ void main() {
                     const uint cp = idx % (w / 2u);
                     const uint i = g_q0 + row;
                     if (i < pc.len_q) {
-                        const float l = l_sh[row];
-                        const float inv = l > 0.0 ? 1.0 / l : 0.0;
+                        float m = m_sh[row];
+                        float l = l_sh[row];
+                        const float f = fold_sink(m, l, g_hq);
+                        const float inv = l > 0.0 ? f / l : 0.0;
                         const vec4 v4 = s_sh[row * SSTR + cp / 2u];
                         const vec2 v = (cp & 1u) == 0u ? v4.xy : v4.zw;
                         store_pair(g_obase + i * DV + ch * BC + 2u * cp, v * inv);
@@ -552,8 +559,10 @@ void main() {
             for (uint rl = lane; rl < NROWS; rl += sgs) {
                 const uint i = g_q0 + row0 + rl;
                 if (i < pc.len_q) {
-                    const float l = l_sh[row0 + rl];
-                    lse_data[y * pc.len_q + i] = l > 0.0 ? (m_sh[row0 + rl] + log2(l)) * LN2 : NEG_INF;
+                    float m = m_sh[row0 + rl];
+                    float l = l_sh[row0 + rl];
+                    fold_sink(m, l, g_hq);
+                    lse_data[y * pc.len_q + i] = l > 0.0 ? (m + log2(l)) * LN2 : NEG_INF;
                 }
             }
         }

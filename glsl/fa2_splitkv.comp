@@ -133,7 +133,8 @@ vec2 pair_of(uvec4 u, uint c) {
 // Normalised O (4 columns at col) and, once per row, LSE of chunk row `row` from its merged (m, l, O).
 // l == 0 over every split (no visible key: band, mask, or empty splits) gives O = 0, LSE = -inf.
 void store_out(uint row, uint col, float m, float l, vec4 o) {
-    const float inv_l = l > 0.0 ? 1.0 / l : 0.0;
+    const float f = fold_sink(m, l, (pc.group0 * pc.group + row / pc.len_q) % pc.heads_q);
+    const float inv_l = l > 0.0 ? f / l : 0.0;
     const uint e = row * DV + 4u * col;
     store_pair(e, o.xy * inv_l);
     store_pair(e + 2u, o.zw * inv_l);
@@ -187,8 +188,8 @@ void main() {
     const int ka = band.x + int(min(split * pc.split_len, uint(band.y - band.x)));
     const int kb = min(band.y, ka + int(pc.split_len));
     // Every key of the split visible to every query row (any row of the block may be any query
-    // index), and no mask: whole steps skip the per-score checks.
-    const bool open_split = pc.has_mask == 0u && keys_visible_to_all(0, int(pc.len_q), ka, kb);
+    // index), and no mask or ALiBi bias: whole steps skip the per-score checks.
+    const bool open_split = ALIBI == 0u && pc.has_mask == 0u && keys_visible_to_all(0, int(pc.len_q), ka, kb);
 
     float q[RB * QPL];
     float o[NO];
@@ -235,7 +236,7 @@ void main() {
                     }
                 }
             }
-            [[unroll]] for (uint r = 0u; r < RB; ++r) s[r * BC + c] = reduce_key(acc[r]);
+            [[unroll]] for (uint r = 0u; r < RB; ++r) s[r * BC + c] = capped(reduce_key(acc[r]));
         }
         if (!(open_split && j0 + int(STEP) <= kb)) {
             // Keys past the split, outside a row's band, or masked (rare: split edges, windows).
@@ -243,8 +244,10 @@ void main() {
                 const uint rr = min(r0 + r, rows - 1u);
                 const int qi = int(rr % pc.len_q);
                 const uint mrow = batch * pc.mask_sb + (head0 + rr / pc.len_q) * pc.mask_sh + uint(qi) * pc.mask_si;
+                const float slope = alibi_slope(batch, head0 + rr / pc.len_q);
                 [[unroll]] for (uint c = 0u; c < BC; ++c) {
                     const int j = j0 + int(c * NKG + kg);
+                    s[r * BC + c] += alibi_term(slope, qi, j);
                     if (j >= kb || !key_visible(qi, j)) {
                         s[r * BC + c] = -1.0 / 0.0;
                     } else if (pc.has_mask != 0u) {

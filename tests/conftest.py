@@ -105,19 +105,45 @@ def exponent_range(q: np.ndarray, k: np.ndarray, scale: float, mask: Optional[np
     return max(2.0 * (scores + top), 1.0)
 
 
+#: Rounding of a soft-capped score beyond the dot product's, in units of ``u32·softcap``: tanh itself
+#: (NumPy's, or ``(1 - e)/(1 + e)`` with ``e = exp2(-2|x| log2 e)`` in the kernels: Vulkan's exp2 is
+#: good to ``3 + 2|y|`` ulp of ``e``, which ``e``'s own size damps to a few ulp of the result) and the
+#: divide and multiply by ``softcap`` around it. The dot product's error passes through tanh damped
+#: (its slope is at most 1), so ``exponent_range`` still bounds that part.
+TANH_ROUNDING = 6.0
+
+
+def score_mods_range(p: Problem, alibi: Optional[np.ndarray] = None) -> float:
+    """What the score modifiers (:mod:`aule_kp.scoremods`) add to ``exponent_range``: the soft-cap's
+    rounding (``TANH_ROUNDING``) and, like a mask's, twice the largest ALiBi bias a row sees (the
+    score and the row's shift; the bias is one float32 product, rounded relative to itself)."""
+    extra = TANH_ROUNDING * p.softcap
+    if alibi is not None and p.len_q and p.len_k:
+        dist = np.abs(np.arange(p.len_k)[None, :] - np.arange(p.len_q)[:, None] - p.diag)
+        seen = p.visible(np.arange(p.len_q), np.arange(p.len_k))
+        extra += 2.0 * float(np.abs(alibi).max()) * float(np.where(seen, dist, 0).max())
+    return extra
+
+
 def output_tolerance(p: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray,
-                     mask: Optional[np.ndarray] = None, stored: Optional[str] = None) -> float:
+                     mask: Optional[np.ndarray] = None, stored: Optional[str] = None,
+                     alibi: Optional[np.ndarray] = None, sinks: Optional[np.ndarray] = None) -> float:
     """:func:`tolerance` of an attention output for storage-dtype inputs: sums over the keys (and the
     head dim), scaled by the largest ``P|V|`` (:func:`reference.output_scale`). ``stored``: the dtype
-    the result is stored in when the inputs are given widened to ``p.dtype`` (default ``p.dtype``)."""
+    the result is stored in when the inputs are given widened to ``p.dtype`` (default ``p.dtype``).
+    Score modifiers widen the exponent range (``score_mods_range``); a sink is one more term of the
+    row's sum (inside the model's reduction)."""
     qf, kf = to_f32(q, p.dtype), to_f32(k, p.dtype)
-    return tolerance(stored or p.dtype, p.len_k + p.dim_k, output_scale(q, k, v, p, mask),
-                     exponent_range(qf, kf, p.scale, mask))
+    return tolerance(stored or p.dtype, p.len_k + p.dim_k, output_scale(q, k, v, p, mask, alibi, sinks),
+                     exponent_range(qf, kf, p.scale, mask) + score_mods_range(p, alibi))
 
 
-def lse_tolerance(q: np.ndarray, k: np.ndarray, scale: float, mask: Optional[np.ndarray] = None) -> float:
-    """:func:`tolerance` of a float32 row log-sum-exp (whatever the input dtype)."""
-    return tolerance("float32", np.shape(k)[-2] + np.shape(q)[-1], 1.0, exponent_range(q, k, scale, mask))
+def lse_tolerance(q: np.ndarray, k: np.ndarray, scale: float, mask: Optional[np.ndarray] = None,
+                  p: Optional[Problem] = None, alibi: Optional[np.ndarray] = None) -> float:
+    """:func:`tolerance` of a float32 row log-sum-exp (whatever the input dtype); ``p`` (and
+    ``alibi``) add the score modifiers' range."""
+    extra = 0.0 if p is None else score_mods_range(p, alibi)
+    return tolerance("float32", np.shape(k)[-2] + np.shape(q)[-1], 1.0, exponent_range(q, k, scale, mask) + extra)
 
 
 def make_inputs(rng: np.random.Generator, shape_q, shape_k, shape_v, dtype: str):
@@ -154,23 +180,26 @@ def rng() -> np.random.Generator:
 
 
 def gradient_tolerances(p: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray, dout: np.ndarray,
-                        mask: Optional[np.ndarray] = None, stored: Optional[str] = None
+                        mask: Optional[np.ndarray] = None, stored: Optional[str] = None,
+                        alibi: Optional[np.ndarray] = None, sinks: Optional[np.ndarray] = None
                         ) -> Tuple[float, float, float, float]:
     """:func:`tolerance` of ``(dq, dk, dv, dmask)`` for storage-dtype inputs: each gradient's partial
     sums are bounded by :func:`reference.backward_scales`, its rounding runs through a sum over the
     query rows of a group, one over the keys and one over the head dim (dP and D), and a 16-bit
-    gradient goes through four roundings to the input type."""
+    gradient goes through four roundings to the input type. Score modifiers widen the exponent range
+    as for the output."""
     n = p.len_q * p.group + p.len_k + max(p.dim_k, p.dim_v)
     qf, kf = to_f32(q, p.dtype), to_f32(k, p.dtype)
-    e = exponent_range(qf, kf, p.scale, mask)
+    e = exponent_range(qf, kf, p.scale, mask) + score_mods_range(p, alibi)
     return tuple(tolerance(stored or p.dtype, n, scale, e, roundings=4)
-                 for scale in backward_scales(q, k, v, dout, p, mask))
+                 for scale in backward_scales(q, k, v, dout, p, mask, alibi, sinks))
 
 
 def problem(b=1, hq=2, hkv=1, lq=24, lk=40, dk=32, dv=32, dtype="float32", causal=False, window=None,
-            top_left=False, mask_shape=None, scale=None) -> Problem:
+            top_left=False, mask_shape=None, scale=None, softcap=0.0, alibi_rows=0) -> Problem:
     diag, left, right = band(lq, lk, causal=causal, window=window, top_left=top_left)
-    return Problem(b, hq, hkv, lq, lk, dk, dv, dtype, scale or 1 / math.sqrt(dk), diag, left, right, mask_shape)
+    return Problem(b, hq, hkv, lq, lk, dk, dv, dtype, scale or 1 / math.sqrt(dk), diag, left, right, mask_shape,
+                   softcap=softcap, alibi_rows=alibi_rows)
 
 
 def check(p: Problem, rng, mask=None, backend=None, config=None):

@@ -31,6 +31,7 @@ LEAVES = {
     "aule_kp.vulkan.tuning_cache": "the tuning cache's generation, part of the choice's memo key",
     "aule_kp.dtypes": "dtype tables",
     "aule_kp.backend": "the Backend base class and the backend-name check",
+    "aule_kp.quant": "the precision argument's check (the int8 scheme's code runs only for precision='int8')",
 }
 
 def entries() -> List[str]:
@@ -75,8 +76,8 @@ def path() -> List[str]:
 
 
 # The modules the path goes through (a module missing from it fails its case: update the list).
-MODULES = ["aule_kp.api", "aule_kp.call", "aule_kp.dispatch", "aule_kp.vulkan.backend", "aule_kp.vulkan.device",
-           "aule_kp.vulkan.probe", "aule_kp.vulkan.plan", "aule_kp.vulkan.hostcopy"]
+MODULES = ["aule_kp.api", "aule_kp.call", "aule_kp.scoremods", "aule_kp.dispatch", "aule_kp.vulkan.backend",
+           "aule_kp.vulkan.device", "aule_kp.vulkan.probe", "aule_kp.vulkan.plan", "aule_kp.vulkan.hostcopy"]
 
 
 @pytest.mark.parametrize("module", MODULES)

@@ -67,6 +67,8 @@ def test_reasons_where_it_cannot_run():
     for d in (72, 192):  # not a multiple of 16; above the register budget of the tested range
         bad = problem(dk=d, dv=d, dtype="float16")
         assert any("multiples of 16, at most 128" in r for r in choice.variant_reasons("coopmat2", fake, bad))
+    modified = replace(p16, softcap=30.0)
+    assert any("soft-capped" in r for r in choice.variant_reasons("coopmat2", fake, modified))
     assert "coopmat2" not in choice.preferred_variants(fake)  # opt-in until measured faster
 
 

@@ -66,3 +66,26 @@ def test_coopmat_staging_schedules(stage, br, bc, wg, causal, rng):
 def test_coopmat_is_the_default_for_fp16():
     p = problem(dk=128, dv=128, dtype="float16")
     assert VulkanBackend().config(p).variant == "coopmat"
+
+
+@coopmat
+@pytest.mark.parametrize("softcap,alibi", [(5.0, None), (0.0, "head"), (3.0, "batch")])
+@pytest.mark.parametrize("causal", [False, True])
+def test_coopmat_score_mods(softcap, alibi, causal, rng):
+    """Soft-capped and ALiBi scores through the coopmat forward (its per-score path), which the
+    choice keeps off for them until this passes on a GPU: the config is taken directly."""
+    from conftest import output_tolerance, problem_inputs
+    from reference import reference_attention
+
+    from aule_kp.dtypes import to_f32
+    from aule_kp.vulkan.choice import config_for
+
+    rows = {None: 0, "head": 1, "batch": 2}[alibi]
+    p = problem(b=2, hq=4, hkv=2, lq=200, lk=333, dk=128, dv=128, dtype="float16", causal=causal,
+                softcap=softcap, alibi_rows=rows)
+    slopes = rng.uniform(0.0, 0.3, (rows, 4)).astype(np.float32) if rows else None
+    q, k, v = problem_inputs(p, rng)
+    cfg = config_for("coopmat", devmod.get_device().caps, p)
+    out, _ = VulkanBackend().forward(p, q, k, v, None, cfg, alibi=slopes)
+    ref, _ = reference_attention(q, k, v, p, None, slopes)
+    np.testing.assert_allclose(to_f32(out, p.dtype), ref, atol=output_tolerance(p, q, k, v, alibi=slopes), rtol=0)

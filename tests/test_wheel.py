@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import textwrap
@@ -51,8 +52,13 @@ def test_wheel_holds_kp_spirv_and_glsl() -> None:
     assert kernels
     missing = [k for k in kernels if f"aule_kp/spirv/{k}.spv" not in names or f"aule_kp/glsl/{k}.comp" not in names]
     assert not missing, f"kernels missing from the wheel: {missing}"
-    assert any(n.startswith("aule_kp/_kp.") and n.endswith(".so") for n in names)
+    private = [n for n in names if n.startswith("aule_kp/_kp.") and n.endswith(".so")]
+    assert private
     assert not any(n.startswith("kp.") or n.startswith("kp/") for n in names), "kp must stay private to aule_kp"
+    # One pybind11 internals id in the whole module, the private one: kompute's sources include pybind11
+    # too, and a second id would leave which one the module uses to the linker (then a user's kp clashes).
+    ids = set(re.findall(rb"__pybind11_internals_v\d+\w*?__", zipfile.ZipFile(built_wheels()[-1]).read(private[0])))
+    assert len(ids) == 1 and b"_aule_kp" in ids.pop(), "the private kp must use its own pybind11 internals alone"
 
 
 @needs_wheel
@@ -97,11 +103,12 @@ def test_vulkan_suite_under_numpy2_with_the_installed_wheel(wheel_venv: Path, tm
 
 @needs_wheel
 def test_private_kp_coexists_with_the_users_kp(wheel_venv: Path, tmp_path: Path) -> None:
-    """The environment's own kp (.venv's, pybind11 2.10: the same internals version as the wheel's
-    2.13 on Python < 3.12) imported beside the wheel's: both load, each with its own types."""
+    """The environment's own kp imported beside the wheel's: both load, each with its own types. Only
+    where the environment has a kp: `make install` builds the private one alone (aule_kp/_kp), so a
+    .venv holds a plain ``kp`` only from before that, or where a user installed one."""
     spec = importlib.util.find_spec("kp")
     if spec is None or spec.origin is None:
-        pytest.skip("no kp in this environment to put beside the wheel's")
+        pytest.skip("no kp in this environment to put beside the wheel's (make install builds aule_kp._kp only)")
     script = textwrap.dedent("""
         import kp, aule_kp.vulkan.device as d
         private = d.import_kp()

@@ -22,7 +22,8 @@ from ..backend import Backend
 from ..dtypes import STORAGE, from_f32, to_f32
 from ..nonfinite import enforce
 from ..problem import Problem
-from . import compiled
+from ..scoremods import alibi_distance, cap, fold_sinks
+from . import compiled, int8
 from .backward import attention_backward
 from .pool import BLAS, split_range, worker_count
 
@@ -82,10 +83,13 @@ class _Forward:
         block_q: int,
         block_k: int,
         step: int,
+        alibi: Optional[np.ndarray] = None,
+        sinks: Optional[np.ndarray] = None,
     ) -> None:
         p = problem
         self.p = p
         self.q, self.k, self.v, self.mask = q, k, v, mask
+        self.alibi, self.sinks = alibi, sinks
         self.block_k = block_k
         self.step = step
         self.tile_elems = block_q * block_k
@@ -160,7 +164,8 @@ class _Forward:
         spares a block's first tile the max and subtract passes.
         """
         _, _, a, e, c0, c1 = tile
-        if self.mask is not None or not self._inside_band(a, e, c0, c1):
+        # A soft-capped or biased score is below the plain one the sample sees: no shift from it.
+        if self.mask is not None or self.p.has_score_mods or not self._inside_band(a, e, c0, c1):
             return False
         # Rows without a shift have 0 in qa's shift column, so these are plain scores.
         est = (qa @ kt[:: max(1, (c1 - c0) // _PROBE_KEYS)].T).max(axis=1)
@@ -184,12 +189,22 @@ class _Forward:
         return hidden
 
     def _scores(self, s: np.ndarray, qa: np.ndarray, kt: np.ndarray, block: _Block, tile: _Tile) -> None:
-        """``s = scale * q.k - shift`` over the tile, mask added, band applied."""
+        """``s = cap(scale * q.k) + alibi - shift`` over the tile, mask added, band applied."""
         p = self.p
         b, h0, h1, _, _ = block
         _, _, a, e, c0, c1 = tile
-        np.matmul(qa, kt.T, out=s)
         s3 = s.reshape(h1 - h0, e - a, c1 - c0)
+        if p.has_score_mods:
+            # The shift cannot ride in the GEMM: it comes after the cap.
+            dk = p.dim_k
+            np.matmul(qa[:, :dk], kt[:, :dk].T, out=s)
+            cap(s, p.softcap)
+            if self.alibi is not None:
+                slopes = self.alibi[b if self.alibi.shape[0] > 1 else 0, h0:h1]
+                s3 -= slopes[:, None, None] * alibi_distance(p.diag, np.arange(a, e), np.arange(c0, c1))[None]
+            s += qa[:, dk:]
+        else:
+            np.matmul(qa, kt.T, out=s)
         if self.mask is not None:
             mb, mh, mq, mk = self.mask.shape
             s3 += self.mask[
@@ -258,6 +273,8 @@ class _Forward:
             np.matmul(s, vt, out=part)
             at += part
         total = acc[:, dv]
+        if self.sinks is not None:
+            acc[:, :dv] *= fold_sinks(m, total, np.repeat(self.sinks[h0:h1], i1 - i0))[:, None]
         seen = total != 0  # NaN compares unequal, so NaN rows stay NaN instead of becoming hidden rows
         o = np.where(seen[:, None], acc[:, :dv] / total[:, None], np.float32(0))
         self.out[b, h0:h1, i0:i1] = from_f32(o, p.dtype).reshape(h1 - h0, i1 - i0, dv)
@@ -332,20 +349,24 @@ class CpuBackend(Backend):
         return tuple(d if g is None else g for g, d in zip(given, defaults))  # type: ignore[return-value]
 
     def forward(
-        self, problem: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Optional[np.ndarray]
+        self, problem: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Optional[np.ndarray], *,
+        alibi: Optional[np.ndarray] = None, sinks: Optional[np.ndarray] = None,
     ) -> Tuple[np.ndarray, np.ndarray]:
         """See :class:`aule_kp.backend.Backend`: ``(out [B, Hq, Lq, Dv] in q's storage, lse float32)``."""
         p = problem
         if mask is not None:
             mask = np.asarray(mask, dtype=np.float32)
-        kern = self.kernels()
+        if p.precision == "int8":
+            return int8.forward(p, q, k, v, mask)
+        # Soft-caps, ALiBi and sinks are the NumPy path's alone (the kernels have none of them).
+        kern = None if p.has_score_mods or p.sinks else self.kernels()
         block_q, block_k, step = self.blocks(kern is not None)
         if kern is not None:
             out, lse = compiled.forward(kern, p, q, k, v, mask, block_q=block_q, block_k=block_k, step=step,
                                         workers=self.workers)
             enforce(p, q, k, v, mask, out, lse)
             return out, lse
-        job = _Forward(p, q, k, v, mask, block_q, block_k, step)
+        job = _Forward(p, q, k, v, mask, block_q, block_k, step, alibi, sinks)
         if job.lse.size == 0:  # no query rows (Dv = 0 alone still has row statistics to compute)
             return job.out, job.lse
         workers = self.workers or worker_count()
@@ -361,7 +382,7 @@ class CpuBackend(Backend):
         else:
             with BLAS.single(), ThreadPoolExecutor(max_workers=workers) as pool:
                 list(pool.map(job.run_chunk, chunks))
-        enforce(p, q, k, v, mask, job.out, job.lse)  # non-finite inputs (aule_kp.nonfinite)
+        enforce(p, q, k, v, mask, job.out, job.lse, alibi=alibi, sinks=sinks)  # non-finite inputs (aule_kp.nonfinite)
         return job.out, job.lse
 
     def backward(
@@ -375,10 +396,14 @@ class CpuBackend(Backend):
         lse: np.ndarray,
         mask: Optional[np.ndarray],
         mask_grad: bool = False,
+        *,
+        alibi: Optional[np.ndarray] = None,
+        sinks: Optional[np.ndarray] = None,
     ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
-        """See :class:`aule_kp.backend.Backend`; FA2's backward (:mod:`aule_kp.cpu.backward`)."""
+        """See :class:`aule_kp.backend.Backend`; FA2's backward (:mod:`aule_kp.cpu.backward`), which
+        reads the saved lse alone (``sinks`` are in it)."""
         kern = self.kernels()
         block_q, block_k, _ = self.blocks(kern is not None)
-        return attention_backward(problem, q, k, v, out, dout, lse, mask, mask_grad,
+        return attention_backward(problem, q, k, v, out, dout, lse, mask, mask_grad, alibi=alibi,
                                   block_q=min(block_q, _BACKWARD_BLOCK), block_k=min(block_k, _BACKWARD_BLOCK),
                                   workers=self.workers, kern=kern)

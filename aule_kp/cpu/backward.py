@@ -4,7 +4,9 @@ For one block of query rows against one tile of keys the scores ``S`` are recomp
 with the saved row log-sum-exp (``P = exp(S - lse)``, no online rescaling), then
 
     dV += Pᵀ dO      dP = dO Vᵀ      dS = P ∘ (dP - D),  D = rowsum(dO ∘ O)
-    dQ += scale · dS K      dK += scale · dSᵀ Q      dmask += dS
+    dQ += scale · dS' K      dK += scale · dS'ᵀ Q      dmask += dS
+
+(``dS' = dS ∘ (1 - tanh²)`` through a soft-cap, else ``dS``; ALiBi is a constant bias),
 
 all in float32, so scratch is a few ``block_q x block_k`` tiles per worker, never ``Lq x Lk``.
 Tiles the band hides are never computed. With the compiled kernels (:mod:`.kernels`), the mask,
@@ -29,6 +31,7 @@ import numpy as np
 
 from ..dtypes import from_f32, to_f32
 from ..problem import Problem
+from ..scoremods import alibi_distance
 from .compiled import to_f32 as compiled_f32
 from .pool import BLAS, split_range, worker_count
 
@@ -69,7 +72,8 @@ class _Backward:
         block_q: int,
         block_k: int,
         parts: int,
-        kern: Optional[ModuleType],
+        alibi: Optional[np.ndarray] = None,
+        kern: Optional[ModuleType] = None,
     ) -> None:
         p = problem
         self.p = p
@@ -78,6 +82,7 @@ class _Backward:
         self.lo_off = -_FAR if p.left is None else p.diag - p.left
         self.hi_off = _FAR if p.right is None else p.diag + p.right + 1
         self.q, self.k, self.v, self.out, self.dout, self.mask = q, k, v, out, dout, mask
+        self.alibi = alibi
         # A row that sees no key has lse -inf; +inf makes its P = exp(S - inf) = 0 on every tile.
         self.lse = np.where(np.isneginf(lse), np.float32(np.inf), lse).astype(np.float32, copy=False)
         self.block_k = block_k
@@ -118,6 +123,7 @@ class _Backward:
             for c0, c1 in split_range(lo, hi, self.block_k):
                 kt, vt = kf[c0 - task.k0 : c1 - task.k0], vf[c0 - task.k0 : c1 - task.k0]
                 s = qs @ kt.T
+                dcap = self._modify(s.reshape(g, i1 - i0, c1 - c0), b, h0, h1, i0, i1, c0, c1)
                 prob = self._probs(s, b, h0, h1, i0, i1, c0, c1)
                 dv_acc[c0 - task.k0 : c1 - task.k0] += prob.T @ do
                 ds = do @ vt.T
@@ -128,6 +134,8 @@ class _Backward:
                     ds *= prob
                 if self.dmask is not None:
                     self._mask_grad(ds.reshape(g, i1 - i0, c1 - c0), b, h0, h1, i0, i1, c0, c1)
+                if dcap is not None:
+                    ds *= dcap
                 dq += ds @ kt
                 dk_acc[c0 - task.k0 : c1 - task.k0] += ds.T @ qs  # qs carries the scale already
             self.dq[task.part, b, h0:h1, i0:i1] = (dq * self.scale).reshape(g, i1 - i0, dk)
@@ -150,6 +158,23 @@ class _Backward:
             self.kern.probs_tile(s3[h - h0], self.lse[b, h, i0:i1], i0 + self.lo_off - c0, i0 + self.hi_off - c0,
                                  mask, self.mask is not None)
         return s
+
+    def _modify(self, s: np.ndarray, b: int, h0: int, h1: int, i0: int, i1: int, c0: int,
+                c1: int) -> Optional[np.ndarray]:
+        """Soft-caps and ALiBi-biases scaled scores ``[heads, rows, keys]`` in place; returns the
+        cap's derivative ``1 - tanh²`` (what dS is multiplied by before dQ/dK), None without a cap."""
+        p = self.p
+        dcap = None
+        if p.softcap:
+            c = np.float32(p.softcap)
+            np.divide(s, c, out=s)
+            np.tanh(s, out=s)
+            dcap = np.float32(1) - s * s
+            np.multiply(s, c, out=s)
+        if self.alibi is not None:
+            slopes = self.alibi[b if self.alibi.shape[0] > 1 else 0, h0:h1]
+            s -= slopes[:, None, None] * alibi_distance(p.diag, np.arange(i0, i1), np.arange(c0, c1))[None]
+        return None if dcap is None else dcap.reshape(-1, c1 - c0)
 
     def _hide(self, s: np.ndarray, b: int, h0: int, h1: int, i0: int, i1: int, c0: int, c1: int) -> None:
         """Adds the additive mask to scores ``[heads, rows, keys]``, then sets them to ``-inf``
@@ -222,6 +247,7 @@ def attention_backward(
     block_q: int = 256,
     block_k: int = 256,
     workers: Optional[int] = None,
+    alibi: Optional[np.ndarray] = None,
     kern: Optional[ModuleType] = None,
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
     """``(dq, dk, dv, dmask)`` as :meth:`aule_kp.backend.Backend.backward` specifies.
@@ -238,7 +264,7 @@ def attention_backward(
         workers = 1  # BLAS threads each GEMM itself instead; two pools would fight over the cores
     grad_shape = p.mask_shape if mask_grad and mask is not None else None
     tasks, parts = _tasks(p, grad_shape, block_k, workers)
-    job = _Backward(p, q, k, v, out, dout, lse, mask, mask_grad, block_q, block_k, parts, kern)
+    job = _Backward(p, q, k, v, out, dout, lse, mask, mask_grad, block_q, block_k, parts, alibi, kern)
     work = p.batch * p.heads_q * p.len_q * p.len_k * p.visible_fraction()
     workers = min(workers, len(tasks))
     if workers <= 1 or work < _POOL_MIN_WORK:

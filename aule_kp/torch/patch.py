@@ -19,11 +19,14 @@ from typing import Iterator, List, Optional, Tuple
 import torch
 
 from ..backend import check_backend_name
+from ..quant import check_precision
 from .sdpa import log, scaled_dot_product_attention, state
 
+#: What a layer configures: (backend, precision).
+_Setting = Tuple[Optional[str], str]
 _lock = threading.RLock()
-_installed: List[Optional[str]] = []  # install()'s backend, when installed (a list of at most one)
-_blocks: List[Tuple[object, Optional[str]]] = []  # active enabled() blocks: (token, backend), oldest first
+_installed: List[_Setting] = []  # install()'s setting, when installed (a list of at most one)
+_blocks: List[Tuple[object, _Setting]] = []  # active enabled() blocks: (token, setting), oldest first
 
 
 def _apply() -> None:
@@ -31,12 +34,12 @@ def _apply() -> None:
     functional = torch.nn.functional
     current = functional.scaled_dot_product_attention
     if _blocks or _installed:
-        state.backend = _blocks[-1][1] if _blocks else _installed[0]
+        state.backend, state.precision = _blocks[-1][1] if _blocks else _installed[0]
         if current is not scaled_dot_product_attention:
             state.original = current  # what calls fall back to, and what uninstalling puts back
             functional.scaled_dot_product_attention = scaled_dot_product_attention
         return
-    state.backend = None
+    state.backend, state.precision = None, "fp"
     if current is scaled_dot_product_attention:
         functional.scaled_dot_product_attention = state.original
     else:
@@ -45,20 +48,25 @@ def _apply() -> None:
                     "installed itself; leaving the replacement in place")
 
 
-def install(backend: Optional[str] = None) -> None:
+def install(backend: Optional[str] = None, precision: Optional[str] = None) -> None:
     """Routes ``torch.nn.functional.scaled_dot_product_attention`` through aule-kp until :func:`uninstall`.
 
     Args:
         backend: ``None`` (by device: CPU tensors ``"auto"``, CUDA/ROCm ``"triton"``, others
             ``"vulkan"``) or one of ``"auto" | "vulkan" | "triton" | "cpu"`` for every device.
-            Installing again only changes the backend.
+            Installing again only changes the backend and precision.
+        precision: ``"fp"`` (default, also None) or ``"int8"``: SageAttention-style INT8 Q·Kᵀ for
+            the calls the engine takes (see :func:`aule_kp.flash_attention`), the SDPA drop-in's and
+            the ``aule_kp.nn`` layers' (on aule-kp backends); calls that need gradients run ``"fp"``
+            (warned once), int8 being forward-only.
 
     Raises:
-        ValueError: an unknown backend name.
+        ValueError: an unknown backend name or precision.
     """
     check_backend_name(backend, allow_none=True)
+    setting = (backend, check_precision(precision))
     with _lock:
-        _installed[:] = [backend]
+        _installed[:] = [setting]
         _apply()
 
 
@@ -72,16 +80,18 @@ def uninstall() -> None:
 
 
 @contextlib.contextmanager
-def enabled(backend: Optional[str] = None) -> Iterator[None]:
-    """Context manager: the patch is on (with ``backend``, as :func:`install`'s) inside the block.
+def enabled(backend: Optional[str] = None, precision: Optional[str] = None) -> Iterator[None]:
+    """Context manager: the patch is on (with ``backend`` and ``precision``, as :func:`install`'s)
+    inside the block.
 
     Blocks nest and may overlap across threads: on exit a block removes only itself, and the
     patch stays while :func:`install` or another block holds it.
     """
     check_backend_name(backend, allow_none=True)
+    setting = (backend, check_precision(precision))
     token = object()
     with _lock:
-        _blocks.append((token, backend))
+        _blocks.append((token, setting))
         _apply()
     try:
         yield

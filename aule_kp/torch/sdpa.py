@@ -37,6 +37,7 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 
 from .. import dispatch
+from ..call import attention_forward
 from ..errors import BackendUnavailable, warn_once
 from ..problem import MAX_HEAD_DIM, Problem, band
 from .ops import FlashAttentionFunction
@@ -57,6 +58,7 @@ class _State:
     def __init__(self) -> None:
         self.original = torch.nn.functional.scaled_dot_product_attention
         self.backend: Optional[str] = None
+        self.precision = "fp"  # install(precision=...): "int8" runs aule_kp.quant's scheme
 
 
 state = _State()
@@ -101,14 +103,25 @@ def scaled_dot_product_attention(
         ``[..., Hq, L, Ev]`` with query's dtype and device; differentiable in query, key, value
         and a float ``attn_mask``. A row that sees no key is 0.
     """
-    call = _route(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, state.backend)
+    precision = state.precision
+    if precision != "fp" and torch.is_grad_enabled() and any(
+            getattr(t, "requires_grad", False) for t in (query, key, value, attn_mask)):
+        if not torch.compiler.is_compiling():
+            warn_once("sdpa-int8-grad", f"aule_kp: precision={precision!r} is forward-only; "
+                      "scaled_dot_product_attention calls that need gradients run precision='fp'")
+        precision = "fp"
+    call = _route(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, state.backend, precision)
     if isinstance(call, str):
         if not torch.compiler.is_compiling():  # a logging call would break the traced graph
             log.debug("aule_kp: scaled_dot_product_attention goes to torch: %s", call)
         return state.original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                               scale=scale, enable_gqa=enable_gqa)
-    out, _ = FlashAttentionFunction.apply(call.q, call.k, call.v, call.mask, is_causal, call.scale, call.backend,
-                                          -1, -1, True)
+    if precision != "fp":
+        out, _, _ = attention_forward(call.q, call.k, call.v, causal=is_causal, scale=call.scale, attn_mask=call.mask,
+                                      backend=call.backend, top_left=True, precision=precision)
+    else:
+        out, _ = FlashAttentionFunction.apply(call.q, call.k, call.v, call.mask, is_causal, call.scale,
+                                              call.backend, -1, -1, True)
     return out.reshape(call.out_shape)
 
 
@@ -122,6 +135,7 @@ def _route(
     scale: object,
     enable_gqa: object,
     backend: Optional[str],
+    precision: str = "fp",
 ) -> Union[str, _Call]:
     """The engine's form of a call, or why the call goes to torch."""
     for name, x in zip(("query", "key", "value"), (query, key, value)):
@@ -196,7 +210,7 @@ def _route(
         diag, left, right = band(lq, lk, causal=is_causal, window=None, top_left=True)
         mask_shape = None if mask is None else tuple(mask.shape)
         problem = Problem(batch, hq, hk, lq, lk, dk, dv, dtype, scale, diag, left, right, mask_shape,
-                          device=device.type)
+                          device=device.type, precision=precision)
         try:
             dispatch.select(problem, name)
         except BackendUnavailable as exc:

@@ -58,19 +58,27 @@ class TritonBackend(Backend):
                 why.append(f"{what} = {d} is outside the kernels' 1..{MAX_HEAD_DIM}")
         return why
 
-    def forward(self, problem: Problem, q: Any, k: Any, v: Any, mask: Any) -> Tuple[Any, Any]:
+    def forward(self, problem: Problem, q: Any, k: Any, v: Any, mask: Any, *, alibi: Any = None,
+                sinks: Any = None) -> Tuple[Any, Any]:
         """``(out, lse)`` torch tensors on q's device; see :class:`aule_kp.backend.Backend`."""
         from . import ops
 
-        out, lse = ops.forward(problem, q, k, v, mask, self.block_m, self.block_n)
+        if problem.precision == "int8":
+            from . import int8
+
+            out, lse = int8.forward(problem, q, k, v, mask)
+        else:
+            out, lse = ops.forward(problem, q, k, v, mask, self.block_m, self.block_n, alibi, sinks)
         # A NaN row's log-sum-exp is NaN (aule_kp.nonfinite), as on the other backends; on the
         # device, with no host sync. Unlike them, a non-finite v of a key hidden from a row may
         # still reach it here (no host check on this path; README, flash_attention).
         return out, lse.masked_fill(out.isnan().any(-1), float("nan"))
 
     def backward(self, problem: Problem, q: Any, k: Any, v: Any, out: Any, dout: Any, lse: Any, mask: Any,
-                 mask_grad: bool = False) -> Tuple[Any, Any, Any, Optional[Any]]:
-        """``(dq, dk, dv, dmask)`` torch tensors; see :meth:`aule_kp.backend.Backend.backward`."""
+                 mask_grad: bool = False, *, alibi: Any = None,
+                 sinks: Any = None) -> Tuple[Any, Any, Any, Optional[Any]]:
+        """``(dq, dk, dv, dmask)`` torch tensors; see :meth:`aule_kp.backend.Backend.backward` (the
+        saved lse carries the sinks)."""
         from . import ops
 
-        return ops.backward(problem, q, k, v, out, dout, lse, mask, mask_grad, self.block_m, self.block_n)
+        return ops.backward(problem, q, k, v, out, dout, lse, mask, mask_grad, self.block_m, self.block_n, alibi)

@@ -15,6 +15,12 @@ Conventions shared by every kernel here:
 * Statistics and accumulators are fp32. A row that sees no key has ``l == 0``: its output is 0 and
   its log-sum-exp ``-inf``; the running max starts at ``-inf`` and is replaced by 0 wherever it is
   still ``-inf`` before it is subtracted, so hidden scores give ``exp2(-inf) = 0``, never NaN.
+* Score modifiers (``aule_kp.scoremods``), constexpr-gated (off: the plain kernels): ``SOFTCAP``
+  soft-caps the scaled score, ``softcap_log2 * tanh(s / softcap_log2)``, and ``ALIBI`` adds
+  ``-slope * |j - (i + diag)|`` (slopes in log2 units, from the ``Alibi`` ``[rows, Hq]`` table),
+  both before the mask. Through the cap, dS reaches dQ and dK times ``1 - tanh²``. ``SINKS`` folds
+  one logit per query head (``Sinks``) into each row's (max, sum) once its keys are done (in the
+  combine kernel for split-KV partials): the output and LSE are the softmax's with the sink column.
 * ``DOT`` picks the matrix-multiply flavour: 0 the native fp16/bf16 tensor-core dot; 1 exact fp32
   (``"ieee"``: the tf32 default would miss float32's tolerance by ~100x); 2 operands upcast to fp32
   first, for bf16 under ``TRITON_INTERPRET=1`` (Triton 3.9's interpreter multiplies bf16 bit
@@ -31,6 +37,7 @@ LOG2E = 1.4426950408889634  # host side: scales and masks are multiplied by it b
 # Device-side copies: jitted code reads only constexpr globals.
 _LOG2E = tl.constexpr(LOG2E)
 _LN2 = tl.constexpr(0.6931471805599453)
+_MINUS_2LOG2E = tl.constexpr(-2.0 * LOG2E)
 
 
 @triton.jit
@@ -72,17 +79,36 @@ def _band_ok(rows, cols, len_k, diag, left, right, HAS_LEFT: tl.constexpr, HAS_R
 
 
 @triton.jit
-def _scores(a, b, qk_scale, mask_r, r_ok, c, stride_mk, len_k, HAS_MASK: tl.constexpr, DOT: tl.constexpr):
-    """One tile of scores in log2 units, ``(a . b^T) * qk_scale``, plus with ``HAS_MASK`` the float
-    mask read at ``mask_r + c * stride_mk`` where ``r_ok & (c < len_k)`` (0 elsewhere). ``c`` (key
-    indices) and ``mask_r``/``r_ok`` (per query row) are one a row, the other a column vector:
-    ``[queries, keys]`` tiles have ``a = q``, ``b = k``; the dK/dV kernel's ``[keys, queries]`` tiles
-    ``a = k``, ``b = q``. Band and key-length masking (``_band_ok``) is left to the caller: the
-    forward applies it to the scores, the backward to ``exp2(s - lse)``."""
+def _tanh(x):
+    """tanh that stays finite for every finite x: ``(1 - e) / (1 + e)``, ``e = exp(-2|x|)``."""
+    e = tl.math.exp2(tl.abs(x) * _MINUS_2LOG2E)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0.0, -t, t)
+
+
+@triton.jit
+def _scores(a, b, qk_scale, mask_r, r_ok, c, stride_mk, len_k, r_pos, slope_r, softcap_log2, diag,
+            HAS_MASK: tl.constexpr, DOT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+    """``(s, dcap)``: one tile of scores in log2 units, ``(a . b^T) * qk_scale``, soft-capped with
+    ``SOFTCAP``, plus with ``ALIBI`` the bias ``-slope_r * |c - r_pos - diag|`` and with ``HAS_MASK``
+    the float mask read at ``mask_r + c * stride_mk`` where ``r_ok & (c < len_k)`` (0 elsewhere);
+    ``dcap`` is the cap's derivative ``1 - tanh²`` (1.0 without). ``c`` (key indices) and
+    ``mask_r``/``r_ok``/``r_pos``/``slope_r`` (per query row; ``slope_r`` may be one scalar) are one a
+    row, the other a column vector: ``[queries, keys]`` tiles have ``a = q``, ``b = k``; the dK/dV
+    kernel's ``[keys, queries]`` tiles ``a = k``, ``b = q``. Band and key-length masking
+    (``_band_ok``) is left to the caller: the forward applies it to the scores, the backward to
+    ``exp2(s - lse)``."""
     s = _mma(a, tl.trans(b), None, DOT) * qk_scale
+    dcap = 1.0
+    if SOFTCAP:
+        t = _tanh(s / softcap_log2)
+        s = softcap_log2 * t
+        dcap = 1.0 - t * t
+    if ALIBI:
+        s -= slope_r * tl.abs(c - r_pos - diag).to(tl.float32)
     if HAS_MASK:
         s += tl.load(mask_r + c * stride_mk, mask=r_ok & (c < len_k), other=0.0)
-    return s
+    return s, dcap
 
 
 @triton.jit
@@ -122,11 +148,11 @@ def _row_block_tiles(i_min, i_max, len_k, diag, left, right, BLOCK_N: tl.constex
 
 @triton.jit
 def _fwd_run(acc, l_i, m_i, q, k_base, v_base, mask_rows, t_start, t_end,
-             stride_kn, stride_vn, stride_mk, qk_scale, pos, row_ok, len_k, diag, left, right,
+             stride_kn, stride_vn, stride_mk, qk_scale, pos, row_ok, len_k, diag, left, right, slope, softcap_log2,
              BLOCK_N: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
              BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
              MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-             HAS_MASK: tl.constexpr, DOT: tl.constexpr):
+             HAS_MASK: tl.constexpr, DOT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
     """Online softmax of one block of query rows over key tiles ``[t_start, t_end)``.
 
     ``MASKED`` tiles apply the band and the key-length bound; the others are fully visible.
@@ -140,9 +166,9 @@ def _fwd_run(acc, l_i, m_i, q, k_base, v_base, mask_rows, t_start, t_end,
         cols = t * BLOCK_N + offs_n
         k = _load_tile(k_base + cols[:, None] * stride_kn + offs_dk[None, :], cols, len_k, offs_dk, DK,
                        MASKED, BLOCK_DK != DK)
-        if MASKED or HAS_MASK:
-            s = _scores(q, k, qk_scale, mask_rows[:, None], row_ok[:, None], cols[None, :], stride_mk, len_k,
-                        HAS_MASK, DOT)
+        if MASKED or HAS_MASK or SOFTCAP or ALIBI:
+            s, _ = _scores(q, k, qk_scale, mask_rows[:, None], row_ok[:, None], cols[None, :], stride_mk, len_k,
+                           pos[:, None], slope[:, None], softcap_log2, diag, HAS_MASK, DOT, SOFTCAP, ALIBI)
             if MASKED:
                 ok = _band_ok(pos[:, None], cols[None, :], len_k, diag, left, right, HAS_LEFT, HAS_RIGHT)
                 s = tl.where(ok, s, float("-inf"))
@@ -166,17 +192,19 @@ def _fwd_run(acc, l_i, m_i, q, k_base, v_base, mask_rows, t_start, t_end,
 
 
 @triton.jit(do_not_specialize=["tune_bucket"])
-def _fwd_kernel(Q, K, V, Mask, Out, LSE,
+def _fwd_kernel(Q, K, V, Mask, Out, LSE, Alibi, Sinks,
                 stride_qb, stride_qh, stride_qm,
                 stride_kb, stride_kh, stride_kn,
                 stride_vb, stride_vh, stride_vn,
                 stride_mb, stride_mh, stride_mq, stride_mk,
                 stride_ob, stride_oh, stride_om, stride_os, stride_ls,
                 qk_scale, heads_q, heads_kv, len_q, len_k, diag, left, right, num_splits, tune_bucket,
+                softcap_log2, stride_ab,
                 DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 PACK_GQA: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                HAS_MASK: tl.constexpr, DOT: tl.constexpr):
+                HAS_MASK: tl.constexpr, DOT: tl.constexpr, SOFTCAP: tl.constexpr = False,
+                ALIBI: tl.constexpr = False, SINKS: tl.constexpr = False):
     """One program: one block of query rows x one split of its keys.
 
     Grid ``(row blocks, B * heads, splits)``. Without ``PACK_GQA`` a block is ``BLOCK_M`` positions of
@@ -185,7 +213,9 @@ def _fwd_kernel(Q, K, V, Mask, Out, LSE,
     decoding reads each K/V tile once for the whole group (axis 1 = ``B * Hkv``, one block).
     ``Out``/``LSE`` are the final outputs when ``num_splits == 1``, else fp32 per-split partials
     (normalised output and natural-log LSE, ``stride_os``/``stride_ls`` apart) for the combine kernel.
-    ``tune_bucket`` only keys the autotuner (power-of-2 buckets of the lengths).
+    ``tune_bucket`` only keys the autotuner (power-of-2 buckets of the lengths). ``Alibi``: slopes in
+    log2 units, ``stride_ab`` apart per batch (0: shared), read with ``ALIBI`` only; ``Sinks``: one
+    logit per query head (natural units), folded in with ``SINKS`` (never with split partials).
     """
     group = heads_q // heads_kv
     pid_h = tl.program_id(1)
@@ -216,6 +246,9 @@ def _fwd_kernel(Q, K, V, Mask, Out, LSE,
     k_base = K + b64 * stride_kb + kvh.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + kvh.to(tl.int64) * stride_vh
     mask_rows = Mask + b64 * stride_mb + head * stride_mh + pos * stride_mq
+    slope = tl.zeros([BLOCK_M], tl.float32)
+    if ALIBI:
+        slope = tl.load(Alibi + b64 * stride_ab + head + tl.zeros([BLOCK_M], tl.int32), mask=row_ok, other=0.0)
 
     t_lo, f_lo, f_hi, t_hi = _row_block_tiles(i_min, i_max, len_k, diag, left, right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
     per = (t_hi - t_lo + num_splits - 1) // num_splits
@@ -228,16 +261,26 @@ def _fwd_kernel(Q, K, V, Mask, Out, LSE,
     acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, k_base, v_base, mask_rows,
                              tl.maximum(t_lo, s_lo), tl.minimum(f_lo, s_hi),
                              stride_kn, stride_vn, stride_mk, qk_scale, pos, row_ok, len_k, diag, left, right,
-                             BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, True, HAS_LEFT, HAS_RIGHT, HAS_MASK, DOT)
+                             slope, softcap_log2, BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, True, HAS_LEFT, HAS_RIGHT,
+                             HAS_MASK, DOT, SOFTCAP, ALIBI)
     acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, k_base, v_base, mask_rows,
                              tl.maximum(f_lo, s_lo), tl.minimum(f_hi, s_hi),
                              stride_kn, stride_vn, stride_mk, qk_scale, pos, row_ok, len_k, diag, left, right,
-                             BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, False, HAS_LEFT, HAS_RIGHT, HAS_MASK, DOT)
+                             slope, softcap_log2, BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, False, HAS_LEFT, HAS_RIGHT,
+                             HAS_MASK, DOT, SOFTCAP, ALIBI)
     acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, k_base, v_base, mask_rows,
                              tl.maximum(f_hi, s_lo), tl.minimum(t_hi, s_hi),
                              stride_kn, stride_vn, stride_mk, qk_scale, pos, row_ok, len_k, diag, left, right,
-                             BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, True, HAS_LEFT, HAS_RIGHT, HAS_MASK, DOT)
+                             slope, softcap_log2, BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, True, HAS_LEFT, HAS_RIGHT,
+                             HAS_MASK, DOT, SOFTCAP, ALIBI)
 
+    if SINKS:
+        sink = tl.load(Sinks + head + tl.zeros([BLOCK_M], tl.int32), mask=row_ok, other=0.0) * _LOG2E
+        m_new = tl.maximum(m_i, sink)
+        f = tl.math.exp2(m_i - m_new)
+        l_i = l_i * f + tl.math.exp2(sink - m_new)
+        acc = acc * f[:, None]
+        m_i = m_new
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     lse = tl.where(seen, (m_i + tl.math.log2(l_i)) * _LN2, float("-inf"))
@@ -249,16 +292,23 @@ def _fwd_kernel(Q, K, V, Mask, Out, LSE,
 
 
 @triton.jit
-def _combine_kernel(OPart, LPart, Out, LSE, rows, num_splits,
-                    DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr):
+def _combine_kernel(OPart, LPart, Out, LSE, Sinks, rows, num_splits, heads_q, len_q,
+                    DV: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_S: tl.constexpr, SINKS: tl.constexpr = False):
     """Merge split-KV partials of one query row: ``lse = logsumexp_s(lse_s)``,
-    ``out = sum_s exp(lse_s - lse) * out_s``. Partials are ``[splits, rows, DV]`` / ``[splits, rows]``."""
+    ``out = sum_s exp(lse_s - lse) * out_s``. Partials are ``[splits, rows, DV]`` / ``[splits, rows]``
+    (rows ``[B, Hq, Lq]`` in order). With ``SINKS`` the row's head's sink joins the sum as one more
+    split whose output is 0."""
     row = tl.program_id(0).to(tl.int64)
     offs_s = tl.arange(0, BLOCK_S)
     lse_s = tl.load(LPart + offs_s * rows + row, mask=offs_s < num_splits, other=float("-inf"))
     m = tl.max(lse_s, 0)
+    if SINKS:
+        sink = tl.load(Sinks + (row // len_q) % heads_q)
+        m = tl.maximum(m, sink)
     m_use = tl.where(m == float("-inf"), 0.0, m)
     total = tl.sum(tl.exp(lse_s - m_use), 0)
+    if SINKS:
+        total += tl.exp(sink - m_use)
     lse = tl.where(total > 0.0, m_use + tl.log(total), float("-inf"))
     offs_d = tl.arange(0, BLOCK_DV)
     acc = tl.zeros([BLOCK_DV], tl.float32)
@@ -293,10 +343,11 @@ def _bwd_preprocess_kernel(Out, DO, LSE, Delta, LSE2, rows,
 @triton.jit
 def _dkdv_run(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, t_start, t_end,
               stride_qm, stride_dom, stride_mq, stride_mk, qk_scale, cols, len_q, len_k, diag, left, right,
+              slope, softcap_log2,
               BLOCK_M: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
               BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
               MASKED: tl.constexpr, EVEN_M: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-              HAS_MASK: tl.constexpr, DOT: tl.constexpr):
+              HAS_MASK: tl.constexpr, DOT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
     """Accumulate one key block's ``dK`` (unscaled) and ``dV`` over query tiles ``[t_start, t_end)``
     of one query head, in transposed form (``[keys, queries]`` score tiles)."""
     offs_m = tl.arange(0, BLOCK_M)
@@ -307,8 +358,9 @@ def _dkdv_run(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, t_
         q = _load_tile(q_base + rows[:, None] * stride_qm + offs_dk[None, :], rows, len_q, offs_dk, DK,
                        not EVEN_M, BLOCK_DK != DK)
         lse2 = tl.load(lse_base + rows, mask=rows < len_q, other=float("inf"))
-        s_t = _scores(k, q, qk_scale, mask_base + rows[None, :] * stride_mq, rows[None, :] < len_q, cols[:, None],
-                      stride_mk, len_k, HAS_MASK, DOT)
+        s_t, dcap = _scores(k, q, qk_scale, mask_base + rows[None, :] * stride_mq, rows[None, :] < len_q,
+                            cols[:, None], stride_mk, len_k, rows[None, :], slope, softcap_log2, diag,
+                            HAS_MASK, DOT, SOFTCAP, ALIBI)
         p_t = tl.math.exp2(s_t - lse2[None, :])
         if MASKED:
             ok = _band_ok(rows[None, :], cols[:, None], len_k, diag, left, right, HAS_LEFT, HAS_RIGHT)
@@ -319,12 +371,14 @@ def _dkdv_run(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, t_
         delta = tl.load(delta_base + rows, mask=rows < len_q, other=0.0)
         dp_t = _mma(v, tl.trans(do), None, DOT)
         ds_t = p_t * (dp_t - delta[None, :])
+        if SOFTCAP:
+            ds_t = ds_t * dcap
         dk = _mma(ds_t.to(q.dtype), q, dk, DOT)
     return dk, dv
 
 
 @triton.jit(do_not_specialize=["tune_bucket"])
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE2, Delta, Mask, DK, DV,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE2, Delta, Mask, DK, DV, Alibi,
                      stride_qb, stride_qh, stride_qm,
                      stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn,
@@ -332,9 +386,11 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE2, Delta, Mask, DK, DV,
                      stride_mb, stride_mh, stride_mq, stride_mk,
                      stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, stride_dks, stride_dvs,
                      sm_scale, qk_scale, heads_q, heads_kv, len_q, len_k, diag, left, right, group_splits, tune_bucket,
+                     softcap_log2, stride_ab,
                      DK_: tl.constexpr, DV_: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr,
-                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, DOT: tl.constexpr):
+                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, DOT: tl.constexpr,
+                     SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False):
     """``dK``, ``dV`` of one block of ``BLOCK_N`` keys of one kv head, summed over the query heads
     that share it (GQA) in registers. Grid ``(key blocks, B * Hkv, group splits)``: with
     ``group_splits > 1`` each program sums a slice of the group into fp32 partials
@@ -382,18 +438,21 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE2, Delta, Mask, DK, DV,
         q_base = Q + b64 * stride_qb + h * stride_qh
         do_base = DO + b64 * stride_dob + h * stride_doh
         mask_base = Mask + b64 * stride_mb + h * stride_mh
+        slope = 0.0
+        if ALIBI:
+            slope = tl.load(Alibi + b64 * stride_ab + h)
         dk, dv = _dkdv_run(dk, dv, k, v, q_base, do_base, LSE2 + bh * len_q, Delta + bh * len_q, mask_base,
                            t_lo, f_lo, stride_qm, stride_dom, stride_mq, stride_mk, qk_scale, cols,
-                           len_q, len_k, diag, left, right, BLOCK_M, DK_, DV_, BLOCK_DK, BLOCK_DV,
-                           True, EVEN_M, HAS_LEFT, HAS_RIGHT, HAS_MASK, DOT)
+                           len_q, len_k, diag, left, right, slope, softcap_log2, BLOCK_M, DK_, DV_, BLOCK_DK,
+                           BLOCK_DV, True, EVEN_M, HAS_LEFT, HAS_RIGHT, HAS_MASK, DOT, SOFTCAP, ALIBI)
         dk, dv = _dkdv_run(dk, dv, k, v, q_base, do_base, LSE2 + bh * len_q, Delta + bh * len_q, mask_base,
                            f_lo, f_hi, stride_qm, stride_dom, stride_mq, stride_mk, qk_scale, cols,
-                           len_q, len_k, diag, left, right, BLOCK_M, DK_, DV_, BLOCK_DK, BLOCK_DV,
-                           False, EVEN_M, HAS_LEFT, HAS_RIGHT, HAS_MASK, DOT)
+                           len_q, len_k, diag, left, right, slope, softcap_log2, BLOCK_M, DK_, DV_, BLOCK_DK,
+                           BLOCK_DV, False, EVEN_M, HAS_LEFT, HAS_RIGHT, HAS_MASK, DOT, SOFTCAP, ALIBI)
         dk, dv = _dkdv_run(dk, dv, k, v, q_base, do_base, LSE2 + bh * len_q, Delta + bh * len_q, mask_base,
                            f_hi, t_hi, stride_qm, stride_dom, stride_mq, stride_mk, qk_scale, cols,
-                           len_q, len_k, diag, left, right, BLOCK_M, DK_, DV_, BLOCK_DK, BLOCK_DV,
-                           True, EVEN_M, HAS_LEFT, HAS_RIGHT, HAS_MASK, DOT)
+                           len_q, len_k, diag, left, right, slope, softcap_log2, BLOCK_M, DK_, DV_, BLOCK_DK,
+                           BLOCK_DV, True, EVEN_M, HAS_LEFT, HAS_RIGHT, HAS_MASK, DOT, SOFTCAP, ALIBI)
     dk *= sm_scale
     split = gsplit.to(tl.int64)
     tl.store(DK + split * stride_dks + b64 * stride_dkb + kvh * stride_dkh
@@ -407,11 +466,12 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE2, Delta, Mask, DK, DV,
 @triton.jit
 def _dq_run(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, t_start, t_end,
             stride_kn, stride_vn, stride_mk, stride_gk, qk_scale, rows, row_ok, len_k, diag, left, right,
+            slope, softcap_log2,
             BLOCK_N: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
             BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
             MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
             HAS_MASK: tl.constexpr, MASK_GRAD: tl.constexpr, GRAD_ROWS_BCAST: tl.constexpr,
-            GRAD_COLS_BCAST: tl.constexpr, DOT: tl.constexpr):
+            GRAD_COLS_BCAST: tl.constexpr, DOT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
     """Accumulate one query block's ``dQ`` (unscaled) over key tiles ``[t_start, t_end)``; with
     ``MASK_GRAD`` also add ``dS`` into the mask gradient (atomics: broadcast dims share cells)."""
     offs_n = tl.arange(0, BLOCK_N)
@@ -423,15 +483,18 @@ def _dq_run(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, t_sta
                        MASKED, BLOCK_DK != DK)
         v = _load_tile(v_base + cols[:, None] * stride_vn + offs_dv[None, :], cols, len_k, offs_dv, DV,
                        MASKED, BLOCK_DV != DV)
-        s = _scores(q, k, qk_scale, mask_rows[:, None], row_ok[:, None], cols[None, :], stride_mk, len_k,
-                    HAS_MASK, DOT)
+        s, dcap = _scores(q, k, qk_scale, mask_rows[:, None], row_ok[:, None], cols[None, :], stride_mk, len_k,
+                          rows[:, None], slope, softcap_log2, diag, HAS_MASK, DOT, SOFTCAP, ALIBI)
         p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
             ok = _band_ok(rows[:, None], cols[None, :], len_k, diag, left, right, HAS_LEFT, HAS_RIGHT)
             p = tl.where(ok, p, 0.0)
         dp = _mma(do, tl.trans(v), None, DOT)
         ds = p * (dp - delta[:, None])
-        dq = _mma(ds.to(k.dtype), k, dq, DOT)
+        dsc = ds
+        if SOFTCAP:
+            dsc = ds * dcap
+        dq = _mma(dsc.to(k.dtype), k, dq, DOT)
         if MASK_GRAD:
             # dS is the gradient of the (natural-unit) scores, hence of an additive mask. Reduce the
             # tile over broadcast dims first: fewer atomics on the same cell.
@@ -448,7 +511,7 @@ def _dq_run(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, t_sta
 
 
 @triton.jit(do_not_specialize=["tune_bucket"])
-def _bwd_dq_kernel(Q, K, V, DO, LSE2, Delta, Mask, DQ, DMask,
+def _bwd_dq_kernel(Q, K, V, DO, LSE2, Delta, Mask, DQ, DMask, Alibi,
                    stride_qb, stride_qh, stride_qm,
                    stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn,
@@ -457,11 +520,12 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE2, Delta, Mask, DQ, DMask,
                    stride_gb, stride_gh, stride_gq, stride_gk,
                    stride_dqb, stride_dqh, stride_dqm,
                    sm_scale, qk_scale, heads_q, heads_kv, len_q, len_k, diag, left, right, tune_bucket,
+                   softcap_log2, stride_ab,
                    DK_: tl.constexpr, DV_: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr,
                    MASK_GRAD: tl.constexpr, GRAD_ROWS_BCAST: tl.constexpr, GRAD_COLS_BCAST: tl.constexpr,
-                   DOT: tl.constexpr):
+                   DOT: tl.constexpr, SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False):
     """``dQ`` of one block of ``BLOCK_M`` query rows of one head (and ``dMask`` when asked); grid
     ``(row blocks, B * Hq)``. ``DMask`` strides are 0 on the mask's broadcast dims; ``tune_bucket``
     only keys the autotuner."""
@@ -485,6 +549,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE2, Delta, Mask, DQ, DMask,
     k_base = K + b64 * stride_kb + kvh.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + kvh.to(tl.int64) * stride_vh
     mask_rows = Mask + b64 * stride_mb + h * stride_mh + rows * stride_mq
+    slope = 0.0
+    if ALIBI:
+        slope = tl.load(Alibi + b64 * stride_ab + h)
     if GRAD_ROWS_BCAST:
         dmask_rows = DMask + b64 * stride_gb + h * stride_gh
     else:
@@ -497,16 +564,16 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE2, Delta, Mask, DQ, DMask,
     dq = tl.zeros([BLOCK_M, BLOCK_DK], tl.float32)
     dq = _dq_run(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, t_lo, f_lo,
                  stride_kn, stride_vn, stride_mk, stride_gk, qk_scale, rows, row_ok, len_k, diag, left, right,
-                 BLOCK_N, DK_, DV_, BLOCK_DK, BLOCK_DV, True, HAS_LEFT, HAS_RIGHT, HAS_MASK,
-                 MASK_GRAD, GRAD_ROWS_BCAST, GRAD_COLS_BCAST, DOT)
+                 slope, softcap_log2, BLOCK_N, DK_, DV_, BLOCK_DK, BLOCK_DV, True, HAS_LEFT, HAS_RIGHT, HAS_MASK,
+                 MASK_GRAD, GRAD_ROWS_BCAST, GRAD_COLS_BCAST, DOT, SOFTCAP, ALIBI)
     dq = _dq_run(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, f_lo, f_hi,
                  stride_kn, stride_vn, stride_mk, stride_gk, qk_scale, rows, row_ok, len_k, diag, left, right,
-                 BLOCK_N, DK_, DV_, BLOCK_DK, BLOCK_DV, False, HAS_LEFT, HAS_RIGHT, HAS_MASK,
-                 MASK_GRAD, GRAD_ROWS_BCAST, GRAD_COLS_BCAST, DOT)
+                 slope, softcap_log2, BLOCK_N, DK_, DV_, BLOCK_DK, BLOCK_DV, False, HAS_LEFT, HAS_RIGHT, HAS_MASK,
+                 MASK_GRAD, GRAD_ROWS_BCAST, GRAD_COLS_BCAST, DOT, SOFTCAP, ALIBI)
     dq = _dq_run(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, f_hi, t_hi,
                  stride_kn, stride_vn, stride_mk, stride_gk, qk_scale, rows, row_ok, len_k, diag, left, right,
-                 BLOCK_N, DK_, DV_, BLOCK_DK, BLOCK_DV, True, HAS_LEFT, HAS_RIGHT, HAS_MASK,
-                 MASK_GRAD, GRAD_ROWS_BCAST, GRAD_COLS_BCAST, DOT)
+                 slope, softcap_log2, BLOCK_N, DK_, DV_, BLOCK_DK, BLOCK_DV, True, HAS_LEFT, HAS_RIGHT, HAS_MASK,
+                 MASK_GRAD, GRAD_ROWS_BCAST, GRAD_COLS_BCAST, DOT, SOFTCAP, ALIBI)
     dq *= sm_scale
     tl.store(DQ + b64 * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + offs_dk[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_dk[None, :] < DK_))

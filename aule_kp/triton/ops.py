@@ -58,8 +58,8 @@ _DKDV_CONFIGS: Dict[int, List[triton.Config]] = {
     128: [_cfg(32, 64, 8, 3), _cfg(16, 128, 8, 3), _cfg(32, 128, 8, 2)],
 }
 _DQ_CONFIGS: List[triton.Config] = [_cfg(128, 64, 8, 2), _cfg(128, 32, 8, 3), _cfg(64, 64, 4, 3)]
-_FLAGS = ["DK", "DV", "HAS_LEFT", "HAS_RIGHT", "HAS_MASK", "DOT"]
-_BWD_FLAGS = ["DK_", "DV_", "HAS_LEFT", "HAS_RIGHT", "HAS_MASK", "DOT"]
+_FLAGS = ["DK", "DV", "HAS_LEFT", "HAS_RIGHT", "HAS_MASK", "DOT", "SOFTCAP", "ALIBI", "SINKS"]
+_BWD_FLAGS = ["DK_", "DV_", "HAS_LEFT", "HAS_RIGHT", "HAS_MASK", "DOT", "SOFTCAP", "ALIBI"]
 
 _fwd_tuned = {d: triton.autotune(configs=c, key=["tune_bucket", *_FLAGS])(kern._fwd_kernel)
               for d, c in _FWD_CONFIGS.items()}
@@ -136,12 +136,26 @@ def _band_args(problem: Problem) -> Tuple[int, int, int]:
     return problem.diag, problem.left or 0, problem.right or 0
 
 
+def _mods_args(problem: Problem, alibi: Optional[torch.Tensor], stand_in: torch.Tensor
+               ) -> Tuple[torch.Tensor, float, int, Dict[str, bool]]:
+    """``(Alibi, softcap_log2, stride_ab, flags)`` of the score modifiers for the kernels: the
+    slopes in log2 units (``stand_in``, never read, without them) and the SOFTCAP/ALIBI constexprs."""
+    p = problem
+    table = stand_in if alibi is None else (alibi.float() * kern.LOG2E).contiguous()
+    stride = p.heads_q if alibi is not None and p.alibi_rows > 1 else 0
+    flags = dict(SOFTCAP=p.softcap != 0.0, ALIBI=alibi is not None)
+    return table, p.softcap * kern.LOG2E, stride, flags
+
+
 def forward(problem: Problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
-            block_m: Optional[int] = None, block_n: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+            block_m: Optional[int] = None, block_n: Optional[int] = None,
+            alibi: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None
+            ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, Hq, Lq, Dv] in q's dtype, lse float32 [B, Hq, Lq])`` on q's device.
 
     ``block_m``/``block_n`` pin the tile (tests use tiny ones to cross many tiles); else tuned or
-    heuristic as the module docstring says.
+    heuristic as the module docstring says. ``alibi``: float32 slopes ``[problem.alibi_rows, Hq]``;
+    ``sinks``: float32 ``[Hq]`` (the lse includes them).
     """
     p = problem
     g = p.group
@@ -152,8 +166,10 @@ def forward(problem: Problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     has_mask = mask is not None
     mask_t = _mask_log2(mask) if has_mask else q  # without a mask, q stands in as a pointer never read
     mstrides = _bcast_strides(mask_t, p) if has_mask else (0, 0, 0, 0)
+    alibi_t, softcap_log2, stride_ab, mod_flags = _mods_args(p, alibi, q)
+    sinks_t = q if sinks is None else sinks.float().contiguous()  # q: a stand-in pointer, never read
     flags = dict(DK=p.dim_k, DV=p.dim_v, BLOCK_DK=bdk, BLOCK_DV=bdv, HAS_LEFT=p.left is not None,
-                 HAS_RIGHT=p.right is not None, HAS_MASK=has_mask, DOT=_dot_mode(p))
+                 HAS_RIGHT=p.right is not None, HAS_MASK=has_mask, DOT=_dot_mode(p), **mod_flags)
     scalars = (p.scale * kern.LOG2E, p.heads_q, p.heads_kv, p.len_q, p.len_k, diag, left, right)
     common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
               v.stride(0), v.stride(1), v.stride(2), *mstrides)
@@ -162,8 +178,8 @@ def forward(problem: Problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         log.debug("triton forward %s: autotuned", p)
         tuned = _fwd_tuned[max(64, bdk, bdv)]
         tuned[lambda meta: (triton.cdiv(p.len_q, meta["BLOCK_M"]), p.batch * p.heads_q, 1)](
-            q, k, v, mask_t, out, lse, *common, out.stride(0), out.stride(1), out.stride(2), 0, 0,
-            *scalars, 1, _tune_bucket(p), PACK_GQA=False, **flags)
+            q, k, v, mask_t, out, lse, alibi_t, sinks_t, *common, out.stride(0), out.stride(1), out.stride(2), 0, 0,
+            *scalars, 1, _tune_bucket(p), softcap_log2, stride_ab, PACK_GQA=False, SINKS=sinks is not None, **flags)
         return out, lse
 
     es = q.element_size()
@@ -183,26 +199,27 @@ def forward(problem: Problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     log.debug("triton forward %s: block %dx%d, pack=%s, splits=%d", p, bm, bn, pack, splits)
     grid = (blocks, heads, splits)
     launch = dict(PACK_GQA=pack, BLOCK_M=bm, BLOCK_N=bn, num_warps=_warps(bm, bdv), num_stages=2, **flags)
-    tail = (*scalars, splits, _tune_bucket(p))
+    tail = (*scalars, splits, _tune_bucket(p), softcap_log2, stride_ab)
     if splits == 1:
-        kern._fwd_kernel[grid](q, k, v, mask_t, out, lse, *common, out.stride(0), out.stride(1), out.stride(2),
-                               0, 0, *tail, **launch)
+        kern._fwd_kernel[grid](q, k, v, mask_t, out, lse, alibi_t, sinks_t, *common, out.stride(0), out.stride(1),
+                               out.stride(2), 0, 0, *tail, SINKS=sinks is not None, **launch)
         return out, lse
     part_o = torch.empty((splits, *out.shape), dtype=torch.float32, device=q.device)
     part_l = torch.empty((splits, *lse.shape), dtype=torch.float32, device=q.device)
-    kern._fwd_kernel[grid](q, k, v, mask_t, part_o, part_l, *common, part_o.stride(1), part_o.stride(2),
-                           part_o.stride(3), part_o.stride(0), part_l.stride(0), *tail, **launch)
+    kern._fwd_kernel[grid](q, k, v, mask_t, part_o, part_l, alibi_t, sinks_t, *common, part_o.stride(1),
+                           part_o.stride(2), part_o.stride(3), part_o.stride(0), part_l.stride(0), *tail, **launch)
     rows = lse.numel()
-    kern._combine_kernel[(rows,)](part_o, part_l, out, lse, rows, splits, DV=p.dim_v, BLOCK_DV=bdv,
-                                  BLOCK_S=_p2(splits), num_warps=4)
+    kern._combine_kernel[(rows,)](part_o, part_l, out, lse, sinks_t, rows, splits, p.heads_q, p.len_q, DV=p.dim_v,
+                                  BLOCK_DV=bdv, BLOCK_S=_p2(splits), SINKS=sinks is not None, num_warps=4)
     return out, lse
 
 
 def backward(problem: Problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
              dout: torch.Tensor, lse: torch.Tensor, mask: Optional[torch.Tensor], mask_grad: bool = False,
-             block_m: Optional[int] = None, block_n: Optional[int] = None
+             block_m: Optional[int] = None, block_n: Optional[int] = None, alibi: Optional[torch.Tensor] = None
              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """``(dq, dk, dv, dmask)`` per :meth:`aule_kp.backend.Backend.backward`, as torch tensors.
+    """``(dq, dk, dv, dmask)`` per :meth:`aule_kp.backend.Backend.backward`, as torch tensors
+    (``alibi`` as ``forward`` takes it).
 
     ``block_m``/``block_n`` pin both kernels' tiles (dK/dV: ``block_m`` query rows per inner tile,
     ``block_n`` keys per program; dQ: ``block_m`` rows per program, ``block_n`` keys per tile).
@@ -228,8 +245,9 @@ def backward(problem: Problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     # Never written without MASK_GRAD, but a real tensor: the dQ autotuner zeroes it between trials.
     dmask_t = dmask if dmask is not None else torch.zeros(1, dtype=torch.float32, device=dev)
     gstrides = _bcast_strides(dmask, p) if dmask is not None else (0, 0, 0, 0)
+    alibi_t, softcap_log2, stride_ab, mod_flags = _mods_args(p, alibi, q)
     flags = dict(DK_=p.dim_k, DV_=p.dim_v, BLOCK_DK=bdk, BLOCK_DV=bdv, HAS_LEFT=p.left is not None,
-                 HAS_RIGHT=p.right is not None, HAS_MASK=has_mask, DOT=_dot_mode(p))
+                 HAS_RIGHT=p.right is not None, HAS_MASK=has_mask, DOT=_dot_mode(p), **mod_flags)
     scalars = (p.scale, p.scale * kern.LOG2E, p.heads_q, p.heads_kv, p.len_q, p.len_k, diag, left, right)
     inputs = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
               v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2), *mstrides)
@@ -249,10 +267,10 @@ def backward(problem: Problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     else:
         dk_t = torch.empty((gsplits, *k.shape), dtype=torch.float32, device=dev)
         dv_t = torch.empty((gsplits, *v.shape), dtype=torch.float32, device=dev)
-    dkdv_args = (q, k, v, dout, lse2, delta, mask_t, dk_t, dv_t, *inputs,
+    dkdv_args = (q, k, v, dout, lse2, delta, mask_t, dk_t, dv_t, alibi_t, *inputs,
                  dk_t.stride(-4), dk_t.stride(-3), dk_t.stride(-2), dv_t.stride(-4), dv_t.stride(-3),
                  dv_t.stride(-2), dk_t.stride(0) if gsplits > 1 else 0, dv_t.stride(0) if gsplits > 1 else 0,
-                 *scalars, gsplits, bucket)
+                 *scalars, gsplits, bucket, softcap_log2, stride_ab)
     if tuned:
         # Every config's BLOCK_M divides 128, so this is exact for each of them.
         tuner = _dkdv_tuned[max(64, bdk, bdv)]
@@ -266,8 +284,8 @@ def backward(problem: Problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
     # dQ (and dMask).
     dq = torch.empty_like(q)
-    dq_args = (q, k, v, dout, lse2, delta, mask_t, dq, dmask_t, *inputs, *gstrides,
-               dq.stride(0), dq.stride(1), dq.stride(2), *scalars, bucket)
+    dq_args = (q, k, v, dout, lse2, delta, mask_t, dq, dmask_t, alibi_t, *inputs, *gstrides,
+               dq.stride(0), dq.stride(1), dq.stride(2), *scalars, bucket, softcap_log2, stride_ab)
     gflags = dict(MASK_GRAD=want_dmask, GRAD_ROWS_BCAST=want_dmask and p.mask_shape[2] == 1,
                   GRAD_COLS_BCAST=want_dmask and p.mask_shape[3] == 1)
     if tuned:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -11,11 +11,15 @@ from .. import knobs
 from ..backend import Backend, Runner
 from ..problem import Problem
 from . import device as devmod
-from . import tuning_cache
+from . import int8, tuning_cache
 from .backward import BackwardPlan, backward_plan, reduce_to_mask
 from .choice import BackwardChoice, Choice, backward_limits, choose_backward, choose_forward
 from .configs import BackwardConfig, ForwardConfig
+from .int8 import Int8Config
 from .plan import Plan, forward_plan, run_forward
+
+#: A forward pass's pipelines: fp (a forward kernel or split-KV) or precision="int8".
+AnyForward = Union[ForwardConfig, Int8Config]
 
 
 class VulkanBackend(Backend):
@@ -41,9 +45,10 @@ class VulkanBackend(Backend):
         why = devmod.unavailable()
         return [why] if why else []
 
-    def config(self, problem: Problem) -> ForwardConfig:
+    def config(self, problem: Problem) -> AnyForward:
         """The kernel specialisation for ``problem``: a forward KernelConfig, or a SplitKVConfig for
-        short query blocks over long keys (ValueError when no variant can take it)."""
+        short query blocks over long keys, or for precision="int8" an Int8Config (ValueError when
+        no variant can take it)."""
         cfg, reasons = self._choice(problem)
         if cfg is None:
             raise ValueError("; ".join(reasons))
@@ -57,7 +62,9 @@ class VulkanBackend(Backend):
         key = (problem, snap, tuning_cache.generation(), tuning_cache.bypassed())
         hit = self._choices.get(key)
         if hit is None:
-            hit = self._choices[key] = choose_forward((dev or devmod.get_device()).caps, problem, snap)
+            caps = (dev or devmod.get_device()).caps
+            choose = int8.choose if problem.precision == "int8" else choose_forward
+            hit = self._choices[key] = choose(caps, problem, snap)
             if len(self._choices) > 4096:
                 self._choices.clear()
         return hit
@@ -74,7 +81,8 @@ class VulkanBackend(Backend):
         cfg, reasons = self._choice(problem, dev)
         if cfg is None:
             return None, list(reasons)
-        return functools.partial(run_forward, dev, problem, cfg), []
+        run = int8.run_forward if problem.precision == "int8" else run_forward
+        return functools.partial(run, dev, problem, cfg), []
 
     def plan(self, problem: Problem, config: Optional[ForwardConfig] = None) -> Plan:
         """The device's plan for ``problem``, bound to it (see ``plan.forward_plan``): valid until the
@@ -85,8 +93,12 @@ class VulkanBackend(Backend):
             return forward_plan(dev, problem, cfg)
 
     def forward(self, problem: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray,
-                mask: Optional[np.ndarray], config: Optional[ForwardConfig] = None) -> Tuple[np.ndarray, np.ndarray]:
-        return run_forward(devmod.get_device(), problem, config or self.config(problem), q, k, v, mask)
+                mask: Optional[np.ndarray], config: Optional[AnyForward] = None, *,
+                alibi: Optional[np.ndarray] = None,
+                sinks: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+        run = int8.run_forward if problem.precision == "int8" else run_forward
+        return run(devmod.get_device(), problem, config or self.config(problem), q, k, v, mask, alibi=alibi,
+                   sinks=sinks)
 
     def backward_plan(self, problem: Problem, config: BackwardConfig) -> BackwardPlan:
         """The device's backward plan for ``problem``, bound to it (see ``backward.backward_plan``)."""
@@ -114,8 +126,8 @@ class VulkanBackend(Backend):
 
     def backward(self, problem: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray,
                  dout: np.ndarray, lse: np.ndarray, mask: Optional[np.ndarray], mask_grad: bool = False,
-                 config: Optional[BackwardConfig] = None
-                 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
+                 config: Optional[BackwardConfig] = None, *, alibi: Optional[np.ndarray] = None,
+                 sinks: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
         """FA2 backward on the device (see ``Backend.backward``); ``config`` pins the pipelines.
         ValueError when the device cannot take the problem (``backward_reasons`` says why)."""
         p = problem
@@ -132,5 +144,5 @@ class VulkanBackend(Backend):
             if why:
                 raise ValueError(f"the Vulkan backward cannot run this problem: {'; '.join(why)}")
         with dev.lock:
-            dq, dk, dv, ds = self.backward_plan(p, cfg).run(q, k, v, out, dout, lse, mask)
+            dq, dk, dv, ds = self.backward_plan(p, cfg).run(q, k, v, out, dout, lse, mask, alibi, sinks)
         return dq, dk, dv, None if ds is None else reduce_to_mask(ds, p.mask_shape)

@@ -22,7 +22,7 @@ import numpy as np
 from .. import knobs
 from ..dtypes import STORAGE
 from ..problem import Problem
-from .configs import BackwardConfig
+from .configs import BackwardConfig, score_spec
 from .hostcopy import copy_bytes
 from .plan import (
     Chunk,
@@ -36,6 +36,8 @@ from .plan import (
     push_constants,
     query_grid,
     stats,
+    uses_mask_buffer,
+    write_mask_payload,
 )
 
 log = logging.getLogger("aule_kp")
@@ -103,7 +105,7 @@ class BackwardPlan(RecordedPlan):
             tensors["stats"] = mgr.tensor_t(np.zeros(max(sizes["stats"] // 4, 1), np.float32), kp.TensorTypes.device)
             tensors["mask"] = self.mask
             bound = [tensors[name] for name in BINDINGS]
-            algorithms = [self._algorithm(bound, k, config.spec(k), grid, push)
+            algorithms = [self._algorithm(bound, k, config.spec(k, score_spec(p)), grid, push)
                           for k, (grid, push) in zip(config.kernels(), self._dispatches(p, g0, n))]
             self.chunks.append(Chunk(g0, g1, tensors, algorithms, memory=memory))
         self.bind(p, config)
@@ -126,10 +128,12 @@ class BackwardPlan(RecordedPlan):
             c.views = {name: c.memory[name][: n * sizes.get(name, 0)] for name in (*INPUTS, *OUTPUTS, "ds")}
 
     def run(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray, dout: np.ndarray,
-            lse: np.ndarray, mask: Optional[np.ndarray]
-            ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
-        """Host arrays in (see ``Backend.backward``); ``(dq, dk, dv, ds)`` out, ``ds`` the full
-        float32 [B, Hq, Lq, Lk] when the config writes it, else None."""
+            lse: np.ndarray, mask: Optional[np.ndarray], alibi: Optional[np.ndarray] = None,
+            sinks: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
+        """Host arrays in (see ``Backend.backward``; ``alibi``/``sinks``: the float32 slopes and sinks
+        the problem has, the sinks read by fa2_bwd_pre's recompute of extreme rows only);
+        ``(dq, dk, dv, ds)`` out, ``ds`` the full float32 [B, Hq, Lq, Lk] when the config writes it,
+        else None."""
         p = self.problem
         groups = p.batch * p.heads_kv
         shapes = {"q": (p.heads_q, p.len_q, p.dim_k), "k": (p.heads_kv, p.len_k, p.dim_k),
@@ -147,8 +151,7 @@ class BackwardPlan(RecordedPlan):
         # One copy into mapped memory; packed 16-bit data goes in as raw bytes.
         copy_bytes([(c.views[name], part.reshape(-1).view(np.uint8))
                     for c in self.chunks for name in INPUTS for part in (src[name][c.g0:c.g1],)])
-        if mask is not None:
-            self.mask_view[:] = mask.reshape(-1)
+        write_mask_payload(self.mask_view, mask, alibi, sinks)
         if self.config.write_ds:
             # The dK/dV kernel writes dS only where it computes (tiles the band hides are skipped):
             # the rest must read 0, whatever an earlier problem left in the buffer.
@@ -177,7 +180,7 @@ class BackwardPlan(RecordedPlan):
             # dS goes up too (zeros where the kernel writes nothing: see run()).
             up = (*INPUTS, "ds") if self.config.write_ds else INPUTS
             inputs = [c.tensors[name] for c in self.chunks for name in up]
-            if p.has_mask:
+            if uses_mask_buffer(p):
                 inputs.append(self.mask)
             sequence.record(kp.OpTensorSyncDevice(inputs))
         dispatches = [list(zip(c.algorithms, self._dispatches(p, c.g0, c.g1 - c.g0))) for c in self.chunks]
@@ -218,7 +221,7 @@ def backward_plan(device: Any, problem: Problem, config: BackwardConfig) -> Back
             route = (("backward", p, config), None, limit)
         else:
             grid = None if grids_settable(device.kp) else tuple(grids(p, config, n_groups))
-            route = (("backward", config, limit, grid),
+            route = (("backward", config, score_spec(p), limit, grid),
                      dict(backward_bytes(p, config.write_ds, n_groups), mask=mask_bytes(p)), limit)
         device.plans.remember(route_key, route)
     key, need, limit = route

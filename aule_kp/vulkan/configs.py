@@ -28,6 +28,12 @@ FAMILIES = ("fwd.scalar", "fwd.wave64", "fwd.coopmat", "fwd.coopmat2", "splitkv"
 TEST_CORRUPT_ID = 11
 
 
+def score_spec(problem: Problem) -> Tuple[int, int, int]:
+    """Spec constants SOFTCAP, ALIBI and SINKS (constant_id 12, 13, 14; glsl/fa2_common.glsl) of
+    ``problem``: all 0 leaves every pipeline the plain one."""
+    return int(problem.softcap != 0.0), int(problem.alibi_rows != 0), int(problem.sinks)
+
+
 @dataclass(frozen=True)
 class KernelConfig:
     """One pipeline: which source, and the values of its specialization constants."""
@@ -52,13 +58,18 @@ class KernelConfig:
             return f"bwd.{self.variant}"
         return self.variant if self.variant == "splitkv" else f"fwd.{self.variant}"
 
-    def spec(self, extra: tuple = ()) -> np.ndarray:
+    def spec(self, extra: tuple = (), mods: Tuple[int, ...] = ()) -> np.ndarray:
         """Specialization constants in constant_id order (glsl/fa2_common.glsl), then ``extra``
-        (the backward's ids 9 and 10); see ``TEST_CORRUPT_ID`` for constant_id 11."""
+        (the backward's ids 9 and 10); see ``TEST_CORRUPT_ID`` for constant_id 11; ``mods``: the
+        score modifiers' ids 12 to 14 (``score_spec``), left out when all are 0 (the plain
+        pipeline, same constants as before they existed)."""
         values = [self.dk, self.dv, self.br, self.bc, self.tpr, self.dtype, self.wg, self.stage, self.rpt, *extra]
-        if self.family in knobs.current().test_corrupt:
+        corrupt = self.family in knobs.current().test_corrupt
+        if corrupt or any(mods):
             # Ids 9 and 10 do not exist in the forward shaders: entries for them change nothing.
-            values += [0] * (TEST_CORRUPT_ID - len(values)) + [1]
+            values += [0] * (TEST_CORRUPT_ID - len(values)) + [int(corrupt)]
+        if any(mods):
+            values += list(mods)
         return np.array(values, dtype=np.uint32)
 
     def shared_bytes(self) -> int:
@@ -95,10 +106,11 @@ class BackwardConfig:
     write_ds: bool = False
     has_mask: bool = False
 
-    def spec(self, cfg: KernelConfig) -> np.ndarray:
+    def spec(self, cfg: KernelConfig, mods: Tuple[int, ...] = ()) -> np.ndarray:
         """Specialization constants of one of the three kernels, + WRITE_DS (constant_id 9, set for
-        dK/dV only: the other pipelines do not depend on it) and HAS_MASK (10)."""
-        return cfg.spec((int(self.write_ds and cfg is self.dkdv), int(self.has_mask)))
+        dK/dV only: the other pipelines do not depend on it) and HAS_MASK (10); ``mods`` as
+        ``KernelConfig.spec``."""
+        return cfg.spec((int(self.write_ds and cfg is self.dkdv), int(self.has_mask)), mods)
 
     def kernels(self) -> tuple[KernelConfig, KernelConfig, KernelConfig]:
         return self.pre, self.dkdv, self.dq

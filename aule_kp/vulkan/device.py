@@ -142,16 +142,16 @@ class Device:
     def spirv(self, kernel: str) -> bytes:
         """SPIR-V of ``glsl/<kernel>.comp``, compiled at install time (compiled now if missing)."""
         if kernel not in self._spirv:
-            from .compile import GLSL_DIR, compile_one, spirv_path
+            from .compile import GLSL_DIR, compile_one, source_path, spirv_path
 
             path: Path = spirv_path(kernel)
             if not path.exists():
-                src = GLSL_DIR / f"{kernel}.comp"
-                if not src.exists():
+                src = source_path(kernel)
+                if src is None:
                     raise FileNotFoundError(
-                        f"SPIR-V kernel {path} is missing, and so is its source {src}: this aule-kp install is "
-                        "incomplete; reinstall the wheel (pip install --force-reinstall aule-kp), or in a "
-                        "checkout run `make shaders`")
+                        f"SPIR-V kernel {path} is missing, and so is its source {GLSL_DIR / kernel}.comp: this "
+                        "aule-kp install is incomplete; reinstall the wheel (pip install --force-reinstall "
+                        "aule-kp), or in a checkout run `make shaders`")
                 log.warning("%s is missing; compiling it now (run `make shaders` at install)", path.name)
                 compile_one(src)
             self._spirv[kernel] = path.read_bytes()

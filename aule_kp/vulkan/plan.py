@@ -42,7 +42,7 @@ from .. import knobs
 from ..dtypes import ITEMSIZE, STORAGE
 from ..nonfinite import all_finite, enforce
 from ..problem import Problem
-from .configs import ForwardConfig, KernelConfig, SplitKVConfig
+from .configs import ForwardConfig, KernelConfig, SplitKVConfig, score_spec
 from .hostcopy import copy_bytes
 from .probe import parallelism
 
@@ -147,13 +147,20 @@ def mask_strides(p: Problem) -> Tuple[int, int, int, int]:
     return tuple(int(s) if n > 1 else 0 for s, n in zip(strides, shape))
 
 
+def _float_bits(x: float) -> int:
+    return struct.unpack("<I", struct.pack("<f", x))[0]
+
+
 def push_constants(p: Problem, group0: int) -> np.ndarray:
-    """Push constants in the order of ``Push`` in glsl/fa2_common.glsl."""
-    scale_bits = struct.unpack("<I", struct.pack("<f", p.scale * LOG2E))[0]
+    """Push constants in the order of ``Push`` in glsl/fa2_common.glsl. The ALiBi slopes, then the
+    sinks, follow the mask in the mask buffer (``mask_bytes``, ``write_mask_payload``)."""
     signed = [p.diag, -1 if p.left is None else p.left, -1 if p.right is None else p.right]
     sb, sh, si, sj = mask_strides(p)
-    vals = [p.len_q, p.len_k, p.group, p.heads_kv, group0, scale_bits, *(x & 0xFFFFFFFF for x in signed),
-            int(p.has_mask), sb, sh, si, sj, p.heads_q]
+    alibi_base = math.prod(p.mask_shape) if p.mask_shape else 0
+    vals = [p.len_q, p.len_k, p.group, p.heads_kv, group0, _float_bits(p.scale * LOG2E),
+            *(x & 0xFFFFFFFF for x in signed), int(p.has_mask), sb, sh, si, sj, p.heads_q,
+            _float_bits(p.softcap * LOG2E), alibi_base, p.heads_q if p.alibi_rows > 1 else 0,
+            alibi_base + p.alibi_rows * p.heads_q]
     return np.array(vals, dtype=np.uint32)
 
 
@@ -235,8 +242,25 @@ def capacity(device: Any, old: Optional[Dict[str, int]], need: Dict[str, int], l
 
 
 def mask_bytes(p: Problem) -> int:
-    """Bytes of the float32 mask of ``p`` (0 without one)."""
-    return 4 * math.prod(p.mask_shape) if p.mask_shape else 0
+    """Bytes of the mask buffer's data for ``p``: the float32 mask, then the ALiBi slopes
+    (``alibi_rows x heads_q``), then the sinks (``heads_q``); 0 bytes with none of them."""
+    mask = math.prod(p.mask_shape) if p.mask_shape else 0
+    return 4 * (mask + p.alibi_rows * p.heads_q + (p.heads_q if p.sinks else 0))
+
+
+def uses_mask_buffer(p: Problem) -> bool:
+    """Whether the kernels of ``p`` read the mask buffer (a mask, slopes or sinks): it is uploaded then."""
+    return p.has_mask or p.alibi_rows > 0 or p.sinks
+
+
+def write_mask_payload(view: np.ndarray, mask: Optional[np.ndarray], alibi: Optional[np.ndarray],
+                       sinks: Optional[np.ndarray] = None) -> None:
+    """The mask buffer's data (``mask_bytes``) into its mapped ``view``: the mask, the slopes, the sinks."""
+    n = 0
+    for part in (mask, alibi, sinks):
+        if part is not None:
+            view[n:n + part.size] = part.reshape(-1)
+            n += part.size
 
 
 def forward_bytes(p: Problem, config: ForwardConfig, n_groups: int) -> Dict[str, int]:
@@ -470,7 +494,7 @@ class Plan(RecordedPlan):
                 zeroed.append(tensors["counters"])
             bound = [tensors[name] for name in (*BINDINGS, *(SPLITKV_SCRATCH if split else ()))]
             kc, grid, push = dispatch(config, p, n, g0)
-            algorithm = self._algorithm(bound, kc, kc.spec(), grid, push)
+            algorithm = self._algorithm(bound, kc, kc.spec(mods=score_spec(p)), grid, push)
             self.chunks.append(Chunk(g0, g1, tensors, [algorithm], memory=memory))
 
         if zeroed:
@@ -509,7 +533,7 @@ class Plan(RecordedPlan):
         chunks = self.chunks if chunks is None else chunks
         transfers = transfers and self.host_io
         inputs = [c.tensors[name] for c in chunks for name in INPUTS] if transfers else []
-        if p.has_mask and chunks[0] is self.chunks[0]:
+        if uses_mask_buffer(p) and chunks[0] is self.chunks[0]:
             inputs.append(self.mask)
         if inputs:
             sequence.record(kp.OpTensorSyncDevice(inputs))
@@ -524,15 +548,16 @@ class Plan(RecordedPlan):
             sequence.record(kp.OpTensorSyncLocal([c.tensors[name] for c in chunks for name in OUTPUTS]))
         return sequence
 
-    def run(self, q: np.ndarray, k: np.ndarray, v: np.ndarray,
-            mask: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
+    def run(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Optional[np.ndarray],
+            alibi: Optional[np.ndarray] = None, sinks: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
         """Host arrays of the bound problem in (engine storage, contiguous), ``(out, lse)`` out (see
-        Backend.forward)."""
-        out, lse, _ = self.run_checked(q, k, v, mask)
+        Backend.forward; ``alibi``/``sinks``: the float32 slopes and sinks the problem has)."""
+        out, lse, _ = self.run_checked(q, k, v, mask, alibi, sinks)
         return out, lse
 
-    def run_checked(self, q: np.ndarray, k: np.ndarray, v: np.ndarray,
-                    mask: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray, bool]:
+    def run_checked(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Optional[np.ndarray],
+                    alibi: Optional[np.ndarray] = None,
+                    sinks: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray, bool]:
         """``run``, and whether ``out`` is all finite: checked piece by piece by the copy threads as
         they write it (a separate pass over a large output cost as much as the kernel).
 
@@ -544,8 +569,7 @@ class Plan(RecordedPlan):
             raise ValueError(f"q {q.shape} and k {k.shape} are not the shapes of the problem this plan is bound to "
                              f"({p}); get the plan again for theirs")
         inputs = [c.input_pairs((q, k, v)) for c in self.chunks]
-        if mask is not None:
-            self.mask_view[:] = mask.reshape(-1)
+        write_mask_payload(self.mask_view, mask, alibi, sinks)
         out = np.empty(sum(c.views["o"].nbytes for c in self.chunks), np.uint8)
         outputs, lo = [], 0
         for c in self.chunks:
@@ -603,7 +627,7 @@ def forward_plan(device: Any, problem: Problem, config: ForwardConfig) -> Plan:
             route = ((p, config), None, limit)
         else:
             grid = None if grids_settable(device.kp) else dispatch(config, p, n_groups, 0)[1]
-            route = (("forward", pipeline_of(config), limit, grid),
+            route = (("forward", pipeline_of(config), score_spec(p), limit, grid),
                      dict(forward_bytes(p, config, n_groups), mask=mask_bytes(p)), limit)
         device.plans.remember(route_key, route)
     key, need, limit = route
@@ -617,12 +641,13 @@ def forward_plan(device: Any, problem: Problem, config: ForwardConfig) -> Plan:
 
 
 def run_forward(device: Any, problem: Problem, config: ForwardConfig, q: np.ndarray, k: np.ndarray, v: np.ndarray,
-                mask: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
-    """One host-path forward call: ``forward_plan(...).run(q, k, v, mask)`` under ``device.lock``, then
-    the non-finite repairs (``aule_kp.nonfinite.enforce``) outside it."""
+                mask: Optional[np.ndarray], *, alibi: Optional[np.ndarray] = None,
+                sinks: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """One host-path forward call: ``forward_plan(...).run(q, k, v, mask, alibi, sinks)`` under
+    ``device.lock``, then the non-finite repairs (``aule_kp.nonfinite.enforce``) outside it."""
     with device.lock:
-        out, lse, finite = forward_plan(device, problem, config).run_checked(q, k, v, mask)
-    enforce(problem, q, k, v, mask, out, lse, out_finite=finite)
+        out, lse, finite = forward_plan(device, problem, config).run_checked(q, k, v, mask, alibi, sinks)
+    enforce(problem, q, k, v, mask, out, lse, out_finite=finite, alibi=alibi, sinks=sinks)
     return out, lse
 
 
