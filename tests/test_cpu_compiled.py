@@ -101,3 +101,22 @@ def test_16_bit_conversion_is_exact(kernels, dtype: str) -> None:
     nan = np.isnan(want)
     np.testing.assert_array_equal(np.isnan(got), nan)
     np.testing.assert_array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))  # -0.0 too
+
+
+def test_a_kernel_that_fails_to_compile_falls_back_to_numpy(kernels, monkeypatch) -> None:
+    # A platform where numba imports but cannot compile: the call reruns on the NumPy path, says why
+    # once, and later calls go straight there.
+    def broken(*args):
+        raise kernels.CompileError("no LLVM target here (test)")
+
+    monkeypatch.setattr(compiled, "_kernels", compiled._kernels)  # restored after the test
+    monkeypatch.setattr(kernels, "softmax_tile", broken)
+    monkeypatch.setattr(errors, "_warned", set())
+    p = _problem(40, causal=True)
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 1, 40, 8), dtype=np.float32) for _ in range(3))
+    with pytest.warns(AuleFallbackWarning, match="NumbaError: no LLVM target here"):
+        out, _ = CpuBackend().forward(p, q, k, v, None)
+    ref, _ = reference_attention(q, k, v, p)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=output_tolerance(p, q, k, v))
+    assert CpuBackend().kernels() is None

@@ -360,12 +360,17 @@ class CpuBackend(Backend):
             return int8.forward(p, q, k, v, mask)
         # Soft-caps, ALiBi and sinks are the NumPy path's alone (the kernels have none of them).
         kern = None if p.has_score_mods or p.sinks else self.kernels()
-        block_q, block_k, step = self.blocks(kern is not None)
         if kern is not None:
-            out, lse = compiled.forward(kern, p, q, k, v, mask, block_q=block_q, block_k=block_k, step=step,
-                                        workers=self.workers)
-            enforce(p, q, k, v, mask, out, lse)
-            return out, lse
+            block_q, block_k, step = self.blocks(True)
+            try:
+                out, lse = compiled.forward(kern, p, q, k, v, mask, block_q=block_q, block_k=block_k, step=step,
+                                            workers=self.workers)
+            except kern.CompileError as exc:
+                compiled.disable(exc)
+            else:
+                enforce(p, q, k, v, mask, out, lse)
+                return out, lse
+        block_q, block_k, step = self.blocks(False)
         job = _Forward(p, q, k, v, mask, block_q, block_k, step, alibi, sinks)
         if job.lse.size == 0:  # no query rows (Dv = 0 alone still has row statistics to compute)
             return job.out, job.lse
@@ -403,6 +408,17 @@ class CpuBackend(Backend):
         """See :class:`aule_kp.backend.Backend`; FA2's backward (:mod:`aule_kp.cpu.backward`), which
         reads the saved lse alone (``sinks`` are in it)."""
         kern = self.kernels()
+        if kern is not None:
+            try:
+                return self._backward(problem, q, k, v, out, dout, lse, mask, mask_grad, alibi, kern)
+            except kern.CompileError as exc:
+                compiled.disable(exc)
+        return self._backward(problem, q, k, v, out, dout, lse, mask, mask_grad, alibi, None)
+
+    def _backward(self, problem: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray,
+                  dout: np.ndarray, lse: np.ndarray, mask: Optional[np.ndarray], mask_grad: bool,
+                  alibi: Optional[np.ndarray], kern: Optional[ModuleType],
+                  ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
         block_q, block_k, _ = self.blocks(kern is not None)
         return attention_backward(problem, q, k, v, out, dout, lse, mask, mask_grad, alibi=alibi,
                                   block_q=min(block_q, _BACKWARD_BLOCK), block_k=min(block_k, _BACKWARD_BLOCK),

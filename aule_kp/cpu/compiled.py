@@ -65,6 +65,15 @@ def load(quiet: bool = False) -> Optional[ModuleType]:
     return _kernels
 
 
+def disable(exc: Exception) -> None:
+    """Stop using the kernels after ``exc``, a numba error on first use (a compile that fails on
+    this platform): the caller reruns the call on the NumPy path, and this says why, once."""
+    global _kernels, _why
+    _kernels = None
+    _why = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+    load()
+
+
 def to_f32(kern: ModuleType, a: np.ndarray, dtype: str) -> np.ndarray:
     """Host storage of ``dtype`` as float32 (a view when it already is), 16-bit types converted by
     the compiled kernels."""

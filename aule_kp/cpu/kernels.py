@@ -20,7 +20,11 @@ from __future__ import annotations
 
 import numpy as np
 from numba import njit, types
+from numba.core.errors import NumbaError
 from numba.extending import intrinsic
+
+#: What a kernel's first call raises when numba cannot compile it here (the backend then falls back).
+CompileError = NumbaError
 
 #: Reassociation (vector sums), contraction (FMA), no signed zeros; not nnan/ninf (see above).
 _FAST = {"contract", "afn", "reassoc", "nsz", "arcp"}
