@@ -1,19 +1,27 @@
-"""CpuBackend against torch's CPU ``scaled_dot_product_attention``, and CpuBackend's peak memory.
+"""CpuBackend (compiled kernels and NumPy path) against torch's CPU ``scaled_dot_product_attention``,
+forward and backward, and CpuBackend's peak memory.
 
-    .venv/bin/python benchmarks/cpu_vs_torch.py [--repeat 7] [--seq 2048] [--heads 16] [--mem-seq 16384]
+    .venv/bin/python benchmarks/cpu_vs_torch.py [--repeat 7] [--seqs 512 2048 8192 16384]
+        [--dtypes float32 bfloat16] [--passes forward backward] [--no-numpy] [--mem-seq 16384]
 
-Timing: B1 H16 S2048 D64 float32, the same inputs for both, one warm-up each, then ``--repeat``
-rounds that run CpuBackend and torch back to back (a shared machine drifts; interleaving keeps the
-two under the same conditions); medians. Memory: B1 H1 D64 at ``--mem-seq``, tracemalloc's peak
-(NumPy reports its buffers to it) and the growth of the peak RSS, beside the output's size and
-what the ``Lq x Lk`` scores alone would take.
+Timing: B1 D64 self-attention, H16 up to S2048 and ``16 * (2048 / S)**2`` heads beyond (at least
+1), so every row is about the same work; the same inputs for all. One warm-up each, then
+``--repeat`` rounds that run every contender back to back (a shared machine drifts; alternating
+keeps them under the same conditions); medians, and each one's time over torch's. Backward: the
+gradients of q, k, v from saved forward results (torch: ``backward`` of a retained graph).
+Memory: B1 H1 D64 at ``--mem-seq``, tracemalloc's peak (NumPy reports its buffers to it) and the
+growth of the peak RSS, beside what the ``Lq x Lk`` scores alone would take.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import os
+import platform
 import resource
 import statistics
+import subprocess
 import time
 import tracemalloc
 from typing import Callable, Dict, List
@@ -21,14 +29,19 @@ from typing import Callable, Dict, List
 import numpy as np
 
 from aule_kp.cpu.backend import CpuBackend
+from aule_kp.dtypes import from_f32
 from aule_kp.problem import Problem, default_scale
 
 MIB = 1 << 20
 
 
-def problem(seq: int, heads: int, dim: int, causal: bool) -> Problem:
+def problem(seq: int, heads: int, dim: int, causal: bool, dtype: str = "float32") -> Problem:
     """Self-attention ``Problem`` (Lq = Lk, so both causal alignments agree)."""
-    return Problem(1, heads, heads, seq, seq, dim, dim, "float32", default_scale(dim), right=0 if causal else None)
+    return Problem(1, heads, heads, seq, seq, dim, dim, dtype, default_scale(dim), right=0 if causal else None)
+
+
+def heads_for(seq: int) -> int:
+    return max(1, round(16 * (2048 / seq) ** 2)) if seq > 2048 else 16
 
 
 def interleaved_medians(fns: Dict[str, Callable[[], object]], repeat: int) -> Dict[str, float]:
@@ -49,6 +62,7 @@ def memory(backend: CpuBackend, seq: int) -> None:
     rng = np.random.default_rng(1)
     p = problem(seq, 1, 64, causal=False)
     q, k, v = (rng.standard_normal((1, 1, seq, 64), dtype=np.float32) for _ in range(3))
+    backend.forward(problem(64, 1, 64, False), q[:, :, :64], k[:, :, :64], v[:, :, :64], None)  # JIT/cache load
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
     tracemalloc.start()
     t0 = time.perf_counter()
@@ -64,41 +78,78 @@ def memory(backend: CpuBackend, seq: int) -> None:
     )
 
 
+def contenders(which: str, backends: Dict[str, CpuBackend], p: Problem,
+               causal: bool) -> Dict[str, Callable[[], object]]:
+    """One call per contender for ``which`` pass of ``p``, on the same unit-normal inputs."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    shape = (p.batch, p.heads_q, p.len_q, p.dim_k)
+    q, k, v, do = (from_f32(rng.standard_normal(shape, dtype=np.float32), p.dtype) for _ in range(4))
+    tdt = torch.float32 if p.dtype == "float32" else torch.bfloat16
+    tq, tk, tv, tdo = (torch.from_numpy(a).view(tdt) for a in (q, k, v, do))
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    fns: Dict[str, Callable[[], object]] = {}
+    if which == "forward":
+        for name, be in backends.items():
+            fns[name] = functools.partial(be.forward, p, q, k, v, None)
+        fns["torch"] = functools.partial(sdpa, tq, tk, tv, is_causal=causal)
+    else:
+        for name, be in backends.items():
+            out, lse = be.forward(p, q, k, v, None)
+            fns[name] = functools.partial(be.backward, p, q, k, v, out, do, lse, None)
+        leaves = tuple(t.clone().requires_grad_() for t in (tq, tk, tv))
+        tout = sdpa(*leaves, is_causal=causal)
+        fns["torch"] = functools.partial(torch.autograd.grad, tout, leaves, tdo, retain_graph=True)
+    return fns
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
 def main() -> None:
-    """Print the memory line, then the timing table."""
+    """Print the memory line, then one timing table per pass."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=7)
-    ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--seqs", type=int, nargs="+", default=[512, 2048, 8192, 16384])
+    ap.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    ap.add_argument("--passes", nargs="+", default=["forward", "backward"], choices=["forward", "backward"])
+    ap.add_argument("--no-numpy", action="store_true", help="leave out the NumPy path")
     ap.add_argument("--mem-seq", type=int, default=16384)
     args = ap.parse_args()
 
-    backend = CpuBackend()
-    memory(backend, args.mem_seq)  # first, while the process's peak RSS is still low
+    compiled = CpuBackend()
+    if compiled.kernels() is None:
+        raise SystemExit("numba is not installed: no compiled CPU path to measure")
+    backends = {"compiled": compiled}
+    if not args.no_numpy:
+        backends["numpy"] = CpuBackend(use_compiled=False)
+    if args.mem_seq:
+        memory(compiled, args.mem_seq)  # first, while the process's peak RSS is still low
 
     import torch  # optional dependency: only the timing needs it
 
-    rng = np.random.default_rng(0)
-    shape = (1, args.heads, args.seq, 64)
-    q, k, v = (rng.standard_normal(shape, dtype=np.float32) for _ in range(3))
-    tq, tk, tv = (torch.from_numpy(a) for a in (q, k, v))
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    print(f"B1 H{args.heads} S{args.seq} D64 float32; torch {torch.__version__} on {torch.get_num_threads()} threads")
-    print(f"{'':12}{'aule_kp cpu':>14}{'torch sdpa':>14}{'ratio':>8}{'GFLOP/s':>10}")
-    for causal in (False, True):
-        p = problem(args.seq, args.heads, 64, causal)
-        t = interleaved_medians(
-            {
-                "ours": lambda p=p: backend.forward(p, q, k, v, None),
-                "torch": lambda c=causal: sdpa(tq, tk, tv, is_causal=c),
-            },
-            args.repeat,
-        )
-        label = "causal" if causal else "non-causal"
-        print(
-            f"{label:12}{t['ours'] * 1e3:>11.1f} ms{t['torch'] * 1e3:>11.1f} ms"
-            f"{t['ours'] / t['torch']:>8.2f}{p.flops() / t['ours'] / 1e9:>10.1f}"
-        )
+    print(f"{cpu_model()}, {len(os.sched_getaffinity(0))} CPUs; torch {torch.__version__} "
+          f"on {torch.get_num_threads()} threads; numpy {np.__version__}; times are medians of {args.repeat} rounds")
+    names = list(backends) + ["torch"]
+    head = "".join(f"{n:>12}" for n in names) + "".join(f"{n + '/torch':>15}" for n in backends)
+    for which in args.passes:
+        print(f"\n{which}\n{'problem':34}{head}")
+        for dtype in args.dtypes:
+            for seq in args.seqs:
+                for causal in (False, True):
+                    h = heads_for(seq)
+                    p = problem(seq, h, 64, causal, dtype)
+                    fns = contenders(which, backends, p, causal)
+                    t = interleaved_medians(fns, args.repeat)
+                    label = f"{dtype} H{h} S{seq}{' causal' if causal else ''}"
+                    print(f"{label:34}" + "".join(f"{t[n] * 1e3:>9.1f} ms" for n in names)
+                          + "".join(f"{t[n] / t['torch']:>14.2f}x" for n in backends), flush=True)
 
 
 if __name__ == "__main__":

@@ -160,6 +160,20 @@ def problem_inputs(p: Problem, rng: np.random.Generator):
 RNG_SEED = 1234
 
 
+@pytest.fixture(params=["compiled", "numpy"])
+def cpu_path(request: Any, monkeypatch: Any) -> str:
+    """Runs a test once on each path of the CPU backend: its compiled kernels (numba), and its NumPy
+    path (the fallback without numba), which it takes here with the kernels hidden."""
+    from aule_kp.cpu import compiled
+    from aule_kp.cpu.backend import CpuBackend
+
+    if request.param == "numpy":
+        monkeypatch.setattr(CpuBackend, "kernels", lambda self: None)
+    elif compiled.load() is None:
+        pytest.skip("numba is not installed: no compiled CPU path")
+    return request.param
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(RNG_SEED)

@@ -26,6 +26,9 @@ from aule_kp.problem import Problem, band, default_scale
 SMALL = CpuBackend(block_q=16, block_k=24, step=4, workers=2)
 DEFAULT = CpuBackend()
 
+#: Every test here runs on the compiled path and on the NumPy path (conftest.cpu_path).
+pytestmark = pytest.mark.usefixtures("cpu_path")
+
 
 def make_problem(
     b: int = 1,
@@ -245,6 +248,23 @@ def test_large_negative_scores() -> None:
     p = make_problem(lq=30, lk=80, mask_shape=shape)
     out, lse = check(p, *make_inputs(p), mask=np.full(shape, -300.0, dtype=np.float32))
     assert np.all(lse < -290)
+
+
+def test_lowest_float_mask_pushes_keys_down_without_hiding_them() -> None:
+    # Hugging Face's additive mask uses float32's most negative value: a row masked whole still sees
+    # every key equally (the mean of v); in a row masked in part those keys weigh exp(-3.4e38) = 0,
+    # as -inf would give. (Scaled to base 2 by log2(e), the value itself would overflow to -inf.)
+    p = make_problem(hq=2, hkv=1, lq=30, lk=45, mask_shape=(1, 1, 30, 45))
+    q, k, v = make_inputs(p)
+    mask = np.zeros(p.mask_shape, dtype=np.float32)
+    mask[..., 3, :] = np.finfo(np.float32).min
+    mask[..., 5, 10:] = np.finfo(np.float32).min
+    out, _ = SMALL.forward(p, q, k, v, mask)
+    atol = output_tolerance(p, q, k, v)
+    np.testing.assert_allclose(out[0, :, 3], np.broadcast_to(v[0, 0].mean(axis=0), (2, p.dim_v)), rtol=0, atol=atol)
+    hidden = np.where(mask == np.finfo(np.float32).min, -np.inf, mask).astype(np.float32)
+    ref, _ = reference_attention(q, k, v, p, hidden)
+    np.testing.assert_allclose(out[0, :, 5], ref[0, :, 5], rtol=0, atol=atol)
 
 
 def test_nan_in_a_query_row_stays_in_that_row() -> None:

@@ -28,6 +28,9 @@ from aule_kp.problem import Problem, band, default_scale
 
 SMALL = CpuBackend(block_q=16, block_k=24, step=4, workers=2)
 
+#: Every test here runs on the compiled path and on the NumPy path (conftest.cpu_path).
+pytestmark = pytest.mark.usefixtures("cpu_path")
+
 
 def make_problem(b: int = 1, hq: int = 2, hkv: int = 2, lq: int = 37, lk: int = 53, dk: int = 32,
                  dv: Optional[int] = None, dtype: str = "float32", causal: bool = False,

@@ -132,3 +132,19 @@ def test_get_refuses_auto_and_unknown_names() -> None:
     with pytest.raises(ValueError, match="backend must be one of"):
         dispatch.get("metal")
     assert dispatch.get("cpu").name == "cpu"
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_lavapipe_only_ahead_of_the_numpy_path_on_long_fp16_decode(monkeypatch: pytest.MonkeyPatch,
+                                                                    compiled: bool) -> None:
+    # The measured rule (benchmarks/cpu_vs_lavapipe.py): the compiled CPU path beats lavapipe
+    # everywhere; the NumPy path loses to it on float16 decode against long caches only.
+    monkeypatch.setattr(dispatch.cpu_compiled, "load", lambda quiet=False: object() if compiled else None)
+    decode = Problem(1, 32, 8, 1, 4096, 128, 128, "float16", 0.1)
+    others = [Problem(1, 32, 8, 1, 4096, 128, 128, "float32", 0.1),
+              Problem(1, 32, 8, 1, 512, 128, 128, "float16", 0.1),
+              Problem(1, 8, 8, 1024, 4096, 64, 64, "float16", 0.1)]
+    assert dispatch._lavapipe_faster(decode) is not compiled
+    assert not any(dispatch._lavapipe_faster(p) for p in others)
+    lavapipe = dispatch.PRIORITY.index(("vulkan", dispatch._lavapipe_faster))
+    assert lavapipe < dispatch.PRIORITY.index(("cpu", dispatch._always))

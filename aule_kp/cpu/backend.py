@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
+from types import ModuleType
 from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
@@ -22,7 +23,7 @@ from ..dtypes import STORAGE, from_f32, to_f32
 from ..nonfinite import enforce
 from ..problem import Problem
 from ..scoremods import alibi_distance, cap, fold_sinks
-from . import int8
+from . import compiled, int8
 from .backward import attention_backward
 from .pool import BLAS, split_range, worker_count
 
@@ -53,6 +54,13 @@ _BACKWARD_BLOCK = 256
 #: Band tiles kept per call. The distinct ones number about ``block_q / step`` per edge for causal
 #: and windowed problems; the cap only bounds memory for odd shapes, whose extra tiles are rebuilt.
 _BIAS_CACHE_ENTRIES = 64
+
+#: ``(block_q, block_k, step)`` defaults of each path: query rows per block, keys per tile, rows
+#: per stair of a band edge. NumPy: 1024/512/128 were the fastest on 2 cores (B1 H16 S2048 D64).
+#: Compiled: 256/512/64, level with 512/512 (and ahead of 1024/512, 512/1024, 128/512) within the
+#: noise of a shared 2-core machine, with half its L2 footprint (BENCHMARKS.md, issue 20).
+NUMPY_BLOCKS = (1024, 512, 128)
+COMPILED_BLOCKS = (256, 512, 64)
 
 #: One task: batch ``b``, key/value head ``kv`` and the row blocks of its query heads to compute.
 _Chunk = Tuple[int, int, List[_Block]]
@@ -315,15 +323,30 @@ class CpuBackend(Backend):
 
     name = "cpu"
 
-    def __init__(self, block_q: int = 1024, block_k: int = 512, step: int = 128, workers: Optional[int] = None) -> None:
+    def __init__(self, block_q: Optional[int] = None, block_k: Optional[int] = None, step: Optional[int] = None,
+                 workers: Optional[int] = None, use_compiled: bool = True) -> None:
         """``block_q`` query rows per block, ``block_k`` keys per tile, ``step`` rows per stair of a
-        band edge; ``workers`` threads (default: the CPUs this process may use)."""
-        if min(block_q, block_k, step) < 1:
-            raise ValueError(f"sizes must be positive, got {block_q=}, {block_k=}, {step=}")
-        self.block_q = block_q
-        self.block_k = block_k
-        self.step = step
+        band edge (None: each path's measured default, ``NUMPY_BLOCKS`` / ``COMPILED_BLOCKS``);
+        ``workers`` threads (default: the CPUs this process may use); ``use_compiled=False`` keeps
+        to the NumPy path even where the compiled kernels (numba) are available."""
+        sizes = {"block_q": block_q, "block_k": block_k, "step": step}
+        for name, size in sizes.items():
+            if size is not None and (not isinstance(size, int) or size < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {size!r}")
+        self.sizes = sizes
         self.workers = workers
+        self.use_compiled = use_compiled
+
+    def kernels(self) -> Optional[ModuleType]:
+        """The compiled kernels this backend runs (:func:`aule_kp.cpu.compiled.load`), or None for
+        the NumPy path."""
+        return compiled.load() if self.use_compiled else None
+
+    def blocks(self, compiled_path: bool) -> Tuple[int, int, int]:
+        """``(block_q, block_k, step)`` of one path: the given sizes, else the path's defaults."""
+        defaults = COMPILED_BLOCKS if compiled_path else NUMPY_BLOCKS
+        given = (self.sizes["block_q"], self.sizes["block_k"], self.sizes["step"])
+        return tuple(d if g is None else g for g, d in zip(given, defaults))  # type: ignore[return-value]
 
     def forward(
         self, problem: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Optional[np.ndarray], *,
@@ -335,13 +358,26 @@ class CpuBackend(Backend):
             mask = np.asarray(mask, dtype=np.float32)
         if p.precision == "int8":
             return int8.forward(p, q, k, v, mask)
-        job = _Forward(p, q, k, v, mask, self.block_q, self.block_k, self.step, alibi, sinks)
+        # Soft-caps, ALiBi and sinks are the NumPy path's alone (the kernels have none of them).
+        kern = None if p.has_score_mods or p.sinks else self.kernels()
+        if kern is not None:
+            block_q, block_k, step = self.blocks(True)
+            try:
+                out, lse = compiled.forward(kern, p, q, k, v, mask, block_q=block_q, block_k=block_k, step=step,
+                                            workers=self.workers)
+            except kern.CompileError as exc:
+                compiled.disable(exc)
+            else:
+                enforce(p, q, k, v, mask, out, lse)
+                return out, lse
+        block_q, block_k, step = self.blocks(False)
+        job = _Forward(p, q, k, v, mask, block_q, block_k, step, alibi, sinks)
         if job.lse.size == 0:  # no query rows (Dv = 0 alone still has row statistics to compute)
             return job.out, job.lse
         workers = self.workers or worker_count()
         if workers > 1 and not BLAS.controllable():
             workers = 1  # BLAS threads each matmul itself instead; two pools would fight over the cores
-        chunks = _chunks(p, self.block_q, workers)
+        chunks = _chunks(p, block_q, workers)
         # Longest first, so the pool does not end on one long task.
         chunks.sort(key=lambda c: _work(p, c), reverse=True)
         workers = min(workers, len(chunks))
@@ -369,8 +405,21 @@ class CpuBackend(Backend):
         alibi: Optional[np.ndarray] = None,
         sinks: Optional[np.ndarray] = None,
     ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
-        """See :class:`aule_kp.backend.Backend`; FA2's backward in NumPy (:mod:`aule_kp.cpu.backward`),
-        which reads the saved lse alone (``sinks`` are in it)."""
+        """See :class:`aule_kp.backend.Backend`; FA2's backward (:mod:`aule_kp.cpu.backward`), which
+        reads the saved lse alone (``sinks`` are in it)."""
+        kern = self.kernels()
+        if kern is not None:
+            try:
+                return self._backward(problem, q, k, v, out, dout, lse, mask, mask_grad, alibi, kern)
+            except kern.CompileError as exc:
+                compiled.disable(exc)
+        return self._backward(problem, q, k, v, out, dout, lse, mask, mask_grad, alibi, None)
+
+    def _backward(self, problem: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray,
+                  dout: np.ndarray, lse: np.ndarray, mask: Optional[np.ndarray], mask_grad: bool,
+                  alibi: Optional[np.ndarray], kern: Optional[ModuleType],
+                  ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
+        block_q, block_k, _ = self.blocks(kern is not None)
         return attention_backward(problem, q, k, v, out, dout, lse, mask, mask_grad, alibi=alibi,
-                                  block_q=min(self.block_q, _BACKWARD_BLOCK),
-                                  block_k=min(self.block_k, _BACKWARD_BLOCK), workers=self.workers)
+                                  block_q=min(block_q, _BACKWARD_BLOCK), block_k=min(block_k, _BACKWARD_BLOCK),
+                                  workers=self.workers, kern=kern)

@@ -9,7 +9,9 @@ with the saved row log-sum-exp (``P = exp(S - lse)``, no online rescaling), then
 (``dS' = dS ∘ (1 - tanh²)`` through a soft-cap, else ``dS``; ALiBi is a constant bias),
 
 all in float32, so scratch is a few ``block_q x block_k`` tiles per worker, never ``Lq x Lk``.
-Tiles the band hides are never computed. The query heads that share a key/value head are stacked
+Tiles the band hides are never computed. With the compiled kernels (:mod:`.kernels`), the mask,
+band and exponential of ``P`` and the ``dS`` product are each one pass per tile instead of several.
+The query heads that share a key/value head are stacked
 into one block, so the ``dSᵀ Q`` and ``Pᵀ dO`` GEMMs sum their dK/dV contributions (GQA) for free.
 
 Tasks own disjoint key ranges of one (batch, kv head) and write dK/dV there alone; when a (batch,
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import math
 from concurrent.futures import ThreadPoolExecutor
+from types import ModuleType
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -29,6 +32,7 @@ import numpy as np
 from ..dtypes import from_f32, to_f32
 from ..problem import Problem
 from ..scoremods import alibi_distance
+from .compiled import to_f32 as compiled_f32
 from .pool import BLAS, split_range, worker_count
 
 #: Tasks per worker: enough to even out the unequal key ranges of causal and windowed problems.
@@ -39,6 +43,9 @@ _PARTIAL_BUDGET = 256 << 20
 
 #: Below this many scores (a few ms of work) a thread pool's start-up costs more than it saves.
 _POOL_MIN_WORK = 1 << 18
+
+#: Band offset standing for "unbounded" (the compiled kernels take ints).
+_FAR = 1 << 40
 
 
 class _Task:
@@ -66,9 +73,14 @@ class _Backward:
         block_k: int,
         parts: int,
         alibi: Optional[np.ndarray] = None,
+        kern: Optional[ModuleType] = None,
     ) -> None:
         p = problem
         self.p = p
+        self.kern = kern
+        self.no_mask = np.zeros((1, 1, 1), dtype=np.float32)
+        self.lo_off = -_FAR if p.left is None else p.diag - p.left
+        self.hi_off = _FAR if p.right is None else p.diag + p.right + 1
         self.q, self.k, self.v, self.out, self.dout, self.mask = q, k, v, out, dout, mask
         self.alibi = alibi
         # A row that sees no key has lse -inf; +inf makes its P = exp(S - inf) = 0 on every tile.
@@ -92,8 +104,8 @@ class _Backward:
         p = self.p
         g, dk, dv = p.group, p.dim_k, p.dim_v
         h0, h1 = kv * g, (kv + 1) * g
-        kf = to_f32(self.k[b, kv, task.k0 : task.k1], p.dtype)
-        vf = to_f32(self.v[b, kv, task.k0 : task.k1], p.dtype)
+        kf = self._f32(self.k[b, kv, task.k0 : task.k1])
+        vf = self._f32(self.v[b, kv, task.k0 : task.k1])
         dk_acc = self.dk[b, kv, task.k0 : task.k1]
         dv_acc = self.dv[b, kv, task.k0 : task.k1]
         for i0 in range(0, p.len_q, self.rows):
@@ -103,23 +115,23 @@ class _Backward:
             if lo >= hi:
                 continue
             n = g * (i1 - i0)
-            qs = to_f32(self.q[b, h0:h1, i0:i1], p.dtype).reshape(n, dk) * self.scale
-            do = to_f32(self.dout[b, h0:h1, i0:i1], p.dtype).reshape(n, dv)
-            o = to_f32(self.out[b, h0:h1, i0:i1], p.dtype).reshape(n, dv)
-            delta = np.einsum("nd,nd->n", do, o)[:, None]
-            lse = self.lse[b, h0:h1, i0:i1].reshape(n, 1)
+            qs = self._f32(self.q[b, h0:h1, i0:i1]).reshape(n, dk) * self.scale
+            do = self._f32(self.dout[b, h0:h1, i0:i1]).reshape(n, dv)
+            o = self._f32(self.out[b, h0:h1, i0:i1]).reshape(n, dv)
+            delta = np.einsum("nd,nd->n", do, o)
             dq = np.zeros((n, dk), dtype=np.float32)
             for c0, c1 in split_range(lo, hi, self.block_k):
                 kt, vt = kf[c0 - task.k0 : c1 - task.k0], vf[c0 - task.k0 : c1 - task.k0]
                 s = qs @ kt.T
                 dcap = self._modify(s.reshape(g, i1 - i0, c1 - c0), b, h0, h1, i0, i1, c0, c1)
-                self._hide(s.reshape(g, i1 - i0, c1 - c0), b, h0, h1, i0, i1, c0, c1)
-                s -= lse
-                prob = np.exp(s, out=s)
+                prob = self._probs(s, b, h0, h1, i0, i1, c0, c1)
                 dv_acc[c0 - task.k0 : c1 - task.k0] += prob.T @ do
                 ds = do @ vt.T
-                ds -= delta
-                ds *= prob
+                if self.kern is not None:
+                    self.kern.dscores_tile(ds, prob, delta)
+                else:
+                    ds -= delta[:, None]
+                    ds *= prob
                 if self.dmask is not None:
                     self._mask_grad(ds.reshape(g, i1 - i0, c1 - c0), b, h0, h1, i0, i1, c0, c1)
                 if dcap is not None:
@@ -127,6 +139,25 @@ class _Backward:
                 dq += ds @ kt
                 dk_acc[c0 - task.k0 : c1 - task.k0] += ds.T @ qs  # qs carries the scale already
             self.dq[task.part, b, h0:h1, i0:i1] = (dq * self.scale).reshape(g, i1 - i0, dk)
+
+    def _f32(self, a: np.ndarray) -> np.ndarray:
+        return to_f32(a, self.p.dtype) if self.kern is None else compiled_f32(self.kern, a, self.p.dtype)
+
+    def _probs(self, s: np.ndarray, b: int, h0: int, h1: int, i0: int, i1: int, c0: int, c1: int) -> np.ndarray:
+        """``P`` of scores ``s`` [heads x rows, keys] (natural units), in place: mask, band, then
+        ``exp(s - lse)``."""
+        s3 = s.reshape(h1 - h0, i1 - i0, c1 - c0)
+        if self.kern is None:
+            self._hide(s3, b, h0, h1, i0, i1, c0, c1)
+            s3 -= self.lse[b, h0:h1, i0:i1, None]
+            return np.exp(s, out=s)
+        for h in range(h0, h1):  # the band is linear in the row index within one head
+            mask = self.no_mask
+            if self.mask is not None:
+                mask = self.mask[_mask_index(self.mask.shape, b, h, h + 1, i0, i1, c0, c1)]
+            self.kern.probs_tile(s3[h - h0], self.lse[b, h, i0:i1], i0 + self.lo_off - c0, i0 + self.hi_off - c0,
+                                 mask, self.mask is not None)
+        return s
 
     def _modify(self, s: np.ndarray, b: int, h0: int, h1: int, i0: int, i1: int, c0: int,
                 c1: int) -> Optional[np.ndarray]:
@@ -217,11 +248,13 @@ def attention_backward(
     block_k: int = 256,
     workers: Optional[int] = None,
     alibi: Optional[np.ndarray] = None,
+    kern: Optional[ModuleType] = None,
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
     """``(dq, dk, dv, dmask)`` as :meth:`aule_kp.backend.Backend.backward` specifies.
 
     ``block_q`` query rows (all heads of a kv group together) by ``block_k`` keys per tile;
-    ``workers`` threads (default: the CPUs this process may use).
+    ``workers`` threads (default: the CPUs this process may use); ``kern`` the compiled kernels
+    (:func:`aule_kp.cpu.compiled.load`), None for NumPy alone.
     """
     p = problem
     if mask is not None:
@@ -231,7 +264,7 @@ def attention_backward(
         workers = 1  # BLAS threads each GEMM itself instead; two pools would fight over the cores
     grad_shape = p.mask_shape if mask_grad and mask is not None else None
     tasks, parts = _tasks(p, grad_shape, block_k, workers)
-    job = _Backward(p, q, k, v, out, dout, lse, mask, mask_grad, block_q, block_k, parts, alibi)
+    job = _Backward(p, q, k, v, out, dout, lse, mask, mask_grad, block_q, block_k, parts, alibi, kern)
     work = p.batch * p.heads_q * p.len_q * p.len_k * p.visible_fraction()
     workers = min(workers, len(tasks))
     if workers <= 1 or work < _POOL_MIN_WORK:

@@ -1,0 +1,122 @@
+"""The CPU backend's compiled kernels (numba) on their own, and the fallback to NumPy without them.
+
+The backend's results on both paths are checked against the float64 reference by
+tests/test_cpu_backend.py and tests/test_cpu_backward.py (grids and hypothesis, ``cpu_path``).
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+
+import numpy as np
+import pytest
+from conftest import output_tolerance
+from reference import reference_attention
+
+from aule_kp import errors
+from aule_kp.cpu import compiled
+from aule_kp.cpu.backend import CpuBackend
+from aule_kp.dtypes import to_f32
+from aule_kp.errors import AuleFallbackWarning
+from aule_kp.problem import Problem, band, default_scale
+
+
+def _problem(n: int, **kwargs) -> Problem:
+    diag, left, right = band(n, n, causal=kwargs.get("causal", False), window=kwargs.get("window"), top_left=False)
+    return Problem(1, 1, 1, n, n, 8, 8, "float32", default_scale(8), diag, left, right)
+
+
+@pytest.fixture
+def kernels():
+    kern = compiled.load()
+    if kern is None:
+        pytest.skip("numba is not installed: no compiled CPU path")
+    return kern
+
+
+def test_exp2_against_float64(kernels) -> None:
+    # Over the whole range a softmax weight takes (x <= 0), including where 2**x is subnormal.
+    # Error model: the argument's own rounding (x is float32: up to |x| * 2**-24 absolute, so
+    # |x| * 2**-24 * ln 2 relative in 2**x) plus a few ulps of float32 for the polynomial and product.
+    x = np.concatenate([np.linspace(-126.0, 0.0, 4001), -np.logspace(-8, 0, 200)]).astype(np.float32)
+    got = np.array([kernels._exp2(v) for v in x], dtype=np.float64)
+    want = np.exp2(x.astype(np.float64))
+    bound = (np.abs(x) * 2.0**-24 * np.log(2) + 8 * 2.0**-24) * want
+    assert np.all(np.abs(got - want) <= bound)
+
+
+def test_exp2_special_values(kernels) -> None:
+    assert kernels._exp2(np.float32(-np.inf)) == 0.0  # a hidden key's weight
+    assert kernels._exp2(np.float32(-200.0)) == 0.0  # below float32's range
+    assert np.isnan(kernels._exp2(np.float32(np.nan)))  # a NaN score poisons its row
+    assert np.isnan(kernels._exp2(np.float32(np.inf)))  # +inf - shift: +inf scores make NaN rows
+    assert kernels._exp2(np.float32(0.0)) == 1.0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "most"),
+    [
+        # Visible: half, plus the 64-row staircase steps along the diagonal (half a step each).
+        ({"causal": True}, 0.51),
+        # Visible 256 / 4096 = 0.0625; a 64-row step spans 256 + 63 keys.
+        ({"causal": True, "window": (255, 0)}, 0.08),
+        # Visible 201 / 4096 = 0.049; a step spans 201 + 63 keys.
+        ({"window": (100, 100)}, 0.065),
+    ],
+)
+def test_hidden_tiles_are_skipped(kwargs: dict, most: float) -> None:
+    n = 4096
+    p = _problem(n, **kwargs)
+    job = compiled._Forward(None, p, None, None, None, None, block_k=512, step=64)  # type: ignore[arg-type]
+    area = sum((e - a) * (c1 - c0) for _, _, i0, i1 in compiled._tasks(p, 512, 2) for a, e, c0, c1 in job.tiles(i0, i1))
+    assert p.visible_fraction() * n * n <= area <= most * n * n
+
+
+def test_without_numba_numpy_runs_and_says_why_once(monkeypatch) -> None:
+    monkeypatch.setattr(compiled, "_tried", False)
+    monkeypatch.setattr(compiled, "_kernels", None)
+    monkeypatch.setitem(sys.modules, "aule_kp.cpu.kernels", None)  # import of it raises ImportError
+    monkeypatch.setattr(errors, "_warned", set())
+    p = _problem(40, causal=True)
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 1, 40, 8), dtype=np.float32) for _ in range(3))
+    backend = CpuBackend()
+    with pytest.warns(AuleFallbackWarning, match="compiled kernels are unavailable.*NumPy path"):
+        out, _ = backend.forward(p, q, k, v, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        backend.forward(p, q, k, v, None)
+    ref, _ = reference_attention(q, k, v, p)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=output_tolerance(p, q, k, v))
+    assert backend.kernels() is None
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_16_bit_conversion_is_exact(kernels, dtype: str) -> None:
+    # Every 16-bit pattern: normals, subnormals, zeros of both signs, inf, NaN (payload aside).
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).reshape(256, 256)
+    got = compiled.to_f32(kernels, bits if dtype == "bfloat16" else bits.view(np.float16), dtype)
+    want = to_f32(bits, dtype) if dtype == "bfloat16" else bits.view(np.float16).astype(np.float32)
+    nan = np.isnan(want)
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    np.testing.assert_array_equal(got[~nan].view(np.uint32), want[~nan].view(np.uint32))  # -0.0 too
+
+
+def test_a_kernel_that_fails_to_compile_falls_back_to_numpy(kernels, monkeypatch) -> None:
+    # A platform where numba imports but cannot compile: the call reruns on the NumPy path, says why
+    # once, and later calls go straight there.
+    def broken(*args):
+        raise kernels.CompileError("no LLVM target here (test)")
+
+    monkeypatch.setattr(compiled, "_kernels", compiled._kernels)  # restored after the test
+    monkeypatch.setattr(kernels, "softmax_tile", broken)
+    monkeypatch.setattr(errors, "_warned", set())
+    p = _problem(40, causal=True)
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((1, 1, 40, 8), dtype=np.float32) for _ in range(3))
+    with pytest.warns(AuleFallbackWarning, match="NumbaError: no LLVM target here"):
+        out, _ = CpuBackend().forward(p, q, k, v, None)
+    ref, _ = reference_attention(q, k, v, p)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=output_tolerance(p, q, k, v))
+    assert CpuBackend().kernels() is None
