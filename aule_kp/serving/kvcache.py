@@ -10,6 +10,7 @@ import numpy as np
 from .. import inputs
 from ..backend import check_backend_name
 from ..dtypes import from_f32, to_f32
+from ..errors import warn_once
 from ..q8 import Q8Cache, quantize
 from ..vulkan.kvcache import DeviceKVCache
 from . import checks, ragged
@@ -101,6 +102,11 @@ def flash_attention_with_kvcache(
     if table is not None:
         _check_table(table, total, n1, n0)
     rotary = _rotary(rotary_cos, rotary_sin, dk, rotary_interleaved)
+    if inputs.is_torch(q) and q.device.type != "cpu":
+        warn_once(f"kvcache-host-{q.device.type}",
+                  f"aule-kp: flash_attention_with_kvcache on {q.device.type} tensors runs through host memory (q, "
+                  "the new k/v and the cache are copied to the host and back on every call; there is no native "
+                  "GPU path for torch tensors yet); Context.kv_cache keeps a cache on a Vulkan device")
     qh = inputs.to_host(q, dtype)
     if rotary is not None:
         # flash-attn: q rows at their own positions when causal or windowed, all at cache_seqlens otherwise.
