@@ -25,7 +25,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import aule_kp
-from aule_kp import quant
+from aule_kp import knobs, quant
 from aule_kp.cpu.backend import CpuBackend
 from aule_kp.problem import Problem, band
 from aule_kp.vulkan import compile as compmod
@@ -311,7 +311,7 @@ def test_vulkan_choice_int8_leaves_fp_alone():
     assert dev.caps.type == "cpu" or backend.config(p).kernel.br == quant.BLOCK_Q
 
 
-def test_int8_coopmat_chosen_where_the_device_reports_s8_shapes():
+def test_int8_coopmat_only_when_forced_where_the_device_reports_s8_shapes():
     from dataclasses import replace
 
     from choice_grid import caps_of
@@ -326,7 +326,9 @@ def test_int8_coopmat_chosen_where_the_device_reports_s8_shapes():
     s8 = (16, 16, 32, "s8", "s8", "s32", "s32", "subgroup")
     h200 = replace(h200, extensions=h200.extensions | {"VK_KHR_shader_integer_dot_product"})
     assert int8.choose(h200, p)[0].variant == "int8dot"
-    cfg, _ = int8.choose(replace(h200, coopmat_shapes=(*h200.coopmat_shapes, s8)), p)
+    with_s8 = replace(h200, coopmat_shapes=(*h200.coopmat_shapes, s8))
+    assert int8.choose(with_s8, p)[0].variant == "int8dot"  # not checked on a GPU yet: opt-in
+    cfg, _ = int8.choose(with_s8, p, knobs.current().override(force_variant="int8coopmat"))
     assert cfg.variant == "int8coopmat" and int8.coopmat_shared_bytes(cfg.kernel) <= h200.shared_memory
     # bf16 keeps P.V in bf16: int8dot.
     cfg, _ = int8.choose(replace(h200, coopmat_shapes=(s8,)), replace(p, dtype="bfloat16"))

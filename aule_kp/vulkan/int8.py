@@ -46,8 +46,11 @@ from .plan import (
 )
 from .probe import DeviceCaps
 
-#: In the order the automatic choice tries them.
 VARIANTS = ("int8coopmat", "int8dot")
+#: What the automatic choice tries, in order. int8coopmat has not run on any device yet (lavapipe has
+#: no cooperative matrix) and no self-check covers the int8 kernels: until a GPU run checks it, it is
+#: used only where AULE_KP_FORCE_VARIANT names it, never silently.
+AUTOMATIC = ("int8dot",)
 #: Device-only buffers the quantize pass writes and the attention reads (bindings 6 and 7).
 SCRATCH = ("k8", "kscale")
 #: Invocations of fa2_int8_quant.comp (a power of two, a multiple of DK/2 for every DK <= 256).
@@ -178,7 +181,7 @@ def choose(caps: DeviceCaps, p: Problem, snapshot: Optional[knobs.Snapshot] = No
     """``(config, ())`` of the int8 forward for ``p`` on this device, or ``(None, reasons)``.
     ``AULE_KP_FORCE_VARIANT`` (or the backend's ``variant``) pins one of ``VARIANTS``."""
     snap = snapshot or knobs.current()
-    names = [snap.force_variant] if snap.force_variant in VARIANTS else list(VARIANTS)
+    names = [snap.force_variant] if snap.force_variant in VARIANTS else list(AUTOMATIC)
     why: Dict[str, List[str]] = {name: variant_reasons(name, caps, p) for name in names}
     usable = [name for name in names if not why[name]]
     if not usable:
