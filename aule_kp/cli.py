@@ -107,6 +107,7 @@ def _demo(args: argparse.Namespace) -> int:
     """Batched attention over NumPy arrays on the Vulkan device and the CPU backend, checked in float64."""
     from .bench import Case, _max_err, median_time
     from .call import attention_forward
+    from .cpu.backend import CpuBackend
     from .info import info
     from .vulkan.backend import VulkanBackend
 
@@ -126,7 +127,8 @@ def _demo(args: argparse.Namespace) -> int:
                              args.repeat, warmup=0) * 1e3
             err = _max_err(out, case, q, k, v)
             worst = max(worst, err / tol[case.dtype])
-            variant = VulkanBackend().config(p).variant if backend == "vulkan" else "numpy"
+            variant = VulkanBackend().config(p).variant if backend == "vulkan" else \
+                ("numba" if CpuBackend().kernels() is not None else "numpy")
             rows.append([backend, variant, f"{tuple(q.shape)} / {tuple(k.shape)}", case.dtype,
                          "causal" if case.causal else "-", f"{ms:.2f}", f"{p.flops() / ms / 1e6:.2f}", f"{err:.1e}"])
     header = ["backend", "variant", "shape (q / k)", "dtype", "mask", "ms", "GFLOP/s", "max err"]
