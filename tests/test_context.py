@@ -181,3 +181,23 @@ def test_too_many_heads_for_one_grid(ctx: aule_kp.Context, fresh_choices: None) 
     cfg, reasons = choice.choose_forward(caps, p, whole=True)
     assert cfg is None and any("80000 query heads x batch" in r for r in reasons), reasons
     assert choice.choose_forward(caps, p)[0] is not None  # the host path splits it into chunks
+
+
+def test_repeated_call_chooses_again_after_the_tuning_cache_changes(ctx: aule_kp.Context, monkeypatch) -> None:
+    """A memoised ``out=`` call must not keep a plan chosen before a tuning file or verdict changed."""
+    from aule_kp.vulkan import tensor as tensormod
+    from aule_kp.vulkan import tuning_cache
+
+    q, k, v = _arrays(hq=2, hkv=1, lq=8, lk=8)
+    tq, tk, tv = _upload(ctx, q, k, v)
+    out = ctx.tensor(tq.shape, np.float32)
+    calls = []
+    real = tensormod.choose_forward
+    monkeypatch.setattr(tensormod, "choose_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    for _ in range(2):
+        ctx.attention(tq, tk, tv, out)
+    assert len(calls) == 1  # the second call is the memo's
+    tuning_cache.changed()
+    got = ctx.attention(tq, tk, tv, out).download()
+    assert len(calls) == 2
+    _assert_expected(got, _expected(q, k, v, False))

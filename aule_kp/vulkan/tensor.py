@@ -16,6 +16,7 @@ from ..errors import BackendUnavailable
 from ..inputs import check_causal, check_scale_window, check_shapes, check_torch_tensor, dtype_name, is_torch, to_host
 from ..problem import Problem, band
 from . import device as devmod
+from . import tuning_cache
 from .choice import choose_forward
 from .kvcache import DeviceKVCache
 from .plan import Plan, binding_limit, mapped_memory
@@ -208,8 +209,10 @@ class Context:
         self._open()
         sig = None
         if isinstance(out, GpuTensor):
+            # The tuning cache's generation: a tuned tile or a self-check verdict written since makes
+            # the memoised plan stale (the choice is made again below).
             sig = (getattr(q, "serial", None), getattr(k, "serial", None), getattr(v, "serial", None), out.serial,
-                   causal, scale, window, knobs.current())
+                   causal, scale, window, knobs.current(), tuning_cache.generation())
             try:
                 hit = self._calls.get(sig)
             except TypeError:  # an unhashable argument (a list window): validated below
