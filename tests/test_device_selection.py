@@ -71,3 +71,19 @@ def test_shaders_missing_names_a_file_and_the_fix(monkeypatch, tmp_path):
     monkeypatch.setattr(compmod, "GLSL_DIR", tmp_path / "glsl")
     why = compmod.shaders_missing()
     assert why is not None and "fa2_fwd.spv" in why and "make shaders" in why
+
+
+def test_stale_spirv_is_compiled_again(monkeypatch, tmp_path):
+    """A checkout whose GLSL changed since its shaders were compiled (a pull without `make shaders`)
+    must not run the old SPIR-V: with a changed push-constant block its results would be wrong."""
+    from aule_kp.vulkan import compile as comp
+
+    monkeypatch.setattr(comp, "SPIRV_DIR", tmp_path)
+    out = comp.ensure("fa2_bwd_pre")  # missing: compiled, with the record of its inputs
+    assert comp.stale_reason("fa2_bwd_pre") is None and comp.record_path(out).exists()
+    comp.record_path(out).write_text("0" * 64 + "  compiled from other sources\n")
+    out.write_bytes(b"old")
+    assert "another version" in comp.stale_reason("fa2_bwd_pre")
+    comp.ensure("fa2_bwd_pre")
+    assert comp.stale_reason("fa2_bwd_pre") is None
+    assert out.read_bytes()[:4] == bytes([0x03, 0x02, 0x23, 0x07])  # SPIR-V's magic number, little-endian

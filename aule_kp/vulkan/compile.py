@@ -209,7 +209,9 @@ def compile_one(src: Path, force: bool = False) -> Optional[Path]:
         inputs.append(prebuilt_paths(src)[0])  # no rebuild here: the prebuilt file is the input
     newest_input = max(p.stat().st_mtime for p in inputs if p.exists())
     if not force and out.exists() and out.stat().st_mtime >= newest_input and (
-            not prebuilt or prebuilt_reason(src) is None):
+            not prebuilt or prebuilt_reason(src) is None) and not stale_reason(src.stem):
+        if not record_path(out).exists():
+            _record(src, out)
         return None
     SPIRV_DIR.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".spv.tmp")
@@ -231,6 +233,45 @@ def compile_one(src: Path, force: bool = False) -> Optional[Path]:
             tmp.unlink(missing_ok=True)
             raise
     tmp.replace(out)
+    _record(src, out)
+    return out
+
+
+def record_path(spv: Path) -> Path:
+    """Where the hash of what ``spv`` was compiled from is kept (``<kernel>.spv.inputs``)."""
+    return spv.with_name(spv.name + ".inputs")
+
+
+def _record(src: Path, spv: Path) -> None:
+    record_path(spv).write_text(f"{source_hash(src)}  {src.name} and its headers\n")
+
+
+def stale_reason(kernel: str) -> Optional[str]:
+    """Why ``kernel``'s SPIR-V no longer matches its GLSL (None: it does, or nothing can tell: no
+    source, as in a wheel without a record). A checkout whose shaders changed since they were
+    compiled (a pull without ``make shaders``) would otherwise run the old kernels: with a changed
+    push-constant block, silently wrong results."""
+    src, record = source_path(kernel), record_path(spirv_path(kernel))
+    if src is None or not record.exists():
+        return None
+    if record.read_text().split()[0] != source_hash(src):
+        return f"{spirv_path(kernel).name} was compiled from another version of {src.name} or its headers"
+    return None
+
+
+def ensure(kernel: str) -> Path:
+    """The SPIR-V of ``kernel``, compiled now when it is missing or stale (``stale_reason``) and its
+    source is at hand; FileNotFoundError naming the fix when neither it nor its source is there."""
+    out, src = spirv_path(kernel), source_path(kernel)
+    why = stale_reason(kernel) if out.exists() else f"{out.name} is missing"
+    if why is None:
+        return out
+    if src is None:
+        raise FileNotFoundError(
+            f"SPIR-V kernel {out} is missing, and so is its GLSL source: this aule-kp install is incomplete; "
+            "reinstall the wheel (pip install --force-reinstall aule-kp), or in a checkout run `make shaders`")
+    log.warning("%s; compiling it now (run `make shaders` after changing the GLSL)", why)
+    compile_one(src, force=True)
     return out
 
 

@@ -21,7 +21,6 @@ import importlib.util
 import logging
 import os
 import threading
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -140,21 +139,12 @@ class Device:
             return self._manager
 
     def spirv(self, kernel: str) -> bytes:
-        """SPIR-V of ``glsl/<kernel>.comp``, compiled at install time (compiled now if missing)."""
+        """SPIR-V of ``glsl/<kernel>.comp``, compiled at install time (compiled now if missing, or
+        stale in a checkout: ``compile.ensure``)."""
         if kernel not in self._spirv:
-            from .compile import GLSL_DIR, compile_one, source_path, spirv_path
+            from .compile import ensure
 
-            path: Path = spirv_path(kernel)
-            if not path.exists():
-                src = source_path(kernel)
-                if src is None:
-                    raise FileNotFoundError(
-                        f"SPIR-V kernel {path} is missing, and so is its source {GLSL_DIR / kernel}.comp: this "
-                        "aule-kp install is incomplete; reinstall the wheel (pip install --force-reinstall "
-                        "aule-kp), or in a checkout run `make shaders`")
-                log.warning("%s is missing; compiling it now (run `make shaders` at install)", path.name)
-                compile_one(src)
-            self._spirv[kernel] = path.read_bytes()
+            self._spirv[kernel] = ensure(kernel).read_bytes()
         return self._spirv[kernel]
 
     @property
