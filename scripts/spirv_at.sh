@@ -8,8 +8,12 @@ rev=${1:-HEAD}; dest=${2:-.device/spirv_ab}; shift $(( $# < 2 ? $# : 2 ))
 src=$(mktemp -d); trap 'rm -rf "$src"' EXIT
 if [ "$rev" = worktree ]; then cp -r glsl "$src/"; else git archive "$rev" glsl | tar -x -C "$src"; fi
 mkdir -p "$dest" && rm -f "$dest"/*.spv
-for f in "$src"/glsl/*.comp; do
-  .venv/bin/glslangValidator -V --target-env vulkan1.3 -I"$src/glsl" "$@" "$f" -o "$dest/$(basename "${f%.comp}").spv" >/dev/null
+# Kernels that need glslang >= 15.2 (compile.NEWER_GLSLANG; glsl/glslang15/) go through scripts/glslang15.sh.
+for f in "$src"/glsl/*.comp "$src"/glsl/glslang15/*.comp; do
+  [ -e "$f" ] || continue
+  if grep -qE 'GL_EXT_integer_dot_product|GL_NV_cooperative_matrix2' "$f"; then cc="./scripts/glslang15.sh";
+  else cc=".venv/bin/glslangValidator"; fi
+  $cc -V --target-env vulkan1.3 -I"$src/glsl" "$@" "$f" -o "$dest/$(basename "${f%.comp}").spv" >/dev/null
 done
 [ "$rev" = worktree ] && at=worktree || at="$rev ($(git rev-parse --short "$rev"))"
 echo "$at${*:+ $*} -> $dest: $(ls "$dest" | wc -l) kernels"
