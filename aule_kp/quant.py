@@ -61,13 +61,16 @@ def check_values(v_max_abs: float, finite: bool, dtype: str) -> None:
                          "use precision='fp' or scale v")
 
 
-def check_host_values(q: np.ndarray, k: np.ndarray, v: np.ndarray, dtype: str) -> None:
-    """``check_values`` for host arrays in engine storage (bf16 as uint16 bits)."""
+def check_host_values(q: np.ndarray, k: np.ndarray, v: np.ndarray,
+                      dtype: str) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``check_values`` for host arrays in engine storage (bf16 as uint16 bits); returns their float32
+    values, which the callers compute with (one conversion per call)."""
     from .dtypes import to_f32
 
-    arrays = [to_f32(x, dtype) for x in (q, k, v)]
+    arrays = tuple(to_f32(x, dtype) for x in (q, k, v))
     finite = all(bool(np.isfinite(x).all()) for x in arrays)
     check_values(float(np.abs(arrays[2]).max()) if arrays[2].size else 0.0, finite, dtype)
+    return arrays
 
 
 def round_half_away(x: np.ndarray) -> np.ndarray:

@@ -26,9 +26,7 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
-
-def _is_torch(x: Any) -> bool:
-    return type(x).__module__.startswith("torch") and hasattr(x, "detach")
+from .inputs import is_torch
 
 
 def check_softcap(softcap: Any) -> float:
@@ -42,7 +40,7 @@ def check_softcap(softcap: Any) -> float:
 def _per_head(name: str, x: Any, shapes: Tuple[Tuple[int, ...], ...], expected: str) -> np.ndarray:
     """``x`` (NumPy or torch, floating point, finite) as a float32 host array; TypeError/ValueError
     naming ``name`` otherwise."""
-    if _is_torch(x):
+    if is_torch(x):
         if not x.is_floating_point():
             raise TypeError(f"{name} must be floating point, got {x.dtype}")
         host = x.detach().float().cpu().numpy()

@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from ..dtypes import STORAGE, bf16_to_f32, f32_to_bf16, from_f32, to_f32
+from ..dtypes import STORAGE, bf16_to_f32, f32_to_bf16, from_f32
 from ..problem import Problem
 from ..quant import BLOCK_K, BLOCK_Q, LOG2E, check_host_values, key_mean, lse_shift, pv_dtype, quantize_qk
 
@@ -42,11 +42,10 @@ def forward(p: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray,
             mask: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray]:
     """``(out [B, Hq, Lq, Dv] in q's storage, lse float32 [B, Hq, Lq])`` (natural log) of the
     INT8 scheme; ValueError for non-finite inputs or fp32 v beyond fp16's range."""
-    check_host_values(q, k, v, p.dtype)
-    qf, kf = to_f32(q, p.dtype), to_f32(k, p.dtype)
+    qf, kf, vf = check_host_values(q, k, v, p.dtype)
     q8, qs, k8, ks = quantize_qk(qf, kf, p.scale)
     pv = pv_dtype(p.dtype)
-    v16 = round16(to_f32(v, p.dtype), pv)
+    v16 = round16(vf, pv)
     out = np.empty((p.batch, p.heads_q, p.len_q, p.dim_v), STORAGE[p.dtype])
     lse = np.empty((p.batch, p.heads_q, p.len_q), np.float32)
     q_row_scale = np.repeat(qs, BLOCK_Q, axis=-1)[..., :p.len_q]

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any
 
 import numpy as np
 
-from .. import inputs, scoremods
+from .. import inputs
 from ..problem import MAX_HEAD_DIM
 
 
@@ -31,9 +31,4 @@ def head_dim(name: str, d: int) -> None:
         raise ValueError(f"{name} must be a multiple of 8 in [8, {MAX_HEAD_DIM}], got {d}")
 
 
-def score_modifiers(softcap: Any, alibi_slopes: Any, sinks: Any, batch: int,
-                    heads_q: int) -> Tuple[float, Optional[np.ndarray], Optional[np.ndarray]]:
-    """``(softcap, slopes [1 or B, Hq] or None, sinks [Hq] or None)`` checked as the core attention
-    checks them (:mod:`aule_kp.scoremods`; errors name the argument)."""
-    return (scoremods.check_softcap(softcap), scoremods.check_alibi(alibi_slopes, batch, heads_q),
-            scoremods.check_sinks(sinks, heads_q))
+

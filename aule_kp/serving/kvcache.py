@@ -7,7 +7,7 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
-from .. import inputs
+from .. import inputs, scoremods
 from ..backend import check_backend_name
 from ..dtypes import from_f32, to_f32
 from ..errors import warn_once
@@ -84,7 +84,7 @@ def flash_attention_with_kvcache(
     checks.head_dim("Dk (q/k head dim)", dk)
     checks.head_dim("Dv (v head dim)", dv)
     scale = inputs.check_scale_window(scale, window, dk)
-    softcap, slopes, sink_logits = checks.score_modifiers(softcap, alibi_slopes, sinks, b, hq)
+    softcap, slopes, sink_logits = scoremods.check(softcap, alibi_slopes, sinks, b, hq)
     if paged:
         table = checks.int_array("block_table", block_table, 2, "[B, max_blocks]")
         if table.shape[0] != b:

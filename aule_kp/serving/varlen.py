@@ -6,7 +6,7 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
-from .. import inputs
+from .. import inputs, scoremods
 from ..backend import check_backend_name
 from . import checks, ragged
 
@@ -71,7 +71,7 @@ def flash_attention_varlen(
     cu_k = _cu_seqlens("cu_seqlens_k", cu_seqlens_k, total_k, max_seqlen_k, "max_seqlen_k")
     if len(cu_q) != len(cu_k):
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must both have B + 1 entries, got {len(cu_q)} and {len(cu_k)}")
-    softcap, slopes, sink_logits = checks.score_modifiers(softcap, alibi_slopes, sinks, len(cu_q) - 1, hq)
+    softcap, slopes, sink_logits = scoremods.check(softcap, alibi_slopes, sinks, len(cu_q) - 1, hq)
     if _needs_grad(q, k, v, sinks):
         return _differentiable(q, k, v, cu_q, cu_k, backend, causal=causal, scale=scale, window=window,
                                softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)

@@ -32,7 +32,8 @@ from ..inputs import (
     mask_view,
     to_host,
 )
-from ..scoremods import check_alibi, check_sinks, check_softcap, sinks_grad
+from ..scoremods import check as check_score_mods
+from ..scoremods import sinks_grad
 
 
 def _prepare(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: Optional[torch.Tensor], causal: bool,
@@ -222,12 +223,10 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         mask = torch.from_numpy(mask_to_additive(*mask_view(attn_mask, (b, hq, lq, lk))))
     elif attn_mask is not None:  # 4-D through a reshape, so that autograd carries its gradient back
         mask, _ = mask_view(attn_mask, (b, hq, lq, lk), collapse=False)
-    softcap = check_softcap(softcap)
-    if alibi_slopes is not None:  # checked here for its error; the op takes a tensor beside q
-        check_alibi(alibi_slopes, b, hq)
+    softcap, _, _ = check_score_mods(softcap, alibi_slopes, sinks, b, hq)  # for their errors
+    if alibi_slopes is not None:  # the op takes a tensor beside q
         alibi_slopes = torch.as_tensor(alibi_slopes).detach().to(device=q.device, dtype=torch.float32)
     if sinks is not None:
-        check_sinks(sinks, hq)
         if not isinstance(sinks, torch.Tensor):
             sinks = torch.from_numpy(np.asarray(sinks, np.float32))
         sinks = sinks.to(q.device)

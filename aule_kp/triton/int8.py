@@ -22,9 +22,8 @@ from ..problem import Problem
 from ..quant import BLOCK_K, BLOCK_Q, check_values, pv_dtype
 from . import kernels as kern
 from .interpreter import interpreting
+from .kernels import _LN2
 from .ops import _bcast_strides, _mask_log2, _p2
-
-_LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit

@@ -23,7 +23,6 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from .. import knobs
-from ..dtypes import to_f32
 from ..problem import Problem
 from ..quant import BLOCK_K, BLOCK_Q, check_host_values, key_mean, lse_shift
 from .choice import CPU_LOOP_LIMIT
@@ -294,7 +293,7 @@ def run_forward(device: Any, problem: Problem, config: Int8Config, q: np.ndarray
     if alibi is not None or sinks is not None:
         raise ValueError("precision='int8' takes no alibi_slopes or sinks")
     p = problem
-    check_host_values(q, k, v, p.dtype)
+    qf, kf, _ = check_host_values(q, k, v, p.dtype)
     with device.lock:
         out, lse = int8_plan(device, p, config).run(q, k, v, mask)
-    return out, lse + lse_shift(to_f32(q, p.dtype), key_mean(to_f32(k, p.dtype)), p.scale)
+    return out, lse + lse_shift(qf, key_mean(kf), p.scale)
