@@ -189,7 +189,7 @@ class Tiles(NamedTuple):
     rpt: int = 1
 
 
-def _pow2_floor(x: int) -> int:
+def pow2_floor(x: int) -> int:
     return 1 << (max(1, x).bit_length() - 1)
 
 
@@ -212,12 +212,12 @@ def scalar_tiles(caps: DeviceCaps, problem: Problem, wave: int, cpu: bool) -> Ti
         # CPU drivers (lavapipe): no staging (barriers are expensive, caches stage anyway); 4 rows per
         # invocation so each K/V load feeds 4 rows; 16 q values per lane keep the unrolled code small
         # enough to compile in seconds (B1 H8 S512 D64 fp32: 0.29 s, 1.8 GFLOP/s on 2 cores).
-        tpr = _fit_tpr(min(8, caps.subgroup_size if caps.subgroup_shuffle else 1, _pow2_floor(max(1, dmax // 16))),
+        tpr = _fit_tpr(min(8, caps.subgroup_size if caps.subgroup_shuffle else 1, pow2_floor(max(1, dmax // 16))),
                        problem)
         wg = 64
         return Tiles(br=wg // tpr * 4, bc=8, wg=wg, tpr=tpr, stage=0, rpt=4)
     # GPUs: split a row over lanes so each holds at most ~32 q/o values in registers.
-    tpr = _fit_tpr(min(_pow2_floor(max(1, dmax // 32)), 8, caps.subgroup_size if caps.subgroup_shuffle else 1),
+    tpr = _fit_tpr(min(pow2_floor(max(1, dmax // 32)), 8, caps.subgroup_size if caps.subgroup_shuffle else 1),
                    problem)
     wg = max(wave * 2, 128)
     bc = 32
@@ -282,7 +282,7 @@ def backward_scalar_tiles(caps: DeviceCaps, problem: Problem) -> Tiles:
         return Tiles(br=wg // tpr * rpt, bc=2, wg=wg, tpr=tpr, stage=0, rpt=rpt)
     # GPUs: at most ~32 of each per-row array per lane; BC rows (dkdv) or keys (dq) of two
     # matrices staged in shared memory.
-    tpr = _fit_tpr(min(_pow2_floor(max(1, max(problem.dim_k, problem.dim_v) // 32)), 8, shuffle_width), problem)
+    tpr = _fit_tpr(min(pow2_floor(max(1, max(problem.dim_k, problem.dim_v) // 32)), 8, shuffle_width), problem)
     wg = max(max(caps.subgroup_size, 1) * 2, 128)
     bc = 32
     while bc > 8 and FLOAT_BYTES * bc * dsum > caps.shared_memory - 64:
@@ -310,7 +310,7 @@ def split_kernel(caps: DeviceCaps, problem: Problem) -> KernelConfig:
     vec = 4 if p.dtype == "float32" else 8  # elements per 16-byte load
     shuffle = max(caps.subgroup_size, 1) if caps.subgroup_shuffle else 1
     # Lanes per key: enough that each loads one 16-byte vector of the longer row, at most a subgroup.
-    tpr = min(_pow2_floor(max(p.dim_k, p.dim_v) // vec), shuffle, 32)
+    tpr = min(pow2_floor(max(p.dim_k, p.dim_v) // vec), shuffle, 32)
     vectors = math.ceil(p.dim_k // vec / tpr) + math.ceil(p.dim_v // vec / tpr)  # K + V uvec4 per lane and key
     # Rows per workgroup: all of a kv head's rows (rounded up to a power of two, which bounds the
     # pipelines a model needs) within a budget of q and O floats per invocation: 128 on GPUs (8 rows
@@ -318,13 +318,13 @@ def split_kernel(caps: DeviceCaps, problem: Problem) -> KernelConfig:
     # drivers (keeps the unrolled code, and lavapipe's compile time, small).
     rows = p.group * p.len_q
     budget = 64 if cpu else 128
-    br = max(1, min(_pow2_floor(budget // (vectors * vec)), 1 << (rows - 1).bit_length()))
+    br = max(1, min(pow2_floor(budget // (vectors * vec)), 1 << (rows - 1).bit_length()))
     # GPUs: 128 invocations, each step's loads issued a step ahead (STAGE 2), as many keys per key
     # group and step (at most 4) as keep those loads, both steps', at 64 registers: the fastest of
     # those swept on an H200 (BENCHMARKS.md, "Notes moved from the sources").
     # CPU drivers: few key groups (merged over a tree of barriers) and short unrolled steps.
     wg = max(tpr, 32 if cpu else 128)
-    bc = 2 if cpu else max(1, min(4, _pow2_floor(64 // (2 * 4 * vectors))))
+    bc = 2 if cpu else max(1, min(4, pow2_floor(64 // (2 * 4 * vectors))))
     stage = 0 if cpu else 2
     kernel = KernelConfig("splitkv", "fa2_splitkv", p.dim_k, p.dim_v, br, bc, tpr, DTYPE_CODE[p.dtype], wg, stage)
     while kernel.br > 1 and splitkv_shared_bytes(kernel) > caps.shared_memory:

@@ -23,6 +23,7 @@ and spirv-val through its own loader; ``AULE_KP_GLSLANG`` names such a command, 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import logging
 import os
@@ -138,9 +139,16 @@ def newer_toolchain() -> Optional[Tuple[List[str], List[str]]]:
     found, validator = shutil.which("glslang"), shutil.which("spirv-val")
     if found is None or validator is None:
         return None
-    done = subprocess.run([found, "--version"], capture_output=True, text=True)
+    version = _glslang_version(found)
+    return ([found], [validator]) if version is not None and version >= NEWER_VERSION else None
+
+
+@functools.cache
+def _glslang_version(glslang: str) -> Optional[Tuple[int, ...]]:
+    """``glslang --version``'s (major, minor), asked once per tool (every prebuilt kernel asks)."""
+    done = subprocess.run([glslang, "--version"], capture_output=True, text=True)
     version = re.search(r"glslang Khronos\. (\d+)\.(\d+)", done.stdout)
-    return ([found], [validator]) if version and tuple(map(int, version.groups())) >= NEWER_VERSION else None
+    return tuple(map(int, version.groups())) if version else None
 
 
 def _run_glslang(glslang: List[str], env: dict, src: Path, out: Path) -> None:

@@ -25,7 +25,7 @@ import numpy as np
 from .. import knobs
 from ..problem import Problem
 from ..quant import BLOCK_K, BLOCK_Q, check_host_values, key_mean, lse_shift
-from .choice import CPU_LOOP_LIMIT
+from .choice import CPU_LOOP_LIMIT, pow2_floor
 from .configs import DTYPE_CODE, KernelConfig
 from .plan import (
     BINDINGS,
@@ -96,17 +96,13 @@ def int8_coopmat(caps: DeviceCaps) -> bool:
     return _has_shape(caps, (*COOPMAT_SHAPE, "s8", "s8", "s32", "s32")) and _has_shape(caps, PV_SHAPE)
 
 
-def _pow2_floor(x: int) -> int:
-    return 1 << (max(1, x).bit_length() - 1)
-
-
 def _dot_kernel(caps: DeviceCaps, p: Problem) -> KernelConfig:
     """glsl/fa2_fwd_int8.comp's tiles: BR = BLOCK_Q rows (one Q scale per workgroup), TPR lanes per
     row with a whole number of packed q words and o pairs each, RPT rows per lane group."""
     dmax = max(p.dim_k, p.dim_v)
     shuffle = caps.subgroup_size if caps.subgroup_shuffle else 1
     cpu = caps.type == "cpu"
-    tpr = min(8, shuffle, _pow2_floor(dmax // (16 if cpu else 32)))
+    tpr = min(8, shuffle, pow2_floor(dmax // (16 if cpu else 32)))
     while tpr > 1 and (p.dim_k % (4 * tpr) or p.dim_v % (2 * tpr)):
         tpr //= 2
     # CPU drivers: 4 rows per lane group so each K/V load feeds 4 rows (as the scalar forward).

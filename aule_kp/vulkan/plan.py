@@ -147,7 +147,7 @@ def mask_strides(p: Problem) -> Tuple[int, int, int, int]:
     return tuple(int(s) if n > 1 else 0 for s, n in zip(strides, shape))
 
 
-def _float_bits(x: float) -> int:
+def float_bits(x: float) -> int:
     return struct.unpack("<I", struct.pack("<f", x))[0]
 
 
@@ -157,9 +157,9 @@ def push_constants(p: Problem, group0: int) -> np.ndarray:
     signed = [p.diag, -1 if p.left is None else p.left, -1 if p.right is None else p.right]
     sb, sh, si, sj = mask_strides(p)
     alibi_base = math.prod(p.mask_shape) if p.mask_shape else 0
-    vals = [p.len_q, p.len_k, p.group, p.heads_kv, group0, _float_bits(p.scale * LOG2E),
+    vals = [p.len_q, p.len_k, p.group, p.heads_kv, group0, float_bits(p.scale * LOG2E),
             *(x & 0xFFFFFFFF for x in signed), int(p.has_mask), sb, sh, si, sj, p.heads_q,
-            _float_bits(p.softcap * LOG2E), alibi_base, p.heads_q if p.alibi_rows > 1 else 0,
+            float_bits(p.softcap * LOG2E), alibi_base, p.heads_q if p.alibi_rows > 1 else 0,
             alibi_base + p.alibi_rows * p.heads_q]
     return np.array(vals, dtype=np.uint32)
 

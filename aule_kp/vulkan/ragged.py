@@ -13,16 +13,25 @@ and the small buffers only.
 from __future__ import annotations
 
 import math
-import struct
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..dtypes import ITEMSIZE, STORAGE
-from .choice import CPU_LOOP_LIMIT
+from .choice import CPU_LOOP_LIMIT, MIN_SPLIT_KEYS
 from .configs import DTYPE_CODE, FLOAT_BYTES
-from .plan import MIN_STAGED_BYTES, binding_limit, grids_settable, mapped_memory, pipeline_bytes, round_up, stats
+from .plan import (
+    LOG2E,
+    MIN_STAGED_BYTES,
+    binding_limit,
+    float_bits,
+    grids_settable,
+    mapped_memory,
+    pipeline_bytes,
+    round_up,
+    stats,
+)
 from .probe import parallelism
 
 KERNEL = "fa2_ragged"
@@ -33,14 +42,11 @@ WG = 64
 #: 2026-12-05; the scalar forward takes 5.3 s there), so CPU drivers take CPU_STEP_KEYS.
 STEP_KEYS = 8
 CPU_STEP_KEYS = 2
-#: Shortest split: below it the merge costs more than the parallelism brings.
-MIN_SPLIT_KEYS = 256
 #: Buffers the host writes, in binding order, then the output and the scratch.
 INPUTS = ("q", "k", "v", "seqs", "tiles", "table", "k_scales", "v_scales")
 BINDINGS = ("q", "k", "v", "o", "seqs", "tiles", "table", "k_scales", "v_scales", "partials")
 #: Those a device-resident cache supplies (``io``).
 CACHE_BUFFERS = ("k", "v", "k_scales", "v_scales")
-LOG2E = 1.4426950408889634
 
 
 @dataclass(frozen=True)
@@ -153,7 +159,7 @@ def splits(caps: Any, n_workgroups: int, max_len_k: int, cfg: Optional[RaggedCon
 def push_constants(call: RaggedCall, max_blocks: int, n_split: int, split_len: int, mode: int,
                    rows: int) -> np.ndarray:
     """``Push`` of glsl/fa2_ragged.comp."""
-    scale_bits = struct.unpack("<I", struct.pack("<f", call.scale * LOG2E))[0]
+    scale_bits = float_bits(call.scale * LOG2E)
     vals = [call.heads_q, call.heads_kv, call.group, scale_bits, call.left & 0xFFFFFFFF, call.right & 0xFFFFFFFF,
             call.page, max_blocks, n_split, split_len, mode, rows]
     return np.array(vals, np.uint32)
