@@ -41,11 +41,10 @@ class BuildPy(build_py):
 
     def run(self) -> None:
         super().run()
+        package = ROOT / "aule_kp" if getattr(self, "editable_mode", False) else Path(self.build_lib) / "aule_kp"
+        kp_build.install_into(package)
         if getattr(self, "editable_mode", False):
-            kp_build.install_into(ROOT / "aule_kp")
             return
-        package = Path(self.build_lib) / "aule_kp"
-        shutil.copy2(kp_build.build(), package)
         compile_shaders(package)
         # The ComfyUI node pack, for `python -m aule_kp.comfyui install <ComfyUI dir>`.
         shutil.copytree(ROOT / "comfyui_aule", package / "comfyui_node", dirs_exist_ok=True,
