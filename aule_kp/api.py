@@ -61,7 +61,7 @@ def flash_attention(
     """
     precision = check_precision(precision)
     mods = dict(softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
-    if _needs_grad(q, k, v, attn_mask, sinks):
+    if needs_grad(q, k, v, attn_mask, sinks):
         if precision != "fp":
             raise ValueError(f"precision={precision!r} is forward-only (no backward): call it under "
                              "torch.no_grad() or on tensors that do not require grad, or use precision='fp'")
@@ -74,7 +74,7 @@ def flash_attention(
     return out
 
 
-def _needs_grad(q: Any, k: Any, v: Any, attn_mask: Any, sinks: Any = None) -> bool:
+def needs_grad(q: Any, k: Any, v: Any, attn_mask: Any, sinks: Any = None) -> bool:
     """Whether the call must record autograd: torch q, k and v, grad mode on, and one of them (or
     the mask, or the sinks) requires grad. Mixed types go to ``prepare``, which says what is wrong."""
     if not all(inputs.is_torch(x) for x in (q, k, v)):

@@ -101,12 +101,18 @@ def _shape(store: Store) -> Tuple[int, ...]:
     return store.shape if isinstance(store, Q8Cache) else tuple(store.shape)
 
 
+def on_host(store: Store, dtype: str) -> Store:
+    """``store`` with a device cache replaced by its host copy (downloaded whole, q8_0 dequantized:
+    the slow path that only score modifiers take), once per call for every sequence to gather from."""
+    if not isinstance(store, DeviceKVCache):
+        return store
+    values = store.download().reshape(_shape(store))
+    return from_f32(values, dtype) if store.q8 else values
+
+
 def gather(store: Store, rows: np.ndarray, dtype: str) -> np.ndarray:
-    """Host storage ``[len(rows), H, D]`` of the store's ``rows`` (q8_0 dequantized; a device cache
-    downloaded whole, the slow path that only score modifiers take)."""
-    if isinstance(store, DeviceKVCache):
-        values = store.download().reshape(_shape(store))[rows]
-        return from_f32(values, dtype) if store.q8 else values
+    """Host storage ``[len(rows), H, D]`` of the store's ``rows`` (q8_0 dequantized) of a host store
+    (:func:`on_host`)."""
     if isinstance(store, Q8Cache):
         return from_f32(store.rows(rows), dtype)
     return store[rows]
@@ -119,14 +125,15 @@ def run(call: Ragged, backend: str, like: Any) -> np.ndarray:
     if native is not None:
         return native
     out = np.zeros((call.q.shape[0], call.heads_q, call.dim_v), STORAGE[call.dtype])
+    k_store, v_store = on_host(call.k, call.dtype), on_host(call.v, call.dtype)
     for s in range(call.seqs.shape[0]):
         q0, lq, _, lk = (int(x) for x in call.seqs[s])
         if lq == 0 or lk == 0:
             continue  # no query, or no key: the rows stay 0 (a sink keeps them 0)
         rows = call.key_rows(s)
         q = np.ascontiguousarray(call.q[q0 : q0 + lq].transpose(1, 0, 2)[None])
-        k = np.ascontiguousarray(gather(call.k, rows, call.dtype).transpose(1, 0, 2)[None])
-        v = np.ascontiguousarray(gather(call.v, rows, call.dtype).transpose(1, 0, 2)[None])
+        k = np.ascontiguousarray(gather(k_store, rows, call.dtype).transpose(1, 0, 2)[None])
+        v = np.ascontiguousarray(gather(v_store, rows, call.dtype).transpose(1, 0, 2)[None])
         p = call.problem(s)
         chosen, runner = dispatch.select_bound(_with_device(p, like), backend)
         slopes, sinks = call.slopes(s), call.sinks

@@ -7,6 +7,7 @@ from typing import Any, Optional, Tuple
 import numpy as np
 
 from .. import inputs, scoremods
+from ..api import needs_grad
 from ..backend import check_backend_name
 from . import checks, ragged
 
@@ -72,7 +73,7 @@ def flash_attention_varlen(
     if len(cu_q) != len(cu_k):
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must both have B + 1 entries, got {len(cu_q)} and {len(cu_k)}")
     softcap, slopes, sink_logits = scoremods.check(softcap, alibi_slopes, sinks, len(cu_q) - 1, hq)
-    if _needs_grad(q, k, v, sinks):
+    if needs_grad(q, k, v, None, sinks):
         return _differentiable(q, k, v, cu_q, cu_k, backend, causal=causal, scale=scale, window=window,
                                softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
     seqs = np.stack([cu_q[:-1], np.diff(cu_q), cu_k[:-1], np.diff(cu_k)], axis=1).astype(np.int32)
@@ -93,14 +94,6 @@ def _cu_seqlens(name: str, cu: Any, total: int, max_len: Any, max_name: str) -> 
     if max_len < longest:
         raise ValueError(f"{max_name} ({max_len}) is shorter than the longest sequence in {name} ({longest})")
     return c
-
-
-def _needs_grad(q: Any, k: Any, v: Any, sinks: Any) -> bool:
-    if not inputs.is_torch(q):
-        return False
-    import torch
-
-    return torch.is_grad_enabled() and any(bool(getattr(x, "requires_grad", False)) for x in (q, k, v, sinks))
 
 
 def _differentiable(q: Any, k: Any, v: Any, cu_q: np.ndarray, cu_k: np.ndarray, backend: str,
