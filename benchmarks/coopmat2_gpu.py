@@ -7,8 +7,7 @@ SPIR-V in the SPIR-V folder (compiled by glslang >= 15.2). Correctness first: th
 shapes, a float mask, GQA, a window, against float64; then GPU-timestamp medians of alternating rounds
 (benchmarks/ab_gpu.py's ``alternate``) on the bars' shapes. Prints markdown tables.
 
-    python3 benchmarks/coopmat2_gpu.py [gemm] [check] [time] [TILES...]   # TILES: BRxBCxWG[e], e.g. 64x64x128
-                                                                          # (e: the -DEAGER build)
+    python3 benchmarks/coopmat2_gpu.py [gemm] [check] [time] [TILES...]   # TILES: BRxBCxWG, e.g. 64x64x128
 """
 
 from __future__ import annotations
@@ -32,19 +31,18 @@ from coopmat_gemm_gpu import Gemm, torch_matmul  # noqa: E402
 
 GEMM_TILES = [(128, 128, 32, 256), (128, 128, 64, 256), (128, 256, 32, 256), (256, 128, 32, 256),
               (128, 128, 32, 128), (64, 128, 64, 128), (128, 64, 64, 128)]
-FWD_TILES = [(64, 32, 128), (64, 32, 128, 1), (64, 64, 128), (128, 64, 256), (128, 32, 256), (64, 16, 128)]
+FWD_TILES = [(64, 32, 128), (64, 64, 128), (128, 64, 256), (128, 32, 256), (64, 16, 128)]
 PROBLEMS = [(32, 8192, 128, False), (32, 8192, 128, True), (32, 2048, 64, False), (32, 8192, 64, False),
             (32, 16384, 64, True)]
 
 
-def cm2(p: Problem, br: int, bc: int, wg: int, eager: int = 0) -> KernelConfig:
-    """The cm2 forward with these tiles; ``eager``: the build with -DEAGER (rescale on every tile)."""
-    return KernelConfig("coopmat2", "fa2_fwd_cm2_eager" if eager else "fa2_fwd_cm2", p.dim_k, p.dim_v, br, bc, 1, 1,
-                        wg, 1)
+def cm2(p: Problem, br: int, bc: int, wg: int) -> KernelConfig:
+    """The cm2 forward with these tiles."""
+    return KernelConfig("coopmat2", "fa2_fwd_cm2", p.dim_k, p.dim_v, br, bc, 1, 1, wg, 1)
 
 
 def tile_label(t: Tuple[int, ...]) -> str:
-    return "x".join(map(str, t[:3])) + (" eager" if len(t) > 3 and t[3] else "")
+    return "x".join(map(str, t))
 
 
 def gemm(sizes: List[int]) -> None:
@@ -185,8 +183,7 @@ def timing(tiles: List[Tuple[int, ...]]) -> None:
 
 def main(argv: List[str]) -> None:
     steps = [a for a in argv if a in ("gemm", "check", "time")] or ["gemm", "check", "time"]
-    tiles = [tuple(int(x) for x in a.rstrip("e").split("x")) + ((1,) if a.endswith("e") else ())
-             for a in argv if "x" in a] or FWD_TILES
+    tiles = [tuple(int(x) for x in a.split("x")) for a in argv if "x" in a] or FWD_TILES
     dev = devmod.get_device()
     print(f"{dev.caps.name}, {dev.caps.driver_info}; coopmat2 {dev.caps.coopmat2}, kp patch {dev.kp_patch}\n")
     if "gemm" in steps:

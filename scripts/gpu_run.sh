@@ -21,7 +21,7 @@ python3 -m aule_kp info | tee "$OUT/info.txt"
 STEPS=" ${STEPS:-tests bench backward host decode gemm coopmat2 tune triton} "  # also: splitkv (a tile sweep), ab, cmd
 step() { [[ "$STEPS" == *" $1 "* ]]; }
 if step tests; then
-  python3 -m pytest -q -p no:cacheprovider $(ls tests/test_{vulkan,gpu,coopmat2,vulkan_backward,splitkv,host_io}.py 2>/dev/null) \
+  timeout ${TESTS_S:-900} python3 -m pytest -q -p no:cacheprovider $(ls tests/test_{vulkan,gpu,coopmat2,vulkan_backward,splitkv,host_io}.py 2>/dev/null) \
     "$@" 2>&1 | tail -25 | tee "$OUT/tests.txt"
 fi
 step bench && python3 -m aule_kp bench --preset gpu --vs --backends ${BACKENDS:-vulkan,triton,torch,aule-attention} \

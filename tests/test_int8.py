@@ -308,12 +308,13 @@ def test_vulkan_choice_int8_leaves_fp_alone():
     choice snapshot, tests/test_choice_snapshot.py, pins all of it)."""
     from aule_kp.vulkan.backend import VulkanBackend
 
-    dev = _vulkan_int8()
+    _vulkan_int8()
     backend = VulkanBackend()
     p = Problem(1, 4, 2, 100, 130, 64, 64, "float16", 0.125, precision="int8")
     assert backend.config(p).variant == "int8dot"
-    assert backend.config(Problem(1, 4, 2, 100, 130, 64, 64, "float16", 0.125)).variant in ("scalar", "splitkv")
-    assert dev.caps.type == "cpu" or backend.config(p).kernel.br == quant.BLOCK_Q
+    fp = Problem(1, 4, 2, 100, 130, 64, 64, "float16", 0.125)
+    assert not backend.config(fp).variant.startswith("int8")
+    assert backend.config(p).kernel.br == quant.BLOCK_Q
 
 
 def test_int8_coopmat_only_when_forced_where_the_device_reports_s8_shapes():
@@ -370,6 +371,11 @@ def test_prebuilt_spirv_matches_its_source_and_validates():
     toolchain = compmod.newer_toolchain()
     for src in newer:
         assert compmod.prebuilt_reason(src) is None, compmod.prebuilt_reason(src)
+    try:
+        compmod._tool("spirv-val")
+    except FileNotFoundError:
+        pytest.skip("no spirv-val here (a run-only machine: the lent GPU's); the hashes were checked")
+    for src in newer:
         spv = compmod.prebuilt_paths(src)[0]
         if "GL_NV_cooperative_matrix2" not in src.read_text():
             compmod.validate(spv, src.name)

@@ -8,11 +8,14 @@
 //
 // Per workgroup (BR query rows of one query head), for each BC-key tile of key_range():
 //   S = Q K^T (fp32); scores in the exp2 domain: S * scale_log2, plus the band and mask on tiles
-//   that need them (per element); when a row's max passes its reference M by more than TAU (lazy
-//   rescale; -DEAGER: always) M' = max(M, rowmax S), L *= exp2(M - M'), O *= exp2(M - M');
+//   that need them (per element); M' = max(M, rowmax S), L *= exp2(M - M'), O *= exp2(M - M');
 //   P = exp2(S - M) (fp16); L += rowsum P; O += P V. Row-constant values live smeared across their
 //   row, so that they combine element by element with the tiles. Finally O / L and LSE =
 //   (M + log2 L) ln 2.
+// The rescale runs on every tile: the lazy one (rescale only when a row max passes M by a threshold,
+// as fa2_fwd_coopmat.comp) measured 4-20% slower here on an H200 (BENCHMARKS.md, 2026-12-05).
+// L sums the fp16-rounded P that P V uses, so O's weights sum to 1; the LSE's error model adds
+// that rounding (tests/test_coopmat2.py).
 // Rows that see no key keep M = NEG_BIG (finite) and L = 0: O = 0, LSE = -inf.
 #extension GL_EXT_control_flow_attributes : enable
 #extension GL_EXT_shader_explicit_arithmetic_types_float16 : require
@@ -31,7 +34,6 @@ layout(std430, binding = 3) writeonly buffer OH { float16_t o_h[]; };
 
 #define ACC(R, C) coopmat<float, gl_ScopeWorkgroup, R, C, gl_MatrixUseAccumulator>
 #define NEG_INF uintBitsToFloat(0xFF800000u)
-const float TAU = 8.0;  // lazy-rescale threshold, log2 domain
 
 // Per-element operations (row, col: of the matrix; extra arguments after the element).
 float score_op(const in uint r, const in uint c, const in float s, const in uint q0, const in uint kb,
@@ -93,24 +95,14 @@ void main() {
         }
         ACC(BR, BC) rowmax, p;
         coopMatReduceNV(rowmax, s, gl_CooperativeMatrixReduceRowNV, max_reduce);
-#ifndef EAGER
-        // Lazy rescale (as fa2_fwd_coopmat.comp): the reference max m moves only when some row's max
-        // passes it by more than TAU, so most tiles skip the rescale of O and L. P <= 2^TAU then.
-        ACC(BR, BC) growth;
-        coopMatReduceNV(growth, rowmax - m, gl_CooperativeMatrixReduceRowAndColumnNV, max_reduce);
-        if (growth[0] > TAU) {  // the same value in every element: uniform across the workgroup
-#endif
-            ACC(BR, BC) m_new, alpha;
-            coopMatPerElementNV(m_new, rowmax, max_op, m);
-            coopMatPerElementNV(alpha, m - m_new, exp2_op);
-            m = m_new;
-            l = l * alpha;
-            ACC(BR, DV) alpha_o;
-            coopMatReduceNV(alpha_o, alpha, gl_CooperativeMatrixReduceRowNV, max_reduce);  // row-constant: smear
-            o = o * alpha_o;
-#ifndef EAGER
-        }
-#endif
+        ACC(BR, BC) m_new, alpha;
+        coopMatPerElementNV(m_new, rowmax, max_op, m);
+        coopMatPerElementNV(alpha, m - m_new, exp2_op);
+        m = m_new;
+        l = l * alpha;
+        ACC(BR, DV) alpha_o;
+        coopMatReduceNV(alpha_o, alpha, gl_CooperativeMatrixReduceRowNV, max_reduce);  // row-constant: smear
+        o = o * alpha_o;
         coopMatPerElementNV(p, s - m, exp2_op);
         coopmat<float16_t, gl_ScopeWorkgroup, BR, BC, gl_MatrixUseA> pa =
             coopmat<float16_t, gl_ScopeWorkgroup, BR, BC, gl_MatrixUseA>(p);
