@@ -58,6 +58,8 @@ VARLEN = [  # (lens_q, lens_k, hq, hkv, dk, dv, causal, window, dtype)
     ([12, 0, 9], [12, 4, 0], 4, 2, 32, 32, False, None, "float16"),            # empty sequences
     ([16, 9], [24, 9], 6, 2, 64, 32, False, (4, 2), "float16"),                # window
     ([33], [33], 2, 1, 32, 32, True, (8, -1), "float32"),
+    ([70, 5, 0, 66], [70, 9, 3, 80], 4, 2, 32, 32, True, None, "float16"),   # prefills (>= 64 rows) and short
+    ([64, 2], [0, 40], 2, 1, 16, 16, False, None, "float32"),                 # a prefill that sees no key
 ]
 
 
@@ -171,6 +173,26 @@ def test_kvcache_q8(backend, rng):
 
 
 VULKAN_ONLY = pytest.mark.skipif(devmod.vulkan_unavailable() is not None, reason="no Vulkan device")
+
+
+@VULKAN_ONLY
+def test_vulkan_prefills_run_dense(rng, monkeypatch):
+    """Host-data sequences of DENSE_QUERY_ROWS query rows or more go through the dense forward
+    kernels one by one; the others share one ragged dispatch (and the result is the reference's)."""
+    from aule_kp.serving import ragged as serving_ragged
+    from aule_kp.vulkan import ragged as vk
+
+    given = []
+    real = vk.forward
+    monkeypatch.setattr(vk, "forward", lambda *a, **kw: given.append(a[5].copy()) or real(*a, **kw))
+    n = serving_ragged.DENSE_QUERY_ROWS
+    lens = [n, 3, n + 5, 1]
+    q, k, v, cu_q, cu_k = _varlen_case(rng, lens, lens, dtype="float16")
+    out = aule_kp.flash_attention_varlen(q, k, v, cu_q, cu_k, n + 5, n + 5, causal=True, backend="vulkan")
+    assert len(given) == 1 and sorted(given[0][:, 1]) == [1, 3]
+    scale = 1 / math.sqrt(32)
+    want = ref.varlen(_f(q, "float16"), _f(k, "float16"), _f(v, "float16"), cu_q, cu_k, scale, True, None)
+    np.testing.assert_allclose(_f(out, "float16"), want, atol=_tol("float16", q, k, v, scale, n + 5), rtol=0)
 
 
 @VULKAN_ONLY
