@@ -187,6 +187,17 @@ def rotation_tolerance(pair_sum: Any, dtype: Any = "float32", rounded_tables: bo
     return (_gamma(k, UNIT_ROUNDOFF["float32"]) + _gamma(k, 2.0**-53) + storage) * pair_sum
 
 
+def q8_error(x: np.ndarray) -> np.ndarray:
+    """Per-value bound of ``|dequantize(quantize(x)) - x|`` for q8_0 (aule_kp.q8: blocks of 32 along the
+    last axis, step ``d = max|block| / 127`` stored in float16): rounding to the nearest step is half a
+    step off, the float16 step is within ``u16·d`` of float32's, which moves a value of at most 127 steps
+    by ``127·u16·d``, and float32's rounding of the step and of ``x / d`` adds ``127·3·u32·d``, far less
+    than a second ``127·u16·d``: ``(1/2 + 2·127·u16)·d``."""
+    x = np.abs(np.asarray(x, dtype=np.float64))
+    step = x.reshape(*x.shape[:-1], -1, 32).max(-1) / 127
+    return np.repeat(step * (0.5 + 2 * 127 * UNIT_ROUNDOFF["float16"]), 32, axis=-1)
+
+
 def make_inputs(rng: np.random.Generator, shape_q, shape_k, shape_v, dtype: str):
     """q, k, v in the host storage of ``dtype`` (bf16 as uint16 bits)."""
     return tuple(from_f32(rng.standard_normal(s).astype(np.float32), dtype) for s in (shape_q, shape_k, shape_v))

@@ -14,7 +14,7 @@ import math
 import numpy as np
 import pytest
 import serving_reference as ref
-from conftest import UNIT_ROUNDOFF, exponent_range, gradient_tolerances, rotation_tolerance, tolerance
+from conftest import UNIT_ROUNDOFF, exponent_range, gradient_tolerances, q8_error, rotation_tolerance, tolerance
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -157,8 +157,8 @@ def test_kvcache(backend, case, rng):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_kvcache_q8(backend, rng):
-    """A q8_0 cache: the appended rows are quantized into it (within half a block step of the
-    values, plus the fp16 scale's rounding), and the attention reads what the cache holds."""
+    """A q8_0 cache: the appended rows are quantized into it (within ``conftest.q8_error``: half a
+    block step, plus the fp16 step's rounding), and the attention reads what the cache holds."""
     b, hq, hkv, d, new, lens, page = 2, 4, 2, 32, 2, [21, 4], 16
     q, kc, vc, kn, vn, seqlens, table = _cache_case(rng, b, 1, hq, hkv, d, new, lens, page)
     k8, v8 = aule_kp.Q8Cache.from_float(kc), aule_kp.Q8Cache.from_float(vc)
@@ -166,8 +166,7 @@ def test_kvcache_q8(backend, rng):
                                                causal=True, backend=backend)
     _, kw, vw, _ = ref.kvcache(q, kc, vc, kn, vn, seqlens, table, causal=True)
     for cache, want in ((k8, kw), (v8, vw)):
-        step = np.repeat(np.abs(want).reshape(*want.shape[:-1], -1, 32).max(-1) / 127, 32, axis=-1)
-        assert (np.abs(cache.dequantize() - want) <= step * (0.5 + 2 * UNIT_ROUNDOFF["float16"] * 127)).all()
+        assert (np.abs(cache.dequantize() - want) <= q8_error(want)).all()
     kq, vq = k8.dequantize(), v8.dequantize()
     want, _, _, _ = ref.kvcache(q, kq, vq, cache_seqlens=seqlens + new, block_table=table, causal=True)
     np.testing.assert_allclose(out, want, atol=_tol("float32", q, kq, vq, 1 / math.sqrt(d), max(lens) + new), rtol=0)
