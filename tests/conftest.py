@@ -190,12 +190,13 @@ def rotation_tolerance(pair_sum: Any, dtype: Any = "float32", rounded_tables: bo
 def q8_error(x: np.ndarray) -> np.ndarray:
     """Per-value bound of ``|dequantize(quantize(x)) - x|`` for q8_0 (aule_kp.q8: blocks of 32 along the
     last axis, step ``d = max|block| / 127`` stored in float16): rounding to the nearest step is half a
-    step off, the float16 step is within ``u16·d`` of float32's, which moves a value of at most 127 steps
-    by ``127·u16·d``, and float32's rounding of the step and of ``x / d`` adds ``127·3·u32·d``, far less
-    than a second ``127·u16·d``: ``(1/2 + 2·127·u16)·d``."""
+    step off; the float16 step is within ``max(u16·d, 2**-25)`` of float32's (absolute below float16's
+    normal range), which moves a value of at most 127 steps 127 times that; float32's rounding of the
+    step and of ``x / d`` adds ``127·3·u32·d``, bounded here by another ``127·u16·d``."""
     x = np.abs(np.asarray(x, dtype=np.float64))
+    u16 = UNIT_ROUNDOFF["float16"]
     step = x.reshape(*x.shape[:-1], -1, 32).max(-1) / 127
-    return np.repeat(step * (0.5 + 2 * 127 * UNIT_ROUNDOFF["float16"]), 32, axis=-1)
+    return np.repeat(step * (0.5 + 127 * u16) + 127 * np.maximum(u16 * step, 2.0**-25), 32, axis=-1)
 
 
 def make_inputs(rng: np.random.Generator, shape_q, shape_k, shape_v, dtype: str):
