@@ -203,6 +203,7 @@ CASES = {
                                     dict(rotated=16, start=32, interleaved=True)),
     "half-odd-start-interleaved": (dict(dk=40, lq=17, lk=30), dict(rotated=6, start=3, interleaved=True)),
     "decode-gqa-packed-split": (dict(hq=8, hkv=2, lq=1, lk=100), dict(q_offset=99)),
+    "mqa-dkdv-group-split": (dict(hq=4, hkv=1, lq=20, lk=16, causal=True), dict(q_offset=0)),  # fp32 partials
     "shuffled-positions-mqa": (dict(b=2, hq=4, hkv=1, lq=20, lk=36, causal=True), dict(shuffle=True)),
     "mask-window": (dict(mask_shape=(1, 1, 24, 40), window=(6, 3)), dict(interleaved=True, rotated=16)),
     "lq>lk-hidden-rows": (dict(lq=40, lk=24, causal=True), dict(per_batch=True)),

@@ -21,6 +21,12 @@ Conventions shared by every kernel here:
   both before the mask. Through the cap, dS reaches dQ and dK times ``1 - tanh²``. ``SINKS`` folds
   one logit per query head (``Sinks``) into each row's (max, sum) once its keys are done (in the
   combine kernel for split-KV partials): the output and LSE are the softmax's with the sink column.
+* Rotary embedding (``aule_kp.triton.rotary``), constexpr-gated by ``ROTARY`` (0 off, 1 halves,
+  2 interleaved pairs): q and k arrive unrotated and every q block and k tile is rotated as it is
+  loaded (``_load_rope``: each lane's pair partner loaded beside it, the pair rotated in fp32 at the
+  row's position, rounded back to the input type for the dot). The backward kernels do the same and
+  turn dQ/dK of the rotated rows into those of the unrotated ones (``_unrotate``: ``R^T``, partners
+  gathered in registers) before they store them. dV needs no change.
 * ``DOT`` picks the matrix-multiply flavour: 0 the native fp16/bf16 tensor-core dot; 1 exact fp32
   (``"ieee"``: the tf32 default would miss float32's tolerance by ~100x); 2 operands upcast to fp32
   first, for bf16 under ``TRITON_INTERPRET=1`` (Triton 3.9's interpreter multiplies bf16 bit
