@@ -27,7 +27,13 @@ import pytest  # noqa: E402
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
-from conftest import UNIT_ROUNDOFF, gradient_tolerances, lse_tolerance, output_tolerance  # noqa: E402
+from conftest import (  # noqa: E402
+    UNIT_ROUNDOFF,
+    gradient_tolerances,
+    lse_tolerance,
+    output_tolerance,
+    rotation_tolerance,
+)
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from reference import _probabilities, backward_scales, output_scale  # noqa: E402
@@ -87,11 +93,12 @@ def rotary_tolerances(p: Problem, x: Dict[str, torch.Tensor], q_rot: np.ndarray,
     dtype ``p.dtype``) whose exact rotations are ``q_rot``/``k_rot`` (float64).
 
     Model: the kernels compute attention, within the suite's error model (``conftest``, evaluated on
-    the rotated operands), of rotated operands ``q~``, ``k~``. Each rotated lane is
-    ``fl(x_d c + x_p s)`` in float32 (two products and a sum: ``2 u32 rho_d``, ``rho_d = |x_d| +
-    |x_partner|`` since ``|c|, |s| <= 1``), then, for 16-bit inputs, rounded to the input dtype
-    (``u_dt |x'_d|``): ``|q~ - q'| <= dq = 2 u32 (1 + u_dt) rho + u_dt |q'|`` on rotated lanes, 0 on
-    the others (likewise ``dk``). Worst case, not probabilistic:
+    the rotated operands), of rotated operands ``q~``, ``k~``. Each rotated lane is rotated in
+    float32, within ``r = conftest.rotation_tolerance(rho, "float32")`` of the exact rotation
+    (``rho_d = |x_d| + |x_partner|``; the tables are inputs, exact), then, for 16-bit inputs, rounded
+    to the input dtype (``u_dt (|x'_d| + r)``; the reference here does not round):
+    ``|q~ - q'| <= dq = r (1 + u_dt) + u_dt |q'|`` on rotated lanes, 0 on the others (likewise
+    ``dk``). Worst case, not probabilistic:
 
     * a score moves by at most ``E = scale max_ij sum_d (dq |k'| + |q'| dk + dq dk)``, the row's
       log-sum-exp by at most ``E``, so every weight ``P`` by a factor within ``exp(+-2E)``:
@@ -107,8 +114,8 @@ def rotary_tolerances(p: Problem, x: Dict[str, torch.Tensor], q_rot: np.ndarray,
     widen = {n: (None if x[n] is None else x[n].float().numpy()) for n in ("q", "k", "v", "dout", "mask")}
     qr, kr = q_rot.astype(np.float32), k_rot.astype(np.float32)
     v, dout, mask = widen["v"], widen["dout"], widen["mask"]
-    dq_in = 2 * U32 * (1 + u_dt) * rho_q + u_dt * np.abs(q_rot)
-    dk_in = 2 * U32 * (1 + u_dt) * rho_k + u_dt * np.abs(k_rot)
+    dq_in = rotation_tolerance(rho_q) * (1 + u_dt) + u_dt * np.abs(q_rot)
+    dk_in = rotation_tolerance(rho_k) * (1 + u_dt) + u_dt * np.abs(k_rot)
     krep = lambda a: np.repeat(a, p.group, axis=1)  # noqa: E731
     aq, ak = np.abs(q_rot), krep(np.abs(k_rot))
     dkr = krep(dk_in)
@@ -270,7 +277,8 @@ def test_rotate64_is_flash_attn_rotary() -> None:
     for interleaved in (False, True):
         want = apply_rotary(x.transpose(1, 2).numpy(), cos.numpy(), sin.numpy(), pos.numpy(), interleaved)
         got = rotate64(x.double(), cos, sin, pos, interleaved).transpose(1, 2).numpy()
-        np.testing.assert_allclose(got, want, rtol=0, atol=4 * U32 * float(np.abs(want).max()))
+        # apply_rotary rotates in float32: within the rotation model of the float64 one
+        np.testing.assert_allclose(got, want, rtol=0, atol=rotation_tolerance(2 * float(x.abs().max())))
 
 
 def test_tolerance_sees_a_wrong_rotation() -> None:
