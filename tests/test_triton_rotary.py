@@ -5,7 +5,9 @@ and k. Most cases pin 16 x 16 tiles so that rows cross several key tiles and ban
 Tolerances (``rotary_tolerances``): the suite's error model (``conftest``) evaluated on the
 rotated q and k, plus a rotation term derived there: the kernels attend over rotated operands that
 differ from the exact rotation by their float32 rotation and, for 16-bit inputs, their rounding
-to the input dtype before the dot.
+to the input dtype before the dot. That term is a worst case (every rounding aligned): for 16-bit
+inputs it is some 10-100 times the errors seen, so the float32 cases carry the sensitivity, and
+``test_tolerance_sees_a_wrong_rotation`` checks that the 16-bit bounds still reject wrong rotations.
 
 ``TRITON_INTERPRET=1`` is set before anything imports triton (see tests/test_triton.py).
 """
@@ -282,8 +284,9 @@ def test_rotate64_is_flash_attn_rotary() -> None:
 
 
 def test_tolerance_sees_a_wrong_rotation() -> None:
-    """At fp16 (the loosest rotation term here) the tolerance still rejects the result of a wrong
-    rotation: keys one position off, or the other layout."""
+    """At fp16 (the loosest rotation term here: a worst case, all roundings aligned) the tolerances
+    still reject the results of a wrong rotation: keys one position off, the other layout, and
+    gradients left in the rotated frame (``R^T`` not applied)."""
     p = make_problem(dtype="float16", hq=4, hkv=2, lq=24, lk=40, causal=True)
     x = make_inputs(p)
     q_pos, k_pos = positions(p, 16, False, False, 0)
@@ -291,15 +294,23 @@ def test_tolerance_sees_a_wrong_rotation() -> None:
     rot = check_rotary(p, torch.device("cpu"), cos, sin, q_pos, k_pos, False, 0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        out, _ = TINY.forward(p, x["q"], x["k"], x["v"], None, rotary=rot)
+        out, lse = TINY.forward(p, x["q"], x["k"], x["v"], None, rotary=rot)
+        dq, dk, _, _ = TINY.backward(p, x["q"], x["k"], x["v"], out, x["dout"], lse, None, rotary=rot)
     q64, k64, v64 = (x[n].double() for n in ("q", "k", "v"))
     half = p.dim_k // 2
-    for k_shift, interleaved in ((1, False), (0, True)):
+    for k_shift, interleaved in ((0, False), (1, False), (0, True)):
         qr, kr = rotate64(q64, cos, sin, q_pos, interleaved), rotate64(k64, cos, sin, k_pos + k_shift, interleaved)
-        wrong, _ = attend64(p, qr, kr, v64, None)
-        tol = rotary_tolerances(p, x, qr.numpy(), kr.numpy(), pair_magnitude(x["q"], half, interleaved, 0),
-                                pair_magnitude(x["k"], half, interleaved, 0))
-        assert (out.double() - wrong).abs().max().item() > tol["out"]
+        qr.requires_grad_()
+        kr.requires_grad_()
+        ref, _ = attend64(p, qr, kr, v64, None)
+        ref.backward(x["dout"].double())
+        rho_q, rho_k = (pair_magnitude(x[n], half, interleaved, 0) for n in ("q", "k"))
+        tol = rotary_tolerances(p, x, qr.detach().numpy(), kr.detach().numpy(), rho_q, rho_k)
+        if k_shift or interleaved:
+            assert (out.double() - ref).abs().max().item() > tol["out"]
+        else:  # the right rotation, gradients of the rotated q and k: not those asked for
+            assert (dq.double() - qr.grad).abs().max().item() > tol["dq"]
+            assert (dk.double() - kr.grad).abs().max().item() > tol["dk"]
 
 
 def _args(**change):
