@@ -377,3 +377,10 @@ def test_int8_refuses_rotary() -> None:
     with pytest.raises(ValueError, match="int8"):
         TINY.forward(p, torch.zeros(1, 2, 24, 32), torch.zeros(1, 2, 40, 32), torch.zeros(1, 2, 40, 32), None,
                      rotary=rot)
+
+
+def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    args, options = _args()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(aule_kp.BackendUnavailable, match="CPU"):
+        rotary_attention(**args, **options)
