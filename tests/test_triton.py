@@ -78,10 +78,8 @@ def make_inputs(p: Problem, seed: int = 0, mask_fill: bool = True) -> Dict[str, 
     return x
 
 
-def reference(p: Problem, q, k, v, mask, dout):
-    """float64 ``(out, lse, dq, dk, dv, dmask)`` by autograd over naive attention (hidden rows: 0)."""
-    q, k, v = (t.double().requires_grad_() for t in (q, k, v))
-    m = None if mask is None else mask.double().requires_grad_()
+def attend64(p: Problem, q, k, v, m):
+    """float64 ``(out, lse)`` of naive attention (hidden rows: 0), differentiable in q, k, v and m."""
     s = q @ k.repeat_interleave(p.group, 1).transpose(-1, -2) * p.scale
     visible = torch.from_numpy(p.visible(np.arange(p.len_q), np.arange(p.len_k)))
     s = s.masked_fill(~visible, -math.inf)
@@ -93,6 +91,14 @@ def reference(p: Problem, q, k, v, mask, dout):
     total = e.sum(-1, keepdim=True)
     out = (e @ v.repeat_interleave(p.group, 1)) / torch.where(total == 0, torch.ones_like(total), total)
     lse = torch.where(total[..., 0] == 0, -math.inf, (top + torch.log(total))[..., 0])
+    return out, lse
+
+
+def reference(p: Problem, q, k, v, mask, dout):
+    """float64 ``(out, lse, dq, dk, dv, dmask)`` by autograd over naive attention (hidden rows: 0)."""
+    q, k, v = (t.double().requires_grad_() for t in (q, k, v))
+    m = None if mask is None else mask.double().requires_grad_()
+    out, lse = attend64(p, q, k, v, m)
     out.backward(dout.double())
     return out.detach(), lse.detach(), q.grad, k.grad, v.grad, None if m is None else m.grad
 

@@ -59,26 +59,32 @@ class TritonBackend(Backend):
         return why
 
     def forward(self, problem: Problem, q: Any, k: Any, v: Any, mask: Any, *, alibi: Any = None,
-                sinks: Any = None) -> Tuple[Any, Any]:
-        """``(out, lse)`` torch tensors on q's device; see :class:`aule_kp.backend.Backend`."""
+                sinks: Any = None, rotary: Any = None) -> Tuple[Any, Any]:
+        """``(out, lse)`` torch tensors on q's device; see :class:`aule_kp.backend.Backend`.
+        ``rotary`` (:class:`aule_kp.triton.ops.Rotary`, fp precision only): q and k come unrotated
+        and the kernel rotates them as it loads them."""
         from . import ops
 
         if problem.precision == "int8":
             from . import int8
 
+            if rotary is not None:
+                raise ValueError("precision='int8' takes no rotary embedding (its kernel rotates nothing)")
             out, lse = int8.forward(problem, q, k, v, mask)
         else:
-            out, lse = ops.forward(problem, q, k, v, mask, self.block_m, self.block_n, alibi, sinks)
+            out, lse = ops.forward(problem, q, k, v, mask, self.block_m, self.block_n, alibi, sinks, rotary)
         # A NaN row's log-sum-exp is NaN (aule_kp.nonfinite), as on the other backends; on the
         # device, with no host sync. Unlike them, a non-finite v of a key hidden from a row may
         # still reach it here (no host check on this path; README, flash_attention).
         return out, lse.masked_fill(out.isnan().any(-1), float("nan"))
 
     def backward(self, problem: Problem, q: Any, k: Any, v: Any, out: Any, dout: Any, lse: Any, mask: Any,
-                 mask_grad: bool = False, *, alibi: Any = None,
-                 sinks: Any = None) -> Tuple[Any, Any, Any, Optional[Any]]:
+                 mask_grad: bool = False, *, alibi: Any = None, sinks: Any = None,
+                 rotary: Any = None) -> Tuple[Any, Any, Any, Optional[Any]]:
         """``(dq, dk, dv, dmask)`` torch tensors; see :meth:`aule_kp.backend.Backend.backward` (the
-        saved lse carries the sinks)."""
+        saved lse carries the sinks). With ``rotary`` (as ``forward``), dq and dk are the gradients
+        of the unrotated q and k."""
         from . import ops
 
-        return ops.backward(problem, q, k, v, out, dout, lse, mask, mask_grad, self.block_m, self.block_n, alibi)
+        return ops.backward(problem, q, k, v, out, dout, lse, mask, mask_grad, self.block_m, self.block_n, alibi,
+                            rotary)

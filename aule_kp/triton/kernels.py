@@ -21,6 +21,12 @@ Conventions shared by every kernel here:
   both before the mask. Through the cap, dS reaches dQ and dK times ``1 - tanh²``. ``SINKS`` folds
   one logit per query head (``Sinks``) into each row's (max, sum) once its keys are done (in the
   combine kernel for split-KV partials): the output and LSE are the softmax's with the sink column.
+* Rotary embedding (``aule_kp.triton.rotary``), constexpr-gated by ``ROTARY`` (0 off, 1 halves,
+  2 interleaved pairs): q and k arrive unrotated and every q block and k tile is rotated as it is
+  loaded (``_load_rope``: each lane's pair partner loaded beside it, the pair rotated in fp32 at the
+  row's position, rounded back to the input type for the dot). The backward kernels do the same and
+  turn dQ/dK of the rotated rows into those of the unrotated ones (``_unrotate``: ``R^T``, partners
+  gathered in registers) before they store them. dV needs no change.
 * ``DOT`` picks the matrix-multiply flavour: 0 the native fp16/bf16 tensor-core dot; 1 exact fp32
   (``"ieee"``: the tf32 default would miss float32's tolerance by ~100x); 2 operands upcast to fp32
   first, for bf16 under ``TRITON_INTERPRET=1`` (Triton 3.9's interpreter multiplies bf16 bit
@@ -63,6 +69,73 @@ def _load_tile(ptrs, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr, CHECK
         return tl.load(ptrs, mask=cols[None, :] < n_cols, other=0.0)
     else:
         return tl.load(ptrs)
+
+
+@triton.jit
+def _rope_positions(pos_base, idx, ok, ROTARY: tl.constexpr):
+    """The rotary positions of rows ``idx`` (``pos_base``: the batch's row of positions; 0 where
+    not ``ok``, and everywhere without ``ROTARY``: then nothing is read)."""
+    if ROTARY:
+        return tl.load(pos_base + idx, mask=ok, other=0)
+    else:
+        return tl.zeros(idx.shape, tl.int32)
+
+
+@triton.jit
+def _rope_coeffs(Cos, Sin, pos, ok, offs_d, INVERSE: tl.constexpr, ROTARY: tl.constexpr,
+                 ROT_HALF: tl.constexpr, ROT_START: tl.constexpr):
+    """``(partner, c, s, m)`` such that ``y = x * c + x[:, partner] * s`` rotates the rows of a
+    ``[rows, BLOCK_D]`` tile at positions ``pos`` (``R^T``, the inverse, with ``INVERSE``). ``m``
+    marks the rotated lanes of the rows that are ``ok``; elsewhere ``c = 1``, ``s = 0`` and
+    ``partner`` is the lane itself."""
+    d = offs_d - ROT_START
+    lane = (d >= 0) & (d < 2 * ROT_HALF)
+    if ROTARY == 2:  # interleaved: pairs (2i, 2i+1)
+        first = d % 2 == 0
+        partner = tl.where(first, offs_d + 1, offs_d - 1)
+        freq = d // 2
+    else:  # halves: pairs (i, i + R/2)
+        first = d < ROT_HALF
+        partner = tl.where(first, offs_d + ROT_HALF, offs_d - ROT_HALF)
+        freq = tl.where(first, d, d - ROT_HALF)
+    partner = tl.where(lane, partner, offs_d)
+    # y1 = x1 c - x2 s, y2 = x2 c + x1 s; the inverse flips the sign of s.
+    sign = tl.where(first, -1.0, 1.0)
+    if INVERSE:
+        sign = -sign
+    m = ok[:, None] & lane[None, :]
+    at = pos[:, None] * ROT_HALF + freq[None, :]
+    c = tl.load(Cos + at, mask=m, other=1.0)
+    s = tl.load(Sin + at, mask=m, other=0.0) * sign[None, :]
+    return partner, c, s, m
+
+
+@triton.jit
+def _load_rope(row_ptrs, rows, n_rows, offs_d, n_cols, pos, Cos, Sin, CHECK_ROWS: tl.constexpr,
+               CHECK_COLS: tl.constexpr, ROTARY: tl.constexpr, ROT_HALF: tl.constexpr, ROT_START: tl.constexpr):
+    """``_load_tile`` of the rows ``row_ptrs`` (one pointer per row, unit stride along the head dim),
+    rotated at ``pos`` with ``ROTARY`` (1 halves, 2 interleaved): each lane's partner is loaded
+    beside it and the pair is rotated in fp32, then rounded back to the input type (what a rotation
+    stored before an unfused kernel would hold) for the dot."""
+    x = _load_tile(row_ptrs[:, None] + offs_d[None, :], rows, n_rows, offs_d, n_cols, CHECK_ROWS, CHECK_COLS)
+    if ROTARY:
+        partner, c, s, m = _rope_coeffs(Cos, Sin, pos, rows < n_rows, offs_d, False, ROTARY, ROT_HALF, ROT_START)
+        xp = tl.load(row_ptrs[:, None] + partner[None, :], mask=m, other=0.0)
+        return (x.to(tl.float32) * c + xp.to(tl.float32) * s).to(x.dtype)
+    else:
+        return x
+
+
+@triton.jit
+def _unrotate(g, pos, ok, offs_d, Cos, Sin, ROTARY: tl.constexpr, ROT_HALF: tl.constexpr, ROT_START: tl.constexpr):
+    """fp32 gradient tile ``g`` of rotated rows turned into the gradient of the unrotated ones:
+    ``R(pos)^T g`` (the rotation is linear, its adjoint its inverse), partners gathered in registers."""
+    if ROTARY:
+        partner, c, s, _ = _rope_coeffs(Cos, Sin, pos, ok, offs_d, True, ROTARY, ROT_HALF, ROT_START)
+        gp = tl.gather(g, tl.broadcast_to(partner[None, :], g.shape), axis=1)
+        return g * c + gp * s
+    else:
+        return g
 
 
 @triton.jit
@@ -149,23 +222,27 @@ def _row_block_tiles(i_min, i_max, len_k, diag, left, right, BLOCK_N: tl.constex
 @triton.jit
 def _fwd_run(acc, l_i, m_i, q, k_base, v_base, mask_rows, t_start, t_end,
              stride_kn, stride_vn, stride_mk, qk_scale, pos, row_ok, len_k, diag, left, right, slope, softcap_log2,
+             kpos_base, Cos, Sin,
              BLOCK_N: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
              BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
              MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-             HAS_MASK: tl.constexpr, DOT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+             HAS_MASK: tl.constexpr, DOT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+             ROTARY: tl.constexpr, ROT_HALF: tl.constexpr, ROT_START: tl.constexpr):
     """Online softmax of one block of query rows over key tiles ``[t_start, t_end)``.
 
     ``MASKED`` tiles apply the band and the key-length bound; the others are fully visible.
     ``mask_rows`` holds each row's pointer into the float mask (only read when ``HAS_MASK``);
-    ``row_ok`` is False for the block's padding rows.
+    ``row_ok`` is False for the block's padding rows. With ``ROTARY`` each key tile is rotated at
+    its positions (``kpos_base``) as it is loaded (``q`` comes rotated).
     """
     offs_n = tl.arange(0, BLOCK_N)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     for t in range(t_start, t_end):
         cols = t * BLOCK_N + offs_n
-        k = _load_tile(k_base + cols[:, None] * stride_kn + offs_dk[None, :], cols, len_k, offs_dk, DK,
-                       MASKED, BLOCK_DK != DK)
+        kpos = _rope_positions(kpos_base, cols, cols < len_k, ROTARY)
+        k = _load_rope(k_base + cols * stride_kn, cols, len_k, offs_dk, DK, kpos, Cos, Sin,
+                       MASKED, BLOCK_DK != DK, ROTARY, ROT_HALF, ROT_START)
         if MASKED or HAS_MASK or SOFTCAP or ALIBI:
             s, _ = _scores(q, k, qk_scale, mask_rows[:, None], row_ok[:, None], cols[None, :], stride_mk, len_k,
                            pos[:, None], slope[:, None], softcap_log2, diag, HAS_MASK, DOT, SOFTCAP, ALIBI)
@@ -199,12 +276,13 @@ def _fwd_kernel(Q, K, V, Mask, Out, LSE, Alibi, Sinks,
                 stride_mb, stride_mh, stride_mq, stride_mk,
                 stride_ob, stride_oh, stride_om, stride_os, stride_ls,
                 qk_scale, heads_q, heads_kv, len_q, len_k, diag, left, right, num_splits, tune_bucket,
-                softcap_log2, stride_ab,
+                softcap_log2, stride_ab, Cos, Sin, QPos, KPos, stride_qpb, stride_kpb,
                 DK: tl.constexpr, DV: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 PACK_GQA: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                 HAS_MASK: tl.constexpr, DOT: tl.constexpr, SOFTCAP: tl.constexpr = False,
-                ALIBI: tl.constexpr = False, SINKS: tl.constexpr = False):
+                ALIBI: tl.constexpr = False, SINKS: tl.constexpr = False, ROTARY: tl.constexpr = 0,
+                ROT_HALF: tl.constexpr = 1, ROT_START: tl.constexpr = 0):
     """One program: one block of query rows x one split of its keys.
 
     Grid ``(row blocks, B * heads, splits)``. Without ``PACK_GQA`` a block is ``BLOCK_M`` positions of
@@ -216,6 +294,10 @@ def _fwd_kernel(Q, K, V, Mask, Out, LSE, Alibi, Sinks,
     ``tune_bucket`` only keys the autotuner (power-of-2 buckets of the lengths). ``Alibi``: slopes in
     log2 units, ``stride_ab`` apart per batch (0: shared), read with ``ALIBI`` only; ``Sinks``: one
     logit per query head (natural units), folded in with ``SINKS`` (never with split partials).
+    ``ROTARY`` (1 halves, 2 interleaved) rotates q and k as they are loaded (``_load_rope``): lanes
+    ``[ROT_START, ROT_START + 2 ROT_HALF)`` at the positions ``QPos``/``KPos`` (int ``[B, L]``,
+    ``stride_qpb``/``stride_kpb`` apart, 0: shared) of the float32 tables ``Cos``/``Sin``
+    ``[P, ROT_HALF]``.
     """
     group = heads_q // heads_kv
     pid_h = tl.program_id(1)
@@ -226,7 +308,7 @@ def _fwd_kernel(Q, K, V, Mask, Out, LSE, Alibi, Sinks,
         kvh = pid_h % heads_kv
         head = kvh * group + offs // len_q
         pos = offs % len_q
-        row_ok = offs < group * len_q
+        row, rows = offs, group * len_q  # block row and the rows that exist
         i_min = 0
         i_max = len_q - 1
     else:
@@ -236,13 +318,17 @@ def _fwd_kernel(Q, K, V, Mask, Out, LSE, Alibi, Sinks,
         head = pid_h % heads_q
         kvh = head // group
         pos = pid_m * BLOCK_M + offs
-        row_ok = pos < len_q
+        row, rows = pos, len_q
         i_min = pid_m * BLOCK_M
         i_max = tl.minimum(i_min + BLOCK_M, len_q) - 1
+    row_ok = row < rows
     b64 = b.to(tl.int64)
     offs_dk = tl.arange(0, BLOCK_DK)
     q_rows = Q + b64 * stride_qb + head.to(tl.int64) * stride_qh + pos * stride_qm
-    q = tl.load(q_rows[:, None] + offs_dk[None, :], mask=row_ok[:, None] & (offs_dk[None, :] < DK), other=0.0)
+    qpos = _rope_positions(QPos + b64 * stride_qpb, pos, row_ok, ROTARY)
+    q = _load_rope(q_rows, row, rows, offs_dk, DK, qpos, Cos, Sin, True, BLOCK_DK != DK, ROTARY, ROT_HALF,
+                   ROT_START)
+    kpos_base = KPos + b64 * stride_kpb
     k_base = K + b64 * stride_kb + kvh.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + kvh.to(tl.int64) * stride_vh
     mask_rows = Mask + b64 * stride_mb + head * stride_mh + pos * stride_mq
@@ -261,18 +347,18 @@ def _fwd_kernel(Q, K, V, Mask, Out, LSE, Alibi, Sinks,
     acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, k_base, v_base, mask_rows,
                              tl.maximum(t_lo, s_lo), tl.minimum(f_lo, s_hi),
                              stride_kn, stride_vn, stride_mk, qk_scale, pos, row_ok, len_k, diag, left, right,
-                             slope, softcap_log2, BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, True, HAS_LEFT, HAS_RIGHT,
-                             HAS_MASK, DOT, SOFTCAP, ALIBI)
+                             slope, softcap_log2, kpos_base, Cos, Sin, BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, True,
+                             HAS_LEFT, HAS_RIGHT, HAS_MASK, DOT, SOFTCAP, ALIBI, ROTARY, ROT_HALF, ROT_START)
     acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, k_base, v_base, mask_rows,
                              tl.maximum(f_lo, s_lo), tl.minimum(f_hi, s_hi),
                              stride_kn, stride_vn, stride_mk, qk_scale, pos, row_ok, len_k, diag, left, right,
-                             slope, softcap_log2, BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, False, HAS_LEFT, HAS_RIGHT,
-                             HAS_MASK, DOT, SOFTCAP, ALIBI)
+                             slope, softcap_log2, kpos_base, Cos, Sin, BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, False,
+                             HAS_LEFT, HAS_RIGHT, HAS_MASK, DOT, SOFTCAP, ALIBI, ROTARY, ROT_HALF, ROT_START)
     acc, l_i, m_i = _fwd_run(acc, l_i, m_i, q, k_base, v_base, mask_rows,
                              tl.maximum(f_hi, s_lo), tl.minimum(t_hi, s_hi),
                              stride_kn, stride_vn, stride_mk, qk_scale, pos, row_ok, len_k, diag, left, right,
-                             slope, softcap_log2, BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, True, HAS_LEFT, HAS_RIGHT,
-                             HAS_MASK, DOT, SOFTCAP, ALIBI)
+                             slope, softcap_log2, kpos_base, Cos, Sin, BLOCK_N, DK, DV, BLOCK_DK, BLOCK_DV, True,
+                             HAS_LEFT, HAS_RIGHT, HAS_MASK, DOT, SOFTCAP, ALIBI, ROTARY, ROT_HALF, ROT_START)
 
     if SINKS:
         sink = tl.load(Sinks + head + tl.zeros([BLOCK_M], tl.int32), mask=row_ok, other=0.0) * _LOG2E
@@ -343,20 +429,23 @@ def _bwd_preprocess_kernel(Out, DO, LSE, Delta, LSE2, rows,
 @triton.jit
 def _dkdv_run(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, t_start, t_end,
               stride_qm, stride_dom, stride_mq, stride_mk, qk_scale, cols, len_q, len_k, diag, left, right,
-              slope, softcap_log2,
+              slope, softcap_log2, qpos_base, Cos, Sin,
               BLOCK_M: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
               BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
               MASKED: tl.constexpr, EVEN_M: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-              HAS_MASK: tl.constexpr, DOT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
-    """Accumulate one key block's ``dK`` (unscaled) and ``dV`` over query tiles ``[t_start, t_end)``
-    of one query head, in transposed form (``[keys, queries]`` score tiles)."""
+              HAS_MASK: tl.constexpr, DOT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+              ROTARY: tl.constexpr, ROT_HALF: tl.constexpr, ROT_START: tl.constexpr):
+    """Accumulate one key block's ``dK`` (unscaled, of the rotated keys under ``ROTARY``) and ``dV``
+    over query tiles ``[t_start, t_end)`` of one query head, in transposed form (``[keys, queries]``
+    score tiles); query tiles are rotated as they are loaded."""
     offs_m = tl.arange(0, BLOCK_M)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     for t in range(t_start, t_end):
         rows = t * BLOCK_M + offs_m
-        q = _load_tile(q_base + rows[:, None] * stride_qm + offs_dk[None, :], rows, len_q, offs_dk, DK,
-                       not EVEN_M, BLOCK_DK != DK)
+        qpos = _rope_positions(qpos_base, rows, rows < len_q, ROTARY)
+        q = _load_rope(q_base + rows * stride_qm, rows, len_q, offs_dk, DK, qpos, Cos, Sin,
+                       not EVEN_M, BLOCK_DK != DK, ROTARY, ROT_HALF, ROT_START)
         lse2 = tl.load(lse_base + rows, mask=rows < len_q, other=float("inf"))
         s_t, dcap = _scores(k, q, qk_scale, mask_base + rows[None, :] * stride_mq, rows[None, :] < len_q,
                             cols[:, None], stride_mk, len_k, rows[None, :], slope, softcap_log2, diag,
@@ -386,16 +475,18 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE2, Delta, Mask, DK, DV, Alibi,
                      stride_mb, stride_mh, stride_mq, stride_mk,
                      stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn, stride_dks, stride_dvs,
                      sm_scale, qk_scale, heads_q, heads_kv, len_q, len_k, diag, left, right, group_splits, tune_bucket,
-                     softcap_log2, stride_ab,
+                     softcap_log2, stride_ab, Cos, Sin, QPos, KPos, stride_qpb, stride_kpb,
                      DK_: tl.constexpr, DV_: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_M: tl.constexpr,
                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, DOT: tl.constexpr,
-                     SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False):
+                     SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False, ROTARY: tl.constexpr = 0,
+                     ROT_HALF: tl.constexpr = 1, ROT_START: tl.constexpr = 0):
     """``dK``, ``dV`` of one block of ``BLOCK_N`` keys of one kv head, summed over the query heads
     that share it (GQA) in registers. Grid ``(key blocks, B * Hkv, group splits)``: with
     ``group_splits > 1`` each program sums a slice of the group into fp32 partials
     (``stride_dks``/``stride_dvs`` apart), which the host adds (used when ``B * Hkv`` key blocks
-    would not fill the GPU).
+    would not fill the GPU). With ``ROTARY`` (see ``_fwd_kernel``) q and k are rotated as they are
+    loaded and ``dK`` of the rotated keys is rotated back (``_unrotate``) before it is stored.
     ``tune_bucket`` only keys the autotuner."""
     pid_n = tl.program_id(0)
     pid_h = tl.program_id(1)
@@ -408,8 +499,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE2, Delta, Mask, DK, DV, Alibi,
     cols = n0 + tl.arange(0, BLOCK_N)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    k = _load_tile(K + b64 * stride_kb + kvh.to(tl.int64) * stride_kh + cols[:, None] * stride_kn + offs_dk[None, :],
-                   cols, len_k, offs_dk, DK_, True, BLOCK_DK != DK_)
+    kpos = _rope_positions(KPos + b64 * stride_kpb, cols, cols < len_k, ROTARY)
+    k = _load_rope(K + b64 * stride_kb + kvh.to(tl.int64) * stride_kh + cols * stride_kn, cols, len_k, offs_dk, DK_,
+                   kpos, Cos, Sin, True, BLOCK_DK != DK_, ROTARY, ROT_HALF, ROT_START)
+    qpos_base = QPos + b64 * stride_qpb
     v = _load_tile(V + b64 * stride_vb + kvh.to(tl.int64) * stride_vh + cols[:, None] * stride_vn + offs_dv[None, :],
                    cols, len_k, offs_dv, DV_, True, BLOCK_DV != DV_)
 
@@ -443,17 +536,20 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE2, Delta, Mask, DK, DV, Alibi,
             slope = tl.load(Alibi + b64 * stride_ab + h)
         dk, dv = _dkdv_run(dk, dv, k, v, q_base, do_base, LSE2 + bh * len_q, Delta + bh * len_q, mask_base,
                            t_lo, f_lo, stride_qm, stride_dom, stride_mq, stride_mk, qk_scale, cols,
-                           len_q, len_k, diag, left, right, slope, softcap_log2, BLOCK_M, DK_, DV_, BLOCK_DK,
-                           BLOCK_DV, True, EVEN_M, HAS_LEFT, HAS_RIGHT, HAS_MASK, DOT, SOFTCAP, ALIBI)
+                           len_q, len_k, diag, left, right, slope, softcap_log2, qpos_base, Cos, Sin, BLOCK_M, DK_,
+                           DV_, BLOCK_DK, BLOCK_DV, True, EVEN_M, HAS_LEFT, HAS_RIGHT, HAS_MASK, DOT, SOFTCAP, ALIBI,
+                           ROTARY, ROT_HALF, ROT_START)
         dk, dv = _dkdv_run(dk, dv, k, v, q_base, do_base, LSE2 + bh * len_q, Delta + bh * len_q, mask_base,
                            f_lo, f_hi, stride_qm, stride_dom, stride_mq, stride_mk, qk_scale, cols,
-                           len_q, len_k, diag, left, right, slope, softcap_log2, BLOCK_M, DK_, DV_, BLOCK_DK,
-                           BLOCK_DV, False, EVEN_M, HAS_LEFT, HAS_RIGHT, HAS_MASK, DOT, SOFTCAP, ALIBI)
+                           len_q, len_k, diag, left, right, slope, softcap_log2, qpos_base, Cos, Sin, BLOCK_M, DK_,
+                           DV_, BLOCK_DK, BLOCK_DV, False, EVEN_M, HAS_LEFT, HAS_RIGHT, HAS_MASK, DOT, SOFTCAP, ALIBI,
+                           ROTARY, ROT_HALF, ROT_START)
         dk, dv = _dkdv_run(dk, dv, k, v, q_base, do_base, LSE2 + bh * len_q, Delta + bh * len_q, mask_base,
                            f_hi, t_hi, stride_qm, stride_dom, stride_mq, stride_mk, qk_scale, cols,
-                           len_q, len_k, diag, left, right, slope, softcap_log2, BLOCK_M, DK_, DV_, BLOCK_DK,
-                           BLOCK_DV, True, EVEN_M, HAS_LEFT, HAS_RIGHT, HAS_MASK, DOT, SOFTCAP, ALIBI)
-    dk *= sm_scale
+                           len_q, len_k, diag, left, right, slope, softcap_log2, qpos_base, Cos, Sin, BLOCK_M, DK_,
+                           DV_, BLOCK_DK, BLOCK_DV, True, EVEN_M, HAS_LEFT, HAS_RIGHT, HAS_MASK, DOT, SOFTCAP, ALIBI,
+                           ROTARY, ROT_HALF, ROT_START)
+    dk = _unrotate(dk * sm_scale, kpos, cols < len_k, offs_dk, Cos, Sin, ROTARY, ROT_HALF, ROT_START)
     split = gsplit.to(tl.int64)
     tl.store(DK + split * stride_dks + b64 * stride_dkb + kvh * stride_dkh
              + cols[:, None] * stride_dkn + offs_dk[None, :],
@@ -466,21 +562,24 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE2, Delta, Mask, DK, DV, Alibi,
 @triton.jit
 def _dq_run(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, t_start, t_end,
             stride_kn, stride_vn, stride_mk, stride_gk, qk_scale, rows, row_ok, len_k, diag, left, right,
-            slope, softcap_log2,
+            slope, softcap_log2, kpos_base, Cos, Sin,
             BLOCK_N: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
             BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
             MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
             HAS_MASK: tl.constexpr, MASK_GRAD: tl.constexpr, GRAD_ROWS_BCAST: tl.constexpr,
-            GRAD_COLS_BCAST: tl.constexpr, DOT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
-    """Accumulate one query block's ``dQ`` (unscaled) over key tiles ``[t_start, t_end)``; with
-    ``MASK_GRAD`` also add ``dS`` into the mask gradient (atomics: broadcast dims share cells)."""
+            GRAD_COLS_BCAST: tl.constexpr, DOT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+            ROTARY: tl.constexpr, ROT_HALF: tl.constexpr, ROT_START: tl.constexpr):
+    """Accumulate one query block's ``dQ`` (unscaled; of the rotated queries under ``ROTARY``, key
+    tiles then rotated as they are loaded) over key tiles ``[t_start, t_end)``; with ``MASK_GRAD``
+    also add ``dS`` into the mask gradient (atomics: broadcast dims share cells)."""
     offs_n = tl.arange(0, BLOCK_N)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     for t in range(t_start, t_end):
         cols = t * BLOCK_N + offs_n
-        k = _load_tile(k_base + cols[:, None] * stride_kn + offs_dk[None, :], cols, len_k, offs_dk, DK,
-                       MASKED, BLOCK_DK != DK)
+        kpos = _rope_positions(kpos_base, cols, cols < len_k, ROTARY)
+        k = _load_rope(k_base + cols * stride_kn, cols, len_k, offs_dk, DK, kpos, Cos, Sin,
+                       MASKED, BLOCK_DK != DK, ROTARY, ROT_HALF, ROT_START)
         v = _load_tile(v_base + cols[:, None] * stride_vn + offs_dv[None, :], cols, len_k, offs_dv, DV,
                        MASKED, BLOCK_DV != DV)
         s, dcap = _scores(q, k, qk_scale, mask_rows[:, None], row_ok[:, None], cols[None, :], stride_mk, len_k,
@@ -520,15 +619,17 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE2, Delta, Mask, DQ, DMask, Alibi,
                    stride_gb, stride_gh, stride_gq, stride_gk,
                    stride_dqb, stride_dqh, stride_dqm,
                    sm_scale, qk_scale, heads_q, heads_kv, len_q, len_k, diag, left, right, tune_bucket,
-                   softcap_log2, stride_ab,
+                   softcap_log2, stride_ab, Cos, Sin, QPos, KPos, stride_qpb, stride_kpb,
                    DK_: tl.constexpr, DV_: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr,
                    MASK_GRAD: tl.constexpr, GRAD_ROWS_BCAST: tl.constexpr, GRAD_COLS_BCAST: tl.constexpr,
-                   DOT: tl.constexpr, SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False):
+                   DOT: tl.constexpr, SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False,
+                   ROTARY: tl.constexpr = 0, ROT_HALF: tl.constexpr = 1, ROT_START: tl.constexpr = 0):
     """``dQ`` of one block of ``BLOCK_M`` query rows of one head (and ``dMask`` when asked); grid
     ``(row blocks, B * Hq)``. ``DMask`` strides are 0 on the mask's broadcast dims; ``tune_bucket``
-    only keys the autotuner."""
+    only keys the autotuner. ``ROTARY`` as in the dK/dV kernel: ``dQ`` is rotated back before it is
+    stored."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_h = tl.program_id(1)
     b = pid_h // heads_q
@@ -540,8 +641,10 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE2, Delta, Mask, DQ, DMask, Alibi,
     row_ok = rows < len_q
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q = _load_tile(Q + b64 * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_dk[None, :],
-                   rows, len_q, offs_dk, DK_, True, BLOCK_DK != DK_)
+    qpos = _rope_positions(QPos + b64 * stride_qpb, rows, row_ok, ROTARY)
+    q = _load_rope(Q + b64 * stride_qb + h * stride_qh + rows * stride_qm, rows, len_q, offs_dk, DK_, qpos, Cos, Sin,
+                   True, BLOCK_DK != DK_, ROTARY, ROT_HALF, ROT_START)
+    kpos_base = KPos + b64 * stride_kpb
     do = _load_tile(DO + b64 * stride_dob + h * stride_doh + rows[:, None] * stride_dom + offs_dv[None, :],
                     rows, len_q, offs_dv, DV_, True, BLOCK_DV != DV_)
     lse2 = tl.load(LSE2 + bh * len_q + rows, mask=row_ok, other=float("inf"))
@@ -564,16 +667,19 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE2, Delta, Mask, DQ, DMask, Alibi,
     dq = tl.zeros([BLOCK_M, BLOCK_DK], tl.float32)
     dq = _dq_run(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, t_lo, f_lo,
                  stride_kn, stride_vn, stride_mk, stride_gk, qk_scale, rows, row_ok, len_k, diag, left, right,
-                 slope, softcap_log2, BLOCK_N, DK_, DV_, BLOCK_DK, BLOCK_DV, True, HAS_LEFT, HAS_RIGHT, HAS_MASK,
-                 MASK_GRAD, GRAD_ROWS_BCAST, GRAD_COLS_BCAST, DOT, SOFTCAP, ALIBI)
+                 slope, softcap_log2, kpos_base, Cos, Sin, BLOCK_N, DK_, DV_, BLOCK_DK, BLOCK_DV, True, HAS_LEFT,
+                 HAS_RIGHT, HAS_MASK, MASK_GRAD, GRAD_ROWS_BCAST, GRAD_COLS_BCAST, DOT, SOFTCAP, ALIBI, ROTARY,
+                 ROT_HALF, ROT_START)
     dq = _dq_run(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, f_lo, f_hi,
                  stride_kn, stride_vn, stride_mk, stride_gk, qk_scale, rows, row_ok, len_k, diag, left, right,
-                 slope, softcap_log2, BLOCK_N, DK_, DV_, BLOCK_DK, BLOCK_DV, False, HAS_LEFT, HAS_RIGHT, HAS_MASK,
-                 MASK_GRAD, GRAD_ROWS_BCAST, GRAD_COLS_BCAST, DOT, SOFTCAP, ALIBI)
+                 slope, softcap_log2, kpos_base, Cos, Sin, BLOCK_N, DK_, DV_, BLOCK_DK, BLOCK_DV, False, HAS_LEFT,
+                 HAS_RIGHT, HAS_MASK, MASK_GRAD, GRAD_ROWS_BCAST, GRAD_COLS_BCAST, DOT, SOFTCAP, ALIBI, ROTARY,
+                 ROT_HALF, ROT_START)
     dq = _dq_run(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, f_hi, t_hi,
                  stride_kn, stride_vn, stride_mk, stride_gk, qk_scale, rows, row_ok, len_k, diag, left, right,
-                 slope, softcap_log2, BLOCK_N, DK_, DV_, BLOCK_DK, BLOCK_DV, True, HAS_LEFT, HAS_RIGHT, HAS_MASK,
-                 MASK_GRAD, GRAD_ROWS_BCAST, GRAD_COLS_BCAST, DOT, SOFTCAP, ALIBI)
-    dq *= sm_scale
+                 slope, softcap_log2, kpos_base, Cos, Sin, BLOCK_N, DK_, DV_, BLOCK_DK, BLOCK_DV, True, HAS_LEFT,
+                 HAS_RIGHT, HAS_MASK, MASK_GRAD, GRAD_ROWS_BCAST, GRAD_COLS_BCAST, DOT, SOFTCAP, ALIBI, ROTARY,
+                 ROT_HALF, ROT_START)
+    dq = _unrotate(dq * sm_scale, qpos, row_ok, offs_dk, Cos, Sin, ROTARY, ROT_HALF, ROT_START)
     tl.store(DQ + b64 * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + offs_dk[None, :],
              dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_dk[None, :] < DK_))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import triton
@@ -58,8 +58,9 @@ _DKDV_CONFIGS: Dict[int, List[triton.Config]] = {
     128: [_cfg(32, 64, 8, 3), _cfg(16, 128, 8, 3), _cfg(32, 128, 8, 2)],
 }
 _DQ_CONFIGS: List[triton.Config] = [_cfg(128, 64, 8, 2), _cfg(128, 32, 8, 3), _cfg(64, 64, 4, 3)]
-_FLAGS = ["DK", "DV", "HAS_LEFT", "HAS_RIGHT", "HAS_MASK", "DOT", "SOFTCAP", "ALIBI", "SINKS"]
-_BWD_FLAGS = ["DK_", "DV_", "HAS_LEFT", "HAS_RIGHT", "HAS_MASK", "DOT", "SOFTCAP", "ALIBI"]
+_ROT_FLAGS = ["ROTARY", "ROT_HALF", "ROT_START"]
+_FLAGS = ["DK", "DV", "HAS_LEFT", "HAS_RIGHT", "HAS_MASK", "DOT", "SOFTCAP", "ALIBI", "SINKS", *_ROT_FLAGS]
+_BWD_FLAGS = ["DK_", "DV_", "HAS_LEFT", "HAS_RIGHT", "HAS_MASK", "DOT", "SOFTCAP", "ALIBI", *_ROT_FLAGS]
 
 _fwd_tuned = {d: triton.autotune(configs=c, key=["tune_bucket", *_FLAGS])(kern._fwd_kernel)
               for d, c in _FWD_CONFIGS.items()}
@@ -147,15 +148,43 @@ def _mods_args(problem: Problem, alibi: Optional[torch.Tensor], stand_in: torch.
     return table, p.softcap * kern.LOG2E, stride, flags
 
 
+class Rotary(NamedTuple):
+    """Rotary embedding applied inside the kernels' loads (``kernels._load_rope``), on q's device:
+    float32 contiguous tables ``cos``/``sin`` ``[P, R/2]``, int32 positions ``q_pos [B or 1, Lq]`` and
+    ``k_pos [B or 1, Lk]`` (contiguous rows; a leading 1 is shared by the batch), the layout
+    (``interleaved``: pairs (2i, 2i+1), else (i, i + R/2)) and the first rotated channel ``start``
+    (channels ``[start, start + R)`` are rotated, the rest pass unchanged). Checked by the caller
+    (``aule_kp.triton.rotary``)."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    q_pos: torch.Tensor
+    k_pos: torch.Tensor
+    interleaved: bool
+    start: int = 0
+
+
+def _rotary_args(rotary: Optional[Rotary], stand_in: torch.Tensor) -> Tuple[tuple, Dict[str, int]]:
+    """``((Cos, Sin, QPos, KPos, stride_qpb, stride_kpb), flags)`` of the kernels (``stand_in``, never
+    read, for the pointers without rotary)."""
+    if rotary is None:
+        return (stand_in, stand_in, stand_in, stand_in, 0, 0), dict(ROTARY=0, ROT_HALF=1, ROT_START=0)
+    r = rotary
+    strides = tuple(0 if pos.shape[0] == 1 else pos.stride(0) for pos in (r.q_pos, r.k_pos))
+    flags = dict(ROTARY=2 if r.interleaved else 1, ROT_HALF=int(r.cos.shape[1]), ROT_START=int(r.start))
+    return (r.cos, r.sin, r.q_pos, r.k_pos, *strides), flags
+
+
 def forward(problem: Problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor],
             block_m: Optional[int] = None, block_n: Optional[int] = None,
-            alibi: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None
-            ) -> Tuple[torch.Tensor, torch.Tensor]:
+            alibi: Optional[torch.Tensor] = None, sinks: Optional[torch.Tensor] = None,
+            rotary: Optional[Rotary] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, Hq, Lq, Dv] in q's dtype, lse float32 [B, Hq, Lq])`` on q's device.
 
     ``block_m``/``block_n`` pin the tile (tests use tiny ones to cross many tiles); else tuned or
     heuristic as the module docstring says. ``alibi``: float32 slopes ``[problem.alibi_rows, Hq]``;
-    ``sinks``: float32 ``[Hq]`` (the lse includes them).
+    ``sinks``: float32 ``[Hq]`` (the lse includes them); ``rotary``: q and k come unrotated and are
+    rotated as the kernel loads them.
     """
     p = problem
     g = p.group
@@ -168,8 +197,9 @@ def forward(problem: Problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     mstrides = _bcast_strides(mask_t, p) if has_mask else (0, 0, 0, 0)
     alibi_t, softcap_log2, stride_ab, mod_flags = _mods_args(p, alibi, q)
     sinks_t = q if sinks is None else sinks.float().contiguous()  # q: a stand-in pointer, never read
+    rot_t, rot_flags = _rotary_args(rotary, q)
     flags = dict(DK=p.dim_k, DV=p.dim_v, BLOCK_DK=bdk, BLOCK_DV=bdv, HAS_LEFT=p.left is not None,
-                 HAS_RIGHT=p.right is not None, HAS_MASK=has_mask, DOT=_dot_mode(p), **mod_flags)
+                 HAS_RIGHT=p.right is not None, HAS_MASK=has_mask, DOT=_dot_mode(p), **mod_flags, **rot_flags)
     scalars = (p.scale * kern.LOG2E, p.heads_q, p.heads_kv, p.len_q, p.len_k, diag, left, right)
     common = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
               v.stride(0), v.stride(1), v.stride(2), *mstrides)
@@ -179,7 +209,8 @@ def forward(problem: Problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         tuned = _fwd_tuned[max(64, bdk, bdv)]
         tuned[lambda meta: (triton.cdiv(p.len_q, meta["BLOCK_M"]), p.batch * p.heads_q, 1)](
             q, k, v, mask_t, out, lse, alibi_t, sinks_t, *common, out.stride(0), out.stride(1), out.stride(2), 0, 0,
-            *scalars, 1, _tune_bucket(p), softcap_log2, stride_ab, PACK_GQA=False, SINKS=sinks is not None, **flags)
+            *scalars, 1, _tune_bucket(p), softcap_log2, stride_ab, *rot_t, PACK_GQA=False, SINKS=sinks is not None,
+            **flags)
         return out, lse
 
     es = q.element_size()
@@ -199,7 +230,7 @@ def forward(problem: Problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     log.debug("triton forward %s: block %dx%d, pack=%s, splits=%d", p, bm, bn, pack, splits)
     grid = (blocks, heads, splits)
     launch = dict(PACK_GQA=pack, BLOCK_M=bm, BLOCK_N=bn, num_warps=_warps(bm, bdv), num_stages=2, **flags)
-    tail = (*scalars, splits, _tune_bucket(p), softcap_log2, stride_ab)
+    tail = (*scalars, splits, _tune_bucket(p), softcap_log2, stride_ab, *rot_t)
     if splits == 1:
         kern._fwd_kernel[grid](q, k, v, mask_t, out, lse, alibi_t, sinks_t, *common, out.stride(0), out.stride(1),
                                out.stride(2), 0, 0, *tail, SINKS=sinks is not None, **launch)
@@ -216,10 +247,12 @@ def forward(problem: Problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def backward(problem: Problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
              dout: torch.Tensor, lse: torch.Tensor, mask: Optional[torch.Tensor], mask_grad: bool = False,
-             block_m: Optional[int] = None, block_n: Optional[int] = None, alibi: Optional[torch.Tensor] = None
+             block_m: Optional[int] = None, block_n: Optional[int] = None, alibi: Optional[torch.Tensor] = None,
+             rotary: Optional[Rotary] = None
              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """``(dq, dk, dv, dmask)`` per :meth:`aule_kp.backend.Backend.backward`, as torch tensors
-    (``alibi`` as ``forward`` takes it).
+    (``alibi`` and ``rotary`` as ``forward`` takes them; with ``rotary``, dq and dk are the gradients
+    of the unrotated q and k).
 
     ``block_m``/``block_n`` pin both kernels' tiles (dK/dV: ``block_m`` query rows per inner tile,
     ``block_n`` keys per program; dQ: ``block_m`` rows per program, ``block_n`` keys per tile).
@@ -246,8 +279,9 @@ def backward(problem: Problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     dmask_t = dmask if dmask is not None else torch.zeros(1, dtype=torch.float32, device=dev)
     gstrides = _bcast_strides(dmask, p) if dmask is not None else (0, 0, 0, 0)
     alibi_t, softcap_log2, stride_ab, mod_flags = _mods_args(p, alibi, q)
+    rot_t, rot_flags = _rotary_args(rotary, q)
     flags = dict(DK_=p.dim_k, DV_=p.dim_v, BLOCK_DK=bdk, BLOCK_DV=bdv, HAS_LEFT=p.left is not None,
-                 HAS_RIGHT=p.right is not None, HAS_MASK=has_mask, DOT=_dot_mode(p), **mod_flags)
+                 HAS_RIGHT=p.right is not None, HAS_MASK=has_mask, DOT=_dot_mode(p), **mod_flags, **rot_flags)
     scalars = (p.scale, p.scale * kern.LOG2E, p.heads_q, p.heads_kv, p.len_q, p.len_k, diag, left, right)
     inputs = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
               v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2), *mstrides)
@@ -270,7 +304,7 @@ def backward(problem: Problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     dkdv_args = (q, k, v, dout, lse2, delta, mask_t, dk_t, dv_t, alibi_t, *inputs,
                  dk_t.stride(-4), dk_t.stride(-3), dk_t.stride(-2), dv_t.stride(-4), dv_t.stride(-3),
                  dv_t.stride(-2), dk_t.stride(0) if gsplits > 1 else 0, dv_t.stride(0) if gsplits > 1 else 0,
-                 *scalars, gsplits, bucket, softcap_log2, stride_ab)
+                 *scalars, gsplits, bucket, softcap_log2, stride_ab, *rot_t)
     if tuned:
         # Every config's BLOCK_M divides 128, so this is exact for each of them.
         tuner = _dkdv_tuned[max(64, bdk, bdv)]
@@ -285,7 +319,7 @@ def backward(problem: Problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     # dQ (and dMask).
     dq = torch.empty_like(q)
     dq_args = (q, k, v, dout, lse2, delta, mask_t, dq, dmask_t, alibi_t, *inputs, *gstrides,
-               dq.stride(0), dq.stride(1), dq.stride(2), *scalars, bucket, softcap_log2, stride_ab)
+               dq.stride(0), dq.stride(1), dq.stride(2), *scalars, bucket, softcap_log2, stride_ab, *rot_t)
     gflags = dict(MASK_GRAD=want_dmask, GRAD_ROWS_BCAST=want_dmask and p.mask_shape[2] == 1,
                   GRAD_COLS_BCAST=want_dmask and p.mask_shape[3] == 1)
     if tuned:
