@@ -97,10 +97,14 @@ class _HeadsAttention(torch.nn.Module):
         k = k.reshape(batch, len_k, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.reshape(batch, len_k, self.num_kv_heads, self.head_dim).transpose(1, 2)
         past = cache.length if cache is not None else 0
+        rotary = None
         if self.rotary is not None:
             q_pos = _positions(positions, past, len_q, q.device, "positions")
             k_pos = q_pos if context is None else _positions(key_positions, 0, len_k, k.device, "key_positions")
-            q, k = self.rotary(q, q_pos), self.rotary(k, k_pos)
+            if cache is not None:
+                # The cache holds rotated keys: the new ones are rotated here, in torch.
+                k, k_pos = self.rotary(k, k_pos), None
+            rotary = self.rotary.spec(q_pos, k_pos, batch)
         if cache is not None:
             k, v = cache.append(k, v)
         mask = attn_mask
@@ -108,7 +112,8 @@ class _HeadsAttention(torch.nn.Module):
             bias = alibi_bias(self.alibi_slopes, len_q, k.shape[2], q.dtype)
             mask = bias if mask is None else (bias.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool
                                               else mask + bias)
-        out = attend(q, k, v, scale=self.scaling, causal=self.causal, attn_mask=mask, backend=self.backend)
+        out = attend(q, k, v, scale=self.scaling, causal=self.causal, attn_mask=mask, backend=self.backend,
+                     rotary=rotary)
         return self._output(out.transpose(1, 2).reshape(batch, len_q, self.num_heads * self.head_dim))
 
 

@@ -123,18 +123,24 @@ class LatentAttention(torch.nn.Module):
         latent, k_rot = self.kv_a_proj_with_mqa(hidden_states).split([self.kv_lora_rank, rope], dim=-1)
         latent = self.kv_a_layernorm(latent)
         pos = _positions(positions, cache.length if cache is not None else 0, length, q.device, "positions")
-        q_rot, k_rot = self.rotary(q_rot, pos), self.rotary(k_rot[:, None], pos)
+        k_rot = k_rot[:, None]
         options = dict(scale=self.scaling, causal=self.causal, attn_mask=attn_mask, backend=self.backend)
         if cache is None:
             kv = self.kv_b_proj(latent).reshape(batch, length, heads, nope + self.v_head_dim).transpose(1, 2)
             k_pass, v = kv.split([nope, self.v_head_dim], dim=-1)
             k = torch.cat((k_pass, k_rot.expand(-1, heads, -1, -1)), dim=-1)
-            out = attend(torch.cat((q_pass, q_rot), dim=-1), k, v, **options)
+            # q and k unrotated: attend rotates their last `rope` channels (on the device on Vulkan).
+            out = attend(torch.cat((q_pass, q_rot), dim=-1), k, v, rotary=self.rotary.spec(pos, pos, batch, nope),
+                         **options)
         else:
+            # The cache holds the rotated rope key: the new one is rotated here, in torch; the
+            # query's rope part is rotated by attend.
+            k_rot = self.rotary(k_rot, pos)
             # Absorbed: q_nope·k_nope = (q_nope W_uk)·latent and P·(latent W_uvᵀ) = (P·latent) W_uvᵀ.
             w = self.kv_b_proj.weight.reshape(heads, nope + self.v_head_dim, self.kv_lora_rank)
             q_latent = torch.einsum("bhld,hdc->bhlc", q_pass, w[:, :nope])
             keys, values = cache.append(torch.cat((latent[:, None], k_rot), dim=-1))
-            out_latent = attend(torch.cat((q_latent, q_rot), dim=-1), keys, values, **options)
+            out_latent = attend(torch.cat((q_latent, q_rot), dim=-1), keys, values,
+                                rotary=self.rotary.spec(pos, None, batch, self.kv_lora_rank), **options)
             out = torch.einsum("bhlc,hvc->bhlv", out_latent, w[:, nope:])
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, heads * self.v_head_dim))
