@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -228,7 +229,6 @@ def test_layer_fused_equals_torch_rotation(kind, dtype, monkeypatch) -> None:
     """A layer on backend="vulkan" (rotation on the device) against the same layer with the
     rotation in torch: the attention outputs within both attentions' tolerances plus what the two
     rotations' roundings can move them (``_rotation_bound``), and the fused path really ran."""
-    import sys
     from aule_kp.nn import GroupedQueryAttention, LatentAttention
     from aule_kp.problem import Problem, band
     from aule_kp.vulkan.backend import VulkanBackend

@@ -10,8 +10,9 @@ from .cache import KVCache
 from .heads import GroupedQueryAttention, MultiQueryAttention, SelfAttention
 from .latent import LatentAttention, RMSNorm
 from .mha import MultiHeadAttention
-from .positions import RotaryEmbedding, alibi_bias, alibi_slopes, rope_inv_freq
+from .positions import RotaryEmbedding, RotarySpec, alibi_bias, alibi_slopes, rope_inv_freq
 
 __all__ = ["LAYER_BACKENDS", "GroupedQueryAttention", "KVCache", "LatentAttention", "MultiHeadAttention",
-           "MultiQueryAttention", "RMSNorm", "RotaryEmbedding", "SelfAttention", "alibi_bias", "alibi_slopes", "attend",
+           "MultiQueryAttention", "RMSNorm", "RotaryEmbedding", "RotarySpec",
+           "SelfAttention", "alibi_bias", "alibi_slopes", "attend",
            "rope_inv_freq"]
