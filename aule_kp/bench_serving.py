@@ -156,24 +156,41 @@ def _kv_mb(case: ServingCase, q8: bool = False) -> float:
     return 2 * case.batch * case.ctx * case.hkv * case.d * per_value / 2**20
 
 
+def _cuda_data(case: ServingCase, data: Dict[str, np.ndarray]) -> Dict[str, Any]:
+    """``data`` as CUDA tensors (floating ones in the case's dtype): the Triton and flash-attn rows' inputs."""
+    import torch
+
+    dt = getattr(torch, case.dtype)
+    t = {name: torch.from_numpy(np.ascontiguousarray(x)).cuda() for name, x in data.items()}
+    return {name: (x.to(dt) if x.is_floating_point() else x) for name, x in t.items()}
+
+
 def bench_ours(case: ServingCase, backend: str, repeat: int, q8: bool = False) -> Dict[str, Any]:
-    """An aule-kp serving call on NumPy inputs (``q8``: a q8_0 cache; decode only)."""
+    """An aule-kp serving call (``q8``: a q8_0 cache; decode only): on NumPy inputs, or for the Triton
+    backend (which takes CUDA tensors) on CUDA tensors, synchronised."""
     data = _rng_data(case)
     who = f"aule-kp {backend}" + (" q8_0" if q8 else "")
+    args, sync, to_host = data, (lambda: None), np.asarray
+    if backend == "triton":
+        torch = _torch_device("cuda")
+        if torch is None:
+            return _row(case, who, None, note="skipped: the Triton backend takes CUDA tensors; no CUDA here")
+        args, sync = _cuda_data(case, data), torch.cuda.synchronize
+        to_host = lambda o: from_f32(o.float().cpu().numpy(), case.dtype)  # noqa: E731
     if case.kind == "prefill":
         def call() -> Any:
-            return flash_attention_varlen(data["q"], data["k"], data["v"], data["cu"], data["cu"], case.ctx, case.ctx,
+            return flash_attention_varlen(args["q"], args["k"], args["v"], args["cu"], args["cu"], case.ctx, case.ctx,
                                           causal=True, backend=backend)
-        return _timed(case, who, call, repeat, data)
-    kc, vc = data["k_cache"], data["v_cache"]
+        return _timed(case, who, call, repeat, data, to_host=to_host, sync=sync)
+    kc, vc = args["k_cache"], args["v_cache"]
     if q8:
         kc, vc = Q8Cache.from_float(to_f32(kc, case.dtype)), Q8Cache.from_float(to_f32(vc, case.dtype))
 
     def step() -> Any:
-        return flash_attention_with_kvcache(data["q"], kc, vc, data["k_new"], data["v_new"],
-                                            cache_seqlens=data["seqlens"], block_table=data["table"], causal=True,
+        return flash_attention_with_kvcache(args["q"], kc, vc, args["k_new"], args["v_new"],
+                                            cache_seqlens=args["seqlens"], block_table=args["table"], causal=True,
                                             backend=backend)
-    row = _timed(case, who, step, repeat, data, _kv_mb(case, q8))
+    row = _timed(case, who, step, repeat, data, _kv_mb(case, q8), to_host=to_host, sync=sync)
     if q8:
         row["note"] = "max err vs the float cache's values"
     return row
@@ -242,9 +259,7 @@ def bench_flash_attn(case: ServingCase, repeat: int) -> Optional[Dict[str, Any]]
     import flash_attn
 
     data = _rng_data(case)
-    dt = getattr(torch, case.dtype)
-    t = {name: torch.from_numpy(np.ascontiguousarray(x)).cuda() for name, x in data.items()}
-    t = {name: (x.to(dt) if x.is_floating_point() else x) for name, x in t.items()}
+    t = _cuda_data(case, data)
     if case.kind == "prefill":
         def call() -> Any:
             return flash_attn.flash_attn_varlen_func(t["q"], t["k"], t["v"], t["cu"], t["cu"], case.ctx, case.ctx,

@@ -146,6 +146,59 @@ def lse_tolerance(q: np.ndarray, k: np.ndarray, scale: float, mask: Optional[np.
     return tolerance("float32", np.shape(k)[-2] + np.shape(q)[-1], 1.0, exponent_range(q, k, scale, mask) + extra)
 
 
+def float64_tolerance(bound32: Any, computations: int = 2) -> Any:
+    """The bound between ``computations`` float64 computations of a result (a float64 reference against
+    another, e.g. torch autograd or a Hugging Face module cast to float64), from ``bound32``, the model's
+    bound (scalar or elementwise) of one float32 computation of it.
+
+    Every term of the float32 model (:func:`tolerance`, :func:`rotation_tolerance`, tests/layer_error.py)
+    is a count of roundings times ``u32`` with exact inputs; the same operations in float64 round at
+    ``u64 = 2**-53``, so each float64 computation is within ``bound32·u64/u32`` (``2**-29`` of it) of the
+    exact result, and two of them within ``computations`` times that of each other. Valid only for
+    float32 inputs (widened exactly) and float32 bounds without a 16-bit storage term."""
+    return computations * 2.0**-29 * bound32
+
+
+def _gamma(k: int, u: float) -> float:
+    """Higham's ``γ_k = k·u / (1 - k·u)``: ``k`` roundings of relative size ``u``, higher orders included."""
+    return k * u / (1.0 - k * u)
+
+
+def rotation_tolerance(pair_sum: Any, dtype: Any = "float32", rounded_tables: bool = False) -> Any:
+    """Largest error of one channel of a RoPE rotation ``y = x1·c - x2·s`` (or ``x2·c + x1·s``) computed
+    in float32 against the float64 rotation of the same ``x``, given ``pair_sum = |x1| + |x2|`` of its
+    pair (elementwise, or a scalar bound such as ``2·max|x|``).
+
+    * The two products and the difference round once each: ``u32·(|x1 c| + |x2 s|) + u32·|y|``, and
+      ``|x1 c| + |x2 s|`` and ``|y|`` are at most ``pair_sum`` (``|c|, |s| <= 1``): 2 roundings of it.
+      A fused multiply-add only drops one.
+    * ``rounded_tables``: cos and sin rounded from float64 angles to float32 (aule_kp.nn's
+      RotaryEmbedding; a serving call's tables are inputs, exact): one more ``u32`` in each product, 3.
+    * The float64 reference rounds as often at ``u64`` (the same count, 2**-29 of it).
+    * A 16-bit ``dtype``: the result is stored in ``dtype`` and the reference rounds its float64 rotation
+      to ``dtype`` as well; the two roundings are ``u_dtype·|y|`` each, ``2·u_dtype·pair_sum`` apart at
+      most (one storage ulp), beside the float32 term.
+
+    With ``pair_sum = 2·max|x|`` and tables as inputs this is ``4·u_dtype·max|x|`` (plus
+    ``4·u32·max|x|`` for 16-bit storage), the bound the tests used to write without its derivation."""
+    name = _dtype_name(dtype)
+    k = 3 if rounded_tables else 2
+    storage = 0.0 if name == "float32" else 2 * UNIT_ROUNDOFF[name]
+    return (_gamma(k, UNIT_ROUNDOFF["float32"]) + _gamma(k, 2.0**-53) + storage) * pair_sum
+
+
+def q8_error(x: np.ndarray) -> np.ndarray:
+    """Per-value bound of ``|dequantize(quantize(x)) - x|`` for q8_0 (aule_kp.q8: blocks of 32 along the
+    last axis, step ``d = max|block| / 127`` stored in float16): rounding to the nearest step is half a
+    step off; the float16 step is within ``max(u16·d, 2**-25)`` of float32's (absolute below float16's
+    normal range), which moves a value of at most 127 steps 127 times that; float32's rounding of the
+    step and of ``x / d`` adds ``127·3·u32·d``, bounded here by another ``127·u16·d``."""
+    x = np.abs(np.asarray(x, dtype=np.float64))
+    u16 = UNIT_ROUNDOFF["float16"]
+    step = x.reshape(*x.shape[:-1], -1, 32).max(-1) / 127
+    return np.repeat(step * (0.5 + 127 * u16) + 127 * np.maximum(u16 * step, 2.0**-25), 32, axis=-1)
+
+
 def make_inputs(rng: np.random.Generator, shape_q, shape_k, shape_v, dtype: str):
     """q, k, v in the host storage of ``dtype`` (bf16 as uint16 bits)."""
     return tuple(from_f32(rng.standard_normal(s).astype(np.float32), dtype) for s in (shape_q, shape_k, shape_v))

@@ -6,8 +6,9 @@ float64 value) through the next stage.
 * ``y = x Wᵀ + b`` (float32 sums of ``n`` products): rounding ``λ·u32·(sqrt(n) + 1)·(|x||W|ᵀ + |b|)``
   (conftest.tolerance with the products' one rounding as its exponent term); input errors
   ``E_x`` become ``E_x |W|ᵀ``.
-* RoPE ``(x1 c - x2 s, x2 c + x1 s)``: cos/sin, the products and the sum round, ``4·u32·(|x1| + |x2|)``;
-  input errors become ``E1 + E2`` (``|c|, |s| <= 1``).
+* RoPE ``(x1 c - x2 s, x2 c + x1 s)``: cos/sin, the products and the sum round
+  (:func:`conftest.rotation_tolerance` of ``|x1| + |x2|``, float32 tables); input errors become
+  ``E1 + E2`` (``|c|, |s| <= 1``).
 * attention: its own rounding (conftest.tolerance over ``Lk + D`` terms, scaled by
   :func:`reference.output_scale`, with :func:`conftest.exponent_range`), and first order in the
   inputs' errors: a score moves by ``δs_ij <= scale·(|q_i|·E_kj + E_qi·|k_j|)``, a probability by
@@ -25,7 +26,7 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 import torch
-from conftest import UNIT_ROUNDOFF, exponent_range, gradient_tolerances, tolerance
+from conftest import UNIT_ROUNDOFF, exponent_range, gradient_tolerances, rotation_tolerance, tolerance
 from reference import output_scale
 
 from aule_kp.problem import Problem, band
@@ -69,7 +70,8 @@ def _pair_sum(x: torch.Tensor, interleaved: bool) -> torch.Tensor:
 def rope(x: Bounded, rotary: Any, positions: torch.Tensor) -> Bounded:
     """``rotary(x)`` in float64 (angles in float64 as the layer's) with its error bounds."""
     pairs = lambda t: _pair_sum(t, rotary.interleaved)  # noqa: E731
-    return Bounded(rotary(x.value, positions), pairs(x.err) + 4 * U32 * pairs(x.value.abs()))
+    return Bounded(rotary(x.value, positions), pairs(x.err) + rotation_tolerance(pairs(x.value.abs()),
+                                                                                rounded_tables=True))
 
 
 def _problem(q: torch.Tensor, v: torch.Tensor, scale: float, causal: bool, top_left: bool,
@@ -189,7 +191,7 @@ def rotate_back(dx: Bounded, rotary: Any, positions: torch.Tensor) -> Bounded:
     """The gradient through RoPE (the inverse rotation) with its error bounds."""
     inverse = lambda t: rotary(t, -positions)  # noqa: E731  a rotation's transpose is the opposite angle
     pairs = lambda t: _pair_sum(t, rotary.interleaved)  # noqa: E731
-    return Bounded(inverse(dx.value), pairs(dx.err) + 4 * U32 * pairs(dx.value.abs()))
+    return Bounded(inverse(dx.value), pairs(dx.err) + rotation_tolerance(pairs(dx.value.abs()), rounded_tables=True))
 
 
 def additive(mask: Optional[torch.Tensor]) -> Optional[np.ndarray]:

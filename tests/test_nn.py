@@ -16,10 +16,10 @@ import zlib  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from conftest import UNIT_ROUNDOFF, gradient_tolerances  # noqa: E402
+from conftest import UNIT_ROUNDOFF, float64_tolerance, gradient_tolerances  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from layer_error import Projections, additive, attention, plus, projected_layer  # noqa: E402
+from layer_error import Bounded, Projections, additive, attention, plus, projected_layer  # noqa: E402
 
 from aule_kp import AuleFallbackWarning  # noqa: E402
 from aule_kp.nn import (  # noqa: E402
@@ -44,6 +44,12 @@ def _close(got: torch.Tensor, want: torch.Tensor, atol: float, what: str) -> Non
     err = float((got.detach().to(torch.float64) - want.detach()).abs().max())
     print(f"{what}: {err:.2e} / {atol:.2e}")
     assert err <= atol, f"{what}: max error {err:.3e} over the model's {atol:.3e}"
+
+
+def _close_float64(trace: Bounded, want: torch.Tensor, what: str) -> None:
+    """A float64 trace of the layer error model (``trace.value``) against the reference module run in
+    float64: two float64 computations, within the trace's float32 bounds at float64's unit roundoff."""
+    _close_bounded(trace.value, want, float64_tolerance(trace.err), what)
 
 
 def _close_bounded(got: torch.Tensor, want: torch.Tensor, bound: torch.Tensor, what: str) -> None:
@@ -136,7 +142,7 @@ def test_mha_matches_torch(backend: str, batch_first: bool, case: str) -> None:
     traced, grads = projected_layer(query, key, value, w, H, H, E // H, 1 / math.sqrt(E // H),
                                     causal=bool(fwd.get("is_causal")), top_left=True, mask=additive(mask),
                                     dy=dy if batch_first else dy.transpose(0, 1))
-    _close(layout(traced.value), want, 1e-12, "the model's float64 trace")
+    _close_float64(Bounded(layout(traced.value), layout(traced.err)), want, "the model's float64 trace")
     _close_bounded(out, want, layout(traced.err), "output")
     if self_attn:  # key and value are the query tensor, projected apart: the three gradients add up
         grads = (plus(*grads),)
@@ -202,7 +208,7 @@ def test_gqa_matches_llama(backend: str, bias: bool) -> None:
     (want * dy).sum().backward()
     traced, grads = projected_layer(x, x, x, _gqa_weights(ours), HEADS, KV_HEADS, HEAD_DIM, HEAD_DIM ** -0.5,
                                     causal=True, rotary=ours.rotary, q_pos=pos, k_pos=pos, dy=dy)
-    _close(traced.value, want, 1e-12, "the model's float64 trace")
+    _close_float64(traced, want, "the model's float64 trace")
     _close_bounded(out, want, traced.err, "output")
     _close_bounded(x.grad, x64.grad, plus(*grads).err, "d hidden_states")
 
@@ -438,10 +444,10 @@ def test_latent_attention_matches_deepseek_v3(backend: str, interleave: bool, q_
     pos = torch.arange(L)
     want, _ = _float64(hf)(x64, _cos_sin64(ours.rotary, pos), _causal_additive(L, L))
     traced = _mla_trace(ours, x, absorbed=False)
-    _close(traced.value, want, 1e-12, "the model's float64 trace")
+    _close_float64(traced, want, "the model's float64 trace")
     _close_bounded(out, want, traced.err, "output")
     absorbed = _mla_trace(ours, x, absorbed=True)
-    _close(absorbed.value, want, 1e-12, "the absorbed float64 trace")
+    _close_float64(absorbed, want, "the absorbed float64 trace")
     _close_bounded(_decode(ours, x, prefill=3), want, absorbed.err, "decode steps")
 
 

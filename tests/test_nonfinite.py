@@ -180,3 +180,36 @@ def test_backward_ignores_keys_outside_the_band(backend: str, what: str) -> None
         dk, dmask = dk[:, :, 1:], dmask[..., 1:]  # the NaN value's own key
     assert all(np.isfinite(g).all() for g in (dq, dk, dv, dmask))
     assert not dv[0, 0, :2].any() and not dk[0, 0, : 1 if what == "v" else 2].any()
+
+
+@needs_vulkan
+@pytest.mark.parametrize("where", ["device", "host"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_output_check_where_it_runs(where: str, dtype: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host call's output check runs on the device (kp patch 5: glsl/nonfinite_count.comp behind a
+    compute barrier) or, with an older kp, in the copy threads: both see a NaN row and, on the next
+    call, a clean output again."""
+    from aule_kp.vulkan import plan as planmod
+    from aule_kp.vulkan.backend import VulkanBackend
+
+    dev = devmod.get_device()
+    if where == "device" and dev.kp_patch < planmod.COMPUTE_BARRIER_PATCH:
+        pytest.skip("this kp has no compute barrier (patch 5)")
+    if where == "host":
+        monkeypatch.setattr(planmod, "COMPUTE_BARRIER_PATCH", 1 << 30)
+    p = problem(b=2, hq=2, hkv=1, lq=5, lk=9, dk=16, dv=16, dtype=dtype)
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.standard_normal(s).astype(np.float32) for s in ((2, 2, 5, 16), (2, 1, 9, 16), (2, 1, 9, 16)))
+    plan = planmod.Plan(dev, p, VulkanBackend().config(p))
+    try:
+        assert plan.device_check == (where == "device")
+        runs = []
+        for poison in (False, True, False):
+            qq = q.copy()
+            if poison:
+                qq[1, 0, 3, 2] = np.nan  # one row's scores NaN: that output row is NaN
+            out, _, finite = plan.run_checked(*(from_f32(x, dtype) for x in (qq, k, v)), None)
+            runs.append((finite, bool(np.isfinite(to_f32(out, dtype)).all())))
+        assert runs == [(True, True), (False, False), (True, True)]
+    finally:
+        plan.destroy()

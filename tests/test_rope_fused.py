@@ -90,7 +90,7 @@ def run_fused(p, q, k, v, t: RotaryTables):
         plan = forward_plan(dev, rp, backend.config(p))
         out, _ = plan.run(q, k, v, None, rotary=t)
         views = [np.concatenate([c.views[name] for c in plan.chunks]) for name in ("q", "k")]
-        run_fused.chunks = len(plan.chunks)
+        run_fused.chunks, run_fused.staged = len(plan.chunks), plan.rotary_staged
     dt = q.dtype
     return out, views[0].view(dt).reshape(q.shape), views[1].view(dt).reshape(k.shape)
 
@@ -159,6 +159,25 @@ def test_chunked_and_pipelined_plans(rng, monkeypatch) -> None:
             m.setenv(name, value)
             check_fused(p, np.random.default_rng(7), 4, False, 0, 3)
             assert run_fused.chunks > 1, name
+
+
+def test_without_compute_barrier(monkeypatch) -> None:
+    """With a kp older than patch 5 (no compute -> compute barrier), a rotary plan's q and k are
+    device tensors synced to their staging between the passes: the same results."""
+    from aule_kp.vulkan.plan import COMPUTE_BARRIER_PATCH
+
+    dev = _vulkan()
+    p = problem(b=2, hq=4, hkv=2, lq=3, lk=6, dk=16, dv=16, dtype="float16", causal=True)
+    with dev.lock:
+        dev.plans.clear()
+    monkeypatch.setattr(type(dev), "kp_patch", property(lambda self: COMPUTE_BARRIER_PATCH - 1))
+    try:
+        check_fused(p, np.random.default_rng(11), 4, True, 0, 3)
+        assert run_fused.staged
+    finally:
+        monkeypatch.undo()
+        with dev.lock:
+            dev.plans.clear()
 
 
 def test_rotary_plans_are_not_shared(rng) -> None:

@@ -14,12 +14,13 @@ import math
 import numpy as np
 import pytest
 import serving_reference as ref
-from conftest import UNIT_ROUNDOFF, exponent_range, tolerance
+from conftest import UNIT_ROUNDOFF, exponent_range, gradient_tolerances, q8_error, rotation_tolerance, tolerance
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import aule_kp
 from aule_kp.dtypes import from_f32, to_f32
+from aule_kp.problem import Problem, band
 from aule_kp.vulkan import device as devmod
 
 BACKENDS = ["cpu", pytest.param("vulkan", marks=pytest.mark.skipif(devmod.vulkan_unavailable() is not None,
@@ -58,6 +59,8 @@ VARLEN = [  # (lens_q, lens_k, hq, hkv, dk, dv, causal, window, dtype)
     ([12, 0, 9], [12, 4, 0], 4, 2, 32, 32, False, None, "float16"),            # empty sequences
     ([16, 9], [24, 9], 6, 2, 64, 32, False, (4, 2), "float16"),                # window
     ([33], [33], 2, 1, 32, 32, True, (8, -1), "float32"),
+    ([70, 5, 0, 66], [70, 9, 3, 80], 4, 2, 32, 32, True, None, "float16"),   # prefills (>= 64 rows) and short
+    ([64, 2], [0, 40], 2, 1, 16, 16, False, None, "float32"),                 # a prefill that sees no key
 ]
 
 
@@ -141,8 +144,10 @@ def test_kvcache(backend, case, rng):
     want, kw, vw, qw = ref.kvcache(_f(q, dtype), _f(kc0, dtype), _f(vc0, dtype), None if kn is None else _f(kn, dtype),
                                None if vn is None else _f(vn, dtype), seqlens, table, cos, sin,
                                bool(rot and rot[1]), causal, round_to=_round(dtype))
-    # The cache holds the new (rotated) keys and values afterwards, and nothing else changed.
-    rot_tol = 4 * UNIT_ROUNDOFF[dtype] * float(np.abs(kw).max())
+    # The cache holds the new (rotated) keys and values afterwards, and nothing else changed: a rotated
+    # channel within the rotation's bound of the reference's (both stored in dtype), |x1| + |x2| of its
+    # pair at most twice the largest new key; the rest exact.
+    rot_tol = rotation_tolerance(2 * float(np.abs(_f(kn, dtype)).max()), dtype) if rot and new else 0.0
     np.testing.assert_allclose(_f(kc, dtype), kw, atol=rot_tol, rtol=0)
     np.testing.assert_array_equal(_f(vc, dtype), vw)
     scale = 1 / math.sqrt(d)
@@ -154,8 +159,8 @@ def test_kvcache(backend, case, rng):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_kvcache_q8(backend, rng):
-    """A q8_0 cache: the appended rows are quantized into it (within half a block step of the
-    values, plus the fp16 scale's rounding), and the attention reads what the cache holds."""
+    """A q8_0 cache: the appended rows are quantized into it (within ``conftest.q8_error``: half a
+    block step, plus the fp16 step's rounding), and the attention reads what the cache holds."""
     b, hq, hkv, d, new, lens, page = 2, 4, 2, 32, 2, [21, 4], 16
     q, kc, vc, kn, vn, seqlens, table = _cache_case(rng, b, 1, hq, hkv, d, new, lens, page)
     k8, v8 = aule_kp.Q8Cache.from_float(kc), aule_kp.Q8Cache.from_float(vc)
@@ -163,14 +168,33 @@ def test_kvcache_q8(backend, rng):
                                                causal=True, backend=backend)
     _, kw, vw, _ = ref.kvcache(q, kc, vc, kn, vn, seqlens, table, causal=True)
     for cache, want in ((k8, kw), (v8, vw)):
-        step = np.repeat(np.abs(want).reshape(*want.shape[:-1], -1, 32).max(-1) / 127, 32, axis=-1)
-        assert (np.abs(cache.dequantize() - want) <= step * (0.5 + 2 * UNIT_ROUNDOFF["float16"] * 127)).all()
+        assert (np.abs(cache.dequantize() - want) <= q8_error(want)).all()
     kq, vq = k8.dequantize(), v8.dequantize()
     want, _, _, _ = ref.kvcache(q, kq, vq, cache_seqlens=seqlens + new, block_table=table, causal=True)
     np.testing.assert_allclose(out, want, atol=_tol("float32", q, kq, vq, 1 / math.sqrt(d), max(lens) + new), rtol=0)
 
 
 VULKAN_ONLY = pytest.mark.skipif(devmod.vulkan_unavailable() is not None, reason="no Vulkan device")
+
+
+@VULKAN_ONLY
+def test_vulkan_prefills_run_dense(rng, monkeypatch):
+    """Host-data sequences of DENSE_QUERY_ROWS query rows or more go through the dense forward
+    kernels one by one; the others share one ragged dispatch (and the result is the reference's)."""
+    from aule_kp.serving import ragged as serving_ragged
+    from aule_kp.vulkan import ragged as vk
+
+    given = []
+    real = vk.forward
+    monkeypatch.setattr(vk, "forward", lambda *a, **kw: given.append(a[5].copy()) or real(*a, **kw))
+    n = serving_ragged.DENSE_QUERY_ROWS
+    lens = [n, 3, n + 5, 1]
+    q, k, v, cu_q, cu_k = _varlen_case(rng, lens, lens, dtype="float16")
+    out = aule_kp.flash_attention_varlen(q, k, v, cu_q, cu_k, n + 5, n + 5, causal=True, backend="vulkan")
+    assert len(given) == 1 and sorted(given[0][:, 1]) == [1, 3]
+    scale = 1 / math.sqrt(32)
+    want = ref.varlen(_f(q, "float16"), _f(k, "float16"), _f(v, "float16"), cu_q, cu_k, scale, True, None)
+    np.testing.assert_allclose(_f(out, "float16"), want, atol=_tol("float16", q, k, v, scale, n + 5), rtol=0)
 
 
 @VULKAN_ONLY
@@ -256,11 +280,16 @@ def test_torch_varlen_backward(backend, rng):
         p = torch.softmax(s.masked_fill(hide, -torch.inf), -1)
         pieces.append(torch.einsum("hij,jhd->ihd", p, rv[ks].repeat_interleave(2, 1)))
     torch.cat(pieces).backward(dout.double())
-    for got, want in ((tq, rq), (tk, rk), (tv, rv)):
-        # float32 gradients: the error model's gradient bound at these sizes (4 roundings, 16 + 7 terms).
-        scale = float(want.grad.abs().max())
-        np.testing.assert_allclose(got.grad.numpy(), want.grad.numpy(),
-                                   atol=tolerance("float32", 7 * 2 + 7 + 16, max(scale, 1.0), 12.0, 4), rtol=0)
+    for b in range(2):
+        # Each sequence is one problem of the gradient model (conftest.gradient_tolerances: its inputs'
+        # exponent range and backward scales), [1, H, L, D] as the model reads it.
+        qs, ks = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+        lq, lk = qs.stop - qs.start, ks.stop - ks.start
+        p = Problem(1, 2, 1, lq, lk, 16, 16, "float32", 0.25, *band(lq, lk, causal=True, window=None, top_left=False))
+        heads = lambda x: np.ascontiguousarray(x.swapaxes(0, 1)[None])  # noqa: E731
+        tols = gradient_tolerances(p, heads(q[qs]), heads(k[ks]), heads(v[ks]), heads(dout.numpy()[qs]))
+        for got, want, rows, tol in ((tq, rq, qs, tols[0]), (tk, rk, ks, tols[1]), (tv, rv, ks, tols[2])):
+            np.testing.assert_allclose(got.grad.numpy()[rows], want.grad.numpy()[rows], atol=tol, rtol=0)
 
 
 BAD_VARLEN = [

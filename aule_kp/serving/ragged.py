@@ -6,10 +6,11 @@ contiguous cache seen as rows, or a paged cache whose pages are rows ``page * bl
 one int32 row per sequence ``(q_start, len_q, k_start, len_k)`` and, for a paged store, the block
 table. Sequence ``s``'s key ``j`` is row ``k_start + j``, or ``table[s, j // page] * page + j % page``.
 
-``run`` computes the whole batch in one dispatch on Vulkan (``aule_kp.vulkan.ragged``), where tiles
-never cross a sequence; otherwise (other backends, score modifiers, a device limit) each sequence as
-its own attention problem (causal and window aligned bottom-right per sequence, as flash-attn) on
-the backend the dispatcher picks for it, its keys gathered from the store first.
+``run`` computes the batch in one dispatch on Vulkan (``aule_kp.vulkan.ragged``), where tiles never
+cross a sequence; prefills (``DENSE_QUERY_ROWS``), and every sequence where the ragged kernel does not
+apply (other backends, score modifiers, a device limit), run each as its own attention problem
+(causal and window aligned bottom-right per sequence, as flash-attn) on the backend the dispatcher
+picks for it, its keys gathered from the store first.
 """
 
 from __future__ import annotations
@@ -31,6 +32,12 @@ log = logging.getLogger("aule_kp")
 #: The rows of a key or value store: host storage ``[R, H, D]``, a q8_0 cache viewed as rows, or a
 #: cache resident on a Vulkan device.
 Store = Union[np.ndarray, Q8Cache, DeviceKVCache]
+
+#: Query rows from which a sequence whose keys are on the host runs through the dense forward
+#: kernels rather than the ragged one: glsl/fa2_ragged.comp is a scalar kernel built for decoding
+#: (few query rows per sequence); on an H200 it took 899 ms for one 8192-token prefill (H32/8 D128
+#: fp16) whose dense coopmat kernel takes ~4 ms (BENCHMARKS.md, 2026-12-05, third session).
+DENSE_QUERY_ROWS = 64
 
 
 @dataclass
@@ -120,16 +127,48 @@ def gather(store: Store, rows: np.ndarray, dtype: str) -> np.ndarray:
 
 def run(call: Ragged, backend: str, like: Any) -> np.ndarray:
     """``[total_q, Hq, Dv]`` host storage: every sequence's attention. ``like`` (the caller's q)
-    says where a native-torch backend (Triton) computes."""
-    native = _native_vulkan(call, backend, like)
-    if native is not None:
-        return native
-    out = np.zeros((call.q.shape[0], call.heads_q, call.dim_v), STORAGE[call.dtype])
+    says where a native-torch backend (Triton) computes.
+
+    On Vulkan the ragged kernel takes the batch in one dispatch, except the sequences of a host-data
+    call with ``DENSE_QUERY_ROWS`` query rows or more (prefills), which run one by one through the
+    dense forward kernels."""
+    dense = _prefills(call)
+    native = _native_vulkan(_subset(call, ~dense), backend, like) if not dense.all() else None
+    if native is None:
+        out = np.zeros((call.q.shape[0], call.heads_q, call.dim_v), STORAGE[call.dtype])
+        _per_sequence(call, np.arange(call.seqs.shape[0]), out, backend, like)
+        return out
+    _per_sequence(call, np.flatnonzero(dense), native, backend, like)
+    return native
+
+
+def _prefills(call: Ragged) -> np.ndarray:
+    """bool ``[B]``: the sequences that run through the dense kernels even where the ragged kernel
+    could take them: ``DENSE_QUERY_ROWS`` query rows or more, keys on the host."""
+    if isinstance(call.k, DeviceKVCache):
+        return np.zeros(call.seqs.shape[0], bool)  # keys on the device: the ragged kernel reads them there
+    return call.seqs[:, 1] >= DENSE_QUERY_ROWS
+
+
+def _subset(call: Ragged, keep: np.ndarray) -> Ragged:
+    """``call`` restricted to the sequences ``keep`` (bool ``[B]``): the same rows, fewer sequences."""
+    if keep.all():
+        return call
+    alibi = call.alibi if call.alibi is None or call.alibi.shape[0] == 1 else call.alibi[keep]
+    return replace(call, seqs=call.seqs[keep], table=None if call.table is None else call.table[keep], alibi=alibi)
+
+
+def _per_sequence(call: Ragged, which: np.ndarray, out: np.ndarray, backend: str, like: Any) -> None:
+    """Writes sequences ``which`` of ``call`` into ``out``, each as its own attention problem on the
+    backend the dispatcher picks for it."""
+    if len(which) == 0:
+        return
     k_store, v_store = on_host(call.k, call.dtype), on_host(call.v, call.dtype)
-    for s in range(call.seqs.shape[0]):
+    for s in which:
         q0, lq, _, lk = (int(x) for x in call.seqs[s])
         if lq == 0 or lk == 0:
-            continue  # no query, or no key: the rows stay 0 (a sink keeps them 0)
+            out[q0 : q0 + lq] = 0  # no key: the rows are 0 (a sink keeps them 0)
+            continue
         rows = call.key_rows(s)
         q = np.ascontiguousarray(call.q[q0 : q0 + lq].transpose(1, 0, 2)[None])
         k = np.ascontiguousarray(gather(k_store, rows, call.dtype).transpose(1, 0, 2)[None])
@@ -145,7 +184,6 @@ def run(call: Ragged, backend: str, like: Any) -> np.ndarray:
         options = {name: x for name, x in (("alibi", slopes), ("sinks", sinks)) if x is not None}
         o, _ = runner(q, k, v, None, **options)
         out[q0 : q0 + lq] = (inputs.to_host(o, call.dtype) if chosen.native_torch else o)[0].transpose(1, 0, 2)
-    return out
 
 
 def _with_device(p: Problem, like: Any) -> Problem:

@@ -105,7 +105,7 @@ class BackwardPlan(RecordedPlan):
             tensors["stats"] = mgr.tensor_t(np.zeros(max(sizes["stats"] // 4, 1), np.float32), kp.TensorTypes.device)
             tensors["mask"] = self.mask
             bound = [tensors[name] for name in BINDINGS]
-            algorithms = [self._algorithm(bound, k, config.spec(k, score_spec(p)), grid, push)
+            algorithms = [self._algorithm(bound, k.kernel, config.spec(k, score_spec(p)), grid, push)
                           for k, (grid, push) in zip(config.kernels(), self._dispatches(p, g0, n))]
             self.chunks.append(Chunk(g0, g1, tensors, algorithms, memory=memory))
         self.bind(p, config)

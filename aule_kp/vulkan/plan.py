@@ -283,6 +283,12 @@ INPUTS = ("q", "k", "v")
 #: Inputs a rotary plan's rotary pass rewrites on the device.
 ROTATED = ("q", "k")
 OUTPUTS = ("o", "lse")
+#: A host call's output check on the device (glsl/nonfinite_count.comp): its counter's name, and the
+#: workgroups of its grid-stride pass (fixed: no grid to record per problem).
+NONFINITE = "nonfinite"
+NONFINITE_GROUPS = 256
+#: The kp patch that has ``aule_compute_barrier``, which the device-side check needs.
+COMPUTE_BARRIER_PATCH = 5
 
 
 @dataclass
@@ -371,10 +377,12 @@ class RecordedPlan:
         staged = 2 if not (device.host_memory or device.direct_io) else 1
         held = sum(v for k, v in capacity.items() if k in per) if capacity is not None else n_groups * sum(per.values())
         self.nbytes = self.mask_memory.nbytes + held * staged
+        # Without kp's compute -> compute barrier, a rotary plan's q and k are device tensors behind
+        # staging whatever the device (see Plan.record).
+        self.rotary_staged = p.rotary is not None and device.kp_patch < COMPUTE_BARRIER_PATCH
         if self.rotary is not None:
-            # q and k of a rotary plan are device tensors behind staging (see Plan.record).
             qk = (capacity["q"] + capacity["k"]) if capacity is not None else n_groups * (per["q"] + per["k"])
-            self.nbytes += self.rotary_memory.nbytes + (qk if staged == 1 else 0)
+            self.nbytes += self.rotary_memory.nbytes + (qk if staged == 1 and self.rotary_staged else 0)
         self.chunks = []
         return [(g0, min(n_groups, g0 + step)) for g0 in range(0, n_groups, step)]
 
@@ -395,12 +403,13 @@ class RecordedPlan:
         tensors = {name: make(name, size) for name, size in sizes.items()}
         return tensors, {name: mapped_memory(t).view(np.uint8) for name, t in tensors.items()}
 
-    def _algorithm(self, tensors: List[Any], kernel: KernelConfig, spec: np.ndarray,
+    def _algorithm(self, tensors: List[Any], kernel: str, spec: np.ndarray,
                    grid: Tuple[int, int, int], push: np.ndarray) -> Any:
-        """A new algorithm (pipeline) bound to ``tensors``; ``nbytes`` counts what it holds."""
+        """A new algorithm (pipeline of glsl/``kernel``.comp) bound to ``tensors``; ``nbytes`` counts
+        what it holds."""
         stats["algorithms"] += 1
         self.nbytes += pipeline_bytes(self.device)
-        return self.device.manager.algorithm(tensors, self.device.spirv(kernel.kernel), grid, spec, push)
+        return self.device.manager.algorithm(tensors, self.device.spirv(kernel), grid, spec, push)
 
     def fits(self, need: Dict[str, int]) -> bool:
         """Whether this reusable plan's buffers hold ``need`` bytes each (a route's ``need`` is one
@@ -492,12 +501,17 @@ class Plan(RecordedPlan):
         else:
             # The caller's tensors stay on the device: nothing to copy per call, so no bytes to count.
             groups = self._chunk_groups(device, p, config, {}, None, "(batch, head) slice")
+        # The output's finite check (aule_kp.nonfinite) runs on the device where kp has the barrier it
+        # needs; else in the host's copy threads.
+        self.device_check = io is None and device.kp_patch >= COMPUTE_BARRIER_PATCH
         zeroed: List[Any] = []
         for g0, g1 in groups:
             n = g1 - g0
             sizes = capacity if capacity is not None else forward_bytes(p, config, n)
             io_sizes = {name: sizes[name] for name in (("q", "k", "v", "o", "lse") if io is None else ("lse",))}
-            tensors, memory = self._io_tensors(io_sizes, OUTPUTS, ROTATED if p.rotary else ())
+            if self.device_check:
+                io_sizes[NONFINITE] = 4
+            tensors, memory = self._io_tensors(io_sizes, (*OUTPUTS, NONFINITE), ROTATED if self.rotary_staged else ())
             if io is not None:
                 tensors.update(zip((*INPUTS, "o"), io))
             tensors["mask"] = self.mask
@@ -515,13 +529,16 @@ class Plan(RecordedPlan):
                 zeroed.append(tensors["counters"])
             bound = [tensors[name] for name in (*BINDINGS, *(SPLITKV_SCRATCH if split else ()))]
             kc, grid, push = dispatch(config, p, n, g0)
-            algorithms = [self._algorithm(bound, kc, kc.spec(mods=score_spec(p)), grid, push)]
-            if p.rotary is not None:
-                stats["algorithms"] += 1
-                self.nbytes += pipeline_bytes(self.device)
+            algorithms = [self._algorithm(bound, kc.kernel, kc.spec(mods=score_spec(p)), grid, push)]
+            if self.device_check:
+                algorithms.append(self._algorithm([tensors["o"], tensors[NONFINITE]], "nonfinite_count",
+                                                  np.array([kc.dtype], np.uint32), (NONFINITE_GROUPS, 1, 1),
+                                                  np.zeros(1, np.uint32)))
+                zeroed.append(tensors[NONFINITE])  # a staged counter's device copy starts at zero too
+            if p.rotary is not None:  # the rotary pass: the chunk's last algorithm
                 rope_grid, rope_push = rope.dispatch(p, g0, n)
-                algorithms.append(mgr.algorithm([tensors["q"], tensors["k"], self.rotary],
-                                                device.spirv(rope.KERNEL), rope_grid, rope.spec(p), rope_push))
+                algorithms.append(self._algorithm([tensors["q"], tensors["k"], self.rotary], rope.KERNEL, rope.spec(p),
+                                                  rope_grid, rope_push))
             self.chunks.append(Chunk(g0, g1, tensors, algorithms, memory=memory))
 
         if zeroed:
@@ -569,13 +586,14 @@ class Plan(RecordedPlan):
         if p.rotary is not None:
             for c in chunks:
                 grid, push = rope.dispatch(p, c.g0, c.g1 - c.g0)
-                self._set_grid(c.algorithms[1], grid)
-                sequence.record(kp.OpAlgoDispatch(c.algorithms[1], push))
-            # The attention reads what the rotary pass wrote. kp records no compute -> compute
-            # barrier: syncing the rotated (device) q and k to their staging records compute ->
+                self._set_grid(c.algorithms[-1], grid)
+                sequence.record(kp.OpAlgoDispatch(c.algorithms[-1], push))
+            # The attention reads what the rotary pass wrote: kp patch 5's compute -> compute barrier.
+            # Without it, syncing the rotated (device) q and k to their staging records compute ->
             # transfer, and the attention dispatch's own transfer -> compute barrier on the same
             # buffers completes the dependency (as backward.py; one on-device copy of q and k).
-            sequence.record(kp.OpTensorSyncLocal([c.tensors[name] for c in chunks for name in ROTATED]))
+            rotated = [c.tensors[name] for c in chunks for name in ROTATED]
+            sequence.record(kp.OpTensorSyncLocal(rotated) if self.rotary_staged else kp.aule_compute_barrier(rotated))
         # Chunks touch disjoint buffers (scratch included): their dispatches need no barrier between
         # them. A plan's dispatch must not be recorded twice in one sequence without one either:
         # split-KV's counters and partials are the plan's.
@@ -583,8 +601,15 @@ class Plan(RecordedPlan):
             _, grid, push = dispatch(self.config, p, c.g1 - c.g0, c.g0)
             self._set_grid(c.algorithms[0], grid)
             sequence.record(kp.OpAlgoDispatch(c.algorithms[0], push))
+        outputs = OUTPUTS
+        if transfers and self.device_check:
+            sequence.record(kp.aule_compute_barrier([c.tensors["o"] for c in chunks]))
+            for c in chunks:
+                elems = c.views["o"].nbytes // ITEMSIZE[p.dtype]
+                sequence.record(kp.OpAlgoDispatch(c.algorithms[1], np.array([elems], np.uint32)))
+            outputs = (*OUTPUTS, NONFINITE)
         if transfers:
-            sequence.record(kp.OpTensorSyncLocal([c.tensors[name] for c in chunks for name in OUTPUTS]))
+            sequence.record(kp.OpTensorSyncLocal([c.tensors[name] for c in chunks for name in outputs]))
         return sequence
 
     def run(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Optional[np.ndarray],
@@ -622,21 +647,30 @@ class Plan(RecordedPlan):
             o = c.views["o"]
             outputs.append([(out[lo:lo + o.nbytes], o)])
             lo += o.nbytes
-        check = partial(all_finite, dtype=p.dtype)
+        check = None if self.device_check else partial(all_finite, dtype=p.dtype)
+        counts = self._nonfinite_counts()
         if self.pipelined:
             finite = self._run_pipelined(inputs, outputs, check)
         else:
             copy_bytes([pair for pairs in inputs for pair in pairs])
             self.eval()
             finite = copy_bytes([pair for pairs in outputs for pair in pairs], check)
+        if self.device_check:
+            finite = self._nonfinite_counts() == counts
         lse = (np.concatenate([c.views["lse"] for c in self.chunks]) if len(self.chunks) > 1
                else self.chunks[0].views["lse"].copy())
         shape = (p.batch, p.heads_q, p.len_q)
         return out.view(STORAGE[p.dtype]).reshape(*shape, p.dim_v), lse.reshape(shape), finite
 
+    def _nonfinite_counts(self) -> List[int]:
+        """The chunks' device-side check counters (empty without the device-side check)."""
+        if not self.device_check:
+            return []
+        return [int(c.memory[NONFINITE].view(np.uint32)[0]) for c in self.chunks]
+
     def _run_pipelined(self, inputs: List[List[Tuple[np.ndarray, np.ndarray]]],
                        outputs: List[List[Tuple[np.ndarray, np.ndarray]]],
-                       check: Callable[[np.ndarray], bool]) -> bool:
+                       check: Optional[Callable[[np.ndarray], bool]]) -> bool:
         """Chunk by chunk: copy in and submit, then (once all are submitted) wait for each and copy
         its output out, so copies overlap the kernels of other chunks. Whatever fails, every
         submitted sequence is waited for before returning (a running sequence cannot be resubmitted).
