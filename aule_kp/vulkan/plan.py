@@ -537,8 +537,8 @@ class Plan(RecordedPlan):
                 zeroed.append(tensors[NONFINITE])  # a staged counter's device copy starts at zero too
             if p.rotary is not None:  # the rotary pass: the chunk's last algorithm
                 rope_grid, rope_push = rope.dispatch(p, g0, n)
-                algorithms.append(self._algorithm([tensors["q"], tensors["k"], self.rotary], rope.KERNEL, rope.spec(p),
-                                                  rope_grid, rope_push))
+                algorithms.append(self._algorithm([tensors["q"], tensors["k"], self.rotary], rope.KERNEL,
+                                                  rope.spec(p.dtype), rope_grid, rope_push))
             self.chunks.append(Chunk(g0, g1, tensors, algorithms, memory=memory))
 
         if zeroed:

@@ -16,13 +16,12 @@ import numpy as np
 from ..dtypes import from_f32, to_f32
 from ..problem import Problem
 from ..rotary import RotaryLayout, RotaryTables, rotate_host
+from .configs import DTYPE_CODE
 
 KERNEL = "rope"
 WORKGROUP = 64
 #: Vulkan's guaranteed maxComputeWorkGroupCount per dimension (the grid spills into y past it).
 MAX_GRID_X = 65535
-#: glsl/rope.comp's spec constants: DTYPE codes (fa2_dtype.glsl's).
-DTYPE_CODE = {"float32": 0, "float16": 1, "bfloat16": 2}
 
 
 def layout_reasons(problem: Problem, layout: RotaryLayout) -> List[str]:
@@ -71,22 +70,37 @@ def write_payload(view: np.ndarray, p: Problem, tables: RotaryTables) -> None:
         view[ok_sin:ok_sin + n].reshape(-1, layout.half)[:] = tables.sin[kpos]
 
 
+def _grid(rows: int, half: int, interleaved: bool) -> Tuple[int, int, int]:
+    """Workgroups over ``rows`` rows of ``half`` pairs (x first, spilling into y past ``MAX_GRID_X``)."""
+    units = half if interleaved else half // 2
+    groups = max(1, math.ceil(rows * units / WORKGROUP))
+    x = min(groups, MAX_GRID_X)
+    return x, math.ceil(groups / x), 1
+
+
 def dispatch(p: Problem, g0: int, n_groups: int) -> Tuple[Tuple[int, int, int], np.ndarray]:
     """``(grid, push constants)`` of the rotary pass over groups ``[g0, g0 + n_groups)``."""
     r = p.rotary
     q_rows = n_groups * p.group * p.len_q
     k_rows = n_groups * p.len_k if r.rotate_k else 0
-    units = r.half if r.interleaved else r.half // 2
-    groups = max(1, math.ceil((q_rows + k_rows) * units / WORKGROUP))
-    x = min(groups, MAX_GRID_X)
-    grid = (x, math.ceil(groups / x), 1)
     push = np.array([q_rows, k_rows, p.len_q, p.len_k, p.heads_q, p.heads_kv, g0 * p.group, g0, p.dim_k, r.half,
                      r.offset, int(r.interleaved), *_offsets(p)], np.uint32)
-    return grid, push
+    return _grid(q_rows + k_rows, r.half, r.interleaved), push
 
 
-def spec(p: Problem) -> np.ndarray:
-    return np.array([DTYPE_CODE[p.dtype], 0], np.uint32)
+def token_dispatch(tokens: int, heads: int, dim: int, half: int, interleaved: bool,
+                   offset: int) -> Tuple[Tuple[int, int, int], np.ndarray]:
+    """``(grid, push constants)`` rotating packed query rows ``[tokens, heads, dim]`` in place (no k),
+    token t with cos/sin row t (cos rows, then sin rows, from float 0): each token is its own
+    "sequence" of one row, which is what glsl/rope.comp's indexing gives with len_q = 1."""
+    push = np.array([tokens * heads, 0, 1, 1, heads, 1, 0, 0, dim, half, offset, int(interleaved), 0,
+                     tokens * half, 0, 0], np.uint32)
+    return _grid(tokens * heads, half, interleaved), push
+
+
+def spec(dtype: str) -> np.ndarray:
+    """glsl/rope.comp's spec constants (DTYPE, TEST_CORRUPT) for ``dtype`` storage."""
+    return np.array([DTYPE_CODE[dtype], 0], np.uint32)
 
 
 def rotated_inputs(p: Problem, q: np.ndarray, k: np.ndarray,
