@@ -297,3 +297,67 @@ def test_layer_fused_equals_torch_rotation(kind, dtype, monkeypatch) -> None:
     err = float((out_fused.double() - out_torch.double()).abs().max())
     assert err <= tol, f"attention outputs differ by {err:.3e} over {tol:.3e}"
     assert torch.isfinite(fused).all() and fused.shape == rotated.shape
+
+
+# --- decoding with the layers' device cache (issue 18 part 3) --------------------------------
+
+
+@pytest.mark.parametrize("kind", ["gqa", "latent"])
+def test_layer_decode_on_device(kind, monkeypatch) -> None:
+    """``new_cache`` on a vulkan layer keeps keys and values on the device: the new keys are rotated
+    by glsl/kv_append.comp as they are written, the queries by glsl/rope.comp before the ragged
+    kernel, and a prefill plus Lq = 1 steps equal the full recompute, within the bounds of test_nn's
+    float64 traces (whose tests run here with these spies on)."""
+    import test_nn
+
+    from aule_kp.nn import DeviceLayerCache
+    from aule_kp.vulkan import kvcache, ragged
+
+    _vulkan()
+    seen = {"keys": 0, "queries": 0, "caches": 0}
+    write, forward, init = kvcache.DeviceKVCache.write, ragged.forward, DeviceLayerCache.__init__
+
+    def spy_write(self, rows, values, scales, rotary=None):
+        seen["keys"] += rotary is not None
+        return write(self, rows, values, scales, rotary)
+
+    def spy_forward(*args, **kwargs):
+        seen["queries"] += (args[9] if len(args) > 9 else kwargs.get("q_rotary")) is not None
+        return forward(*args, **kwargs)
+
+    def spy_init(self, *args, **kwargs):
+        seen["caches"] += 1
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(kvcache.DeviceKVCache, "write", spy_write)
+    monkeypatch.setattr(ragged, "forward", spy_forward)
+    monkeypatch.setattr(DeviceLayerCache, "__init__", spy_init)
+    if kind == "gqa":
+        test_nn.test_decode_equals_full_recompute("vulkan", "rope")
+    else:
+        test_nn.test_latent_attention_matches_deepseek_v3("vulkan", True, True)
+    steps = test_nn.L - (4 if kind == "gqa" else 3) + 1
+    assert seen == {"keys": steps, "queries": steps, "caches": 1}, seen
+
+
+def test_device_cache_surface() -> None:
+    """DeviceLayerCache's KVCache-like surface: length, max_len, reset, bounds, no attn_mask."""
+    from aule_kp.nn import DeviceLayerCache, GroupedQueryAttention
+
+    _vulkan()
+    layer = GroupedQueryAttention(32, 4, 2, backend="vulkan")
+    cache = layer.new_cache(1, 4)
+    assert isinstance(cache, DeviceLayerCache) and cache.max_len == 4 and cache.length == 0
+    assert not isinstance(layer.new_cache(1, 4, on_device=False), DeviceLayerCache)
+    x = torch.randn(1, 3, 32)
+    with torch.no_grad():
+        layer(x, cache=cache)
+        assert cache.length == 3
+        with pytest.raises(ValueError, match="exceed max_len"):
+            layer(x[:, :2], cache=cache)
+        with pytest.raises(ValueError, match="attn_mask"):
+            layer(x[:, :1], cache=cache, attn_mask=torch.ones(1, 1, dtype=torch.bool))
+        cache.reset()
+        assert cache.length == 0
+        layer(x, cache=cache)
+    cache.free()
