@@ -14,6 +14,7 @@ left in the device buffers (the plan syncs them back to its staging memory), wit
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import sys
@@ -77,10 +78,32 @@ def _reference_rotation(x: np.ndarray, positions: np.ndarray, t: RotaryTables, d
     return out, bound
 
 
-def run_fused(p, q, k, v, t: RotaryTables):
-    """``(out, q, k as the device rotated them)`` of the fused plan for ``p``."""
+@contextlib.contextmanager
+def _without_compute_barrier(dev):
+    """The device as with a kp before patch 5: the rotated q and k are device tensors that the plan
+    syncs back to their staging between the passes, where the host can read what the pass wrote
+    (with patch 5 they are device-only). Plans are dropped before and after (their key does not
+    hold the patch level, which never changes in a process otherwise)."""
+    from aule_kp.vulkan.plan import COMPUTE_BARRIER_PATCH
+
+    kind = type(dev)
+    held = kind.__dict__["kp_patch"]
+    with dev.lock:
+        dev.plans.clear()
+    kind.kp_patch = property(lambda self: min(held.fget(self), COMPUTE_BARRIER_PATCH - 1))
+    try:
+        yield
+    finally:
+        kind.kp_patch = held
+        with dev.lock:
+            dev.plans.clear()
+
+
+def run_fused(p, q, k, v, t: RotaryTables, readable: bool = False):
+    """``out`` of the fused plan for ``p``; with ``readable`` (``_without_compute_barrier``),
+    ``(out, q, k as the rotary pass wrote them)``."""
     from aule_kp.vulkan.backend import VulkanBackend
-    from aule_kp.vulkan.plan import forward_plan
+    from aule_kp.vulkan.plan import forward_plan, mapped_memory
 
     dev = _vulkan()
     backend = VulkanBackend()
@@ -89,16 +112,28 @@ def run_fused(p, q, k, v, t: RotaryTables):
     with dev.lock:
         plan = forward_plan(dev, rp, backend.config(p))
         out, _ = plan.run(q, k, v, None, rotary=t)
-        views = [np.concatenate([c.views[name] for c in plan.chunks]) for name in ("q", "k")]
         run_fused.chunks, run_fused.staged = len(plan.chunks), plan.rotary_staged
+        if not readable:
+            return out
+        assert plan.rotary_staged
+        rotated = [np.concatenate([mapped_memory(c.tensors[name]).view(np.uint8)[: c.views[src].nbytes]
+                                   for c in plan.chunks]) for src, name in (("q", "q_rot"), ("k", "k_rot"))]
     dt = q.dtype
-    return out, views[0].view(dt).reshape(q.shape), views[1].view(dt).reshape(k.shape)
+    return out, rotated[0].view(dt).reshape(q.shape), rotated[1].view(dt).reshape(k.shape)
 
 
 def check_fused(p, rng, half: int, interleaved: bool, offset: int, first: int, rotate_k: bool = True):
+    """The rotary pass's q and k (read back where the plan syncs them: ``_without_compute_barrier``)
+    against float64 rotation, the attention of what it wrote against float64; then, with kp's
+    compute barrier (the rotated buffers device-only), the same output bit for bit (same kernels,
+    same data)."""
+    from aule_kp.vulkan.plan import COMPUTE_BARRIER_PATCH
+
+    dev = _vulkan()
     q, k, v = problem_inputs(p, rng)
     t = _tables(rng, p, half, interleaved, offset, first, rotate_k)
-    out, q_dev, k_dev = run_fused(p, q, k, v, t)
+    with _without_compute_barrier(dev):
+        out, q_dev, k_dev = run_fused(p, q, k, v, t, readable=True)
     for name, x, got, pos in (("q", q, q_dev, t.q_positions), ("k", k, k_dev, t.k_positions)):
         if pos is None:
             np.testing.assert_array_equal(got, x, err_msg=f"{name} is not rotated")
@@ -111,6 +146,9 @@ def check_fused(p, rng, half: int, interleaved: bool, offset: int, first: int, r
         np.testing.assert_array_equal(got[..., rest], x[..., rest], err_msg=f"{name}'s unrotated channels")
     ref, _ = reference_attention(q_dev, k_dev, v, p)
     np.testing.assert_allclose(to_f32(out, p.dtype), ref, atol=output_tolerance(p, q_dev, k_dev, v), rtol=0)
+    if dev.kp_patch >= COMPUTE_BARRIER_PATCH:
+        np.testing.assert_array_equal(run_fused(p, q, k, v, t), out)
+        assert not run_fused.staged
     return out
 
 
@@ -161,32 +199,13 @@ def test_chunked_and_pipelined_plans(rng, monkeypatch) -> None:
             assert run_fused.chunks > 1, name
 
 
-def test_without_compute_barrier(monkeypatch) -> None:
-    """With a kp older than patch 5 (no compute -> compute barrier), a rotary plan's q and k are
-    device tensors synced to their staging between the passes: the same results."""
-    from aule_kp.vulkan.plan import COMPUTE_BARRIER_PATCH
-
-    dev = _vulkan()
-    p = problem(b=2, hq=4, hkv=2, lq=3, lk=6, dk=16, dv=16, dtype="float16", causal=True)
-    with dev.lock:
-        dev.plans.clear()
-    monkeypatch.setattr(type(dev), "kp_patch", property(lambda self: COMPUTE_BARRIER_PATCH - 1))
-    try:
-        check_fused(p, np.random.default_rng(11), 4, True, 0, 3)
-        assert run_fused.staged
-    finally:
-        monkeypatch.undo()
-        with dev.lock:
-            dev.plans.clear()
-
-
 def test_rotary_plans_are_not_shared(rng) -> None:
     """A rotary plan and a plain one of the same problem are different plans: the plain call after
     a rotary one attends unrotated inputs, and a rotary call after a plain one rotates."""
     from aule_kp.call import attention_forward
     from aule_kp.vulkan import plan as planmod
 
-    _vulkan()
+    dev = _vulkan()
     p = problem(b=1, hq=2, hkv=1, lq=4, lk=6, dk=16, dv=16, dtype="float32", causal=True)
     q, k, v = problem_inputs(p, rng)
     t = _tables(rng, p, 8, False, 0, 3)
@@ -197,9 +216,16 @@ def test_rotary_plans_are_not_shared(rng) -> None:
         plain, _, _ = attention_forward(q, k, v, causal=True, backend="vulkan")
         np.testing.assert_allclose(plain, plain_ref, atol=tol, rtol=0)
         assert np.abs(fused - plain_ref).max() > 10 * tol  # the rotation happened
+    # New positions: the same plan and pipelines, new data; a fresh plan gives the same bits.
     made = dict(planmod.stats)
-    check_fused(p, rng, 8, False, 0, 40)  # new positions and inputs: the same plan, new data
-    assert planmod.stats["plans"] == made["plans"]
+    t2 = _tables(rng, p, 8, False, 0, 40)
+    again, _, _ = attention_forward(q, k, v, causal=True, backend="vulkan", rotary=t2)
+    assert (planmod.stats["plans"], planmod.stats["algorithms"]) == (made["plans"], made["algorithms"])
+    assert not np.array_equal(again, fused)
+    with dev.lock:
+        dev.plans.clear()
+    fresh, _, _ = attention_forward(q, k, v, causal=True, backend="vulkan", rotary=t2)
+    np.testing.assert_array_equal(again, fresh)
 
 
 def test_unfused_layouts_fall_back(rng) -> None:

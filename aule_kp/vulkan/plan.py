@@ -280,8 +280,8 @@ def pipeline_of(config: ForwardConfig) -> KernelConfig:
 BINDINGS = ("q", "k", "v", "o", "lse", "mask")
 SPLITKV_SCRATCH = ("partial_o", "partial_ml", "counters")
 INPUTS = ("q", "k", "v")
-#: Inputs a rotary plan's rotary pass rewrites on the device.
-ROTATED = ("q", "k")
+#: A rotary plan's rotated inputs: the device buffers its rotary pass writes, which the attention binds.
+ROTATED = {"q": "q_rot", "k": "k_rot"}
 OUTPUTS = ("o", "lse")
 #: A host call's output check on the device (glsl/nonfinite_count.comp): its counter's name, and the
 #: workgroups of its grid-stride pass (fixed: no grid to record per problem).
@@ -377,30 +377,23 @@ class RecordedPlan:
         staged = 2 if not (device.host_memory or device.direct_io) else 1
         held = sum(v for k, v in capacity.items() if k in per) if capacity is not None else n_groups * sum(per.values())
         self.nbytes = self.mask_memory.nbytes + held * staged
-        # Without kp's compute -> compute barrier, a rotary plan's q and k are device tensors behind
-        # staging whatever the device (see Plan.record).
+        # Without kp's compute -> compute barrier, the rotated q and k are device tensors behind
+        # staging (see Plan.record).
         self.rotary_staged = p.rotary is not None and device.kp_patch < COMPUTE_BARRIER_PATCH
         if self.rotary is not None:
-            qk = (capacity["q"] + capacity["k"]) if capacity is not None else n_groups * (per["q"] + per["k"])
-            self.nbytes += self.rotary_memory.nbytes + (qk if staged == 1 and self.rotary_staged else 0)
+            self.nbytes += self.rotary_memory.nbytes
         self.chunks = []
         return [(g0, min(n_groups, g0 + step)) for g0 in range(0, n_groups, step)]
 
-    def _io_tensors(self, sizes: Dict[str, int], outputs: Collection[str],
-                    staged: Collection[str] = ()) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
+    def _io_tensors(self, sizes: Dict[str, int],
+                    outputs: Collection[str]) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
         """Tensors of ``sizes`` bytes (at least one word: every binding needs a buffer) that the
         host writes on every call, or reads when named in ``outputs`` (``Device.io_tensor`` picks
-        their memory; those named in ``staged`` are device tensors behind staging whatever the
-        device), and their whole mapped memory as bytes."""
-        kp = self.device.kp
-
-        def make(name: str, size: int) -> Any:
-            data = np.zeros(max(math.ceil(size / 4), 1), np.float32 if name in FLOAT_BUFFERS else np.uint32)
-            if name in staged:
-                return self.device.manager.tensor_t(data, kp.TensorTypes.device)
-            return self.device.io_tensor(data, "out" if name in outputs else "in")
-
-        tensors = {name: make(name, size) for name, size in sizes.items()}
+        their memory), and their whole mapped memory as bytes."""
+        tensors = {name: self.device.io_tensor(
+                       np.zeros(max(math.ceil(size / 4), 1), np.float32 if name in FLOAT_BUFFERS else np.uint32),
+                       "out" if name in outputs else "in")
+                   for name, size in sizes.items()}
         return tensors, {name: mapped_memory(t).view(np.uint8) for name, t in tensors.items()}
 
     def _algorithm(self, tensors: List[Any], kernel: str, spec: np.ndarray,
@@ -511,7 +504,13 @@ class Plan(RecordedPlan):
             io_sizes = {name: sizes[name] for name in (("q", "k", "v", "o", "lse") if io is None else ("lse",))}
             if self.device_check:
                 io_sizes[NONFINITE] = 4
-            tensors, memory = self._io_tensors(io_sizes, (*OUTPUTS, NONFINITE), ROTATED if self.rotary_staged else ())
+            tensors, memory = self._io_tensors(io_sizes, (*OUTPUTS, NONFINITE))
+            if p.rotary is not None:
+                kind = kp.TensorTypes.device if self.rotary_staged else kp.TensorTypes.storage
+                for name, rotated in ROTATED.items():
+                    words = max(math.ceil(sizes[name] / 4), 1)
+                    tensors[rotated] = mgr.tensor_t(np.zeros(words, np.uint32), kind)
+                    self.nbytes += 4 * words * (2 if self.rotary_staged else 1)
             if io is not None:
                 tensors.update(zip((*INPUTS, "o"), io))
             tensors["mask"] = self.mask
@@ -527,7 +526,8 @@ class Plan(RecordedPlan):
                                      else mgr.tensor_t(np.zeros(words, np.float32), kp.TensorTypes.storage))
                     self.nbytes += 4 * words
                 zeroed.append(tensors["counters"])
-            bound = [tensors[name] for name in (*BINDINGS, *(SPLITKV_SCRATCH if split else ()))]
+            attended = ROTATED if p.rotary is not None else {}
+            bound = [tensors[attended.get(name, name)] for name in (*BINDINGS, *(SPLITKV_SCRATCH if split else ()))]
             kc, grid, push = dispatch(config, p, n, g0)
             algorithms = [self._algorithm(bound, kc.kernel, kc.spec(mods=score_spec(p)), grid, push)]
             if self.device_check:
@@ -537,8 +537,9 @@ class Plan(RecordedPlan):
                 zeroed.append(tensors[NONFINITE])  # a staged counter's device copy starts at zero too
             if p.rotary is not None:  # the rotary pass: the chunk's last algorithm
                 rope_grid, rope_push = rope.dispatch(p, g0, n)
-                algorithms.append(self._algorithm([tensors["q"], tensors["k"], self.rotary], rope.KERNEL,
-                                                  rope.spec(p.dtype), rope_grid, rope_push))
+                algorithms.append(self._algorithm([tensors["q"], tensors["k"], self.rotary, tensors["q_rot"],
+                                                   tensors["k_rot"]], rope.KERNEL, rope.spec(p.dtype), rope_grid,
+                                                  rope_push))
             self.chunks.append(Chunk(g0, g1, tensors, algorithms, memory=memory))
 
         if zeroed:
@@ -592,7 +593,7 @@ class Plan(RecordedPlan):
             # Without it, syncing the rotated (device) q and k to their staging records compute ->
             # transfer, and the attention dispatch's own transfer -> compute barrier on the same
             # buffers completes the dependency (as backward.py; one on-device copy of q and k).
-            rotated = [c.tensors[name] for c in chunks for name in ROTATED]
+            rotated = [c.tensors[name] for c in chunks for name in ROTATED.values()]
             sequence.record(kp.OpTensorSyncLocal(rotated) if self.rotary_staged else kp.aule_compute_barrier(rotated))
         # Chunks touch disjoint buffers (scratch included): their dispatches need no barrier between
         # them. A plan's dispatch must not be recorded twice in one sequence without one either:

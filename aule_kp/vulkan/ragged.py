@@ -209,26 +209,33 @@ class RaggedPlan:
     def fits(self, need: Dict[str, int]) -> bool:
         return all(n <= self.capacity.get(name, 0) for name, n in need.items())
 
-    def _algorithm(self, grid: Tuple[int, int, int]) -> Any:
-        key = None if grids_settable(self.device.kp) else grid
+    def _algorithm(self, grid: Tuple[int, int, int], rotated: bool = False) -> Any:
+        """The kernel's algorithm for ``grid``; ``rotated``: bound to the queries' rotated copy."""
+        key = (None if grids_settable(self.device.kp) else grid, rotated)
         algorithm = self._algorithms.get(key)
         if algorithm is None:
             stats["algorithms"] += 1
             self.nbytes += pipeline_bytes(self.device)
-            bound = [self.tensors[name] for name in BINDINGS]
+            bound = [self.tensors["q_rot" if rotated and name == "q" else name] for name in BINDINGS]
             algorithm = self._algorithms[key] = self.device.manager.algorithm(
                 bound, self.device.spirv(KERNEL), grid, self.config.spec(), np.zeros(12, np.uint32))
-        if key is None:
+        if key[0] is None:
             algorithm.set_workgroup(*grid)
         return algorithm
 
     def _rope(self, grid: Tuple[int, int, int]) -> Any:
+        """glsl/rope.comp from q into its rotated copy ``q_rot`` (device-only; made on first use;
+        out of place: an in-place write after q's upload would need a barrier kp does not record).
+        No k rows: the k bindings repeat q's buffers, untouched."""
         if self.rope is None:
             stats["algorithms"] += 1
-            self.nbytes += pipeline_bytes(self.device)
+            self.nbytes += pipeline_bytes(self.device) + self.capacity["q"]
             q = self.tensors["q"]
-            self.rope = self.device.manager.algorithm([q, q, self.rope_tables], self.device.spirv(rope.KERNEL), grid,
-                                                      rope.spec(self.config.dtype), np.zeros(16, np.uint32))
+            self.tensors["q_rot"] = rot = self.device.manager.tensor_t(
+                np.zeros(max(self.capacity["q"] // 4, 1), np.uint32), self.device.kp.TensorTypes.storage)
+            self.rope = self.device.manager.algorithm([q, q, self.rope_tables, rot, rot],
+                                                      self.device.spirv(rope.KERNEL), grid,
+                                                      rope.spec(self.config.dtype), np.zeros(17, np.uint32))
         if grids_settable(self.device.kp):
             self.rope.set_workgroup(*grid)
         return self.rope
@@ -256,8 +263,8 @@ class RaggedPlan:
                     seq.record(kp.OpTensorSyncDevice(sent))
                     if q_rotation is not None:
                         seq.record(kp.OpAlgoDispatch(self._rope(q_rotation[1]), q_rotation[2]))
-                        seq.record(kp.aule_compute_barrier([self.tensors["q"]]))
-                seq.record(kp.OpAlgoDispatch(self._algorithm(grid), push))
+                        seq.record(kp.aule_compute_barrier([self.tensors["q_rot"]]))
+                seq.record(kp.OpAlgoDispatch(self._algorithm(grid, q_rotation is not None), push))
                 if i == len(dispatches) - 1:
                     seq.record(kp.OpTensorSyncLocal([self.tensors["o"]]))
                 seq.eval()

@@ -1,5 +1,6 @@
-"""The forward plan's rotary pass (glsl/rope.comp): q and k rotated in their device buffers,
-dispatched in the forward's recorded sequence before the attention (see ``plan.Plan.record``).
+"""The forward plan's rotary pass (glsl/rope.comp): q and k rotated on the device from their input
+buffers into the buffers the attention reads, dispatched in the forward's recorded sequence before
+it (see ``plan.Plan.record``).
 
 The plan holds one host-written buffer of float32 cos/sin rows gathered at the call's positions
 (q rows' cos, q rows' sin, then k rows' cos and sin when k is rotated), ``rotary_bytes(p)`` bytes:
@@ -26,7 +27,7 @@ MAX_GRID_X = 65535
 
 def layout_reasons(problem: Problem, layout: RotaryLayout) -> List[str]:
     """Why glsl/rope.comp cannot rotate ``problem``'s q/k with ``layout`` (empty: it can). Each
-    invocation writes whole packed words: the head dim, the offset and (half layout) R/2 even."""
+    invocation writes one whole pair of channels: the head dim, the offset and (half layout) R/2 even."""
     why = []
     if problem.dim_k % 2:
         why.append(f"the fused rotary needs an even head dim, got {problem.dim_k}")
@@ -70,10 +71,10 @@ def write_payload(view: np.ndarray, p: Problem, tables: RotaryTables) -> None:
         view[ok_sin:ok_sin + n].reshape(-1, layout.half)[:] = tables.sin[kpos]
 
 
-def _grid(rows: int, half: int, interleaved: bool) -> Tuple[int, int, int]:
-    """Workgroups over ``rows`` rows of ``half`` pairs (x first, spilling into y past ``MAX_GRID_X``)."""
-    units = half if interleaved else half // 2
-    groups = max(1, math.ceil(rows * units / WORKGROUP))
+def _grid(rows: int, dim: int) -> Tuple[int, int, int]:
+    """Workgroups over ``rows`` rows of ``dim / 2`` channel pairs (x first, spilling into y past
+    ``MAX_GRID_X``)."""
+    groups = max(1, math.ceil(rows * (dim // 2) / WORKGROUP))
     x = min(groups, MAX_GRID_X)
     return x, math.ceil(groups / x), 1
 
@@ -82,10 +83,10 @@ def dispatch(p: Problem, g0: int, n_groups: int) -> Tuple[Tuple[int, int, int], 
     """``(grid, push constants)`` of the rotary pass over groups ``[g0, g0 + n_groups)``."""
     r = p.rotary
     q_rows = n_groups * p.group * p.len_q
-    k_rows = n_groups * p.len_k if r.rotate_k else 0
+    k_rows = n_groups * p.len_k  # copied where not rotated: the attention reads the pass's output
     push = np.array([q_rows, k_rows, p.len_q, p.len_k, p.heads_q, p.heads_kv, g0 * p.group, g0, p.dim_k, r.half,
-                     r.offset, int(r.interleaved), *_offsets(p)], np.uint32)
-    return _grid(q_rows + k_rows, r.half, r.interleaved), push
+                     r.offset, int(r.interleaved), *_offsets(p), int(r.rotate_k)], np.uint32)
+    return _grid(q_rows + k_rows, p.dim_k), push
 
 
 def token_dispatch(tokens: int, heads: int, dim: int, half: int, interleaved: bool,
@@ -94,8 +95,8 @@ def token_dispatch(tokens: int, heads: int, dim: int, half: int, interleaved: bo
     token t with cos/sin row t (cos rows, then sin rows, from float 0): each token is its own
     "sequence" of one row, which is what glsl/rope.comp's indexing gives with len_q = 1."""
     push = np.array([tokens * heads, 0, 1, 1, heads, 1, 0, 0, dim, half, offset, int(interleaved), 0,
-                     tokens * half, 0, 0], np.uint32)
-    return _grid(tokens * heads, half, interleaved), push
+                     tokens * half, 0, 0, 0], np.uint32)
+    return _grid(tokens * heads, dim), push
 
 
 def spec(dtype: str) -> np.ndarray:
