@@ -8,6 +8,7 @@ from typing import Any, Callable, List, Optional, Tuple
 import numpy as np
 
 from .problem import Problem
+from .rotary import RotaryLayout
 
 #: What ``backend=`` takes everywhere: "auto" (the dispatcher's priority list) or one backend.
 BACKEND_NAMES = ("auto", "vulkan", "triton", "cpu")
@@ -61,6 +62,14 @@ class Backend:
         One call for both, so that the dispatcher's check and the run that follows share their work."""
         reasons = self.problem_reasons(problem)
         return (None, reasons) if reasons else (functools.partial(self.forward, problem), [])
+
+    def bind_rotary(self, problem: Problem, layout: RotaryLayout) -> Optional[Runner]:
+        """The one hook for backends with a fused rotary embedding: a runner like ``bind``'s that
+        also takes ``rotary=`` (a :class:`aule_kp.rotary.RotaryTables` of the problem's batch and
+        lengths) and rotates q and k (unrotated in) in its own sequence before the attention; None
+        where this backend cannot (the caller then rotates first and calls ``bind``'s runner).
+        ``problem`` is one ``bind`` accepted."""
+        return None
 
     #: True for backends that take torch tensors where they live (Triton on CUDA/ROCm): then
     #: ``forward``/``backward`` receive and return contiguous torch tensors instead of host arrays.

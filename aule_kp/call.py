@@ -15,6 +15,7 @@ from .backend import Backend, Runner, check_backend_name
 from .dtypes import ITEMSIZE, STORAGE
 from .problem import Problem, band
 from .quant import check_precision
+from .rotary import RotaryTables, check_tables
 
 
 @dataclass
@@ -39,6 +40,7 @@ class Prepared:
     run: Optional[Runner] = None
     alibi: Any = None
     sinks: Any = None
+    rotary: Optional[RotaryTables] = None  # q and k are rotated by ``run`` (``Backend.bind_rotary``)
 
     def forward(self) -> Tuple[Any, Any]:
         """``(out, lse)``: out in the type/dtype/device of the caller's q; lse float32 [B, Hq, Lq]
@@ -50,7 +52,8 @@ class Prepared:
             if self.sinks is not None:
                 lse = scoremods.sink_lse(lse, self.sinks)  # host sinks: no backend was bound
             return inputs.from_host(out, self.like, p.dtype), lse
-        options = {name: x for name, x in (("alibi", self.alibi), ("sinks", self.sinks)) if x is not None}
+        options = {name: x for name, x in (("alibi", self.alibi), ("sinks", self.sinks), ("rotary", self.rotary))
+                   if x is not None}
         out, lse = self.run(self.q, self.k, self.v, self.mask, **options)
         return (out if self.backend.native_torch else inputs.from_host(out, self.like, p.dtype)), lse
 
@@ -87,7 +90,8 @@ def prepare(
     softcap: float = 0.0,
     alibi_slopes: Any = None,
     sinks: Any = None,
-) -> Prepared:
+    rotary: Optional[RotaryTables] = None,
+) -> Optional[Prepared]:
     """Validates and normalises one call (errors name the argument), and picks its backend.
 
     ``softcap``, ``alibi_slopes`` and ``sinks`` are the score modifiers of :mod:`aule_kp.scoremods`.
@@ -96,6 +100,10 @@ def prepare(
     broadcast axes size 1, neither copied; a backward pass that must return gradients in the
     caller's shapes turns it off. Sizes are checked before anything is copied. ``precision``: "fp"
     (or None) or "int8" (``aule_kp.quant``).
+
+    ``rotary``: q and k come unrotated, to be rotated by the chosen backend's fused kernel
+    (``Backend.bind_rotary``); None is returned, before any input is copied, where that backend has
+    none (the caller rotates and calls again without it).
     """
     dtype, (b, hq, hkv, lq, lk, dk, dv), scale = check_call(q, k, v, causal, scale, window, backend)
     precision = check_precision(precision)
@@ -120,6 +128,13 @@ def prepare(
         inputs.check_memory([("the output", 0 if device not in (None, "cpu") else out_bytes)])
         return Prepared(problem, None, None, None, None, None, q, sinks=sink_logits)
     chosen, run = dispatch.select_bound(problem, backend)
+    if rotary is not None:
+        if precision != "fp":
+            return None
+        check_tables(rotary, b, lq, lk, dk)
+        run = chosen.bind_rotary(problem, rotary.layout)
+        if run is None:
+            return None
     if not chosen.native_torch:
         mask_bytes = 0 if mask_shape is None else 4 * math.prod(mask_shape)
         inputs.check_memory([("q", inputs.host_copy_bytes(q)), ("k", inputs.host_copy_bytes(k)),
@@ -135,11 +150,14 @@ def prepare(
         return Prepared(problem, chosen, q.contiguous(), k.contiguous(), v.contiguous(), mask, q, run, alibi,
                         sink_logits)
     return Prepared(problem, chosen, inputs.to_host(q, dtype), inputs.to_host(k, dtype), inputs.to_host(v, dtype),
-                    mask, q, run, alibi, sink_logits)
+                    mask, q, run, alibi, sink_logits, rotary)
 
 
-def attention_forward(q: Any, k: Any, v: Any, **options: Any) -> Tuple[Any, Any, Problem]:
-    """Validated forward pass: ``(out, lse, problem)``; options as ``prepare``."""
+def attention_forward(q: Any, k: Any, v: Any, **options: Any) -> Optional[Tuple[Any, Any, Problem]]:
+    """Validated forward pass: ``(out, lse, problem)``; options as ``prepare`` (None only where
+    ``rotary`` is given and the backend cannot fuse it)."""
     call = prepare(q, k, v, **options)
+    if call is None:
+        return None
     out, lse = call.forward()
     return out, lse, call.problem

@@ -14,6 +14,8 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from .rotary import RotaryLayout
+
 #: Names of the element types the engine computes on (float64 only in references).
 DTYPES = ("float32", "float16", "bfloat16")
 MAX_HEAD_DIM = 256
@@ -51,6 +53,8 @@ class Problem:
     sinks: bool = False
     # "fp": exact attention; "int8": SageAttention's INT8 Q·Kᵀ (aule_kp.quant), a different result.
     precision: str = "fp"
+    # q and k arrive unrotated and the backend rotates them in its own sequence (``Backend.bind_rotary``).
+    rotary: Optional[RotaryLayout] = None
 
     @property
     def group(self) -> int:

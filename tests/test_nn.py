@@ -464,7 +464,10 @@ def test_latent_attention_gradients(backend: str, monkeypatch: pytest.MonkeyPatc
     seen = {}
     original = latent.attend
 
-    def recording(q, k, v, **options):
+    def recording(q, k, v, rotary=None, **options):
+        # The layer hands q and k unrotated with their rotation: rotate here to see what is attended.
+        if rotary is not None:
+            q, k = rotary.apply(q, k)
         for t in (q, k, v):
             t.retain_grad()
         out = original(q, k, v, **options)

@@ -2,7 +2,8 @@
 
 ``python tests/validation_workload.py engine``: a representative set of engine calls (every forward
 variant the device runs, GPU-style staged tiles, 16-bit types, causal/window/mask, GQA, split-KV
-decoding, the backward with its mask gradient, and a Context's zero-copy calls), each checked
+decoding, the backward with its mask gradient, a Context's zero-copy calls, RoPE fused into the
+forward with and without kp's compute barrier, a layer decoding over its device cache), each checked
 against the float64 reference so that a call that silently did nothing cannot pass.
 ``python tests/validation_workload.py hazard``: the positive control, two buffer fills with no
 barrier between them (a write-after-write hazard that synchronization validation must report).
@@ -63,6 +64,23 @@ def engine() -> None:
         ctx.attention(tq, tk, tv, o, causal=True)  # into an existing output
         want, _ = reference_attention(q, k, v, p)
         assert np.abs(o.download().astype(np.float64) - want).max() <= output_tolerance(p, q, k, v)
+    # RoPE fused into the forward (rope.comp, a compute barrier, the attention), and a layer decoding
+    # with its cache on the device (kv_append.comp rotating keys, rope.comp on the queries, the ragged
+    # kernel): each against float64 by its own test's checks.
+    import test_nn
+    from test_rope_fused import check_fused
+
+    rotary = problem(b=2, hq=4, hkv=2, lq=3, lk=6, dk=16, dv=16, dtype="float16", causal=True)
+    check_fused(rotary, rng, 4, False, 0, 3)
+    # The same without kp patch 5's barrier: q and k synced through staging between the passes.
+    dev, kind = devmod.get_device(), type(devmod.get_device())
+    held = kind.kp_patch
+    kind.kp_patch = property(lambda self: 4)
+    dev.plans.clear()
+    check_fused(rotary, rng, 4, True, 0, 3)
+    kind.kp_patch = held
+    dev.plans.clear()
+    test_nn.test_decode_equals_full_recompute("vulkan", "rope")
     print("engine calls done")
 
 

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 from .attend import LAYER_BACKENDS, attend
 from .cache import KVCache
+from .devicecache import DeviceLayerCache
 from .heads import GroupedQueryAttention, MultiQueryAttention, SelfAttention
 from .latent import LatentAttention, RMSNorm
 from .mha import MultiHeadAttention
-from .positions import RotaryEmbedding, alibi_bias, alibi_slopes, rope_inv_freq
+from .positions import RotaryEmbedding, RotarySpec, alibi_bias, alibi_slopes, rope_inv_freq
 
-__all__ = ["LAYER_BACKENDS", "GroupedQueryAttention", "KVCache", "LatentAttention", "MultiHeadAttention",
-           "MultiQueryAttention", "RMSNorm", "RotaryEmbedding", "SelfAttention", "alibi_bias", "alibi_slopes", "attend",
-           "rope_inv_freq"]
+__all__ = ["LAYER_BACKENDS", "DeviceLayerCache", "GroupedQueryAttention", "KVCache", "LatentAttention",
+           "MultiHeadAttention", "MultiQueryAttention", "RMSNorm", "RotaryEmbedding", "RotarySpec", "SelfAttention",
+           "alibi_bias", "alibi_slopes", "attend", "rope_inv_freq"]

@@ -12,9 +12,13 @@ from ..backend import BACKEND_NAMES
 from ..errors import warn_once
 from ..quant import check_precision
 from ..torch.sdpa import state
+from .positions import RotarySpec
 
 #: ``backend=`` values of the layers: aule-kp's (see :data:`aule_kp.backend.BACKEND_NAMES`) and torch SDPA.
 LAYER_BACKENDS = (*BACKEND_NAMES, "torch")
+#: Layer backends whose calls may rotate q and k inside the attention (``Backend.bind_rotary``);
+#: the others rotate in torch without asking.
+FUSED_ROTARY_BACKENDS = ("auto", "vulkan")
 
 
 def check_layer_backend(backend: Any) -> str:
@@ -55,9 +59,29 @@ def _torch_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optiona
     return torch.nan_to_num(out, nan=0.0) if mask is not None else out
 
 
+def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _fused_rotary(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary: RotarySpec, scale: float, causal: bool,
+                  top_left: bool, mask: Optional[torch.Tensor], backend: str, dropout_p: float,
+                  precision: str) -> Optional[torch.Tensor]:
+    """The attention with q and k rotated by the backend's fused kernel (inference calls on a
+    backend that has one), or None: the caller rotates in torch. The one place the layers reach
+    fused rotations through (``call.prepare(rotary=)`` asks the chosen backend's ``bind_rotary``)."""
+    if backend not in FUSED_ROTARY_BACKENDS or dropout_p > 0 or _needs_grad(q, k, v, mask):
+        return None
+    from ..call import attention_forward
+
+    result = attention_forward(q, k, v, causal=bool(causal), scale=float(scale), attn_mask=mask, backend=backend,
+                               top_left=bool(top_left), precision=precision, rotary=rotary.tables())
+    return None if result is None else result[0]
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, causal: bool = False,
            top_left: bool = False, attn_mask: Optional[torch.Tensor] = None, backend: str = "auto",
-           dropout_p: float = 0.0, precision: Optional[str] = None) -> torch.Tensor:
+           dropout_p: float = 0.0, precision: Optional[str] = None,
+           rotary: Optional[RotarySpec] = None) -> torch.Tensor:
     """``softmax(q kᵀ·scale + mask) v`` for ``q [B, Hq, Lq, Dk]``, ``k [B, Hkv, Lk, Dk]``,
     ``v [B, Hkv, Lk, Dv]`` (GQA when Hkv < Hq), differentiable in q, k, v and a float mask.
 
@@ -68,16 +92,26 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, c
     ``precision``: ``"fp"`` or ``"int8"`` (:func:`aule_kp.flash_attention`'s) on aule-kp backends;
     None takes what :func:`aule_kp.install` / :func:`aule_kp.enabled` set (default ``"fp"``). int8
     is forward-only: calls that need gradients run ``"fp"``, with one AuleFallbackWarning.
+
+    ``rotary``: q and k come unrotated and are rotated as the :class:`RotarySpec` says. Inference
+    calls whose backend has a fused rotation (``Backend.bind_rotary``: Vulkan, and "auto" where it
+    picks Vulkan) rotate on the device in the attention's own sequence; every other call rotates
+    in torch first (:meth:`RotarySpec.apply`).
     """
     mask = _as_4d(attn_mask)
     precision = state.precision if precision is None else check_precision(precision)
+    if rotary is not None:
+        out = _fused_rotary(q, k, v, rotary, scale, causal, top_left, mask, backend, dropout_p, precision)
+        if out is not None:
+            return out
+        q, k = rotary.apply(q, k)
     if backend == "torch":
         return _torch_sdpa(q, k, v, mask, causal, top_left, scale, dropout_p)
     if dropout_p > 0:
         warn_once("nn-dropout", "aule_kp.nn: attention dropout runs only in torch's SDPA; this layer's training "
                   "calls with dropout > 0 run there (set dropout=0.0 to use aule-kp's kernels)")
         return _torch_sdpa(q, k, v, mask, causal, top_left, scale, dropout_p)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, mask)):
+    if _needs_grad(q, k, v, mask):
         from ..torch.ops import FlashAttentionFunction
 
         if precision != "fp":

@@ -4,13 +4,17 @@ o_proj``), with RoPE, ALiBi or no positions, self- or cross-attention inputs, an
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Mapping, Optional, Tuple, Union
 
 import torch
 
 from .attend import attend, check_layer_backend
 from .cache import KVCache
+from .devicecache import DeviceLayerCache
 from .positions import RotaryEmbedding, alibi_bias, alibi_slopes, check_position
+
+#: What ``new_cache`` gives and ``forward(cache=)`` takes.
+AnyCache = Union[KVCache, DeviceLayerCache]
 
 
 def _positive(name: str, n: Any) -> int:
@@ -60,16 +64,21 @@ class _HeadsAttention(torch.nn.Module):
         raise NotImplementedError
 
     def new_cache(self, batch: int, max_len: int, dtype: Optional[torch.dtype] = None,
-                  device: Optional[torch.device] = None) -> KVCache:
-        """An empty :class:`KVCache` for this layer (rotated keys and values of ``max_len`` positions),
-        in the dtype and device of the layer's parameters unless given."""
+                  device: Optional[torch.device] = None, on_device: Optional[bool] = None) -> AnyCache:
+        """An empty cache for this layer (rotated keys and values of ``max_len`` positions), in the
+        dtype of the layer's parameters unless given: a :class:`DeviceLayerCache` on the Vulkan
+        device where ``on_device`` (default: the layer's backend is "vulkan"), else a
+        :class:`KVCache` of torch tensors (on the parameters' device unless given)."""
         p = next(self.parameters())
+        if self.backend == "vulkan" if on_device is None else on_device:
+            return DeviceLayerCache(batch, self.num_kv_heads, max_len, self.head_dim, self.head_dim,
+                                    dtype=dtype or p.dtype)
         return KVCache(batch, self.num_kv_heads, max_len, self.head_dim, self.head_dim,
                        dtype=dtype or p.dtype, device=device or p.device)
 
     def forward(self, hidden_states: torch.Tensor, context: Optional[torch.Tensor] = None, *,
                 positions: Optional[torch.Tensor] = None, key_positions: Optional[torch.Tensor] = None,
-                attn_mask: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None) -> torch.Tensor:
+                attn_mask: Optional[torch.Tensor] = None, cache: Optional[AnyCache] = None) -> torch.Tensor:
         """Attention of ``hidden_states [B, Lq, E]`` over itself, or over ``context [B, Lk, E_ctx]``
         (cross-attention); returns ``[B, Lq, E]``.
 
@@ -80,8 +89,9 @@ class _HeadsAttention(torch.nn.Module):
                 keys take the query positions.
             attn_mask: bool (True = attend) or float (added), broadcastable to ``[B, H, Lq, Lk]``
                 (Lk: every key attended, the cached ones included).
-            cache: a :class:`KVCache` (``new_cache``) that the new keys and values are appended to;
-                the queries attend to everything cached. Self-attention only; not differentiable.
+            cache: a :class:`KVCache` or :class:`DeviceLayerCache` (``new_cache``) that the new keys
+                and values are appended to; the queries attend to everything cached. Self-attention
+                only; not differentiable. A device cache takes no ``attn_mask``.
 
         ``causal`` is aligned bottom-right (flash-attn's): the queries are the last Lq positions
         of the keys' sequence, as in decoding with a cache.
@@ -97,10 +107,22 @@ class _HeadsAttention(torch.nn.Module):
         k = k.reshape(batch, len_k, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.reshape(batch, len_k, self.num_kv_heads, self.head_dim).transpose(1, 2)
         past = cache.length if cache is not None else 0
+        rotary = None
+        on_device = isinstance(cache, DeviceLayerCache)
+        if on_device and attn_mask is not None:
+            raise ValueError("attn_mask: a DeviceLayerCache takes none (new_cache(..., on_device=False) gives a "
+                             "torch KVCache that does)")
         if self.rotary is not None:
             q_pos = _positions(positions, past, len_q, q.device, "positions")
             k_pos = q_pos if context is None else _positions(key_positions, 0, len_k, k.device, "key_positions")
-            q, k = self.rotary(q, q_pos), self.rotary(k, k_pos)
+            if cache is not None and not on_device:
+                # The cache holds rotated keys: the new ones are rotated here, in torch.
+                k, k_pos = self.rotary(k, k_pos), None
+            rotary = self.rotary.spec(q_pos, k_pos, batch)
+        if on_device:
+            slopes = self.alibi_slopes if self.position == "alibi" else None
+            out = cache.attend(q, k, v, scale=self.scaling, causal=self.causal, rotary=rotary, alibi_slopes=slopes)
+            return self._output(out.transpose(1, 2).reshape(batch, len_q, self.num_heads * self.head_dim))
         if cache is not None:
             k, v = cache.append(k, v)
         mask = attn_mask
@@ -108,7 +130,8 @@ class _HeadsAttention(torch.nn.Module):
             bias = alibi_bias(self.alibi_slopes, len_q, k.shape[2], q.dtype)
             mask = bias if mask is None else (bias.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool
                                               else mask + bias)
-        out = attend(q, k, v, scale=self.scaling, causal=self.causal, attn_mask=mask, backend=self.backend)
+        out = attend(q, k, v, scale=self.scaling, causal=self.causal, attn_mask=mask, backend=self.backend,
+                     rotary=rotary)
         return self._output(out.transpose(1, 2).reshape(batch, len_q, self.num_heads * self.head_dim))
 
 

@@ -16,7 +16,8 @@ import torch
 
 from .attend import attend, check_layer_backend
 from .cache import KVCache
-from .heads import _positions, _positive
+from .devicecache import DeviceLayerCache
+from .heads import AnyCache, _positions, _positive
 from .positions import RotaryEmbedding
 
 
@@ -99,15 +100,20 @@ class LatentAttention(torch.nn.Module):
         return cls(**kwargs)
 
     def new_cache(self, batch: int, max_len: int, dtype: Optional[torch.dtype] = None,
-                  device: Optional[torch.device] = None) -> KVCache:
+                  device: Optional[torch.device] = None, on_device: Optional[bool] = None) -> AnyCache:
         """An empty cache of ``max_len`` positions holding ``[latent | rope key]`` per position (one
-        head; the values are the latent part), in the parameters' dtype and device unless given."""
+        head; the values are the latent part), in the parameters' dtype unless given: on the Vulkan
+        device where ``on_device`` (default: the backend is "vulkan"; :class:`DeviceLayerCache`,
+        which stores the latent a second time as the values), else a :class:`KVCache` (on the
+        parameters' device unless given)."""
         p = self.kv_b_proj.weight
-        return KVCache(batch, 1, max_len, self.kv_lora_rank + self.qk_rope_head_dim, self.kv_lora_rank,
-                       dtype=dtype or p.dtype, device=device or p.device, value_in_key=True)
+        dims = (batch, 1, max_len, self.kv_lora_rank + self.qk_rope_head_dim, self.kv_lora_rank)
+        if self.backend == "vulkan" if on_device is None else on_device:
+            return DeviceLayerCache(*dims, dtype=dtype or p.dtype, value_in_key=True)
+        return KVCache(*dims, dtype=dtype or p.dtype, device=device or p.device, value_in_key=True)
 
     def forward(self, hidden_states: torch.Tensor, *, positions: Optional[torch.Tensor] = None,
-                attn_mask: Optional[torch.Tensor] = None, cache: Optional[KVCache] = None) -> torch.Tensor:
+                attn_mask: Optional[torch.Tensor] = None, cache: Optional[AnyCache] = None) -> torch.Tensor:
         """``hidden_states [B, L, hidden_size]`` -> ``[B, L, hidden_size]``; ``positions``,
         ``attn_mask`` and ``cache`` as :meth:`GroupedQueryAttention.forward`'s (the cache from
         :meth:`new_cache`; with it the absorbed decoding path runs)."""
@@ -123,18 +129,32 @@ class LatentAttention(torch.nn.Module):
         latent, k_rot = self.kv_a_proj_with_mqa(hidden_states).split([self.kv_lora_rank, rope], dim=-1)
         latent = self.kv_a_layernorm(latent)
         pos = _positions(positions, cache.length if cache is not None else 0, length, q.device, "positions")
-        q_rot, k_rot = self.rotary(q_rot, pos), self.rotary(k_rot[:, None], pos)
+        k_rot = k_rot[:, None]
         options = dict(scale=self.scaling, causal=self.causal, attn_mask=attn_mask, backend=self.backend)
         if cache is None:
             kv = self.kv_b_proj(latent).reshape(batch, length, heads, nope + self.v_head_dim).transpose(1, 2)
             k_pass, v = kv.split([nope, self.v_head_dim], dim=-1)
             k = torch.cat((k_pass, k_rot.expand(-1, heads, -1, -1)), dim=-1)
-            out = attend(torch.cat((q_pass, q_rot), dim=-1), k, v, **options)
+            # q and k unrotated: attend rotates their last `rope` channels (on the device on Vulkan).
+            out = attend(torch.cat((q_pass, q_rot), dim=-1), k, v, rotary=self.rotary.spec(pos, pos, batch, nope),
+                         **options)
         else:
             # Absorbed: q_nope·k_nope = (q_nope W_uk)·latent and P·(latent W_uvᵀ) = (P·latent) W_uvᵀ.
             w = self.kv_b_proj.weight.reshape(heads, nope + self.v_head_dim, self.kv_lora_rank)
-            q_latent = torch.einsum("bhld,hdc->bhlc", q_pass, w[:, :nope])
-            keys, values = cache.append(torch.cat((latent[:, None], k_rot), dim=-1))
-            out_latent = attend(torch.cat((q_latent, q_rot), dim=-1), keys, values, **options)
+            q_absorbed = torch.cat((torch.einsum("bhld,hdc->bhlc", q_pass, w[:, :nope]), q_rot), dim=-1)
+            if isinstance(cache, DeviceLayerCache):
+                if attn_mask is not None:
+                    raise ValueError("attn_mask: a DeviceLayerCache takes none (new_cache(..., on_device=False) "
+                                     "gives a torch KVCache that does)")
+                # q and the new rope key are rotated on the device (the cache holds rotated keys).
+                out_latent = cache.attend(q_absorbed, torch.cat((latent[:, None], k_rot), dim=-1), None,
+                                          scale=self.scaling, causal=self.causal,
+                                          rotary=self.rotary.spec(pos, pos, batch, self.kv_lora_rank))
+            else:
+                # The cache holds the rotated rope key: the new one is rotated here, in torch; the
+                # query's rope part is rotated by attend.
+                keys, values = cache.append(torch.cat((latent[:, None], self.rotary(k_rot, pos)), dim=-1))
+                out_latent = attend(q_absorbed, keys, values,
+                                    rotary=self.rotary.spec(pos, None, batch, self.kv_lora_rank), **options)
             out = torch.einsum("bhlc,hvc->bhlv", out_latent, w[:, nope:])
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, heads * self.v_head_dim))

@@ -1,18 +1,24 @@
 """Position encodings of the attention layers: rotary (RoPE, half and interleaved layouts, Llama-3
 frequency scaling), ALiBi (a float bias through ``attn_mask``), or none.
 
-The rotation runs in torch on the tensors' own device, vectorised over batch, heads and positions,
-before the attention call. Angles are computed in float64 from float32 inverse frequencies (the
-models' own definition: Meta's and Hugging Face's ``inv_freq`` are float32), so the only roundings
-are the final cos/sin and the rotation itself.
+The layers hand the rotation to the attention call as a :class:`RotarySpec` (unrotated q and k,
+float32 cos/sin tables, positions, layout): on Vulkan it runs on the device in the attention's own
+recorded sequence; elsewhere (and for calls that need gradients) it runs in torch on the tensors'
+own device, vectorised over batch, heads and positions, before the attention. Angles are computed
+in float64 from float32 inverse frequencies (the models' own definition: Meta's and Hugging Face's
+``inv_freq`` are float32) and rounded once to the float32 tables; the torch rotation rounds the
+table values to the tensors' dtype and computes in it, as the layers did before.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
+
+from ..rotary import RotaryTables
 
 #: ``position=`` values of the layers.
 POSITIONS = ("rope", "alibi", "none")
@@ -75,6 +81,7 @@ class RotaryEmbedding(torch.nn.Module):
         # Not a buffer: module.half() must not round the frequencies (nor state_dicts carry them).
         self.inv_freq = rope_inv_freq(dim, theta, scaling)
         self._wide: Dict[torch.device, torch.Tensor] = {}  # float64 copies per device
+        self._tables: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}  # float32 cos/sin per device
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)`` of shape ``positions.shape + [dim // 2]`` in ``dtype`` (angles in float64)."""
@@ -90,17 +97,88 @@ class RotaryEmbedding(torch.nn.Module):
         if x.shape[-1] != self.dim:
             raise ValueError(f"RotaryEmbedding over {self.dim} channels got a last axis of {x.shape[-1]}")
         cos, sin = self.cos_sin(positions, x.dtype)
-        if cos.dim() == 3:  # [B, L, D/2] -> broadcast over heads
-            cos, sin = cos[:, None], sin[:, None]
-        if self.interleaved:
-            x1, x2 = x[..., 0::2], x[..., 1::2]
-            return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-        half = self.dim // 2
-        x1, x2 = x[..., :half], x[..., half:]
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return _rotate(x, cos, sin, self.interleaved, 0)
+
+    def tables(self, length: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """float32 ``(cos, sin)`` ``[P, dim // 2]`` of positions ``0 .. P-1``, ``P >= length`` (kept
+        per device and grown by doubling: a decode loop computes them a few times, not per step)."""
+        held = self._tables.get(device)
+        if held is None or held[0].shape[0] < length:
+            rows = max(64, 1 << max(0, length - 1).bit_length())
+            held = self._tables[device] = self.cos_sin(torch.arange(rows, device=device), torch.float32)
+        return held
+
+    def spec(self, q_positions: torch.Tensor, k_positions: Optional[torch.Tensor], batch: int,
+             offset: int = 0) -> RotarySpec:
+        """The :class:`RotarySpec` rotating q at ``q_positions`` and k at ``k_positions`` (``[L]``
+        or ``[B, L]`` integers; None: k is not rotated) over channels ``[offset, offset + dim)``."""
+        q_pos = q_positions.expand(batch, -1) if q_positions.dim() == 1 else q_positions
+        k_pos = None if k_positions is None else (
+            k_positions.expand(batch, -1) if k_positions.dim() == 1 else k_positions)
+        used = [p for p in (q_pos, k_pos) if p is not None and p.numel()]
+        if any(int(p.min()) < 0 for p in used):
+            raise ValueError("RoPE positions must be >= 0")
+        most = max((int(p.max()) for p in used), default=0)
+        cos, sin = self.tables(most + 1, q_pos.device)
+        return RotarySpec(cos, sin, q_pos, k_pos, self.interleaved, offset)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, interleaved={self.interleaved}"
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool, offset: int) -> torch.Tensor:
+    """``x [B, H, L, D]`` rotated over channels ``[offset, offset + 2 R/2)`` by ``cos``/``sin``
+    ``[L, R/2]`` or ``[B, L, R/2]`` (in x's dtype); the other channels unchanged."""
+    if cos.dim() == 3:  # [B, L, R/2] -> broadcast over heads
+        cos, sin = cos[:, None], sin[:, None]
+    end = offset + 2 * cos.shape[-1]
+    part = x[..., offset:end]
+    if interleaved:
+        x1, x2 = part[..., 0::2], part[..., 1::2]
+        turned = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    else:
+        x1, x2 = part.chunk(2, dim=-1)
+        turned = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    if offset == 0 and end == x.shape[-1]:
+        return turned
+    return torch.cat((x[..., :offset], turned, x[..., end:]), dim=-1)
+
+
+@dataclass
+class RotarySpec:
+    """RoPE handed to :func:`aule_kp.nn.attend.attend` with unrotated q and k (flash-attn's
+    ``apply_rotary`` semantics over channels ``[offset, offset + R)``, the rest unrotated).
+
+    ``cos``/``sin``: float32 ``[P, R/2]`` (float64 angles); ``q_positions [B, Lq]`` and
+    ``k_positions [B, Lk]`` index their rows (``k_positions`` None: k is not rotated, e.g. keys
+    read from a cache that holds them rotated); ``interleaved``: pairs (2i, 2i+1), else (i, i+R/2).
+    """
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    q_positions: torch.Tensor
+    k_positions: Optional[torch.Tensor]
+    interleaved: bool
+    offset: int = 0
+
+    def apply(self, q: torch.Tensor, k: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(q, k)`` rotated in torch (k as it is when ``k_positions`` is None)."""
+
+        def turn(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+            at = positions.to(self.cos.device)
+            cos, sin = (t[at].to(x.device, x.dtype) for t in (self.cos, self.sin))
+            return _rotate(x, cos, sin, self.interleaved, self.offset)
+
+        return turn(q, self.q_positions), (k if self.k_positions is None else turn(k, self.k_positions))
+
+    def tables(self) -> RotaryTables:
+        """The same rotation as host arrays (what a fused backend takes)."""
+
+        def host(t: Optional[torch.Tensor]) -> Any:
+            return None if t is None else t.detach().cpu().numpy()
+
+        return RotaryTables(host(self.cos), host(self.sin), host(self.q_positions), host(self.k_positions),
+                            bool(self.interleaved), int(self.offset))
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:

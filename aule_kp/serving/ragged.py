@@ -22,10 +22,11 @@ from typing import Any, Optional, Tuple, Union
 import numpy as np
 
 from .. import dispatch, inputs
-from ..dtypes import STORAGE, from_f32
+from ..dtypes import STORAGE, from_f32, to_f32
 from ..problem import Problem, band
 from ..q8 import Q8Cache
-from ..vulkan.kvcache import DeviceKVCache
+from ..rotary import rotate_host
+from ..vulkan.kvcache import DeviceKVCache, RowRotation
 
 log = logging.getLogger("aule_kp")
 
@@ -57,6 +58,9 @@ class Ragged:
     softcap: float = 0.0
     alibi: Optional[np.ndarray] = None  # float32 slopes [1 or B, Hq]
     sinks: Optional[np.ndarray] = None  # float32 [Hq]
+    # q comes unrotated: RoPE with one cos/sin row per query row, applied on the device where the
+    # ragged kernel runs on a device cache (vulkan.ragged.rotates_queries), on the host otherwise.
+    q_rotary: Optional[RowRotation] = None
 
     @property
     def modified(self) -> bool:
@@ -132,6 +136,11 @@ def run(call: Ragged, backend: str, like: Any) -> np.ndarray:
     On Vulkan the ragged kernel takes the batch in one dispatch, except the sequences of a host-data
     call with ``DENSE_QUERY_ROWS`` query rows or more (prefills), which run one by one through the
     dense forward kernels."""
+    if call.q_rotary is not None:
+        native = _native_vulkan(call, backend, like) if isinstance(call.k, DeviceKVCache) else None
+        if native is not None:
+            return native
+        call = replace(call, q=_rotated_queries(call), q_rotary=None)
     dense = _prefills(call)
     native = _native_vulkan(_subset(call, ~dense), backend, like) if not dense.all() else None
     if native is None:
@@ -140,6 +149,14 @@ def run(call: Ragged, backend: str, like: Any) -> np.ndarray:
         return out
     _per_sequence(call, np.flatnonzero(dense), native, backend, like)
     return native
+
+
+def _rotated_queries(call: Ragged) -> np.ndarray:
+    """``call.q`` rotated on the host as the device would (float32 math, one rounding to storage)."""
+    r = call.q_rotary
+    wide = to_f32(call.q, call.dtype).transpose(1, 0, 2)[None]  # [1, Hq, T, Dk]: token t at "position" t
+    turned = rotate_host(wide, r.cos, r.sin, np.arange(call.q.shape[0])[None], r.interleaved, r.offset)
+    return from_f32(np.ascontiguousarray(turned[0].transpose(1, 0, 2)), call.dtype)
 
 
 def _prefills(call: Ragged) -> np.ndarray:
@@ -224,7 +241,9 @@ def _native_vulkan(call: Ragged, backend: str, like: Any) -> Optional[np.ndarray
         scales = (call.k.scales, call.v.scales) if q8 else (None, None)
     try:
         device = call.k.device if resident else devmod.get_device()
-        return vk.forward(device, spec, call.q, k, v, call.seqs, call.table, scales, io)
+        if call.q_rotary is not None and not vk.rotates_queries(device, spec, call.q_rotary):
+            return None
+        return vk.forward(device, spec, call.q, k, v, call.seqs, call.table, scales, io, call.q_rotary)
     except ValueError as exc:  # over a device limit: per sequence instead, through the forward's choice
         log.debug("ragged Vulkan kernel refused (%s); running per sequence", exc)
         return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Dict, List, Optional, Tuple, Union
 
@@ -10,8 +11,9 @@ import numpy as np
 from .. import knobs
 from ..backend import Backend, Runner
 from ..problem import Problem
+from ..rotary import RotaryLayout
 from . import device as devmod
-from . import int8, tuning_cache
+from . import int8, rope, tuning_cache
 from .backward import BackwardPlan, backward_plan, reduce_to_mask
 from .choice import BackwardChoice, Choice, backward_limits, choose_backward, choose_forward
 from .configs import BackwardConfig, ForwardConfig
@@ -83,6 +85,20 @@ class VulkanBackend(Backend):
             return None, list(reasons)
         run = int8.run_forward if problem.precision == "int8" else run_forward
         return functools.partial(run, dev, problem, cfg), []
+
+    def bind_rotary(self, problem: Problem, layout: RotaryLayout) -> Optional[Runner]:
+        """``bind``'s runner for ``problem`` with q and k rotated by glsl/rope.comp in the forward's
+        own sequence (``rotary=`` tables per call); None where that kernel cannot (``rope.layout_reasons``)
+        or the choice is not a plain forward."""
+        if rope.layout_reasons(problem, layout) or problem.precision != "fp":
+            return None
+        dev, why = devmod.usable_device()
+        if dev is None:
+            return None
+        cfg, _ = self._choice(problem, dev)
+        if cfg is None:
+            return None
+        return functools.partial(run_forward, dev, dataclasses.replace(problem, rotary=layout), cfg)
 
     def plan(self, problem: Problem, config: Optional[ForwardConfig] = None) -> Plan:
         """The device's plan for ``problem``, bound to it (see ``plan.forward_plan``): valid until the

@@ -11,17 +11,32 @@ from __future__ import annotations
 
 import itertools
 import math
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from ..dtypes import ITEMSIZE, STORAGE
 from ..q8 import dequantize
+from .configs import DTYPE_CODE
 from .plan import binding_limit, mapped_memory, round_up, stats
 
 KERNEL = "kv_append"
 WORKGROUP = 64
 _serial = itertools.count()
+
+
+@dataclass
+class RowRotation:
+    """RoPE applied to rows as they are written (glsl/kv_append.comp): float32 ``cos``/``sin``
+    ``[n, half]``, row i's own (gathered at its position); channels ``[offset, offset + 2 half)``
+    of every head, "half" or ``interleaved`` pairs (flash-attn's ``apply_rotary``)."""
+
+    cos: np.ndarray
+    sin: np.ndarray
+    half: int
+    interleaved: bool
+    offset: int = 0
 
 
 class DeviceKVCache:
@@ -69,21 +84,36 @@ class DeviceKVCache:
         if self.data is None:
             raise ValueError("this DeviceKVCache was freed (DeviceKVCache.free or its Context closed)")
 
-    def write(self, rows: np.ndarray, values: np.ndarray, scales: Optional[np.ndarray]) -> None:
+    def write(self, rows: np.ndarray, values: np.ndarray, scales: Optional[np.ndarray],
+              rotary: Optional[RowRotation] = None) -> None:
         """Writes host ``values`` (``[n, Hkv, D]``: storage of the dtype, or int8 with ``scales``
-        float16 ``[n, Hkv, D/32]``) into cache rows ``rows`` (flat: block * page_size + slot)."""
+        float16 ``[n, Hkv, D/32]``) into cache rows ``rows`` (flat: block * page_size + slot).
+
+        ``rotary``: float values are rotated on the device as they are written (RoPE of every
+        head, with the cos/sin rows of each written row: see ``RowRotation``)."""
         self._live()
         if len(rows) == 0:
             return
+        if rotary is not None and (self.q8 or self.shape[3] % 2 or rotary.offset % 2
+                                   or rotary.offset + 2 * rotary.half > self.shape[3]):
+            raise ValueError(f"a device rotation needs a float cache of even head dim holding channels "
+                             f"[{rotary.offset}, {rotary.offset + 2 * rotary.half}) at an even offset; got "
+                             f"{self!r}")
         parts = [(self.data, values, self.row_bytes)]
         if self.q8:
             parts.append((self.scales, scales, self.scale_row_bytes))
-        need = {"src": max(p[1].nbytes for p in parts), "rows": 4 * len(rows)}
+        tables = None if rotary is None else np.concatenate([rotary.cos.reshape(-1), rotary.sin.reshape(-1)])
+        need = {"src": max(p[1].nbytes for p in parts), "rows": 4 * len(rows),
+                "tables": 0 if tables is None else tables.nbytes}
         with self.device.lock:
             if self._append is None or not self._append.fits(need):
                 old = self._append
-                self._append = _AppendPlan(self.device, [p[0] for p in parts], need, old)
-            self._append.run(rows.astype(np.uint32), [(p[1], p[2]) for p in parts])
+                dtype = 0 if self.q8 else DTYPE_CODE[self.dtype_name]
+                self._append = _AppendPlan(self.device, [p[0] for p in parts], need, old, dtype)
+            push = np.zeros(6, np.uint32)
+            if rotary is not None:
+                push[:] = (1, self.shape[3], rotary.half, rotary.offset, int(rotary.interleaved), rotary.cos.size)
+            self._append.run(rows.astype(np.uint32), [(p[1], p[2]) for p in parts], tables, push)
 
     def tensors(self) -> Dict[str, Any]:
         """The kp tensors the ragged kernel binds for this cache as K or V (data, scales)."""
@@ -126,10 +156,11 @@ class DeviceKVCache:
 
 
 class _AppendPlan:
-    """The append dispatches of one cache: a source buffer per destination (data, scales) and the
-    row indices, host-written; one algorithm per destination."""
+    """The append dispatches of one cache: a source buffer per destination (data, scales), the
+    row indices and the rotation's cos/sin rows, host-written; one algorithm per destination."""
 
-    def __init__(self, device: Any, targets: List[Any], need: Dict[str, int], old: Optional[_AppendPlan]) -> None:
+    def __init__(self, device: Any, targets: List[Any], need: Dict[str, int], old: Optional[_AppendPlan],
+                 dtype: int) -> None:
         self.device = device
         cap = {name: max(n, round_up(n, 1), 256, old.capacity.get(name, 0) if old else 0) for name, n in need.items()}
         if old is not None:
@@ -137,6 +168,8 @@ class _AppendPlan:
         self.capacity = cap
         self.rows = device.io_tensor(np.zeros(math.ceil(cap["rows"] / 4), np.uint32), "in")
         self.rows_mem = mapped_memory(self.rows).view(np.uint8)
+        self.tables = device.io_tensor(np.zeros(math.ceil(cap["tables"] / 4), np.float32), "in")
+        self.tables_mem = mapped_memory(self.tables)
         self.srcs, self.src_mems, self.algorithms = [], [], []
         # One grid over the whole source buffer (the shader stops at n_words): no grid to set per call.
         grid = (math.ceil(cap["src"] / 4 / WORKGROUP), 1, 1)
@@ -145,24 +178,33 @@ class _AppendPlan:
             self.srcs.append(src)
             self.src_mems.append(mapped_memory(src).view(np.uint8))
             stats["algorithms"] += 1
-            self.algorithms.append(device.manager.algorithm([dst, src, self.rows], device.spirv(KERNEL), grid,
-                                                            np.zeros(0, np.uint32), np.zeros(2, np.uint32)))
+            self.algorithms.append(device.manager.algorithm([dst, src, self.rows, self.tables], device.spirv(KERNEL),
+                                                            grid, np.array([dtype, 0], np.uint32),
+                                                            np.zeros(8, np.uint32)))
 
     def fits(self, need: Dict[str, int]) -> bool:
         return all(n <= self.capacity[name] for name, n in need.items())
 
-    def run(self, rows: np.ndarray, parts: List[Tuple[np.ndarray, int]]) -> None:
+    def run(self, rows: np.ndarray, parts: List[Tuple[np.ndarray, int]], tables: Optional[np.ndarray],
+            rotation: np.ndarray) -> None:
+        """Copies ``parts`` ((values, row bytes) per destination) to ``rows``; ``rotation``: the
+        kernel's rotation push constants (zeros: none) and ``tables`` its cos/sin rows."""
         kp = self.device.kp
         raw_rows = rows.view(np.uint8)
         self.rows_mem[: raw_rows.nbytes] = raw_rows
+        sent = [self.rows, *self.srcs[: len(parts)]]
+        if tables is not None:
+            self.tables_mem[: tables.size] = tables
+            sent.append(self.tables)
         seq = self.device.manager.sequence()
         try:
-            seq.record(kp.OpTensorSyncDevice([self.rows, *self.srcs[: len(parts)]]))
+            seq.record(kp.OpTensorSyncDevice(sent))
             for (values, row_bytes), mem, algorithm in zip(parts, self.src_mems, self.algorithms):
                 raw = np.ascontiguousarray(values).reshape(-1).view(np.uint8)
                 mem[: raw.nbytes] = raw
                 words = raw.nbytes // 4
-                seq.record(kp.OpAlgoDispatch(algorithm, np.array([row_bytes // 4, words], np.uint32)))
+                seq.record(kp.OpAlgoDispatch(algorithm, np.concatenate([np.array([row_bytes // 4, words], np.uint32),
+                                                                        rotation])))
             seq.eval()
             stats["evals"] += 1
         finally:

@@ -42,6 +42,8 @@ from .. import knobs
 from ..dtypes import ITEMSIZE, STORAGE
 from ..nonfinite import all_finite, enforce
 from ..problem import Problem
+from ..rotary import RotaryTables
+from . import rope
 from .configs import ForwardConfig, KernelConfig, SplitKVConfig, score_spec
 from .hostcopy import copy_bytes
 from .probe import parallelism
@@ -278,6 +280,8 @@ def pipeline_of(config: ForwardConfig) -> KernelConfig:
 BINDINGS = ("q", "k", "v", "o", "lse", "mask")
 SPLITKV_SCRATCH = ("partial_o", "partial_ml", "counters")
 INPUTS = ("q", "k", "v")
+#: A rotary plan's rotated inputs: the device buffers its rotary pass writes, which the attention binds.
+ROTATED = {"q": "q_rot", "k": "k_rot"}
 OUTPUTS = ("o", "lse")
 #: A host call's output check on the device (glsl/nonfinite_count.comp): its counter's name, and the
 #: workgroups of its grid-stride pass (fixed: no grid to record per problem).
@@ -365,9 +369,19 @@ class RecordedPlan:
         self.mask = device.io_tensor(np.zeros(max(size // 4, 1), np.float32), "in")
         self.mask_memory = mapped_memory(self.mask)
         self.mask_view = self.mask_memory[: mask_bytes(p) // 4]
+        # The rotary pass's cos/sin rows (rope.py): a plan-held buffer like the mask.
+        size = capacity.get("rotary", 0) if capacity is not None else rope.rotary_bytes(p)
+        self.rotary = device.io_tensor(np.zeros(max(size // 4, 1), np.float32), "in") if p.rotary else None
+        self.rotary_memory = None if self.rotary is None else mapped_memory(self.rotary)
+        self.rotary_view = None if self.rotary is None else self.rotary_memory[: rope.rotary_bytes(p) // 4]
         staged = 2 if not (device.host_memory or device.direct_io) else 1
         held = sum(v for k, v in capacity.items() if k in per) if capacity is not None else n_groups * sum(per.values())
         self.nbytes = self.mask_memory.nbytes + held * staged
+        # Without kp's compute -> compute barrier, the rotated q and k are device tensors behind
+        # staging (see Plan.record).
+        self.rotary_staged = p.rotary is not None and device.kp_patch < COMPUTE_BARRIER_PATCH
+        if self.rotary is not None:
+            self.nbytes += self.rotary_memory.nbytes
         self.chunks = []
         return [(g0, min(n_groups, g0 + step)) for g0 in range(0, n_groups, step)]
 
@@ -473,6 +487,8 @@ class Plan(RecordedPlan):
             groups = self._chunk_groups(device, p, config, per,
                                         lambda limit: min(groups_per_chunk(p, limit, config), most),
                                         "(batch, head) slice", capacity)
+        elif p.rotary is not None:
+            raise ValueError("the GpuTensor path has no fused rotary (rotate the tensors first)")
         elif p.group * p.batch * p.heads_kv > MAX_GRID_Y:
             raise ValueError(f"the GpuTensor path takes at most {MAX_GRID_Y} query heads x batch per call")
         else:
@@ -489,6 +505,12 @@ class Plan(RecordedPlan):
             if self.device_check:
                 io_sizes[NONFINITE] = 4
             tensors, memory = self._io_tensors(io_sizes, (*OUTPUTS, NONFINITE))
+            if p.rotary is not None:
+                kind = kp.TensorTypes.device if self.rotary_staged else kp.TensorTypes.storage
+                for name, rotated in ROTATED.items():
+                    words = max(math.ceil(sizes[name] / 4), 1)
+                    tensors[rotated] = mgr.tensor_t(np.zeros(words, np.uint32), kind)
+                    self.nbytes += 4 * words * (2 if self.rotary_staged else 1)
             if io is not None:
                 tensors.update(zip((*INPUTS, "o"), io))
             tensors["mask"] = self.mask
@@ -504,7 +526,8 @@ class Plan(RecordedPlan):
                                      else mgr.tensor_t(np.zeros(words, np.float32), kp.TensorTypes.storage))
                     self.nbytes += 4 * words
                 zeroed.append(tensors["counters"])
-            bound = [tensors[name] for name in (*BINDINGS, *(SPLITKV_SCRATCH if split else ()))]
+            attended = ROTATED if p.rotary is not None else {}
+            bound = [tensors[attended.get(name, name)] for name in (*BINDINGS, *(SPLITKV_SCRATCH if split else ()))]
             kc, grid, push = dispatch(config, p, n, g0)
             algorithms = [self._algorithm(bound, kc.kernel, kc.spec(mods=score_spec(p)), grid, push)]
             if self.device_check:
@@ -512,6 +535,11 @@ class Plan(RecordedPlan):
                                                   np.array([kc.dtype], np.uint32), (NONFINITE_GROUPS, 1, 1),
                                                   np.zeros(1, np.uint32)))
                 zeroed.append(tensors[NONFINITE])  # a staged counter's device copy starts at zero too
+            if p.rotary is not None:  # the rotary pass: the chunk's last algorithm
+                rope_grid, rope_push = rope.dispatch(p, g0, n)
+                algorithms.append(self._algorithm([tensors["q"], tensors["k"], self.rotary, tensors["q_rot"],
+                                                   tensors["k_rot"]], rope.KERNEL, rope.spec(p.dtype), rope_grid,
+                                                  rope_push))
             self.chunks.append(Chunk(g0, g1, tensors, algorithms, memory=memory))
 
         if zeroed:
@@ -532,6 +560,8 @@ class Plan(RecordedPlan):
         if self.capacity is not None:
             self.chunks[0].g1 = p.batch * p.heads_kv
         self.mask_view = self.mask_memory[: mask_bytes(p) // 4]
+        if self.rotary is not None:
+            self.rotary_view = self.rotary_memory[: rope.rotary_bytes(p) // 4]
         if not self.host_io:
             return
         for c in self.chunks:
@@ -550,10 +580,21 @@ class Plan(RecordedPlan):
         chunks = self.chunks if chunks is None else chunks
         transfers = transfers and self.host_io
         inputs = [c.tensors[name] for c in chunks for name in INPUTS] if transfers else []
-        if uses_mask_buffer(p) and chunks[0] is self.chunks[0]:
-            inputs.append(self.mask)
+        if chunks[0] is self.chunks[0]:
+            inputs += ([self.mask] if uses_mask_buffer(p) else []) + ([self.rotary] if p.rotary else [])
         if inputs:
             sequence.record(kp.OpTensorSyncDevice(inputs))
+        if p.rotary is not None:
+            for c in chunks:
+                grid, push = rope.dispatch(p, c.g0, c.g1 - c.g0)
+                self._set_grid(c.algorithms[-1], grid)
+                sequence.record(kp.OpAlgoDispatch(c.algorithms[-1], push))
+            # The attention reads what the rotary pass wrote: kp patch 5's compute -> compute barrier.
+            # Without it, syncing the rotated (device) q and k to their staging records compute ->
+            # transfer, and the attention dispatch's own transfer -> compute barrier on the same
+            # buffers completes the dependency (as backward.py; one on-device copy of q and k).
+            rotated = [c.tensors[name] for c in chunks for name in ROTATED.values()]
+            sequence.record(kp.OpTensorSyncLocal(rotated) if self.rotary_staged else kp.aule_compute_barrier(rotated))
         # Chunks touch disjoint buffers (scratch included): their dispatches need no barrier between
         # them. A plan's dispatch must not be recorded twice in one sequence without one either:
         # split-KV's counters and partials are the plan's.
@@ -573,15 +614,17 @@ class Plan(RecordedPlan):
         return sequence
 
     def run(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Optional[np.ndarray],
-            alibi: Optional[np.ndarray] = None, sinks: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+            alibi: Optional[np.ndarray] = None, sinks: Optional[np.ndarray] = None,
+            rotary: Optional[RotaryTables] = None) -> Tuple[np.ndarray, np.ndarray]:
         """Host arrays of the bound problem in (engine storage, contiguous), ``(out, lse)`` out (see
-        Backend.forward; ``alibi``/``sinks``: the float32 slopes and sinks the problem has)."""
-        out, lse, _ = self.run_checked(q, k, v, mask, alibi, sinks)
+        Backend.forward; ``alibi``/``sinks``: the float32 slopes and sinks the problem has;
+        ``rotary``: the cos/sin and positions that the plan's rotary pass applies to q and k)."""
+        out, lse, _ = self.run_checked(q, k, v, mask, alibi, sinks, rotary)
         return out, lse
 
     def run_checked(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Optional[np.ndarray],
-                    alibi: Optional[np.ndarray] = None,
-                    sinks: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray, bool]:
+                    alibi: Optional[np.ndarray] = None, sinks: Optional[np.ndarray] = None,
+                    rotary: Optional[RotaryTables] = None) -> Tuple[np.ndarray, np.ndarray, bool]:
         """``run``, and whether ``out`` is all finite: checked piece by piece by the copy threads as
         they write it (a separate pass over a large output cost as much as the kernel).
 
@@ -592,8 +635,13 @@ class Plan(RecordedPlan):
         if q.shape != (p.batch, p.heads_q, p.len_q, p.dim_k) or k.shape != (p.batch, p.heads_kv, p.len_k, p.dim_k):
             raise ValueError(f"q {q.shape} and k {k.shape} are not the shapes of the problem this plan is bound to "
                              f"({p}); get the plan again for theirs")
+        if (rotary is None) != (p.rotary is None):
+            raise ValueError(f"this plan {'rotates' if p.rotary else 'does not rotate'} q and k: pass rotary "
+                             f"{'tables' if p.rotary else 'None'}")
         inputs = [c.input_pairs((q, k, v)) for c in self.chunks]
         write_mask_payload(self.mask_view, mask, alibi, sinks)
+        if rotary is not None:
+            rope.write_payload(self.rotary_view, p, rotary)
         out = np.empty(sum(c.views["o"].nbytes for c in self.chunks), np.uint8)
         outputs, lo = [], 0
         for c in self.chunks:
@@ -660,8 +708,12 @@ def forward_plan(device: Any, problem: Problem, config: ForwardConfig) -> Plan:
             route = ((p, config), None, limit)
         else:
             grid = None if grids_settable(device.kp) else dispatch(config, p, n_groups, 0)[1]
-            route = (("forward", pipeline_of(config), score_spec(p), limit, grid),
-                     dict(forward_bytes(p, config, n_groups), mask=mask_bytes(p)), limit)
+            if p.rotary is not None and not grids_settable(device.kp):
+                grid = (grid, rope.dispatch(p, 0, n_groups)[0])
+            # A rotary plan has another pass and device q/k: never shared with plans without one.
+            route = (("forward", pipeline_of(config), score_spec(p), limit, grid, p.rotary is not None),
+                     dict(forward_bytes(p, config, n_groups), mask=mask_bytes(p),
+                          **({"rotary": rope.rotary_bytes(p)} if p.rotary else {})), limit)
         device.plans.remember(route_key, route)
     key, need, limit = route
     if need is None:
@@ -675,11 +727,15 @@ def forward_plan(device: Any, problem: Problem, config: ForwardConfig) -> Plan:
 
 def run_forward(device: Any, problem: Problem, config: ForwardConfig, q: np.ndarray, k: np.ndarray, v: np.ndarray,
                 mask: Optional[np.ndarray], *, alibi: Optional[np.ndarray] = None,
-                sinks: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
-    """One host-path forward call: ``forward_plan(...).run(q, k, v, mask, alibi, sinks)`` under
-    ``device.lock``, then the non-finite repairs (``aule_kp.nonfinite.enforce``) outside it."""
+                sinks: Optional[np.ndarray] = None,
+                rotary: Optional[RotaryTables] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """One host-path forward call: ``forward_plan(...).run(q, k, v, mask, alibi, sinks, rotary)``
+    under ``device.lock``, then the non-finite repairs (``aule_kp.nonfinite.enforce``) outside it
+    (on q and k as the rotary pass left them)."""
     with device.lock:
-        out, lse, finite = forward_plan(device, problem, config).run_checked(q, k, v, mask, alibi, sinks)
+        out, lse, finite = forward_plan(device, problem, config).run_checked(q, k, v, mask, alibi, sinks, rotary)
+    if rotary is not None and not finite:
+        q, k = rope.rotated_inputs(problem, q, k, rotary)
     enforce(problem, q, k, v, mask, out, lse, out_finite=finite, alibi=alibi, sinks=sinks)
     return out, lse
 

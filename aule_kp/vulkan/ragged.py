@@ -19,9 +19,12 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..dtypes import ITEMSIZE, STORAGE
+from . import rope
 from .choice import CPU_LOOP_LIMIT, MIN_SPLIT_KEYS
 from .configs import DTYPE_CODE, FLOAT_BYTES
+from .kvcache import RowRotation
 from .plan import (
+    COMPUTE_BARRIER_PATCH,
     LOG2E,
     MIN_STAGED_BYTES,
     binding_limit,
@@ -33,6 +36,13 @@ from .plan import (
     stats,
 )
 from .probe import parallelism
+
+
+def rotates_queries(device: Any, call: RaggedCall, rotation: RowRotation) -> bool:
+    """Whether ``forward`` can rotate the queries on ``device`` (glsl/rope.comp on the packed rows:
+    even head dim and offset, R/2 even for the half layout; kp patch 5's compute barrier)."""
+    return (device.kp_patch >= COMPUTE_BARRIER_PATCH and call.dk % 2 == 0 and rotation.offset % 2 == 0
+            and (rotation.interleaved or rotation.half % 2 == 0) and not call.q8)
 
 KERNEL = "fa2_ragged"
 #: Invocations per workgroup on GPUs (packed rows x key groups).
@@ -186,6 +196,10 @@ class RaggedPlan:
             words = max(math.ceil(capacity[name] / 4), 1)
             self.tensors[name] = device.io_tensor(np.zeros(words, np.uint32), "out" if name == "o" else "in")
             self.memory[name] = mapped_memory(self.tensors[name]).view(np.uint8)
+        # The queries' rotation (rope.token_dispatch): its cos/sin rows and pipeline, made on first use.
+        self.rope_tables = device.io_tensor(np.zeros(max(capacity.get("rope_tables", 4) // 4, 1), np.float32), "in")
+        self.rope_memory = mapped_memory(self.rope_tables)
+        self.rope: Any = None
         words = max(capacity["partials"] // 4, 1)
         self.tensors["partials"] = device.manager.tensor_t(np.zeros(words, np.float32), kp.TensorTypes.storage)
         staged = 1 if (device.host_memory or device.direct_io) else 2
@@ -195,35 +209,62 @@ class RaggedPlan:
     def fits(self, need: Dict[str, int]) -> bool:
         return all(n <= self.capacity.get(name, 0) for name, n in need.items())
 
-    def _algorithm(self, grid: Tuple[int, int, int]) -> Any:
-        key = None if grids_settable(self.device.kp) else grid
+    def _algorithm(self, grid: Tuple[int, int, int], rotated: bool = False) -> Any:
+        """The kernel's algorithm for ``grid``; ``rotated``: bound to the queries' rotated copy."""
+        key = (None if grids_settable(self.device.kp) else grid, rotated)
         algorithm = self._algorithms.get(key)
         if algorithm is None:
             stats["algorithms"] += 1
             self.nbytes += pipeline_bytes(self.device)
-            bound = [self.tensors[name] for name in BINDINGS]
+            bound = [self.tensors["q_rot" if rotated and name == "q" else name] for name in BINDINGS]
             algorithm = self._algorithms[key] = self.device.manager.algorithm(
                 bound, self.device.spirv(KERNEL), grid, self.config.spec(), np.zeros(12, np.uint32))
-        if key is None:
+        if key[0] is None:
             algorithm.set_workgroup(*grid)
         return algorithm
 
+    def _rope(self, grid: Tuple[int, int, int]) -> Any:
+        """glsl/rope.comp from q into its rotated copy ``q_rot`` (device-only; made on first use;
+        out of place: an in-place write after q's upload would need a barrier kp does not record).
+        No k rows: the k bindings repeat q's buffers, untouched."""
+        if self.rope is None:
+            stats["algorithms"] += 1
+            self.nbytes += pipeline_bytes(self.device) + self.capacity["q"]
+            q = self.tensors["q"]
+            self.tensors["q_rot"] = rot = self.device.manager.tensor_t(
+                np.zeros(max(self.capacity["q"] // 4, 1), np.uint32), self.device.kp.TensorTypes.storage)
+            self.rope = self.device.manager.algorithm([q, q, self.rope_tables, rot, rot],
+                                                      self.device.spirv(rope.KERNEL), grid,
+                                                      rope.spec(self.config.dtype), np.zeros(17, np.uint32))
+        if grids_settable(self.device.kp):
+            self.rope.set_workgroup(*grid)
+        return self.rope
+
     def run(self, data: Dict[str, np.ndarray], dispatches: Sequence[Tuple[Tuple[int, int, int], np.ndarray]],
-            out_bytes: int) -> np.ndarray:
+            out_bytes: int, q_rotation: Optional[Tuple[np.ndarray, Tuple[int, int, int], np.ndarray]] = None
+            ) -> np.ndarray:
         """Writes ``data`` (host arrays by buffer name) into mapped memory, runs ``dispatches``
         ((grid, push) each; a later one reads what the earlier wrote, so each is its own
-        submission) and returns O's first ``out_bytes`` bytes."""
+        submission) and returns O's first ``out_bytes`` bytes. ``q_rotation``: (float32 cos/sin
+        rows, grid, push) of the queries' rotation, recorded before the first dispatch behind kp
+        patch 5's compute barrier (the caller checks the patch)."""
         kp = self.device.kp
         for name, arr in data.items():
             raw = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
             self.memory[name][: raw.nbytes] = raw
         sent = [self.tensors[name] for name in INPUTS if name in data]
+        if q_rotation is not None:
+            self.rope_memory[: q_rotation[0].size] = q_rotation[0]
+            sent.append(self.rope_tables)
         for i, (grid, push) in enumerate(dispatches):
             seq = self.device.manager.sequence()
             try:
                 if i == 0:
                     seq.record(kp.OpTensorSyncDevice(sent))
-                seq.record(kp.OpAlgoDispatch(self._algorithm(grid), push))
+                    if q_rotation is not None:
+                        seq.record(kp.OpAlgoDispatch(self._rope(q_rotation[1]), q_rotation[2]))
+                        seq.record(kp.aule_compute_barrier([self.tensors["q_rot"]]))
+                seq.record(kp.OpAlgoDispatch(self._algorithm(grid, q_rotation is not None), push))
                 if i == len(dispatches) - 1:
                     seq.record(kp.OpTensorSyncLocal([self.tensors["o"]]))
                 seq.eval()
@@ -233,9 +274,10 @@ class RaggedPlan:
         return self.memory["o"][:out_bytes].copy()
 
     def destroy(self) -> None:
-        for algorithm in self._algorithms.values():
+        for algorithm in (*self._algorithms.values(), *([self.rope] if self.rope is not None else [])):
             algorithm.destroy()
         self._algorithms.clear()
+        self.rope = None
 
 
 def capacity(device: Any, old: Optional[Dict[str, int]], need: Dict[str, int]) -> Dict[str, int]:
@@ -247,14 +289,16 @@ def capacity(device: Any, old: Optional[Dict[str, int]], need: Dict[str, int]) -
 
 def forward(device: Any, call: RaggedCall, q: np.ndarray, k: Optional[np.ndarray], v: Optional[np.ndarray],
             seqs: np.ndarray, table: Optional[np.ndarray], scales: Tuple[Optional[np.ndarray], Optional[np.ndarray]],
-            io: Optional[Tuple[Any, Dict[str, Any]]] = None) -> np.ndarray:
+            io: Optional[Tuple[Any, Dict[str, Any]]] = None, q_rotary: Optional[RowRotation] = None) -> np.ndarray:
     """O ``[total_q, Hq, Dv]`` (host storage of ``call.dtype``) of packed q ``[total_q, Hq, Dk]`` over
     the store rows ``k``/``v`` (``[R, Hkv, D]``: floats in q's storage, or int8 with float16
     ``scales`` ``[R, Hkv, D/32]``), sequences ``seqs`` (int32 ``[B, 4]``: q_start, len_q, k_start,
     len_k) and a paged cache's block table (int32 ``[B, max_blocks]``, ``call.page`` > 0).
 
     ``io``: ``(key, tensors)`` of a device-resident cache: its kp tensors stand for k, v and the
-    scales (then None here), ``key`` names them in the plan cache.
+    scales (then None here), ``key`` names them in the plan cache. ``q_rotary``: q comes unrotated
+    and is rotated on the device first (one cos/sin row per query token; ``rotates_queries`` says
+    where this is possible).
     ValueError when the device cannot take the call (``choose``'s reasons)."""
     cfg_tiles = None
     cfg, why = choose(device.caps, call, 0)
@@ -274,6 +318,12 @@ def forward(device: Any, call: RaggedCall, q: np.ndarray, k: Optional[np.ndarray
         if call.q8:
             data.update(k_scales=scales[0], v_scales=scales[1])
     need = {name: arr.nbytes for name, arr in data.items()}
+    q_rotation = None
+    if q_rotary is not None:
+        tables = np.concatenate([q_rotary.cos.reshape(-1), q_rotary.sin.reshape(-1)]).astype(np.float32)
+        q_rotation = (tables, *rope.token_dispatch(total_q, call.heads_q, call.dk, q_rotary.half,
+                                                   q_rotary.interleaved, q_rotary.offset))
+        need["rope_tables"] = tables.nbytes
     need.update(o=rows * call.dv * ITEMSIZE[call.dtype],
                 partials=rows * n_split * (call.dv + 2) * 4 if n_split > 1 else 4)
     for name in CACHE_BUFFERS:
@@ -302,5 +352,5 @@ def forward(device: Any, call: RaggedCall, q: np.ndarray, k: Optional[np.ndarray
     out_bytes = need["o"]
     with device.lock:
         plan = device.plans.fitted(key, need, build)
-        raw = plan.run(data, dispatches, out_bytes)
+        raw = plan.run(data, dispatches, out_bytes, q_rotation)
     return raw.view(STORAGE[call.dtype]).reshape(total_q, call.heads_q, call.dv)
