@@ -522,6 +522,20 @@ def test_layers_on_triton() -> None:
     test_gqa_matches_llama("triton", False)
 
 
+def test_triton_layers_rotate_in_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On Triton a layer hands RoPE to the kernels' loads (``aule_kp.triton.rotary.rotary_attention``),
+    training calls included; test_gqa_matches_llama's float64 checks hold through it."""
+    pytest.importorskip("triton")
+    from aule_kp.triton import rotary as triton_rotary
+
+    calls = []
+    real = triton_rotary.rotary_attention
+    monkeypatch.setattr(triton_rotary, "rotary_attention",
+                        lambda *a, **kw: calls.append(kw["interleaved"]) or real(*a, **kw))
+    test_gqa_matches_llama("triton", False)
+    assert calls == [False]
+
+
 def test_need_weights_is_torchs_answer() -> None:
     """need_weights=True (torch's default) hands the call to torch's implementation with one notice:
     the same output and weights as torch.nn.MultiheadAttention, is_causal honoured without a mask."""

@@ -16,8 +16,9 @@ from .positions import RotarySpec
 
 #: ``backend=`` values of the layers: aule-kp's (see :data:`aule_kp.backend.BACKEND_NAMES`) and torch SDPA.
 LAYER_BACKENDS = (*BACKEND_NAMES, "torch")
-#: Layer backends whose calls may rotate q and k inside the attention (``Backend.bind_rotary``);
-#: the others rotate in torch without asking.
+#: Layer backends whose inference calls may rotate q and k inside the attention
+#: (``Backend.bind_rotary``); Triton rotates in its kernels' loads (:func:`_triton_rotary`), training
+#: calls included; the others rotate in torch without asking.
 FUSED_ROTARY_BACKENDS = ("auto", "vulkan")
 
 
@@ -63,6 +64,36 @@ def _needs_grad(*tensors: Optional[torch.Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _runs_on_triton(q: torch.Tensor, backend: str) -> bool:
+    """Whether this call runs on the Triton backend: named, or ``auto`` on a device tensor where
+    Triton is available (the dispatcher's first choice there, ``aule_kp.dispatch.PRIORITY``)."""
+    if backend == "triton":
+        return True
+    if backend != "auto" or q.device.type == "cpu":
+        return False
+    from .. import dispatch
+
+    return not dispatch.get("triton").unavailable_reasons()
+
+
+def _triton_rotary(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary: RotarySpec, scale: float,
+                   causal: bool, top_left: bool, mask: Optional[torch.Tensor], backend: str, dropout_p: float,
+                   precision: str) -> Optional[torch.Tensor]:
+    """The attention with RoPE fused into the Triton kernels' loads (:func:`aule_kp.triton.rotary.
+    rotary_attention`, differentiable in q, k, v), or None where it does not apply: another backend,
+    dropout, int8, k already rotated, or a mask that needs its gradient (the caller rotates in torch)."""
+    if (not _runs_on_triton(q, backend) or dropout_p > 0 or precision != "fp" or rotary.k_positions is None
+            or (mask is not None and mask.requires_grad and torch.is_grad_enabled())):
+        return None
+    from ..triton.rotary import rotary_attention
+
+    out, _ = rotary_attention(q, k, v, cos=rotary.cos.to(q.device), sin=rotary.sin.to(q.device),
+                              q_positions=rotary.q_positions.to(q.device), k_positions=rotary.k_positions.to(q.device),
+                              interleaved=rotary.interleaved, rotary_start=rotary.offset, causal=causal,
+                              top_left=top_left, scale=scale, attn_mask=mask)
+    return out
+
+
 def _fused_rotary(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary: RotarySpec, scale: float, causal: bool,
                   top_left: bool, mask: Optional[torch.Tensor], backend: str, dropout_p: float,
                   precision: str) -> Optional[torch.Tensor]:
@@ -93,15 +124,18 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, c
     None takes what :func:`aule_kp.install` / :func:`aule_kp.enabled` set (default ``"fp"``). int8
     is forward-only: calls that need gradients run ``"fp"``, with one AuleFallbackWarning.
 
-    ``rotary``: q and k come unrotated and are rotated as the :class:`RotarySpec` says. Inference
-    calls whose backend has a fused rotation (``Backend.bind_rotary``: Vulkan, and "auto" where it
-    picks Vulkan) rotate on the device in the attention's own sequence; every other call rotates
-    in torch first (:meth:`RotarySpec.apply`).
+    ``rotary``: q and k come unrotated and are rotated as the :class:`RotarySpec` says. On Triton
+    the kernels rotate them as they load them (training calls too); inference calls whose backend
+    has a fused rotation (``Backend.bind_rotary``: Vulkan, and "auto" where it picks Vulkan) rotate
+    on the device in the attention's own sequence; every other call rotates in torch first
+    (:meth:`RotarySpec.apply`).
     """
     mask = _as_4d(attn_mask)
     precision = state.precision if precision is None else check_precision(precision)
     if rotary is not None:
-        out = _fused_rotary(q, k, v, rotary, scale, causal, top_left, mask, backend, dropout_p, precision)
+        out = _triton_rotary(q, k, v, rotary, scale, causal, top_left, mask, backend, dropout_p, precision)
+        if out is None:
+            out = _fused_rotary(q, k, v, rotary, scale, causal, top_left, mask, backend, dropout_p, precision)
         if out is not None:
             return out
         q, k = rotary.apply(q, k)
