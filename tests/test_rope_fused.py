@@ -249,22 +249,31 @@ def _rotation_bound(q, k, v, spec, scale, dtype) -> float:
     """What two correct rotations of the same q, k (each within ``(4 u_dtype + 3 u32)(|x_a|+|x_b|)``
     per channel: the torch path also rounds cos/sin to the dtype) can move an attention output:
     a score moves by at most ``δ = scale Σ_d (e_q|k| + |q|e_k + e_q e_k)``, the softmax weights by
-    ``e^{2δ} - 1`` in l1, the output by that times ``max|v|``; twice (one per path)."""
+    ``e^{2δ} - 1`` in l1, the output by that times ``max|v|``; twice (one per path). ``|q|``, ``|k|``
+    of a rotated channel pair are bounded by ``(|x_a| + |x_b|)(1 + 4 u32)`` each (|cos|, |sin| <= 1
+    after their float32 rounding, and the rotation's own roundings)."""
     t = spec.tables()
     unit = 4 * UNIT_ROUNDOFF[dtype] + 3 * UNIT_ROUNDOFF["float32"]
     qf, kf = (x.detach().double().numpy() for x in (q, k))
     a, b = _pairs(t)
 
-    def err(x):
+    def size(x, rotated):
+        m = np.abs(x)
+        if rotated:
+            m[..., a] = m[..., b] = (np.abs(x[..., a]) + np.abs(x[..., b])) * (1 + 4 * UNIT_ROUNDOFF["float32"])
+        return m
+
+    def err(x, rotated):
         e = np.zeros_like(x)
-        e[..., a] = e[..., b] = unit * (np.abs(x[..., a]) + np.abs(x[..., b])) * 1.01
+        if rotated:
+            e[..., a] = e[..., b] = unit * (np.abs(x[..., a]) + np.abs(x[..., b]))
         return e
 
-    eq, ek = err(qf), (err(kf) if t.k_positions is not None else np.zeros_like(kf))
+    rotate_k = t.k_positions is not None
+    qa, eq = size(qf, True), err(qf, True)
     group = qf.shape[1] // kf.shape[1]
-    kf, ek = np.repeat(np.abs(kf), group, 1), np.repeat(ek, group, 1)
-    qa = np.abs(qf) * 1.01
-    delta = scale * float((eq @ (kf + ek).swapaxes(-1, -2) + qa @ ek.swapaxes(-1, -2)).max())
+    ka, ek = (np.repeat(x, group, 1) for x in (size(kf, rotate_k), err(kf, rotate_k)))
+    delta = scale * float((eq @ (ka + ek).swapaxes(-1, -2) + qa @ ek.swapaxes(-1, -2)).max())
     return 2 * math.expm1(2 * delta) * float(np.abs(v.detach().double().numpy()).max())
 
 

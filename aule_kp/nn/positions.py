@@ -16,6 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional, Tuple
 
+import numpy as np
 import torch
 
 from ..rotary import RotaryTables
@@ -81,7 +82,7 @@ class RotaryEmbedding(torch.nn.Module):
         # Not a buffer: module.half() must not round the frequencies (nor state_dicts carry them).
         self.inv_freq = rope_inv_freq(dim, theta, scaling)
         self._wide: Dict[torch.device, torch.Tensor] = {}  # float64 copies per device
-        self._tables: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}  # float32 cos/sin per device
+        self._tables: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}  # cos/sin tables per device
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)`` of shape ``positions.shape + [dim // 2]`` in ``dtype`` (angles in float64)."""
@@ -100,12 +101,15 @@ class RotaryEmbedding(torch.nn.Module):
         return _rotate(x, cos, sin, self.interleaved, 0)
 
     def tables(self, length: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-        """float32 ``(cos, sin)`` ``[P, dim // 2]`` of positions ``0 .. P-1``, ``P >= length`` (kept
-        per device and grown by doubling: a decode loop computes them a few times, not per step)."""
+        """``(cos, sin)`` ``[P, dim // 2]`` of positions ``0 .. P-1``, ``P >= length``, in float64
+        (float32 on MPS, which has no float64), so that a rotation in torch rounds them once, to its
+        own dtype; fused kernels take them in float32. Kept per device and grown by doubling: a
+        decode loop computes them a few times, not per step."""
         held = self._tables.get(device)
         if held is None or held[0].shape[0] < length:
             rows = max(64, 1 << max(0, length - 1).bit_length())
-            held = self._tables[device] = self.cos_sin(torch.arange(rows, device=device), torch.float32)
+            wide = torch.float32 if device.type == "mps" else torch.float64
+            held = self._tables[device] = self.cos_sin(torch.arange(rows, device=device), wide)
         return held
 
     def spec(self, q_positions: torch.Tensor, k_positions: Optional[torch.Tensor], batch: int,
@@ -149,7 +153,8 @@ class RotarySpec:
     """RoPE handed to :func:`aule_kp.nn.attend.attend` with unrotated q and k (flash-attn's
     ``apply_rotary`` semantics over channels ``[offset, offset + R)``, the rest unrotated).
 
-    ``cos``/``sin``: float32 ``[P, R/2]`` (float64 angles); ``q_positions [B, Lq]`` and
+    ``cos``/``sin``: ``[P, R/2]`` of float64 angles, float64 (float32 on MPS; fused kernels take
+    them in float32); ``q_positions [B, Lq]`` and
     ``k_positions [B, Lk]`` index their rows (``k_positions`` None: k is not rotated, e.g. keys
     read from a cache that holds them rotated); ``interleaved``: pairs (2i, 2i+1), else (i, i+R/2).
     """
@@ -177,8 +182,8 @@ class RotarySpec:
         def host(t: Optional[torch.Tensor]) -> Any:
             return None if t is None else t.detach().cpu().numpy()
 
-        return RotaryTables(host(self.cos), host(self.sin), host(self.q_positions), host(self.k_positions),
-                            bool(self.interleaved), int(self.offset))
+        return RotaryTables(host(self.cos).astype(np.float32), host(self.sin).astype(np.float32),
+                            host(self.q_positions), host(self.k_positions), bool(self.interleaved), int(self.offset))
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:

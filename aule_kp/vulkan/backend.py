@@ -89,10 +89,10 @@ class VulkanBackend(Backend):
     def bind_rotary(self, problem: Problem, layout: RotaryLayout) -> Optional[Runner]:
         """``bind``'s runner for ``problem`` with q and k rotated by glsl/rope.comp in the forward's
         own sequence (``rotary=`` tables per call); None where that kernel cannot (``rope.layout_reasons``)
-        or the choice is not a plain forward."""
+        or the precision is int8 (its plan has no rotary pass)."""
         if rope.layout_reasons(problem, layout) or problem.precision != "fp":
             return None
-        dev, why = devmod.usable_device()
+        dev, _ = devmod.usable_device()
         if dev is None:
             return None
         cfg, _ = self._choice(problem, dev)

@@ -28,15 +28,23 @@ _serial = itertools.count()
 
 @dataclass
 class RowRotation:
-    """RoPE applied to rows as they are written (glsl/kv_append.comp): float32 ``cos``/``sin``
-    ``[n, half]``, row i's own (gathered at its position); channels ``[offset, offset + 2 half)``
-    of every head, "half" or ``interleaved`` pairs (flash-attn's ``apply_rotary``)."""
+    """RoPE applied to rows as they are written (glsl/kv_append.comp): ``cos``/``sin`` ``[n, half]``
+    (held as float32, what the kernel reads), row i's own (gathered at its position); channels
+    ``[offset, offset + 2 half)`` of every head, "half" or ``interleaved`` pairs (flash-attn's
+    ``apply_rotary``)."""
 
     cos: np.ndarray
     sin: np.ndarray
-    half: int
     interleaved: bool
     offset: int = 0
+
+    def __post_init__(self) -> None:
+        self.cos = np.ascontiguousarray(self.cos, np.float32)
+        self.sin = np.ascontiguousarray(self.sin, np.float32)
+
+    @property
+    def half(self) -> int:
+        return int(self.cos.shape[1])
 
 
 class DeviceKVCache:

@@ -91,7 +91,8 @@ def dispatch(p: Problem, g0: int, n_groups: int) -> Tuple[Tuple[int, int, int], 
 
 def token_dispatch(tokens: int, heads: int, dim: int, half: int, interleaved: bool,
                    offset: int) -> Tuple[Tuple[int, int, int], np.ndarray]:
-    """``(grid, push constants)`` rotating packed query rows ``[tokens, heads, dim]`` in place (no k),
+    """``(grid, push constants)`` rotating packed query rows ``[tokens, heads, dim]`` into the pass's
+    output buffer (no k),
     token t with cos/sin row t (cos rows, then sin rows, from float 0): each token is its own
     "sequence" of one row, which is what glsl/rope.comp's indexing gives with len_q = 1."""
     push = np.array([tokens * heads, 0, 1, 1, heads, 1, 0, 0, dim, half, offset, int(interleaved), 0,
