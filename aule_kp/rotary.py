@@ -15,6 +15,8 @@ from typing import Optional
 
 import numpy as np
 
+from .dtypes import from_f32, to_f32
+
 
 @dataclass(frozen=True)
 class RotaryLayout:
@@ -62,6 +64,13 @@ def rotate_host(x: np.ndarray, cos: np.ndarray, sin: np.ndarray, positions: np.n
     out[..., first] = x1 * c - x2 * s
     out[..., second] = x2 * c + x1 * s
     return out
+
+
+def rotate_stored(x: np.ndarray, dtype: str, cos: np.ndarray, sin: np.ndarray, positions: np.ndarray,
+                  interleaved: bool, offset: int = 0) -> np.ndarray:
+    """Host storage ``x [B, H, L, D]`` of ``dtype`` rotated as the fused kernels rotate it: in float32,
+    rounded once to the storage (a new array)."""
+    return from_f32(rotate_host(to_f32(x, dtype), cos, sin, positions, interleaved, offset), dtype)
 
 
 def check_tables(rotary: RotaryTables, batch: int, len_q: int, len_k: int, dim_k: int) -> None:

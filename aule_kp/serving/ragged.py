@@ -22,10 +22,10 @@ from typing import Any, Optional, Tuple, Union
 import numpy as np
 
 from .. import dispatch, inputs
-from ..dtypes import STORAGE, from_f32, to_f32
+from ..dtypes import STORAGE, from_f32
 from ..problem import Problem, band
 from ..q8 import Q8Cache
-from ..rotary import rotate_host
+from ..rotary import rotate_stored
 from ..vulkan.kvcache import DeviceKVCache, RowRotation
 
 log = logging.getLogger("aule_kp")
@@ -154,9 +154,9 @@ def run(call: Ragged, backend: str, like: Any) -> np.ndarray:
 def _rotated_queries(call: Ragged) -> np.ndarray:
     """``call.q`` rotated on the host as the device would (float32 math, one rounding to storage)."""
     r = call.q_rotary
-    wide = to_f32(call.q, call.dtype).transpose(1, 0, 2)[None]  # [1, Hq, T, Dk]: token t at "position" t
-    turned = rotate_host(wide, r.cos, r.sin, np.arange(call.q.shape[0])[None], r.interleaved, r.offset)
-    return from_f32(np.ascontiguousarray(turned[0].transpose(1, 0, 2)), call.dtype)
+    rows = call.q.transpose(1, 0, 2)[None]  # [1, Hq, T, Dk]: token t at "position" t
+    turned = rotate_stored(rows, call.dtype, r.cos, r.sin, np.arange(call.q.shape[0])[None], r.interleaved, r.offset)
+    return np.ascontiguousarray(turned[0].transpose(1, 0, 2))
 
 
 def _prefills(call: Ragged) -> np.ndarray:

@@ -90,7 +90,7 @@ class VulkanBackend(Backend):
         """``bind``'s runner for ``problem`` with q and k rotated by glsl/rope.comp in the forward's
         own sequence (``rotary=`` tables per call); None where that kernel cannot (``rope.layout_reasons``)
         or the precision is int8 (its plan has no rotary pass)."""
-        if rope.layout_reasons(problem, layout) or problem.precision != "fp":
+        if rope.layout_reasons(problem.dim_k, layout) or problem.precision != "fp":
             return None
         dev, _ = devmod.usable_device()
         if dev is None:

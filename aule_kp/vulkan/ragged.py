@@ -41,8 +41,7 @@ from .probe import parallelism
 def rotates_queries(device: Any, call: RaggedCall, rotation: RowRotation) -> bool:
     """Whether ``forward`` can rotate the queries on ``device`` (glsl/rope.comp on the packed rows:
     even head dim and offset, R/2 even for the half layout; kp patch 5's compute barrier)."""
-    return (device.kp_patch >= COMPUTE_BARRIER_PATCH and call.dk % 2 == 0 and rotation.offset % 2 == 0
-            and (rotation.interleaved or rotation.half % 2 == 0) and not call.q8)
+    return device.kp_patch >= COMPUTE_BARRIER_PATCH and not rope.layout_reasons(call.dk, rotation) and not call.q8
 
 KERNEL = "fa2_ragged"
 #: Invocations per workgroup on GPUs (packed rows x key groups).

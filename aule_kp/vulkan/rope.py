@@ -10,13 +10,12 @@ sized by the Problem alone, so reusable plans are bound to it like the other buf
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import numpy as np
 
-from ..dtypes import from_f32, to_f32
 from ..problem import Problem
-from ..rotary import RotaryLayout, RotaryTables, rotate_host
+from ..rotary import RotaryTables, rotate_stored
 from .configs import DTYPE_CODE
 
 KERNEL = "rope"
@@ -25,18 +24,17 @@ WORKGROUP = 64
 MAX_GRID_X = 65535
 
 
-def layout_reasons(problem: Problem, layout: RotaryLayout) -> List[str]:
-    """Why glsl/rope.comp cannot rotate ``problem``'s q/k with ``layout`` (empty: it can). Each
-    invocation writes one whole pair of channels: the head dim, the offset and (half layout) R/2 even."""
+def layout_reasons(dim_k: int, layout: Any) -> List[str]:
+    """Why glsl/rope.comp cannot rotate rows of head dim ``dim_k`` with ``layout`` (a RotaryLayout or
+    a RowRotation: ``half``, ``offset``, ``interleaved``; empty: it can). Each invocation writes one
+    whole pair of channels: the head dim, the offset and (half layout) R/2 even."""
     why = []
-    if problem.dim_k % 2:
-        why.append(f"the fused rotary needs an even head dim, got {problem.dim_k}")
+    if dim_k % 2:
+        why.append(f"the fused rotary needs an even head dim, got {dim_k}")
     if layout.offset % 2:
         why.append(f"the fused rotary needs an even first rotated channel, got {layout.offset}")
     if not layout.interleaved and layout.half % 2:
         why.append(f"the fused rotary's half layout needs R/2 even, got {layout.half}")
-    if problem.precision != "fp":
-        why.append(f"the fused rotary runs with precision='fp' only, got {problem.precision!r}")
     return why
 
 
@@ -113,8 +111,6 @@ def rotated_inputs(p: Problem, q: np.ndarray, k: np.ndarray,
     def rotate(x: np.ndarray, positions: Optional[np.ndarray]) -> np.ndarray:
         if positions is None:
             return x
-        wide = rotate_host(to_f32(x, p.dtype), tables.cos, tables.sin, positions, tables.interleaved,
-                           tables.offset)
-        return from_f32(wide, p.dtype)
+        return rotate_stored(x, p.dtype, tables.cos, tables.sin, positions, tables.interleaved, tables.offset)
 
     return rotate(q, tables.q_positions), rotate(k, tables.k_positions)
