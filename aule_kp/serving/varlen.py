@@ -73,9 +73,9 @@ def flash_attention_varlen(
     if len(cu_q) != len(cu_k):
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must both have B + 1 entries, got {len(cu_q)} and {len(cu_k)}")
     softcap, slopes, sink_logits = scoremods.check(softcap, alibi_slopes, sinks, len(cu_q) - 1, hq)
-    if needs_grad(q, k, v, None, sinks):
-        return _differentiable(q, k, v, cu_q, cu_k, backend, causal=causal, scale=scale, window=window,
-                               softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
+    if needs_grad(q, k, v, None, sinks) or _stays_on_torch(q, backend):
+        return _torch_sequences(q, k, v, cu_q, cu_k, backend, causal=causal, scale=scale, window=window,
+                                softcap=softcap, alibi_slopes=alibi_slopes, sinks=sinks)
     seqs = np.stack([cu_q[:-1], np.diff(cu_q), cu_k[:-1], np.diff(cu_k)], axis=1).astype(np.int32)
     call = ragged.Ragged(inputs.to_host(q, dtype), inputs.to_host(k, dtype), inputs.to_host(v, dtype), seqs,
                          dtype, scale, bool(causal), None if window is None else tuple(window), softcap=softcap,
@@ -96,9 +96,20 @@ def _cu_seqlens(name: str, cu: Any, total: int, max_len: Any, max_name: str) -> 
     return c
 
 
-def _differentiable(q: Any, k: Any, v: Any, cu_q: np.ndarray, cu_k: np.ndarray, backend: str,
-                    alibi_slopes: Any, **options: Any) -> Any:
-    """Per sequence through the differentiable ``flash_attention``; autograd joins the pieces."""
+def _stays_on_torch(q: Any, backend: str) -> bool:
+    """Whether the call runs on Triton, which takes torch tensors where they live: named, or
+    ``auto`` on device tensors (the dispatcher's first choice there). Those calls run per sequence on
+    the tensors themselves instead of through host copies (one 8192-token prefill took 254 ms on an
+    H200 through the host, BENCHMARKS.md 2026-12-05 third session)."""
+    if not inputs.is_torch(q) or backend not in ("auto", "triton"):
+        return False
+    return backend == "triton" or q.device.type != "cpu"
+
+
+def _torch_sequences(q: Any, k: Any, v: Any, cu_q: np.ndarray, cu_k: np.ndarray, backend: str,
+                     alibi_slopes: Any, **options: Any) -> Any:
+    """Per sequence through ``flash_attention`` on the torch tensors where they are (differentiable;
+    autograd joins the pieces)."""
     import torch
 
     from ..api import flash_attention
