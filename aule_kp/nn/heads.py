@@ -115,10 +115,14 @@ class _HeadsAttention(torch.nn.Module):
         if self.rotary is not None:
             q_pos = _positions(positions, past, len_q, q.device, "positions")
             k_pos = q_pos if context is None else _positions(key_positions, 0, len_k, k.device, "key_positions")
+            # Positions made here need no range check (a device read per layer and step).
+            q_top = past + len_q - 1 if positions is None else None
+            k_top = q_top if context is None else (len_k - 1 if key_positions is None else None)
             if cache is not None and not on_device:
                 # The cache holds rotated keys: the new ones are rotated here, in torch.
-                k, k_pos = self.rotary(k, k_pos), None
-            rotary = self.rotary.spec(q_pos, k_pos, batch)
+                k, k_pos, k_top = self.rotary(k, k_pos), None, -1
+            largest = None if q_top is None or k_top is None else max(q_top, k_top)
+            rotary = self.rotary.spec(q_pos, k_pos, batch, largest=largest)
         if on_device:
             slopes = self.alibi_slopes if self.position == "alibi" else None
             out = cache.attend(q, k, v, scale=self.scaling, causal=self.causal, rotary=rotary, alibi_slopes=slopes)

@@ -128,7 +128,9 @@ class LatentAttention(torch.nn.Module):
         q_pass, q_rot = q.reshape(batch, length, heads, self.qk_head_dim).transpose(1, 2).split([nope, rope], dim=-1)
         latent, k_rot = self.kv_a_proj_with_mqa(hidden_states).split([self.kv_lora_rank, rope], dim=-1)
         latent = self.kv_a_layernorm(latent)
-        pos = _positions(positions, cache.length if cache is not None else 0, length, q.device, "positions")
+        start = cache.length if cache is not None else 0
+        pos = _positions(positions, start, length, q.device, "positions")
+        largest = start + length - 1 if positions is None else None  # made here: no range check (a device read)
         k_rot = k_rot[:, None]
         options = dict(scale=self.scaling, causal=self.causal, attn_mask=attn_mask, backend=self.backend)
         if cache is None:
@@ -136,8 +138,8 @@ class LatentAttention(torch.nn.Module):
             k_pass, v = kv.split([nope, self.v_head_dim], dim=-1)
             k = torch.cat((k_pass, k_rot.expand(-1, heads, -1, -1)), dim=-1)
             # q and k unrotated: attend rotates their last `rope` channels (on the device on Vulkan).
-            out = attend(torch.cat((q_pass, q_rot), dim=-1), k, v, rotary=self.rotary.spec(pos, pos, batch, nope),
-                         **options)
+            out = attend(torch.cat((q_pass, q_rot), dim=-1), k, v,
+                         rotary=self.rotary.spec(pos, pos, batch, nope, largest=largest), **options)
         else:
             # Absorbed: q_nope·k_nope = (q_nope W_uk)·latent and P·(latent W_uvᵀ) = (P·latent) W_uvᵀ.
             w = self.kv_b_proj.weight.reshape(heads, nope + self.v_head_dim, self.kv_lora_rank)
@@ -149,12 +151,13 @@ class LatentAttention(torch.nn.Module):
                 # q and the new rope key are rotated on the device (the cache holds rotated keys).
                 out_latent = cache.attend(q_absorbed, torch.cat((latent[:, None], k_rot), dim=-1), None,
                                           scale=self.scaling, causal=self.causal,
-                                          rotary=self.rotary.spec(pos, pos, batch, self.kv_lora_rank))
+                                          rotary=self.rotary.spec(pos, pos, batch, self.kv_lora_rank, largest=largest))
             else:
                 # The cache holds the rotated rope key: the new one is rotated here, in torch; the
                 # query's rope part is rotated by attend.
                 keys, values = cache.append(torch.cat((latent[:, None], self.rotary(k_rot, pos)), dim=-1))
                 out_latent = attend(q_absorbed, keys, values,
-                                    rotary=self.rotary.spec(pos, None, batch, self.kv_lora_rank), **options)
+                                    rotary=self.rotary.spec(pos, None, batch, self.kv_lora_rank, largest=largest),
+                                    **options)
             out = torch.einsum("bhlc,hvc->bhlv", out_latent, w[:, nope:])
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, heads * self.v_head_dim))

@@ -113,17 +113,20 @@ class RotaryEmbedding(torch.nn.Module):
         return held
 
     def spec(self, q_positions: torch.Tensor, k_positions: Optional[torch.Tensor], batch: int,
-             offset: int = 0) -> RotarySpec:
+             offset: int = 0, *, largest: Optional[int] = None) -> RotarySpec:
         """The :class:`RotarySpec` rotating q at ``q_positions`` and k at ``k_positions`` (``[L]``
-        or ``[B, L]`` integers; None: k is not rotated) over channels ``[offset, offset + dim)``."""
+        or ``[B, L]`` integers; None: k is not rotated) over channels ``[offset, offset + dim)``.
+        ``largest``: the largest position, where the caller made them (``0 <= p <= largest``); else
+        they are checked here, which reads two numbers back from their device (a sync on CUDA)."""
         q_pos = q_positions.expand(batch, -1) if q_positions.dim() == 1 else q_positions
         k_pos = None if k_positions is None else (
             k_positions.expand(batch, -1) if k_positions.dim() == 1 else k_positions)
-        used = [p for p in (q_pos, k_pos) if p is not None and p.numel()]
-        if any(int(p.min()) < 0 for p in used):
-            raise ValueError("RoPE positions must be >= 0")
-        most = max((int(p.max()) for p in used), default=0)
-        cos, sin = self.tables(most + 1, q_pos.device)
+        if largest is None:
+            used = [p for p in (q_pos, k_pos) if p is not None and p.numel()]
+            if any(int(p.min()) < 0 for p in used):
+                raise ValueError("RoPE positions must be >= 0")
+            largest = max((int(p.max()) for p in used), default=0)
+        cos, sin = self.tables(largest + 1, q_pos.device)
         return RotarySpec(cos, sin, q_pos, k_pos, self.interleaved, offset)
 
     def extra_repr(self) -> str:
