@@ -113,11 +113,14 @@ def run_fused(p, q, k, v, t: RotaryTables, readable: bool = False):
         plan = forward_plan(dev, rp, backend.config(p))
         out, _ = plan.run(q, k, v, None, rotary=t)
         run_fused.chunks, run_fused.staged = len(plan.chunks), plan.rotary_staged
+        # k stored rotated already (k_positions None): the attention binds k itself, no copy of it.
+        assert all(("k_rot" in c.tensors) == t.layout.rotate_k for c in plan.chunks)
         if not readable:
             return out
         assert plan.rotary_staged
+        k_name = "k_rot" if t.layout.rotate_k else "k"
         rotated = [np.concatenate([mapped_memory(c.tensors[name]).view(np.uint8)[: c.views[src].nbytes]
-                                   for c in plan.chunks]) for src, name in (("q", "q_rot"), ("k", "k_rot"))]
+                                   for c in plan.chunks]) for src, name in (("q", "q_rot"), ("k", k_name))]
     dt = q.dtype
     return out, rotated[0].view(dt).reshape(q.shape), rotated[1].view(dt).reshape(k.shape)
 
@@ -172,6 +175,20 @@ def test_fused_rope_q_only(rng) -> None:
     """Keys from a cache are stored rotated: only q turns (k_positions None)."""
     p = problem(b=1, hq=4, hkv=1, lq=1, lk=12, dk=16, dv=16, dtype="float16", causal=True)
     check_fused(p, rng, 8, False, 0, 11, rotate_k=False)
+
+
+def test_q_only_and_qk_plans_are_apart(rng) -> None:
+    """The same shapes rotating q alone, then q and k, then q alone: each call gets a plan that binds
+    what it rotates (run_fused checks the plan's buffers; check_fused the results)."""
+    p = problem(b=1, hq=2, hkv=1, lq=3, lk=9, dk=16, dv=16, dtype="float32", causal=True)
+    q, k, v = problem_inputs(p, rng)
+    dev = _vulkan()
+    for rotate_k in (False, True, False):  # each call finds the other kind's plan cached
+        t = _tables(rng, p, 8, False, 0, 6, rotate_k)
+        out = run_fused(p, q, k, v, t)
+        with dev.lock:
+            dev.plans.clear()
+        np.testing.assert_array_equal(run_fused(p, q, k, v, t), out)  # the bits of a fresh plan
 
 
 @settings(max_examples=6, deadline=None)

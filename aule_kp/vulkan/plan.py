@@ -282,6 +282,14 @@ SPLITKV_SCRATCH = ("partial_o", "partial_ml", "counters")
 INPUTS = ("q", "k", "v")
 #: A rotary plan's rotated inputs: the device buffers its rotary pass writes, which the attention binds.
 ROTATED = {"q": "q_rot", "k": "k_rot"}
+
+
+def rotated_inputs(p: Problem) -> Dict[str, str]:
+    """The inputs ``p``'s rotary pass writes rotated copies of, by name (``ROTATED``): q, and k
+    unless it comes rotated already (a cache of rotated keys: the attention then binds k itself)."""
+    if p.rotary is None:
+        return {}
+    return ROTATED if p.rotary.rotate_k else {"q": ROTATED["q"]}
 OUTPUTS = ("o", "lse")
 #: A host call's output check on the device (glsl/nonfinite_count.comp): its counter's name, and the
 #: workgroups of its grid-stride pass (fixed: no grid to record per problem).
@@ -507,7 +515,7 @@ class Plan(RecordedPlan):
             tensors, memory = self._io_tensors(io_sizes, (*OUTPUTS, NONFINITE))
             if p.rotary is not None:
                 kind = kp.TensorTypes.device if self.rotary_staged else kp.TensorTypes.storage
-                for name, rotated in ROTATED.items():
+                for name, rotated in rotated_inputs(p).items():
                     words = max(math.ceil(sizes[name] / 4), 1)
                     tensors[rotated] = mgr.tensor_t(np.zeros(words, np.uint32), kind)
                     self.nbytes += 4 * words * (2 if self.rotary_staged else 1)
@@ -526,7 +534,7 @@ class Plan(RecordedPlan):
                                      else mgr.tensor_t(np.zeros(words, np.float32), kp.TensorTypes.storage))
                     self.nbytes += 4 * words
                 zeroed.append(tensors["counters"])
-            attended = ROTATED if p.rotary is not None else {}
+            attended = rotated_inputs(p)
             bound = [tensors[attended.get(name, name)] for name in (*BINDINGS, *(SPLITKV_SCRATCH if split else ()))]
             kc, grid, push = dispatch(config, p, n, g0)
             algorithms = [self._algorithm(bound, kc.kernel, kc.spec(mods=score_spec(p)), grid, push)]
@@ -537,9 +545,10 @@ class Plan(RecordedPlan):
                 zeroed.append(tensors[NONFINITE])  # a staged counter's device copy starts at zero too
             if p.rotary is not None:  # the rotary pass: the chunk's last algorithm
                 rope_grid, rope_push = rope.dispatch(p, g0, n)
-                algorithms.append(self._algorithm([tensors["q"], tensors["k"], self.rotary, tensors["q_rot"],
-                                                   tensors["k_rot"]], rope.KERNEL, rope.spec(p.dtype), rope_grid,
-                                                  rope_push))
+                # Without a k to rotate the pass writes no k row: k stands in for its output binding.
+                k_out = tensors[attended.get("k", "k")]
+                algorithms.append(self._algorithm([tensors["q"], tensors["k"], self.rotary, tensors["q_rot"], k_out],
+                                                  rope.KERNEL, rope.spec(p.dtype), rope_grid, rope_push))
             self.chunks.append(Chunk(g0, g1, tensors, algorithms, memory=memory))
 
         if zeroed:
@@ -593,7 +602,7 @@ class Plan(RecordedPlan):
             # Without it, syncing the rotated (device) q and k to their staging records compute ->
             # transfer, and the attention dispatch's own transfer -> compute barrier on the same
             # buffers completes the dependency (as backward.py; one on-device copy of q and k).
-            rotated = [c.tensors[name] for c in chunks for name in ROTATED.values()]
+            rotated = [c.tensors[name] for c in chunks for name in rotated_inputs(p).values()]
             sequence.record(kp.OpTensorSyncLocal(rotated) if self.rotary_staged else kp.aule_compute_barrier(rotated))
         # Chunks touch disjoint buffers (scratch included): their dispatches need no barrier between
         # them. A plan's dispatch must not be recorded twice in one sequence without one either:
@@ -710,8 +719,10 @@ def forward_plan(device: Any, problem: Problem, config: ForwardConfig) -> Plan:
             grid = None if grids_settable(device.kp) else dispatch(config, p, n_groups, 0)[1]
             if p.rotary is not None and not grids_settable(device.kp):
                 grid = (grid, rope.dispatch(p, 0, n_groups)[0])
-            # A rotary plan has another pass and device q/k: never shared with plans without one.
-            route = (("forward", pipeline_of(config), score_spec(p), limit, grid, p.rotary is not None),
+            # A rotary plan has another pass and device q (and k): never shared with plans without one,
+            # nor across what it rotates (the attention binds k or its rotated copy).
+            rotates = None if p.rotary is None else tuple(rotated_inputs(p))
+            route = (("forward", pipeline_of(config), score_spec(p), limit, grid, rotates),
                      dict(forward_bytes(p, config, n_groups), mask=mask_bytes(p),
                           **({"rotary": rope.rotary_bytes(p)} if p.rotary else {})), limit)
         device.plans.remember(route_key, route)

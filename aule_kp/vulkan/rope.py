@@ -81,7 +81,7 @@ def dispatch(p: Problem, g0: int, n_groups: int) -> Tuple[Tuple[int, int, int], 
     """``(grid, push constants)`` of the rotary pass over groups ``[g0, g0 + n_groups)``."""
     r = p.rotary
     q_rows = n_groups * p.group * p.len_q
-    k_rows = n_groups * p.len_k  # copied where not rotated: the attention reads the pass's output
+    k_rows = n_groups * p.len_k if r.rotate_k else 0  # unrotated k: the attention reads k itself
     push = np.array([q_rows, k_rows, p.len_q, p.len_k, p.heads_q, p.heads_kv, g0 * p.group, g0, p.dim_k, r.half,
                      r.offset, int(r.interleaved), *_offsets(p), int(r.rotate_k)], np.uint32)
     return _grid(q_rows + k_rows, p.dim_k), push
