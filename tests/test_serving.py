@@ -207,7 +207,9 @@ def test_vulkan_decode_splits(rng):
     assert vk.splits(devmod.get_device().caps, 1, 1101)[0] > 1
     before = planmod.stats["evals"]
     out = aule_kp.flash_attention_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=seqlens, causal=True, backend="vulkan")
-    assert planmod.stats["evals"] == before + 2
+    # The split pass and the merge: one submission behind kp patch 5's compute barrier, else two.
+    together = devmod.get_device().kp_patch >= planmod.COMPUTE_BARRIER_PATCH
+    assert planmod.stats["evals"] == before + (1 if together else 2)
     want, kw, vw, _ = ref.kvcache(q, kc.copy(), vc.copy(), kn, vn, seqlens, causal=True)
     np.testing.assert_allclose(out, want, atol=_tol("float32", q, kw, vw, 1 / math.sqrt(32), 1101), rtol=0)
 

@@ -81,6 +81,10 @@ def engine() -> None:
     kind.kp_patch = held
     dev.plans.clear()
     test_nn.test_decode_equals_full_recompute("vulkan", "rope")
+    # The ragged kernel's split pass and its merge (one submission behind the compute barrier).
+    import test_serving
+
+    test_serving.test_vulkan_decode_splits(rng)
     print("engine calls done")
 
 

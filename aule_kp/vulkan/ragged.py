@@ -243,10 +243,10 @@ class RaggedPlan:
             out_bytes: int, q_rotation: Optional[Tuple[np.ndarray, Tuple[int, int, int], np.ndarray]] = None
             ) -> np.ndarray:
         """Writes ``data`` (host arrays by buffer name) into mapped memory, runs ``dispatches``
-        ((grid, push) each; a later one reads what the earlier wrote, so each is its own
-        submission) and returns O's first ``out_bytes`` bytes. ``q_rotation``: (float32 cos/sin
-        rows, grid, push) of the queries' rotation, recorded before the first dispatch behind kp
-        patch 5's compute barrier (the caller checks the patch)."""
+        ((grid, push) each; a later one reads the partials the earlier wrote: one submission behind
+        kp patch 5's compute barrier, else each its own) and returns O's first ``out_bytes``
+        bytes. ``q_rotation``: (float32 cos/sin rows, grid, push) of the queries' rotation,
+        recorded before the first dispatch behind that barrier (the caller checks the patch)."""
         kp = self.device.kp
         for name, arr in data.items():
             raw = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
@@ -255,17 +255,23 @@ class RaggedPlan:
         if q_rotation is not None:
             self.rope_memory[: q_rotation[0].size] = q_rotation[0]
             sent.append(self.rope_tables)
-        for i, (grid, push) in enumerate(dispatches):
+        indices = list(range(len(dispatches)))
+        together = self.device.kp_patch >= COMPUTE_BARRIER_PATCH
+        for submission in ([indices] if together else [[i] for i in indices]):
             seq = self.device.manager.sequence()
             try:
-                if i == 0:
-                    seq.record(kp.OpTensorSyncDevice(sent))
-                    if q_rotation is not None:
-                        seq.record(kp.OpAlgoDispatch(self._rope(q_rotation[1]), q_rotation[2]))
-                        seq.record(kp.aule_compute_barrier([self.tensors["q_rot"]]))
-                seq.record(kp.OpAlgoDispatch(self._algorithm(grid, q_rotation is not None), push))
-                if i == len(dispatches) - 1:
-                    seq.record(kp.OpTensorSyncLocal([self.tensors["o"]]))
+                for i in submission:
+                    if i == 0:
+                        seq.record(kp.OpTensorSyncDevice(sent))
+                        if q_rotation is not None:
+                            seq.record(kp.OpAlgoDispatch(self._rope(q_rotation[1]), q_rotation[2]))
+                            seq.record(kp.aule_compute_barrier([self.tensors["q_rot"]]))
+                    elif together:  # the merge reads the partials the split pass wrote
+                        seq.record(kp.aule_compute_barrier([self.tensors["partials"]]))
+                    grid, push = dispatches[i]
+                    seq.record(kp.OpAlgoDispatch(self._algorithm(grid, q_rotation is not None), push))
+                    if i == indices[-1]:
+                        seq.record(kp.OpTensorSyncLocal([self.tensors["o"]]))
                 seq.eval()
                 stats["evals"] += 1
             finally:
