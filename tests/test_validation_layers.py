@@ -75,3 +75,10 @@ def test_engine_calls_have_no_validation_errors(tmp_path: Path) -> None:
 def test_a_deliberate_hazard_is_reported(tmp_path: Path) -> None:
     messages = run_validated(tmp_path, "hazard")
     assert [(ident, severity) for ident, severity, _ in messages] == [("SYNC-HAZARD-WRITE-AFTER-WRITE", "ERROR")]
+
+
+def test_a_compute_to_compute_hazard_is_reported(tmp_path: Path) -> None:
+    """The positive control of the barriers between dispatches (kp patch 5): one dispatch reading
+    what another wrote, with no barrier, is reported."""
+    messages = run_validated(tmp_path, "compute_hazard")
+    assert [(ident, severity) for ident, severity, _ in messages] == [("SYNC-HAZARD-READ-AFTER-WRITE", "ERROR")]

@@ -126,5 +126,32 @@ def hazard() -> None:
     print("hazard recorded")
 
 
+def compute_hazard() -> None:
+    """Through kp: glsl/kv_append.comp writes a buffer, then glsl/nonfinite_count.comp reads it, with
+    no barrier between (kp records none between dispatches): SYNC-HAZARD-READ-AFTER-WRITE, the kind
+    of hazard kp patch 5's ``aule_compute_barrier`` removes (the engine's rotary pass and output check
+    rely on it). The layer here does not see hazards between two dispatches of one algorithm."""
+    from aule_kp.vulkan import device as devmod
+
+    dev = devmod.get_device()
+    kp, mgr = dev.kp, dev.manager
+    n = 1024
+    written = mgr.tensor_t(np.zeros(n, np.uint32), kp.TensorTypes.storage)
+    count = mgr.tensor_t(np.zeros(1, np.uint32), kp.TensorTypes.device)
+    src = mgr.tensor_t(np.ones(n, np.uint32), kp.TensorTypes.device)
+    rows = mgr.tensor_t(np.zeros(1, np.uint32), kp.TensorTypes.device)
+    tables = mgr.tensor_t(np.zeros(4, np.float32), kp.TensorTypes.device)
+    append = mgr.algorithm([written, src, rows, tables], dev.spirv("kv_append"), (n // 64, 1, 1),
+                           np.zeros(2, np.uint32), np.zeros(8, np.uint32))
+    check = mgr.algorithm([written, count], dev.spirv("nonfinite_count"), (4, 1, 1), np.zeros(1, np.uint32),
+                          np.zeros(1, np.uint32))
+    seq = mgr.sequence()
+    seq.record(kp.OpTensorSyncDevice([src, rows, tables, count]))
+    seq.record(kp.OpAlgoDispatch(append, np.array([n, n, 0, 0, 0, 0, 0, 0], np.uint32)))
+    seq.record(kp.OpAlgoDispatch(check, np.array([n], np.uint32)))
+    seq.eval()
+    print("compute hazard recorded")
+
+
 if __name__ == "__main__":
-    {"engine": engine, "hazard": hazard}[sys.argv[1]]()
+    {"engine": engine, "hazard": hazard, "compute_hazard": compute_hazard}[sys.argv[1]]()
