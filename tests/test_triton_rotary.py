@@ -44,7 +44,7 @@ from test_triton import TINY, attend64, make_inputs, make_problem  # noqa: E402
 import aule_kp  # noqa: E402
 from aule_kp.nn.positions import RotaryEmbedding  # noqa: E402
 from aule_kp.problem import Problem  # noqa: E402
-from aule_kp.serving.rotary import apply_rotary  # noqa: E402
+from aule_kp.rotary import rotate_host  # noqa: E402
 from aule_kp.triton.backend import TritonBackend  # noqa: E402
 from aule_kp.triton.rotary import check_rotary, rotary_attention  # noqa: E402
 
@@ -271,15 +271,15 @@ def test_random_problems(b, group, lq, lk, dk, dv, causal, interleaved, dtype, r
 
 def test_rotate64_is_flash_attn_rotary() -> None:
     """The float64 reference rotation is the NumPy one of ``flash_attention_with_kvcache``
-    (``aule_kp.serving.rotary``, flash-attn's ``apply_rotary_emb``), both layouts, R < D."""
+    (``aule_kp.rotary.rotate_host``, flash-attn's ``apply_rotary_emb``), both layouts, R < D."""
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 3, 7, 24, generator=g)  # [B, H, L, D]
     cos, sin = tables(20, 16)
     pos = torch.randint(0, 20, (2, 7), generator=g)
     for interleaved in (False, True):
-        want = apply_rotary(x.transpose(1, 2).numpy(), cos.numpy(), sin.numpy(), pos.numpy(), interleaved)
+        want = rotate_host(x.numpy(), cos.numpy(), sin.numpy(), pos.numpy(), interleaved).transpose(0, 2, 1, 3)
         got = rotate64(x.double(), cos, sin, pos, interleaved).transpose(1, 2).numpy()
-        # apply_rotary rotates in float32: within the rotation model of the float64 one
+        # rotate_host rotates in float32: within the rotation model of the float64 one
         np.testing.assert_allclose(got, want, rtol=0, atol=rotation_tolerance(2 * float(x.abs().max())))
 
 

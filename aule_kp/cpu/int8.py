@@ -13,7 +13,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from ..dtypes import STORAGE, bf16_to_f32, f32_to_bf16, from_f32
+from ..dtypes import STORAGE, from_f32, to_f32
 from ..problem import Problem
 from ..quant import BLOCK_K, BLOCK_Q, LOG2E, check_host_values, key_mean, lse_shift, pv_dtype, quantize_qk
 
@@ -25,9 +25,7 @@ _FLT_MAX = np.float32(np.finfo(np.float32).max)
 
 def round16(x: np.ndarray, dtype: str) -> np.ndarray:
     """float32 ``x`` rounded to the 16-bit ``dtype`` ("float16" or "bfloat16"), back as float32."""
-    if dtype == "bfloat16":
-        return bf16_to_f32(f32_to_bf16(x))
-    return x.astype(np.float16).astype(np.float32)
+    return to_f32(from_f32(x, dtype), dtype)
 
 
 def mask_term(mask: np.ndarray) -> np.ndarray:

@@ -24,8 +24,8 @@ _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "
 
 def _rows(spec: RotarySpec, positions: torch.Tensor) -> RowRotation:
     """The rotation of rows in ``positions`` order (``[B, n]`` flattened)."""
-    at = positions.reshape(-1).cpu().numpy()
-    return RowRotation(spec.cos.cpu().numpy()[at], spec.sin.cpu().numpy()[at], bool(spec.interleaved),
+    at = positions.reshape(-1).to(spec.cos.device)
+    return RowRotation(spec.cos[at].cpu().numpy(), spec.sin[at].cpu().numpy(), bool(spec.interleaved),
                        int(spec.offset))
 
 

@@ -12,9 +12,9 @@ from ..backend import check_backend_name
 from ..dtypes import from_f32, to_f32
 from ..errors import warn_once
 from ..q8 import Q8Cache, quantize
+from ..rotary import rotate_host
 from ..vulkan.kvcache import DeviceKVCache
 from . import checks, ragged
-from .rotary import apply_rotary
 
 
 def flash_attention_with_kvcache(
@@ -226,7 +226,8 @@ def _rotate(x: np.ndarray, rotary: Tuple[np.ndarray, np.ndarray, bool], position
     if positions.size and positions.max() >= cos.shape[0]:
         raise ValueError(f"rotary_cos/rotary_sin have {cos.shape[0]} positions, but {what} needs position "
                          f"{int(positions.max())}")
-    return apply_rotary(x, cos, sin, positions, interleaved)
+    # x [B, L, H, D]: rotate_host takes [B, H, L, D] (flash-attn's apply_rotary semantics either way).
+    return rotate_host(x.swapaxes(1, 2), cos, sin, positions, interleaved).swapaxes(1, 2)
 
 
 def _append(k_cache: Any, v_cache: Any, k: Any, v: Any, seqlens: np.ndarray, new: int, table: Optional[np.ndarray],

@@ -746,7 +746,7 @@ def run_forward(device: Any, problem: Problem, config: ForwardConfig, q: np.ndar
     with device.lock:
         out, lse, finite = forward_plan(device, problem, config).run_checked(q, k, v, mask, alibi, sinks, rotary)
     if rotary is not None and not finite:
-        q, k = rope.rotated_inputs(problem, q, k, rotary)
+        q, k = rope.host_rotated(problem, q, k, rotary)
     enforce(problem, q, k, v, mask, out, lse, out_finite=finite, alibi=alibi, sinks=sinks)
     return out, lse
 

@@ -103,7 +103,7 @@ def spec(dtype: str) -> np.ndarray:
     return np.array([DTYPE_CODE[dtype], 0], np.uint32)
 
 
-def rotated_inputs(p: Problem, q: np.ndarray, k: np.ndarray,
+def host_rotated(p: Problem, q: np.ndarray, k: np.ndarray,
                    tables: RotaryTables) -> Tuple[np.ndarray, np.ndarray]:
     """Host copies of what the rotary pass leaves in the buffers (fp32 rotation, one rounding to the
     storage type): for the non-finite repairs (``aule_kp.nonfinite.enforce``), which read q and k."""
