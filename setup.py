@@ -1,7 +1,9 @@
-"""Build of aule-kp: the Python package plus, in a wheel or a ``pip install .``, the patched kp and the SPIR-V.
+"""Build of aule-kp: the Python package plus, in a wheel or a ``pip install .``, the patched kp, the CPU kernel's
+libraries and the SPIR-V.
 
 The patched kp comes from scripts/kp_build.py (the one kp build: the vendored sdist, our patch, the
-private module ``aule_kp._kp``, cached under build/kp-private/). Every shader is compiled and
+private module ``aule_kp._kp``, cached under build/kp-private/); the CPU backend's native kernel from
+scripts/cpu_build.py (one library per vector width, aule_kp/cpu/lib/, cached under build/cpu-native/). Every shader is compiled and
 spirv-val-checked into aule_kp/spirv/, the GLSL sources ship as aule_kp/glsl/ and the ComfyUI node
 pack as aule_kp/comfyui_node/. An editable install (scripts/setup.sh) gets the same kp, copied into
 the tree's aule_kp/, and uses glsl/ and spirv_cache/ in the tree.
@@ -21,7 +23,8 @@ from setuptools.dist import Distribution
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "scripts"))
-import kp_build  # noqa: E402 - scripts/ is not a package
+import cpu_build  # noqa: E402 - scripts/ is not a package
+import kp_build  # noqa: E402
 
 
 def compile_shaders(dest: Path) -> None:
@@ -37,12 +40,14 @@ def compile_shaders(dest: Path) -> None:
 
 
 class BuildPy(build_py):
-    """Adds the private kp and the shaders to the package (an editable install: the kp, into the tree)."""
+    """Adds the private kp, the CPU kernel and the shaders to the package (an editable install: the kp and the
+    CPU kernel, into the tree)."""
 
     def run(self) -> None:
         super().run()
         package = ROOT / "aule_kp" if getattr(self, "editable_mode", False) else Path(self.build_lib) / "aule_kp"
         kp_build.install_into(package)
+        cpu_build.install_into(package)
         if getattr(self, "editable_mode", False):
             return
         compile_shaders(package)

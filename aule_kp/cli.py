@@ -128,7 +128,7 @@ def _demo(args: argparse.Namespace) -> int:
             err = _max_err(out, case, q, k, v)
             worst = max(worst, err / tol[case.dtype])
             variant = VulkanBackend().config(p).variant if backend == "vulkan" else \
-                ("numba" if CpuBackend().kernels() is not None else "numpy")
+                (f"native w{kern.width}" if (kern := CpuBackend().native()) is not None else "numpy")
             rows.append([backend, variant, f"{tuple(q.shape)} / {tuple(k.shape)}", case.dtype,
                          "causal" if case.causal else "-", f"{ms:.2f}", f"{p.flops() / ms / 1e6:.2f}", f"{err:.1e}"])
     header = ["backend", "variant", "shape (q / k)", "dtype", "mask", "ms", "GFLOP/s", "max err"]

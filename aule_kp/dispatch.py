@@ -6,7 +6,7 @@ import logging
 from typing import Callable, Dict, List, Tuple
 
 from .backend import BACKEND_NAMES, Backend, Runner, check_backend_name
-from .cpu import compiled as cpu_compiled
+from .cpu import native as cpu_native
 from .cpu.backend import CpuBackend
 from .errors import BackendUnavailable, warn_once
 from .problem import Problem
@@ -39,14 +39,14 @@ def _always(problem: Problem) -> bool:
 
 
 def _lavapipe_faster(problem: Problem) -> bool:
-    """A float16 decode-like problem while the CPU backend runs its NumPy path (numba missing):
+    """A float16 decode-like problem while the CPU backend runs its NumPy path (no native kernel):
     NumPy's float16 conversion (~4 ns an element) makes that path slower than a CPU Vulkan driver
     on long caches. benchmarks/cpu_vs_lavapipe.py, 2-core Xeon, lavapipe (LLVM 15), 2026-12-05:
     decode H32/8 Lq1 Lk4096 D128 fp16, NumPy path 72-171 ms vs lavapipe 49-52 ms; Lk512: 0.5 vs
     0.4-0.6 ms (even). The compiled path beat lavapipe on every problem there (1.4x-32x; the same
     decode 8-16 ms), float32 ones included."""
     return (problem.dtype == "float16" and problem.len_q <= 16 and problem.len_k >= 2048
-            and cpu_compiled.load(quiet=True) is None)
+            and cpu_native.load(quiet=True) is None)
 
 
 #: ``backend="auto"`` runs a problem on the first entry whose backend can take it

@@ -124,8 +124,8 @@ def main() -> None:
     args = ap.parse_args()
 
     compiled = CpuBackend()
-    if compiled.kernels() is None:
-        raise SystemExit("numba is not installed: no compiled CPU path to measure")
+    if compiled.native() is None:
+        raise SystemExit("the native CPU kernel is not installed (python scripts/cpu_build.py --into aule_kp)")
     backends = {"compiled": compiled}
     if not args.no_numpy:
         backends["numpy"] = CpuBackend(use_compiled=False)

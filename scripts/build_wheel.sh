@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# `make wheel`: dist/aule_kp-<version>-<tags>.whl with the patched kp (as aule_kp._kp), every SPIR-V
+# `make wheel`: dist/aule_kp-<version>-<tags>.whl with the patched kp (as aule_kp._kp), the CPU kernel's
+# libraries (aule_kp/cpu/lib/), every SPIR-V
 # kernel (compiled + spirv-val-checked) and the GLSL sources. The build runs in its own venv
 # (build/wheel-venv, with pyproject.toml's build requirements); scripts/kp_build.py caches the kp build
 # under build/kp-private/ (shared with `make install`). Where auditwheel can be had, the wheel is
@@ -17,7 +18,8 @@ say() { printf '[wheel] %s\n' "$*"; }
 
 # Everything the wheel is made of or by; the Python it is built for.
 inputs=$(find aule_kp glsl comfyui_aule patches third_party setup.py pyproject.toml MANIFEST.in README.md \
-           scripts/kp_build.py scripts/build_wheel.sh -type f ! -path '*/__pycache__/*' ! -name '_kp.*' -print0 \
+           scripts/kp_build.py scripts/cpu_build.py scripts/build_wheel.sh -type f ! -path '*/__pycache__/*' \
+           ! -name '_kp.*' ! -path 'aule_kp/cpu/lib/*' -print0 \
          | sort -z | xargs -0 sha256sum | sha256sum | cut -c1-16)
 key="$inputs $("$PYTHON" -c 'import sys; print(sys.implementation.cache_tag)')"
 if [ -f "$STAMP" ] && [ "$(head -1 "$STAMP")" = "$key" ] && [ -f "$(sed -n 2p "$STAMP")" ]; then

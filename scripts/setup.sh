@@ -51,6 +51,8 @@ fi
 # 4. The patched kp, as aule_kp/_kp<suffix> in the tree (git-ignored): the same build, and the same
 #    cache under build/kp-private/, as the wheel's. A re-run only checks the inputs' hash.
 python scripts/kp_build.py --into aule_kp >/dev/null
+#    The CPU backend's native kernel, one library per vector width in aule_kp/cpu/lib/ (cached under build/cpu-native/).
+python scripts/cpu_build.py --into aule_kp >/dev/null
 
 # 5. The package itself (editable, for the `aule-kp` console script).
 if ! python -c 'import aule_kp' 2>/dev/null || [ ! -x "$VENV/bin/aule-kp" ]; then

@@ -215,15 +215,17 @@ RNG_SEED = 1234
 
 @pytest.fixture(params=["compiled", "numpy"])
 def cpu_path(request: Any, monkeypatch: Any) -> str:
-    """Runs a test once on each path of the CPU backend: its compiled kernels (numba), and its NumPy
-    path (the fallback without numba), which it takes here with the kernels hidden."""
-    from aule_kp.cpu import compiled
+    """Runs a test once on each path of the CPU backend: compiled (the native forward kernel, the
+    backward's numba kernels) and NumPy (the fallback without them), which it takes here with both
+    hidden."""
+    from aule_kp.cpu import compiled, native
     from aule_kp.cpu.backend import CpuBackend
 
     if request.param == "numpy":
         monkeypatch.setattr(CpuBackend, "kernels", lambda self: None)
-    elif compiled.load() is None:
-        pytest.skip("numba is not installed: no compiled CPU path")
+        monkeypatch.setattr(CpuBackend, "native", lambda self: None)
+    elif native.load() is None or compiled.load() is None:
+        pytest.skip("the native CPU kernel or numba is missing: no compiled CPU path")
     return request.param
 
 

@@ -15,84 +15,18 @@ from typing import Optional, Tuple
 import numpy as np
 import pytest
 from conftest import lse_tolerance, output_tolerance
+from cpu_cases import SMALL, bool_mask, check, float_mask, make_inputs, make_problem
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from reference import reference_attention
 
 from aule_kp.cpu.backend import CpuBackend, _Forward, _head_blocks
-from aule_kp.dtypes import STORAGE, from_f32, to_f32
-from aule_kp.problem import Problem, band, default_scale
+from aule_kp.problem import Problem
 
-SMALL = CpuBackend(block_q=16, block_k=24, step=4, workers=2)
 DEFAULT = CpuBackend()
 
 #: Every test here runs on the compiled path and on the NumPy path (conftest.cpu_path).
 pytestmark = pytest.mark.usefixtures("cpu_path")
-
-
-def make_problem(
-    b: int = 1,
-    hq: int = 2,
-    hkv: int = 2,
-    lq: int = 37,
-    lk: int = 53,
-    dk: int = 32,
-    dv: Optional[int] = None,
-    dtype: str = "float32",
-    causal: bool = False,
-    window: Optional[Tuple[int, int]] = None,
-    top_left: bool = False,
-    mask_shape: Optional[Tuple[int, int, int, int]] = None,
-) -> Problem:
-    """A Problem the way the API would build it (band folded from causal/window)."""
-    diag, left, right = band(lq, lk, causal=causal, window=window, top_left=top_left)
-    dv = dk if dv is None else dv
-    return Problem(b, hq, hkv, lq, lk, dk, dv, dtype, default_scale(dk), diag, left, right, mask_shape)
-
-
-def make_inputs(p: Problem, seed: int = 0) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Unit-normal q, k, v in the problem's storage dtype."""
-    rng = np.random.default_rng(seed)
-    shapes = [
-        (p.batch, p.heads_q, p.len_q, p.dim_k),
-        (p.batch, p.heads_kv, p.len_k, p.dim_k),
-        (p.batch, p.heads_kv, p.len_k, p.dim_v),
-    ]
-    return tuple(from_f32(rng.standard_normal(s, dtype=np.float32), p.dtype) for s in shapes)
-
-
-def check(
-    p: Problem,
-    q: np.ndarray,
-    k: np.ndarray,
-    v: np.ndarray,
-    mask: Optional[np.ndarray] = None,
-    backend: CpuBackend = SMALL,
-) -> Tuple[np.ndarray, np.ndarray]:
-    """Run the backend, compare with the reference, return ``(out, lse)``."""
-    out, lse = backend.forward(p, q, k, v, mask)
-    assert out.shape == (p.batch, p.heads_q, p.len_q, p.dim_v) and out.dtype == STORAGE[p.dtype]
-    assert lse.shape == (p.batch, p.heads_q, p.len_q) and lse.dtype == np.float32
-    ref_out, ref_lse = reference_attention(q, k, v, p, mask)
-    hidden = np.isneginf(ref_lse)
-    np.testing.assert_array_equal(np.isneginf(lse), hidden)
-    got = to_f32(out, p.dtype).astype(np.float64)
-    assert np.all(got[hidden] == 0.0)
-    np.testing.assert_allclose(got, ref_out, rtol=0, atol=output_tolerance(p, q, k, v, mask))
-    qf, kf = to_f32(q, p.dtype), to_f32(k, p.dtype)
-    np.testing.assert_allclose(lse[~hidden], ref_lse[~hidden], rtol=0, atol=lse_tolerance(qf, kf, p.scale, mask))
-    return out, lse
-
-
-def float_mask(shape: Tuple[int, ...], seed: int = 1) -> np.ndarray:
-    """An additive float32 mask of N(0, 2) values."""
-    return np.random.default_rng(seed).normal(0.0, 2.0, shape).astype(np.float32)
-
-
-def bool_mask(shape: Tuple[int, ...], keep: float = 0.7, seed: int = 2) -> np.ndarray:
-    """A boolean mask (True = attend) as the API hands it to backends: 0 / -inf."""
-    attend = np.random.default_rng(seed).random(shape) < keep
-    return np.where(attend, 0.0, -np.inf).astype(np.float32)
 
 
 @pytest.mark.parametrize("dim", [32, 64, 80, 96, 128, 256])

@@ -1,4 +1,4 @@
-"""The CPU backend's compiled kernels (numba) on their own, and the fallback to NumPy without them.
+"""The CPU backward pass's compiled kernels (numba) on their own, and the fallback to NumPy without them.
 
 The backend's results on both paths are checked against the float64 reference by
 tests/test_cpu_backend.py and tests/test_cpu_backward.py (grids and hypothesis, ``cpu_path``).
@@ -11,8 +11,8 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import UNIT_ROUNDOFF, output_tolerance
-from reference import reference_attention
+from conftest import UNIT_ROUNDOFF, gradient_tolerances
+from reference import reference_backward
 
 from aule_kp import errors
 from aule_kp.cpu import compiled
@@ -70,23 +70,19 @@ def test_exp2_special_values(kernels) -> None:
     assert kernels._exp2(np.float32(0.0)) == 1.0
 
 
-@pytest.mark.parametrize(
-    ("kwargs", "most"),
-    [
-        # Visible: half, plus the 64-row staircase steps along the diagonal (half a step each).
-        ({"causal": True}, 0.51),
-        # Visible 256 / 4096 = 0.0625; a 64-row step spans 256 + 63 keys.
-        ({"causal": True, "window": (255, 0)}, 0.08),
-        # Visible 201 / 4096 = 0.049; a step spans 201 + 63 keys.
-        ({"window": (100, 100)}, 0.065),
-    ],
-)
-def test_hidden_tiles_are_skipped(kwargs: dict, most: float) -> None:
-    n = 4096
-    p = _problem(n, **kwargs)
-    job = compiled._Forward(None, p, None, None, None, None, block_k=512, step=64)  # type: ignore[arg-type]
-    area = sum((e - a) * (c1 - c0) for _, _, i0, i1 in compiled._tasks(p, 512, 2) for a, e, c0, c1 in job.tiles(i0, i1))
-    assert p.visible_fraction() * n * n <= area <= most * n * n
+def _backward_case():
+    """A small causal problem, its forward results and an output gradient."""
+    p = _problem(40, causal=True)
+    rng = np.random.default_rng(0)
+    q, k, v, dout = (rng.standard_normal((1, 1, 40, 8), dtype=np.float32) for _ in range(4))
+    out, lse = CpuBackend().forward(p, q, k, v, None)
+    return p, q, k, v, out, dout, lse
+
+
+def _assert_gradients(p: Problem, q, k, v, dout, grads) -> None:
+    want = reference_backward(q, k, v, dout, p)
+    for got, ref, tol in zip(grads[:3], want[:3], gradient_tolerances(p, q, k, v, dout)[:3]):
+        np.testing.assert_allclose(got, ref, rtol=0, atol=tol)
 
 
 def test_without_numba_numpy_runs_and_says_why_once(monkeypatch) -> None:
@@ -94,17 +90,14 @@ def test_without_numba_numpy_runs_and_says_why_once(monkeypatch) -> None:
     monkeypatch.setattr(compiled, "_kernels", None)
     monkeypatch.setitem(sys.modules, "aule_kp.cpu.kernels", None)  # import of it raises ImportError
     monkeypatch.setattr(errors, "_warned", set())
-    p = _problem(40, causal=True)
-    rng = np.random.default_rng(0)
-    q, k, v = (rng.standard_normal((1, 1, 40, 8), dtype=np.float32) for _ in range(3))
+    p, q, k, v, out, dout, lse = _backward_case()
     backend = CpuBackend()
     with pytest.warns(AuleFallbackWarning, match="compiled kernels are unavailable.*NumPy path"):
-        out, _ = backend.forward(p, q, k, v, None)
+        grads = backend.backward(p, q, k, v, out, dout, lse, None)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        backend.forward(p, q, k, v, None)
-    ref, _ = reference_attention(q, k, v, p)
-    np.testing.assert_allclose(out, ref, rtol=0, atol=output_tolerance(p, q, k, v))
+        backend.backward(p, q, k, v, out, dout, lse, None)
+    _assert_gradients(p, q, k, v, dout, grads)
     assert backend.kernels() is None
 
 
@@ -126,13 +119,10 @@ def test_a_kernel_that_fails_to_compile_falls_back_to_numpy(kernels, monkeypatch
         raise kernels.CompileError("no LLVM target here (test)")
 
     monkeypatch.setattr(compiled, "_kernels", compiled._kernels)  # restored after the test
-    monkeypatch.setattr(kernels, "softmax_tile", broken)
+    monkeypatch.setattr(kernels, "probs_tile", broken)
     monkeypatch.setattr(errors, "_warned", set())
-    p = _problem(40, causal=True)
-    rng = np.random.default_rng(0)
-    q, k, v = (rng.standard_normal((1, 1, 40, 8), dtype=np.float32) for _ in range(3))
+    p, q, k, v, out, dout, lse = _backward_case()
     with pytest.warns(AuleFallbackWarning, match="NumbaError: no LLVM target here"):
-        out, _ = CpuBackend().forward(p, q, k, v, None)
-    ref, _ = reference_attention(q, k, v, p)
-    np.testing.assert_allclose(out, ref, rtol=0, atol=output_tolerance(p, q, k, v))
+        grads = CpuBackend().backward(p, q, k, v, out, dout, lse, None)
+    _assert_gradients(p, q, k, v, dout, grads)
     assert CpuBackend().kernels() is None

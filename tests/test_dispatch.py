@@ -139,7 +139,7 @@ def test_lavapipe_only_ahead_of_the_numpy_path_on_long_fp16_decode(monkeypatch: 
                                                                     compiled: bool) -> None:
     # The measured rule (benchmarks/cpu_vs_lavapipe.py): the compiled CPU path beats lavapipe
     # everywhere; the NumPy path loses to it on float16 decode against long caches only.
-    monkeypatch.setattr(dispatch.cpu_compiled, "load", lambda quiet=False: object() if compiled else None)
+    monkeypatch.setattr(dispatch.cpu_native, "load", lambda quiet=False: object() if compiled else None)
     decode = Problem(1, 32, 8, 1, 4096, 128, 128, "float16", 0.1)
     others = [Problem(1, 32, 8, 1, 4096, 128, 128, "float32", 0.1),
               Problem(1, 32, 8, 1, 512, 128, 128, "float16", 0.1),

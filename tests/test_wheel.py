@@ -54,6 +54,7 @@ def test_wheel_holds_kp_spirv_and_glsl() -> None:
     assert not missing, f"kernels missing from the wheel: {missing}"
     private = [n for n in names if n.startswith("aule_kp/_kp.") and n.endswith(".so")]
     assert private
+    assert any(n.startswith("aule_kp/cpu/lib/libaule_fa2_w") for n in names), "the CPU kernel's libraries"
     assert not any(n.startswith("kp.") or n.startswith("kp/") for n in names), "kp must stay private to aule_kp"
     # One pybind11 internals id in the whole module, the private one: kompute's sources include pybind11
     # too, and a second id would leave which one the module uses to the linker (then a user's kp clashes).
@@ -61,23 +62,44 @@ def test_wheel_holds_kp_spirv_and_glsl() -> None:
     assert len(ids) == 1 and b"_aule_kp" in ids.pop(), "the private kp must use its own pybind11 internals alone"
 
 
-@needs_wheel
-def test_installed_wheel_runs_causal_gqa_under_numpy2(wheel_venv: Path, tmp_path: Path) -> None:
-    p = problem(b=1, hq=4, hkv=2, lq=32, lk=32, causal=True)
-    q, k, v = problem_inputs(p, np.random.default_rng(17))
+def run_installed(wheel_venv: Path, tmp_path: Path, seed: int, setup: str, backend: str) -> None:
+    """Runs ``setup`` (asserts about the install), then a causal GQA call on ``backend``, in the wheel's venv;
+    compares its output with the float64 reference here."""
+    p = problem(b=1, hq=4, hkv=2, lq=40, lk=40, causal=True)
+    q, k, v = problem_inputs(p, np.random.default_rng(seed))
     np.savez(tmp_path / "in.npz", q=q, k=k, v=v)
-    script = textwrap.dedent("""
-        import numpy as np, aule_kp, aule_kp.vulkan.device as d
-        assert np.__version__.startswith("2."), np.__version__
-        assert "site-packages" in aule_kp.__file__, aule_kp.__file__
-        assert d.import_kp().__name__ == "aule_kp._kp"
+    call = f"""
         x = np.load("in.npz")
-        np.save("out.npy", aule_kp.flash_attention(x["q"], x["k"], x["v"], causal=True, backend="vulkan"))
-    """)
+        np.save("out.npy", aule_kp.flash_attention(x["q"], x["k"], x["v"], causal=True, backend="{backend}"))
+    """
+    script = textwrap.dedent(setup) + textwrap.dedent(call)
     subprocess.run([wheel_venv / "bin" / "python", "-c", script], cwd=tmp_path, check=True)
     out = np.load(tmp_path / "out.npy")
     ref, _ = reference_attention(q, k, v, p)
     np.testing.assert_allclose(out, ref, atol=output_tolerance(p, q, k, v, None), rtol=0)
+
+
+@needs_wheel
+def test_installed_wheel_runs_causal_gqa_under_numpy2(wheel_venv: Path, tmp_path: Path) -> None:
+    run_installed(wheel_venv, tmp_path, 17, """
+        import numpy as np, aule_kp, aule_kp.vulkan.device as d
+        assert np.__version__.startswith("2."), np.__version__
+        assert "site-packages" in aule_kp.__file__, aule_kp.__file__
+        assert d.import_kp().__name__ == "aule_kp._kp"
+    """, "vulkan")
+
+
+@needs_wheel
+def test_installed_wheel_runs_the_native_cpu_kernel(wheel_venv: Path, tmp_path: Path) -> None:
+    # The wheel carries the CPU kernel's libraries: its users need no compiler for the fast CPU path.
+    run_installed(wheel_venv, tmp_path, 18, """
+        import warnings
+        warnings.simplefilter("error")  # no fallback warning
+        import numpy as np, aule_kp
+        from aule_kp.cpu.backend import CpuBackend
+        kern = CpuBackend().native()
+        assert kern is not None and "site-packages" in str(kern.path), kern
+    """, "cpu")
 
 
 @needs_wheel

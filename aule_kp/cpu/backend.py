@@ -1,6 +1,10 @@
-"""CPU backend: FlashAttention-2's forward pass in NumPy.
+"""CPU backend: FlashAttention-2 on the host's cores.
 
-A block of query rows of one key/value head walks the key tiles the band lets it see
+The forward pass runs the native kernel (:mod:`.native`, C++ built per vector width) where it is
+installed, and this module's NumPy path otherwise (and for soft-caps, ALiBi and sinks, which the
+kernel lacks). The backward pass is :mod:`.backward`, with numba tile kernels where numba is.
+
+The NumPy path: a block of query rows of one key/value head walks the key tiles the band lets it see
 (``Problem.key_range``; hidden tiles are never computed) with an online softmax in float32, so
 scratch memory is one ``block_q x block_k`` score tile per worker, never ``Lq x Lk``. Per tile: one
 BLAS GEMM for the scores (the row's running shift rides along as an extra column), ``np.exp`` in
@@ -23,7 +27,7 @@ from ..dtypes import STORAGE, from_f32, to_f32
 from ..nonfinite import enforce
 from ..problem import Problem
 from ..scoremods import alibi_distance, cap, fold_sinks
-from . import compiled, int8
+from . import compiled, int8, native
 from .backward import attention_backward
 from .pool import BLAS, split_range, worker_count
 
@@ -56,11 +60,12 @@ _BACKWARD_BLOCK = 256
 _BIAS_CACHE_ENTRIES = 64
 
 #: ``(block_q, block_k, step)`` defaults of each path: query rows per block, keys per tile, rows
-#: per stair of a band edge. NumPy: 1024/512/128 were the fastest on 2 cores (B1 H16 S2048 D64).
-#: Compiled: 256/512/64, level with 512/512 (and ahead of 1024/512, 512/1024, 128/512) within the
-#: noise of a shared 2-core machine, with half its L2 footprint (BENCHMARKS.md, issue 20).
+#: per stair of a band edge (the NumPy path's; the native kernel steps by its own few rows).
+#: NumPy: 1024/512/128 were the fastest on 2 cores (B1 H16 S2048 D64). Native: 512/256, level with
+#: 1024/256 and 256/512 and 5-8% ahead of 128/256 (fewer repacks of K and V per row) on the same
+#: shape (BENCHMARKS.md, issue 20). The backward pass takes at most ``_BACKWARD_BLOCK`` of each.
 NUMPY_BLOCKS = (1024, 512, 128)
-COMPILED_BLOCKS = (256, 512, 64)
+COMPILED_BLOCKS = (512, 256, 64)
 
 #: One task: batch ``b``, key/value head ``kv`` and the row blocks of its query heads to compute.
 _Chunk = Tuple[int, int, List[_Block]]
@@ -328,18 +333,25 @@ class CpuBackend(Backend):
         """``block_q`` query rows per block, ``block_k`` keys per tile, ``step`` rows per stair of a
         band edge (None: each path's measured default, ``NUMPY_BLOCKS`` / ``COMPILED_BLOCKS``);
         ``workers`` threads (default: the CPUs this process may use); ``use_compiled=False`` keeps
-        to the NumPy path even where the compiled kernels (numba) are available."""
+        to the NumPy paths even where the native kernel and numba are available."""
         sizes = {"block_q": block_q, "block_k": block_k, "step": step}
         for name, size in sizes.items():
             if size is not None and (not isinstance(size, int) or size < 1):
                 raise ValueError(f"{name} must be a positive int or None, got {size!r}")
+        if workers is not None and (not isinstance(workers, int) or workers < 1):
+            raise ValueError(f"workers must be a positive int or None, got {workers!r}")
         self.sizes = sizes
         self.workers = workers
         self.use_compiled = use_compiled
 
-    def kernels(self) -> Optional[ModuleType]:
-        """The compiled kernels this backend runs (:func:`aule_kp.cpu.compiled.load`), or None for
+    def native(self) -> Optional[native.Kernel]:
+        """The native forward kernel this backend runs (:func:`aule_kp.cpu.native.load`), or None for
         the NumPy path."""
+        return native.load() if self.use_compiled else None
+
+    def kernels(self) -> Optional[ModuleType]:
+        """The backward pass's compiled tile kernels (:func:`aule_kp.cpu.compiled.load`), or None for
+        its NumPy path."""
         return compiled.load() if self.use_compiled else None
 
     def blocks(self, compiled_path: bool) -> Tuple[int, int, int]:
@@ -358,18 +370,14 @@ class CpuBackend(Backend):
             mask = np.asarray(mask, dtype=np.float32)
         if p.precision == "int8":
             return int8.forward(p, q, k, v, mask)
-        # Soft-caps, ALiBi and sinks are the NumPy path's alone (the kernels have none of them).
-        kern = None if p.has_score_mods or p.sinks else self.kernels()
+        # Soft-caps, ALiBi and sinks are the NumPy path's alone (the kernel has none of them).
+        kern = None if p.has_score_mods or p.sinks else self.native()
         if kern is not None:
-            block_q, block_k, step = self.blocks(True)
-            try:
-                out, lse = compiled.forward(kern, p, q, k, v, mask, block_q=block_q, block_k=block_k, step=step,
-                                            workers=self.workers)
-            except kern.CompileError as exc:
-                compiled.disable(exc)
-            else:
-                enforce(p, q, k, v, mask, out, lse)
-                return out, lse
+            block_q, block_k, _ = self.blocks(True)
+            out, lse = kern.forward(p, q, k, v, mask, block_q=block_q, block_k=block_k,
+                                    workers=self.workers or worker_count())
+            enforce(p, q, k, v, mask, out, lse)
+            return out, lse
         block_q, block_k, step = self.blocks(False)
         job = _Forward(p, q, k, v, mask, block_q, block_k, step, alibi, sinks)
         if job.lse.size == 0:  # no query rows (Dv = 0 alone still has row statistics to compute)

@@ -1,7 +1,8 @@
-"""The CPU backend's compiled per-tile kernels (numba): everything between the BLAS tile products.
+"""The CPU backward pass's compiled per-tile kernels (numba): everything between its BLAS tile products.
 
-NumPy spends its time on a score tile in separate passes (max, subtract, exp, sum, each over the
-tile in memory); these do them in one or two passes per row while the row sits in L1. The
+NumPy spends its time on a score tile in separate passes (subtract, exp, mask, each over the tile
+in memory); these do them in one pass per row while the row sits in L1. The forward pass has its
+own native kernel (:mod:`.native`). The
 exponential is ``exp2((s - shift) log2(e))``: a degree-6 polynomial on the fraction times ``2**n``
 built from the exponent bits, which LLVM vectorises (numba has no vector ``exp`` without Intel's
 SVML). Scores, masks and shifts stay in natural units, and only differences are scaled to base 2:
@@ -29,15 +30,7 @@ CompileError = NumbaError
 #: Reassociation (vector sums), contraction (FMA), no signed zeros; not nnan/ninf (see above).
 _FAST = {"contract", "afn", "reassoc", "nsz", "arcp"}
 
-#: A row keeps its shift (the exact max of its first keys) while a tile's weights sum to at most
-#: this: every weight is then <= 2**16 and ``sum x |v|`` far from float32 overflow. A larger sum
-#: means scores outgrew the shift, and the tile is redone with its exact max. Random and real scores
-#: rarely grow by 16 bits after a row's first tile, so most tiles skip the max pass. (A NaN sum
-#: fails the test and stays NaN; +inf scores give NaN weights.)
-_SUM_LIMIT = np.float32(2.0**16)
-
 _LOG2E = np.float32(1.4426950408889634)
-_NEG_INF = np.float32(-np.inf)
 
 
 @intrinsic
@@ -110,109 +103,6 @@ def _mask_row(mask, head, pos, lo, hi):
     mh = head if mask.shape[0] > 1 else 0
     mi = pos if mask.shape[1] > 1 else 0
     return mask[mh, mi, lo:hi] if mask.shape[2] > 1 else mask[mh, mi, 0:1]
-
-
-@njit(inline="always", fastmath=_FAST)
-def _gt(x, y):
-    """The larger of ``x`` and ``y``; ``y`` when ``x`` is NaN."""
-    return x if x > y else y
-
-
-@njit(inline="always", fastmath=_FAST)
-def _row_max(row):
-    """Max of ``row`` (NaN skipped: it reaches the row through the exponentials instead).
-
-    Eight running maxima, as scalars: LLVM does not vectorise a float max reduction without
-    ``nnan``, and keeps scalars (not an array of lanes) in registers; 3x faster than lanes in an
-    array, 7x faster than one running max (measured).
-    """
-    n = row.shape[0]
-    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = _NEG_INF
-    j = 0
-    while j + 8 <= n:
-        a0 = _gt(row[j], a0)
-        a1 = _gt(row[j + 1], a1)
-        a2 = _gt(row[j + 2], a2)
-        a3 = _gt(row[j + 3], a3)
-        a4 = _gt(row[j + 4], a4)
-        a5 = _gt(row[j + 5], a5)
-        a6 = _gt(row[j + 6], a6)
-        a7 = _gt(row[j + 7], a7)
-        j += 8
-    for jj in range(j, n):
-        a0 = _gt(row[jj], a0)
-    return _gt(_gt(_gt(a0, a1), _gt(a2, a3)), _gt(_gt(a4, a5), _gt(a6, a7)))
-
-
-@njit(inline="always", fastmath=_FAST)
-def _exp_row(src, dst, shift):
-    """``dst = exp(src - shift)``; returns their sum."""
-    total = np.float32(0.0)
-    for j in range(src.shape[0]):
-        e = _exp2((src[j] - shift) * _LOG2E)
-        dst[j] = e
-        total += e
-    return total
-
-
-@njit(nogil=True, cache=True, fastmath=_FAST)
-def softmax_tile(s, p, m, sums, acc, lo0, hi0, group, mask, has_mask):
-    """One key tile of the online softmax, for its rows (in place of FA2's rescaling step).
-
-    ``s`` [rows, keys] scores (read; the mask is added in place), ``p`` gets the weights
-    ``exp(s - m)`` (0 outside the band), ``m``/``sums`` each row's shift and sum,
-    ``acc`` [rows, Dv] the running ``sum p v``, rescaled here when a row's shift grows; the caller
-    adds ``p @ v`` to it. Rows are positions x ``group`` heads (position-major): row ``i`` is head
-    ``i % group`` at position ``pos = i // group``, which sees columns ``[lo0 + pos, hi0 + pos)``;
-    ``mask`` is the tile's ``[heads, positions, keys]`` mask (size-1 dims broadcast).
-    """
-    rows, width = s.shape
-    for i in range(rows):
-        pos = i // group
-        lo, hi = _row_band(pos, width, lo0, hi0)
-        p[i, :lo] = 0.0
-        p[i, hi:] = 0.0
-        row, out = s[i, lo:hi], p[i, lo:hi]
-        if has_mask:
-            _add_mask(row, _mask_row(mask, i % group, pos, lo, hi))
-        shift = m[i]
-        if shift == _NEG_INF:  # the row's first keys: its shift is their exact max
-            shift = _row_max(row)
-            if shift == _NEG_INF:  # every key hidden or NaN: weights 0 or NaN, the row's sum says which
-                sums[i] += _exp_row(row, out, np.float32(0.0))
-                continue
-            m[i] = shift
-        total = _exp_row(row, out, shift)
-        # Scores outgrew the shift (or a NaN sum, which a difference of huge scores can also give):
-        # exact max, rescale what came before. A NaN score leaves the sum NaN after the redo too.
-        if not total <= _SUM_LIMIT:
-            mx = _row_max(row)
-            alpha = _exp2((shift - mx) * _LOG2E)
-            for d in range(acc.shape[1]):
-                acc[i, d] *= alpha
-            sums[i] *= alpha
-            m[i] = mx
-            total = _exp_row(row, out, mx)
-        sums[i] += total
-
-
-@njit(nogil=True, cache=True, fastmath=_FAST)
-def finish_rows(acc, m, sums, out, lse):
-    """``out = acc / sums`` and ``lse = m + ln(sums)``; rows with a sum of 0 saw no
-    key: 0 and -inf. NaN sums stay NaN in both."""
-    rows, dv = acc.shape
-    ln2 = np.float32(0.6931471805599453)
-    for i in range(rows):
-        total = sums[i]
-        if total == 0.0:
-            for d in range(dv):
-                out[i, d] = 0.0
-            lse[i] = _NEG_INF
-            continue
-        inv = np.float32(1.0) / total
-        for d in range(dv):
-            out[i, d] = acc[i, d] * inv
-        lse[i] = m[i] + np.log2(total) * ln2
 
 
 @njit(nogil=True, cache=True, fastmath=_FAST)

@@ -1,0 +1,443 @@
+// FlashAttention-2's forward pass on the CPU: the aule-kp CPU backend's native kernel.
+//
+// One source, built once per vector width (AULE_W floats: 16 for AVX-512, 8 for AVX2+FMA, 4 for SSE2 or
+// NEON) by scripts/cpu_build.py; aule_kp/cpu/native.py loads the widest build the CPU runs and calls
+// `aule_fa2_forward` through ctypes (which releases the GIL for the whole call). GCC/Clang vector
+// extensions rather than intrinsics: the same code is every width's.
+//
+// A task is one block of query rows of one (batch, query head). It walks key blocks of `block_k` keys; per
+// block it packs K transposed (panels of NC keys) and V (rows padded to whole vectors), both converted to
+// float32, then takes its rows MR at a time through three steps while their scores sit in L1: the score
+// micro-kernel (MR rows x NC keys in registers), the online softmax (mask, band, row max, rescale, exp2,
+// row sum) and the P.V micro-kernel (MR rows x up to NVV vectors of Dv in registers). Each MR-row panel
+// only computes the key panels its own rows see, so a causal diagonal costs a staircase of panels.
+// Threads (pthreads) take tasks from an atomic counter, longest first. Scratch is per thread and
+// independent of the sequence length.
+//
+// Non-finite scores follow aule_kp/nonfinite.py: the row max skips NaN (it reaches the row through the
+// exponential and its sum), +inf becomes NaN against any shift, -inf gives a weight of 0; a row that sees
+// no key gets out 0 and lse -inf. Hence no -ffast-math: only contraction (FMA) is allowed.
+
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifndef AULE_W
+#error "AULE_W (floats per vector) must be defined"
+#endif
+
+#define W AULE_W
+#if W == 16
+#define MR 6   // rows per micro-kernel: 6 x 4 accumulators of 32 registers
+#define NRV 4  // score micro-kernel: vectors of keys per panel
+#define NVV 4  // P.V micro-kernel: vectors of Dv per pass
+#elif W == 8
+#define MR 6
+#define NRV 2
+#define NVV 2
+#else
+#define MR 6
+#define NRV 2
+#define NVV 2
+#endif
+#define NC (NRV * W)  // keys per packed K panel
+
+typedef float vf __attribute__((vector_size(W * 4)));
+typedef float vfu __attribute__((vector_size(W * 4), aligned(4)));
+typedef int32_t vi __attribute__((vector_size(W * 4)));
+
+#define EXPORT extern "C" __attribute__((visibility("default")))
+
+static inline vf load(const float* p) { return *(const vfu*)p; }
+static inline void store(float* p, vf x) { *(vfu*)p = x; }
+// `x - 0` rather than `0 + x`: the latter is not x for x = -0.0, so the compiler cannot fold it and spends an
+// add on every broadcast (25% of the micro-kernels' time, measured).
+static inline vf splat(float x) { return x - (vf){}; }
+
+// 2**x for x <= 0 (relative error < 2e-7): x < -127 gives 0, NaN gives NaN. Round-to-nearest through the
+// 1.5 * 2**23 trick (no vector floor in the extensions); the exponent field is built from its low bits.
+static inline vf exp2v(vf x) {
+    const vf lo = splat(-127.0f);
+    x = x < lo ? lo : x;  // NaN compares false: it stays NaN
+    const vf magic = splat(12582912.0f);
+    vf t = x + magic;
+    vf n = t - magic;
+    vf f = x - n;  // [-0.5, 0.5]
+    vf p = splat(1.5353362e-4f);
+    p = p * f + 1.3398874e-3f;
+    p = p * f + 9.6180231e-3f;
+    p = p * f + 5.5503395e-2f;
+    p = p * f + 2.4022652e-1f;
+    p = p * f + 6.9314718e-1f;
+    p = p * f + 1.0f;
+    vi bits = ((vi)t - 0x4B400000 + 127) << 23;  // n + 127 in the exponent field; n = -127 gives 0.0
+    return p * (vf)bits;
+}
+
+static inline float exp2s(float x) {
+    vf v = exp2v(splat(x));
+    return v[0];
+}
+
+static inline float gt(float x, float y) { return x > y ? x : y; }  // y when x is NaN
+
+// ---- storage conversion --------------------------------------------------------------------------------
+
+enum { F32 = 0, F16 = 1, BF16 = 2 };
+
+// Exact: a half's exponent and mantissa moved into float32's fields and scaled by 2**112 covers normals and
+// subnormals alike; inf and NaN keep their mantissa under an all-ones exponent.
+static inline float half_to_f32(uint16_t h) {
+    uint32_t bits = (uint32_t)(h & 0x7FFF) << 13;
+    float f;
+    if ((h & 0x7C00) == 0x7C00) {
+        bits |= 0x7F800000u;
+        memcpy(&f, &bits, 4);
+    } else {
+        memcpy(&f, &bits, 4);
+        f *= 0x1p112f;
+    }
+    uint32_t out;
+    memcpy(&out, &f, 4);
+    out |= (uint32_t)(h & 0x8000) << 16;
+    memcpy(&f, &out, 4);
+    return f;
+}
+
+// Element `i` of storage type DT at `p`, as float32.
+template <int DT>
+static inline float element(const void* p, int64_t i) {
+    if (DT == F32) return ((const float*)p)[i];
+    const uint16_t h = ((const uint16_t*)p)[i];
+    if (DT == F16) return half_to_f32(h);
+    const uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+// ---- the call ---------------------------------------------------------------------------------------------
+
+// Mirrors aule_kp/cpu/native.py's ctypes Structure field by field.
+struct Args {
+    const void *q, *k, *v;
+    const float* mask;  // NULL: none
+    float* out;         // [B, Hq, Lq, Dv] float32, contiguous
+    float* lse;         // [B, Hq, Lq]
+    int64_t q_stride[3], k_stride[3], v_stride[3];  // elements per batch, head, position (last dim contiguous)
+    int64_t mask_stride[4];                         // elements per batch, head, row, key; 0 broadcasts
+    int64_t batch, heads_q, heads_kv, len_q, len_k, dim_k, dim_v;
+    int64_t diag, left, right;  // row i sees keys [i + diag - left, i + diag + right]; left/right < 0: unbounded
+    int64_t block_q, block_k, workers;
+    int64_t computed;  // out: scores computed, padding included (tests check that hidden panels are skipped)
+    int32_t dtype;
+    float scale;
+};
+
+struct Task {
+    int64_t b, h, i0, i1, work;
+};
+
+struct Shared {
+    Args* a;
+    Task* tasks;
+    int64_t n_tasks;
+    int64_t next;  // atomic
+    int failed;    // atomic: a worker could not allocate its scratch
+};
+
+static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// Keys [lo, hi) that query row i sees (the band clipped to the keys).
+static inline void row_range(const Args* a, int64_t i, int64_t* lo, int64_t* hi) {
+    int64_t l = a->left < 0 ? 0 : i + a->diag - a->left;
+    int64_t h = a->right < 0 ? a->len_k : i + a->diag + a->right + 1;
+    *lo = l < 0 ? 0 : (l > a->len_k ? a->len_k : l);
+    *hi = h < *lo ? *lo : (h > a->len_k ? a->len_k : h);
+}
+
+struct Scratch {
+    float *q, *o, *m, *l, *kt, *v, *s;
+};
+
+// Scores of MR rows (packed q rows, stride dk) against key panels [p0, p1) of the packed K block.
+static inline void scores_panel(const float* q, int64_t dk, const float* kt_panel, float* s, int64_t s_stride) {
+    vf acc[MR][NRV];
+    for (int r = 0; r < MR; r++)
+        for (int c = 0; c < NRV; c++) acc[r][c] = splat(0.0f);
+    for (int64_t d = 0; d < dk; d++) {
+        vf kv[NRV];
+        for (int c = 0; c < NRV; c++) kv[c] = load(kt_panel + d * NC + c * W);
+        for (int r = 0; r < MR; r++) {
+            vf qb = splat(q[r * dk + d]);
+            for (int c = 0; c < NRV; c++) acc[r][c] += qb * kv[c];
+        }
+    }
+    for (int r = 0; r < MR; r++)
+        for (int c = 0; c < NRV; c++) store(s + r * s_stride + c * W, acc[r][c]);
+}
+
+// o[MR rows, NVV vectors at column dv0] += p[MR rows, keys [j0, j1)] . v[keys, ...] (v rows of stride dvp).
+static inline void pv_panel(const float* p, int64_t p_stride, const float* v, int64_t dvp, int64_t j0, int64_t j1,
+                            float* o, int nv) {
+    vf acc[MR][NVV];
+    for (int r = 0; r < MR; r++)
+        for (int c = 0; c < NVV; c++) acc[r][c] = c < nv ? load(o + r * dvp + c * W) : splat(0.0f);
+    if (nv == NVV) {
+        for (int64_t j = j0; j < j1; j++) {
+            vf vv[NVV];
+            for (int c = 0; c < NVV; c++) vv[c] = load(v + j * dvp + c * W);
+            for (int r = 0; r < MR; r++) {
+                vf pb = splat(p[r * p_stride + j]);
+                for (int c = 0; c < NVV; c++) acc[r][c] += pb * vv[c];
+            }
+        }
+    } else {
+        for (int64_t j = j0; j < j1; j++) {
+            for (int c = 0; c < nv; c++) {
+                vf vv = load(v + j * dvp + c * W);
+                for (int r = 0; r < MR; r++) acc[r][c] += splat(p[r * p_stride + j]) * vv;
+            }
+        }
+    }
+    for (int r = 0; r < MR; r++)
+        for (int c = 0; c < nv; c++) store(o + r * dvp + c * W, acc[r][c]);
+}
+
+// Returns the scores it computed.
+template <int DT>
+static int64_t run_task(const Args* a, const Task* t, Scratch* sc) {
+    const int64_t dk = a->dim_k, dv = a->dim_v, dvp = round_up(dv > 0 ? dv : 1, W);
+    const int64_t group = a->heads_q / a->heads_kv, kvh = t->h / group;
+    const int64_t rows = t->i1 - t->i0, rows_p = round_up(rows, MR);
+    const int64_t bk = a->block_k, bkp = round_up(bk, NC);
+    const float log2e = 1.4426950408889634f;
+    const int64_t esz = DT == F32 ? 4 : 2;
+
+    // Packed, scaled q rows (padding rows zero), the accumulators, each row's shift and sum.
+    for (int64_t r = 0; r < rows_p; r++) {
+        if (r < rows) {
+            const char* src = (const char*)a->q + esz * (t->b * a->q_stride[0] + t->h * a->q_stride[1] +
+                                                          (t->i0 + r) * a->q_stride[2]);
+            for (int64_t d = 0; d < dk; d++) sc->q[r * dk + d] = element<DT>(src, d) * a->scale;
+        } else {
+            memset(sc->q + r * dk, 0, sizeof(float) * dk);
+        }
+        sc->m[r] = -INFINITY;
+        sc->l[r] = 0.0f;
+    }
+    memset(sc->o, 0, sizeof(float) * rows_p * dvp);
+
+    int64_t computed = 0, lo_all = a->len_k, hi_all = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t lo, hi;
+        row_range(a, t->i0 + r, &lo, &hi);
+        if (lo < hi) {
+            lo_all = lo < lo_all ? lo : lo_all;
+            hi_all = hi > hi_all ? hi : hi_all;
+        }
+    }
+
+    const char* kbase = (const char*)a->k + esz * (t->b * a->k_stride[0] + kvh * a->k_stride[1]);
+    const char* vbase = (const char*)a->v + esz * (t->b * a->v_stride[0] + kvh * a->v_stride[1]);
+    for (int64_t c0 = lo_all; c0 < hi_all; c0 += bk) {
+        const int64_t c1 = c0 + bk < hi_all ? c0 + bk : hi_all, width = c1 - c0, width_p = round_up(width, NC);
+        // K^T panels: kt[panel][d][NC], keys past c1 zero.
+        for (int64_t j = 0; j < width_p; j++) {
+            float* panel = sc->kt + (j / NC) * dk * NC + (j % NC);
+            if (j < width) {
+                const char* src = kbase + esz * (c0 + j) * a->k_stride[2];
+                for (int64_t d = 0; d < dk; d++) panel[d * NC] = element<DT>(src, d);
+            } else {
+                for (int64_t d = 0; d < dk; d++) panel[d * NC] = 0.0f;
+            }
+        }
+        for (int64_t j = 0; j < width; j++) {
+            const char* src = vbase + esz * (c0 + j) * a->v_stride[2];
+            for (int64_t d = 0; d < dv; d++) sc->v[j * dvp + d] = element<DT>(src, d);
+            for (int64_t d = dv; d < dvp; d++) sc->v[j * dvp + d] = 0.0f;
+        }
+
+        for (int64_t r0 = 0; r0 < rows; r0 += MR) {
+            const int64_t nr = rows - r0 < MR ? rows - r0 : MR;
+            // The keys of this block that some row of the panel sees.
+            int64_t plo = c1, phi = c0, rlo[MR], rhi[MR];
+            for (int r = 0; r < MR; r++) {
+                if (r < nr) {
+                    row_range(a, t->i0 + r0 + r, &rlo[r], &rhi[r]);
+                    rlo[r] = rlo[r] < c0 ? c0 : rlo[r];
+                    rhi[r] = rhi[r] > c1 ? c1 : rhi[r];
+                    if (rlo[r] < rhi[r]) {
+                        plo = rlo[r] < plo ? rlo[r] : plo;
+                        phi = rhi[r] > phi ? rhi[r] : phi;
+                    }
+                } else {
+                    rlo[r] = rhi[r] = c0;
+                }
+            }
+            if (plo >= phi) continue;
+            const int64_t j0 = (plo - c0) / NC * NC, j1 = round_up(phi - c0, NC);
+            computed += MR * (j1 - j0);
+            float* s = sc->s;  // [MR][bkp]
+            for (int64_t j = j0; j < j1; j += NC)
+                scores_panel(sc->q + r0 * dk, dk, sc->kt + (j / NC) * dk * NC, s + j, bkp);
+
+            // Online softmax, row by row.
+            for (int r = 0; r < MR; r++) {
+                float* row = s + r * bkp;
+                const int64_t lo = rlo[r] - c0, hi = rhi[r] - c0;
+                if (lo >= hi) {  // sees nothing here (or a padding row): weights 0
+                    for (int64_t j = j0; j < j1; j++) row[j] = 0.0f;
+                    continue;
+                }
+                for (int64_t j = j0; j < lo; j++) row[j] = -INFINITY;
+                for (int64_t j = hi; j < j1; j++) row[j] = -INFINITY;
+                if (a->mask) {
+                    const int64_t i = t->i0 + r0 + r;
+                    const float* mrow = a->mask + t->b * a->mask_stride[0] + t->h * a->mask_stride[1] +
+                                        i * a->mask_stride[2];
+                    const int64_t ms = a->mask_stride[3];
+                    for (int64_t j = lo; j < hi; j++) row[j] += mrow[(c0 + j) * ms];
+                }
+                vf mx = splat(-INFINITY);
+                for (int64_t j = j0; j < j1; j += W) {
+                    vf x = load(row + j);
+                    mx = x > mx ? x : mx;  // NaN skipped
+                }
+                float tile_max = -INFINITY;
+                for (int e = 0; e < W; e++) tile_max = gt(mx[e], tile_max);
+                const float m_old = sc->m[r0 + r];
+                const float m_new = gt(tile_max, m_old);
+                const float shift = m_new == -INFINITY ? 0.0f : m_new;
+                if (m_new != m_old) {
+                    const float alpha = exp2s((m_old - m_new) * log2e);  // m_old = -inf: 0
+                    sc->m[r0 + r] = m_new;
+                    sc->l[r0 + r] *= alpha;
+                    float* orow = sc->o + (r0 + r) * dvp;
+                    for (int64_t d = 0; d < dvp; d += W) store(orow + d, load(orow + d) * alpha);
+                }
+                // The difference first, then base 2: a score of float32's most negative value (a Hugging Face
+                // mask) times log2(e) would overflow to -inf, and -inf minus such a shift is NaN.
+                const vf sh = splat(shift), l2e = splat(log2e);
+                vf sum = splat(0.0f);
+                for (int64_t j = j0; j < j1; j += W) {
+                    vf e = exp2v((load(row + j) - sh) * l2e);
+                    store(row + j, e);
+                    sum += e;
+                }
+                float total = 0.0f;
+                for (int e = 0; e < W; e++) total += sum[e];
+                sc->l[r0 + r] += total;
+            }
+            for (int64_t d0 = 0; d0 < dvp; d0 += NVV * W) {
+                const int nv = (int)((dvp - d0) / W < NVV ? (dvp - d0) / W : NVV);
+                pv_panel(s, bkp, sc->v + d0, dvp, j0, j1 < width ? j1 : width, sc->o + r0 * dvp + d0, nv);
+            }
+        }
+    }
+
+    const float ln2 = 0.6931471805599453f;
+    for (int64_t r = 0; r < rows; r++) {
+        float* dst = a->out + ((t->b * a->heads_q + t->h) * a->len_q + t->i0 + r) * dv;
+        float* lse = a->lse + (t->b * a->heads_q + t->h) * a->len_q + t->i0 + r;
+        const float total = sc->l[r];
+        if (total == 0.0f) {
+            for (int64_t d = 0; d < dv; d++) dst[d] = 0.0f;
+            *lse = -INFINITY;
+            continue;
+        }
+        const float inv = 1.0f / total;
+        for (int64_t d = 0; d < dv; d++) dst[d] = sc->o[r * dvp + d] * inv;
+        *lse = sc->m[r] + log2f(total) * ln2;
+    }
+    return computed;
+}
+
+static void* worker(void* arg) {
+    Shared* sh = (Shared*)arg;
+    Args* a = sh->a;
+    const int64_t dk = a->dim_k, dvp = round_up(a->dim_v > 0 ? a->dim_v : 1, W);
+    const int64_t rows_p = round_up(a->block_q, MR), bkp = round_up(a->block_k, NC);
+    const size_t floats = rows_p * dk + rows_p * dvp + 2 * rows_p + bkp * dk + bkp * dvp + MR * bkp;
+    float* mem = (float*)aligned_alloc(64, round_up(sizeof(float) * (floats + 8 * 16), 64));
+    if (!mem) {
+        __atomic_store_n(&sh->failed, 1, __ATOMIC_SEQ_CST);
+        return NULL;
+    }
+    Scratch sc;
+    float* p = mem;
+    auto take = [&p](int64_t n) {
+        float* r = p;
+        p += round_up(n, 16);
+        return r;
+    };
+    sc.q = take(rows_p * dk);
+    sc.o = take(rows_p * dvp);
+    sc.m = take(rows_p);
+    sc.l = take(rows_p);
+    sc.kt = take(bkp * dk);
+    sc.v = take(bkp * dvp);
+    sc.s = take(MR * bkp);
+    int64_t computed = 0;
+    for (;;) {
+        int64_t i = __atomic_fetch_add(&sh->next, 1, __ATOMIC_RELAXED);
+        if (i >= sh->n_tasks || __atomic_load_n(&sh->failed, __ATOMIC_RELAXED)) break;
+        if (a->dtype == F16)
+            computed += run_task<F16>(a, &sh->tasks[i], &sc);
+        else if (a->dtype == BF16)
+            computed += run_task<BF16>(a, &sh->tasks[i], &sc);
+        else
+            computed += run_task<F32>(a, &sh->tasks[i], &sc);
+    }
+    __atomic_fetch_add(&a->computed, computed, __ATOMIC_RELAXED);
+    free(mem);
+    return NULL;
+}
+
+static int by_work(const void* x, const void* y) {
+    int64_t a = ((const Task*)x)->work, b = ((const Task*)y)->work;
+    return a < b ? 1 : (a > b ? -1 : 0);
+}
+
+// Returns 0, or -1 when memory ran out (the caller raises MemoryError).
+EXPORT int aule_fa2_forward(Args* a) {
+    const int64_t per = a->block_q, blocks = (a->len_q + per - 1) / per;
+    const int64_t n = a->batch * a->heads_q * blocks;
+    if (n == 0) return 0;
+    Task* tasks = (Task*)malloc(sizeof(Task) * n);
+    if (!tasks) return -1;
+    int64_t t = 0;
+    for (int64_t b = 0; b < a->batch; b++)
+        for (int64_t h = 0; h < a->heads_q; h++)
+            for (int64_t i0 = 0; i0 < a->len_q; i0 += per) {
+                const int64_t i1 = i0 + per < a->len_q ? i0 + per : a->len_q;
+                int64_t work = 0;
+                for (int64_t i = i0; i < i1; i++) {
+                    int64_t lo, hi;
+                    row_range(a, i, &lo, &hi);
+                    work += hi - lo;
+                }
+                tasks[t++] = Task{b, h, i0, i1, work};
+            }
+    qsort(tasks, n, sizeof(Task), by_work);
+    a->computed = 0;
+    Shared sh = {a, tasks, n, 0, 0};
+    int64_t workers = a->workers < n ? a->workers : n;
+    pthread_t threads[256];
+    int64_t started = 0;
+    for (; started + 1 < workers && started < 256; started++)
+        if (pthread_create(&threads[started], NULL, worker, &sh) != 0) break;
+    worker(&sh);
+    for (int64_t i = 0; i < started; i++) pthread_join(threads[i], NULL);
+    free(tasks);
+    return sh.failed ? -1 : 0;
+}
+
+EXPORT int aule_fa2_vector_width(void) { return W; }
+
+// The kernel's exponential on `n` floats (tests hold it to its error bound).
+EXPORT void aule_fa2_exp2(const float* x, float* y, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] = exp2s(x[i]);
+}

@@ -1,0 +1,180 @@
+"""The CPU backend's native forward kernel: FlashAttention-2 in C++ (``csrc/fa2_forward.cpp``), called through
+ctypes.
+
+scripts/cpu_build.py builds the source once per vector width into ``lib/libaule_fa2_w<floats>``; :func:`load`
+takes the widest one this CPU runs (AVX-512, AVX2+FMA, else the SSE2/NEON baseline), or says once why there is
+none, and the backend then runs its NumPy path. The kernel packs K and V per key block, keeps each few rows'
+scores in registers and L1 through the score product, the online softmax and the product with V, and runs its
+own threads with the GIL released (ctypes drops it for the call). The row max, the exponential and the
+non-finite handling are :mod:`aule_kp.nonfinite`'s, as on the other backends.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import platform
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from ..dtypes import STORAGE, from_f32
+from ..errors import warn_once
+from ..problem import Problem
+
+#: Where cpu_build.py puts the libraries (inside the package: the wheel carries them).
+LIB_DIR = Path(__file__).resolve().parent / "lib"
+
+#: Floats per vector -> the CPU features (NumPy's names) its build needs.
+WIDTH_FEATURES: Dict[int, Tuple[str, ...]] = {16: ("AVX512F", "AVX2", "FMA3"), 8: ("AVX2", "FMA3"), 4: ()}
+
+#: Tasks per thread: enough to even out unequal (causal, windowed) blocks of rows.
+_TASKS_PER_WORKER = 4
+
+#: Below this many multiply-adds (a few hundred microseconds) starting threads costs more than it saves.
+_THREAD_MIN_WORK = 1 << 24
+
+_STORAGE_CODE = {"float32": 0, "float16": 1, "bfloat16": 2}
+_I64x3 = ctypes.c_int64 * 3
+_I64x4 = ctypes.c_int64 * 4
+
+
+class _Args(ctypes.Structure):
+    """``struct Args`` of fa2_forward.cpp, field by field."""
+
+    _fields_ = [
+        ("q", ctypes.c_void_p), ("k", ctypes.c_void_p), ("v", ctypes.c_void_p), ("mask", ctypes.c_void_p),
+        ("out", ctypes.c_void_p), ("lse", ctypes.c_void_p),
+        ("q_stride", _I64x3), ("k_stride", _I64x3), ("v_stride", _I64x3), ("mask_stride", _I64x4),
+        ("batch", ctypes.c_int64), ("heads_q", ctypes.c_int64), ("heads_kv", ctypes.c_int64),
+        ("len_q", ctypes.c_int64), ("len_k", ctypes.c_int64), ("dim_k", ctypes.c_int64), ("dim_v", ctypes.c_int64),
+        ("diag", ctypes.c_int64), ("left", ctypes.c_int64), ("right", ctypes.c_int64),
+        ("block_q", ctypes.c_int64), ("block_k", ctypes.c_int64), ("workers", ctypes.c_int64),
+        ("computed", ctypes.c_int64), ("dtype", ctypes.c_int32), ("scale", ctypes.c_float),
+    ]
+
+
+class Kernel:
+    """One loaded build: ``width`` floats per vector."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lib = ctypes.CDLL(str(path))
+        self._lib.aule_fa2_forward.argtypes = [ctypes.POINTER(_Args)]
+        self._lib.aule_fa2_forward.restype = ctypes.c_int
+        self._lib.aule_fa2_vector_width.restype = ctypes.c_int
+        self._lib.aule_fa2_exp2.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+        self._lib.aule_fa2_exp2.restype = None
+        self.width: int = self._lib.aule_fa2_vector_width()
+        #: Scores the last call computed, padding included (what tests of tile skipping read).
+        self.last_computed = 0
+
+    def exp2(self, x: np.ndarray) -> np.ndarray:
+        """The kernel's own ``2**x`` (float32), for tests of its error bound."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        y = np.empty_like(x)
+        self._lib.aule_fa2_exp2(x.ctypes.data, y.ctypes.data, x.size)
+        return y
+
+    def forward(self, p: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Optional[np.ndarray], *,
+                block_q: int, block_k: int, workers: int) -> Tuple[np.ndarray, np.ndarray]:
+        """``(out [B, Hq, Lq, Dv] in q's storage, lse float32)`` as :meth:`aule_kp.backend.Backend.forward`
+        specifies, before :func:`aule_kp.nonfinite.enforce` (the caller's). ``mask`` is float32 of 4 dims
+        broadcasting to ``[B, Hq, Lq, Lk]``; q/k/v may be strided (a view of ``[B, L, H, D]``, say)."""
+        out = np.empty((p.batch, p.heads_q, p.len_q, p.dim_v), dtype=np.float32)
+        lse = np.empty((p.batch, p.heads_q, p.len_q), dtype=np.float32)
+        if lse.size == 0:
+            return from_f32(out, p.dtype), lse
+        q, k, v = (_rows(x, p.dtype) for x in (q, k, v))
+        a = _Args()
+        a.q, a.k, a.v = q.ctypes.data, k.ctypes.data, v.ctypes.data
+        a.out, a.lse = out.ctypes.data, lse.ctypes.data
+        a.q_stride, a.k_stride, a.v_stride = (_I64x3(*(s // x.itemsize for s in x.strides[:3])) for x in (q, k, v))
+        if mask is not None:
+            mask = np.asarray(mask, dtype=np.float32)
+            a.mask = mask.ctypes.data
+            a.mask_stride = _I64x4(*(0 if n == 1 else s // 4 for n, s in zip(mask.shape, mask.strides)))
+        a.batch, a.heads_q, a.heads_kv = p.batch, p.heads_q, p.heads_kv
+        a.len_q, a.len_k, a.dim_k, a.dim_v = p.len_q, p.len_k, p.dim_k, p.dim_v
+        a.diag = p.diag
+        a.left = -1 if p.left is None else p.left
+        a.right = -1 if p.right is None else p.right
+        workers = _threads(p, workers)
+        a.block_q = _block_rows(p, block_q, workers)
+        a.block_k = block_k
+        a.workers = workers
+        a.dtype = _STORAGE_CODE[p.dtype]
+        a.scale = p.scale
+        # q, k, v and mask stay referenced here until the call returns.
+        if self._lib.aule_fa2_forward(ctypes.byref(a)) != 0:
+            raise MemoryError("aule-kp: the CPU kernel could not allocate its per-thread scratch")
+        self.last_computed = a.computed
+        return from_f32(out, p.dtype), lse
+
+
+def _rows(x: np.ndarray, dtype: str) -> np.ndarray:
+    """``x`` as the storage type, each head-dim row contiguous and every stride a whole element (a copy only
+    where that does not hold already)."""
+    x = np.asarray(x, dtype=STORAGE[dtype])
+    size = x.itemsize
+    if x.shape[-1] > 1 and x.strides[-1] != size or any(s % size for s in x.strides):
+        x = np.ascontiguousarray(x)
+    return x
+
+
+def _threads(p: Problem, workers: int) -> int:
+    """One thread for small problems (starting threads costs more), else ``workers``."""
+    work = p.batch * p.heads_q * p.len_q * p.len_k * (p.dim_k + p.dim_v) * p.visible_fraction()
+    return 1 if work < _THREAD_MIN_WORK else max(1, workers)
+
+
+def _block_rows(p: Problem, block_q: int, workers: int) -> int:
+    """Query rows per task: ``block_q``, or fewer when that would leave threads without several tasks each."""
+    per_head = math.ceil(_TASKS_PER_WORKER * workers / (p.batch * p.heads_q)) if workers > 1 else 1
+    return max(1, min(block_q, math.ceil(p.len_q / per_head)))
+
+
+def supported_widths() -> List[int]:
+    """Vector widths this CPU runs, widest first (x86-64: by NumPy's run-time CPU feature detection, which
+    also checks that the OS saves the wide registers)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return [4]
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features  # numpy 2
+    except ImportError:
+        from numpy.core._multiarray_umath import __cpu_features__ as features  # numpy 1
+    return [w for w, need in sorted(WIDTH_FEATURES.items(), reverse=True) if all(features.get(f) for f in need)]
+
+
+def library_path(width: int) -> Path:
+    suffix = ".dylib" if sys.platform == "darwin" else ".so"
+    return LIB_DIR / f"libaule_fa2_w{width}{suffix}"
+
+
+_loaded: Dict[int, Kernel] = {}
+_why: Dict[int, str] = {}
+
+
+def load(width: Optional[int] = None, quiet: bool = False) -> Optional[Kernel]:
+    """The kernel of ``width`` floats per vector (None: the widest this CPU runs and this install has), or
+    None when it cannot be loaded: then, unless ``quiet`` (a question, not a run), one AuleFallbackWarning
+    per process says why."""
+    widths = [w for w in supported_widths() if width is None or w == width]
+    why = f"this CPU cannot run the {width}-float build" if not widths else ""
+    for w in widths:
+        if w not in _loaded and w not in _why:
+            path = library_path(w)
+            try:
+                _loaded[w] = Kernel(path)
+            except OSError as exc:
+                _why[w] = (f"{path.name} is not installed (build it: python scripts/cpu_build.py --into aule_kp)"
+                           if not path.exists() else f"{path.name} does not load: {exc}")
+        if w in _loaded:
+            return _loaded[w]
+        why = _why[w]
+    if not quiet:
+        warn_once("cpu-native", f"aule-kp: the CPU backend's native kernel is unavailable ({why}); "
+                  "its forward pass runs the slower NumPy path")
+    return None

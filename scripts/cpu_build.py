@@ -1,0 +1,108 @@
+"""The one build of the CPU backend's native forward kernel: aule_kp/cpu/csrc/fa2_forward.cpp compiled once per
+vector width into a plain shared library (``libaule_fa2_w<floats>``), which aule_kp/cpu/native.py picks for the
+CPU it runs on and calls through ctypes. Plain libraries rather than Python extensions: one build serves every
+Python version, and ctypes releases the GIL for the whole call.
+
+Every route goes through here, like scripts/kp_build.py: setup.py (wheels, ``pip install`` of a checkout) and
+scripts/setup.sh (``make install``). Builds are cached under build/cpu-native/<hash of source, flags and
+compiler>/.
+
+    python scripts/cpu_build.py --into aule_kp    # build (or reuse) and copy the libraries to aule_kp/cpu/lib/
+
+Only the standard library is imported: setup.sh runs this with the system Python before any venv exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE = ROOT / "aule_kp" / "cpu" / "csrc" / "fa2_forward.cpp"
+CACHE = ROOT / "build" / "cpu-native"
+
+#: No exceptions, RTTI or C++ library: the libraries need libc, libm and pthreads alone. Contraction (FMA) is
+#: the only floating-point licence: the kernel's NaN and infinity handling needs IEEE comparisons.
+FLAGS = ["-O3", "-std=c++17", "-fno-exceptions", "-fno-rtti", "-ffp-contract=fast", "-fPIC", "-shared", "-pthread",
+         "-fvisibility=hidden"]
+
+
+def variants() -> Dict[int, List[str]]:
+    """Floats per vector -> the ISA flags of that build, for this machine's architecture. x86-64 gets AVX-512,
+    AVX2+FMA and its SSE2 baseline (native.py picks by the CPU's features at run time); other architectures
+    their baseline (NEON on arm64) at 4 floats."""
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64"):
+        return {16: ["-mavx512f", "-mavx2", "-mfma"], 8: ["-mavx2", "-mfma"], 4: []}
+    return {4: []}
+
+
+def library_name(width: int) -> str:
+    suffix = ".dylib" if sys.platform == "darwin" else ".so"
+    return f"libaule_fa2_w{width}{suffix}"
+
+
+def compiler() -> str:
+    """``$CXX``, else the first C++ compiler on PATH; exits with what to install when there is none."""
+    for name in filter(None, [os.environ.get("CXX"), "c++", "g++", "clang++"]):
+        path = shutil.which(name)
+        if path:
+            return path
+    sys.exit("aule-kp: building the CPU kernel needs a C++17 compiler (GCC or Clang): "
+             "apt-get install g++ / xcode-select --install")
+
+
+def build() -> Path:
+    """The directory holding every variant's library, built unless cached."""
+    if os.name == "nt":
+        sys.exit("aule-kp: the CPU kernel uses GCC/Clang vector extensions; MSVC cannot build it (untested on Windows)")
+    cxx = compiler()
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
+    link = ["-Wl,--as-needed"] if sys.platform.startswith("linux") else []
+    plan = {width: [cxx, *FLAGS, *isa, f"-DAULE_W={width}", str(SOURCE), *link] for width, isa in variants().items()}
+    key = hashlib.sha256(SOURCE.read_bytes() + repr((version, sorted(plan.items()))).encode()).hexdigest()[:16]
+    out = CACHE / key
+    if all((out / library_name(w)).is_file() for w in plan):
+        return out
+    tmp = CACHE / f"{key}.partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for width, cmd in plan.items():
+        print(f"[cpu-build] {library_name(width)}", file=sys.stderr)
+        subprocess.run([*cmd, "-o", str(tmp / library_name(width))], check=True)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def install_into(package: Path) -> List[Path]:
+    """Builds (or reuses) the libraries and copies them into ``package``/cpu/lib/; returns their paths."""
+    built = build()
+    dest = package / "cpu" / "lib"
+    dest.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for lib in sorted(built.iterdir()):
+        target = dest / lib.name
+        if not target.exists() or target.read_bytes() != lib.read_bytes():
+            shutil.copy2(lib, target)
+        copied.append(target)
+    return copied
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--into", type=Path, required=True, help="the aule_kp package directory")
+    args = parser.parse_args()
+    for path in install_into(args.into):
+        print(path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""The CPU backend's native forward kernel (aule_kp/cpu/csrc/fa2_forward.cpp) at every vector width this CPU
+runs, against the float64 reference; its exponential, its 16-bit conversions, its tile skipping, strided
+inputs, and the NumPy fallback when no build is installed.
+
+tests/test_cpu_backend.py runs every feature through the backend, which takes the widest build; here a grid
+and random problems run through each build, since a CI machine without AVX-512 still runs the narrower
+ones. Tolerances come from the suite's error model (tests/cpu_cases.py, ``conftest.tolerance``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional, Tuple
+
+import numpy as np
+import pytest
+from conftest import UNIT_ROUNDOFF
+from cpu_cases import bool_mask, check, float_mask, make_inputs, make_problem
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from aule_kp import errors
+from aule_kp.cpu import native
+from aule_kp.cpu.backend import CpuBackend
+from aule_kp.errors import AuleFallbackWarning
+from aule_kp.problem import Problem
+
+U32 = UNIT_ROUNDOFF["float32"]
+
+
+@pytest.fixture(params=sorted(native.WIDTH_FEATURES, reverse=True), ids=lambda w: f"w{w}")
+def kernel(request: pytest.FixtureRequest) -> native.Kernel:
+    width = request.param
+    if width not in native.supported_widths():
+        pytest.skip(f"this CPU cannot run the {width}-float build")
+    kern = native.load(width)
+    if kern is None:
+        pytest.skip("the native CPU kernel is not installed")
+    assert kern.width == width
+    return kern
+
+
+def backend_of(kern: native.Kernel, monkeypatch: pytest.MonkeyPatch, **sizes: int) -> CpuBackend:
+    """A CpuBackend that runs ``kern`` (the backend itself always takes the widest build)."""
+    monkeypatch.setattr(CpuBackend, "native", lambda self: kern)
+    return CpuBackend(**sizes)
+
+
+#: Relative error of the kernel's exp2 polynomial (float32 coefficients, exact arithmetic) and of its
+#: Horner evaluation in float32: the same coefficients and bounds as the numba kernels'
+#: (tests/test_cpu_compiled.py derives both: below u/2, and 2u for Horner without FMA; FMA only drops
+#: the products' share).
+EXP2_BOUND = U32 / 2 + 2.0 * U32
+
+
+def test_exp2_against_float64(kernel: native.Kernel) -> None:
+    # Over the range a softmax weight takes (x <= 0) down to float32's smallest normal, 2**-126.
+    x = np.concatenate([np.linspace(-126.0, 0.0, 40001), -np.logspace(-8, 0, 2000)]).astype(np.float32)
+    want = np.exp2(x.astype(np.float64))
+    got = kernel.exp2(x).astype(np.float64)
+    assert np.all(np.abs(got - want) <= EXP2_BOUND * want)
+
+
+def test_exp2_special_values(kernel: native.Kernel) -> None:
+    got = kernel.exp2(np.array([-np.inf, -200.0, np.nan, np.inf, 0.0], dtype=np.float32))
+    assert got[0] == 0.0 and got[1] == 0.0  # a hidden key's weight; below float32's range
+    assert np.isnan(got[2]) and np.isnan(got[3])  # NaN poisons its row; +inf - shift makes NaN rows
+    assert got[4] == 1.0
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_16_bit_conversion_is_exact(kernel: native.Kernel, dtype: str) -> None:
+    # With one key its weight is exactly 1 (exp2(0) = 1, sum 1), so the output is V's conversion itself:
+    # every 16-bit pattern (normals, subnormals, zeros, inf, NaN) in the head dim.
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).reshape(1, 256, 1, 256)
+    v = bits.view(np.float16) if dtype == "float16" else bits
+    p = Problem(1, 256, 256, 1, 1, 4, 256, dtype, 0.5)
+    q = k = np.zeros((1, 256, 1, 4), dtype=v.dtype)
+    out, _ = kernel.forward(p, q, k, v, None, block_q=16, block_k=16, workers=1)
+    # The output is rounded back to 16 bits: compare through float32 of both, exactly.
+    want = bits.view(np.float16).astype(np.float32) if dtype == "float16" else (bits.astype(np.uint32) << 16).view(
+        np.float32)
+    got = out.astype(np.float32) if dtype == "float16" else (out.astype(np.uint32) << 16).view(np.float32)
+    nan = np.isnan(want)
+    np.testing.assert_array_equal(np.isnan(got), nan)
+    # Values, not bits: the weighted sum starts at +0, so -0.0 comes out +0.0, as from any sum.
+    np.testing.assert_array_equal(got[~nan], want[~nan])
+
+
+GRID = [
+    {},
+    {"causal": True},
+    {"causal": True, "top_left": True, "lq": 61, "lk": 40},
+    {"window": (7, 3)},
+    {"window": (5, 0), "causal": True, "lq": 30, "lk": 70},
+    {"hq": 6, "hkv": 2, "dk": 40, "dv": 24},
+    {"hq": 4, "hkv": 1, "lq": 1, "lk": 300, "dk": 128, "dv": 72},
+    {"dk": 1, "dv": 7},
+    {"dk": 96, "dv": 100, "causal": True},
+    {"lq": 0},
+    {"lk": 0},
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("case", GRID, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "plain")
+def test_grid(kernel: native.Kernel, monkeypatch: pytest.MonkeyPatch, dtype: str, case: dict) -> None:
+    p = make_problem(dtype=dtype, **case)
+    check(p, *make_inputs(p), backend=backend_of(kernel, monkeypatch, block_q=16, block_k=24, workers=2))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 37, 53), (1, 3, 1, 53), (2, 1, 37, 1), (1, 1, 1, 53)])
+def test_masks(kernel: native.Kernel, monkeypatch: pytest.MonkeyPatch, shape: Tuple[int, ...]) -> None:
+    p = make_problem(b=2, hq=3, hkv=3, causal=True, mask_shape=shape)
+    backend = backend_of(kernel, monkeypatch, block_q=16, block_k=24, workers=2)
+    for mask in (float_mask(shape), bool_mask(shape)):
+        check(p, *make_inputs(p), mask=mask, backend=backend)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_threads_and_default_blocks(kernel: native.Kernel, monkeypatch: pytest.MonkeyPatch, causal: bool) -> None:
+    # Large enough that the kernel starts its threads, and longer than one default block each way.
+    p = make_problem(b=1, hq=4, hkv=2, lq=700, lk=900, dk=64, causal=causal)
+    check(p, *make_inputs(p), backend=backend_of(kernel, monkeypatch, workers=2))
+    assert native._threads(p, 2) == 2
+
+
+def test_strided_inputs_are_read_in_place(kernel: native.Kernel) -> None:
+    # q, k, v as [B, H, L, D] views of [B, L, H, D] storage (what torch's layout gives): the same result as
+    # contiguous copies, bit for bit (the same operations in the same order).
+    p = make_problem(b=2, hq=4, hkv=2, lq=33, lk=45, dk=16, causal=True)
+    q, k, v = make_inputs(p)
+    views = [np.ascontiguousarray(x.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3) for x in (q, k, v)]
+    assert not views[0].flags.c_contiguous
+    want = kernel.forward(p, q, k, v, None, block_q=8, block_k=16, workers=1)
+    got = kernel.forward(p, *views, None, block_q=8, block_k=16, workers=1)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "most"),
+    [
+        # Visible: half, plus each 6-row panel's staircase step (a few key panels along the diagonal).
+        ({"causal": True}, 0.52),
+        # Visible 256 / 4096 = 0.0625, plus a panel of keys either side per row panel.
+        ({"causal": True, "window": (255, 0)}, 0.09),
+        # Visible 201 / 4096 = 0.049.
+        ({"window": (100, 100)}, 0.075),
+    ],
+)
+def test_hidden_tiles_are_skipped(kernel: native.Kernel, kwargs: dict, most: float) -> None:
+    n = 4096
+    p = make_problem(hq=1, hkv=1, lq=n, lk=n, dk=8, **kwargs)
+    kernel.forward(p, *make_inputs(p), None, block_q=512, block_k=256, workers=1)
+    assert p.visible_fraction() * n * n <= kernel.last_computed <= most * n * n
+
+
+@st.composite
+def problems(draw: st.DrawFn) -> Tuple[Problem, Optional[np.ndarray], dict]:
+    hkv = draw(st.integers(1, 3))
+    b, hq = draw(st.integers(1, 2)), hkv * draw(st.integers(1, 3))
+    lq, lk = draw(st.integers(0, 50)), draw(st.integers(0, 50))
+    mask_shape = draw(st.none() | st.tuples(*(st.sampled_from([1, n]) for n in (b, hq, lq, lk))))
+    p = make_problem(b=b, hq=hq, hkv=hkv, lq=lq, lk=lk, dk=draw(st.integers(0, 70)), dv=draw(st.integers(1, 70)),
+                     dtype=draw(st.sampled_from(["float32", "float16", "bfloat16"])), causal=draw(st.booleans()),
+                     window=draw(st.none() | st.tuples(st.integers(-1, 12), st.integers(-1, 12))),
+                     top_left=draw(st.booleans()), mask_shape=mask_shape)
+    mask = None
+    if mask_shape is not None:
+        mask = draw(st.sampled_from([float_mask, bool_mask]))(mask_shape, seed=draw(st.integers(0, 9)))
+    sizes = {"block_q": draw(st.integers(1, 40)), "block_k": draw(st.integers(1, 80))}
+    return p, mask, sizes
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                  HealthCheck.function_scoped_fixture])
+@given(problems(), st.integers(0, 2**16))
+def test_random_problems(kernel: native.Kernel, monkeypatch: pytest.MonkeyPatch,
+                         case: Tuple[Problem, Optional[np.ndarray], dict], seed: int) -> None:
+    p, mask, sizes = case
+    check(p, *make_inputs(p, seed), mask=mask, backend=backend_of(kernel, monkeypatch, **sizes))
+
+
+def test_without_a_build_numpy_runs_and_says_why_once(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setattr(native, "LIB_DIR", tmp_path)  # an install without the libraries
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setattr(native, "_why", {})
+    monkeypatch.setattr(errors, "_warned", set())
+    p = make_problem(causal=True)
+    q, k, v = make_inputs(p)
+    with pytest.warns(AuleFallbackWarning, match="native kernel is unavailable.*not installed.*NumPy path"):
+        check(p, q, k, v, backend=CpuBackend())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CpuBackend().forward(p, q, k, v, None)
+    assert CpuBackend().native() is None
+
+
+def test_bad_worker_count_is_refused() -> None:
+    with pytest.raises(ValueError, match="workers must be a positive int"):
+        CpuBackend(workers=0)
