@@ -6,8 +6,13 @@ forward and backward, and CpuBackend's peak memory.
 
 Timing: B1 D64 self-attention, H16 up to S2048 and ``16 * (2048 / S)**2`` heads beyond (at least
 1), so every row is about the same work; the same inputs for all. One warm-up each, then
-``--repeat`` rounds that run every contender back to back (a shared machine drifts; alternating
-keeps them under the same conditions); medians, and each one's time over torch's. Backward: the
+``--repeat`` rounds that run the compiled path and torch back to back (a shared machine drifts;
+alternating keeps them under the same conditions); medians, and each one's time over torch's. The
+NumPy path alternates with torch in rounds of its own: OpenBLAS's idle workers spin after its calls
+and slowed the next contender. For the same reason torch's OpenMP runs with
+``OMP_WAIT_POLICY=passive`` (unless set): its spinning workers added 1.3-3 ms to whatever ran next
+at S512 on 2 cores, even 0.3 s later, while torch's own times were no slower passive (2026-12-05:
+S512 4.87 vs 5.01 ms, S2048 73.4 vs 78.5 ms). Backward: the
 gradients of q, k, v from saved forward results (torch: ``backward`` of a retained graph).
 Memory: B1 H1 D64 at ``--mem-seq``, tracemalloc's peak (NumPy reports its buffers to it) and the
 growth of the peak RSS, beside what the ``Lq x Lk`` scores alone would take.
@@ -28,9 +33,11 @@ from typing import Callable, Dict, List
 
 import numpy as np
 
-from aule_kp.cpu.backend import CpuBackend
-from aule_kp.dtypes import from_f32
-from aule_kp.problem import Problem, default_scale
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")  # before torch loads its OpenMP (see above)
+
+from aule_kp.cpu.backend import CpuBackend  # noqa: E402
+from aule_kp.dtypes import from_f32  # noqa: E402
+from aule_kp.problem import Problem, default_scale  # noqa: E402
 
 MIB = 1 << 20
 
@@ -136,8 +143,11 @@ def main() -> None:
 
     print(f"{cpu_model()}, {len(os.sched_getaffinity(0))} CPUs; torch {torch.__version__} "
           f"on {torch.get_num_threads()} threads; numpy {np.__version__}; times are medians of {args.repeat} rounds")
-    names = list(backends) + ["torch"]
-    head = "".join(f"{n:>12}" for n in names) + "".join(f"{n + '/torch':>15}" for n in backends)
+    # Each contender's rounds against torch: the compiled path's, then the NumPy path's (its own torch column).
+    columns = ["compiled", "torch"] + (["numpy", "torch*"] if "numpy" in backends else [])
+    head = "".join(f"{n:>14}" for n in columns) + "".join(f"{n + '/torch':>15}" for n in backends)
+    if "numpy" in backends:
+        print("torch*: torch in the NumPy path's rounds")
     for which in args.passes:
         print(f"\n{which}\n{'problem':34}{head}")
         for dtype in args.dtypes:
@@ -146,11 +156,14 @@ def main() -> None:
                     h = heads_for(seq)
                     p = problem(seq, h, 64, causal, dtype)
                     fns = contenders(which, backends, p, causal)
-                    t = interleaved_medians(fns, args.repeat)
+                    times, ratios = [], []
+                    for name in backends:
+                        t = interleaved_medians({name: fns[name], "torch": fns["torch"]}, args.repeat)
+                        times += [t[name], t["torch"]]
+                        ratios.append(t[name] / t["torch"])
                     label = f"{dtype} H{h} S{seq}{' causal' if causal else ''}"
-                    print(f"{label:34}" + "".join(f"{t[n] * 1e3:>9.1f} ms" for n in names)
-                          + "".join(f"{t[n] / t['torch']:>14.2f}x" for n in backends), flush=True)
-
+                    print(f"{label:34}" + "".join(f"{x * 1e3:>11.1f} ms" for x in times)
+                          + "".join(f"{r:>14.2f}x" for r in ratios), flush=True)
 
 if __name__ == "__main__":
     main()

@@ -61,11 +61,12 @@ _BIAS_CACHE_ENTRIES = 64
 
 #: ``(block_q, block_k, step)`` defaults of each path: query rows per block, keys per tile, rows
 #: per stair of a band edge (the NumPy path's; the native kernel steps by its own few rows).
-#: NumPy: 1024/512/128 were the fastest on 2 cores (B1 H16 S2048 D64). Native: 512/256, level with
-#: 1024/256 and 256/512 and 5-8% ahead of 128/256 (fewer repacks of K and V per row) on the same
-#: shape (BENCHMARKS.md, issue 20). The backward pass takes at most ``_BACKWARD_BLOCK`` of each.
+#: NumPy: 1024/512/128 were the fastest on 2 cores (B1 H16 S2048 D64). Native: 1024/512, 4-8%
+#: ahead of 512/512 and level with 2048/512 and 1024/1024 on the same shape, 2 threads; the kernel
+#: takes fewer rows where that would leave threads idle (BENCHMARKS.md, issue 20). The backward
+#: pass takes at most ``_BACKWARD_BLOCK`` of each.
 NUMPY_BLOCKS = (1024, 512, 128)
-COMPILED_BLOCKS = (512, 256, 64)
+COMPILED_BLOCKS = (1024, 512, 64)
 
 #: One task: batch ``b``, key/value head ``kv`` and the row blocks of its query heads to compute.
 _Chunk = Tuple[int, int, List[_Block]]

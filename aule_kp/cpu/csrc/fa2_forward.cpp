@@ -20,6 +20,7 @@
 
 #include <math.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -138,14 +139,25 @@ struct Args {
 
 struct Task {
     int64_t b, h, i0, i1, work;
+    int64_t group;  // (batch, kv head) index: the packed K/V the task reads
+};
+
+// K and V of one (batch, kv head), packed once for every task of its query heads: K transposed in panels of
+// NC keys (kt[panel][d][NC], keys past Lk zero) and V in rows padded to whole vectors.
+struct Packed {
+    float *kt, *v;
 };
 
 struct Shared {
     Args* a;
-    Task* tasks;
+    Task* tasks;  // by group, then longest first
     int64_t n_tasks;
-    int64_t next;  // atomic
-    int failed;    // atomic: a worker could not allocate its scratch
+    int64_t next;       // atomic: the next task to take
+    int64_t* state;     // per group, atomic: 0 unpacked, 1 being packed, 2 packed
+    int64_t* left;      // per group, atomic: its tasks not finished yet
+    Packed* slots;      // group g packs into slot g % n_slots, once group g - n_slots has finished
+    int64_t n_slots;
+    int64_t finished;   // atomic: tasks done
 };
 
 static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -159,7 +171,7 @@ static inline void row_range(const Args* a, int64_t i, int64_t* lo, int64_t* hi)
 }
 
 struct Scratch {
-    float *q, *o, *m, *l, *kt, *v, *s;
+    float *q, *o, *m, *l, *s;
 };
 
 // Scores of MR rows (packed q rows, stride dk) against key panels [p0, p1) of the packed K block.
@@ -206,13 +218,12 @@ static inline void pv_panel(const float* p, int64_t p_stride, const float* v, in
         for (int c = 0; c < nv; c++) store(o + r * dvp + c * W, acc[r][c]);
 }
 
-// Returns the scores it computed.
+// One task's rows over the keys they see, from its group's packed K/V; returns the scores it computed.
 template <int DT>
-static int64_t run_task(const Args* a, const Task* t, Scratch* sc) {
+static int64_t run_task(const Args* a, const Task* t, const Packed* pk, Scratch* sc) {
     const int64_t dk = a->dim_k, dv = a->dim_v, dvp = round_up(dv > 0 ? dv : 1, W);
-    const int64_t group = a->heads_q / a->heads_kv, kvh = t->h / group;
     const int64_t rows = t->i1 - t->i0, rows_p = round_up(rows, MR);
-    const int64_t bk = a->block_k, bkp = round_up(bk, NC);
+    const int64_t bk = round_up(a->block_k, NC);
     const float log2e = 1.4426950408889634f;
     const int64_t esz = DT == F32 ? 4 : 2;
 
@@ -240,25 +251,11 @@ static int64_t run_task(const Args* a, const Task* t, Scratch* sc) {
         }
     }
 
-    const char* kbase = (const char*)a->k + esz * (t->b * a->k_stride[0] + kvh * a->k_stride[1]);
-    const char* vbase = (const char*)a->v + esz * (t->b * a->v_stride[0] + kvh * a->v_stride[1]);
-    for (int64_t c0 = lo_all; c0 < hi_all; c0 += bk) {
-        const int64_t c1 = c0 + bk < hi_all ? c0 + bk : hi_all, width = c1 - c0, width_p = round_up(width, NC);
-        // K^T panels: kt[panel][d][NC], keys past c1 zero.
-        for (int64_t j = 0; j < width_p; j++) {
-            float* panel = sc->kt + (j / NC) * dk * NC + (j % NC);
-            if (j < width) {
-                const char* src = kbase + esz * (c0 + j) * a->k_stride[2];
-                for (int64_t d = 0; d < dk; d++) panel[d * NC] = element<DT>(src, d);
-            } else {
-                for (int64_t d = 0; d < dk; d++) panel[d * NC] = 0.0f;
-            }
-        }
-        for (int64_t j = 0; j < width; j++) {
-            const char* src = vbase + esz * (c0 + j) * a->v_stride[2];
-            for (int64_t d = 0; d < dv; d++) sc->v[j * dvp + d] = element<DT>(src, d);
-            for (int64_t d = dv; d < dvp; d++) sc->v[j * dvp + d] = 0.0f;
-        }
+    // Key blocks start on panel boundaries: the packed panels are the head's, not the block's.
+    for (int64_t c0 = lo_all / NC * NC; c0 < hi_all; c0 += bk) {
+        const int64_t c1 = c0 + bk < hi_all ? c0 + bk : hi_all, width = c1 - c0;
+        const float* kt = pk->kt + c0 * dk;  // panel c0 / NC
+        const float* vb = pk->v + c0 * dvp;
 
         for (int64_t r0 = 0; r0 < rows; r0 += MR) {
             const int64_t nr = rows - r0 < MR ? rows - r0 : MR;
@@ -280,13 +277,13 @@ static int64_t run_task(const Args* a, const Task* t, Scratch* sc) {
             if (plo >= phi) continue;
             const int64_t j0 = (plo - c0) / NC * NC, j1 = round_up(phi - c0, NC);
             computed += MR * (j1 - j0);
-            float* s = sc->s;  // [MR][bkp]
+            float* s = sc->s;  // [MR][bk]
             for (int64_t j = j0; j < j1; j += NC)
-                scores_panel(sc->q + r0 * dk, dk, sc->kt + (j / NC) * dk * NC, s + j, bkp);
+                scores_panel(sc->q + r0 * dk, dk, kt + j * dk, s + j, bk);
 
             // Online softmax, row by row.
             for (int r = 0; r < MR; r++) {
-                float* row = s + r * bkp;
+                float* row = s + r * bk;
                 const int64_t lo = rlo[r] - c0, hi = rhi[r] - c0;
                 if (lo >= hi) {  // sees nothing here (or a padding row): weights 0
                     for (int64_t j = j0; j < j1; j++) row[j] = 0.0f;
@@ -333,7 +330,7 @@ static int64_t run_task(const Args* a, const Task* t, Scratch* sc) {
             }
             for (int64_t d0 = 0; d0 < dvp; d0 += NVV * W) {
                 const int nv = (int)((dvp - d0) / W < NVV ? (dvp - d0) / W : NVV);
-                pv_panel(s, bkp, sc->v + d0, dvp, j0, j1 < width ? j1 : width, sc->o + r0 * dvp + d0, nv);
+                pv_panel(s, bk, vb + d0, dvp, j0, j1 < width ? j1 : width, sc->o + r0 * dvp + d0, nv);
             }
         }
     }
@@ -355,17 +352,56 @@ static int64_t run_task(const Args* a, const Task* t, Scratch* sc) {
     return computed;
 }
 
+template <int DT>
+static void pack_group(const Args* a, int64_t g, const Packed* pk) {
+    const int64_t dk = a->dim_k, dv = a->dim_v, dvp = round_up(dv > 0 ? dv : 1, W), esz = DT == F32 ? 4 : 2;
+    const int64_t b = g / a->heads_kv, h = g % a->heads_kv, lk = a->len_k;
+    const char* kbase = (const char*)a->k + esz * (b * a->k_stride[0] + h * a->k_stride[1]);
+    const char* vbase = (const char*)a->v + esz * (b * a->v_stride[0] + h * a->v_stride[1]);
+    for (int64_t j = 0; j < round_up(lk, NC); j++) {
+        float* col = pk->kt + (j / NC) * dk * NC + (j % NC);
+        const char* src = kbase + esz * j * a->k_stride[2];
+        for (int64_t d = 0; d < dk; d++) col[d * NC] = j < lk ? element<DT>(src, d) : 0.0f;
+    }
+    for (int64_t j = 0; j < lk; j++) {
+        const char* src = vbase + esz * j * a->v_stride[2];
+        float* row = pk->v + j * dvp;
+        for (int64_t d = 0; d < dv; d++) row[d] = element<DT>(src, d);
+        for (int64_t d = dv; d < dvp; d++) row[d] = 0.0f;
+    }
+}
+
+// Group g's packed K/V, packing them if no other thread has started to (a task waits for the thread that
+// did; the packer waits until the group that used its slot before has finished). Every wait is on a group
+// taken earlier, so none can close a cycle.
+static const Packed* packed(Shared* sh, int64_t g) {
+    const Packed* pk = &sh->slots[g % sh->n_slots];
+    int64_t unpacked = 0;
+    if (__atomic_compare_exchange_n(&sh->state[g], &unpacked, 1, false, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+        if (g >= sh->n_slots)
+            while (__atomic_load_n(&sh->left[g - sh->n_slots], __ATOMIC_ACQUIRE) > 0) sched_yield();
+        const Args* a = sh->a;
+        if (a->dtype == F16)
+            pack_group<F16>(a, g, pk);
+        else if (a->dtype == BF16)
+            pack_group<BF16>(a, g, pk);
+        else
+            pack_group<F32>(a, g, pk);
+        __atomic_store_n(&sh->state[g], 2, __ATOMIC_RELEASE);
+    } else {
+        while (__atomic_load_n(&sh->state[g], __ATOMIC_ACQUIRE) != 2) sched_yield();
+    }
+    return pk;
+}
+
 static void* worker(void* arg) {
     Shared* sh = (Shared*)arg;
     Args* a = sh->a;
     const int64_t dk = a->dim_k, dvp = round_up(a->dim_v > 0 ? a->dim_v : 1, W);
-    const int64_t rows_p = round_up(a->block_q, MR), bkp = round_up(a->block_k, NC);
-    const size_t floats = rows_p * dk + rows_p * dvp + 2 * rows_p + bkp * dk + bkp * dvp + MR * bkp;
-    float* mem = (float*)aligned_alloc(64, round_up(sizeof(float) * (floats + 8 * 16), 64));
-    if (!mem) {
-        __atomic_store_n(&sh->failed, 1, __ATOMIC_SEQ_CST);
-        return NULL;
-    }
+    const int64_t rows_p = round_up(a->block_q, MR), bk = round_up(a->block_k, NC);
+    const size_t floats = rows_p * dk + rows_p * dvp + 2 * rows_p + MR * bk;
+    float* mem = (float*)aligned_alloc(64, round_up(sizeof(float) * (floats + 5 * 16), 64));
+    if (!mem) return NULL;  // the other threads take every task; the caller reports the shortfall
     Scratch sc;
     float* p = mem;
     auto take = [&p](int64_t n) {
@@ -377,62 +413,85 @@ static void* worker(void* arg) {
     sc.o = take(rows_p * dvp);
     sc.m = take(rows_p);
     sc.l = take(rows_p);
-    sc.kt = take(bkp * dk);
-    sc.v = take(bkp * dvp);
-    sc.s = take(MR * bkp);
-    int64_t computed = 0;
+    sc.s = take(MR * bk);
+    int64_t computed = 0, done = 0;
     for (;;) {
-        int64_t i = __atomic_fetch_add(&sh->next, 1, __ATOMIC_RELAXED);
-        if (i >= sh->n_tasks || __atomic_load_n(&sh->failed, __ATOMIC_RELAXED)) break;
+        const int64_t i = __atomic_fetch_add(&sh->next, 1, __ATOMIC_RELAXED);
+        if (i >= sh->n_tasks) break;
+        const Task* t = &sh->tasks[i];
+        const Packed* pk = packed(sh, t->group);
         if (a->dtype == F16)
-            computed += run_task<F16>(a, &sh->tasks[i], &sc);
+            computed += run_task<F16>(a, t, pk, &sc);
         else if (a->dtype == BF16)
-            computed += run_task<BF16>(a, &sh->tasks[i], &sc);
+            computed += run_task<BF16>(a, t, pk, &sc);
         else
-            computed += run_task<F32>(a, &sh->tasks[i], &sc);
+            computed += run_task<F32>(a, t, pk, &sc);
+        __atomic_fetch_sub(&sh->left[t->group], 1, __ATOMIC_RELEASE);
+        done++;
     }
     __atomic_fetch_add(&a->computed, computed, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&sh->finished, done, __ATOMIC_RELAXED);
     free(mem);
     return NULL;
 }
 
-static int by_work(const void* x, const void* y) {
-    int64_t a = ((const Task*)x)->work, b = ((const Task*)y)->work;
-    return a < b ? 1 : (a > b ? -1 : 0);
+static int by_group_then_work(const void* x, const void* y) {
+    const Task *a = (const Task*)x, *b = (const Task*)y;
+    if (a->group != b->group) return a->group < b->group ? -1 : 1;
+    return a->work < b->work ? 1 : (a->work > b->work ? -1 : 0);
 }
 
 // Returns 0, or -1 when memory ran out (the caller raises MemoryError).
 EXPORT int aule_fa2_forward(Args* a) {
-    const int64_t per = a->block_q, blocks = (a->len_q + per - 1) / per;
-    const int64_t n = a->batch * a->heads_q * blocks;
-    if (n == 0) return 0;
-    Task* tasks = (Task*)malloc(sizeof(Task) * n);
-    if (!tasks) return -1;
-    int64_t t = 0;
-    for (int64_t b = 0; b < a->batch; b++)
-        for (int64_t h = 0; h < a->heads_q; h++)
-            for (int64_t i0 = 0; i0 < a->len_q; i0 += per) {
-                const int64_t i1 = i0 + per < a->len_q ? i0 + per : a->len_q;
-                int64_t work = 0;
-                for (int64_t i = i0; i < i1; i++) {
-                    int64_t lo, hi;
-                    row_range(a, i, &lo, &hi);
-                    work += hi - lo;
-                }
-                tasks[t++] = Task{b, h, i0, i1, work};
-            }
-    qsort(tasks, n, sizeof(Task), by_work);
     a->computed = 0;
-    Shared sh = {a, tasks, n, 0, 0};
-    int64_t workers = a->workers < n ? a->workers : n;
-    pthread_t threads[256];
-    int64_t started = 0;
-    for (; started + 1 < workers && started < 256; started++)
-        if (pthread_create(&threads[started], NULL, worker, &sh) != 0) break;
-    worker(&sh);
-    for (int64_t i = 0; i < started; i++) pthread_join(threads[i], NULL);
+    const int64_t per = a->block_q, blocks = (a->len_q + per - 1) / per, groups = a->batch * a->heads_kv;
+    const int64_t n = a->batch * a->heads_q * blocks, group = a->heads_q / a->heads_kv;
+    if (n == 0) return 0;
+    const int64_t workers = a->workers < n ? a->workers : n;
+    // Slots for the packed K/V of the groups in flight: one per thread and one being packed ahead.
+    const int64_t n_slots = groups < workers + 1 ? groups : workers + 1;
+    const int64_t dvp = round_up(a->dim_v > 0 ? a->dim_v : 1, W), lkp = round_up(a->len_k, NC);
+    const int64_t slot_floats = round_up(lkp * a->dim_k, 16) + round_up(a->len_k * dvp, 16);
+    Task* tasks = (Task*)malloc(sizeof(Task) * n);
+    int64_t* counters = (int64_t*)calloc(2 * groups, sizeof(int64_t));
+    Packed* slots = (Packed*)malloc(sizeof(Packed) * n_slots);
+    float* slot_mem = (float*)aligned_alloc(64, round_up(sizeof(float) * (slot_floats * n_slots + 16), 64));
+    int rc = -1;
+    if (tasks && counters && slots && slot_mem) {
+        int64_t t = 0;
+        for (int64_t b = 0; b < a->batch; b++)
+            for (int64_t h = 0; h < a->heads_q; h++)
+                for (int64_t i0 = 0; i0 < a->len_q; i0 += per) {
+                    const int64_t i1 = i0 + per < a->len_q ? i0 + per : a->len_q;
+                    int64_t work = 0;
+                    for (int64_t i = i0; i < i1; i++) {
+                        int64_t lo, hi;
+                        row_range(a, i, &lo, &hi);
+                        work += hi - lo;
+                    }
+                    tasks[t++] = Task{b, h, i0, i1, work, b * a->heads_kv + h / group};
+                }
+        qsort(tasks, n, sizeof(Task), by_group_then_work);
+        for (int64_t s = 0; s < n_slots; s++) {
+            slots[s].kt = slot_mem + s * slot_floats;
+            slots[s].v = slots[s].kt + round_up(lkp * a->dim_k, 16);
+        }
+        int64_t* left = counters + groups;
+        for (int64_t i = 0; i < n; i++) left[tasks[i].group]++;
+        Shared sh = {a, tasks, n, 0, counters, left, slots, n_slots, 0};
+        pthread_t threads[256];
+        int64_t started = 0;
+        for (; started + 1 < workers && started < 256; started++)
+            if (pthread_create(&threads[started], NULL, worker, &sh) != 0) break;
+        worker(&sh);
+        for (int64_t i = 0; i < started; i++) pthread_join(threads[i], NULL);
+        rc = sh.finished == n ? 0 : -1;
+    }
     free(tasks);
-    return sh.failed ? -1 : 0;
+    free(counters);
+    free(slots);
+    free(slot_mem);
+    return rc;
 }
 
 EXPORT int aule_fa2_vector_width(void) { return W; }
