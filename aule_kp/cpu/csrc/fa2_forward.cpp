@@ -84,6 +84,34 @@ static inline float exp2s(float x) {
 
 static inline float gt(float x, float y) { return x > y ? x : y; }  // y when x is NaN
 
+// Horizontal max (NaN skipped) and sum of a vector, halving it until 4 lanes remain: a chain of W scalar
+// steps per row and key block cost as much as the max pass itself (measured).
+template <int N>
+struct Lanes {
+    typedef float half __attribute__((vector_size(N * 2)));
+    template <typename V>
+    static float max(V v) {
+        half lo, hi;
+        memcpy(&lo, &v, sizeof lo);
+        memcpy(&hi, (const char*)&v + sizeof lo, sizeof hi);
+        return Lanes<N / 2>::max(hi > lo ? hi : lo);
+    }
+    template <typename V>
+    static float sum(V v) {
+        half lo, hi;
+        memcpy(&lo, &v, sizeof lo);
+        memcpy(&hi, (const char*)&v + sizeof lo, sizeof hi);
+        return Lanes<N / 2>::sum(lo + hi);
+    }
+};
+template <>
+struct Lanes<4> {
+    template <typename V>
+    static float max(V v) { return gt(gt(v[0], v[1]), gt(v[2], v[3])); }
+    template <typename V>
+    static float sum(V v) { return (v[0] + v[1]) + (v[2] + v[3]); }
+};
+
 // ---- storage conversion --------------------------------------------------------------------------------
 
 enum { F32 = 0, F16 = 1, BF16 = 2 };
@@ -298,13 +326,16 @@ static int64_t run_task(const Args* a, const Task* t, const Packed* pk, Scratch*
                     const int64_t ms = a->mask_stride[3];
                     for (int64_t j = lo; j < hi; j++) row[j] += mrow[(c0 + j) * ms];
                 }
-                vf mx = splat(-INFINITY);
-                for (int64_t j = j0; j < j1; j += W) {
-                    vf x = load(row + j);
-                    mx = x > mx ? x : mx;  // NaN skipped
-                }
-                float tile_max = -INFINITY;
-                for (int e = 0; e < W; e++) tile_max = gt(mx[e], tile_max);
+                // NRV running maxima: one would chain every vector on the max's latency (4x slower, measured).
+                vf mx[NRV];
+                for (int c = 0; c < NRV; c++) mx[c] = splat(-INFINITY);
+                for (int64_t j = j0; j < j1; j += NC)
+                    for (int c = 0; c < NRV; c++) {
+                        vf x = load(row + j + c * W);
+                        mx[c] = x > mx[c] ? x : mx[c];  // NaN skipped
+                    }
+                for (int c = 1; c < NRV; c++) mx[0] = mx[c] > mx[0] ? mx[c] : mx[0];
+                const float tile_max = Lanes<W>::max(mx[0]);
                 const float m_old = sc->m[r0 + r];
                 const float m_new = gt(tile_max, m_old);
                 const float shift = m_new == -INFINITY ? 0.0f : m_new;
@@ -318,14 +349,16 @@ static int64_t run_task(const Args* a, const Task* t, const Packed* pk, Scratch*
                 // The difference first, then base 2: a score of float32's most negative value (a Hugging Face
                 // mask) times log2(e) would overflow to -inf, and -inf minus such a shift is NaN.
                 const vf sh = splat(shift), l2e = splat(log2e);
-                vf sum = splat(0.0f);
-                for (int64_t j = j0; j < j1; j += W) {
-                    vf e = exp2v((load(row + j) - sh) * l2e);
-                    store(row + j, e);
-                    sum += e;
-                }
-                float total = 0.0f;
-                for (int e = 0; e < W; e++) total += sum[e];
+                vf sum[NRV];
+                for (int c = 0; c < NRV; c++) sum[c] = splat(0.0f);
+                for (int64_t j = j0; j < j1; j += NC)
+                    for (int c = 0; c < NRV; c++) {
+                        vf e = exp2v((load(row + j + c * W) - sh) * l2e);
+                        store(row + j + c * W, e);
+                        sum[c] += e;
+                    }
+                for (int c = 1; c < NRV; c++) sum[0] += sum[c];
+                const float total = Lanes<W>::sum(sum[0]);
                 sc->l[r0 + r] += total;
             }
             for (int64_t d0 = 0; d0 < dvp; d0 += NVV * W) {
