@@ -40,6 +40,22 @@ def kernel(request: pytest.FixtureRequest) -> native.Kernel:
     return kern
 
 
+#: The kernel's two ways to read K and V: packed (K transposed for the micro-kernels) or direct (rows as they
+#: are, all query heads of a kv head in one task); each call takes one by its shape, tests force each.
+MODES = {"packed": 0, "direct": 10**9}
+
+
+@pytest.fixture(params=sorted(MODES))
+def mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    force(monkeypatch, request.param)
+    return request.param
+
+
+def force(monkeypatch: pytest.MonkeyPatch, mode: str) -> None:
+    monkeypatch.setattr(native, "_DIRECT_POSITIONS", MODES[mode])
+    monkeypatch.setattr(native, "_DIRECT_ROWS", MODES[mode])
+
+
 def backend_of(kern: native.Kernel, monkeypatch: pytest.MonkeyPatch, **sizes: int) -> CpuBackend:
     """A CpuBackend that runs ``kern`` (the backend itself always takes the widest build)."""
     monkeypatch.setattr(CpuBackend, "native", lambda self: kern)
@@ -104,13 +120,13 @@ GRID = [
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("case", GRID, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "plain")
-def test_grid(kernel: native.Kernel, monkeypatch: pytest.MonkeyPatch, dtype: str, case: dict) -> None:
+def test_grid(kernel: native.Kernel, mode: str, monkeypatch: pytest.MonkeyPatch, dtype: str, case: dict) -> None:
     p = make_problem(dtype=dtype, **case)
     check(p, *make_inputs(p), backend=backend_of(kernel, monkeypatch, block_q=16, block_k=24, workers=2))
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 37, 53), (1, 3, 1, 53), (2, 1, 37, 1), (1, 1, 1, 53)])
-def test_masks(kernel: native.Kernel, monkeypatch: pytest.MonkeyPatch, shape: Tuple[int, ...]) -> None:
+def test_masks(kernel: native.Kernel, mode: str, monkeypatch: pytest.MonkeyPatch, shape: Tuple[int, ...]) -> None:
     p = make_problem(b=2, hq=3, hkv=3, causal=True, mask_shape=shape)
     backend = backend_of(kernel, monkeypatch, block_q=16, block_k=24, workers=2)
     for mask in (float_mask(shape), bool_mask(shape)):
@@ -125,10 +141,10 @@ def test_threads_and_default_blocks(kernel: native.Kernel, monkeypatch: pytest.M
     assert native._threads(p, 2) == 2
 
 
-def test_strided_inputs_are_read_in_place(kernel: native.Kernel) -> None:
+def test_strided_inputs_are_read_in_place(kernel: native.Kernel, mode: str) -> None:
     # q, k, v as [B, H, L, D] views of [B, L, H, D] storage (what torch's layout gives): the same result as
     # contiguous copies, bit for bit (the same operations in the same order).
-    p = make_problem(b=2, hq=4, hkv=2, lq=33, lk=45, dk=16, causal=True)
+    p = make_problem(b=2, hq=4, hkv=2, lq=33, lk=45, dk=16 * (kernel.width // 4), causal=True)
     q, k, v = make_inputs(p)
     views = [np.ascontiguousarray(x.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3) for x in (q, k, v)]
     assert not views[0].flags.c_contiguous
@@ -157,7 +173,7 @@ def test_hidden_tiles_are_skipped(kernel: native.Kernel, kwargs: dict, most: flo
 
 
 @st.composite
-def problems(draw: st.DrawFn) -> Tuple[Problem, Optional[np.ndarray], dict]:
+def problems(draw: st.DrawFn) -> Tuple[Problem, Optional[np.ndarray], dict, str]:
     hkv = draw(st.integers(1, 3))
     b, hq = draw(st.integers(1, 2)), hkv * draw(st.integers(1, 3))
     lq, lk = draw(st.integers(0, 50)), draw(st.integers(0, 50))
@@ -170,15 +186,16 @@ def problems(draw: st.DrawFn) -> Tuple[Problem, Optional[np.ndarray], dict]:
     if mask_shape is not None:
         mask = draw(st.sampled_from([float_mask, bool_mask]))(mask_shape, seed=draw(st.integers(0, 9)))
     sizes = {"block_q": draw(st.integers(1, 40)), "block_k": draw(st.integers(1, 80))}
-    return p, mask, sizes
+    return p, mask, sizes, draw(st.sampled_from(sorted(MODES)))
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                   HealthCheck.function_scoped_fixture])
 @given(problems(), st.integers(0, 2**16))
 def test_random_problems(kernel: native.Kernel, monkeypatch: pytest.MonkeyPatch,
-                         case: Tuple[Problem, Optional[np.ndarray], dict], seed: int) -> None:
-    p, mask, sizes = case
+                         case: Tuple[Problem, Optional[np.ndarray], dict, str], seed: int) -> None:
+    p, mask, sizes, mode = case
+    force(monkeypatch, mode)
     check(p, *make_inputs(p, seed), mask=mask, backend=backend_of(kernel, monkeypatch, **sizes))
 
 

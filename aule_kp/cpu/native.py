@@ -33,6 +33,15 @@ WIDTH_FEATURES: Dict[int, Tuple[str, ...]] = {16: ("AVX512F", "AVX2", "FMA3"), 8
 #: Tasks per thread: enough to even out unequal (causal, windowed) blocks of rows.
 _TASKS_PER_WORKER = 4
 
+#: Where the kernel reads K and V rows as they are, one task per kv head with all its query heads' rows,
+#: instead of packing K transposed for its micro-kernels: fewer than ``_DIRECT_POSITIONS`` query positions
+#: and fewer than ``_DIRECT_ROWS`` rows sharing a kv head (positions x the heads of its group). Measured on
+#: 2 cores, Lk 4096, fp32 (BENCHMARKS.md, issue 20): decode H32/8 D128 1.3 ms direct vs 26 ms packed;
+#: H32/8 24 positions (96 rows) 15.2 vs 16.3 ms, 32 positions (128 rows) 21.5 vs 18.7; MHA H16 D64 16
+#: positions 3.5 vs 3.8 ms, 32 positions 7.5 vs 5.8.
+_DIRECT_POSITIONS = 32
+_DIRECT_ROWS = 128
+
 #: Below this many multiply-adds (a few hundred microseconds) starting threads costs more than it saves.
 _THREAD_MIN_WORK = 1 << 24
 
@@ -52,7 +61,7 @@ class _Args(ctypes.Structure):
         ("len_q", ctypes.c_int64), ("len_k", ctypes.c_int64), ("dim_k", ctypes.c_int64), ("dim_v", ctypes.c_int64),
         ("diag", ctypes.c_int64), ("left", ctypes.c_int64), ("right", ctypes.c_int64),
         ("block_q", ctypes.c_int64), ("block_k", ctypes.c_int64), ("workers", ctypes.c_int64),
-        ("computed", ctypes.c_int64), ("dtype", ctypes.c_int32), ("scale", ctypes.c_float),
+        ("stack", ctypes.c_int64), ("direct", ctypes.c_int64), ("computed", ctypes.c_int64), ("dtype", ctypes.c_int32), ("scale", ctypes.c_float),
     ]
 
 
@@ -102,7 +111,8 @@ class Kernel:
         a.left = -1 if p.left is None else p.left
         a.right = -1 if p.right is None else p.right
         workers = _threads(p, workers)
-        a.block_q = _block_rows(p, block_q, workers)
+        a.direct = a.stack = int(p.len_q < _DIRECT_POSITIONS and p.len_q * p.group < _DIRECT_ROWS)
+        a.block_q = _block_rows(p, block_q, workers, bool(a.stack))
         a.block_k = block_k
         a.workers = workers
         a.dtype = _STORAGE_CODE[p.dtype]
@@ -130,9 +140,11 @@ def _threads(p: Problem, workers: int) -> int:
     return 1 if work < _THREAD_MIN_WORK else max(1, workers)
 
 
-def _block_rows(p: Problem, block_q: int, workers: int) -> int:
-    """Query rows per task: ``block_q``, or fewer when that would leave threads without several tasks each."""
-    per_head = math.ceil(_TASKS_PER_WORKER * workers / (p.batch * p.heads_q)) if workers > 1 else 1
+def _block_rows(p: Problem, block_q: int, workers: int, stacked: bool) -> int:
+    """Query positions per task: ``block_q``, or fewer when that would leave threads without several tasks
+    each (a task takes one query head, or every head of a kv head's group when ``stacked``)."""
+    heads = p.batch * (p.heads_kv if stacked else p.heads_q)
+    per_head = math.ceil(_TASKS_PER_WORKER * workers / heads) if workers > 1 else 1
     return max(1, min(block_q, math.ceil(p.len_q / per_head)))
 
 

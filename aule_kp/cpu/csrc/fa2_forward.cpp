@@ -160,13 +160,16 @@ struct Args {
     int64_t batch, heads_q, heads_kv, len_q, len_k, dim_k, dim_v;
     int64_t diag, left, right;  // row i sees keys [i + diag - left, i + diag + right]; left/right < 0: unbounded
     int64_t block_q, block_k, workers;
+    int64_t stack;   // 1: a task takes all query heads of its kv head (rows head-major), 0: one query head
+    int64_t direct;  // 1: K and V rows read as they are (few rows per kv head: packing costs more than it saves)
     int64_t computed;  // out: scores computed, padding included (tests check that hidden panels are skipped)
     int32_t dtype;
     float scale;
 };
 
+// Rows: heads [h0, h0 + nh) x positions [i0, i1), head-major (row r is head h0 + r / n, position i0 + r % n).
 struct Task {
-    int64_t b, h, i0, i1, work;
+    int64_t b, h0, nh, i0, i1, work;
     int64_t group;  // (batch, kv head) index: the packed K/V the task reads
 };
 
@@ -200,10 +203,12 @@ static inline void row_range(const Args* a, int64_t i, int64_t* lo, int64_t* hi)
 
 struct Scratch {
     float *q, *o, *m, *l, *s;
+    float *k, *v;  // direct mode: a key block's K and V rows, converted and zero-padded
 };
 
-// Scores of MR rows (packed q rows, stride dk) against key panels [p0, p1) of the packed K block.
-static inline void scores_panel(const float* q, int64_t dk, const float* kt_panel, float* s, int64_t s_stride) {
+// Scores of MR rows (packed q rows of stride q_stride) against one packed K panel of NC keys.
+static inline void scores_panel(const float* q, int64_t q_stride, int64_t dk, const float* kt_panel, float* s,
+                                int64_t s_stride) {
     vf acc[MR][NRV];
     for (int r = 0; r < MR; r++)
         for (int c = 0; c < NRV; c++) acc[r][c] = splat(0.0f);
@@ -211,7 +216,7 @@ static inline void scores_panel(const float* q, int64_t dk, const float* kt_pane
         vf kv[NRV];
         for (int c = 0; c < NRV; c++) kv[c] = load(kt_panel + d * NC + c * W);
         for (int r = 0; r < MR; r++) {
-            vf qb = splat(q[r * dk + d]);
+            vf qb = splat(q[r * q_stride + d]);
             for (int c = 0; c < NRV; c++) acc[r][c] += qb * kv[c];
         }
     }
@@ -219,16 +224,34 @@ static inline void scores_panel(const float* q, int64_t dk, const float* kt_pane
         for (int c = 0; c < NRV; c++) store(s + r * s_stride + c * W, acc[r][c]);
 }
 
-// o[MR rows, NVV vectors at column dv0] += p[MR rows, keys [j0, j1)] . v[keys, ...] (v rows of stride dvp).
-static inline void pv_panel(const float* p, int64_t p_stride, const float* v, int64_t dvp, int64_t j0, int64_t j1,
-                            float* o, int nv) {
+// Scores of MR rows (packed q rows, stride dkp, zero-padded) against keys [j0, j1) given as rows of stride
+// k_stride (zero-padded to dkp): dot products reduced across the vector, for the few rows where packing K
+// transposed would cost more than the whole product.
+static inline void scores_direct(const float* q, int64_t dkp, const float* k, int64_t k_stride, int64_t j0,
+                                 int64_t j1, float* s, int64_t s_stride) {
+    for (int64_t j = j0; j < j1; j++) {
+        const float* kr = k + j * k_stride;
+        vf acc[MR];
+        for (int r = 0; r < MR; r++) acc[r] = splat(0.0f);
+        for (int64_t d = 0; d < dkp; d += W) {
+            const vf kv = load(kr + d);
+            for (int r = 0; r < MR; r++) acc[r] += load(q + r * dkp + d) * kv;
+        }
+        for (int r = 0; r < MR; r++) s[r * s_stride + j] = Lanes<W>::sum(acc[r]);
+    }
+}
+
+// o[MR rows, NVV vectors at column dv0] += p[MR rows, keys [j0, j1)] . v[keys, ...] (v rows of stride
+// v_stride, o rows of stride dvp).
+static inline void pv_panel(const float* p, int64_t p_stride, const float* v, int64_t v_stride, int64_t dvp,
+                            int64_t j0, int64_t j1, float* o, int nv) {
     vf acc[MR][NVV];
     for (int r = 0; r < MR; r++)
         for (int c = 0; c < NVV; c++) acc[r][c] = c < nv ? load(o + r * dvp + c * W) : splat(0.0f);
     if (nv == NVV) {
         for (int64_t j = j0; j < j1; j++) {
             vf vv[NVV];
-            for (int c = 0; c < NVV; c++) vv[c] = load(v + j * dvp + c * W);
+            for (int c = 0; c < NVV; c++) vv[c] = load(v + j * v_stride + c * W);
             for (int r = 0; r < MR; r++) {
                 vf pb = splat(p[r * p_stride + j]);
                 for (int c = 0; c < NVV; c++) acc[r][c] += pb * vv[c];
@@ -237,7 +260,7 @@ static inline void pv_panel(const float* p, int64_t p_stride, const float* v, in
     } else {
         for (int64_t j = j0; j < j1; j++) {
             for (int c = 0; c < nv; c++) {
-                vf vv = load(v + j * dvp + c * W);
+                vf vv = load(v + j * v_stride + c * W);
                 for (int r = 0; r < MR; r++) acc[r][c] += splat(p[r * p_stride + j]) * vv;
             }
         }
@@ -249,20 +272,20 @@ static inline void pv_panel(const float* p, int64_t p_stride, const float* v, in
 // One task's rows over the keys they see, from its group's packed K/V; returns the scores it computed.
 template <int DT>
 static int64_t run_task(const Args* a, const Task* t, const Packed* pk, Scratch* sc) {
-    const int64_t dk = a->dim_k, dv = a->dim_v, dvp = round_up(dv > 0 ? dv : 1, W);
-    const int64_t rows = t->i1 - t->i0, rows_p = round_up(rows, MR);
+    const int64_t dk = a->dim_k, dkp = round_up(dk > 0 ? dk : 1, W), dv = a->dim_v, dvp = round_up(dv > 0 ? dv : 1, W);
+    const int64_t npos = t->i1 - t->i0, rows = t->nh * npos, rows_p = round_up(rows, MR);
     const int64_t bk = round_up(a->block_k, NC);
     const float log2e = 1.4426950408889634f;
     const int64_t esz = DT == F32 ? 4 : 2;
+    int64_t head[MR], pos[MR];  // of the current row panel's rows
 
-    // Packed, scaled q rows (padding rows zero), the accumulators, each row's shift and sum.
+    // Packed, scaled q rows (padding rows and columns zero), the accumulators, each row's shift and sum.
+    memset(sc->q, 0, sizeof(float) * rows_p * dkp);
     for (int64_t r = 0; r < rows_p; r++) {
         if (r < rows) {
-            const char* src = (const char*)a->q + esz * (t->b * a->q_stride[0] + t->h * a->q_stride[1] +
-                                                          (t->i0 + r) * a->q_stride[2]);
-            for (int64_t d = 0; d < dk; d++) sc->q[r * dk + d] = element<DT>(src, d) * a->scale;
-        } else {
-            memset(sc->q + r * dk, 0, sizeof(float) * dk);
+            const char* src = (const char*)a->q + esz * (t->b * a->q_stride[0] + (t->h0 + r / npos) * a->q_stride[1] +
+                                                          (t->i0 + r % npos) * a->q_stride[2]);
+            for (int64_t d = 0; d < dk; d++) sc->q[r * dkp + d] = element<DT>(src, d) * a->scale;
         }
         sc->m[r] = -INFINITY;
         sc->l[r] = 0.0f;
@@ -270,9 +293,9 @@ static int64_t run_task(const Args* a, const Task* t, const Packed* pk, Scratch*
     memset(sc->o, 0, sizeof(float) * rows_p * dvp);
 
     int64_t computed = 0, lo_all = a->len_k, hi_all = 0;
-    for (int64_t r = 0; r < rows; r++) {
+    for (int64_t i = t->i0; i < t->i1; i++) {
         int64_t lo, hi;
-        row_range(a, t->i0 + r, &lo, &hi);
+        row_range(a, i, &lo, &hi);
         if (lo < hi) {
             lo_all = lo < lo_all ? lo : lo_all;
             hi_all = hi > hi_all ? hi : hi_all;
@@ -280,10 +303,40 @@ static int64_t run_task(const Args* a, const Task* t, const Packed* pk, Scratch*
     }
 
     // Key blocks start on panel boundaries: the packed panels are the head's, not the block's.
+    const int64_t kvh = t->group % a->heads_kv;
+    const char* kbase = (const char*)a->k + esz * (t->b * a->k_stride[0] + kvh * a->k_stride[1]);
+    const char* vbase = (const char*)a->v + esz * (t->b * a->v_stride[0] + kvh * a->v_stride[1]);
+    // Direct mode reads float32 rows in place when they are whole vectors, else converts the block's rows.
+    const bool k_in_place = DT == F32 && dk == dkp, v_in_place = DT == F32 && dv == dvp;
     for (int64_t c0 = lo_all / NC * NC; c0 < hi_all; c0 += bk) {
         const int64_t c1 = c0 + bk < hi_all ? c0 + bk : hi_all, width = c1 - c0;
-        const float* kt = pk->kt + c0 * dk;  // panel c0 / NC
-        const float* vb = pk->v + c0 * dvp;
+        const float *kt = NULL, *vb, *kb = NULL;
+        int64_t kb_stride = dkp, vb_stride = dvp;
+        if (a->direct) {
+            if (k_in_place) {
+                kb = (const float*)kbase + c0 * a->k_stride[2];
+                kb_stride = a->k_stride[2];
+            } else {
+                for (int64_t j = 0; j < width; j++) {
+                    const char* src = kbase + esz * (c0 + j) * a->k_stride[2];
+                    for (int64_t d = 0; d < dkp; d++) sc->k[j * dkp + d] = d < dk ? element<DT>(src, d) : 0.0f;
+                }
+                kb = sc->k;
+            }
+            if (v_in_place) {
+                vb = (const float*)vbase + c0 * a->v_stride[2];
+                vb_stride = a->v_stride[2];
+            } else {
+                for (int64_t j = 0; j < width; j++) {
+                    const char* src = vbase + esz * (c0 + j) * a->v_stride[2];
+                    for (int64_t d = 0; d < dvp; d++) sc->v[j * dvp + d] = d < dv ? element<DT>(src, d) : 0.0f;
+                }
+                vb = sc->v;
+            }
+        } else {
+            kt = pk->kt + c0 * dk;  // panel c0 / NC
+            vb = pk->v + c0 * dvp;
+        }
 
         for (int64_t r0 = 0; r0 < rows; r0 += MR) {
             const int64_t nr = rows - r0 < MR ? rows - r0 : MR;
@@ -291,7 +344,9 @@ static int64_t run_task(const Args* a, const Task* t, const Packed* pk, Scratch*
             int64_t plo = c1, phi = c0, rlo[MR], rhi[MR];
             for (int r = 0; r < MR; r++) {
                 if (r < nr) {
-                    row_range(a, t->i0 + r0 + r, &rlo[r], &rhi[r]);
+                    head[r] = t->h0 + (r0 + r) / npos;
+                    pos[r] = t->i0 + (r0 + r) % npos;
+                    row_range(a, pos[r], &rlo[r], &rhi[r]);
                     rlo[r] = rlo[r] < c0 ? c0 : rlo[r];
                     rhi[r] = rhi[r] > c1 ? c1 : rhi[r];
                     if (rlo[r] < rhi[r]) {
@@ -306,8 +361,11 @@ static int64_t run_task(const Args* a, const Task* t, const Packed* pk, Scratch*
             const int64_t j0 = (plo - c0) / NC * NC, j1 = round_up(phi - c0, NC);
             computed += MR * (j1 - j0);
             float* s = sc->s;  // [MR][bk]
-            for (int64_t j = j0; j < j1; j += NC)
-                scores_panel(sc->q + r0 * dk, dk, kt + j * dk, s + j, bk);
+            if (a->direct)  // keys past the block get 0 here, then -inf as every key outside a row's range
+                scores_direct(sc->q + r0 * dkp, dkp, kb, kb_stride, j0, j1 < width ? j1 : width, s, bk);
+            else
+                for (int64_t j = j0; j < j1; j += NC)
+                    scores_panel(sc->q + r0 * dkp, dkp, dk, kt + j * dk, s + j, bk);
 
             // Online softmax, row by row.
             for (int r = 0; r < MR; r++) {
@@ -320,9 +378,8 @@ static int64_t run_task(const Args* a, const Task* t, const Packed* pk, Scratch*
                 for (int64_t j = j0; j < lo; j++) row[j] = -INFINITY;
                 for (int64_t j = hi; j < j1; j++) row[j] = -INFINITY;
                 if (a->mask) {
-                    const int64_t i = t->i0 + r0 + r;
-                    const float* mrow = a->mask + t->b * a->mask_stride[0] + t->h * a->mask_stride[1] +
-                                        i * a->mask_stride[2];
+                    const float* mrow = a->mask + t->b * a->mask_stride[0] + head[r] * a->mask_stride[1] +
+                                        pos[r] * a->mask_stride[2];
                     const int64_t ms = a->mask_stride[3];
                     for (int64_t j = lo; j < hi; j++) row[j] += mrow[(c0 + j) * ms];
                 }
@@ -363,15 +420,16 @@ static int64_t run_task(const Args* a, const Task* t, const Packed* pk, Scratch*
             }
             for (int64_t d0 = 0; d0 < dvp; d0 += NVV * W) {
                 const int nv = (int)((dvp - d0) / W < NVV ? (dvp - d0) / W : NVV);
-                pv_panel(s, bk, vb + d0, dvp, j0, j1 < width ? j1 : width, sc->o + r0 * dvp + d0, nv);
+                pv_panel(s, bk, vb + d0, vb_stride, dvp, j0, j1 < width ? j1 : width, sc->o + r0 * dvp + d0, nv);
             }
         }
     }
 
     const float ln2 = 0.6931471805599453f;
     for (int64_t r = 0; r < rows; r++) {
-        float* dst = a->out + ((t->b * a->heads_q + t->h) * a->len_q + t->i0 + r) * dv;
-        float* lse = a->lse + (t->b * a->heads_q + t->h) * a->len_q + t->i0 + r;
+        const int64_t row = (t->b * a->heads_q + t->h0 + r / npos) * a->len_q + t->i0 + r % npos;
+        float* dst = a->out + row * dv;
+        float* lse = a->lse + row;
         const float total = sc->l[r];
         if (total == 0.0f) {
             for (int64_t d = 0; d < dv; d++) dst[d] = 0.0f;
@@ -430,10 +488,11 @@ static const Packed* packed(Shared* sh, int64_t g) {
 static void* worker(void* arg) {
     Shared* sh = (Shared*)arg;
     Args* a = sh->a;
-    const int64_t dk = a->dim_k, dvp = round_up(a->dim_v > 0 ? a->dim_v : 1, W);
-    const int64_t rows_p = round_up(a->block_q, MR), bk = round_up(a->block_k, NC);
-    const size_t floats = rows_p * dk + rows_p * dvp + 2 * rows_p + MR * bk;
-    float* mem = (float*)aligned_alloc(64, round_up(sizeof(float) * (floats + 5 * 16), 64));
+    const int64_t dkp = round_up(a->dim_k > 0 ? a->dim_k : 1, W), dvp = round_up(a->dim_v > 0 ? a->dim_v : 1, W);
+    const int64_t rows_p = round_up(a->block_q * (a->stack ? a->heads_q / a->heads_kv : 1), MR);
+    const int64_t bk = round_up(a->block_k, NC), block = a->direct ? bk : 0;
+    const size_t floats = rows_p * dkp + rows_p * dvp + 2 * rows_p + MR * bk + block * (dkp + dvp);
+    float* mem = (float*)aligned_alloc(64, round_up(sizeof(float) * (floats + 7 * 16), 64));
     if (!mem) return NULL;  // the other threads take every task; the caller reports the shortfall
     Scratch sc;
     float* p = mem;
@@ -442,17 +501,19 @@ static void* worker(void* arg) {
         p += round_up(n, 16);
         return r;
     };
-    sc.q = take(rows_p * dk);
+    sc.q = take(rows_p * dkp);
     sc.o = take(rows_p * dvp);
     sc.m = take(rows_p);
     sc.l = take(rows_p);
     sc.s = take(MR * bk);
+    sc.k = take(block * dkp);
+    sc.v = take(block * dvp);
     int64_t computed = 0, done = 0;
     for (;;) {
         const int64_t i = __atomic_fetch_add(&sh->next, 1, __ATOMIC_RELAXED);
         if (i >= sh->n_tasks) break;
         const Task* t = &sh->tasks[i];
-        const Packed* pk = packed(sh, t->group);
+        const Packed* pk = a->direct ? NULL : packed(sh, t->group);
         if (a->dtype == F16)
             computed += run_task<F16>(a, t, pk, &sc);
         else if (a->dtype == BF16)
@@ -478,31 +539,32 @@ static int by_group_then_work(const void* x, const void* y) {
 EXPORT int aule_fa2_forward(Args* a) {
     a->computed = 0;
     const int64_t per = a->block_q, blocks = (a->len_q + per - 1) / per, groups = a->batch * a->heads_kv;
-    const int64_t n = a->batch * a->heads_q * blocks, group = a->heads_q / a->heads_kv;
+    const int64_t group = a->heads_q / a->heads_kv, nh = a->stack ? group : 1;
+    const int64_t n = a->batch * (a->heads_q / nh) * blocks;
     if (n == 0) return 0;
     const int64_t workers = a->workers < n ? a->workers : n;
     // Slots for the packed K/V of the groups in flight: one per thread and one being packed ahead.
-    const int64_t n_slots = groups < workers + 1 ? groups : workers + 1;
+    const int64_t n_slots = a->direct ? 0 : (groups < workers + 1 ? groups : workers + 1);
     const int64_t dvp = round_up(a->dim_v > 0 ? a->dim_v : 1, W), lkp = round_up(a->len_k, NC);
     const int64_t slot_floats = round_up(lkp * a->dim_k, 16) + round_up(a->len_k * dvp, 16);
     Task* tasks = (Task*)malloc(sizeof(Task) * n);
     int64_t* counters = (int64_t*)calloc(2 * groups, sizeof(int64_t));
-    Packed* slots = (Packed*)malloc(sizeof(Packed) * n_slots);
+    Packed* slots = n_slots ? (Packed*)malloc(sizeof(Packed) * n_slots) : NULL;
     float* slot_mem = (float*)aligned_alloc(64, round_up(sizeof(float) * (slot_floats * n_slots + 16), 64));
     int rc = -1;
-    if (tasks && counters && slots && slot_mem) {
+    if (tasks && counters && (slots || !n_slots) && slot_mem) {
         int64_t t = 0;
         for (int64_t b = 0; b < a->batch; b++)
-            for (int64_t h = 0; h < a->heads_q; h++)
+            for (int64_t h = 0; h < a->heads_q; h += nh)
                 for (int64_t i0 = 0; i0 < a->len_q; i0 += per) {
                     const int64_t i1 = i0 + per < a->len_q ? i0 + per : a->len_q;
                     int64_t work = 0;
                     for (int64_t i = i0; i < i1; i++) {
                         int64_t lo, hi;
                         row_range(a, i, &lo, &hi);
-                        work += hi - lo;
+                        work += nh * (hi - lo);
                     }
-                    tasks[t++] = Task{b, h, i0, i1, work, b * a->heads_kv + h / group};
+                    tasks[t++] = Task{b, h, nh, i0, i1, work, b * a->heads_kv + h / group};
                 }
         qsort(tasks, n, sizeof(Task), by_group_then_work);
         for (int64_t s = 0; s < n_slots; s++) {
