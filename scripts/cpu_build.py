@@ -1,5 +1,5 @@
-"""The one build of the CPU backend's native forward kernel: aule_kp/cpu/csrc/fa2_forward.cpp compiled once per
-vector width into a plain shared library (``libaule_fa2_w<floats>``), which aule_kp/cpu/native.py picks for the
+"""The one build of the CPU backend's native kernels: aule_kp/cpu/csrc/ (forward, backward, their shared header)
+compiled once per vector width into a plain shared library (``libaule_fa2_w<floats>``), which aule_kp/cpu/native.py picks for the
 CPU it runs on and calls through ctypes. Plain libraries rather than Python extensions: one build serves every
 Python version, and ctypes releases the GIL for the whole call.
 
@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Dict, List
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCE = ROOT / "aule_kp" / "cpu" / "csrc" / "fa2_forward.cpp"
+CSRC = ROOT / "aule_kp" / "cpu" / "csrc"
+SOURCES = [CSRC / "fa2_forward.cpp", CSRC / "fa2_backward.cpp"]  # with fa2_common.h: one library per width
 CACHE = ROOT / "build" / "cpu-native"
 
 #: No exceptions, RTTI or C++ library: the libraries need libc, libm and pthreads alone. Contraction (FMA) is
@@ -64,8 +65,10 @@ def build() -> Path:
     cxx = compiler()
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
     link = ["-Wl,--as-needed"] if sys.platform.startswith("linux") else []
-    plan = {width: [cxx, *FLAGS, *isa, f"-DAULE_W={width}", str(SOURCE), *link] for width, isa in variants().items()}
-    key = hashlib.sha256(SOURCE.read_bytes() + repr((version, sorted(plan.items()))).encode()).hexdigest()[:16]
+    plan = {width: [cxx, *FLAGS, *isa, f"-DAULE_W={width}", *map(str, SOURCES), *link]
+            for width, isa in variants().items()}
+    inputs = b"".join(path.read_bytes() for path in sorted(CSRC.iterdir()) if path.suffix in (".cpp", ".h"))
+    key = hashlib.sha256(inputs + repr((version, sorted(plan.items()))).encode()).hexdigest()[:16]
     out = CACHE / key
     if all((out / library_name(w)).is_file() for w in plan):
         return out

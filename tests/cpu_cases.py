@@ -1,6 +1,7 @@
-"""CpuBackend test cases shared by tests/test_cpu_backend.py (every feature, both paths) and
-tests/test_cpu_native.py (every vector width of the native kernel): problems the way the API builds
-them, unit-normal inputs, masks, and the check against the float64 reference.
+"""CpuBackend test cases shared by tests/test_cpu_backend.py and tests/test_cpu_backward.py (every feature,
+both paths) and tests/test_cpu_native.py (every vector width of the native kernel): problems the way the
+API builds them, unit-normal inputs, masks, and the checks of the forward and the backward against the
+float64 reference.
 
 Tolerances: max abs error from the suite's error model (``conftest.tolerance``: float32 compute,
 dtype epsilon, reduction length, score and value range), computed from each test's own inputs.
@@ -11,8 +12,8 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import numpy as np
-from conftest import lse_tolerance, output_tolerance
-from reference import reference_attention
+from conftest import gradient_tolerances, lse_tolerance, output_tolerance
+from reference import reference_attention, reference_backward
 
 from aule_kp.cpu.backend import CpuBackend
 from aule_kp.dtypes import STORAGE, from_f32, to_f32
@@ -85,3 +86,46 @@ def bool_mask(shape: Tuple[int, ...], keep: float = 0.7, seed: int = 2) -> np.nd
     """A boolean mask (True = attend) as the API hands it to backends: 0 / -inf."""
     attend = np.random.default_rng(seed).random(shape) < keep
     return np.where(attend, 0.0, -np.inf).astype(np.float32)
+
+
+def make_mask(p: Problem, seed: int = 1, hide: float = 0.2) -> np.ndarray:
+    """A float32 additive mask of ``p.mask_shape``: normal values, a fraction ``hide`` at -inf."""
+    rng = np.random.default_rng(seed)
+    mask = rng.standard_normal(p.mask_shape, dtype=np.float32)
+    mask[rng.random(p.mask_shape) < hide] = -np.inf
+    return mask
+
+
+def run_backward(p: Problem, mask: Optional[np.ndarray] = None, mask_grad: bool = False, backend: CpuBackend = SMALL,
+        seed: int = 0):
+    """Forward, then backward of ``sum(out * dout)``: ``(grads, reference grads, inputs)``."""
+    rng = np.random.default_rng(seed)
+    shapes = [(p.batch, p.heads_q, p.len_q, p.dim_k), (p.batch, p.heads_kv, p.len_k, p.dim_k),
+              (p.batch, p.heads_kv, p.len_k, p.dim_v), (p.batch, p.heads_q, p.len_q, p.dim_v)]
+    q, k, v, dout = (from_f32(rng.standard_normal(s, dtype=np.float32), p.dtype) for s in shapes)
+    out, lse = backend.forward(p, q, k, v, mask)
+    grads = backend.backward(p, q, k, v, out, dout, lse, mask, mask_grad)
+    ref = reference_backward(q, k, v, dout, p, mask)
+    return grads, ref, (q, k, v, dout)
+
+
+def check_backward(p: Problem, mask: Optional[np.ndarray] = None, mask_grad: bool = False, backend: CpuBackend = SMALL):
+    grads, (dq, dk, dv, ds), inputs = run_backward(p, mask, mask_grad, backend)
+    tols = gradient_tolerances(p, *inputs, mask)
+    for name, got, want, x, tol in zip(("dq", "dk", "dv"), grads[:3], (dq, dk, dv), inputs, tols):
+        assert got.dtype == STORAGE[p.dtype] and got.shape == x.shape, name
+        got = to_f32(got, p.dtype)
+        assert np.isfinite(got).all(), name
+        err = np.abs(got - want).max(initial=0.0)
+        assert err <= tol, f"{name}: {err} vs {tol}"
+    if mask_grad:
+        axes = tuple(i for i, n in enumerate(p.mask_shape) if n == 1)
+        want = ds.sum(axis=axes, keepdims=True)
+        assert grads[3].dtype == np.float32 and grads[3].shape == p.mask_shape
+        # A mask constant along the keys has gradient 0 (softmax ignores a row's constant): the
+        # tolerance is the rounding of the terms that cancel.
+        err = np.abs(grads[3] - want).max(initial=0.0)
+        assert err <= tols[3], f"dmask: {err} vs {tols[3]}"
+    else:
+        assert grads[3] is None
+    return grads

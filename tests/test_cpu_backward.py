@@ -13,75 +13,20 @@ from __future__ import annotations
 
 import tracemalloc
 from dataclasses import replace
-from typing import Optional, Tuple
+from typing import Tuple
 
 import numpy as np
 import pytest
-from conftest import gradient_tolerances
+from cpu_cases import SMALL, make_mask, make_problem
+from cpu_cases import check_backward as check
+from cpu_cases import run_backward as run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reference import reference_backward
 
 from aule_kp.cpu.backend import CpuBackend
-from aule_kp.dtypes import STORAGE, from_f32, to_f32
-from aule_kp.problem import Problem, band, default_scale
-
-SMALL = CpuBackend(block_q=16, block_k=24, step=4, workers=2)
 
 #: Every test here runs on the compiled path and on the NumPy path (conftest.cpu_path).
 pytestmark = pytest.mark.usefixtures("cpu_path")
-
-
-def make_problem(b: int = 1, hq: int = 2, hkv: int = 2, lq: int = 37, lk: int = 53, dk: int = 32,
-                 dv: Optional[int] = None, dtype: str = "float32", causal: bool = False,
-                 window: Optional[Tuple[int, int]] = None, top_left: bool = False,
-                 mask_shape: Optional[Tuple[int, int, int, int]] = None) -> Problem:
-    diag, left, right = band(lq, lk, causal=causal, window=window, top_left=top_left)
-    dv = dk if dv is None else dv
-    return Problem(b, hq, hkv, lq, lk, dk, dv, dtype, default_scale(dk), diag, left, right, mask_shape)
-
-
-def make_mask(p: Problem, seed: int = 1, hide: float = 0.2) -> np.ndarray:
-    """A float32 additive mask of ``p.mask_shape``: normal values, a fraction ``hide`` at -inf."""
-    rng = np.random.default_rng(seed)
-    mask = rng.standard_normal(p.mask_shape, dtype=np.float32)
-    mask[rng.random(p.mask_shape) < hide] = -np.inf
-    return mask
-
-
-def run(p: Problem, mask: Optional[np.ndarray] = None, mask_grad: bool = False, backend: CpuBackend = SMALL,
-        seed: int = 0):
-    """Forward, then backward of ``sum(out * dout)``: ``(grads, reference grads, inputs)``."""
-    rng = np.random.default_rng(seed)
-    shapes = [(p.batch, p.heads_q, p.len_q, p.dim_k), (p.batch, p.heads_kv, p.len_k, p.dim_k),
-              (p.batch, p.heads_kv, p.len_k, p.dim_v), (p.batch, p.heads_q, p.len_q, p.dim_v)]
-    q, k, v, dout = (from_f32(rng.standard_normal(s, dtype=np.float32), p.dtype) for s in shapes)
-    out, lse = backend.forward(p, q, k, v, mask)
-    grads = backend.backward(p, q, k, v, out, dout, lse, mask, mask_grad)
-    ref = reference_backward(q, k, v, dout, p, mask)
-    return grads, ref, (q, k, v, dout)
-
-
-def check(p: Problem, mask: Optional[np.ndarray] = None, mask_grad: bool = False, backend: CpuBackend = SMALL):
-    grads, (dq, dk, dv, ds), inputs = run(p, mask, mask_grad, backend)
-    tols = gradient_tolerances(p, *inputs, mask)
-    for name, got, want, x, tol in zip(("dq", "dk", "dv"), grads[:3], (dq, dk, dv), inputs, tols):
-        assert got.dtype == STORAGE[p.dtype] and got.shape == x.shape, name
-        got = to_f32(got, p.dtype)
-        assert np.isfinite(got).all(), name
-        err = np.abs(got - want).max(initial=0.0)
-        assert err <= tol, f"{name}: {err} vs {tol}"
-    if mask_grad:
-        axes = tuple(i for i, n in enumerate(p.mask_shape) if n == 1)
-        want = ds.sum(axis=axes, keepdims=True)
-        assert grads[3].dtype == np.float32 and grads[3].shape == p.mask_shape
-        # A mask constant along the keys has gradient 0 (softmax ignores a row's constant): the
-        # tolerance is the rounding of the terms that cancel.
-        err = np.abs(grads[3] - want).max(initial=0.0)
-        assert err <= tols[3], f"dmask: {err} vs {tols[3]}"
-    else:
-        assert grads[3] is None
-    return grads
 
 
 @pytest.mark.parametrize("lq,lk", [(37, 53), (53, 37), (1, 40), (40, 1), (33, 33)])

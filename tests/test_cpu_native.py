@@ -1,6 +1,6 @@
-"""The CPU backend's native forward kernel (aule_kp/cpu/csrc/fa2_forward.cpp) at every vector width this CPU
-runs, against the float64 reference; its exponential, its 16-bit conversions, its tile skipping, strided
-inputs, and the NumPy fallback when no build is installed.
+"""The CPU backend's native kernels (aule_kp/cpu/csrc/: forward and backward) at every vector width this CPU
+runs, against the float64 reference; their exponential, 16-bit conversions, tile skipping, strided inputs,
+the backward's deterministic key ranges, and the NumPy fallback when no build is installed.
 
 tests/test_cpu_backend.py runs every feature through the backend, which takes the widest build; here a grid
 and random problems run through each build, since a CI machine without AVX-512 still runs the narrower
@@ -15,11 +15,12 @@ from typing import Optional, Tuple
 import numpy as np
 import pytest
 from conftest import UNIT_ROUNDOFF
-from cpu_cases import bool_mask, check, float_mask, make_inputs, make_problem
-from hypothesis import HealthCheck, given, settings
+from cpu_cases import bool_mask, check, check_backward, float_mask, make_inputs, make_mask, make_problem, run_backward
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from aule_kp import errors
+from aule_kp.cpu import backend as cpu_backend
 from aule_kp.cpu import native
 from aule_kp.cpu.backend import CpuBackend
 from aule_kp.errors import AuleFallbackWarning
@@ -197,6 +198,58 @@ def test_random_problems(kernel: native.Kernel, monkeypatch: pytest.MonkeyPatch,
     p, mask, sizes, mode = case
     force(monkeypatch, mode)
     check(p, *make_inputs(p, seed), mask=mask, backend=backend_of(kernel, monkeypatch, **sizes))
+
+
+#: Backward blocks small enough that a few dozen rows and keys cross many of them (the default is 64 x 128).
+SMALL_BACKWARD = (16, 8)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("case", GRID[:9], ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "plain")
+def test_backward_grid(kernel: native.Kernel, monkeypatch: pytest.MonkeyPatch, dtype: str, case: dict) -> None:
+    monkeypatch.setattr(cpu_backend, "_NATIVE_BACKWARD_BLOCKS", SMALL_BACKWARD)
+    p = make_problem(dtype=dtype, **case)
+    assert not native.backward_reasons(p, False)
+    check_backward(p, backend=backend_of(kernel, monkeypatch, workers=2))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 37, 53), (2, 3, 1, 53), (1, 1, 37, 53)])
+@pytest.mark.parametrize("mask_grad", [False, True])
+def test_backward_masks(kernel: native.Kernel, monkeypatch: pytest.MonkeyPatch, shape: Tuple[int, ...],
+                        mask_grad: bool) -> None:
+    # The native kernel takes a mask's gradient where one task owns each entry (rows may be shared: a task
+    # sums its own); a mask shared by batches and heads goes to the numba path, which sums it in order.
+    monkeypatch.setattr(cpu_backend, "_NATIVE_BACKWARD_BLOCKS", SMALL_BACKWARD)
+    p = make_problem(b=2, hq=3, hkv=3, causal=True, mask_shape=shape)
+    assert bool(native.backward_reasons(p, mask_grad)) == (mask_grad and shape[0] == 1)
+    check_backward(p, make_mask(p), mask_grad, backend_of(kernel, monkeypatch, workers=2))
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_backward_key_ranges_are_deterministic(kernel: native.Kernel, monkeypatch: pytest.MonkeyPatch,
+                                               workers: int) -> None:
+    # One kv head over several threads: key ranges with dQ partials summed in order, bit for bit every call.
+    monkeypatch.setattr(cpu_backend, "_NATIVE_BACKWARD_BLOCKS", SMALL_BACKWARD)
+    backend = backend_of(kernel, monkeypatch, workers=workers)
+    p = make_problem(hq=3, hkv=1, lq=45, lk=170, causal=True, top_left=True)
+    first = check_backward(p, backend=backend)
+    again, _, _ = run_backward(p, backend=backend)
+    for a, b in zip(first[:3], again[:3]):
+        assert np.array_equal(a, b)
+    assert native._key_ranges(p, SMALL_BACKWARD[1], workers) == (1 if workers == 1 else 12)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                 HealthCheck.function_scoped_fixture])
+@given(problems(), st.integers(0, 2**16), st.sampled_from([1, 2]))
+def test_backward_random_problems(kernel: native.Kernel, monkeypatch: pytest.MonkeyPatch,
+                                  case: Tuple[Problem, Optional[np.ndarray], dict, str], seed: int,
+                                  workers: int) -> None:
+    p, mask, sizes, _ = case
+    assume(p.len_q and p.len_k)  # the float64 reference's gradients need a row and a key
+    monkeypatch.setattr(cpu_backend, "_NATIVE_BACKWARD_BLOCKS", (sizes["block_q"], sizes["block_k"]))
+    mask_grad = mask is not None and not native.backward_reasons(p, True)
+    check_backward(p, mask, mask_grad, backend_of(kernel, monkeypatch, workers=workers))
 
 
 def test_without_a_build_numpy_runs_and_says_why_once(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:

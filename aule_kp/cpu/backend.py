@@ -68,6 +68,10 @@ _BIAS_CACHE_ENTRIES = 64
 NUMPY_BLOCKS = (1024, 512, 128)
 COMPILED_BLOCKS = (1024, 512, 64)
 
+#: The native backward's ``(query rows, keys)`` per block: 256 x 256 was the fastest of 32-256 x 128-512 on
+#: 2 cores, B1 H16 S2048 D64 fp32 (181.6 ms; 64 x 128 201.2, 32 x 128 234.5; BENCHMARKS.md, issue 20).
+_NATIVE_BACKWARD_BLOCKS = (256, 256)
+
 #: One task: batch ``b``, key/value head ``kv`` and the row blocks of its query heads to compute.
 _Chunk = Tuple[int, int, List[_Block]]
 
@@ -414,8 +418,14 @@ class CpuBackend(Backend):
         alibi: Optional[np.ndarray] = None,
         sinks: Optional[np.ndarray] = None,
     ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
-        """See :class:`aule_kp.backend.Backend`; FA2's backward (:mod:`aule_kp.cpu.backward`), which
-        reads the saved lse alone (``sinks`` are in it)."""
+        """See :class:`aule_kp.backend.Backend`; FA2's backward from the saved lse alone (``sinks`` are in it):
+        the native kernel where it takes the problem (:func:`aule_kp.cpu.native.backward_reasons`), else
+        :mod:`aule_kp.cpu.backward` (numba tile kernels between BLAS products, or NumPy)."""
+        fast = self.native()
+        if fast is not None and not native.backward_reasons(problem, mask_grad):
+            block_q, block_k = _NATIVE_BACKWARD_BLOCKS
+            return fast.backward(problem, q, k, v, out, dout, lse, mask, mask_grad, block_q=block_q,
+                                 block_k=block_k, workers=self.workers or worker_count())
         kern = self.kernels()
         if kern is not None:
             try:

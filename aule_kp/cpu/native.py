@@ -45,6 +45,9 @@ _DIRECT_ROWS = 128
 #: Below this many multiply-adds (a few hundred microseconds) starting threads costs more than it saves.
 _THREAD_MIN_WORK = 1 << 24
 
+#: Bytes the backward's dQ partials (one per key range of a kv head) may take.
+_PARTIAL_BYTES = 256 << 20
+
 _STORAGE_CODE = {"float32": 0, "float16": 1, "bfloat16": 2}
 _I64x3 = ctypes.c_int64 * 3
 _I64x4 = ctypes.c_int64 * 4
@@ -61,7 +64,25 @@ class _Args(ctypes.Structure):
         ("len_q", ctypes.c_int64), ("len_k", ctypes.c_int64), ("dim_k", ctypes.c_int64), ("dim_v", ctypes.c_int64),
         ("diag", ctypes.c_int64), ("left", ctypes.c_int64), ("right", ctypes.c_int64),
         ("block_q", ctypes.c_int64), ("block_k", ctypes.c_int64), ("workers", ctypes.c_int64),
-        ("stack", ctypes.c_int64), ("direct", ctypes.c_int64), ("computed", ctypes.c_int64), ("dtype", ctypes.c_int32), ("scale", ctypes.c_float),
+        ("stack", ctypes.c_int64), ("direct", ctypes.c_int64), ("computed", ctypes.c_int64),
+        ("dtype", ctypes.c_int32), ("scale", ctypes.c_float),
+    ]
+
+
+class _BwdArgs(ctypes.Structure):
+    """``struct BwdArgs`` of fa2_backward.cpp, field by field."""
+
+    _fields_ = [
+        ("q", ctypes.c_void_p), ("k", ctypes.c_void_p), ("v", ctypes.c_void_p), ("out", ctypes.c_void_p),
+        ("dout", ctypes.c_void_p), ("lse", ctypes.c_void_p), ("mask", ctypes.c_void_p),
+        ("dq_parts", ctypes.c_void_p), ("dk", ctypes.c_void_p), ("dv", ctypes.c_void_p), ("dmask", ctypes.c_void_p),
+        ("q_stride", _I64x3), ("k_stride", _I64x3), ("v_stride", _I64x3), ("o_stride", _I64x3),
+        ("do_stride", _I64x3), ("mask_stride", _I64x4), ("dmask_stride", _I64x4),
+        ("batch", ctypes.c_int64), ("heads_q", ctypes.c_int64), ("heads_kv", ctypes.c_int64),
+        ("len_q", ctypes.c_int64), ("len_k", ctypes.c_int64), ("dim_k", ctypes.c_int64), ("dim_v", ctypes.c_int64),
+        ("diag", ctypes.c_int64), ("left", ctypes.c_int64), ("right", ctypes.c_int64),
+        ("block_q", ctypes.c_int64), ("block_k", ctypes.c_int64), ("parts", ctypes.c_int64),
+        ("workers", ctypes.c_int64), ("dtype", ctypes.c_int32), ("scale", ctypes.c_float),
     ]
 
 
@@ -73,6 +94,8 @@ class Kernel:
         self._lib = ctypes.CDLL(str(path))
         self._lib.aule_fa2_forward.argtypes = [ctypes.POINTER(_Args)]
         self._lib.aule_fa2_forward.restype = ctypes.c_int
+        self._lib.aule_fa2_backward.argtypes = [ctypes.POINTER(_BwdArgs)]
+        self._lib.aule_fa2_backward.restype = ctypes.c_int
         self._lib.aule_fa2_vector_width.restype = ctypes.c_int
         self._lib.aule_fa2_exp2.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
         self._lib.aule_fa2_exp2.restype = None
@@ -104,7 +127,7 @@ class Kernel:
         if mask is not None:
             mask = np.asarray(mask, dtype=np.float32)
             a.mask = mask.ctypes.data
-            a.mask_stride = _I64x4(*(0 if n == 1 else s // 4 for n, s in zip(mask.shape, mask.strides)))
+            a.mask_stride = _strides(mask)
         a.batch, a.heads_q, a.heads_kv = p.batch, p.heads_q, p.heads_kv
         a.len_q, a.len_k, a.dim_k, a.dim_v = p.len_q, p.len_k, p.dim_k, p.dim_v
         a.diag = p.diag
@@ -122,6 +145,73 @@ class Kernel:
             raise MemoryError("aule-kp: the CPU kernel could not allocate its per-thread scratch")
         self.last_computed = a.computed
         return from_f32(out, p.dtype), lse
+
+    def backward(self, p: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray, dout: np.ndarray,
+                 lse: np.ndarray, mask: Optional[np.ndarray], mask_grad: bool, *, block_q: int, block_k: int,
+                 workers: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
+        """``(dq, dk, dv, dmask)`` as :meth:`aule_kp.backend.Backend.backward` specifies, for problems
+        :func:`backward_reasons` accepts."""
+        dq = np.zeros((p.batch, p.heads_q, p.len_q, p.dim_k), dtype=np.float32)
+        dk = np.zeros((p.batch, p.heads_kv, p.len_k, p.dim_k), dtype=np.float32)
+        dv = np.zeros((p.batch, p.heads_kv, p.len_k, p.dim_v), dtype=np.float32)
+        dmask = np.zeros(p.mask_shape, dtype=np.float32) if mask_grad and mask is not None else None
+        if dq.size or dk.size or dv.size or dmask is not None:
+            workers = _threads(p, workers)
+            parts = _key_ranges(p, block_k, workers)
+            dq_parts = dq if parts == 1 else np.zeros((parts,) + dq.shape, dtype=np.float32)
+            q, k, v, out, dout = (_rows(x, p.dtype) for x in (q, k, v, out, dout))
+            lse = np.ascontiguousarray(lse, dtype=np.float32)
+            a = _BwdArgs()
+            a.q, a.k, a.v, a.out, a.dout = (x.ctypes.data for x in (q, k, v, out, dout))
+            a.lse, a.dq_parts, a.dk, a.dv = lse.ctypes.data, dq_parts.ctypes.data, dk.ctypes.data, dv.ctypes.data
+            for name, x in (("q_stride", q), ("k_stride", k), ("v_stride", v), ("o_stride", out), ("do_stride", dout)):
+                setattr(a, name, _I64x3(*(s // x.itemsize for s in x.strides[:3])))
+            if mask is not None:
+                mask = np.asarray(mask, dtype=np.float32)
+                a.mask, a.mask_stride = mask.ctypes.data, _strides(mask)
+            if dmask is not None:
+                a.dmask, a.dmask_stride = dmask.ctypes.data, _strides(dmask)
+            a.batch, a.heads_q, a.heads_kv = p.batch, p.heads_q, p.heads_kv
+            a.len_q, a.len_k, a.dim_k, a.dim_v = p.len_q, p.len_k, p.dim_k, p.dim_v
+            a.diag = p.diag
+            a.left = -1 if p.left is None else p.left
+            a.right = -1 if p.right is None else p.right
+            a.block_q, a.block_k, a.parts, a.workers = block_q, block_k, parts, workers
+            a.dtype = _STORAGE_CODE[p.dtype]
+            a.scale = p.scale
+            if self._lib.aule_fa2_backward(ctypes.byref(a)) != 0:
+                raise MemoryError("aule-kp: the CPU kernel could not allocate its per-thread scratch")
+            if parts > 1:
+                dq = dq_parts.sum(axis=0)  # in key-range order: the same sums every call
+        return from_f32(dq, p.dtype), from_f32(dk, p.dtype), from_f32(dv, p.dtype), dmask
+
+
+def backward_reasons(p: Problem, mask_grad: bool) -> List[str]:
+    """Why the native backward cannot take ``p`` (empty: it can). A mask's gradient needs every entry written by
+    one task: not shared across batches, heads or keys (rows may be: each task sums its own)."""
+    reasons = []
+    if p.has_score_mods:  # sinks need nothing here: the saved lse holds them
+        reasons.append("soft-caps and ALiBi are the NumPy path's")
+    if mask_grad and p.mask_shape is not None:
+        mb, mh, _, mk = p.mask_shape
+        if (mb, mh, mk) != (p.batch, p.heads_q, p.len_k) and not (p.batch == 1 and p.heads_q == 1 and p.len_k == 1):
+            reasons.append(f"a mask gradient of shape {p.mask_shape} is shared across batches, heads or keys")
+    return reasons
+
+
+def _strides(a: np.ndarray) -> ctypes.Array:
+    """Element strides of a 4-dimensional float32 array, 0 along its size-1 (broadcast) dims."""
+    return _I64x4(*(0 if n == 1 else s // 4 for n, s in zip(a.shape, a.strides)))
+
+
+def _key_ranges(p: Problem, block_k: int, workers: int) -> int:
+    """Key ranges per (batch, kv head) of the backward: one, or enough to give each thread several tasks
+    when there are few kv heads, each range costing a float32 dQ partial, within ``_PARTIAL_BYTES``."""
+    if workers <= 1:
+        return 1
+    want = math.ceil(_TASKS_PER_WORKER * workers / (p.batch * p.heads_kv))
+    most = max(1, _PARTIAL_BYTES // max(1, 4 * p.batch * p.heads_q * p.len_q * p.dim_k))
+    return max(1, min(want, most, math.ceil(p.len_k / block_k)))
 
 
 def _rows(x: np.ndarray, dtype: str) -> np.ndarray:
