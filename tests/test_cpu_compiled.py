@@ -70,8 +70,10 @@ def test_exp2_special_values(kernels) -> None:
     assert kernels._exp2(np.float32(0.0)) == 1.0
 
 
-def _backward_case():
-    """A small causal problem, its forward results and an output gradient."""
+def _backward_case(monkeypatch):
+    """A small causal problem, its forward results and an output gradient; the native kernel hidden, so that
+    the backward takes the numba path (as for soft-caps, ALiBi or a shared mask's gradient)."""
+    monkeypatch.setattr(CpuBackend, "native", lambda self: None)
     p = _problem(40, causal=True)
     rng = np.random.default_rng(0)
     q, k, v, dout = (rng.standard_normal((1, 1, 40, 8), dtype=np.float32) for _ in range(4))
@@ -90,7 +92,7 @@ def test_without_numba_numpy_runs_and_says_why_once(monkeypatch) -> None:
     monkeypatch.setattr(compiled, "_kernels", None)
     monkeypatch.setitem(sys.modules, "aule_kp.cpu.kernels", None)  # import of it raises ImportError
     monkeypatch.setattr(errors, "_warned", set())
-    p, q, k, v, out, dout, lse = _backward_case()
+    p, q, k, v, out, dout, lse = _backward_case(monkeypatch)
     backend = CpuBackend()
     with pytest.warns(AuleFallbackWarning, match="compiled kernels are unavailable.*NumPy path"):
         grads = backend.backward(p, q, k, v, out, dout, lse, None)
@@ -121,7 +123,7 @@ def test_a_kernel_that_fails_to_compile_falls_back_to_numpy(kernels, monkeypatch
     monkeypatch.setattr(compiled, "_kernels", compiled._kernels)  # restored after the test
     monkeypatch.setattr(kernels, "probs_tile", broken)
     monkeypatch.setattr(errors, "_warned", set())
-    p, q, k, v, out, dout, lse = _backward_case()
+    p, q, k, v, out, dout, lse = _backward_case(monkeypatch)
     with pytest.warns(AuleFallbackWarning, match="NumbaError: no LLVM target here"):
         grads = CpuBackend().backward(p, q, k, v, out, dout, lse, None)
     _assert_gradients(p, q, k, v, dout, grads)
