@@ -1,8 +1,9 @@
 """CPU backend: FlashAttention-2 on the host's cores.
 
-The forward pass runs the native kernel (:mod:`.native`, C++ built per vector width) where it is
-installed, and this module's NumPy path otherwise (and for soft-caps, ALiBi and sinks, which the
-kernel lacks). The backward pass is :mod:`.backward`, with numba tile kernels where numba is.
+Both passes run the native kernels (:mod:`.native`, C++ built per vector width) where they are
+installed. Otherwise, and for what they lack (soft-caps, ALiBi and sinks forward; soft-caps, ALiBi
+and a shared mask's gradient backward), the forward runs this module's NumPy path and the backward
+:mod:`.backward`, with numba tile kernels where numba is.
 
 The NumPy path: a block of query rows of one key/value head walks the key tiles the band lets it see
 (``Problem.key_range``; hidden tiles are never computed) with an online softmax in float32, so
@@ -350,8 +351,8 @@ class CpuBackend(Backend):
         self.use_compiled = use_compiled
 
     def native(self) -> Optional[native.Kernel]:
-        """The native forward kernel this backend runs (:func:`aule_kp.cpu.native.load`), or None for
-        the NumPy path."""
+        """The native kernels this backend runs (:func:`aule_kp.cpu.native.load`), or None for the NumPy
+        path."""
         return native.load() if self.use_compiled else None
 
     def kernels(self) -> Optional[ModuleType]:

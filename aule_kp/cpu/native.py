@@ -1,12 +1,12 @@
-"""The CPU backend's native forward kernel: FlashAttention-2 in C++ (``csrc/fa2_forward.cpp``), called through
+"""The CPU backend's native kernels: FlashAttention-2's forward and backward in C++ (``csrc/``), called through
 ctypes.
 
-scripts/cpu_build.py builds the source once per vector width into ``lib/libaule_fa2_w<floats>``; :func:`load`
+scripts/cpu_build.py builds the sources once per vector width into ``lib/libaule_fa2_w<floats>``; :func:`load`
 takes the widest one this CPU runs (AVX-512, AVX2+FMA, else the SSE2/NEON baseline), or says once why there is
-none, and the backend then runs its NumPy path. The kernel packs K and V per key block, keeps each few rows'
-scores in registers and L1 through the score product, the online softmax and the product with V, and runs its
-own threads with the GIL released (ctypes drops it for the call). The row max, the exponential and the
-non-finite handling are :mod:`aule_kp.nonfinite`'s, as on the other backends.
+none, and the backend then runs its NumPy path (numba's for the backward). The kernels keep each few rows'
+scores in registers and L1 between their register-blocked tile products and run their own threads with the GIL
+released (ctypes drops it for the call). The row max, the exponential and the non-finite handling are
+:mod:`aule_kp.nonfinite`'s, as on the other backends.
 """
 
 from __future__ import annotations

@@ -4,14 +4,16 @@
 // the widest build the CPU runs and calls `aule_fa2_forward` through ctypes (which releases the GIL for the
 // whole call).
 //
-// A task is one block of query rows of one (batch, query head). It walks key blocks of `block_k` keys; per
-// block it packs K transposed (panels of NC keys) and V (rows padded to whole vectors), both converted to
-// float32, then takes its rows MR at a time through three steps while their scores sit in L1: the score
-// micro-kernel (MR rows x NC keys in registers), the online softmax (mask, band, row max, rescale, exp2,
-// row sum) and the P.V micro-kernel (MR rows x up to NVV vectors of Dv in registers). Each MR-row panel
-// only computes the key panels its own rows see, so a causal diagonal costs a staircase of panels.
-// Threads (pthreads) take tasks from an atomic counter, longest first. Scratch is per thread and
-// independent of the sequence length.
+// A task is one block of query rows of one (batch, query head). K and V of each (batch, kv head) are packed once
+// for all its tasks (K transposed in panels of NC keys, V in rows padded to whole vectors, both float32) into a
+// few slots reused in turn. A task walks the key blocks its rows see and takes its rows MR at a time through
+// three steps while their scores sit in L1: the score micro-kernel (MR rows x NC keys in registers), the online
+// softmax (mask, band, row max, rescale, exp2, row sum) and the P.V micro-kernel (MR rows x up to NVV vectors
+// of Dv). Each MR-row panel only computes the key panels its own rows see, so a causal diagonal costs a
+// staircase of panels. With few query rows per kv head (decode) a task instead takes all the kv head's query
+// heads and reads K and V rows as they are (`direct`): packing would cost more than the product. Threads
+// (pthreads) take tasks from an atomic counter, by kv head and longest first. Scratch is per thread and the
+// slots hold a few heads' K and V: extra memory O(Lk), never Lq x Lk.
 //
 // Non-finite scores follow aule_kp/nonfinite.py: the row max skips NaN (it reaches the row through the
 // exponential and its sum), +inf becomes NaN against any shift, -inf gives a weight of 0; a row that sees
