@@ -10,6 +10,7 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"
 
 import copy  # noqa: E402
+import dataclasses  # noqa: E402
 import math  # noqa: E402
 import zlib  # noqa: E402
 
@@ -29,6 +30,7 @@ from aule_kp.nn import (  # noqa: E402
     MultiHeadAttention,
     MultiQueryAttention,
     RotaryEmbedding,
+    RotarySpec,
     SelfAttention,
     alibi_bias,
     alibi_slopes,
@@ -351,6 +353,31 @@ def test_rope_is_a_rotation_of_pairs(interleaved: bool) -> None:
     assert abs(float(y[..., partner]) - math.sin(1.0)) <= 4 * u and abs(float(y[..., 0]) - math.cos(1.0)) <= 4 * u
 
 
+def test_spec_positions_in_range_and_float32_tables_kept() -> None:
+    """``RotaryEmbedding.spec`` marks the positions it made or checked (``in_range``: no kernel reads
+    them back) and keeps the float32 copies of its tables with them, made once: the float64 tables
+    rounded once, the numbers a per-call conversion gave; a spec made or changed by hand gets neither."""
+    rot = RotaryEmbedding(8)
+    pos, cpu = torch.arange(5), torch.device("cpu")
+    made, checked = rot.spec(pos, pos, 2, largest=4), rot.spec(pos + 3, pos, 2)
+    assert made.in_range and checked.in_range
+    with pytest.raises(ValueError, match=">= 0"):
+        rot.spec(pos - 1, pos, 2)
+    cos, sin = made.kernel_tables(cpu)
+    assert cos.dtype == sin.dtype == torch.float32 and cos.is_contiguous()
+    assert torch.equal(cos, made.cos.float()) and torch.equal(sin, made.sin.float())
+    again = checked.kernel_tables(cpu)
+    assert again[0] is cos and again[1] is sin
+    host = checked.tables()
+    assert host.cos.dtype == np.float32 and np.array_equal(host.cos, made.cos.numpy().astype(np.float32))
+    grown = rot.spec(torch.arange(100), None, 1, largest=99)
+    assert grown.kernel_tables(cpu)[0].shape[0] >= 100 and made.kernel_tables(cpu)[0] is cos
+    by_hand = RotarySpec(made.cos, made.sin, made.q_positions, made.k_positions, False)
+    assert not by_hand.in_range and torch.equal(by_hand.kernel_tables(cpu)[0], cos)
+    halved = dataclasses.replace(made, cos=made.cos / 2)  # not the embedding's tables: not its copies
+    assert torch.equal(halved.kernel_tables(cpu)[0], (made.cos / 2).float())
+
+
 def test_llama3_scaling_matches_transformers() -> None:
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -531,17 +558,20 @@ def test_layers_on_triton() -> None:
 
 
 def test_triton_layers_rotate_in_the_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
-    """On Triton a layer hands RoPE to the kernels' loads (``aule_kp.triton.rotary.rotary_attention``),
-    training calls included; test_gqa_matches_llama's float64 checks hold through it."""
+    """On Triton a layer hands RoPE to the kernels' loads (``aule_kp.triton.rotary.attend_rotary``),
+    training calls included, with the positions it made (not read back: no range check) and the
+    float32 copies of its tables; test_gqa_matches_llama's float64 checks hold through it."""
     pytest.importorskip("triton")
     from aule_kp.triton import rotary as triton_rotary
 
-    calls = []
-    real = triton_rotary.rotary_attention
-    monkeypatch.setattr(triton_rotary, "rotary_attention",
-                        lambda *a, **kw: calls.append(kw["interleaved"]) or real(*a, **kw))
+    calls, checks = [], []
+    real = triton_rotary.attend_rotary
+    monkeypatch.setattr(triton_rotary, "attend_rotary", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    monkeypatch.setattr(triton_rotary, "_check_range", lambda *a: checks.append(a[0]))
     test_gqa_matches_llama("triton", False)
-    assert calls == [False]
+    assert [(kw["interleaved"], kw["positions_in_range"]) for kw in calls] == [(False, True)]
+    assert checks == []
+    assert calls[0]["cos"].dtype == torch.float32 and calls[0]["cos"].is_contiguous()
 
 
 def test_need_weights_is_torchs_answer() -> None:

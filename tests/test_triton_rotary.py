@@ -45,8 +45,9 @@ import aule_kp  # noqa: E402
 from aule_kp.nn.positions import RotaryEmbedding  # noqa: E402
 from aule_kp.problem import Problem  # noqa: E402
 from aule_kp.rotary import rotate_host  # noqa: E402
+from aule_kp.triton import rotary as triton_rotary  # noqa: E402
 from aule_kp.triton.backend import TritonBackend  # noqa: E402
-from aule_kp.triton.rotary import check_rotary, rotary_attention  # noqa: E402
+from aule_kp.triton.rotary import attend_rotary, check_rotary, rotary_attention  # noqa: E402
 
 U32 = UNIT_ROUNDOFF["float32"]
 
@@ -347,6 +348,30 @@ def test_bad_arguments_are_named(change, error, match) -> None:
     args, options = _args(**change)
     with pytest.raises(error, match=match):
         rotary_attention(**args, **options)
+
+
+def test_given_positions_are_checked_made_ones_are_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    """:func:`rotary_attention` reads back the range of the positions it is given (q's and k's: the
+    sync) and names the one out of range; ``positions_in_range=True`` (the layers' call through
+    :func:`attend_rotary`, positions they made) reads none back, takes float32 contiguous tables
+    without a copy, and gives the same result bit for bit."""
+    checks = []
+    real = triton_rotary._check_range
+    monkeypatch.setattr(triton_rotary, "_check_range", lambda *a: checks.append(a[0]) or real(*a))
+    args, options = _args()
+    want, want_lse = rotary_attention(**args, **options)
+    assert checks == ["q_positions", "k_positions"]
+    with pytest.raises(ValueError, match="k_positions must index the 8 rows"):
+        rotary_attention(**args, **{**options, "k_positions": torch.arange(1, 9)})
+    checks.clear()
+    got, got_lse = attend_rotary(**args, **options, positions_in_range=True)
+    assert checks == [] and torch.equal(got, want) and torch.equal(got_lse, want_lse)
+    p = make_problem(hq=2, hkv=1, lq=8, lk=8, dk=16, dv=16)
+    rot = check_rotary(p, torch.device("cpu"), options["cos"], options["sin"], options["q_positions"],
+                       options["k_positions"], False, 0, positions_in_range=True)
+    assert checks == [] and all(getattr(rot, n).data_ptr() == options[n].data_ptr() for n in ("cos", "sin"))
+    with pytest.raises(TypeError, match="positions_in_range must be a bool"):
+        attend_rotary(**args, **options, positions_in_range=1)
 
 
 def test_bad_tensors_are_named() -> None:

@@ -81,16 +81,19 @@ def _triton_rotary(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary: Ro
                    precision: str) -> Optional[torch.Tensor]:
     """The attention with RoPE fused into the Triton kernels' loads (:func:`aule_kp.triton.rotary.
     rotary_attention`, differentiable in q, k, v), or None where it does not apply: another backend,
-    dropout, int8, k already rotated, or a mask that needs its gradient (the caller rotates in torch)."""
+    dropout, int8, k already rotated, or a mask that needs its gradient (the caller rotates in torch).
+    The layers' specs carry positions they made or checked (``RotarySpec.in_range``: not read back
+    again, a sync per layer and step) and their tables' float32 copies (not converted per call)."""
     if (not _runs_on_triton(q, backend) or dropout_p > 0 or precision != "fp" or rotary.k_positions is None
             or (mask is not None and mask.requires_grad and torch.is_grad_enabled())):
         return None
-    from ..triton.rotary import rotary_attention
+    from ..triton.rotary import attend_rotary
 
-    out, _ = rotary_attention(q, k, v, cos=rotary.cos.to(q.device), sin=rotary.sin.to(q.device),
-                              q_positions=rotary.q_positions.to(q.device), k_positions=rotary.k_positions.to(q.device),
-                              interleaved=rotary.interleaved, rotary_start=rotary.offset, causal=causal,
-                              top_left=top_left, scale=scale, attn_mask=mask)
+    cos, sin = rotary.kernel_tables(q.device)
+    out, _ = attend_rotary(q, k, v, cos=cos, sin=sin, q_positions=rotary.q_positions.to(q.device),
+                           k_positions=rotary.k_positions.to(q.device), positions_in_range=bool(rotary.in_range),
+                           interleaved=rotary.interleaved, rotary_start=rotary.offset, causal=causal,
+                           top_left=top_left, scale=scale, attn_mask=mask)
     return out
 
 

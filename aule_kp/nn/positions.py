@@ -13,10 +13,9 @@ table values to the tensors' dtype and computes in it, as the layers did before.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-import numpy as np
 import torch
 
 from ..rotary import RotaryTables
@@ -82,7 +81,7 @@ class RotaryEmbedding(torch.nn.Module):
         # Not a buffer: module.half() must not round the frequencies (nor state_dicts carry them).
         self.inv_freq = rope_inv_freq(dim, theta, scaling)
         self._wide: Dict[torch.device, torch.Tensor] = {}  # float64 copies per device
-        self._tables: Dict[torch.device, Tuple[torch.Tensor, torch.Tensor]] = {}  # cos/sin tables per device
+        self._tables: Dict[torch.device, CosSinTables] = {}  # cos/sin tables per device
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)`` of shape ``positions.shape + [dim // 2]`` in ``dtype`` (angles in float64)."""
@@ -103,13 +102,17 @@ class RotaryEmbedding(torch.nn.Module):
     def tables(self, length: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin)`` ``[P, dim // 2]`` of positions ``0 .. P-1``, ``P >= length``, in float64
         (float32 on MPS, which has no float64), so that a rotation in torch rounds them once, to its
-        own dtype; fused kernels take them in float32. Kept per device and grown by doubling: a
-        decode loop computes them a few times, not per step."""
+        own dtype; fused kernels take them in float32 (:meth:`RotarySpec.kernel_tables`). Kept per
+        device and grown by doubling: a decode loop computes them a few times, not per step."""
+        held = self._held(length, device)
+        return held.cos, held.sin
+
+    def _held(self, length: int, device: torch.device) -> CosSinTables:
         held = self._tables.get(device)
-        if held is None or held[0].shape[0] < length:
+        if held is None or held.cos.shape[0] < length:
             rows = max(64, 1 << max(0, length - 1).bit_length())
             wide = torch.float32 if device.type == "mps" else torch.float64
-            held = self._tables[device] = self.cos_sin(torch.arange(rows, device=device), wide)
+            held = self._tables[device] = CosSinTables(*self.cos_sin(torch.arange(rows, device=device), wide))
         return held
 
     def spec(self, q_positions: torch.Tensor, k_positions: Optional[torch.Tensor], batch: int,
@@ -117,7 +120,8 @@ class RotaryEmbedding(torch.nn.Module):
         """The :class:`RotarySpec` rotating q at ``q_positions`` and k at ``k_positions`` (``[L]``
         or ``[B, L]`` integers; None: k is not rotated) over channels ``[offset, offset + dim)``.
         ``largest``: the largest position, where the caller made them (``0 <= p <= largest``); else
-        they are checked here, which reads two numbers back from their device (a sync on CUDA)."""
+        they are checked here, which reads two numbers back from their device (a sync on CUDA).
+        Either way the spec says its positions are in range (``in_range``): no kernel checks them again."""
         q_pos = q_positions.expand(batch, -1) if q_positions.dim() == 1 else q_positions
         k_pos = None if k_positions is None else (
             k_positions.expand(batch, -1) if k_positions.dim() == 1 else k_positions)
@@ -126,8 +130,8 @@ class RotaryEmbedding(torch.nn.Module):
             if any(int(p.min()) < 0 for p in used):
                 raise ValueError("RoPE positions must be >= 0")
             largest = max((int(p.max()) for p in used), default=0)
-        cos, sin = self.tables(largest + 1, q_pos.device)
-        return RotarySpec(cos, sin, q_pos, k_pos, self.interleaved, offset)
+        held = self._held(largest + 1, q_pos.device)
+        return RotarySpec(held.cos, held.sin, q_pos, k_pos, self.interleaved, offset, in_range=True, source=held)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, interleaved={self.interleaved}"
@@ -151,6 +155,26 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: 
     return torch.cat((x[..., :offset], turned, x[..., end:]), dim=-1)
 
 
+@dataclass(eq=False)
+class CosSinTables:
+    """One device's RoPE tables ``cos``/``sin`` ``[P, R/2]`` (:meth:`RotaryEmbedding.tables`) and
+    their copies on other devices or in other dtypes, each made once: the float32 tables that fused
+    kernels take would otherwise be converted from the float64 ones on every call."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    copies: Dict[Tuple[torch.device, torch.dtype], Tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, repr=False)
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` contiguous on ``device`` in ``dtype``, made on the first call."""
+        key = (torch.device(device), dtype)
+        held = self.copies.get(key)
+        if held is None:
+            held = self.copies[key] = tuple(t.to(key[0], dtype).contiguous() for t in (self.cos, self.sin))
+        return held
+
+
 @dataclass
 class RotarySpec:
     """RoPE handed to :func:`aule_kp.nn.attend.attend` with unrotated q and k (flash-attn's
@@ -160,6 +184,12 @@ class RotarySpec:
     them in float32); ``q_positions [B, Lq]`` and
     ``k_positions [B, Lk]`` index their rows (``k_positions`` None: k is not rotated, e.g. keys
     read from a cache that holds them rotated); ``interleaved``: pairs (2i, 2i+1), else (i, i+R/2).
+
+    ``in_range``: the positions are known to index rows of the tables (:meth:`RotaryEmbedding.spec`
+    made or checked them), so a fused kernel does not read their range back from the device; False
+    (the default, e.g. a spec made or changed by hand): they are checked where a kernel indexes the
+    tables. ``source``: the embedding's tables that ``cos``/``sin`` are, which keep their float32
+    copies (:meth:`kernel_tables`); None: the copies are made per call.
     """
 
     cos: torch.Tensor
@@ -168,6 +198,16 @@ class RotarySpec:
     k_positions: Optional[torch.Tensor]
     interleaved: bool
     offset: int = 0
+    in_range: bool = False
+    source: Optional[CosSinTables] = field(default=None, repr=False, compare=False)
+
+    def kernel_tables(self, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` float32 contiguous on ``device``, as fused kernels take them: made once per
+        tables where ``cos``/``sin`` are their ``source``'s, else now."""
+        source = self.source
+        if source is None or source.cos is not self.cos or source.sin is not self.sin:
+            source = CosSinTables(self.cos, self.sin)
+        return source.to(device, torch.float32)
 
     def apply(self, q: torch.Tensor, k: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(q, k)`` rotated in torch (k as it is when ``k_positions`` is None)."""
@@ -180,13 +220,15 @@ class RotarySpec:
         return turn(q, self.q_positions), (k if self.k_positions is None else turn(k, self.k_positions))
 
     def tables(self) -> RotaryTables:
-        """The same rotation as host arrays (what a fused backend takes)."""
+        """The same rotation as host arrays (what a fused backend takes; cos/sin are the float32
+        copies kept with the tables, shared between calls: read, never written)."""
 
         def host(t: Optional[torch.Tensor]) -> Any:
             return None if t is None else t.detach().cpu().numpy()
 
-        return RotaryTables(host(self.cos).astype(np.float32), host(self.sin).astype(np.float32),
-                            host(self.q_positions), host(self.k_positions), bool(self.interleaved), int(self.offset))
+        cos, sin = self.kernel_tables(torch.device("cpu"))
+        return RotaryTables(host(cos), host(sin), host(self.q_positions), host(self.k_positions),
+                            bool(self.interleaved), int(self.offset))
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:

@@ -34,10 +34,20 @@ def _table(name: str, t: Any, device: torch.device) -> torch.Tensor:
     return t.detach().to(torch.float32).contiguous()
 
 
-def _positions(name: str, pos: Any, batch: int, length: int, table_rows: int, device: torch.device) -> torch.Tensor:
+def _check_range(name: str, pos: torch.Tensor, table_rows: int) -> None:
+    """ValueError naming ``pos`` unless its values lie in ``[0, table_rows)``: an index past the
+    tables would read outside them. Reads two numbers back from the device (a sync)."""
+    lo, hi = int(pos.min()), int(pos.max())
+    if lo < 0 or hi >= table_rows:
+        raise ValueError(f"{name} must index the {table_rows} rows of cos/sin (0 .. {table_rows - 1}), "
+                         f"got values {lo} .. {hi}")
+
+
+def _positions(name: str, pos: Any, batch: int, length: int, table_rows: int, device: torch.device,
+               in_range: bool) -> torch.Tensor:
     """``pos`` (``[L]`` or ``[B, L]`` integers in ``[0, table_rows)``) as an int32 contiguous
-    ``[1 or B, L]`` tensor; TypeError/ValueError naming it. The range check reads two numbers back
-    from the device (a sync): an index past the tables would read outside them."""
+    ``[1 or B, L]`` tensor; TypeError/ValueError naming it. ``in_range``: the caller made the values
+    within the tables, so their range is not read back (:func:`_check_range`)."""
     if not isinstance(pos, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of integers, got {type(pos).__name__}")
     if pos.is_floating_point() or pos.is_complex() or pos.dtype == torch.bool:
@@ -49,20 +59,20 @@ def _positions(name: str, pos: Any, batch: int, length: int, table_rows: int, de
     if pos.dim() != 2 or pos.shape[0] not in (1, batch) or pos.shape[1] != length:
         raise ValueError(f"{name} must be [{length}] or [{batch}, {length}] (its rows' length and the batch), "
                          f"got shape {tuple(pos.shape)}")
-    if pos.numel():
-        lo, hi = int(pos.min()), int(pos.max())
-        if lo < 0 or hi >= table_rows:
-            raise ValueError(f"{name} must index the {table_rows} rows of cos/sin (0 .. {table_rows - 1}), "
-                             f"got values {lo} .. {hi}")
+    if pos.numel() and not in_range:
+        _check_range(name, pos, table_rows)
     return pos.to(torch.int32).contiguous()
 
 
 def check_rotary(p: Problem, device: torch.device, cos: Any, sin: Any, q_positions: Any, k_positions: Any,
-                 interleaved: Any, rotary_start: Any) -> Rotary:
+                 interleaved: Any, rotary_start: Any, *, positions_in_range: bool = False) -> Rotary:
     """The kernels' :class:`~aule_kp.triton.ops.Rotary` for a call of ``p``'s shapes on ``device``;
-    TypeError/ValueError naming the argument that does not fit."""
-    if not isinstance(interleaved, bool):
-        raise TypeError(f"interleaved must be a bool, got {type(interleaved).__name__}")
+    TypeError/ValueError naming the argument that does not fit. ``positions_in_range``: the caller
+    made the positions within the tables' rows (their range check, a device read, is skipped).
+    float32 contiguous tables are taken as they are, without a copy."""
+    for name, flag in (("interleaved", interleaved), ("positions_in_range", positions_in_range)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be a bool, got {type(flag).__name__}")
     cos_t, sin_t = _table("cos", cos, device), _table("sin", sin, device)
     if cos_t.shape != sin_t.shape:
         raise ValueError(f"cos and sin must have one shape [P, R/2], got {tuple(cos_t.shape)} and {tuple(sin_t.shape)}")
@@ -73,8 +83,8 @@ def check_rotary(p: Problem, device: torch.device, cos: Any, sin: Any, q_positio
         raise ValueError(f"the rotated channels [rotary_start, rotary_start + 2 * cos.shape[1]) = [{rotary_start}, "
                          f"{rotary_start + rotated}) must fit q/k's head dim {p.dim_k}")
     rows = int(cos_t.shape[0])
-    q_pos = _positions("q_positions", q_positions, p.batch, p.len_q, rows, device)
-    k_pos = _positions("k_positions", k_positions, p.batch, p.len_k, rows, device)
+    q_pos = _positions("q_positions", q_positions, p.batch, p.len_q, rows, device, positions_in_range)
+    k_pos = _positions("k_positions", k_positions, p.batch, p.len_k, rows, device, positions_in_range)
     return Rotary(cos_t, sin_t, q_pos, k_pos, interleaved, int(rotary_start))
 
 
@@ -153,6 +163,20 @@ def rotary_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cos: 
         aule_kp.BackendUnavailable: the Triton backend cannot take the tensors (e.g. CPU tensors
             without ``TRITON_INTERPRET=1``), with its reasons.
     """
+    return attend_rotary(q, k, v, cos=cos, sin=sin, q_positions=q_positions, k_positions=k_positions,
+                         positions_in_range=False, interleaved=interleaved, rotary_start=rotary_start, causal=causal,
+                         top_left=top_left, scale=scale, window=window, attn_mask=attn_mask)
+
+
+def attend_rotary(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cos: torch.Tensor, sin: torch.Tensor,
+                  q_positions: torch.Tensor, k_positions: torch.Tensor, positions_in_range: bool,
+                  interleaved: bool = False, rotary_start: int = 0, causal: bool = False, top_left: bool = False,
+                  scale: Optional[float] = None, window: Optional[Tuple[int, int]] = None,
+                  attn_mask: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rotary_attention` for a caller that may vouch for its positions: with
+    ``positions_in_range=True`` the caller made them within the tables' rows (``aule_kp.nn``'s layers:
+    ``RotarySpec.in_range``), and their range check, a device read per call, is skipped; an index
+    past the tables would read outside them. Every other argument is checked as there."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -162,7 +186,8 @@ def rotary_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, cos: 
         raise ValueError("rotary_attention computes no gradient for attn_mask; pass it detached")
     call = prepare(q, k, v, causal=causal, scale=scale, window=window, attn_mask=attn_mask, backend="triton",
                    top_left=top_left)
-    rotary = check_rotary(call.problem, q.device, cos, sin, q_positions, k_positions, interleaved, rotary_start)
+    rotary = check_rotary(call.problem, q.device, cos, sin, q_positions, k_positions, interleaved, rotary_start,
+                          positions_in_range=positions_in_range)
     if call.backend is None:  # no query or no key: prepare() made no device copies
         return RotaryAttentionFunction.apply(q, k, v, None, rotary, call.problem, None)
     return RotaryAttentionFunction.apply(call.q, call.k, call.v, call.mask, rotary, call.problem, call.backend)
