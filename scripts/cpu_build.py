@@ -37,11 +37,11 @@ FLAGS = ["-O3", "-std=c++17", "-fno-exceptions", "-fno-rtti", "-ffp-contract=fas
 
 def variants() -> Dict[int, List[str]]:
     """Floats per vector -> the ISA flags of that build, for this machine's architecture. x86-64 gets AVX-512,
-    AVX2+FMA and its SSE2 baseline (native.py picks by the CPU's features at run time); other architectures
+    AVX2+FMA (both with F16C, which every AVX2 CPU has) and its SSE2 baseline (native.py picks by the CPU's features at run time); other architectures
     their baseline (NEON on arm64) at 4 floats."""
     machine = platform.machine().lower()
     if machine in ("x86_64", "amd64"):
-        return {16: ["-mavx512f", "-mavx2", "-mfma"], 8: ["-mavx2", "-mfma"], 4: []}
+        return {16: ["-mavx512f", "-mavx2", "-mfma", "-mf16c"], 8: ["-mavx2", "-mfma", "-mf16c"], 4: []}
     return {4: []}
 
 

@@ -28,7 +28,8 @@ from ..problem import Problem
 LIB_DIR = Path(__file__).resolve().parent / "lib"
 
 #: Floats per vector -> the CPU features (NumPy's names) its build needs.
-WIDTH_FEATURES: Dict[int, Tuple[str, ...]] = {16: ("AVX512F", "AVX2", "FMA3"), 8: ("AVX2", "FMA3"), 4: ()}
+WIDTH_FEATURES: Dict[int, Tuple[str, ...]] = {16: ("AVX512F", "AVX2", "FMA3", "F16C"), 8: ("AVX2", "FMA3", "F16C"),
+                                               4: ()}
 
 #: Tasks per thread: enough to even out unequal (causal, windowed) blocks of rows.
 _TASKS_PER_WORKER = 4

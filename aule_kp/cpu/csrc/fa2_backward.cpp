@@ -45,6 +45,7 @@ struct BwdScratch {
     float *lse, *delta;       // per row
     float *p, *ds;            // [rows][ps]: S then P; dP then dS
     float* dq;                // [rows][dkp]: the row block's dQ from this key block
+    float* orow;              // one row of O, converted
 };
 
 struct BwdShared {
@@ -52,18 +53,6 @@ struct BwdShared {
     BwdTask* tasks;
     int64_t n_tasks, next, finished;  // next, finished: atomic
 };
-
-// K or V rows [c0, c0 + width) of one head as NC-key panels of their transpose (panel[d][NC], keys past width 0).
-template <int DT>
-static void pack_transposed(float* dst, const char* base, int64_t row_stride, int64_t c0, int64_t width,
-                            int64_t dim) {
-    const int64_t esz = DT == F32 ? 4 : 2;
-    for (int64_t j = 0; j < round_up(width, NC); j++) {
-        float* col = dst + (j / NC) * dim * NC + (j % NC);
-        const char* src = base + esz * (c0 + j) * row_stride;
-        for (int64_t d = 0; d < dim; d++) col[d * NC] = j < width ? element<DT>(src, d) : 0.0f;
-    }
-}
 
 // One key range of one (batch, kv head): its dK and dV rows, and its part of dQ.
 template <int DT>
@@ -124,11 +113,12 @@ static void run_bwd_task(const BwdArgs* a, const BwdTask* t, BwdScratch* sc) {
                     if (r >= rows) continue;
                     const int64_t i = i0 + r;
                     const char* qs = qbase + esz * i * a->q_stride[2];
-                    for (int64_t d = 0; d < dk; d++) sc->q[r * dkp + d] = element<DT>(qs, d) * a->scale;
+                    convert_row<DT>(sc->q + r * dkp, qs, dk, dkp);
+                    for (int64_t d = 0; d < dk; d++) sc->q[r * dkp + d] *= a->scale;
                     convert_row<DT>(sc->dout + r * dvp, dobase + esz * i * a->do_stride[2], dv, dvp);
-                    const char* os = obase + esz * i * a->o_stride[2];
+                    convert_row<DT>(sc->orow, obase + esz * i * a->o_stride[2], dv, dvp);
                     float delta = 0.0f;
-                    for (int64_t d = 0; d < dv; d++) delta += sc->dout[r * dvp + d] * element<DT>(os, d);
+                    for (int64_t d = 0; d < dv; d++) delta += sc->dout[r * dvp + d] * sc->orow[d];
                     sc->delta[r] = delta;
                     sc->lse[r] = a->lse[bh * a->len_q + i];
                 }
@@ -215,15 +205,16 @@ static void* bwd_worker(void* arg) {
     const int64_t dkp = round_up(a->dim_k > 0 ? a->dim_k : 1, W), dvp = round_up(a->dim_v > 0 ? a->dim_v : 1, W);
     const int64_t bk = round_up(a->block_k, NC), brp = round_up(a->block_q, MR), ps = bk + MR;
     const int64_t sizes[] = {bk * dkp, bk * dkp, bk * dvp, ps * dkp, ps * dvp, brp * dkp, brp * dvp,
-                             brp, brp, brp * ps, brp * ps, brp * dkp};
+                             brp, brp, brp * ps, brp * ps, brp * dkp, dvp};
     int64_t floats = 0;
     for (int64_t n : sizes) floats += round_up(n, 16);
     float* mem = (float*)aligned_alloc(64, sizeof(float) * floats);
     if (!mem) return NULL;  // the other threads take every task; the caller reports a shortfall
     float* p = mem;
     BwdScratch sc;
-    float** fields[] = {&sc.kt, &sc.kr, &sc.vt, &sc.dk, &sc.dv, &sc.q, &sc.dout, &sc.lse, &sc.delta, &sc.p, &sc.ds, &sc.dq};
-    for (int f = 0; f < 12; f++) {
+    float** fields[] = {&sc.kt, &sc.kr, &sc.vt, &sc.dk, &sc.dv, &sc.q, &sc.dout, &sc.lse, &sc.delta, &sc.p, &sc.ds,
+                        &sc.dq, &sc.orow};
+    for (int f = 0; f < 13; f++) {
         *fields[f] = p;
         p += round_up(sizes[f], 16);
     }

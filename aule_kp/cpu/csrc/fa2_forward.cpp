@@ -86,7 +86,8 @@ static int64_t run_task(const Args* a, const Task* t, const Packed* pk, Scratch*
         if (r < rows) {
             const char* src = (const char*)a->q + esz * (t->b * a->q_stride[0] + (t->h0 + r / npos) * a->q_stride[1] +
                                                           (t->i0 + r % npos) * a->q_stride[2]);
-            for (int64_t d = 0; d < dk; d++) sc->q[r * dkp + d] = element<DT>(src, d) * a->scale;
+            convert_row<DT>(sc->q + r * dkp, src, dk, dkp);
+            for (int64_t d = 0; d < dk; d++) sc->q[r * dkp + d] *= a->scale;
         }
         sc->m[r] = -INFINITY;
         sc->l[r] = 0.0f;
@@ -250,11 +251,7 @@ static void pack_group(const Args* a, int64_t g, const Packed* pk) {
     const int64_t b = g / a->heads_kv, h = g % a->heads_kv, lk = a->len_k;
     const char* kbase = (const char*)a->k + esz * (b * a->k_stride[0] + h * a->k_stride[1]);
     const char* vbase = (const char*)a->v + esz * (b * a->v_stride[0] + h * a->v_stride[1]);
-    for (int64_t j = 0; j < round_up(lk, NC); j++) {
-        float* col = pk->kt + (j / NC) * dk * NC + (j % NC);
-        const char* src = kbase + esz * j * a->k_stride[2];
-        for (int64_t d = 0; d < dk; d++) col[d * NC] = j < lk ? element<DT>(src, d) : 0.0f;
-    }
+    pack_transposed<DT>(pk->kt, kbase, a->k_stride[2], 0, lk, dk);
     for (int64_t j = 0; j < lk; j++) {
         const char* src = vbase + esz * j * a->v_stride[2];
         float* row = pk->v + j * dvp;
