@@ -43,8 +43,8 @@ def _lavapipe_faster(problem: Problem) -> bool:
     NumPy's float16 conversion (~4 ns an element) makes that path slower than a CPU Vulkan driver
     on long caches. benchmarks/cpu_vs_lavapipe.py, 2-core Xeon, lavapipe (LLVM 15), 2026-12-05:
     decode H32/8 Lq1 Lk4096 D128 fp16, NumPy path 72-171 ms vs lavapipe 49-52 ms; Lk512: 0.5 vs
-    0.4-0.6 ms (even). The native kernel beat lavapipe on every problem there (1.4x-24.5x, fourth
-    session; that decode 8.3 ms vs 11.2 in fp16, 3.2 vs 16.1 in fp32), as numba's path had before it."""
+    0.4-0.6 ms (even). The native kernel beat lavapipe on every problem there (2.1x-24.6x, fourth
+    session; that decode 2.1 ms vs 8.9 in fp16, 2.8 vs 15.0 in fp32), as numba's path had before it."""
     return (problem.dtype == "float16" and problem.len_q <= 16 and problem.len_k >= 2048
             and cpu_native.load(quiet=True) is None)
 
