@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test lint shaders prebuilt bench gpu clean wheel
+.PHONY: install demo test lint shaders prebuilt bench gpu clean wheel sanitize
 
 install:
 	./scripts/setup.sh
@@ -25,6 +25,10 @@ shaders: install
 
 prebuilt: install
 	AULE_KP_GLSLANG=$(CURDIR)/scripts/glslang15.sh $(PY) -m aule_kp.vulkan.compile --force
+
+# The CPU kernels' tests against AddressSanitizer + UndefinedBehaviorSanitizer builds of them (GCC; ~1 min).
+sanitize: install
+	./scripts/cpu_sanitize.sh
 
 bench: install
 	$(VENV)/bin/aule-kp bench --vs

@@ -24,8 +24,13 @@ import math  # noqa: E402
 
 from reference import backward_scales, output_scale, reference_attention  # noqa: E402
 
+from aule_kp.cpu import native as _native  # noqa: E402
 from aule_kp.dtypes import from_f32, to_f32  # noqa: E402
 from aule_kp.problem import Problem, band  # noqa: E402
+
+# scripts/cpu_sanitize.sh (`make sanitize`): the CPU kernels' tests run against AddressSanitizer builds.
+if os.environ.get("CPU_SANITIZED_LIBS"):
+    _native.LIB_DIR = Path(os.environ["CPU_SANITIZED_LIBS"])
 
 #: Unit roundoff (half an ulp of 1.0) of each storage type. Every backend computes in float32.
 UNIT_ROUNDOFF = {"float32": 2.0**-24, "float16": 2.0**-11, "bfloat16": 2.0**-8}
