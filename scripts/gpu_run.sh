@@ -14,6 +14,8 @@ export PYTHONPATH=/tmp/site:$PWD
 t0=$(date +%s)
 python3 scripts/kp_build.py --into aule_kp > "$OUT/kp_build.log" 2>&1 || { tail -40 "$OUT/kp_build.log"; exit 1; }
 echo "kp ready in $(( $(date +%s) - t0 )) s"
+# The CPU backend's native kernels (scripts/cpu_build.py, a few seconds): the CPU rows of the benchmarks need them.
+python3 scripts/cpu_build.py --into aule_kp > "$OUT/cpu_build.log" 2>&1 || tail -20 "$OUT/cpu_build.log"
 export AULE_KP_SPIRV_CACHE=$PWD/spirv_cache
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,power.limit,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
 python3 -m aule_kp info | tee "$OUT/info.txt"
