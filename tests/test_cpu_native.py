@@ -10,19 +10,22 @@ ones. Tolerances come from the suite's error model (tests/cpu_cases.py, ``confte
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from typing import Optional, Tuple
 
 import numpy as np
 import pytest
-from conftest import UNIT_ROUNDOFF
+from conftest import UNIT_ROUNDOFF, lse_tolerance, output_tolerance
 from cpu_cases import bool_mask, check, check_backward, float_mask, make_inputs, make_mask, make_problem, run_backward
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from reference import reference_attention
 
 from aule_kp import errors
 from aule_kp.cpu import backend as cpu_backend
 from aule_kp.cpu import native
 from aule_kp.cpu.backend import CpuBackend
+from aule_kp.dtypes import to_f32
 from aule_kp.errors import AuleFallbackWarning
 from aule_kp.problem import Problem
 
@@ -132,6 +135,21 @@ def test_masks(kernel: native.Kernel, mode: str, monkeypatch: pytest.MonkeyPatch
     backend = backend_of(kernel, monkeypatch, block_q=16, block_k=24, workers=2)
     for mask in (float_mask(shape), bool_mask(shape)):
         check(p, *make_inputs(p), mask=mask, backend=backend)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_sinks(kernel: native.Kernel, mode: str, dtype: str, rng: np.random.Generator) -> None:
+    # gpt-oss's per-head sink logits: one more term in each row's sum, none in its output; a row that sees no
+    # key (bottom-right causal, Lq > Lk hides the first rows) is 0 with lse = sink.
+    p = replace(make_problem(hq=4, hkv=2, lq=30, lk=20, causal=True, dtype=dtype), sinks=True)
+    q, k, v = make_inputs(p)
+    sinks = rng.normal(0.0, 2.0, p.heads_q).astype(np.float32)
+    out, lse = kernel.forward(p, q, k, v, None, block_q=8, block_k=16, workers=2, sinks=sinks)
+    ref_out, ref_lse = reference_attention(q, k, v, p, sinks=sinks)
+    np.testing.assert_allclose(to_f32(out, dtype), ref_out, rtol=0, atol=output_tolerance(p, q, k, v, sinks=sinks))
+    qf, kf = to_f32(q, dtype), to_f32(k, dtype)
+    np.testing.assert_allclose(lse, ref_lse, rtol=0, atol=lse_tolerance(qf, kf, p.scale))
+    assert not to_f32(out, dtype)[:, :, :10].any() and np.array_equal(lse[0, :, 0], sinks)
 
 
 @pytest.mark.parametrize("causal", [False, True])

@@ -1,8 +1,8 @@
 """CPU backend: FlashAttention-2 on the host's cores.
 
 Both passes run the native kernels (:mod:`.native`, C++ built per vector width) where they are
-installed. Otherwise, and for what they lack (soft-caps, ALiBi and sinks forward; soft-caps, ALiBi
-and a shared mask's gradient backward), the forward runs this module's NumPy path and the backward
+installed. Otherwise, and for what they lack (soft-caps and ALiBi; backward also a shared mask's
+gradient), the forward runs this module's NumPy path and the backward
 :mod:`.backward`, with numba tile kernels where numba is.
 
 The NumPy path: a block of query rows of one key/value head walks the key tiles the band lets it see
@@ -376,13 +376,13 @@ class CpuBackend(Backend):
             mask = np.asarray(mask, dtype=np.float32)
         if p.precision == "int8":
             return int8.forward(p, q, k, v, mask)
-        # Soft-caps, ALiBi and sinks are the NumPy path's alone (the kernel has none of them).
-        kern = None if p.has_score_mods or p.sinks else self.native()
+        # Soft-caps and ALiBi are the NumPy path's alone (the kernel has neither).
+        kern = None if p.has_score_mods else self.native()
         if kern is not None:
             block_q, block_k, _ = self.blocks(True)
             out, lse = kern.forward(p, q, k, v, mask, block_q=block_q, block_k=block_k,
-                                    workers=self.workers or worker_count())
-            enforce(p, q, k, v, mask, out, lse)
+                                    workers=self.workers or worker_count(), sinks=sinks)
+            enforce(p, q, k, v, mask, out, lse, sinks=sinks)
             return out, lse
         block_q, block_k, step = self.blocks(False)
         job = _Forward(p, q, k, v, mask, block_q, block_k, step, alibi, sinks)

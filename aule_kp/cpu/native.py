@@ -59,7 +59,7 @@ class _Args(ctypes.Structure):
 
     _fields_ = [
         ("q", ctypes.c_void_p), ("k", ctypes.c_void_p), ("v", ctypes.c_void_p), ("mask", ctypes.c_void_p),
-        ("out", ctypes.c_void_p), ("lse", ctypes.c_void_p),
+        ("sinks", ctypes.c_void_p), ("out", ctypes.c_void_p), ("lse", ctypes.c_void_p),
         ("q_stride", _I64x3), ("k_stride", _I64x3), ("v_stride", _I64x3), ("mask_stride", _I64x4),
         ("batch", ctypes.c_int64), ("heads_q", ctypes.c_int64), ("heads_kv", ctypes.c_int64),
         ("len_q", ctypes.c_int64), ("len_k", ctypes.c_int64), ("dim_k", ctypes.c_int64), ("dim_v", ctypes.c_int64),
@@ -112,10 +112,12 @@ class Kernel:
         return y
 
     def forward(self, p: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Optional[np.ndarray], *,
-                block_q: int, block_k: int, workers: int) -> Tuple[np.ndarray, np.ndarray]:
+                block_q: int, block_k: int, workers: int,
+                sinks: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
         """``(out [B, Hq, Lq, Dv] in q's storage, lse float32)`` as :meth:`aule_kp.backend.Backend.forward`
         specifies, before :func:`aule_kp.nonfinite.enforce` (the caller's). ``mask`` is float32 of 4 dims
-        broadcasting to ``[B, Hq, Lq, Lk]``; q/k/v may be strided (a view of ``[B, L, H, D]``, say)."""
+        broadcasting to ``[B, Hq, Lq, Lk]``; q/k/v may be strided (a view of ``[B, L, H, D]``, say);
+        ``sinks``: float32 ``[Hq]`` sink logits (:mod:`aule_kp.scoremods`), in the sums and the lse."""
         out = np.empty((p.batch, p.heads_q, p.len_q, p.dim_v), dtype=np.float32)
         lse = np.empty((p.batch, p.heads_q, p.len_q), dtype=np.float32)
         if lse.size == 0:
@@ -129,6 +131,9 @@ class Kernel:
             mask = np.asarray(mask, dtype=np.float32)
             a.mask = mask.ctypes.data
             a.mask_stride = _strides(mask)
+        if sinks is not None:
+            sinks = np.ascontiguousarray(sinks, dtype=np.float32)
+            a.sinks = sinks.ctypes.data
         a.batch, a.heads_q, a.heads_kv = p.batch, p.heads_q, p.heads_kv
         a.len_q, a.len_k, a.dim_k, a.dim_v = p.len_q, p.len_k, p.dim_k, p.dim_v
         a.diag = p.diag
@@ -141,7 +146,7 @@ class Kernel:
         a.workers = workers
         a.dtype = _STORAGE_CODE[p.dtype]
         a.scale = p.scale
-        # q, k, v and mask stay referenced here until the call returns.
+        # q, k, v, mask and sinks stay referenced here until the call returns.
         if self._lib.aule_fa2_forward(ctypes.byref(a)) != 0:
             raise MemoryError("aule-kp: the CPU kernel could not allocate its per-thread scratch")
         self.last_computed = a.computed

@@ -26,7 +26,8 @@
 // Mirrors aule_kp/cpu/native.py's ctypes Structure field by field.
 struct Args {
     const void *q, *k, *v;
-    const float* mask;  // NULL: none
+    const float* mask;   // NULL: none
+    const float* sinks;  // NULL, or one logit per query head: a key every row sees, with no value (gpt-oss)
     float* out;         // [B, Hq, Lq, Dv] float32, contiguous
     float* lse;         // [B, Hq, Lq]
     int64_t q_stride[3], k_stride[3], v_stride[3];  // elements per batch, head, position (last dim contiguous)
@@ -232,15 +233,21 @@ static int64_t run_task(const Args* a, const Task* t, const Packed* pk, Scratch*
         const int64_t row = (t->b * a->heads_q + t->h0 + r / npos) * a->len_q + t->i0 + r % npos;
         float* dst = a->out + row * dv;
         float* lse = a->lse + row;
-        const float total = sc->l[r];
+        float total = sc->l[r], m = sc->m[r], factor = 1.0f;
+        if (a->sinks) {  // the sink's term joins the row's sum; a row that saw no key gets 0 and lse = sink
+            const float sink = a->sinks[t->h0 + r / npos], m_new = gt(m, sink);
+            factor = exp2s((m - m_new) * log2e);  // m = -inf: 0
+            total = total * factor + exp2s((sink - m_new) * log2e);
+            m = m_new;
+        }
         if (total == 0.0f) {
             for (int64_t d = 0; d < dv; d++) dst[d] = 0.0f;
             *lse = -INFINITY;
             continue;
         }
-        const float inv = 1.0f / total;
+        const float inv = factor / total;
         for (int64_t d = 0; d < dv; d++) dst[d] = sc->o[r * dvp + d] * inv;
-        *lse = sc->m[r] + log2f(total) * ln2;
+        *lse = m + log2f(total) * ln2;
     }
     return computed;
 }
