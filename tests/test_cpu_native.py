@@ -15,11 +15,11 @@ from typing import Optional, Tuple
 
 import numpy as np
 import pytest
-from conftest import UNIT_ROUNDOFF, lse_tolerance, output_tolerance
+from conftest import UNIT_ROUNDOFF, gradient_tolerances, lse_tolerance, output_tolerance
 from cpu_cases import bool_mask, check, check_backward, float_mask, make_inputs, make_mask, make_problem, run_backward
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from reference import reference_attention
+from reference import reference_attention, reference_backward
 
 from aule_kp import errors
 from aule_kp.cpu import backend as cpu_backend
@@ -150,6 +150,29 @@ def test_sinks(kernel: native.Kernel, mode: str, dtype: str, rng: np.random.Gene
     qf, kf = to_f32(q, dtype), to_f32(k, dtype)
     np.testing.assert_allclose(lse, ref_lse, rtol=0, atol=lse_tolerance(qf, kf, p.scale))
     assert not to_f32(out, dtype)[:, :, :10].any() and np.array_equal(lse[0, :, 0], sinks)
+
+
+@pytest.mark.parametrize("alibi_batch", [False, True])
+def test_softcap_and_alibi(kernel: native.Kernel, mode: str, monkeypatch: pytest.MonkeyPatch, alibi_batch: bool,
+                           rng: np.random.Generator) -> None:
+    # Gemma's soft-cap and ALiBi slopes ([Hq] or [B, Hq]) with a mask, forward and backward (the cap's
+    # derivative, the mask's gradient taken before it) against float64; tests/test_scoremods.py covers the
+    # rest of their grid on the widest build.
+    monkeypatch.setattr(cpu_backend, "_NATIVE_BACKWARD_BLOCKS", SMALL_BACKWARD)
+    p = replace(make_problem(b=2, hq=4, hkv=2, lq=29, lk=41, causal=True, mask_shape=(2, 4, 29, 41)),
+                softcap=3.0, alibi_rows=2 if alibi_batch else 1)
+    alibi = rng.uniform(0.0, 0.5, (p.alibi_rows, p.heads_q)).astype(np.float32)
+    q, k, v = make_inputs(p)
+    mask = make_mask(p)
+    backend = backend_of(kernel, monkeypatch, block_q=8, block_k=16, workers=2)
+    out, lse = backend.forward(p, q, k, v, mask, alibi=alibi)
+    ref_out, _ = reference_attention(q, k, v, p, mask, alibi)
+    np.testing.assert_allclose(out, ref_out, rtol=0, atol=output_tolerance(p, q, k, v, mask, alibi=alibi))
+    dout = make_inputs(p, seed=5)[0][..., : p.dim_v]
+    grads = backend.backward(p, q, k, v, out, dout, lse, mask, True, alibi=alibi)
+    want = reference_backward(q, k, v, dout, p, mask, alibi)
+    for got, ref, tol in zip(grads, want, gradient_tolerances(p, q, k, v, dout, mask, alibi=alibi)):
+        np.testing.assert_allclose(got, ref, rtol=0, atol=tol)
 
 
 @pytest.mark.parametrize("causal", [False, True])

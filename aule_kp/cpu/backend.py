@@ -1,9 +1,8 @@
 """CPU backend: FlashAttention-2 on the host's cores.
 
 Both passes run the native kernels (:mod:`.native`, C++ built per vector width) where they are
-installed. Otherwise, and for what they lack (soft-caps and ALiBi; backward also a shared mask's
-gradient), the forward runs this module's NumPy path and the backward
-:mod:`.backward`, with numba tile kernels where numba is.
+installed. Otherwise (and for a mask gradient shared across batches, heads or keys) the forward runs
+this module's NumPy path and the backward :mod:`.backward`, with numba tile kernels where numba is.
 
 The NumPy path: a block of query rows of one key/value head walks the key tiles the band lets it see
 (``Problem.key_range``; hidden tiles are never computed) with an online softmax in float32, so
@@ -376,13 +375,12 @@ class CpuBackend(Backend):
             mask = np.asarray(mask, dtype=np.float32)
         if p.precision == "int8":
             return int8.forward(p, q, k, v, mask)
-        # Soft-caps and ALiBi are the NumPy path's alone (the kernel has neither).
-        kern = None if p.has_score_mods else self.native()
+        kern = self.native()
         if kern is not None:
             block_q, block_k, _ = self.blocks(True)
             out, lse = kern.forward(p, q, k, v, mask, block_q=block_q, block_k=block_k,
-                                    workers=self.workers or worker_count(), sinks=sinks)
-            enforce(p, q, k, v, mask, out, lse, sinks=sinks)
+                                    workers=self.workers or worker_count(), alibi=alibi, sinks=sinks)
+            enforce(p, q, k, v, mask, out, lse, alibi=alibi, sinks=sinks)
             return out, lse
         block_q, block_k, step = self.blocks(False)
         job = _Forward(p, q, k, v, mask, block_q, block_k, step, alibi, sinks)
@@ -426,7 +424,7 @@ class CpuBackend(Backend):
         if fast is not None and not native.backward_reasons(problem, mask_grad):
             block_q, block_k = _NATIVE_BACKWARD_BLOCKS
             return fast.backward(problem, q, k, v, out, dout, lse, mask, mask_grad, block_q=block_q,
-                                 block_k=block_k, workers=self.workers or worker_count())
+                                 block_k=block_k, workers=self.workers or worker_count(), alibi=alibi)
         kern = self.kernels()
         if kern is not None:
             try:

@@ -59,14 +59,15 @@ class _Args(ctypes.Structure):
 
     _fields_ = [
         ("q", ctypes.c_void_p), ("k", ctypes.c_void_p), ("v", ctypes.c_void_p), ("mask", ctypes.c_void_p),
-        ("sinks", ctypes.c_void_p), ("out", ctypes.c_void_p), ("lse", ctypes.c_void_p),
+        ("sinks", ctypes.c_void_p), ("alibi", ctypes.c_void_p), ("out", ctypes.c_void_p), ("lse", ctypes.c_void_p),
         ("q_stride", _I64x3), ("k_stride", _I64x3), ("v_stride", _I64x3), ("mask_stride", _I64x4),
         ("batch", ctypes.c_int64), ("heads_q", ctypes.c_int64), ("heads_kv", ctypes.c_int64),
         ("len_q", ctypes.c_int64), ("len_k", ctypes.c_int64), ("dim_k", ctypes.c_int64), ("dim_v", ctypes.c_int64),
         ("diag", ctypes.c_int64), ("left", ctypes.c_int64), ("right", ctypes.c_int64),
         ("block_q", ctypes.c_int64), ("block_k", ctypes.c_int64), ("workers", ctypes.c_int64),
         ("stack", ctypes.c_int64), ("direct", ctypes.c_int64), ("computed", ctypes.c_int64),
-        ("dtype", ctypes.c_int32), ("scale", ctypes.c_float),
+        ("alibi_batch", ctypes.c_int64), ("dtype", ctypes.c_int32), ("scale", ctypes.c_float),
+        ("softcap", ctypes.c_float),
     ]
 
 
@@ -75,7 +76,7 @@ class _BwdArgs(ctypes.Structure):
 
     _fields_ = [
         ("q", ctypes.c_void_p), ("k", ctypes.c_void_p), ("v", ctypes.c_void_p), ("out", ctypes.c_void_p),
-        ("dout", ctypes.c_void_p), ("lse", ctypes.c_void_p), ("mask", ctypes.c_void_p),
+        ("dout", ctypes.c_void_p), ("lse", ctypes.c_void_p), ("mask", ctypes.c_void_p), ("alibi", ctypes.c_void_p),
         ("dq_parts", ctypes.c_void_p), ("dk", ctypes.c_void_p), ("dv", ctypes.c_void_p), ("dmask", ctypes.c_void_p),
         ("q_stride", _I64x3), ("k_stride", _I64x3), ("v_stride", _I64x3), ("o_stride", _I64x3),
         ("do_stride", _I64x3), ("mask_stride", _I64x4), ("dmask_stride", _I64x4),
@@ -83,7 +84,8 @@ class _BwdArgs(ctypes.Structure):
         ("len_q", ctypes.c_int64), ("len_k", ctypes.c_int64), ("dim_k", ctypes.c_int64), ("dim_v", ctypes.c_int64),
         ("diag", ctypes.c_int64), ("left", ctypes.c_int64), ("right", ctypes.c_int64),
         ("block_q", ctypes.c_int64), ("block_k", ctypes.c_int64), ("parts", ctypes.c_int64),
-        ("workers", ctypes.c_int64), ("dtype", ctypes.c_int32), ("scale", ctypes.c_float),
+        ("workers", ctypes.c_int64), ("alibi_batch", ctypes.c_int64), ("dtype", ctypes.c_int32),
+        ("scale", ctypes.c_float), ("softcap", ctypes.c_float),
     ]
 
 
@@ -112,12 +114,13 @@ class Kernel:
         return y
 
     def forward(self, p: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: Optional[np.ndarray], *,
-                block_q: int, block_k: int, workers: int,
+                block_q: int, block_k: int, workers: int, alibi: Optional[np.ndarray] = None,
                 sinks: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
         """``(out [B, Hq, Lq, Dv] in q's storage, lse float32)`` as :meth:`aule_kp.backend.Backend.forward`
         specifies, before :func:`aule_kp.nonfinite.enforce` (the caller's). ``mask`` is float32 of 4 dims
         broadcasting to ``[B, Hq, Lq, Lk]``; q/k/v may be strided (a view of ``[B, L, H, D]``, say);
-        ``sinks``: float32 ``[Hq]`` sink logits (:mod:`aule_kp.scoremods`), in the sums and the lse."""
+        ``alibi``: float32 ALiBi slopes ``[1 or B, Hq]`` and ``sinks`` float32 ``[Hq]`` sink logits
+        (:mod:`aule_kp.scoremods`; ``p.softcap`` the soft-cap)."""
         out = np.empty((p.batch, p.heads_q, p.len_q, p.dim_v), dtype=np.float32)
         lse = np.empty((p.batch, p.heads_q, p.len_q), dtype=np.float32)
         if lse.size == 0:
@@ -134,6 +137,7 @@ class Kernel:
         if sinks is not None:
             sinks = np.ascontiguousarray(sinks, dtype=np.float32)
             a.sinks = sinks.ctypes.data
+        alibi = _score_mods(a, p, alibi)
         a.batch, a.heads_q, a.heads_kv = p.batch, p.heads_q, p.heads_kv
         a.len_q, a.len_k, a.dim_k, a.dim_v = p.len_q, p.len_k, p.dim_k, p.dim_v
         a.diag = p.diag
@@ -146,7 +150,7 @@ class Kernel:
         a.workers = workers
         a.dtype = _STORAGE_CODE[p.dtype]
         a.scale = p.scale
-        # q, k, v, mask and sinks stay referenced here until the call returns.
+        # q, k, v, mask, sinks and alibi stay referenced here until the call returns.
         if self._lib.aule_fa2_forward(ctypes.byref(a)) != 0:
             raise MemoryError("aule-kp: the CPU kernel could not allocate its per-thread scratch")
         self.last_computed = a.computed
@@ -154,7 +158,8 @@ class Kernel:
 
     def backward(self, p: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray, dout: np.ndarray,
                  lse: np.ndarray, mask: Optional[np.ndarray], mask_grad: bool, *, block_q: int, block_k: int,
-                 workers: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
+                 workers: int, alibi: Optional[np.ndarray] = None
+                 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
         """``(dq, dk, dv, dmask)`` as :meth:`aule_kp.backend.Backend.backward` specifies, for problems
         :func:`backward_reasons` accepts."""
         dq = np.zeros((p.batch, p.heads_q, p.len_q, p.dim_k), dtype=np.float32)
@@ -177,6 +182,7 @@ class Kernel:
                 a.mask, a.mask_stride = mask.ctypes.data, _strides(mask)
             if dmask is not None:
                 a.dmask, a.dmask_stride = dmask.ctypes.data, _strides(dmask)
+            alibi = _score_mods(a, p, alibi)
             a.batch, a.heads_q, a.heads_kv = p.batch, p.heads_q, p.heads_kv
             a.len_q, a.len_k, a.dim_k, a.dim_v = p.len_q, p.len_k, p.dim_k, p.dim_v
             a.diag = p.diag
@@ -192,12 +198,23 @@ class Kernel:
         return from_f32(dq, p.dtype), from_f32(dk, p.dtype), from_f32(dv, p.dtype), dmask
 
 
+def _score_mods(a: ctypes.Structure, p: Problem, alibi: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    """Sets the soft-cap and the ALiBi slopes of ``a`` (either kernel's arguments); returns the slopes' array,
+    which the caller keeps referenced for the call."""
+    a.softcap = p.softcap
+    if alibi is None:
+        return None
+    alibi = np.ascontiguousarray(alibi, dtype=np.float32).reshape(-1, p.heads_q)
+    a.alibi = alibi.ctypes.data
+    a.alibi_batch = p.heads_q if alibi.shape[0] > 1 else 0
+    return alibi
+
+
 def backward_reasons(p: Problem, mask_grad: bool) -> List[str]:
     """Why the native backward cannot take ``p`` (empty: it can). A mask's gradient needs every entry written by
-    one task: not shared across batches, heads or keys (rows may be: each task sums its own)."""
+    one task: not shared across batches, heads or keys (rows may be: each task sums its own). Sinks need
+    nothing: the saved lse holds them."""
     reasons = []
-    if p.has_score_mods:  # sinks need nothing here: the saved lse holds them
-        reasons.append("soft-caps and ALiBi are the NumPy path's")
     if mask_grad and p.mask_shape is not None:
         mb, mh, _, mk = p.mask_shape
         if (mb, mh, mk) != (p.batch, p.heads_q, p.len_k) and not (p.batch == 1 and p.heads_q == 1 and p.len_k == 1):

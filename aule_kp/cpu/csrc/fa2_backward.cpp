@@ -22,6 +22,7 @@ struct BwdArgs {
     const void *q, *k, *v, *out, *dout;
     const float* lse;    // [B, Hq, Lq] float32, contiguous
     const float* mask;   // NULL: none
+    const float* alibi;  // NULL, or ALiBi slopes [1 or B, Hq] (alibi_batch: their batch stride, 0 or Hq)
     float* dq_parts;     // [parts, B, Hq, Lq, Dk] float32, zeroed by the caller
     float *dk, *dv;      // [B, Hkv, Lk, Dk] and [B, Hkv, Lk, Dv] float32
     float* dmask;        // NULL, or float32 [B, Hq, Lq or 1, Lk] (summed over the rows when their stride is 0)
@@ -29,9 +30,10 @@ struct BwdArgs {
     int64_t mask_stride[4], dmask_stride[4];                                   // 0 broadcasts
     int64_t batch, heads_q, heads_kv, len_q, len_k, dim_k, dim_v;
     int64_t diag, left, right;  // as the forward's
-    int64_t block_q, block_k, parts, workers;
+    int64_t block_q, block_k, parts, workers, alibi_batch;
     int32_t dtype;
     float scale;
+    float softcap;  // 0: off
 };
 
 struct BwdTask {
@@ -46,6 +48,7 @@ struct BwdScratch {
     float *p, *ds;            // [rows][ps]: S then P; dP then dS
     float* dq;                // [rows][dkp]: the row block's dQ from this key block
     float* orow;              // one row of O, converted
+    float* tanh;              // one row's tanh(s / softcap)
 };
 
 struct BwdShared {
@@ -145,6 +148,8 @@ static void run_bwd_task(const BwdArgs* a, const BwdTask* t, BwdScratch* sc) {
                         memset(dsrow, 0, sizeof(float) * wp);
                         continue;
                     }
+                    const float slope = a->alibi ? a->alibi[t->b * a->alibi_batch + h] : 0.0f;
+                    modify_scores(prow, 0, wp, a->softcap, sc->tanh, lo, hi, slope, c0, i0 + r + a->diag);
                     if (a->mask) {
                         const float* mrow = a->mask + t->b * a->mask_stride[0] + h * a->mask_stride[1] +
                                             (i0 + r) * a->mask_stride[2];
@@ -166,6 +171,8 @@ static void run_bwd_task(const BwdArgs* a, const BwdTask* t, BwdScratch* sc) {
                                       (i0 + r) * a->dmask_stride[2];
                         for (int64_t j = lo; j < hi; j++) grow[(c0 + j) * a->dmask_stride[3]] += dsrow[j];
                     }
+                    if (a->softcap != 0.0f)  // through the cap: dS (1 - tanh^2), after the mask's gradient
+                        for (int64_t j = lo; j < hi; j++) dsrow[j] *= 1.0f - sc->tanh[j] * sc->tanh[j];
                 }
                 // dV += P^T dO and dK += dS^T q over the block's keys, MR keys at a time.
                 for (int64_t j = 0; j < wp; j += MR) {
@@ -205,7 +212,7 @@ static void* bwd_worker(void* arg) {
     const int64_t dkp = round_up(a->dim_k > 0 ? a->dim_k : 1, W), dvp = round_up(a->dim_v > 0 ? a->dim_v : 1, W);
     const int64_t bk = round_up(a->block_k, NC), brp = round_up(a->block_q, MR), ps = bk + MR;
     const int64_t sizes[] = {bk * dkp, bk * dkp, bk * dvp, ps * dkp, ps * dvp, brp * dkp, brp * dvp,
-                             brp, brp, brp * ps, brp * ps, brp * dkp, dvp};
+                             brp, brp, brp * ps, brp * ps, brp * dkp, dvp, ps};
     int64_t floats = 0;
     for (int64_t n : sizes) floats += round_up(n, 16);
     float* mem = (float*)aligned_alloc(64, sizeof(float) * floats);
@@ -213,8 +220,8 @@ static void* bwd_worker(void* arg) {
     float* p = mem;
     BwdScratch sc;
     float** fields[] = {&sc.kt, &sc.kr, &sc.vt, &sc.dk, &sc.dv, &sc.q, &sc.dout, &sc.lse, &sc.delta, &sc.p, &sc.ds,
-                        &sc.dq, &sc.orow};
-    for (int f = 0; f < 13; f++) {
+                        &sc.dq, &sc.orow, &sc.tanh};
+    for (int f = 0; f < 14; f++) {
         *fields[f] = p;
         p += round_up(sizes[f], 16);
     }

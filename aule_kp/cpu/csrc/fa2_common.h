@@ -76,6 +76,36 @@ static inline float exp2s(float x) {
     return v[0];
 }
 
+// tanh(x) as (1 - e) / (1 + e), e = 2**(-2|x| log2 e): a few ulp of the result (tests/conftest.py's
+// TANH_ROUNDING); NaN stays NaN, +-inf gives +-1.
+static inline vf tanhv(vf x) {
+    const vf ax = x < 0.0f ? -x : x;
+    const vf e = exp2v(ax * splat(-2.8853900817779268f));
+    const vf t = (1.0f - e) / (1.0f + e);
+    return x < 0.0f ? -t : t;
+}
+
+// The score modifiers of aule_kp/scoremods.py on one row of scores, in place: softcap * tanh(s / softcap)
+// over columns [v0, v1) (whole vectors; 0: off), tanh itself into `t` when not NULL (the backward's
+// derivative 1 - t^2), then minus `slope` * |key - (row + diag)| over the row's keys [lo, hi) (ALiBi;
+// `key0`: column 0's key, `anchor`: row + diag).
+static inline void modify_scores(float* row, int64_t v0, int64_t v1, float softcap, float* t, int64_t lo,
+                                 int64_t hi, float slope, int64_t key0, int64_t anchor) {
+    if (softcap != 0.0f) {
+        const vf c = splat(softcap);
+        for (int64_t j = v0; j < v1; j += W) {
+            const vf th = tanhv(load(row + j) / c);
+            if (t) store(t + j, th);
+            store(row + j, th * c);
+        }
+    }
+    if (slope != 0.0f)
+        for (int64_t j = lo; j < hi; j++) {
+            const int64_t d = key0 + j - anchor;
+            row[j] -= slope * (float)(d < 0 ? -d : d);
+        }
+}
+
 static inline float gt(float x, float y) { return x > y ? x : y; }  // y when x is NaN
 
 // Horizontal max (NaN skipped) and sum of a vector, halving it until 4 lanes remain: a chain of W scalar

@@ -28,6 +28,7 @@ struct Args {
     const void *q, *k, *v;
     const float* mask;   // NULL: none
     const float* sinks;  // NULL, or one logit per query head: a key every row sees, with no value (gpt-oss)
+    const float* alibi;  // NULL, or ALiBi slopes [1 or B, Hq] (alibi_batch: their batch stride, 0 or Hq)
     float* out;         // [B, Hq, Lq, Dv] float32, contiguous
     float* lse;         // [B, Hq, Lq]
     int64_t q_stride[3], k_stride[3], v_stride[3];  // elements per batch, head, position (last dim contiguous)
@@ -38,8 +39,10 @@ struct Args {
     int64_t stack;   // 1: a task takes all query heads of its kv head (rows head-major), 0: one query head
     int64_t direct;  // 1: K and V rows read as they are (few rows per kv head: packing costs more than it saves)
     int64_t computed;  // out: scores computed, padding included (tests check that hidden panels are skipped)
+    int64_t alibi_batch;
     int32_t dtype;
     float scale;
+    float softcap;  // 0: off
 };
 
 // Rows: heads [h0, h0 + nh) x positions [i0, i1), head-major (row r is head h0 + r / n, position i0 + r % n).
@@ -178,6 +181,8 @@ static int64_t run_task(const Args* a, const Task* t, const Packed* pk, Scratch*
                     for (int64_t j = j0; j < j1; j++) row[j] = 0.0f;
                     continue;
                 }
+                const float slope = a->alibi ? a->alibi[t->b * a->alibi_batch + head[r]] : 0.0f;
+                modify_scores(row, j0, j1, a->softcap, NULL, lo, hi, slope, c0, pos[r] + a->diag);
                 for (int64_t j = j0; j < lo; j++) row[j] = -INFINITY;
                 for (int64_t j = hi; j < j1; j++) row[j] = -INFINITY;
                 if (a->mask) {
