@@ -9,6 +9,7 @@ ones. Tolerances come from the suite's error model (tests/cpu_cases.py, ``confte
 
 from __future__ import annotations
 
+import ctypes
 import warnings
 from dataclasses import replace
 from typing import Optional, Tuple
@@ -306,6 +307,18 @@ def test_without_a_build_numpy_runs_and_says_why_once(monkeypatch: pytest.Monkey
         warnings.simplefilter("error")
         CpuBackend().forward(p, q, k, v, None)
     assert CpuBackend().native() is None
+
+
+def test_a_build_of_other_sources_is_refused(kernel: native.Kernel, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A library whose argument structs differ from native.py's mirrors (a checkout pulled without rebuilding)
+    # would read their fields from the wrong places: load() must refuse it (and fall back, saying why). A
+    # mirror one field longer stands in for such a library.
+    class Longer(native._Args):
+        _fields_ = [("extra", ctypes.c_int64)]
+
+    monkeypatch.setattr(native, "_Args", Longer)
+    with pytest.raises(OSError, match="built from other sources.*rebuild it"):
+        native.Kernel(kernel.path)
 
 
 def test_bad_worker_count_is_refused() -> None:

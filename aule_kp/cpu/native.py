@@ -95,6 +95,7 @@ class Kernel:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lib = ctypes.CDLL(str(path))
+        _check_layout(self._lib, path)
         self._lib.aule_fa2_forward.argtypes = [ctypes.POINTER(_Args)]
         self._lib.aule_fa2_forward.restype = ctypes.c_int
         self._lib.aule_fa2_backward.argtypes = [ctypes.POINTER(_BwdArgs)]
@@ -196,6 +197,23 @@ class Kernel:
             if parts > 1:
                 dq = dq_parts.sum(axis=0)  # in key-range order: the same sums every call
         return from_f32(dq, p.dtype), from_f32(dk, p.dtype), from_f32(dv, p.dtype), dmask
+
+
+def _check_layout(lib: ctypes.CDLL, path: Path) -> None:
+    """OSError (load's "does not load") unless ``lib`` takes the argument structs this module passes: a library
+    built from older sources (a checkout pulled without rebuilding) would read their fields from the wrong
+    places and crash or write through stray pointers."""
+    for symbol, struct in (("aule_fa2_forward_args_size", _Args), ("aule_fa2_backward_args_size", _BwdArgs)):
+        try:
+            size = getattr(lib, symbol)
+        except AttributeError:
+            size = None
+        else:
+            size.restype = ctypes.c_int64
+            size = size()
+        if size != ctypes.sizeof(struct):
+            raise OSError(f"built from other sources than this aule_kp ({struct.__name__} of {size} bytes, expected "
+                          f"{ctypes.sizeof(struct)}): rebuild it: python scripts/cpu_build.py --into aule_kp")
 
 
 def _score_mods(a: ctypes.Structure, p: Problem, alibi: Optional[np.ndarray]) -> Optional[np.ndarray]:

@@ -395,6 +395,10 @@ EXPORT int aule_fa2_forward(Args* a) {
 
 EXPORT int aule_fa2_vector_width(void) { return W; }
 
+// sizeof(Args), which native.py compares with its ctypes mirror before the first call: a library left from
+// older sources (a checkout pulled without rebuilding) would read every field after a change from the wrong place.
+EXPORT int64_t aule_fa2_forward_args_size(void) { return sizeof(Args); }
+
 // The kernel's exponential on `n` floats (tests hold it to its error bound).
 EXPORT void aule_fa2_exp2(const float* x, float* y, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] = exp2s(x[i]);
