@@ -12,7 +12,7 @@ from __future__ import annotations
 import ctypes
 import warnings
 from dataclasses import replace
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import pytest
@@ -133,6 +133,7 @@ def test_grid(kernel: native.Kernel, mode: str, monkeypatch: pytest.MonkeyPatch,
 @pytest.mark.parametrize("shape", [(2, 3, 37, 53), (1, 3, 1, 53), (2, 1, 37, 1), (1, 1, 1, 53)])
 def test_masks(kernel: native.Kernel, mode: str, monkeypatch: pytest.MonkeyPatch, shape: Tuple[int, ...]) -> None:
     p = make_problem(b=2, hq=3, hkv=3, causal=True, mask_shape=shape)
+    threaded(monkeypatch)  # packed: 6 kv heads through 3 slots on 2 threads, each slot refilled in turn
     backend = backend_of(kernel, monkeypatch, block_q=16, block_k=24, workers=2)
     for mask in (float_mask(shape), bool_mask(shape)):
         check(p, *make_inputs(p), mask=mask, backend=backend)
@@ -255,6 +256,16 @@ def test_backward_grid(kernel: native.Kernel, monkeypatch: pytest.MonkeyPatch, d
     check_backward(p, backend=backend_of(kernel, monkeypatch, workers=2))
 
 
+def threaded(monkeypatch: pytest.MonkeyPatch) -> List[int]:
+    """Small problems on the threads asked for (native._threads keeps them on one, where key ranges and their
+    dQ partials never run); returns the list that records each backward call's key ranges."""
+    monkeypatch.setattr(native, "_THREAD_MIN_WORK", 0)
+    used: List[int] = []
+    ranges = native._key_ranges
+    monkeypatch.setattr(native, "_key_ranges", lambda *args: used.append(ranges(*args)) or used[-1])
+    return used
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 37, 53), (2, 3, 1, 53), (1, 1, 37, 53)])
 @pytest.mark.parametrize("mask_grad", [False, True])
 def test_backward_masks(kernel: native.Kernel, monkeypatch: pytest.MonkeyPatch, shape: Tuple[int, ...],
@@ -264,7 +275,9 @@ def test_backward_masks(kernel: native.Kernel, monkeypatch: pytest.MonkeyPatch, 
     monkeypatch.setattr(cpu_backend, "_NATIVE_BACKWARD_BLOCKS", SMALL_BACKWARD)
     p = make_problem(b=2, hq=3, hkv=3, causal=True, mask_shape=shape)
     assert bool(native.backward_reasons(p, mask_grad)) == (mask_grad and shape[0] == 1)
+    used = threaded(monkeypatch)  # two threads, two key ranges per kv head: a mask gradient's keys split
     check_backward(p, make_mask(p), mask_grad, backend_of(kernel, monkeypatch, workers=2))
+    assert used == ([] if native.backward_reasons(p, mask_grad) else [2])
 
 
 @pytest.mark.parametrize("workers", [1, 3])
@@ -272,13 +285,14 @@ def test_backward_key_ranges_are_deterministic(kernel: native.Kernel, monkeypatc
                                                workers: int) -> None:
     # One kv head over several threads: key ranges with dQ partials summed in order, bit for bit every call.
     monkeypatch.setattr(cpu_backend, "_NATIVE_BACKWARD_BLOCKS", SMALL_BACKWARD)
+    used = threaded(monkeypatch)
     backend = backend_of(kernel, monkeypatch, workers=workers)
     p = make_problem(hq=3, hkv=1, lq=45, lk=170, causal=True, top_left=True)
     first = check_backward(p, backend=backend)
     again, _, _ = run_backward(p, backend=backend)
     for a, b in zip(first[:3], again[:3]):
         assert np.array_equal(a, b)
-    assert native._key_ranges(p, SMALL_BACKWARD[1], workers) == (1 if workers == 1 else 12)
+    assert used == [1 if workers == 1 else 12] * 2  # both calls took the ranges asked for
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow,
