@@ -108,6 +108,25 @@ def test_16_bit_conversion_is_exact(kernel: native.Kernel, dtype: str) -> None:
     np.testing.assert_array_equal(got[~nan], want[~nan])
 
 
+def test_float16_subnormals_survive_flushing_denormals(kernel: native.Kernel) -> None:
+    # torch.set_flush_denormal(True) (or any library built with -ffast-math) sets the CPU's denormals-are-zero
+    # mode, which the kernel's threads inherit. float16 subnormals are float32 normals: their conversion must
+    # not pass through a float32 subnormal. Dv 15: 8 lanes by F16C where the build has it, 7 by the software
+    # conversion; every subnormal pattern of either sign, with one key (weight 1: the output is V itself).
+    torch = pytest.importorskip("torch")
+    bits = np.concatenate([np.arange(1, 1 << 10), np.arange(1, 1 << 10) | 0x8000]).astype(np.uint16)
+    v = np.resize(bits, (1, 137, 1, 15)).view(np.float16)
+    p = Problem(1, 137, 137, 1, 1, 4, 15, "float16", 0.5)
+    q = k = np.zeros((1, 137, 1, 4), dtype=np.float16)
+    if not torch.set_flush_denormal(True):
+        pytest.skip("this CPU has no denormals-are-zero mode")
+    try:
+        out, _ = kernel.forward(p, q, k, v, None, block_q=16, block_k=16, workers=1)
+    finally:
+        torch.set_flush_denormal(False)
+    np.testing.assert_array_equal(out.astype(np.float32), v.astype(np.float32))
+
+
 GRID = [
     {},
     {"causal": True},

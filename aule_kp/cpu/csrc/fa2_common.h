@@ -140,18 +140,20 @@ struct Lanes<4> {
 
 enum { F32 = 0, F16 = 1, BF16 = 2 };
 
-// Exact: a half's exponent and mantissa moved into float32's fields and scaled by 2**112 covers normals and
-// subnormals alike; inf and NaN keep their mantissa under an all-ones exponent.
-// Branch-free, so that conversion loops vectorise.
+// Exact, and in integer arithmetic up to float32 normals: a subnormal half (mantissa m, value m * 2**-24) is the
+// integer m converted and scaled, a normal one its fields moved into float32's with the exponent rebased by
+// 127 - 15; inf and NaN keep their mantissa under an all-ones exponent. Scaling the fields as a float32
+// subnormal instead would read 0 under the denormals-are-zero mode that torch.set_flush_denormal(True) sets
+// and the kernel's threads inherit. Branch-free, so that conversion loops vectorise.
 static inline float half_to_f32(uint16_t h) {
-    const uint32_t bits = (uint32_t)(h & 0x7FFF) << 13;
-    float finite, special;
-    const uint32_t special_bits = bits | 0x7F800000u;
-    memcpy(&finite, &bits, 4);
+    const uint32_t fields = (uint32_t)(h & 0x7FFF) << 13, exponent = h & 0x7C00;
+    const uint32_t normal_bits = fields + (112u << 23), special_bits = fields | 0x7F800000u;
+    float normal, special;
+    memcpy(&normal, &normal_bits, 4);
     memcpy(&special, &special_bits, 4);
-    finite *= 0x1p112f;
+    const float subnormal = (float)(int32_t)(h & 0x3FF) * 0x1p-24f;
+    const float f = exponent == 0 ? subnormal : (exponent == 0x7C00 ? special : normal);
     uint32_t out;
-    const float f = (h & 0x7C00) == 0x7C00 ? special : finite;
     memcpy(&out, &f, 4);
     out |= (uint32_t)(h & 0x8000) << 16;
     float r;
@@ -172,14 +174,16 @@ static inline float element(const void* p, int64_t i) {
 }
 
 // `n` elements of storage type DT at `src` as float32 into `dst`, then zeros up to `padded`.
-// With F16C (every AVX2 CPU has it) halves convert 8 at a time in hardware, exactly as above.
+// With F16C (every AVX2 CPU has it) halves convert in hardware, exactly as above: 8 at a time, then one by one.
 template <int DT>
 static inline void convert_row(float* dst, const char* src, int64_t n, int64_t padded) {
     int64_t d = 0;
 #if defined(__F16C__)
-    if (DT == F16)
+    if (DT == F16) {
         for (; d + 8 <= n; d += 8)
             _mm256_storeu_ps(dst + d, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(src + 2 * d))));
+        for (; d < n; d++) dst[d] = _cvtsh_ss(((const uint16_t*)src)[d]);
+    }
 #endif
     for (; d < n; d++) dst[d] = element<DT>(src, d);
     for (d = n; d < padded; d++) dst[d] = 0.0f;
