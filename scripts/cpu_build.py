@@ -97,7 +97,11 @@ def install_into(package: Path) -> List[Path]:
     for lib in sorted(built.iterdir()):
         target = dest / lib.name
         if not target.exists() or target.read_bytes() != lib.read_bytes():
-            shutil.copy2(lib, target)
+            # A new file renamed over the old: a process that has the old one loaded keeps its pages (writing
+            # into it in place crashed such a process, SIGILL).
+            partial = target.with_name(target.name + ".partial")
+            shutil.copy2(lib, partial)
+            os.replace(partial, target)
         copied.append(target)
     return copied
 
