@@ -235,6 +235,24 @@ def test_hidden_tiles_are_skipped(kernel: native.Kernel, kwargs: dict, most: flo
     assert p.visible_fraction() * n * n <= kernel.last_computed <= most * n * n
 
 
+def test_inputs_of_odd_strides_are_copied(kernel: native.Kernel) -> None:
+    # A mask or q whose strides are no whole number of floats (fields of a structured array) or whose data is
+    # not aligned: the kernel indexes in elements, so native.py hands it a copy; the same result bit for bit.
+    p = make_problem(b=1, hq=2, hkv=2, lq=5, lk=7, dk=8, mask_shape=(1, 2, 5, 7))
+    q, k, v = make_inputs(p)
+    mask = float_mask(p.mask_shape)
+    record = np.zeros(p.mask_shape, dtype=[("mask", "<f4"), ("pad", "u1")])
+    record["mask"] = mask
+    raw = np.zeros(q.nbytes + 1, dtype=np.uint8)
+    unaligned = raw[1:].view(np.float32).reshape(q.shape)
+    unaligned[...] = q
+    assert record["mask"].strides[-1] == 5 and not unaligned.flags.aligned
+    want = kernel.forward(p, q, k, v, mask, block_q=4, block_k=4, workers=1)
+    got = kernel.forward(p, unaligned, k, v, record["mask"], block_q=4, block_k=4, workers=1)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
 @st.composite
 def problems(draw: st.DrawFn) -> Tuple[Problem, Optional[np.ndarray], dict, str]:
     hkv = draw(st.integers(1, 3))

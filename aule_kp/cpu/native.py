@@ -132,7 +132,7 @@ class Kernel:
         a.out, a.lse = out.ctypes.data, lse.ctypes.data
         a.q_stride, a.k_stride, a.v_stride = (_I64x3(*(s // x.itemsize for s in x.strides[:3])) for x in (q, k, v))
         if mask is not None:
-            mask = np.asarray(mask, dtype=np.float32)
+            mask = _whole_elements(np.asarray(mask, dtype=np.float32))
             a.mask = mask.ctypes.data
             a.mask_stride = _strides(mask)
         if sinks is not None:
@@ -179,7 +179,7 @@ class Kernel:
             for name, x in (("q_stride", q), ("k_stride", k), ("v_stride", v), ("o_stride", out), ("do_stride", dout)):
                 setattr(a, name, _I64x3(*(s // x.itemsize for s in x.strides[:3])))
             if mask is not None:
-                mask = np.asarray(mask, dtype=np.float32)
+                mask = _whole_elements(np.asarray(mask, dtype=np.float32))
                 a.mask, a.mask_stride = mask.ctypes.data, _strides(mask)
             if dmask is not None:
                 a.dmask, a.dmask_stride = dmask.ctypes.data, _strides(dmask)
@@ -256,11 +256,16 @@ def _key_ranges(p: Problem, block_k: int, workers: int) -> int:
 
 
 def _rows(x: np.ndarray, dtype: str) -> np.ndarray:
-    """``x`` as the storage type, each head-dim row contiguous and every stride a whole element (a copy only
-    where that does not hold already)."""
-    x = np.asarray(x, dtype=STORAGE[dtype])
-    size = x.itemsize
-    if x.shape[-1] > 1 and x.strides[-1] != size or any(s % size for s in x.strides):
+    """``x`` as the storage type, each head-dim row contiguous, aligned and every stride a whole element (a copy
+    only where that does not hold already)."""
+    x = _whole_elements(np.asarray(x, dtype=STORAGE[dtype]))
+    return np.ascontiguousarray(x) if x.shape[-1] > 1 and x.strides[-1] != x.itemsize else x
+
+
+def _whole_elements(x: np.ndarray) -> np.ndarray:
+    """``x``, or a contiguous copy where it is not aligned or a stride is not a whole number of elements (a
+    field of a structured array, a view of raw bytes): the kernels index in elements."""
+    if not x.flags.aligned or any(s % x.itemsize for s in x.strides):
         x = np.ascontiguousarray(x)
     return x
 
