@@ -266,7 +266,7 @@ def _whole_elements(x: np.ndarray) -> np.ndarray:
     """``x``, or a contiguous copy where it is not aligned or a stride is not a whole number of elements (a
     field of a structured array, a view of raw bytes): the kernels index in elements."""
     if not x.flags.aligned or any(s % x.itemsize for s in x.strides):
-        x = np.ascontiguousarray(x)
+        x = x.copy()  # not ascontiguousarray: that keeps a contiguous array's unaligned data
     return x
 
 
