@@ -137,19 +137,12 @@ class Kernel:
         if sinks is not None:
             sinks = np.ascontiguousarray(sinks, dtype=np.float32)
             a.sinks = sinks.ctypes.data
-        alibi = _score_mods(a, p, alibi)
-        a.batch, a.heads_q, a.heads_kv = p.batch, p.heads_q, p.heads_kv
-        a.len_q, a.len_k, a.dim_k, a.dim_v = p.len_q, p.len_k, p.dim_k, p.dim_v
-        a.diag = p.diag
-        a.left = -1 if p.left is None else p.left
-        a.right = -1 if p.right is None else p.right
+        alibi = _problem_fields(a, p, alibi)
         workers = _threads(p, workers)
         a.direct = a.stack = int(p.len_q < _DIRECT_POSITIONS and p.len_q * p.group < _DIRECT_ROWS)
         a.block_q = _block_rows(p, block_q, workers, bool(a.stack))
         a.block_k = block_k
         a.workers = workers
-        a.dtype = _STORAGE_CODE[p.dtype]
-        a.scale = p.scale
         # q, k, v, mask, sinks and alibi stay referenced here until the call returns.
         if self._lib.aule_fa2_forward(ctypes.byref(a)) != 0:
             raise MemoryError("aule-kp: the CPU kernel could not allocate its per-thread scratch")
@@ -182,15 +175,8 @@ class Kernel:
                 a.mask, a.mask_stride = mask.ctypes.data, _strides(mask)
             if dmask is not None:
                 a.dmask, a.dmask_stride = dmask.ctypes.data, _strides(dmask)
-            alibi = _score_mods(a, p, alibi)
-            a.batch, a.heads_q, a.heads_kv = p.batch, p.heads_q, p.heads_kv
-            a.len_q, a.len_k, a.dim_k, a.dim_v = p.len_q, p.len_k, p.dim_k, p.dim_v
-            a.diag = p.diag
-            a.left = -1 if p.left is None else p.left
-            a.right = -1 if p.right is None else p.right
+            alibi = _problem_fields(a, p, alibi)
             a.block_q, a.block_k, a.parts, a.workers = block_q, block_k, parts, workers
-            a.dtype = _STORAGE_CODE[p.dtype]
-            a.scale = p.scale
             if self._lib.aule_fa2_backward(ctypes.byref(a)) != 0:
                 raise MemoryError("aule-kp: the CPU kernel could not allocate its per-thread scratch")
             if parts > 1:
@@ -198,9 +184,16 @@ class Kernel:
         return from_f32(dq, p.dtype), from_f32(dk, p.dtype), from_f32(dv, p.dtype), dmask
 
 
-def _score_mods(a: ctypes.Structure, p: Problem, alibi: Optional[np.ndarray]) -> Optional[np.ndarray]:
-    """Sets the soft-cap and the ALiBi slopes of ``a`` (either kernel's arguments); returns the slopes' array,
-    which the caller keeps referenced for the call."""
+def _problem_fields(a: ctypes.Structure, p: Problem, alibi: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    """Sets the fields both kernels' arguments take from ``p`` (shapes, band, storage, scale, soft-cap) and the
+    ALiBi slopes; returns the slopes' array, which the caller keeps referenced for the call."""
+    a.batch, a.heads_q, a.heads_kv = p.batch, p.heads_q, p.heads_kv
+    a.len_q, a.len_k, a.dim_k, a.dim_v = p.len_q, p.len_k, p.dim_k, p.dim_v
+    a.diag = p.diag
+    a.left = -1 if p.left is None else p.left
+    a.right = -1 if p.right is None else p.right
+    a.dtype = _STORAGE_CODE[p.dtype]
+    a.scale = p.scale
     a.softcap = p.softcap
     if alibi is None:
         return None

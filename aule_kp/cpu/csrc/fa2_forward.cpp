@@ -74,6 +74,21 @@ struct Scratch {
     float *k, *v;  // direct mode: a key block's K and V rows, converted and zero-padded
 };
 
+// Direct mode: rows [c0, c0 + width) of one head's K or V as float32 rows of whole vectors: in place where
+// they already are (`in_place`; `*stride` their row stride), else converted into `buf` (stride `padded`).
+template <int DT>
+static const float* direct_rows(const char* base, int64_t row_stride, int64_t c0, int64_t width, int64_t n,
+                                int64_t padded, bool in_place, float* buf, int64_t* stride) {
+    if (in_place) {
+        *stride = row_stride;
+        return (const float*)base + c0 * row_stride;
+    }
+    const int64_t esz = DT == F32 ? 4 : 2;
+    for (int64_t j = 0; j < width; j++) convert_row<DT>(buf + j * padded, base + esz * (c0 + j) * row_stride, n, padded);
+    *stride = padded;
+    return buf;
+}
+
 // One task's rows over the keys they see, from its group's packed K/V; returns the scores it computed.
 template <int DT>
 static int64_t run_task(const Args* a, const Task* t, const Packed* pk, Scratch* sc) {
@@ -119,26 +134,8 @@ static int64_t run_task(const Args* a, const Task* t, const Packed* pk, Scratch*
         const float *kt = NULL, *vb, *kb = NULL;
         int64_t kb_stride = dkp, vb_stride = dvp;
         if (a->direct) {
-            if (k_in_place) {
-                kb = (const float*)kbase + c0 * a->k_stride[2];
-                kb_stride = a->k_stride[2];
-            } else {
-                for (int64_t j = 0; j < width; j++) {
-                    const char* src = kbase + esz * (c0 + j) * a->k_stride[2];
-                    convert_row<DT>(sc->k + j * dkp, src, dk, dkp);
-                }
-                kb = sc->k;
-            }
-            if (v_in_place) {
-                vb = (const float*)vbase + c0 * a->v_stride[2];
-                vb_stride = a->v_stride[2];
-            } else {
-                for (int64_t j = 0; j < width; j++) {
-                    const char* src = vbase + esz * (c0 + j) * a->v_stride[2];
-                    convert_row<DT>(sc->v + j * dvp, src, dv, dvp);
-                }
-                vb = sc->v;
-            }
+            kb = direct_rows<DT>(kbase, a->k_stride[2], c0, width, dk, dkp, k_in_place, sc->k, &kb_stride);
+            vb = direct_rows<DT>(vbase, a->v_stride[2], c0, width, dv, dvp, v_in_place, sc->v, &vb_stride);
         } else {
             kt = pk->kt + c0 * dk;  // panel c0 / NC
             vb = pk->v + c0 * dvp;
