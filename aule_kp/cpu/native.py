@@ -12,6 +12,7 @@ released (ctypes drops it for the call). The row max, the exponential and the no
 from __future__ import annotations
 
 import ctypes
+import logging
 import math
 import platform
 import sys
@@ -23,6 +24,8 @@ import numpy as np
 from ..dtypes import STORAGE, from_f32
 from ..errors import warn_once
 from ..problem import Problem
+
+logger = logging.getLogger("aule_kp")
 
 #: Where cpu_build.py puts the libraries (inside the package: the wheel carries them).
 LIB_DIR = Path(__file__).resolve().parent / "lib"
@@ -46,6 +49,10 @@ _DIRECT_ROWS = 128
 #: Below this many multiply-adds (a few hundred microseconds) starting threads costs more than it saves.
 _THREAD_MIN_WORK = 1 << 24
 
+#: Bytes the forward's packed K/V slots may take: one per thread (and one packed ahead) would hold K and V of
+#: 129 heads at once on a 128-core machine (4 GiB at Lk 32768, D 128). At least one slot is always made.
+_SLOT_BYTES = 256 << 20
+
 #: Bytes the backward's dQ partials (one per key range of a kv head) may take.
 _PARTIAL_BYTES = 256 << 20
 
@@ -66,8 +73,8 @@ class _Args(ctypes.Structure):
         ("diag", ctypes.c_int64), ("left", ctypes.c_int64), ("right", ctypes.c_int64),
         ("block_q", ctypes.c_int64), ("block_k", ctypes.c_int64), ("workers", ctypes.c_int64),
         ("stack", ctypes.c_int64), ("direct", ctypes.c_int64), ("computed", ctypes.c_int64),
-        ("alibi_batch", ctypes.c_int64), ("dtype", ctypes.c_int32), ("scale", ctypes.c_float),
-        ("softcap", ctypes.c_float),
+        ("slot_bytes", ctypes.c_int64), ("alibi_batch", ctypes.c_int64), ("dtype", ctypes.c_int32),
+        ("scale", ctypes.c_float), ("softcap", ctypes.c_float),
     ]
 
 
@@ -103,6 +110,14 @@ class Kernel:
         self._lib.aule_fa2_exp2.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
         self._lib.aule_fa2_exp2.restype = None
         self.width: int = self._lib.aule_fa2_vector_width()
+        for name, struct in (("forward", _Args), ("backward", _BwdArgs)):
+            size = getattr(self._lib, f"aule_fa2_{name}_args_size", None)
+            if size is None:
+                raise OSError(f"{path.name} is a stale build (no {name} argument size): rebuild it")
+            size.restype = ctypes.c_int64
+            if size() != ctypes.sizeof(struct):
+                raise OSError(f"{path.name} is a stale build: its {name} arguments take {size()} bytes, "
+                              f"this aule_kp's {ctypes.sizeof(struct)}; rebuild it")
         #: Scores the last call computed, padding included (what tests of tile skipping read).
         self.last_computed = 0
 
@@ -143,6 +158,7 @@ class Kernel:
         a.block_q = _block_rows(p, block_q, workers, bool(a.stack))
         a.block_k = block_k
         a.workers = workers
+        a.slot_bytes = _SLOT_BYTES
         # q, k, v, mask, sinks and alibi stay referenced here until the call returns.
         if self._lib.aule_fa2_forward(ctypes.byref(a)) != 0:
             raise MemoryError("aule-kp: the CPU kernel could not allocate its per-thread scratch")
@@ -289,6 +305,7 @@ def load(width: Optional[int] = None, quiet: bool = False) -> Optional[Kernel]:
             except OSError as exc:
                 _why[w] = (f"{path.name} is not installed (build it: python scripts/cpu_build.py --into aule_kp)"
                            if not path.exists() else f"{path.name} does not load: {exc}")
+                logger.debug("cpu kernel w%d: %s", w, _why[w])
         if w in _loaded:
             return _loaded[w]
         why = _why[w]

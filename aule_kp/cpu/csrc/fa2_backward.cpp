@@ -278,3 +278,5 @@ EXPORT int aule_fa2_backward(BwdArgs* a) {
     free(tasks);
     return sh.finished == n ? 0 : -1;
 }
+
+EXPORT int64_t aule_fa2_backward_args_size(void) { return (int64_t)sizeof(BwdArgs); }

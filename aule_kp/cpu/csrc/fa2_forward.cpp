@@ -39,6 +39,7 @@ struct Args {
     int64_t stack;   // 1: a task takes all query heads of its kv head (rows head-major), 0: one query head
     int64_t direct;  // 1: K and V rows read as they are (few rows per kv head: packing costs more than it saves)
     int64_t computed;  // out: scores computed, padding included (tests check that hidden panels are skipped)
+    int64_t slot_bytes;  // budget of the packed K/V slots
     int64_t alibi_batch;
     int32_t dtype;
     float scale;
@@ -349,10 +350,13 @@ EXPORT int aule_fa2_forward(Args* a) {
     const int64_t n = a->batch * (a->heads_q / nh) * blocks;
     if (n == 0) return 0;
     const int64_t workers = a->workers < n ? a->workers : n;
-    // Slots for the packed K/V of the groups in flight: one per thread and one being packed ahead.
-    const int64_t n_slots = a->direct ? 0 : (groups < workers + 1 ? groups : workers + 1);
+    // Slots for the packed K/V of the groups in flight: one per thread and one being packed ahead, as far as
+    // slot_bytes allows (at least one: threads then wait for each other's groups, never for a later one).
     const int64_t dvp = round_up(a->dim_v > 0 ? a->dim_v : 1, W), lkp = round_up(a->len_k, NC);
     const int64_t slot_floats = round_up(lkp * a->dim_k, 16) + round_up(a->len_k * dvp, 16);
+    int64_t n_slots = groups < workers + 1 ? groups : workers + 1;
+    const int64_t affordable = a->slot_bytes / (int64_t)sizeof(float) / (slot_floats > 0 ? slot_floats : 1);
+    n_slots = a->direct ? 0 : (n_slots < affordable ? n_slots : (affordable > 1 ? affordable : 1));
     Task* tasks = (Task*)malloc(sizeof(Task) * n);
     int64_t* counters = (int64_t*)calloc(2 * groups, sizeof(int64_t));
     Packed* slots = n_slots ? (Packed*)malloc(sizeof(Packed) * n_slots) : NULL;
@@ -391,6 +395,10 @@ EXPORT int aule_fa2_forward(Args* a) {
 }
 
 EXPORT int aule_fa2_vector_width(void) { return W; }
+
+// The argument structs' sizes: native.py refuses a build whose structs differ from its own (a stale library
+// would read its fields at the wrong offsets).
+EXPORT int64_t aule_fa2_forward_args_size(void) { return (int64_t)sizeof(Args); }
 
 // The kernel's exponential on `n` floats (tests hold it to its error bound).
 EXPORT void aule_fa2_exp2(const float* x, float* y, int64_t n) {
