@@ -204,6 +204,16 @@ def test_threads_and_default_blocks(kernel: native.Kernel, monkeypatch: pytest.M
     assert native._threads(p, 2) == 2
 
 
+def test_one_packed_slot_for_many_threads(kernel: native.Kernel, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Packed K/V slots past their byte budget: one slot, reused by group after group while 3 threads wait for
+    # each other (the order they take groups in keeps that free of deadlock); the result is unchanged.
+    force(monkeypatch, "packed")
+    monkeypatch.setattr(native, "_SLOT_BYTES", 1)
+    p = make_problem(b=2, hq=6, hkv=3, lq=700, lk=300, dk=32, causal=True)
+    assert native._threads(p, 3) == 3
+    check(p, *make_inputs(p), backend=backend_of(kernel, monkeypatch, block_q=64, block_k=64, workers=3))
+
+
 def test_strided_inputs_are_read_in_place(kernel: native.Kernel, mode: str) -> None:
     # q, k, v as [B, H, L, D] views of [B, L, H, D] storage (what torch's layout gives): the same result as
     # contiguous copies, bit for bit (the same operations in the same order).
@@ -360,16 +370,20 @@ def test_without_a_build_numpy_runs_and_says_why_once(monkeypatch: pytest.Monkey
     assert CpuBackend().native() is None
 
 
-def test_a_build_of_other_sources_is_refused(kernel: native.Kernel, monkeypatch: pytest.MonkeyPatch) -> None:
-    # A library whose argument structs differ from native.py's mirrors (a checkout pulled without rebuilding)
-    # would read their fields from the wrong places: load() must refuse it (and fall back, saying why). A
-    # mirror one field longer stands in for such a library.
-    class Longer(native._Args):
-        _fields_ = [("extra", ctypes.c_int64)]
+def test_a_stale_build_is_refused(kernel: native.Kernel, monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    # A library built from other sources than this aule_kp's (its argument structs differ) would read its
+    # fields at the wrong offsets: it is refused with a reason, and the NumPy path runs.
+    class Wider(ctypes.Structure):
+        _fields_ = [*native._Args._fields_, ("extra", ctypes.c_int64)]
 
-    monkeypatch.setattr(native, "_Args", Longer)
-    with pytest.raises(OSError, match="built from other sources.*rebuild it"):
+    monkeypatch.setattr(native, "_Args", Wider)
+    with pytest.raises(OSError, match="stale build: its forward arguments take"):
         native.Kernel(kernel.path)
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setattr(native, "_why", {})
+    monkeypatch.setattr(errors, "_warned", set())
+    with pytest.warns(AuleFallbackWarning, match="stale build"):
+        assert native.load() is None
 
 
 def test_bad_worker_count_is_refused() -> None:

@@ -12,6 +12,7 @@ released (ctypes drops it for the call). The row max, the exponential and the no
 from __future__ import annotations
 
 import ctypes
+import logging
 import math
 import platform
 import sys
@@ -23,6 +24,8 @@ import numpy as np
 from ..dtypes import STORAGE, from_f32
 from ..errors import warn_once
 from ..problem import Problem
+
+logger = logging.getLogger("aule_kp")
 
 #: Where cpu_build.py puts the libraries (inside the package: the wheel carries them).
 LIB_DIR = Path(__file__).resolve().parent / "lib"
@@ -46,6 +49,10 @@ _DIRECT_ROWS = 128
 #: Below this many multiply-adds (a few hundred microseconds) starting threads costs more than it saves.
 _THREAD_MIN_WORK = 1 << 24
 
+#: Bytes the forward's packed K/V slots may take: one per thread (and one packed ahead) would hold K and V of
+#: 129 heads at once on a 128-core machine (4 GiB at Lk 32768, D 128). At least one slot is always made.
+_SLOT_BYTES = 256 << 20
+
 #: Bytes the backward's dQ partials (one per key range of a kv head) may take.
 _PARTIAL_BYTES = 256 << 20
 
@@ -66,8 +73,8 @@ class _Args(ctypes.Structure):
         ("diag", ctypes.c_int64), ("left", ctypes.c_int64), ("right", ctypes.c_int64),
         ("block_q", ctypes.c_int64), ("block_k", ctypes.c_int64), ("workers", ctypes.c_int64),
         ("stack", ctypes.c_int64), ("direct", ctypes.c_int64), ("computed", ctypes.c_int64),
-        ("alibi_batch", ctypes.c_int64), ("dtype", ctypes.c_int32), ("scale", ctypes.c_float),
-        ("softcap", ctypes.c_float),
+        ("slot_bytes", ctypes.c_int64), ("alibi_batch", ctypes.c_int64), ("dtype", ctypes.c_int32),
+        ("scale", ctypes.c_float), ("softcap", ctypes.c_float),
     ]
 
 
@@ -95,7 +102,6 @@ class Kernel:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lib = ctypes.CDLL(str(path))
-        _check_layout(self._lib, path)
         self._lib.aule_fa2_forward.argtypes = [ctypes.POINTER(_Args)]
         self._lib.aule_fa2_forward.restype = ctypes.c_int
         self._lib.aule_fa2_backward.argtypes = [ctypes.POINTER(_BwdArgs)]
@@ -104,6 +110,14 @@ class Kernel:
         self._lib.aule_fa2_exp2.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
         self._lib.aule_fa2_exp2.restype = None
         self.width: int = self._lib.aule_fa2_vector_width()
+        for name, struct in (("forward", _Args), ("backward", _BwdArgs)):
+            size = getattr(self._lib, f"aule_fa2_{name}_args_size", None)
+            if size is None:
+                raise OSError(f"{path.name} is a stale build (no {name} argument size): rebuild it")
+            size.restype = ctypes.c_int64
+            if size() != ctypes.sizeof(struct):
+                raise OSError(f"{path.name} is a stale build: its {name} arguments take {size()} bytes, "
+                              f"this aule_kp's {ctypes.sizeof(struct)}; rebuild it")
         #: Scores the last call computed, padding included (what tests of tile skipping read).
         self.last_computed = 0
 
@@ -138,19 +152,13 @@ class Kernel:
         if sinks is not None:
             sinks = np.ascontiguousarray(sinks, dtype=np.float32)
             a.sinks = sinks.ctypes.data
-        alibi = _score_mods(a, p, alibi)
-        a.batch, a.heads_q, a.heads_kv = p.batch, p.heads_q, p.heads_kv
-        a.len_q, a.len_k, a.dim_k, a.dim_v = p.len_q, p.len_k, p.dim_k, p.dim_v
-        a.diag = p.diag
-        a.left = -1 if p.left is None else p.left
-        a.right = -1 if p.right is None else p.right
+        alibi = _problem_fields(a, p, alibi)
         workers = _threads(p, workers)
         a.direct = a.stack = int(p.len_q < _DIRECT_POSITIONS and p.len_q * p.group < _DIRECT_ROWS)
         a.block_q = _block_rows(p, block_q, workers, bool(a.stack))
         a.block_k = block_k
         a.workers = workers
-        a.dtype = _STORAGE_CODE[p.dtype]
-        a.scale = p.scale
+        a.slot_bytes = _SLOT_BYTES
         # q, k, v, mask, sinks and alibi stay referenced here until the call returns.
         if self._lib.aule_fa2_forward(ctypes.byref(a)) != 0:
             raise MemoryError("aule-kp: the CPU kernel could not allocate its per-thread scratch")
@@ -183,15 +191,8 @@ class Kernel:
                 a.mask, a.mask_stride = mask.ctypes.data, _strides(mask)
             if dmask is not None:
                 a.dmask, a.dmask_stride = dmask.ctypes.data, _strides(dmask)
-            alibi = _score_mods(a, p, alibi)
-            a.batch, a.heads_q, a.heads_kv = p.batch, p.heads_q, p.heads_kv
-            a.len_q, a.len_k, a.dim_k, a.dim_v = p.len_q, p.len_k, p.dim_k, p.dim_v
-            a.diag = p.diag
-            a.left = -1 if p.left is None else p.left
-            a.right = -1 if p.right is None else p.right
+            alibi = _problem_fields(a, p, alibi)
             a.block_q, a.block_k, a.parts, a.workers = block_q, block_k, parts, workers
-            a.dtype = _STORAGE_CODE[p.dtype]
-            a.scale = p.scale
             if self._lib.aule_fa2_backward(ctypes.byref(a)) != 0:
                 raise MemoryError("aule-kp: the CPU kernel could not allocate its per-thread scratch")
             if parts > 1:
@@ -199,26 +200,16 @@ class Kernel:
         return from_f32(dq, p.dtype), from_f32(dk, p.dtype), from_f32(dv, p.dtype), dmask
 
 
-def _check_layout(lib: ctypes.CDLL, path: Path) -> None:
-    """OSError (load's "does not load") unless ``lib`` takes the argument structs this module passes: a library
-    built from older sources (a checkout pulled without rebuilding) would read their fields from the wrong
-    places and crash or write through stray pointers."""
-    for symbol, struct in (("aule_fa2_forward_args_size", _Args), ("aule_fa2_backward_args_size", _BwdArgs)):
-        try:
-            size = getattr(lib, symbol)
-        except AttributeError:
-            size = None
-        else:
-            size.restype = ctypes.c_int64
-            size = size()
-        if size != ctypes.sizeof(struct):
-            raise OSError(f"built from other sources than this aule_kp ({struct.__name__} of {size} bytes, expected "
-                          f"{ctypes.sizeof(struct)}): rebuild it: python scripts/cpu_build.py --into aule_kp")
-
-
-def _score_mods(a: ctypes.Structure, p: Problem, alibi: Optional[np.ndarray]) -> Optional[np.ndarray]:
-    """Sets the soft-cap and the ALiBi slopes of ``a`` (either kernel's arguments); returns the slopes' array,
-    which the caller keeps referenced for the call."""
+def _problem_fields(a: ctypes.Structure, p: Problem, alibi: Optional[np.ndarray]) -> Optional[np.ndarray]:
+    """Sets the fields both kernels' arguments take from ``p`` (shapes, band, storage, scale, soft-cap) and the
+    ALiBi slopes; returns the slopes' array, which the caller keeps referenced for the call."""
+    a.batch, a.heads_q, a.heads_kv = p.batch, p.heads_q, p.heads_kv
+    a.len_q, a.len_k, a.dim_k, a.dim_v = p.len_q, p.len_k, p.dim_k, p.dim_v
+    a.diag = p.diag
+    a.left = -1 if p.left is None else p.left
+    a.right = -1 if p.right is None else p.right
+    a.dtype = _STORAGE_CODE[p.dtype]
+    a.scale = p.scale
     a.softcap = p.softcap
     if alibi is None:
         return None
@@ -319,6 +310,7 @@ def load(width: Optional[int] = None, quiet: bool = False) -> Optional[Kernel]:
             except OSError as exc:
                 _why[w] = (f"{path.name} is not installed (build it: python scripts/cpu_build.py --into aule_kp)"
                            if not path.exists() else f"{path.name} does not load: {exc}")
+                logger.debug("cpu kernel w%d: %s", w, _why[w])
         if w in _loaded:
             return _loaded[w]
         why = _why[w]

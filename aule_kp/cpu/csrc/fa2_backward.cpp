@@ -279,5 +279,4 @@ EXPORT int aule_fa2_backward(BwdArgs* a) {
     return sh.finished == n ? 0 : -1;
 }
 
-// sizeof(BwdArgs), for native.py's check against its ctypes mirror (aule_fa2_forward_args_size says why).
-EXPORT int64_t aule_fa2_backward_args_size(void) { return sizeof(BwdArgs); }
+EXPORT int64_t aule_fa2_backward_args_size(void) { return (int64_t)sizeof(BwdArgs); }

@@ -39,6 +39,7 @@ struct Args {
     int64_t stack;   // 1: a task takes all query heads of its kv head (rows head-major), 0: one query head
     int64_t direct;  // 1: K and V rows read as they are (few rows per kv head: packing costs more than it saves)
     int64_t computed;  // out: scores computed, padding included (tests check that hidden panels are skipped)
+    int64_t slot_bytes;  // budget of the packed K/V slots
     int64_t alibi_batch;
     int32_t dtype;
     float scale;
@@ -73,6 +74,21 @@ struct Scratch {
     float *q, *o, *m, *l, *s;
     float *k, *v;  // direct mode: a key block's K and V rows, converted and zero-padded
 };
+
+// Direct mode: rows [c0, c0 + width) of one head's K or V as float32 rows of whole vectors: in place where
+// they already are (`in_place`; `*stride` their row stride), else converted into `buf` (stride `padded`).
+template <int DT>
+static const float* direct_rows(const char* base, int64_t row_stride, int64_t c0, int64_t width, int64_t n,
+                                int64_t padded, bool in_place, float* buf, int64_t* stride) {
+    if (in_place) {
+        *stride = row_stride;
+        return (const float*)base + c0 * row_stride;
+    }
+    const int64_t esz = DT == F32 ? 4 : 2;
+    for (int64_t j = 0; j < width; j++) convert_row<DT>(buf + j * padded, base + esz * (c0 + j) * row_stride, n, padded);
+    *stride = padded;
+    return buf;
+}
 
 // One task's rows over the keys they see, from its group's packed K/V; returns the scores it computed.
 template <int DT>
@@ -119,26 +135,8 @@ static int64_t run_task(const Args* a, const Task* t, const Packed* pk, Scratch*
         const float *kt = NULL, *vb, *kb = NULL;
         int64_t kb_stride = dkp, vb_stride = dvp;
         if (a->direct) {
-            if (k_in_place) {
-                kb = (const float*)kbase + c0 * a->k_stride[2];
-                kb_stride = a->k_stride[2];
-            } else {
-                for (int64_t j = 0; j < width; j++) {
-                    const char* src = kbase + esz * (c0 + j) * a->k_stride[2];
-                    convert_row<DT>(sc->k + j * dkp, src, dk, dkp);
-                }
-                kb = sc->k;
-            }
-            if (v_in_place) {
-                vb = (const float*)vbase + c0 * a->v_stride[2];
-                vb_stride = a->v_stride[2];
-            } else {
-                for (int64_t j = 0; j < width; j++) {
-                    const char* src = vbase + esz * (c0 + j) * a->v_stride[2];
-                    convert_row<DT>(sc->v + j * dvp, src, dv, dvp);
-                }
-                vb = sc->v;
-            }
+            kb = direct_rows<DT>(kbase, a->k_stride[2], c0, width, dk, dkp, k_in_place, sc->k, &kb_stride);
+            vb = direct_rows<DT>(vbase, a->v_stride[2], c0, width, dv, dvp, v_in_place, sc->v, &vb_stride);
         } else {
             kt = pk->kt + c0 * dk;  // panel c0 / NC
             vb = pk->v + c0 * dvp;
@@ -352,10 +350,13 @@ EXPORT int aule_fa2_forward(Args* a) {
     const int64_t n = a->batch * (a->heads_q / nh) * blocks;
     if (n == 0) return 0;
     const int64_t workers = a->workers < n ? a->workers : n;
-    // Slots for the packed K/V of the groups in flight: one per thread and one being packed ahead.
-    const int64_t n_slots = a->direct ? 0 : (groups < workers + 1 ? groups : workers + 1);
+    // Slots for the packed K/V of the groups in flight: one per thread and one being packed ahead, as far as
+    // slot_bytes allows (at least one: threads then wait for each other's groups, never for a later one).
     const int64_t dvp = round_up(a->dim_v > 0 ? a->dim_v : 1, W), lkp = round_up(a->len_k, NC);
     const int64_t slot_floats = round_up(lkp * a->dim_k, 16) + round_up(a->len_k * dvp, 16);
+    int64_t n_slots = groups < workers + 1 ? groups : workers + 1;
+    const int64_t affordable = a->slot_bytes / (int64_t)sizeof(float) / (slot_floats > 0 ? slot_floats : 1);
+    n_slots = a->direct ? 0 : (n_slots < affordable ? n_slots : (affordable > 1 ? affordable : 1));
     Task* tasks = (Task*)malloc(sizeof(Task) * n);
     int64_t* counters = (int64_t*)calloc(2 * groups, sizeof(int64_t));
     Packed* slots = n_slots ? (Packed*)malloc(sizeof(Packed) * n_slots) : NULL;
@@ -395,9 +396,9 @@ EXPORT int aule_fa2_forward(Args* a) {
 
 EXPORT int aule_fa2_vector_width(void) { return W; }
 
-// sizeof(Args), which native.py compares with its ctypes mirror before the first call: a library left from
-// older sources (a checkout pulled without rebuilding) would read every field after a change from the wrong place.
-EXPORT int64_t aule_fa2_forward_args_size(void) { return sizeof(Args); }
+// The argument structs' sizes: native.py refuses a build whose structs differ from its own (a stale library
+// would read its fields at the wrong offsets).
+EXPORT int64_t aule_fa2_forward_args_size(void) { return (int64_t)sizeof(Args); }
 
 // The kernel's exponential on `n` floats (tests hold it to its error bound).
 EXPORT void aule_fa2_exp2(const float* x, float* y, int64_t n) {
