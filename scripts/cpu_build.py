@@ -1,10 +1,10 @@
-"""The one build of the CPU backend's native kernels: aule_kp/cpu/csrc/ (forward, backward, their shared header)
-compiled once per vector width into a plain shared library (``libaule_fa2_w<floats>``), which aule_kp/cpu/native.py picks for the
-CPU it runs on and calls through ctypes. Plain libraries rather than Python extensions: one build serves every
-Python version, and ctypes releases the GIL for the whole call.
+"""The one build of the CPU backend's native kernels: aule_kp/cpu/csrc/ (forward, backward, their shared
+header) compiled once per vector width into a plain shared library (``libaule_fa2_w<floats>``), which
+aule_kp/cpu/native.py picks for the CPU it runs on and calls through ctypes. Plain libraries rather than Python
+extensions: one build serves every Python version, and ctypes releases the GIL for the whole call.
 
 Every route goes through here, like scripts/kp_build.py: setup.py (wheels, ``pip install`` of a checkout) and
-scripts/setup.sh (``make install``). Builds are cached under build/cpu-native/<hash of source, flags and
+scripts/setup.sh (``make install``). Builds are cached under build/cpu-native/<hash of sources, flags and
 compiler>/.
 
     python scripts/cpu_build.py --into aule_kp    # build (or reuse) and copy the libraries to aule_kp/cpu/lib/
@@ -21,6 +21,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Dict, List
 
@@ -37,8 +38,8 @@ FLAGS = ["-O3", "-std=c++17", "-fno-exceptions", "-fno-rtti", "-ffp-contract=fas
 
 def variants() -> Dict[int, List[str]]:
     """Floats per vector -> the ISA flags of that build, for this machine's architecture. x86-64 gets AVX-512,
-    AVX2+FMA (both with F16C, which every AVX2 CPU has) and its SSE2 baseline (native.py picks by the CPU's features at run time); other architectures
-    their baseline (NEON on arm64) at 4 floats."""
+    AVX2+FMA (both with F16C, which every AVX2 CPU has) and its SSE2 baseline (native.py picks by the CPU's
+    features at run time); other architectures their baseline (NEON on arm64) at 4 floats."""
     machine = platform.machine().lower()
     if machine in ("x86_64", "amd64"):
         return {16: ["-mavx512f", "-mavx2", "-mfma", "-mf16c"], 8: ["-mavx2", "-mfma", "-mf16c"], 4: []}
@@ -72,21 +73,27 @@ def build() -> Path:
     out = CACHE / key
     if all((out / library_name(w)).is_file() for w in plan):
         return out
-    tmp = CACHE / f"{key}.partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for width, cmd in plan.items():
-        print(f"[cpu-build] {library_name(width)}", file=sys.stderr)
-        subprocess.run([*cmd, "-o", str(tmp / library_name(width))], check=True)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{key}.", dir=CACHE))  # builds running at once each use their own
+    try:
+        for width, cmd in plan.items():
+            print(f"[cpu-build] {library_name(width)}", file=sys.stderr)
+            subprocess.run([*cmd, "-o", str(tmp / library_name(width))], check=True)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    except OSError:
+        if not all((out / library_name(w)).is_file() for w in plan):
+            raise
+        # another build of the same inputs finished first: its libraries are these
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
 def install_into(package: Path) -> List[Path]:
     """Builds (or reuses) the libraries and copies them into ``package``/cpu/lib/; returns their paths.
     Windows gets none: the source uses GCC/Clang vector extensions, which MSVC lacks, so there the CPU
-    backend's forward runs its NumPy path (and says so once)."""
+    backend runs its NumPy paths (and says so once)."""
     if os.name == "nt":
         print("[cpu-build] skipped on Windows: MSVC has no GCC/Clang vector extensions", file=sys.stderr)
         return []

@@ -173,6 +173,28 @@ def test_sinks(kernel: native.Kernel, mode: str, dtype: str, rng: np.random.Gene
     assert not to_f32(out, dtype)[:, :, :10].any() and np.array_equal(lse[0, :, 0], sinks)
 
 
+def test_backward_masked_key_with_nan_v(kernel: native.Kernel, monkeypatch: pytest.MonkeyPatch) -> None:
+    # aule_kp.nonfinite: a key a row does not see (-inf mask) never enters it, NaN v included. Its weight is 0
+    # and its dP NaN: the gradients are those of the same problem with that v zeroed, and finite.
+    monkeypatch.setattr(cpu_backend, "_NATIVE_BACKWARD_BLOCKS", SMALL_BACKWARD)
+    p = make_problem(hq=2, hkv=1, lq=20, lk=30, mask_shape=(1, 1, 20, 30))
+    q, k, v = make_inputs(p)
+    dout = make_inputs(p, seed=3)[0]
+    mask = np.zeros(p.mask_shape, dtype=np.float32)
+    mask[..., 7] = -np.inf
+    poisoned = v.copy()
+    poisoned[0, 0, 7] = np.nan
+    zeroed = v.copy()
+    zeroed[0, 0, 7] = 0.0
+    backend = backend_of(kernel, monkeypatch, workers=2)
+    got = backend.backward(p, q, k, poisoned, *backend.forward(p, q, k, zeroed, mask)[:1], dout,
+                           backend.forward(p, q, k, zeroed, mask)[1], mask)
+    want = reference_backward(q, k, zeroed, dout, p, mask)
+    for g, w, tol in zip(got[:3], want[:3], gradient_tolerances(p, q, k, zeroed, dout, mask)[:3]):
+        assert np.isfinite(g).all()
+        np.testing.assert_allclose(g, w, rtol=0, atol=tol)
+
+
 @pytest.mark.parametrize("alibi_batch", [False, True])
 def test_softcap_and_alibi(kernel: native.Kernel, mode: str, monkeypatch: pytest.MonkeyPatch, alibi_batch: bool,
                            rng: np.random.Generator) -> None:

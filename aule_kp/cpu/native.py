@@ -226,7 +226,7 @@ def backward_reasons(p: Problem, mask_grad: bool) -> List[str]:
     reasons = []
     if mask_grad and p.mask_shape is not None:
         mb, mh, _, mk = p.mask_shape
-        if (mb, mh, mk) != (p.batch, p.heads_q, p.len_k) and not (p.batch == 1 and p.heads_q == 1 and p.len_k == 1):
+        if (mb, mh, mk) != (p.batch, p.heads_q, p.len_k):
             reasons.append(f"a mask gradient of shape {p.mask_shape} is shared across batches, heads or keys")
     return reasons
 
@@ -316,5 +316,5 @@ def load(width: Optional[int] = None, quiet: bool = False) -> Optional[Kernel]:
         why = _why[w]
     if not quiet:
         warn_once("cpu-native", f"aule-kp: the CPU backend's native kernel is unavailable ({why}); "
-                  "its forward pass runs the slower NumPy path")
+                  "its NumPy paths run instead (numba's where it can for the backward)")
     return None

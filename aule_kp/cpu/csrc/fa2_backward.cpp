@@ -159,11 +159,14 @@ static void run_bwd_task(const BwdArgs* a, const BwdTask* t, BwdScratch* sc) {
                     for (int64_t j = hi; j < wp; j++) prow[j] = -INFINITY;
                     const vf sh = splat(lse), dl = splat(sc->delta[r]);
                     for (int64_t j = 0; j < wp; j += W) {
-                        const vf pj = exp2v((load(prow + j) - sh) * l2e);
+                        // S - lse is <= 0 but for rounding (exp2v's range); NaN stays NaN.
+                        const vf x = (load(prow + j) - sh) * l2e;
+                        const vf pj = exp2v(x > 0.0f ? 0.0f : x);
                         store(prow + j, pj);
-                        store(dsrow + j, pj * (load(dsrow + j) - dl));
+                        // A key of weight 0 (masked with -inf) has dS 0 even where its v, so its dP, is NaN.
+                        store(dsrow + j, pj == 0.0f ? 0.0f : pj * (load(dsrow + j) - dl));
                     }
-                    // A hidden key's dP may be NaN (its v): its dS is 0 all the same.
+                    // Keys outside the row's band: dS 0 whatever their dP.
                     for (int64_t j = 0; j < lo; j++) dsrow[j] = 0.0f;
                     for (int64_t j = hi; j < wp; j++) dsrow[j] = 0.0f;
                     if (a->dmask) {

@@ -76,7 +76,7 @@ static inline float exp2s(float x) {
     return v[0];
 }
 
-// tanh(x) as (1 - e) / (1 + e), e = 2**(-2|x| log2 e): a few ulp of the result (tests/conftest.py's
+// tanh(x) as (1 - e) / (1 + e), e = 2**(-2|x| log2 e): within a few ulp of 1, absolutely (tests/conftest.py's
 // TANH_ROUNDING); NaN stays NaN, +-inf gives +-1.
 static inline vf tanhv(vf x) {
     const vf ax = x < 0.0f ? -x : x;

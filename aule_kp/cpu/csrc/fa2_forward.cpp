@@ -165,7 +165,7 @@ static int64_t run_task(const Args* a, const Task* t, const Packed* pk, Scratch*
             const int64_t j0 = (plo - c0) / NC * NC, j1 = round_up(phi - c0, NC);
             computed += MR * (j1 - j0);
             float* s = sc->s;  // [MR][bk]
-            if (a->direct)  // keys past the block get 0 here, then -inf as every key outside a row's range
+            if (a->direct)  // columns past the block keep stale scores: -inf below, as every key outside a row's range
                 scores_direct(sc->q + r0 * dkp, dkp, kb, kb_stride, j0, j1 < width ? j1 : width, s, bk);
             else
                 for (int64_t j = j0; j < j1; j += NC)
