@@ -72,7 +72,7 @@ class _Args(ctypes.Structure):
         ("len_q", ctypes.c_int64), ("len_k", ctypes.c_int64), ("dim_k", ctypes.c_int64), ("dim_v", ctypes.c_int64),
         ("diag", ctypes.c_int64), ("left", ctypes.c_int64), ("right", ctypes.c_int64),
         ("block_q", ctypes.c_int64), ("block_k", ctypes.c_int64), ("workers", ctypes.c_int64),
-        ("stack", ctypes.c_int64), ("direct", ctypes.c_int64), ("computed", ctypes.c_int64),
+        ("direct", ctypes.c_int64), ("computed", ctypes.c_int64),
         ("slot_bytes", ctypes.c_int64), ("alibi_batch", ctypes.c_int64), ("dtype", ctypes.c_int32),
         ("scale", ctypes.c_float), ("softcap", ctypes.c_float),
     ]
@@ -154,8 +154,8 @@ class Kernel:
             a.sinks = sinks.ctypes.data
         alibi = _problem_fields(a, p, alibi)
         workers = _threads(p, workers)
-        a.direct = a.stack = int(p.len_q < _DIRECT_POSITIONS and p.len_q * p.group < _DIRECT_ROWS)
-        a.block_q = _block_rows(p, block_q, workers, bool(a.stack))
+        a.direct = int(p.len_q < _DIRECT_POSITIONS and p.len_q * p.group < _DIRECT_ROWS)
+        a.block_q = _block_rows(p, block_q, workers, bool(a.direct))
         a.block_k = block_k
         a.workers = workers
         a.slot_bytes = _SLOT_BYTES

@@ -35,6 +35,7 @@ from .configs import (
     DTYPE_CODE,
     FAMILIES,
     FLOAT_BYTES,
+    MAX_GRID,
     BackwardConfig,
     ForwardConfig,
     KernelConfig,
@@ -43,7 +44,7 @@ from .configs import (
     coopmat_shared_bytes,
     splitkv_shared_bytes,
 )
-from .plan import MAX_GRID_Y, binding_limit, group_bytes, groups_per_chunk, mask_bytes, query_tiles_reason
+from .plan import binding_limit, group_bytes, groups_per_chunk, mask_bytes, query_tiles_reason
 from .probe import DeviceCaps, parallelism
 
 log = logging.getLogger("aule_kp")
@@ -535,7 +536,7 @@ def split_kv_config(caps: DeviceCaps, problem: Problem, forward: Optional[Kernel
     keys = hi - lo
     step = kernel.wg // kernel.tpr * kernel.bc  # keys a workgroup takes per step
     n_groups = p.batch * p.heads_kv if groups is None else max(1, min(groups, p.batch * p.heads_kv))
-    max_grid_x = min(caps.max_workgroup_count[0], 65535)
+    max_grid_x = min(caps.max_workgroup_count[0], MAX_GRID)
     if forced is not None:
         n_split = min(forced, max_grid_x)
         split_len = step * math.ceil(max(keys, 1) / (n_split * step))
@@ -612,8 +613,8 @@ def choose_forward(caps: DeviceCaps, problem: Problem, snapshot: Optional[knobs.
     if fit < 1:
         reasons.append(f"one (batch, kv-head) slice is over the {limit} B storage binding limit")
     elif whole:
-        if p.group * n_groups > MAX_GRID_Y:
-            reasons.append(f"{p.group * n_groups} query heads x batch in one dispatch: over the {MAX_GRID_Y} "
+        if p.group * n_groups > MAX_GRID:
+            reasons.append(f"{p.group * n_groups} query heads x batch in one dispatch: over the {MAX_GRID} "
                            "workgroups a grid dimension is guaranteed to take (GpuTensors are not split)")
         sizes = dict(group_bytes(p), **(cfg.group_bytes(p) if isinstance(cfg, SplitKVConfig) else {}))
         reasons += [f"its {name} buffer needs {size * n_groups} B in one binding: over the {limit} B storage "

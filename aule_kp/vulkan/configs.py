@@ -17,6 +17,9 @@ import numpy as np
 from .. import knobs
 from ..problem import Problem
 
+#: Vulkan's guaranteed maxComputeWorkGroupCount per dimension (every device allows at least this many).
+MAX_GRID = 65535
+
 DTYPE_CODE = {"float32": 0, "float16": 1, "bfloat16": 2}
 FLOAT_BYTES = 4
 #: Every kernel family (``KernelConfig.family``), in the order the self-check and doctor list them.

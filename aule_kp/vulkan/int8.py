@@ -26,11 +26,10 @@ from .. import knobs
 from ..problem import Problem
 from ..quant import BLOCK_K, BLOCK_Q, check_host_values, key_mean, lse_shift
 from .choice import CPU_LOOP_LIMIT, pow2_floor
-from .configs import DTYPE_CODE, KernelConfig
+from .configs import DTYPE_CODE, MAX_GRID, KernelConfig
 from .plan import (
     BINDINGS,
     INPUTS,
-    MAX_GRID_Y,
     OUTPUTS,
     Chunk,
     Plan,
@@ -192,7 +191,7 @@ def choose(caps: DeviceCaps, p: Problem, snapshot: Optional[knobs.Snapshot] = No
     tall = query_tiles_reason(p, kernel.br, caps.max_workgroup_count[1])
     reasons += [tall] if tall else []
     n_groups = p.batch * p.heads_kv
-    if p.group * n_groups > MAX_GRID_Y or n_groups > caps.max_workgroup_count[0]:
+    if p.group * n_groups > MAX_GRID or n_groups > caps.max_workgroup_count[0]:
         reasons.append(f"{p.group * n_groups} query heads x batch: over one dispatch's grid (int8 plans are not split)")
     limit = binding_limit(caps.max_storage_buffer_range)
     reasons += [f"its {name} buffer needs {n_groups * size} B in one binding: over the {limit} B storage binding "

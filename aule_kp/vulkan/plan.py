@@ -44,7 +44,7 @@ from ..nonfinite import all_finite, enforce
 from ..problem import Problem
 from ..rotary import RotaryTables
 from . import rope
-from .configs import ForwardConfig, KernelConfig, SplitKVConfig, score_spec
+from .configs import MAX_GRID, ForwardConfig, KernelConfig, SplitKVConfig, score_spec
 from .hostcopy import copy_bytes
 from .probe import parallelism
 
@@ -71,9 +71,6 @@ PIPELINE_BYTES = {"cpu": 8 << 20}
 GPU_PIPELINE_BYTES = 512 << 10
 
 LOG2E = 1.4426950408889634
-#: Vulkan's guaranteed maxComputeWorkGroupCount per dimension: bounds the query heads of one dispatch
-#: (spread over x and z of query_grid) and, with the device's own limit, the query tiles (y).
-MAX_GRID_Y = 65535
 #: Per-group buffers of float32 values; the others hold ``Problem.dtype`` data packed in uint32 words.
 FLOAT_BUFFERS = frozenset({"lse", "stats", "ds"})
 
@@ -100,7 +97,7 @@ def groups_that_fit(p: Problem, limit: int, sizes: Dict[str, int]) -> int:
     """How many groups one dispatch can bind when each needs ``sizes`` bytes per buffer (0: a single
     group is over the limit)."""
     per_buffer = min(limit // max(b, 1) for b in sizes.values())
-    return min(per_buffer, MAX_GRID_Y // p.group)
+    return min(per_buffer, MAX_GRID // p.group)  # the query heads of one dispatch span x and z of query_grid
 
 
 def groups_per_chunk(p: Problem, limit: int, config: Optional[ForwardConfig] = None) -> int:
@@ -497,8 +494,8 @@ class Plan(RecordedPlan):
                                         "(batch, head) slice", capacity)
         elif p.rotary is not None:
             raise ValueError("the GpuTensor path has no fused rotary (rotate the tensors first)")
-        elif p.group * p.batch * p.heads_kv > MAX_GRID_Y:
-            raise ValueError(f"the GpuTensor path takes at most {MAX_GRID_Y} query heads x batch per call")
+        elif p.group * p.batch * p.heads_kv > MAX_GRID:
+            raise ValueError(f"the GpuTensor path takes at most {MAX_GRID} query heads x batch per call")
         else:
             # The caller's tensors stay on the device: nothing to copy per call, so no bytes to count.
             groups = self._chunk_groups(device, p, config, {}, None, "(batch, head) slice")

@@ -16,12 +16,10 @@ import numpy as np
 
 from ..problem import Problem
 from ..rotary import RotaryTables, rotate_stored
-from .configs import DTYPE_CODE
+from .configs import DTYPE_CODE, MAX_GRID
 
 KERNEL = "rope"
 WORKGROUP = 64
-#: Vulkan's guaranteed maxComputeWorkGroupCount per dimension (the grid spills into y past it).
-MAX_GRID_X = 65535
 
 
 def layout_reasons(dim_k: int, layout: Any) -> List[str]:
@@ -71,9 +69,9 @@ def write_payload(view: np.ndarray, p: Problem, tables: RotaryTables) -> None:
 
 def _grid(rows: int, dim: int) -> Tuple[int, int, int]:
     """Workgroups over ``rows`` rows of ``dim / 2`` channel pairs (x first, spilling into y past
-    ``MAX_GRID_X``)."""
+    ``MAX_GRID``)."""
     groups = max(1, math.ceil(rows * (dim // 2) / WORKGROUP))
-    x = min(groups, MAX_GRID_X)
+    x = min(groups, MAX_GRID)
     return x, math.ceil(groups / x), 1
 
 

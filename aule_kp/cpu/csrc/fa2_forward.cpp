@@ -36,8 +36,9 @@ struct Args {
     int64_t batch, heads_q, heads_kv, len_q, len_k, dim_k, dim_v;
     int64_t diag, left, right;  // row i sees keys [i + diag - left, i + diag + right]; left/right < 0: unbounded
     int64_t block_q, block_k, workers;
-    int64_t stack;   // 1: a task takes all query heads of its kv head (rows head-major), 0: one query head
-    int64_t direct;  // 1: K and V rows read as they are (few rows per kv head: packing costs more than it saves)
+    // 1: a task takes all query heads of its kv head (rows head-major) and reads K and V rows as they are (few
+    // rows per kv head: packing costs more than it saves); 0: a task takes one query head, K and V packed
+    int64_t direct;
     int64_t computed;  // out: scores computed, padding included (tests check that hidden panels are skipped)
     int64_t slot_bytes;  // budget of the packed K/V slots
     int64_t alibi_batch;
@@ -296,7 +297,7 @@ static void* worker(void* arg) {
     Shared* sh = (Shared*)arg;
     Args* a = sh->a;
     const int64_t dkp = round_up(a->dim_k > 0 ? a->dim_k : 1, W), dvp = round_up(a->dim_v > 0 ? a->dim_v : 1, W);
-    const int64_t rows_p = round_up(a->block_q * (a->stack ? a->heads_q / a->heads_kv : 1), MR);
+    const int64_t rows_p = round_up(a->block_q * (a->direct ? a->heads_q / a->heads_kv : 1), MR);
     const int64_t bk = round_up(a->block_k, NC), block = a->direct ? bk : 0;
     const size_t floats = rows_p * dkp + rows_p * dvp + 2 * rows_p + MR * bk + block * (dkp + dvp);
     float* mem = (float*)aligned_alloc(64, round_up(sizeof(float) * (floats + 7 * 16), 64));
@@ -346,7 +347,7 @@ static int by_group_then_work(const void* x, const void* y) {
 EXPORT int aule_fa2_forward(Args* a) {
     a->computed = 0;
     const int64_t per = a->block_q, blocks = (a->len_q + per - 1) / per, groups = a->batch * a->heads_kv;
-    const int64_t group = a->heads_q / a->heads_kv, nh = a->stack ? group : 1;
+    const int64_t group = a->heads_q / a->heads_kv, nh = a->direct ? group : 1;
     const int64_t n = a->batch * (a->heads_q / nh) * blocks;
     if (n == 0) return 0;
     const int64_t workers = a->workers < n ? a->workers : n;
