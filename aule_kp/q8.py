@@ -17,15 +17,25 @@ import numpy as np
 BLOCK = 32
 
 
-def quantize(x: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+def quantize(x: np.ndarray, name: str = "x") -> Tuple[np.ndarray, np.ndarray]:
     """``(qs int8 x.shape, scales float16 x.shape[:-1] + (D/32,))`` of float ``x`` (last axis a
-    multiple of 32), rounded to nearest as llama.cpp's ``quantize_row_q8_0``."""
+    multiple of 32), rounded to nearest as llama.cpp's ``quantize_row_q8_0``.
+
+    ValueError naming ``name`` when a finite value is too large for a block's float16 scale
+    (``|x| >= 127 * 65520``): its block would read back as inf and NaN. Non-finite values stay
+    non-finite (their block reads back so)."""
     x = np.asarray(x, dtype=np.float32)
     blocks = x.reshape(*x.shape[:-1], x.shape[-1] // BLOCK, BLOCK)
     d = np.abs(blocks).max(axis=-1) / np.float32(127)
+    with np.errstate(over="ignore"):
+        scales = d.astype(np.float16)
+    if (np.isinf(scales) & np.isfinite(d)).any():
+        raise ValueError(f"{name} holds values of magnitude up to {float(np.nanmax(d[np.isfinite(d)])) * 127:.4g}: "
+                         f"beyond q8_0's range (a block's float16 scale max|x| / 127 must stay below 65520)")
     inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d > 0)
-    qs = np.rint(blocks * inv[..., None]).clip(-127, 127).astype(np.int8)
-    return qs.reshape(x.shape), d.astype(np.float16)
+    with np.errstate(invalid="ignore"):  # a non-finite block: its scale is inf or NaN, whatever qs holds
+        qs = np.rint(blocks * inv[..., None]).clip(-127, 127).astype(np.int8)
+    return qs.reshape(x.shape), scales
 
 
 def dequantize(qs: np.ndarray, scales: np.ndarray) -> np.ndarray:
@@ -73,7 +83,7 @@ class Q8Cache:
         """The q8_0 cache of a float cache ``x`` (NumPy or torch, 4-D)."""
         if hasattr(x, "detach"):
             x = x.detach().float().cpu().numpy()
-        return cls(*quantize(np.asarray(x, dtype=np.float32)))
+        return cls(*quantize(np.asarray(x, dtype=np.float32), "x"))
 
     @property
     def shape(self) -> Tuple[int, ...]:
@@ -87,11 +97,11 @@ class Q8Cache:
         """The cache's float32 values."""
         return dequantize(self.qs, self.scales)
 
-    def write(self, index: Tuple[np.ndarray, np.ndarray], values: np.ndarray) -> None:
-        """Quantizes ``values [n, Hkv, D]`` into rows ``(first axis, second axis)`` given by ``index``."""
-        qs, d = quantize(values)
+    def write(self, index: Tuple[np.ndarray, np.ndarray], qs: np.ndarray, scales: np.ndarray) -> None:
+        """Writes quantized rows (:func:`quantize` of ``[n, Hkv, D]`` values) at ``index`` (first axis,
+        second axis)."""
         self.qs[index] = qs
-        self.scales[index] = d
+        self.scales[index] = scales
 
     def rows(self, index: Tuple[np.ndarray, np.ndarray]) -> np.ndarray:
         """float32 ``[n, Hkv, D]`` of the rows given by ``index``."""

@@ -3,14 +3,14 @@ over a KV cache that grows in place, contiguous or paged, float or q8_0)."""
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import numpy as np
 
 from .. import inputs, scoremods
 from ..backend import check_backend_name
 from ..dtypes import from_f32, to_f32
-from ..errors import warn_once
+from ..errors import BackendUnavailable, warn_once
 from ..q8 import Q8Cache, quantize
 from ..rotary import rotate_host
 from ..vulkan.kvcache import DeviceKVCache
@@ -53,7 +53,8 @@ def flash_attention_with_kvcache(
         block_table: ``[B, max_blocks]`` int32: sequence ``b``'s token ``t`` lives in block
             ``block_table[b, t // page_size]`` at slot ``t % page_size``.
         rotary_cos, rotary_sin: ``[seqlen_ro, R/2]`` (``R <= Dk``): the new k is rotated at positions
-            ``cache_seqlens + i``; q too when causal or windowed, else every q row at ``cache_seqlens``.
+            ``cache_seqlens + i``; q too when causal or local (``window`` other than ``(-1, -1)``), else
+            every q row at ``cache_seqlens``.
             ``rotary_interleaved``: pairs dims ``(2i, 2i+1)`` (GPT-J); False pairs ``(i, i + R/2)`` (GPT-NeoX).
             flash-attn refuses rotary without new k/v; here q alone is then rotated, by the same rule.
         causal: aligned bottom-right: q row ``i`` sees keys ``j <= i + Lk - Lq``, ``Lk = cache_seqlens + Lnew``.
@@ -62,7 +63,9 @@ def flash_attention_with_kvcache(
         backend: ``"auto" | "vulkan" | "triton" | "cpu"``.
 
     Returns:
-        ``[B, Lq, Hq, Dv]`` in q's type, dtype and device. Forward only.
+        ``[B, Lq, Hq, Dv]`` in q's type, dtype and device. Forward only. A call that raises leaves
+        host caches as they were (the rows it appended are put back); a device cache keeps rows
+        appended before its attention failed.
     """
     check_backend_name(backend)
     inputs.check_causal(causal)
@@ -71,6 +74,9 @@ def flash_attention_with_kvcache(
         raise ValueError(f"q must be 4-D [B, Lq, Hq, Dk], got shape {tuple(q.shape)}")
     b, lq, hq, dk = (int(s) for s in q.shape)
     _check_caches(q, k_cache, v_cache, dtype)
+    if isinstance(k_cache, DeviceKVCache) and backend == "triton":  # found out only after the append
+        raise BackendUnavailable("triton", ["a DeviceKVCache is read by the Vulkan kernels (or on the host by the "
+                                            "CPU backend); Triton takes torch tensors on a CUDA/ROCm device"])
     paged = block_table is not None
     n0, n1, hkv, dk2 = (int(s) for s in k_cache.shape)
     dv = int(v_cache.shape[3])
@@ -101,6 +107,8 @@ def flash_attention_with_kvcache(
     total = seqlens + new
     if table is not None:
         _check_table(table, total, n1, n0)
+        if new:
+            _check_writes(table, seqlens, new, n1)
     rotary = _rotary(rotary_cos, rotary_sin, dk, rotary_interleaved)
     if inputs.is_torch(q) and q.device.type != "cpu":
         warn_once(f"kvcache-host-{q.device.type}",
@@ -109,19 +117,25 @@ def flash_attention_with_kvcache(
                   "GPU path for torch tensors yet); Context.kv_cache keeps a cache on a Vulkan device")
     qh = inputs.to_host(q, dtype)
     if rotary is not None:
-        # flash-attn: q rows at their own positions when causal or windowed, all at cache_seqlens otherwise.
-        steps = np.arange(lq) if (causal or window is not None) else np.zeros(lq, np.int64)
+        # flash-attn: q rows at their own positions when causal or local (a window other than (-1, -1)),
+        # all at cache_seqlens otherwise.
+        local = window is not None and (window[0] >= 0 or window[1] >= 0)
+        steps = np.arange(lq) if (causal or local) else np.zeros(lq, np.int64)
         qh = from_f32(_rotate(to_f32(qh, dtype), rotary, seqlens[:, None] + steps[None], "q"), dtype)
-    if new:
-        _append(k_cache, v_cache, k, v, seqlens, new, table, n1, rotary, dtype)
-    k_rows, v_rows = (_rows(c, dtype) for c in (k_cache, v_cache))
-    starts = np.zeros(b, np.int64) if paged else np.arange(b) * n1
-    seqs = np.stack([np.arange(b) * lq, np.full(b, lq), starts, total], axis=1).astype(np.int32)
-    call = ragged.Ragged(qh.reshape(b * lq, hq, dk), k_rows, v_rows, seqs, dtype, scale, bool(causal),
-                         None if window is None else tuple(window),
-                         None if table is None else table.astype(np.int32), n1 if paged else 0, softcap, slopes,
-                         sink_logits)
-    out = ragged.run(call, backend, q).reshape(b, lq, hq, dv)
+    undo = _append(k_cache, v_cache, k, v, seqlens, new, table, n1, rotary, dtype) if new else None
+    try:
+        k_rows, v_rows = (_rows(c, dtype) for c in (k_cache, v_cache))
+        starts = np.zeros(b, np.int64) if paged else np.arange(b) * n1
+        seqs = np.stack([np.arange(b) * lq, np.full(b, lq), starts, total], axis=1).astype(np.int32)
+        call = ragged.Ragged(qh.reshape(b * lq, hq, dk), k_rows, v_rows, seqs, dtype, scale, bool(causal),
+                             None if window is None else tuple(window),
+                             None if table is None else table.astype(np.int32), n1 if paged else 0, softcap, slopes,
+                             sink_logits)
+        out = ragged.run(call, backend, q).reshape(b, lq, hq, dv)
+    except BaseException:
+        if undo is not None:  # a failed call leaves the caches as they were
+            undo()
+        raise
     return inputs.from_host(out, q, dtype)
 
 
@@ -199,6 +213,29 @@ def _check_table(table: np.ndarray, total: np.ndarray, page: int, num_blocks: in
             raise ValueError(f"block_table[{s}] names blocks outside the paged cache's {num_blocks}: {used.tolist()}")
 
 
+def _check_writes(table: np.ndarray, seqlens: np.ndarray, new: int, page: int) -> None:
+    """Every slot the call writes (positions ``seqlens .. seqlens + new - 1``) must be a slot of that
+    position alone among all the positions the call reads: else an appended row would replace another,
+    or a key that another sequence (or the same one, at another position) attends to in this call.
+    Blocks shared read-only (a common prefix) are fine."""
+    total = seqlens + new
+    pos = seqlens[:, None] + np.arange(new)[None]
+    written = (np.take_along_axis(table, pos // page, axis=1).astype(np.int64) * page + pos % page).reshape(-1)
+    blocks = np.unique(written // page)
+    read = []  # every read slot of the blocks written to
+    for s in range(len(seqlens)):
+        used = table[s, : -(-int(total[s]) // page)].astype(np.int64)
+        for j in np.flatnonzero(np.isin(used, blocks)):
+            read.append(used[j] * page + np.arange(min(page, int(total[s]) - j * page)))
+    slots = np.concatenate(read) if read else np.zeros(0, np.int64)
+    values, counts = np.unique(slots[np.isin(slots, written)], return_counts=True)
+    if (counts > 1).any():
+        clash = int(values[counts > 1][0])
+        raise ValueError(f"block_table maps an appended row and another position of the call to one cache slot "
+                         f"(block {clash // page}, slot {clash % page}): the append would overwrite a row the "
+                         "call reads")
+
+
 def _rotary(cos: Any, sin: Any, dk: int, interleaved: Any) -> Optional[Tuple[np.ndarray, np.ndarray, bool]]:
     if cos is None and sin is None:
         return None
@@ -231,8 +268,10 @@ def _rotate(x: np.ndarray, rotary: Tuple[np.ndarray, np.ndarray, bool], position
 
 
 def _append(k_cache: Any, v_cache: Any, k: Any, v: Any, seqlens: np.ndarray, new: int, table: Optional[np.ndarray],
-            page: int, rotary: Any, dtype: str) -> None:
-    """Writes the new k (rotated) and v into the caches at ``seqlens[b] + i``, in place."""
+            page: int, rotary: Any, dtype: str) -> Callable[[], None]:
+    """Writes the new k (rotated) and v into the caches at ``seqlens[b] + i``, in place, and returns
+    what puts back the rows it overwrote (host caches; a device cache keeps the new rows). Nothing is
+    written when k or v does not fit a q8_0 cache (ValueError naming it)."""
     b = len(seqlens)
     pos = seqlens[:, None] + np.arange(new)[None]  # [B, Lnew]
     if table is None:
@@ -242,20 +281,48 @@ def _append(k_cache: Any, v_cache: Any, k: Any, v: Any, seqlens: np.ndarray, new
     kh, vh = inputs.to_host(k, dtype), inputs.to_host(v, dtype)
     if rotary is not None:
         kh = from_f32(_rotate(to_f32(kh, dtype), rotary, pos, "k"), dtype)
-    for cache, values in ((k_cache, kh), (v_cache, vh)):
+    payloads = []  # (cache, (values, None) or q8_0's (qs, scales)), all made before the first write
+    for name, cache, values in (("k", k_cache, kh), ("v", v_cache, vh)):
         rows = values.reshape(b * new, *values.shape[2:])
-        if isinstance(cache, DeviceKVCache):
-            flat = index[0].astype(np.int64) * cache.shape[1] + index[1]
-            cache.write(flat, *(quantize(to_f32(rows, dtype)) if cache.q8 else (np.ascontiguousarray(rows), None)))
-        elif isinstance(cache, Q8Cache):
-            cache.write(index, to_f32(rows, dtype))
-        elif inputs.is_torch(cache):
-            import torch
+        q8 = isinstance(cache, Q8Cache) or (isinstance(cache, DeviceKVCache) and cache.q8)
+        payloads.append((cache, quantize(to_f32(rows, dtype), name) if q8 else (np.ascontiguousarray(rows), None)))
+    restores: List[Optional[Callable[[], None]]] = []
 
-            where = tuple(torch.from_numpy(i).to(cache.device) for i in index)
-            cache[where] = inputs.from_host(np.ascontiguousarray(rows), cache, dtype)
-        else:
-            cache[index] = rows
+    def undo() -> None:
+        for restore in reversed(restores):
+            if restore is not None:
+                restore()
+
+    try:
+        for cache, payload in payloads:
+            restores.append(_write(cache, index, payload, dtype))
+    except BaseException:
+        undo()
+        raise
+    return undo
+
+
+def _write(cache: Any, index: Tuple[np.ndarray, np.ndarray], payload: Tuple[np.ndarray, Optional[np.ndarray]],
+           dtype: str) -> Optional[Callable[[], None]]:
+    """Writes ``payload`` into ``cache`` at ``index``; returns what restores the old rows (None for
+    a device cache)."""
+    if isinstance(cache, DeviceKVCache):
+        cache.write(index[0].astype(np.int64) * cache.shape[1] + index[1], *payload)
+        return None
+    if isinstance(cache, Q8Cache):
+        old = (cache.qs[index].copy(), cache.scales[index].copy())
+        cache.write(index, *payload)
+        return lambda: cache.write(index, *old)
+    if inputs.is_torch(cache):
+        import torch
+
+        where = tuple(torch.from_numpy(i).to(cache.device) for i in index)
+        saved = cache[where].clone()
+        cache[where] = inputs.from_host(payload[0], cache, dtype)
+        return lambda: cache.index_put_(where, saved)
+    kept = cache[index].copy()
+    cache[index] = payload[0]
+    return lambda: cache.__setitem__(index, kept)
 
 
 def _rows(cache: Any, dtype: str) -> ragged.Store:
