@@ -309,6 +309,43 @@ def test_kv_cache_bounds() -> None:
     assert keys.shape == (1, 2, 1, 8) and float(values.min()) == 2.0
 
 
+@pytest.mark.parametrize("make,on_device", [
+    (lambda: GroupedQueryAttention(HIDDEN, HEADS, KV_HEADS, backend="cpu"), False),
+    (lambda: LatentAttention(64, 4, None, 32, 16, 8, 16, backend="cpu"), False),
+    (lambda: GroupedQueryAttention(HIDDEN, HEADS, KV_HEADS, backend="vulkan"), True),
+], ids=["gqa", "latent", "gqa-device-cache"])
+def test_failed_step_appends_nothing(make, on_device: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decode step that raises after its keys were appended (a bad attn_mask; on a device cache, a
+    failing kernel call) left them counted in the cache's length, so every later step attended to a
+    phantom position and sat one position off in RoPE. The length is kept, and the steps after the
+    failure give exactly what they give without it (same weights, same inputs)."""
+    if on_device:
+        from aule_kp.vulkan import device as devmod
+
+        if devmod.vulkan_unavailable() is not None:
+            pytest.skip("no Vulkan device")
+    torch.manual_seed(3)
+    m = make()
+    x = torch.randn(1, 6, 64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        clean = _decode(m, x, prefill=3)
+        cache = m.new_cache(1, 8)
+        steps = [m(x[:, :3], cache=cache)]
+        if on_device:
+            from aule_kp.serving import ragged
+
+            with monkeypatch.context() as patch:
+                patch.setattr(ragged, "run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("kernel failed")))
+                with pytest.raises(RuntimeError, match="kernel failed"):
+                    m(x[:, 3:4], cache=cache)
+        else:
+            with pytest.raises(ValueError, match="attn_mask"):
+                m(x[:, 3:4], cache=cache, attn_mask=torch.ones(3, 7, dtype=torch.bool))
+        assert cache.length == 3
+        steps += [m(x[:, i:i + 1], cache=cache) for i in range(3, 6)]
+    torch.testing.assert_close(torch.cat(steps, 1), clean, rtol=0, atol=0)
+
+
 # ---------------------------------------------------------------- SelfAttention, positions
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])

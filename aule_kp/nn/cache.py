@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional, Tuple
 
 import torch
 
@@ -71,3 +72,17 @@ class KVCache:
     def __repr__(self) -> str:
         b, h, m, dk = self.keys.shape
         return f"KVCache(batch={b}, heads={h}, length={self.length}/{m}, dim_k={dk}, dim_v={self.dim_v})"
+
+
+@contextmanager
+def appending(cache: Any) -> Iterator[None]:
+    """A layer call's appends to ``cache`` (a :class:`KVCache`, a ``DeviceLayerCache`` or None): when
+    the call raises, the cache's ``length`` goes back to where it was, so a failed call appends
+    nothing (rows written past ``length`` are never read, and the next append overwrites them)."""
+    length = None if cache is None else cache.length
+    try:
+        yield
+    except BaseException:
+        if cache is not None:
+            cache.length = length
+        raise

@@ -104,8 +104,7 @@ class DeviceLayerCache:
         with torch.no_grad():
             self._write(self.keys, k, None if rotary is None else _rows(rotary, rotary.k_positions))
             self._write(self.values, k[..., :self.dim_v] if v is None else v, None)
-        self.length += n
-        total = self.length
+        total = self.length + n  # the cache's length once the attention ran (a failed call appends nothing)
         seqs = np.stack([np.arange(b) * lq, np.full(b, lq), np.arange(b) * self.max_len, np.full(b, total)],
                         axis=1).astype(np.int32)
         qh = inputs.to_host(q.detach().transpose(1, 2).contiguous(), self.dtype).reshape(b * lq, hq, dk)
@@ -113,6 +112,7 @@ class DeviceLayerCache:
         call = ragged.Ragged(qh, self.keys, self.values, seqs, self.dtype, float(scale), bool(causal), None,
                              alibi=slopes, q_rotary=None if rotary is None else _rows(rotary, rotary.q_positions))
         out = ragged.run(call, "vulkan", q).reshape(b, lq, hq, self.dim_v)
+        self.length = total
         return inputs.from_host(out, q, self.dtype).transpose(1, 2)
 
     def __repr__(self) -> str:

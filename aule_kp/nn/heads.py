@@ -9,7 +9,7 @@ from typing import Any, Mapping, Optional, Tuple, Union
 import torch
 
 from .attend import attend, check_layer_backend
-from .cache import KVCache
+from .cache import KVCache, appending
 from .devicecache import DeviceLayerCache
 from .positions import RotaryEmbedding, alibi_bias, alibi_slopes, check_position
 
@@ -127,15 +127,16 @@ class _HeadsAttention(torch.nn.Module):
             slopes = self.alibi_slopes if self.position == "alibi" else None
             out = cache.attend(q, k, v, scale=self.scaling, causal=self.causal, rotary=rotary, alibi_slopes=slopes)
             return self._output(out.transpose(1, 2).reshape(batch, len_q, self.num_heads * self.head_dim))
-        if cache is not None:
-            k, v = cache.append(k, v)
-        mask = attn_mask
-        if self.position == "alibi":
-            bias = alibi_bias(self.alibi_slopes, len_q, k.shape[2], q.dtype)
-            mask = bias if mask is None else (bias.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool
-                                              else mask + bias)
-        out = attend(q, k, v, scale=self.scaling, causal=self.causal, attn_mask=mask, backend=self.backend,
-                     rotary=rotary)
+        with appending(cache):  # a call that fails (a bad attn_mask, ...) leaves the cache's length
+            if cache is not None:
+                k, v = cache.append(k, v)
+            mask = attn_mask
+            if self.position == "alibi":
+                bias = alibi_bias(self.alibi_slopes, len_q, k.shape[2], q.dtype)
+                mask = bias if mask is None else (bias.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool
+                                                  else mask + bias)
+            out = attend(q, k, v, scale=self.scaling, causal=self.causal, attn_mask=mask, backend=self.backend,
+                         rotary=rotary)
         return self._output(out.transpose(1, 2).reshape(batch, len_q, self.num_heads * self.head_dim))
 
 

@@ -15,7 +15,7 @@ from typing import Any, Mapping, Optional
 import torch
 
 from .attend import attend, check_layer_backend
-from .cache import KVCache
+from .cache import KVCache, appending
 from .devicecache import DeviceLayerCache
 from .heads import AnyCache, _positions, _positive
 from .positions import RotaryEmbedding
@@ -155,9 +155,10 @@ class LatentAttention(torch.nn.Module):
             else:
                 # The cache holds the rotated rope key: the new one is rotated here, in torch; the
                 # query's rope part is rotated by attend.
-                keys, values = cache.append(torch.cat((latent[:, None], self.rotary(k_rot, pos)), dim=-1))
-                out_latent = attend(q_absorbed, keys, values,
-                                    rotary=self.rotary.spec(pos, None, batch, self.kv_lora_rank, largest=largest),
-                                    **options)
+                with appending(cache):  # a failed call leaves the cache's length
+                    keys, values = cache.append(torch.cat((latent[:, None], self.rotary(k_rot, pos)), dim=-1))
+                    out_latent = attend(q_absorbed, keys, values,
+                                        rotary=self.rotary.spec(pos, None, batch, self.kv_lora_rank, largest=largest),
+                                        **options)
             out = torch.einsum("bhlc,hvc->bhlv", out_latent, w[:, nope:])
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, heads * self.v_head_dim))
