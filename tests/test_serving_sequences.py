@@ -369,3 +369,14 @@ def test_device_cache_refuses_triton_before_append(rng):
             aule_kp.flash_attention_with_kvcache(q, kc, vc, kn, vn, cache_seqlens=np.array([1], np.int32),
                                                  block_table=np.array([[2, 0]], np.int32), backend="triton")
         assert not kc.download().any() and not vc.download().any()
+
+
+def test_q8_cache_of_rows_names_the_argument():
+    """A Q8Cache may hold 3-D rows (the serving code's view); as a cache it failed to unpack its shape,
+    a ValueError that named nothing."""
+    rows = aule_kp.Q8Cache(np.zeros((10, 1, 32), np.int8), np.zeros((10, 1, 1), np.float16))
+    cache = aule_kp.Q8Cache.zeros((1, 10, 1, 32))
+    q = np.zeros((1, 1, 1, 32), np.float32)
+    for k_cache, v_cache, name in ((rows, cache, "k_cache"), (cache, rows, "v_cache")):
+        with pytest.raises(ValueError, match=f"{name} must be a 4-D Q8Cache"):
+            aule_kp.flash_attention_with_kvcache(q, k_cache, v_cache, backend="cpu")

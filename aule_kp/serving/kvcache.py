@@ -158,6 +158,10 @@ def _check_caches(q: Any, k_cache: Any, v_cache: Any, dtype: str) -> None:
             raise TypeError("k_cache and v_cache must both be aule_kp.Q8Cache or both float caches")
         if inputs.is_torch(q) and q.device.type != "cpu":
             raise TypeError("a Q8Cache lives on the host: q must be a NumPy array or a CPU torch tensor")
+        for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+            if len(c.shape) != 4:
+                raise ValueError(f"{name} must be a 4-D Q8Cache [B, S, Hkv, D] or paged [num_blocks, page_size, "
+                                 f"Hkv, D], got shape {c.shape}")
         return
     for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
         got = inputs.dtype_name(name, c)
