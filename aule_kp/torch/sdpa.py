@@ -101,8 +101,11 @@ def scaled_dot_product_attention(
         enable_gqa: let ``Hq`` be a multiple of ``Hkv`` (grouped-query attention).
 
     Returns:
-        ``[..., Hq, L, Ev]`` with query's dtype and device; differentiable in query, key, value
-        and a float ``attn_mask``. A row that sees no key is 0.
+        ``[..., Hq, L, Ev]`` with query's dtype and device, contiguous (torch's CPU kernel may
+        instead return a view in the memory order of a transposed query); differentiable in query,
+        key, value and a float ``attn_mask`` (once: differentiating the gradients raises). A row
+        that sees no key is 0. Non-finite inputs follow :mod:`aule_kp.nonfinite`: a hidden key's
+        NaN value is never read, where torch's kernels give NaN rows.
     """
     precision = state.precision
     if precision != "fp" and torch.is_grad_enabled() and any(
