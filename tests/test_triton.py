@@ -16,6 +16,7 @@ import os
 
 os.environ["TRITON_INTERPRET"] = "1"
 
+import dataclasses  # noqa: E402
 import logging  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
@@ -201,6 +202,15 @@ def test_fully_hidden_rows_are_zero_with_zero_gradients() -> None:
     assert (out[:, :, hidden] == 0).all() and torch.isneginf(lse[:, :, hidden]).all()
     dq, _, _, dmask = got
     assert (dq[:, :, hidden] == 0).all() and (dmask[:, :, hidden] == 0).all()
+
+
+@pytest.mark.parametrize("name", ["plain", "gqa-causal", "causal-top-left", "decode-gqa-packed"])
+def test_negative_scale(name: str) -> None:
+    """A negative scale (torch's SDPA takes any float) on tiles with no band edge and no mask: the
+    row max of the scaled scores is the scale times the row *minimum* of q·k. Taking the maximum there
+    (the unscaled form's shortcut) left exp2 arguments of |scale|·(max - min)·log2(e) ≈ 250 at
+    scale -4: inf, then NaN rows. Tolerances as ``check``'s (the error model holds for any sign)."""
+    check(dataclasses.replace(make_problem(**CASES[name]), scale=-4.0))
 
 
 def test_finfo_min_mask_rows_average_like_float64() -> None:

@@ -63,7 +63,8 @@ class MultiHeadAttention(torch.nn.MultiheadAttention):
     run on aule-kp and get ``(out, None)``. ``add_bias_kv``/``add_zero_attn`` likewise run on torch.
     ``is_causal=True`` without ``attn_mask`` applies the causal mask (top-left aligned, as torch's
     SDPA); with ``attn_mask`` the mask is used as given (torch treats ``is_causal`` as a hint then).
-    A query row that sees no key gives 0 (torch gives NaN there). Attention dropout in training
+    A query row that sees no key gives 0 before ``out_proj`` (as torch 2.13's SDPA path; its fused
+    inference fast path gives NaN there). Attention dropout in training
     runs on torch SDPA (see :func:`aule_kp.nn.attend.attend`).
     """
 

@@ -196,18 +196,28 @@ class FlashAttentionFunction(torch.autograd.Function):
         ctx.mark_non_differentiable(lse)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: Any, dout: torch.Tensor, _dlse: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
-        q, k, v, out, lse, attn_mask, alibi_slopes, sinks = ctx.saved_tensors
-        mask_grad = attn_mask is not None and ctx.needs_input_grad[3]
-        want_dsinks = sinks is not None and len(ctx.needs_input_grad) > 12 and ctx.needs_input_grad[12]
-        causal, scale, backend, window_left, window_right, top_left, softcap = ctx.options
-        dq, dk, dv, dmask, dsinks = torch.ops.aule_kp.flash_attention_backward(
-            dout.contiguous(), q, k, v, out, lse, attn_mask, causal, scale, backend, mask_grad, window_left,
-            window_right, top_left, softcap, alibi_slopes, sinks
-        )
-        return (dq, dk, dv, (dmask if mask_grad else None), None, None, None, None, None, None, None, None,
-                (dsinks if want_dsinks else None))
+        return _backward(ctx, dout, *ctx.saved_tensors)
+
+
+@once_differentiable
+def _backward(ctx: Any, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+              lse: torch.Tensor, attn_mask: Optional[torch.Tensor], alibi_slopes: Optional[torch.Tensor],
+              sinks: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
+    """:meth:`FlashAttentionFunction.backward`. The saved tensors are arguments because
+    ``once_differentiable`` decides from its arguments whether the gradients are marked as not
+    differentiable (differentiating them raises) under ``create_graph=True``: with ``dout`` alone, a
+    constant ``dout`` (a penalty on the gradient of ``out.sum()``) left them plain tensors, and the
+    second-order terms through q, k, v and the mask were dropped without a word."""
+    mask_grad = attn_mask is not None and ctx.needs_input_grad[3]
+    want_dsinks = sinks is not None and len(ctx.needs_input_grad) > 12 and ctx.needs_input_grad[12]
+    causal, scale, backend, window_left, window_right, top_left, softcap = ctx.options
+    dq, dk, dv, dmask, dsinks = torch.ops.aule_kp.flash_attention_backward(
+        dout.contiguous(), q, k, v, out, lse, attn_mask, causal, scale, backend, mask_grad, window_left,
+        window_right, top_left, softcap, alibi_slopes, sinks
+    )
+    return (dq, dk, dv, (dmask if mask_grad else None), None, None, None, None, None, None, None, None,
+            (dsinks if want_dsinks else None))
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: Optional[float],

@@ -11,7 +11,8 @@ What goes to torch: dtypes other than float32/float16/bfloat16 (float64 included
 are not a multiple of 8 in [8, 256], ``dropout_p > 0`` (one :class:`aule_kp.AuleFallbackWarning`:
 in-kernel dropout is not implemented), ``is_causal`` together with ``attn_mask`` (torch's kernels
 disagree on it: the CPU flash kernel applies both, the math kernel raises), batch dims that
-broadcast between q, k and v, empty dims, tensor subclasses (nested, fake, ...), meta tensors, and
+broadcast between q, k and v, empty dims, ``enable_gqa`` with 2-D inputs, calls inside
+``torch.func.vmap``, tensor subclasses (nested, fake, ...), meta tensors, and
 problems the chosen backend reports it cannot run (one :class:`aule_kp.AuleFallbackWarning` per
 backend, unless it is ``"auto"``: that one falls back to torch only where no backend can).
 
@@ -100,8 +101,11 @@ def scaled_dot_product_attention(
         enable_gqa: let ``Hq`` be a multiple of ``Hkv`` (grouped-query attention).
 
     Returns:
-        ``[..., Hq, L, Ev]`` with query's dtype and device; differentiable in query, key, value
-        and a float ``attn_mask``. A row that sees no key is 0.
+        ``[..., Hq, L, Ev]`` with query's dtype and device, contiguous (torch's CPU kernel may
+        instead return a view in the memory order of a transposed query); differentiable in query,
+        key, value and a float ``attn_mask`` (once: differentiating the gradients raises). A row
+        that sees no key is 0. Non-finite inputs follow :mod:`aule_kp.nonfinite`: a hidden key's
+        NaN value is never read, where torch's kernels give NaN rows.
     """
     precision = state.precision
     if precision != "fp" and torch.is_grad_enabled() and any(
@@ -149,6 +153,8 @@ def _route(
         return "nested or sparse tensors"
     if type(is_causal) is not bool or type(enable_gqa) is not bool:
         return "is_causal and enable_gqa must be bools"
+    if not torch.compiler.is_compiling() and _vmapped():
+        return "inside torch.func.vmap (the engine's Function has no vmap rule)"
     if type(dropout_p) not in (int, float):
         return f"dropout_p is a {type(dropout_p).__name__}"
     if dropout_p != 0:
@@ -176,6 +182,8 @@ def _route(
     ndim = query.dim()
     if ndim < 2 or key.dim() != ndim or value.dim() != ndim:
         return f"{ndim}-D query with {key.dim()}-D key and {value.dim()}-D value"
+    if enable_gqa and ndim < 3:  # torch reads the heads at dim -3 (an IndexError on 2-D inputs)
+        return "enable_gqa with 2-D inputs (no heads dim)"
     lead = tuple(query.shape[:-3])
     if tuple(key.shape[:-3]) != lead or tuple(value.shape[:-3]) != lead:
         return "batch dims that differ (torch would broadcast them)"
@@ -222,6 +230,17 @@ def _route(
     q4, k4, v4 = (x.reshape(batch, h, length, d).contiguous()
                   for x, h, length, d in ((query, hq, lq, dk), (key, hk, lk, dk), (value, hk, lk, dv)))
     return _Call(q4, k4, v4, mask, scale, name, (*query.shape[:-1], dv))
+
+
+def _vmapped() -> bool:
+    """Whether a ``torch.func.vmap`` is active: its batched tensors look like plain ones here, and
+    :class:`FlashAttentionFunction` has no vmap rule (its kernels take whole 4-D problems)."""
+    if torch._C._functorch.peek_interpreter_stack() is None:  # no torch.func transform at all
+        return False
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    vmap = torch._C._functorch.TransformType.Vmap
+    return any(i.key() == vmap for i in retrieve_all_functorch_interpreters())
 
 
 def _mask_4d(mask: torch.Tensor, target: Tuple[int, ...], batch: int) -> Union[str, torch.Tensor]:

@@ -254,9 +254,14 @@ def _fwd_run(acc, l_i, m_i, q, k_base, v_base, mask_rows, t_start, t_end,
             p = tl.math.exp2(s - m_use[:, None])
         else:
             # Every score of the tile is finite here, so the max is too: the tutorial's fused form
-            # (the scale applied to the row max, and folded into exp2's argument).
+            # (the scale applied to the row's extreme, and folded into exp2's argument). A negative
+            # scale turns the smallest product into the largest score.
             qk = _mma(q, tl.trans(k), None, DOT)
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            if qk_scale >= 0:
+                extreme = tl.max(qk, 1)
+            else:
+                extreme = tl.min(qk, 1)
+            m_new = tl.maximum(m_i, extreme * qk_scale)
             m_use = m_new
             p = tl.math.exp2(qk * qk_scale - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
