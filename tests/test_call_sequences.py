@@ -197,3 +197,31 @@ def test_call_sequences_match_the_reference(calls: List[Dict[str, Any]], seed: i
         _check(call, arrays, _run(call, arrays), f"call {n}: {call}")
         previous = (call, arrays)
 
+
+# ---- targeted: each of these failed before its fix -------------------------------------------
+
+def _qkv(shape: Tuple[int, ...] = (1, 2, 8, 16), seed: int = 0) -> Tuple[np.ndarray, ...]:
+    rng = np.random.default_rng(seed)
+    return tuple(rng.standard_normal(shape).astype(np.float32) for _ in range(3))
+
+
+def test_a_failed_record_leaves_no_stale_sequence(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reusable plan bound to a new problem whose recording fails (out of memory, a
+    KeyboardInterrupt) kept the last problem's sequence while it said it was bound to the new one:
+    the next call of that problem ran the old push constants (here: non-causal for a causal call)."""
+    from aule_kp.vulkan import plan as planmod
+
+    q, k, v = _qkv()
+    check_close(aule_kp.flash_attention(q, k, v, backend="vulkan"), q, k, v, "float32", "first call")
+    record = planmod.Plan.record
+
+    def fail(*args: Any, **kwargs: Any) -> Any:
+        raise MemoryError("recording failed")
+
+    monkeypatch.setattr(planmod.Plan, "record", fail)
+    with pytest.raises(MemoryError):
+        aule_kp.flash_attention(q, k, v, backend="vulkan", causal=True, scale=0.29)
+    monkeypatch.setattr(planmod.Plan, "record", record)
+    got = aule_kp.flash_attention(q, k, v, backend="vulkan", causal=True, scale=0.29)
+    check_close(got, q, k, v, "float32", "the call after the failure", causal=True, scale=0.29)
+    check_close(aule_kp.flash_attention(q, k, v, backend="vulkan"), q, k, v, "float32", "the first problem again")
