@@ -20,6 +20,9 @@ from .problem import MAX_HEAD_DIM, default_scale
 NUMPY_DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}
 TORCH_DTYPES = ("float32", "float16", "bfloat16")
 SHAPES = {"q": "[B, Hq, Lq, Dk]", "k": "[B, Hkv, Lk, Dk]", "v": "[B, Hkv, Lk, Dv]"}
+#: Largest |scale| and soft-cap: the kernels compute in float32, with these times log2(e) (float32's
+#: largest value is 3.4e38); beyond it the Vulkan backend failed to pack them and the CPU one returned NaN.
+MAX_SCALE = 1e38
 
 
 def is_torch(x: Any) -> bool:
@@ -109,8 +112,9 @@ def check_scale_window(scale: Optional[float], window: Any, dk: int) -> float:
         raise ValueError(f"window must be (left, right) integers >= -1 (-1 = unbounded), got {window!r}")
     if scale is None:
         return default_scale(dk)
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not abs(scale) <= MAX_SCALE:
+        raise ValueError(f"scale must be a finite number of magnitude at most {MAX_SCALE:g} (the kernels "
+                         f"compute in float32), got {scale!r}")
     return float(scale)
 
 

@@ -225,3 +225,28 @@ def test_a_failed_record_leaves_no_stale_sequence(monkeypatch: pytest.MonkeyPatc
     got = aule_kp.flash_attention(q, k, v, backend="vulkan", causal=True, scale=0.29)
     check_close(got, q, k, v, "float32", "the call after the failure", causal=True, scale=0.29)
     check_close(aule_kp.flash_attention(q, k, v, backend="vulkan"), q, k, v, "float32", "the first problem again")
+
+
+@pytest.mark.parametrize("backend", ["vulkan", "cpu"])
+@pytest.mark.parametrize("name, value", [("scale", 1e39), ("scale", -3e38), ("softcap", 1e39), ("softcap", 1e300)])
+def test_scale_and_softcap_beyond_float32_name_the_argument(backend: str, name: str, value: float) -> None:
+    """Finite float64 values whose float32 (times log2 e) overflows: the Vulkan backend raised
+    OverflowError from struct.pack, the CPU backend returned NaN where the float64 reference is finite."""
+    q, k, v = _qkv()
+    with pytest.raises(ValueError, match=name):
+        aule_kp.flash_attention(q, k, v, backend=backend, **{name: value})
+    if name == "scale":
+        with aule_kp.Context() as ctx:
+            qt, kt, vt = (ctx.tensor(x.shape, np.float32).upload(x) for x in (q, k, v))
+            with pytest.raises(ValueError, match="scale"):
+                ctx.attention(qt, kt, vt, scale=value)
+
+
+def test_scale_and_softcap_up_to_the_bound_are_exact() -> None:
+    """The largest accepted values still compute (reference: float64 from the definition)."""
+    q, k, v = _qkv()
+    for backend in ("vulkan", "cpu"):
+        check_close(aule_kp.flash_attention(q, k, v, backend=backend, softcap=1e38), q, k, v, "float32",
+                    f"{backend} softcap 1e38", softcap=1e38)
+        check_close(aule_kp.flash_attention(q, k, v, backend=backend, scale=1e-30), q, k, v, "float32",
+                    f"{backend} scale 1e-30", scale=1e-30)
