@@ -233,10 +233,19 @@ def mask_view(attn_mask: Any, target: Tuple[int, int, int, int], collapse: bool 
 
 
 def mask_to_additive(mask: Any, is_bool: bool) -> np.ndarray:
-    """A ``mask_view`` result as the float32 additive mask (0 / -inf for bool), same shape."""
+    """A ``mask_view`` result as the float32 additive mask (0 / -inf for bool), same shape. Finite
+    values beyond float32's range (a float64 mask) saturate at its largest magnitude, as the kernels
+    saturate scores: float64's minimum masks a key as float32's does (a row it masks entirely is a
+    uniform average, as in torch) instead of hiding it, and a huge positive value does not become
+    +inf (which makes the row NaN)."""
     if is_torch(mask):
         m = mask.detach().cpu()
-        mask = m.numpy() if is_bool else m.float().numpy()
+        mask = m.numpy() if is_bool or m.element_size() > 4 else m.float().numpy()
     if is_bool:
         return np.where(mask, np.float32(0), np.float32(-np.inf))
-    return np.ascontiguousarray(mask, dtype=np.float32)
+    with np.errstate(over="ignore"):
+        additive = np.ascontiguousarray(mask, dtype=np.float32)
+    if mask.dtype.itemsize > 4 and not np.isfinite(additive).all():
+        overflowed = np.isinf(additive) & np.isfinite(mask)
+        additive[overflowed] = np.copysign(np.finfo(np.float32).max, mask[overflowed])
+    return additive

@@ -250,3 +250,40 @@ def test_scale_and_softcap_up_to_the_bound_are_exact() -> None:
                     f"{backend} softcap 1e38", softcap=1e38)
         check_close(aule_kp.flash_attention(q, k, v, backend=backend, scale=1e-30), q, k, v, "float32",
                     f"{backend} scale 1e-30", scale=1e-30)
+
+
+def _huge_mask_cases() -> List[Tuple[str, np.ndarray]]:
+    """Masks whose entries lie beyond float32 / log2(e) or beyond float32: one key of every row
+    lifted far above the rest, and rows 1 and 4 masked entirely with float64's (or float32's) minimum."""
+    cases = []
+    for dtype, value in ((np.float32, 3e38), (np.float64, 1e39), (np.float64, np.finfo(np.float64).max)):
+        m = np.zeros((8, 8), dtype)
+        m[:, 3] = value
+        cases.append((f"{np.dtype(dtype).name} {value:g} on key 3", m))
+    for dtype in (np.float32, np.float64):
+        m = np.zeros((8, 8), dtype)
+        m[[1, 4]] = np.finfo(dtype).min
+        m[:, 6] = np.finfo(dtype).min
+        cases.append((f"rows masked with {np.dtype(dtype).name}'s minimum", m))
+    return cases
+
+
+@pytest.mark.parametrize("backend", ["vulkan", "cpu"])
+def test_masks_beyond_float32_saturate(backend: str) -> None:
+    """A float mask value above float32's largest / log2(e) (Vulkan's exp2 domain overflowed to +inf:
+    a NaN row), or a float64 one beyond float32 (cast to +-inf: a NaN row, or a row masked with
+    float64's minimum hidden, all zeros, where float64 and torch give the uniform average; with a
+    RuntimeWarning from the cast), gives the float64 result (key 3 takes the whole weight; fully
+    masked rows average every v row)."""
+    import warnings
+
+    import torch
+
+    q, k, v = _qkv()
+    for what, m in _huge_mask_cases():
+        for mask in (m, torch.from_numpy(m)):
+            args = (torch.from_numpy(x) for x in (q, k, v)) if isinstance(mask, torch.Tensor) else (q, k, v)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", RuntimeWarning)
+                got = aule_kp.flash_attention(*args, attn_mask=mask, backend=backend)
+            check_close(np.asarray(got), q, k, v, "float32", f"{backend} {what} ({type(mask).__name__})", mask=m)
