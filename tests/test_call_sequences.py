@@ -287,3 +287,20 @@ def test_masks_beyond_float32_saturate(backend: str) -> None:
                 warnings.simplefilter("error", RuntimeWarning)
                 got = aule_kp.flash_attention(*args, attn_mask=mask, backend=backend)
             check_close(np.asarray(got), q, k, v, "float32", f"{backend} {what} ({type(mask).__name__})", mask=m)
+
+
+@pytest.mark.parametrize("bad, exc", [(dict(causal=1), TypeError), (dict(scale=True), ValueError),
+                                      (dict(window=(2.0, 1)), ValueError), (dict(window=(True, 1)), ValueError)])
+def test_context_repeated_call_still_validates(bad: Dict[str, Any], exc: type) -> None:
+    """Context.attention memoises a call with ``out`` by its arguments; the memo compared them by
+    value, and 1 == True, (2.0, 1) == (2, 1): after a valid call, arguments that validation refuses
+    ran the memoised plan without an error."""
+    q, k, v = _qkv()
+    good = dict(causal=True, scale=1.0, window=(2, 1))
+    with aule_kp.Context() as ctx:
+        qt, kt, vt, out = (ctx.tensor(x.shape, np.float32).upload(x) for x in (q, k, v, q))
+        for _ in range(2):  # the second call takes the memo
+            ctx.attention(qt, kt, vt, out, **good)
+            check_close(out.download(), q, k, v, "float32", "a valid call", **good)
+        with pytest.raises(exc):
+            ctx.attention(qt, kt, vt, out, **dict(good, **bad))
