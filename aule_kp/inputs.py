@@ -20,6 +20,9 @@ from .problem import MAX_HEAD_DIM, default_scale
 NUMPY_DTYPES = {np.dtype(np.float32): "float32", np.dtype(np.float16): "float16"}
 TORCH_DTYPES = ("float32", "float16", "bfloat16")
 SHAPES = {"q": "[B, Hq, Lq, Dk]", "k": "[B, Hkv, Lk, Dk]", "v": "[B, Hkv, Lk, Dv]"}
+#: Largest |scale| and soft-cap: the kernels compute in float32, with these times log2(e) (float32's
+#: largest value is 3.4e38); beyond it the Vulkan backend failed to pack them and the CPU one returned NaN.
+MAX_SCALE = 1e38
 
 
 def is_torch(x: Any) -> bool:
@@ -109,8 +112,9 @@ def check_scale_window(scale: Optional[float], window: Any, dk: int) -> float:
         raise ValueError(f"window must be (left, right) integers >= -1 (-1 = unbounded), got {window!r}")
     if scale is None:
         return default_scale(dk)
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not abs(scale) <= MAX_SCALE:
+        raise ValueError(f"scale must be a finite number of magnitude at most {MAX_SCALE:g} (the kernels "
+                         f"compute in float32), got {scale!r}")
     return float(scale)
 
 
@@ -229,10 +233,19 @@ def mask_view(attn_mask: Any, target: Tuple[int, int, int, int], collapse: bool 
 
 
 def mask_to_additive(mask: Any, is_bool: bool) -> np.ndarray:
-    """A ``mask_view`` result as the float32 additive mask (0 / -inf for bool), same shape."""
+    """A ``mask_view`` result as the float32 additive mask (0 / -inf for bool), same shape. Finite
+    values beyond float32's range (a float64 mask) saturate at its largest magnitude, as the kernels
+    saturate scores: float64's minimum masks a key as float32's does (a row it masks entirely is a
+    uniform average, as in torch) instead of hiding it, and a huge positive value does not become
+    +inf (which makes the row NaN)."""
     if is_torch(mask):
         m = mask.detach().cpu()
-        mask = m.numpy() if is_bool else m.float().numpy()
+        mask = m.numpy() if is_bool or m.element_size() > 4 else m.float().numpy()
     if is_bool:
         return np.where(mask, np.float32(0), np.float32(-np.inf))
-    return np.ascontiguousarray(mask, dtype=np.float32)
+    with np.errstate(over="ignore"):
+        additive = np.ascontiguousarray(mask, dtype=np.float32)
+    if mask.dtype.itemsize > 4 and not np.isfinite(additive).all():
+        overflowed = np.isinf(additive) & np.isfinite(mask)
+        additive[overflowed] = np.copysign(np.finfo(np.float32).max, mask[overflowed])
+    return additive

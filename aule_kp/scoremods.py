@@ -20,20 +20,19 @@ probabilities and ``D = rowsum(dO * O)``), and ``d sink_h = -sum over (b, i) of 
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Any, Optional, Tuple
 
 import numpy as np
 
-from .inputs import is_torch
+from .inputs import MAX_SCALE, is_torch
 
 
 def check_softcap(softcap: Any) -> float:
     """The soft-cap as a float (0.0: off); ValueError naming ``softcap`` unless a finite number >= 0."""
-    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not math.isfinite(softcap) \
-            or softcap < 0:
-        raise ValueError(f"softcap must be a finite number >= 0 (0.0 = off), got {softcap!r}")
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real) or not 0 <= softcap <= MAX_SCALE:
+        raise ValueError(f"softcap must be a number in [0, {MAX_SCALE:g}] (0.0 = off; the kernels compute in "
+                         f"float32), got {softcap!r}")
     return float(softcap)
 
 

@@ -83,9 +83,11 @@ const float NEG_BIG = -FLT_MAX;
 
 // Mask value in the exp2 domain. -inf hides the key; finite values saturate at -FLT_MAX instead of
 // overflowing to -inf, so a row masked with float32's minimum (as Hugging Face does) stays a
-// uniform average, as in torch, rather than becoming hidden.
+// uniform average, as in torch, rather than becoming hidden; and at FLT_MAX instead of +inf, so a
+// value above FLT_MAX / log2(e) (2.4e38) is the row's largest score, not a NaN row (+inf and NaN
+// entries make the row NaN on the host: aule_kp.nonfinite).
 float mask_term(float mv) {
-    return isinf(mv) && mv < 0.0 ? mv : max(mv * LOG2E, -FLT_MAX);
+    return isinf(mv) && mv < 0.0 ? mv : clamp(mv * LOG2E, -FLT_MAX, FLT_MAX);
 }
 
 // tanh of a score (exp2 domain) over the cap: (1 - e) / (1 + e) with e = exp(-2|x|) <= 1, finite

@@ -428,6 +428,9 @@ class RecordedPlan:
             return self
         if self.capacity is None and self.sequence is not None:
             raise ValueError(f"this plan runs {self.problem} only")
+        # Bound to nothing until the new sequence is in place: were recording to fail (out of memory,
+        # KeyboardInterrupt), the next bind to this problem must record again, not run the last one's.
+        self.sequence = None
         self.problem, self.config = problem, config
         self._bind_views()
         sequence = self._recorded.pop(key, None)

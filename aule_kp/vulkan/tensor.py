@@ -59,6 +59,13 @@ def _shape(shape: Any) -> Tuple[int, ...]:
     return tuple(int(s) for s in dims)
 
 
+def _typed(x: Any) -> Any:
+    """``x`` with its type and, for a tuple or list, its items' types: a memo key that tells apart
+    equal values of different types."""
+    items = tuple(_typed(item) for item in x) if isinstance(x, (tuple, list)) else x
+    return type(x), items
+
+
 class GpuTensor:
     """A tensor in device memory (packed like the kernels read it). Made by ``Context.tensor``.
 
@@ -211,8 +218,9 @@ class Context:
         if isinstance(out, GpuTensor):
             # The tuning cache's generation: a tuned tile or a self-check verdict written since makes
             # the memoised plan stale (the choice is made again below).
+            # The arguments with their types: 1 == True and (2.0, 1) == (2, 1), which validation refuses.
             sig = (getattr(q, "serial", None), getattr(k, "serial", None), getattr(v, "serial", None), out.serial,
-                   causal, scale, window, knobs.current(), tuning_cache.generation())
+                   _typed(causal), _typed(scale), _typed(window), knobs.current(), tuning_cache.generation())
             try:
                 hit = self._calls.get(sig)
             except TypeError:  # an unhashable argument (a list window): validated below
