@@ -242,6 +242,10 @@ def _tune(args: argparse.Namespace) -> int:
     from . import tune as tuning
     from .vulkan import device as devmod
 
+    why = args.cache_dir and _unwritable("--cache-dir", args.cache_dir, True)
+    if why:
+        print(f"aule-kp tune: {why}", file=sys.stderr)
+        return 2
     why = devmod.vulkan_unavailable()
     if why:
         print(f"aule-kp tune: no Vulkan device ({why})", file=sys.stderr)
@@ -284,6 +288,10 @@ def _doctor(args: argparse.Namespace) -> int:
     from .vulkan import selfcheck, workarounds
     from .vulkan.choice import FAMILIES, canary_config, candidate_families
 
+    why = args.cache_dir and _unwritable("--cache-dir", args.cache_dir, True)
+    if why:
+        print(f"aule-kp doctor: {why}", file=sys.stderr)
+        return 2
     why = devmod.vulkan_unavailable()
     if why:
         print(f"aule-kp doctor: no Vulkan device ({why})", file=sys.stderr)

@@ -48,8 +48,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         dest = install(args.comfyui_dir)
-    except (ValueError, FileNotFoundError) as exc:
+    except ValueError as exc:
         parser.error(str(exc))
+    except OSError as exc:  # no pack beside aule_kp, or custom_nodes/ not writable / holding a file there
+        parser.error(f"cannot install the pack: {exc}")
     sys.stdout.write(f"installed the Aule Attention nodes in {dest}; restart ComfyUI\n")
     return 0
 

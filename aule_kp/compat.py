@@ -20,6 +20,7 @@ Printing: aule-attention's ``install``, ``uninstall``, ``print_backend_info`` an
 from __future__ import annotations
 
 import logging
+import numbers
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -57,10 +58,10 @@ def _band_args(lq: int, lk: int, causal: bool, window_size: int = -1) -> Dict[st
     aule-kp's band sits on the diagonal ``j = i + Lk - Lq``; shifting a top-left band onto it can need
     a negative bound, which a window cannot say: then a boolean ``[Lq, Lk]`` mask does.
     """
-    if not isinstance(window_size, int) or isinstance(window_size, bool):
+    if not isinstance(window_size, numbers.Integral) or isinstance(window_size, (bool, np.bool_)):
         raise TypeError(f"window_size must be an int (-1 = full attention), got {window_size!r}")
     inputs.check_causal(causal)
-    left = window_size if window_size > 0 else None
+    left = int(window_size) if window_size > 0 else None
     right = 0 if causal else left
     if left is None and right is None:
         return {}
@@ -76,6 +77,16 @@ def _band_args(lq: int, lk: int, causal: bool, window_size: int = -1) -> Dict[st
     if right is not None:
         seen &= j - i <= right
     return {"attn_mask": seen}
+
+
+def _check_4d(**arrays: Any) -> None:
+    """TypeError/ValueError naming the argument that is not a 4-D array or tensor (checked before the
+    band and rotary code read shapes; aule-kp's own checks follow)."""
+    for name, x in arrays.items():
+        if not (isinstance(x, np.ndarray) or inputs.is_torch(x)):
+            raise TypeError(f"{name} must be a numpy.ndarray or torch.Tensor, got {type(x).__name__}")
+        if x.ndim != 4:
+            raise ValueError(f"{name} must be 4-D [B, H, L, D], got shape {tuple(x.shape)}")
 
 
 # --- rotary embeddings, as aule-attention's Triton kernel applies them -----------------------------
@@ -106,6 +117,7 @@ def _rotate(x: Any, cos: Any, sin: Any) -> Any:
 
 def _apply_rope(q: Any, k: Any, rot_cos: Any, rot_sin: Any) -> Tuple[Any, Any]:
     """q and k rotated at positions ``0..Lq-1`` and ``0..Lk-1`` (both tables or neither)."""
+    _check_4d(q=q, k=k)
     if rot_cos is None and rot_sin is None:
         return q, k
     if rot_cos is None or rot_sin is None:
@@ -143,6 +155,7 @@ def precompute_rope_frequencies(seq_len: int, head_dim: int, base: float = 10000
 
 
 def _call(q: Any, k: Any, v: Any, causal: bool, scale: Optional[float], window_size: int, backend: str) -> Any:
+    _check_4d(q=q, k=k, v=v)
     try:
         return api.flash_attention(q, k, v, scale=scale, backend=backend,
                                    **_band_args(q.shape[-2], k.shape[-2], causal, window_size))
@@ -366,7 +379,8 @@ class Aule:
                       rot_cos: Optional[GpuTensor] = None, rot_sin: Optional[GpuTensor] = None,
                       causal: bool = False, window_size: int = -1) -> None:
         """Attention on GpuTensors into ``output``. Rotary tables are applied through a host round trip
-        of q and k; a band that needs a mask (top-left causal with ``Lq < Lk``) raises ValueError."""
+        of q and k; a band that needs a mask (top-left causal with ``Lq < Lk``, or a ``window_size``
+        below ``|Lq - Lk|``) raises ValueError."""
         band = _band_args(Q.shape[2], K.shape[2], causal, window_size)
         if "attn_mask" in band:
             raise ValueError(f"this causal/window_size band on Lq={Q.shape[2]} != Lk={K.shape[2]} needs a mask, "

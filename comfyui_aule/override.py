@@ -120,15 +120,10 @@ def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, mask: Op
         q, k, v = (_to_heads(t, heads) for t in (q, k, v))
     if mask is not None:
         mask = _mask_4d(mask)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, mask)):
-        # Training (e.g. LoRA nodes): flash_attention detaches, the autograd Function keeps the graph
-        # and runs the backward pass on the same backend. ComfyUI's scale is dim_head ** -0.5 too.
-        from aule_kp.torch import FlashAttentionFunction
-
-        out, _ = FlashAttentionFunction.apply(q, k, v, mask, False, q.shape[-1] ** -0.5, backend)
-    else:
-        # Looked up on the module at call time (not imported by name) so tests can count the calls.
-        out = aule_kp.flash_attention(q, k, v, attn_mask=mask, backend=backend)
+    # Looked up on the module at call time (not imported by name) so tests can count the calls. Inputs
+    # that require grad (training nodes) get a differentiable result, its backward on the same backend;
+    # the default scale is ComfyUI's dim_head ** -0.5.
+    out = aule_kp.flash_attention(q, k, v, attn_mask=mask, backend=backend)
     if skip_output_reshape:
         return out
     b, h, n, d = out.shape

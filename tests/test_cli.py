@@ -147,3 +147,23 @@ def test_demo_table_columns_line_up(capsys: pytest.CaptureFixture[str]) -> None:
         assert dtype and dtype.start() == starts["dtype"], (row, starts)
         assert row[starts["mask"]:].split()[0] in ("causal", "-"), row
         assert [m.end() for m in re.finditer(r"\S+", row)][-3:] == ends, (row, out[header])
+
+
+@pytest.mark.parametrize("argv", [["tune", "--quick"], ["tune", "--clear"], ["tune", "--show"], ["doctor"],
+                                  ["doctor", "--clear"]])
+def test_unwritable_cache_dir_is_refused_up_front(argv: List[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """A --cache-dir that cannot be a folder: exit 2 naming the option before any work (tune wrote its
+    winners only after timing every candidate and died there with a NotADirectoryError traceback;
+    --clear and doctor raised it at once)."""
+    from aule_kp.vulkan import selfcheck
+
+    monkeypatch.setattr(autotune, "tune", _must_not_run)
+    monkeypatch.setattr(selfcheck, "run_checks", _must_not_run)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    for cache_dir in (a_file, a_file / "sub"):
+        assert main([*argv, "--cache-dir", str(cache_dir)]) == 2
+        err = capsys.readouterr().err
+        assert f"aule-kp {argv[0]}: --cache-dir {cache_dir}: cannot write there" in err, err
+    assert a_file.read_text() == "x"

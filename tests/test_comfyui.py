@@ -287,28 +287,24 @@ def test_fallback_passes_the_call_through(comfy: types.SimpleNamespace, calls: L
 
 
 def test_gradients_match_comfyui(comfy: types.SimpleNamespace, calls: List[Dict[str, Any]],
-                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """With grad enabled (ComfyUI's training nodes) the override keeps the graph: same gradients."""
-    from aule_kp.torch import FlashAttentionFunction
-
-    applied: List[int] = []
-    real_apply = FlashAttentionFunction.apply
-
-    def counting_apply(*args: Any) -> Any:
-        applied.append(1)
-        return real_apply(*args)
-
-    monkeypatch.setattr(FlashAttentionFunction, "apply", counting_apply)
+                                 caplog: pytest.LogCaptureFixture) -> None:
+    """With grad enabled (ComfyUI's training nodes) the override runs aule-kp and keeps the graph: same
+    gradients. (It used to call the autograd Function with too few arguments: the TypeError sent every
+    such call to ComfyUI's own attention, and counting ``apply`` calls did not notice.)"""
     block = _cross_attention(comfy, dim_head=16)
     x, ctx = torch.randn(2, 6, 24, requires_grad=True), torch.randn(2, 5, 20)
+    mask = torch.randn(2, 6, 5, requires_grad=True)  # 3-D: [B, Lq, Lk], differentiable too
     grads = []
     for options in ({}, {"optimized_attention_override": _override(comfy, "cpu")}):
         block.zero_grad()
-        x.grad = None
-        out = block(x, context=ctx, transformer_options=options)
+        x.grad = mask.grad = None
+        with caplog.at_level(logging.DEBUG, logger="aule_kp"):
+            out = block(x, context=ctx, mask=mask, transformer_options=options)
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
-        grads.append((out.detach(), x.grad.clone(), block.to_q.weight.grad.clone(), block.to_v.weight.grad.clone()))
-    assert len(applied) == 1 and not calls
+        grads.append((out.detach(), x.grad.clone(), mask.grad.clone(), block.to_q.weight.grad.clone(),
+                      block.to_v.weight.grad.clone()))
+    assert len(calls) == 1 and calls[0]["backend"] == "cpu"
+    assert not [r for r in caplog.records if "using ComfyUI's" in r.getMessage()], "fell back to ComfyUI"
     for got, want in zip(grads[1], grads[0]):  # sums over 2 x 6 rows, 5 keys, 16-wide heads, 24 features
         torch.testing.assert_close(got, want, rtol=0, atol=_module_tol(want, 12 + 5 + 16 + 24))
 

@@ -51,6 +51,16 @@ def test_install_refuses_a_folder_without_custom_nodes(tmp_path: Path) -> None:
         comfyui.install(tmp_path)
 
 
+def test_install_failure_is_a_usage_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A file where the pack goes (an OSError while replacing it): exit 2 with the reason, not a traceback."""
+    (tmp_path / "custom_nodes").mkdir()
+    (tmp_path / "custom_nodes" / "comfyui_aule").write_text("not the pack")
+    with pytest.raises(SystemExit) as exc:
+        comfyui.main(["install", str(tmp_path)])
+    assert exc.value.code == 2
+    assert "comfyui_aule" in capsys.readouterr().err
+
+
 def test_pack_without_aule_kp_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",

@@ -244,3 +244,33 @@ def test_context_round_trip(rng):
         tq.download()
     with pytest.raises(ValueError, match="closed"):
         a.tensor(q.shape)
+
+
+def test_bad_inputs_name_the_argument(rng):
+    """Not an array, or too few dims: a TypeError/ValueError naming the argument from every entry point
+    (they were AttributeError / IndexError from the band and rotary code before aule-kp's checks ran)."""
+    q, k, v = _inputs(rng, 1, 2, 2, 8, 8, 16)
+    cos, sin = _rope_tables(8, 16)
+    calls = (lambda *a: aule.flash_attention(*a), lambda *a: aule.flash_attention_rope(*a, cos, sin),
+             lambda *a: aule.flash_attention(*a, rot_cos=cos, rot_sin=sin),
+             lambda q, k, v: aule.apply_rope_separate(q, k, cos, sin))
+    for call in calls:
+        for args, bad in (((q.tolist(), k, v), "q"), ((q, None, v), "k"), ((q[0, 0, 0], k, v), "q"),
+                          ((q, k[0, 0, 0], v), "k")):
+            with pytest.raises((TypeError, ValueError), match=rf"^{bad} "):
+                call(*args)
+    with aule.Aule() as a:
+        for args, bad in (((None, k, v), "q"), ((q, k[0, 0], v), "k"), ((q, k, 1.0), "v")):
+            with pytest.raises(ValueError, match=rf"^{bad} "):
+                a.attention(*args)
+
+
+def test_window_size_takes_any_integer(rng):
+    """aule-attention passed window_size through ctypes.c_int32, which takes NumPy integers too."""
+    q, k, v = _inputs(rng, 1, 2, 2, 12, 12, 16)
+    ref, tol = _top_left(q, k, v, causal=False, window_size=3)
+    with aule.Aule() as a:
+        np.testing.assert_allclose(a.attention(q, k, v, window_size=np.int64(3)), ref, rtol=0, atol=tol)
+    for bad in (3.0, True, "3", None):
+        with pytest.raises(TypeError, match="window_size"):
+            aule.flash_attention_rope(q, k, v, *_rope_tables(12, 16), window_size=bad)

@@ -352,3 +352,27 @@ def test_bad_arguments_are_named():
     if not dist.is_initialized():
         with pytest.raises(RuntimeError, match="needs torch.distributed initialised"):
             ring_attention(q, q, q)
+
+
+def test_shard_unshard_bad_arguments_are_named():
+    """unshard of parts that shard cannot have made put positions in the wrong order without a word
+    (zigzag parts of odd or unequal lengths); shard's world, rank, dim and x were not all checked."""
+    x = torch.arange(12.0).reshape(1, 1, 12, 1)
+    with pytest.raises(ValueError, match="parts: .*even"):
+        unshard([x[:, :, :3], x[:, :, 3:6]], "zigzag")
+    for layout in ("contiguous", "zigzag"):
+        with pytest.raises(ValueError, match="parts: .*same length"):
+            unshard([x[:, :, :4], x[:, :, 4:6]], layout)
+        with pytest.raises(ValueError, match="parts: .*non-empty"):
+            unshard([], layout)
+    with pytest.raises(TypeError, match="parts"):
+        unshard([x.numpy(), x.numpy()])
+    with pytest.raises(ValueError, match="world must be an integer >= 1"):
+        shard(x, 0, 0)
+    with pytest.raises(TypeError, match="rank must be an integer"):
+        shard(x, 1.0, 2)
+    with pytest.raises(ValueError, match="dim 5 is out of range"):
+        shard(x, 0, 2, dim=5)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        shard(x.numpy(), 0, 2)
+    assert torch.equal(unshard([shard(x, r, 2, "zigzag", dim=-2) for r in range(2)], "zigzag", dim=-2), x)

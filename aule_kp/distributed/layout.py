@@ -11,6 +11,7 @@ report's context parallelism and the zigzag of ring-flash-attention.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -59,8 +60,16 @@ def shard(x: torch.Tensor, rank: int, world: int, layout: str = "contiguous", di
     rank ``rank`` of ``world`` holds under ``layout``: what each rank passes to the attention
     functions. The length must divide evenly (by ``world``; by ``2·world`` for zigzag)."""
     check_layout(layout)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    for name, value in (("world", world), ("rank", rank)):
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an integer, got {value!r}")
+    if world < 1:
+        raise ValueError(f"world must be an integer >= 1, got {world}")
     if not 0 <= rank < world:
         raise ValueError(f"rank must be in [0, {world}), got {rank}")
+    _check_dim(x, dim, "x")
     parts = world if layout == "contiguous" else 2 * world
     if x.shape[dim] % parts:
         raise ValueError(f"x: length {x.shape[dim]} along dim {dim} must be a multiple of {parts} "
@@ -72,12 +81,31 @@ def shard(x: torch.Tensor, rank: int, world: int, layout: str = "contiguous", di
 
 
 def unshard(parts: list[torch.Tensor], layout: str = "contiguous", dim: int = 2) -> torch.Tensor:
-    """The whole sequence from every rank's part (``parts[r]``: rank ``r``'s), inverse of :func:`shard`."""
+    """The whole sequence from every rank's part (``parts[r]``: rank ``r``'s), inverse of :func:`shard`:
+    parts of one length along ``dim`` (even for zigzag, two chunks each), else a ValueError naming them."""
     check_layout(layout)
+    if not isinstance(parts, (list, tuple)) or not parts:
+        raise ValueError(f"parts: expected a non-empty list of every rank's part, got {parts!r}")
+    if not all(isinstance(p, torch.Tensor) for p in parts):
+        raise TypeError(f"parts must be torch.Tensors, got {', '.join(type(p).__name__ for p in parts)}")
+    _check_dim(parts[0], dim, "parts")
+    lengths = [p.shape[dim] if p.dim() == parts[0].dim() else None for p in parts]
+    if len(set(lengths)) != 1:
+        raise ValueError(f"parts: every rank's part must have the same length along dim {dim} (shard cuts equal "
+                         f"parts), got {lengths}")
+    if layout == "zigzag" and lengths[0] % 2:
+        raise ValueError(f"parts: zigzag parts hold two equal chunks, so their length along dim {dim} must be even, "
+                         f"got {lengths[0]}")
     if layout == "contiguous":
         return torch.cat(parts, dim)
     halves = [p.chunk(2, dim) for p in parts]
     return torch.cat([h[0] for h in halves] + [h[1] for h in reversed(halves)], dim)
+
+
+def _check_dim(x: torch.Tensor, dim: int, name: str) -> None:
+    """ValueError naming ``dim`` (and ``name``'s shape) unless it indexes a dim of ``x``."""
+    if not isinstance(dim, numbers.Integral) or isinstance(dim, bool) or not -x.dim() <= dim < x.dim():
+        raise ValueError(f"dim {dim} is out of range for {name} of shape {tuple(x.shape)}")
 
 
 def natural_order(len_local: int, world: int, layout: str, device: torch.device) -> Optional[torch.Tensor]:
