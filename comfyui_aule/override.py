@@ -4,7 +4,9 @@ ComfyUI wraps every attention function with ``wrap_attn``: when the caller passe
 ``transformer_options`` holding ``"optimized_attention_override"``, the wrapper calls
 ``override(func, *args, **kwargs)`` instead, where ``func`` is the function that was about to run.
 :class:`AuleAttentionOverride` is such an override: it runs what aule-kp can take and hands the rest
-back to ``func`` (ComfyUI's own attention), logging why at debug level.
+back to ``func`` (ComfyUI's own attention): one ``aule_kp.AuleFallbackWarning`` per kind of call
+it hands back (the dtype, the layout, the head dim, or the error aule-kp raised), every such call
+logged with its reason at debug level.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Any, Callable, Optional, Tuple
 import torch
 
 import aule_kp
+from aule_kp.errors import warn_once
 
 log = logging.getLogger("aule_kp")
 
@@ -63,37 +66,43 @@ class AuleAttentionOverride:
         ``attn_precision`` needs no handling: aule-kp always accumulates scores and softmax in fp32,
         which is what ComfyUI's ``attn_precision=torch.float32`` upcast is for.
         """
-        reason = _unsupported(q, k, v, heads, skip_reshape)
-        if reason is None:
+        refusal = _unsupported(q, k, v, heads, skip_reshape)
+        if refusal is None:
             try:
                 return _run(q, k, v, heads, mask, skip_reshape, skip_output_reshape, self.backend)
             except (aule_kp.BackendUnavailable, ValueError, TypeError) as exc:
                 # A problem the engine refuses (mask shape, backend limits, ...): ComfyUI's own
                 # function still gives the right answer, so the user's workflow keeps running.
-                reason = f"{type(exc).__name__}: {exc}"
+                refusal = (type(exc).__name__, f"{type(exc).__name__}: {exc}")
+        kind, reason = refusal
+        warn_once(f"comfyui-fallback-{kind}",
+                  f"aule-kp's ComfyUI override hands calls it cannot take to ComfyUI's own attention ({reason}); "
+                  "said once per kind of call, each call logged at DEBUG on logger aule_kp")
         log.debug("aule-kp ComfyUI override: using ComfyUI's %s (%s)", getattr(func, "__name__", func), reason)
         return func(q, k, v, heads, mask=mask, attn_precision=attn_precision, skip_reshape=skip_reshape,
                     skip_output_reshape=skip_output_reshape, **kwargs)
 
 
-def _unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, skip_reshape: bool) -> Optional[str]:
-    """Why aule-kp should not take this call, or None; cheap checks made before any work."""
+def _unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int, skip_reshape: bool
+                 ) -> Optional[Tuple[str, str]]:
+    """``(kind, reason)`` aule-kp should not take this call for, or None; cheap checks made before any work."""
     tensors = (q, k, v)
     if not all(isinstance(t, torch.Tensor) for t in tensors):
-        return "q, k and v are not all torch tensors"
+        return "type", "q, k and v are not all torch tensors"
     if any(t.dtype != q.dtype for t in tensors) or q.dtype not in _DTYPES:
-        return f"dtypes {q.dtype}/{k.dtype}/{v.dtype} (aule-kp takes one of float32, float16, bfloat16)"
+        return "dtype", f"dtypes {q.dtype}/{k.dtype}/{v.dtype} (aule-kp takes one of float32, float16, bfloat16)"
     if skip_reshape:
         if any(t.ndim != 4 for t in tensors):
-            return f"skip_reshape inputs of ranks {q.ndim}/{k.ndim}/{v.ndim}, expected 4"
+            return "layout", f"skip_reshape inputs of ranks {q.ndim}/{k.ndim}/{v.ndim}, expected 4"
         dims = (q.shape[-1], v.shape[-1])
     else:
         if any(t.ndim != 3 for t in tensors) or heads <= 0 or any(t.shape[-1] % heads for t in tensors):
-            return f"inputs {tuple(q.shape)}/{tuple(k.shape)}/{tuple(v.shape)} do not split into {heads} heads"
+            shapes = f"{tuple(q.shape)}/{tuple(k.shape)}/{tuple(v.shape)}"
+            return "layout", f"inputs {shapes} do not split into {heads} heads"
         dims = (q.shape[-1] // heads, v.shape[-1] // heads)
     for d in dims:
         if d % 8 or not 0 < d <= _MAX_HEAD_DIM:
-            return f"head dim {d} (aule-kp takes multiples of 8 up to {_MAX_HEAD_DIM})"
+            return "head-dim", f"head dim {d} (aule-kp takes multiples of 8 up to {_MAX_HEAD_DIM})"
     return None
 
 

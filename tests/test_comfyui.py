@@ -17,6 +17,7 @@ import os
 import pickle
 import sys
 import types
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
@@ -101,7 +102,9 @@ def comfy() -> Iterator[types.SimpleNamespace]:
 
 @pytest.fixture
 def calls(monkeypatch: pytest.MonkeyPatch) -> List[Dict[str, Any]]:
-    """Counts aule_kp.flash_attention calls (the override looks it up on the module at call time)."""
+    """Counts aule_kp.flash_attention calls (the override looks it up on the module at call time); each
+    test starts with no fallback warned about."""
+    monkeypatch.setattr(aule_kp.errors, "_warned", set())
     seen: List[Dict[str, Any]] = []
     real = aule_kp.flash_attention
 
@@ -251,13 +254,18 @@ def test_fallback_for_unsupported_head_dim(comfy: types.SimpleNamespace, calls: 
                                            caplog: pytest.LogCaptureFixture) -> None:
     block = _cross_attention(comfy, dim_head=12)  # not a multiple of 8
     x, ctx = torch.randn(2, 9, 24), torch.randn(2, 5, 20)
+    options = {"optimized_attention_override": _override(comfy, "cpu")}
     with torch.no_grad():
         want = block(x, context=ctx)
         with caplog.at_level(logging.DEBUG, logger="aule_kp"):
-            got = block(x, context=ctx, transformer_options={"optimized_attention_override": _override(comfy, "cpu")})
+            with pytest.warns(aule_kp.AuleFallbackWarning, match="head dim 12"):
+                got = block(x, context=ctx, transformer_options=options)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # said once per kind of call
+                block(x, context=ctx, transformer_options=options)
     assert not calls
     assert torch.equal(got, want)  # ComfyUI's own function ran, unchanged
-    assert any("head dim 12" in r.getMessage() for r in caplog.records)
+    assert sum("head dim 12" in r.getMessage() for r in caplog.records) == 2  # every call logged
 
 
 def test_fallback_passes_the_call_through(comfy: types.SimpleNamespace, calls: List[Dict[str, Any]],
