@@ -86,8 +86,9 @@ def kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, block_table
             sinks=None):
     """``flash_attn_with_kvcache`` in float64: ``(out [B, Lq, Hq, Dv], k_cache, v_cache, q_rotated)`` with
     the caches as they are after the call (new k rotated at ``cache_seqlens + i``, then written at those
-    positions; q rotated at ``cache_seqlens + i`` when causal or local, i.e. ``window`` other than
-    ``(-1, -1)``, else at ``cache_seqlens``).
+    positions; q rotated at ``cache_seqlens + i`` when causal or local, i.e. a ``window`` side in
+    ``[0, capacity)`` (flash-attn makes -1 of a side at least the cache's seqlen_k), else at
+    ``cache_seqlens``).
     ``round_to``: a function rounding rotated values to the storage type, as the cache stores them."""
     kc, vc = k_cache.astype(np.float64).copy(), v_cache.astype(np.float64).copy()
     b, lq, hq, d = q.shape
@@ -107,7 +108,7 @@ def kvcache(q, k_cache, v_cache, k=None, v=None, cache_seqlens=None, block_table
         n = int(lens[s])
         qs = q[s].astype(np.float64)
         if cos is not None:
-            local = window is not None and (window[0] >= 0 or window[1] >= 0)  # flash-attn: window != (-1, -1)
+            local = window is not None and any(0 <= w < cap for w in window)
             qpos = n + (np.arange(lq) if (causal or local) else np.zeros(lq, int))
             qs = rnd(rotary(qs, cos, sin, qpos, interleaved))
         q_rot[s] = qs

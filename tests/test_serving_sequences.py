@@ -39,9 +39,10 @@ def _tables(length: int, rot_dim: int):
     return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 
 
-def _local(window) -> bool:
-    """flash-attn's "local": a window other than (-1, -1) (then q rows rotate at their own positions)."""
-    return window is not None and (window[0] >= 0 or window[1] >= 0)
+def _local(window, capacity: int) -> bool:
+    """flash-attn's "local": a window side in [0, capacity), the cache's seqlen_k (then q rows rotate at their
+    own positions; a side of -1 or at least the capacity is unbounded)."""
+    return window is not None and any(0 <= w < capacity for w in window)
 
 
 @dataclass
@@ -135,7 +136,8 @@ class Model:
                 self.keys[s].append(k[0])
                 self.values[s].append(vn[s, i].astype(np.float64))
             if self.rotary:
-                pos = n + (np.arange(lq) if (self.causal or _local(self.window)) else np.zeros(lq, int))
+                local = self.causal or _local(self.window, self.max_blocks * self.page)
+                pos = n + (np.arange(lq) if local else np.zeros(lq, int))
                 qs = ref.rotary(qs, self.cos, self.sin, pos, self.rotary[1])
             total = n + new
             ks = np.array(self.keys[s]).reshape(total, self.hkv, self.dim)
@@ -219,15 +221,21 @@ def test_paged_sequences_vulkan(data, page, window, resident, seed):
 
 def test_rotary_unbounded_window_is_not_local(rng):
     """flash-attn rotates every q row at ``cache_seqlens`` unless causal or local, and local means a
-    window other than (-1, -1): ``window=(-1, -1)`` (flash-attn's default, as ported code passes it)
-    rotates as ``window=None`` does. It rotated each row at its own position, silently."""
+    window side in [0, seqlen_k), seqlen_k being the cache's capacity (a side of at least that becomes
+    -1): ``window=(-1, -1)`` (flash-attn's default, as ported code passes it) or a side as long as the
+    cache rotates as ``window=None`` does. (-1, -1) rotated each row at its own position, silently."""
     cos, sin = _tables(32, 16)
     q, kc, vc, kn, vn = (rng.standard_normal(s).astype(np.float32) for s in
                          ((1, 3, 2, 16), (1, 20, 1, 16), (1, 20, 1, 16), (1, 3, 1, 16), (1, 3, 1, 16)))
-    outs = [aule_kp.flash_attention_with_kvcache(q, kc.copy(), vc.copy(), kn, vn, cache_seqlens=5, rotary_cos=cos,
-                                                 rotary_sin=sin, rotary_interleaved=False, window=w, backend="cpu")
-            for w in (None, (-1, -1))]
-    np.testing.assert_array_equal(outs[1], outs[0])
+
+    def call(w):
+        return aule_kp.flash_attention_with_kvcache(q, kc.copy(), vc.copy(), kn, vn, cache_seqlens=5, rotary_cos=cos,
+                                                    rotary_sin=sin, rotary_interleaved=False, window=w, backend="cpu")
+
+    outs = [call(w) for w in (None, (-1, -1), (20, -1), (-1, 20), (20, 100))]
+    for o in outs[1:]:
+        np.testing.assert_array_equal(o, outs[0])
+    assert not np.array_equal(call((19, -1)), outs[0])  # a window inside the capacity is local: rows at their own
     want, kw, vw, qw = ref.kvcache(q, kc, vc, kn, vn, np.array([5]), cos=cos, sin=sin, interleaved=False,
                                    window=(-1, -1))
     tol = tolerance("float32", 8 + 16, float(np.abs(vw[0, :8]).max()), exponent_range(qw[0], kw[0, :8], 0.25))

@@ -53,8 +53,9 @@ def flash_attention_with_kvcache(
         block_table: ``[B, max_blocks]`` int32: sequence ``b``'s token ``t`` lives in block
             ``block_table[b, t // page_size]`` at slot ``t % page_size``.
         rotary_cos, rotary_sin: ``[seqlen_ro, R/2]`` (``R <= Dk``): the new k is rotated at positions
-            ``cache_seqlens + i``; q too when causal or local (``window`` other than ``(-1, -1)``), else
-            every q row at ``cache_seqlens``.
+            ``cache_seqlens + i``; q too when causal or local (a ``window`` side in ``[0, capacity)``, the
+            capacity being ``k_cache.shape[1]``, or ``max_blocks * page_size`` when paged), else every q row
+            at ``cache_seqlens``.
             ``rotary_interleaved``: pairs dims ``(2i, 2i+1)`` (GPT-J); False pairs ``(i, i + R/2)`` (GPT-NeoX).
             flash-attn refuses rotary without new k/v; here q alone is then rotated, by the same rule.
         causal: aligned bottom-right: q row ``i`` sees keys ``j <= i + Lk - Lq``, ``Lk = cache_seqlens + Lnew``.
@@ -117,9 +118,9 @@ def flash_attention_with_kvcache(
                   "GPU path for torch tensors yet); Context.kv_cache keeps a cache on a Vulkan device")
     qh = inputs.to_host(q, dtype)
     if rotary is not None:
-        # flash-attn: q rows at their own positions when causal or local (a window other than (-1, -1)),
-        # all at cache_seqlens otherwise.
-        local = window is not None and (window[0] >= 0 or window[1] >= 0)
+        # flash-attn: q rows at their own positions when causal or local, all at cache_seqlens otherwise; a
+        # window side of -1 or at least the cache's capacity (its seqlen_k) is unbounded (not local).
+        local = window is not None and any(0 <= w < capacity for w in window)
         steps = np.arange(lq) if (causal or local) else np.zeros(lq, np.int64)
         qh = from_f32(_rotate(to_f32(qh, dtype), rotary, seqlens[:, None] + steps[None], "q"), dtype)
     undo = _append(k_cache, v_cache, k, v, seqlens, new, table, n1, rotary, dtype) if new else None
