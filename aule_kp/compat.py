@@ -94,6 +94,9 @@ def _check_4d(**arrays: Any) -> None:
 
 def _rope_table(t: Any, name: str, rows: int, half: int) -> Any:
     """``t`` as ``[rows, half]``: leading axes of size 1 dropped, the first ``rows`` positions kept."""
+    is_float = t.is_floating_point() if hasattr(t, "is_floating_point") else np.asarray(t).dtype.kind == "f"
+    if not is_float:  # a complex table's imaginary part would be dropped by the float32 cast, silently
+        raise TypeError(f"{name} must hold real floating-point values, got {t.dtype}")
     shape = tuple(t.shape)
     if len(shape) < 2 or any(s != 1 for s in shape[:-2]) or shape[-1] != half or shape[-2] < rows:
         raise ValueError(f"{name} must have shape [S, {half}] (leading 1s allowed) with S >= {rows} "

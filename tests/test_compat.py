@@ -265,6 +265,19 @@ def test_bad_inputs_name_the_argument(rng):
                 a.attention(*args)
 
 
+@pytest.mark.parametrize("dtype", [np.complex64, np.int32, bool])
+def test_rope_tables_must_be_real_floats(rng, dtype):
+    """A complex table lost its imaginary part in the float32 cast (NumPy only warned), silently."""
+    q, k, v = _inputs(rng, 1, 2, 2, 8, 8, 16)
+    cos, sin = _rope_tables(8, 16)
+    for bad_cos, bad_sin, name in ((cos.astype(dtype), sin, "rot_cos"), (cos, sin.astype(dtype), "rot_sin")):
+        with pytest.raises(TypeError, match=rf"^{name} "):
+            aule.flash_attention(q, k, v, rot_cos=bad_cos, rot_sin=bad_sin)
+    with pytest.raises(TypeError, match="^rot_cos "):
+        aule.flash_attention(q, k, v, rot_cos=pytest.importorskip("torch").from_numpy(cos.astype(np.complex64)),
+                             rot_sin=sin)
+
+
 def test_window_size_takes_any_integer(rng):
     """aule-attention passed window_size through ctypes.c_int32, which takes NumPy integers too."""
     q, k, v = _inputs(rng, 1, 2, 2, 12, 12, 16)
