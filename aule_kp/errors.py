@@ -32,7 +32,8 @@ _warned_lock = threading.Lock()
 
 def warn_once(key: str, message: str) -> None:
     """``warnings.warn(message, AuleFallbackWarning)`` the first time ``key`` is seen in this process,
-    attributed to the first caller outside the package."""
+    attributed to the first caller outside the package. A warning that an "error" filter turned into an
+    exception does not count as shown: the next fallback of that kind raises too."""
     with _warned_lock:
         if key in _warned:
             return
@@ -41,4 +42,9 @@ def warn_once(key: str, message: str) -> None:
     frame, level = sys._getframe(1), 2
     while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
         frame, level = frame.f_back, level + 1
-    warnings.warn(message, AuleFallbackWarning, stacklevel=level)
+    try:
+        warnings.warn(message, AuleFallbackWarning, stacklevel=level)
+    except BaseException:
+        with _warned_lock:
+            _warned.discard(key)
+        raise

@@ -4,6 +4,7 @@ Vulkan driver" case is in test_api.py, dropout in test_torch.py."""
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -41,6 +42,33 @@ def test_warn_once_is_once_per_key() -> None:
     assert [str(w.message) for w in record] == ["first kind", "second kind"]
     assert all(w.filename == __file__ for w in record)
     assert issubclass(aule_kp.AuleFallbackWarning, RuntimeWarning)
+
+
+def test_an_error_filter_stops_every_fallback_not_only_the_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """README: ``warnings.simplefilter("error", AuleFallbackWarning)`` makes fallbacks errors. The key was
+    recorded before ``warnings.warn`` raised, so the second call of a kind ran its fallback silently."""
+    from aule_kp.cpu import native
+    from aule_kp.cpu.backend import CpuBackend
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", aule_kp.AuleFallbackWarning)
+        for _ in range(2):
+            with pytest.raises(aule_kp.AuleFallbackWarning, match="first kind"):
+                errors.warn_once("a", "first kind")
+        # A real fallback: the native CPU kernel missing (the NumPy path would run).
+        monkeypatch.setattr(native, "LIB_DIR", native.LIB_DIR / "missing")
+        monkeypatch.setattr(native, "_loaded", {})
+        monkeypatch.setattr(native, "_why", {})
+        q = np.zeros((1, 1, 4, 8), np.float32)
+        p = Problem(1, 1, 1, 4, 4, 8, 8, "float32", 0.25)
+        for _ in range(2):
+            with pytest.raises(aule_kp.AuleFallbackWarning, match="native kernel is unavailable"):
+                CpuBackend().forward(p, q, q, q, None)
+    # Shown once it is a warning again: once per kind, as before.
+    with pytest.warns(aule_kp.AuleFallbackWarning) as record:
+        for _ in range(3):
+            errors.warn_once("a", "first kind")
+    assert len(record) == 1
 
 
 @needs_vulkan
