@@ -84,15 +84,20 @@ def available_backends() -> List[str]:
 
 def _warn_fallback(problem: Problem, best: Backend, why: Dict[str, List[str]]) -> None:
     """One AuleFallbackWarning per kind when "auto" runs ``problem`` on the CPU because Vulkan is
-    missing, or on a backend behind an installed one that refused it in ``PRIORITY`` (e.g. a GPU's
-    Vulkan over a device limit). A CPU Vulkan driver (lavapipe) comes after the CPU backend: no warning."""
+    missing, CUDA/ROCm tensors off their GPU because Triton is missing, or ``problem`` on a backend
+    behind an installed one that refused it in ``PRIORITY`` (e.g. a GPU's Vulkan over a device limit).
+    A CPU Vulkan driver (lavapipe) comes after the CPU backend: no warning."""
     if not why:
         return
-    # A backend whose bind succeeded is not in ``why``: only a refused Vulkan can be a missing one.
+    # A backend whose bind succeeded is not in ``why``: only a refused backend can be a missing one.
     vulkan_missing = _registry["vulkan"].unavailable_reasons() if best.name == "cpu" and "vulkan" in why else []
     if vulkan_missing:
         warn_once("no-vulkan", f"aule-kp: no usable Vulkan device ({'; '.join(vulkan_missing)}); "
                   "backend='auto' runs on the CPU backend")
+    triton_missing = _registry["triton"].unavailable_reasons() if _cuda_tensors(problem) and "triton" in why else []
+    if triton_missing:
+        warn_once("no-triton", f"aule-kp: Triton is unavailable ({'; '.join(triton_missing)}); backend='auto' "
+                  f"copies CUDA/ROCm tensors to host memory and runs them on the {best.name} backend")
     best_place = _place(best.name, problem)
     for name, reasons in why.items():
         backend = _registry[name]

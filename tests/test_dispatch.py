@@ -148,3 +148,23 @@ def test_lavapipe_only_ahead_of_the_numpy_path_on_long_fp16_decode(monkeypatch: 
     assert not any(dispatch._lavapipe_faster(p) for p in others)
     lavapipe = dispatch.PRIORITY.index(("vulkan", dispatch._lavapipe_faster))
     assert lavapipe < dispatch.PRIORITY.index(("cpu", dispatch._always))
+
+
+@pytest.mark.parametrize("vulkan", ["able", "missing"])
+def test_cuda_tensors_without_triton_warn_that_they_leave_the_gpu(fake_world, vulkan: str) -> None:
+    # CUDA/ROCm tensors belong to Triton (PRIORITY's first entry). Without Triton installed (torch's CUDA
+    # wheels for Windows carry none) "auto" copied them to host memory and ran Vulkan or the CPU backend
+    # with no warning: a change of device and speed class the caller did not ask for.
+    fake_world({"vulkan": vulkan, "triton": "missing", "cpu": "able"}, "gpu")
+    problem = Problem(1, 1, 1, 8, 8, 16, 16, "float32", 0.25, device="cuda")
+    with pytest.warns(AuleFallbackWarning) as record:
+        for _ in range(2):
+            assert dispatch.select(problem).name == ("vulkan" if vulkan == "able" else "cpu")
+    notices = [str(w.message) for w in record if "Triton" in str(w.message)]
+    assert len(notices) == 1 and "not installed" in notices[0] and "host memory" in notices[0]
+    # CPU tensors and NumPy arrays never belonged to Triton: no such warning for them.
+    for device in (None, "cpu"):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            dispatch.select(Problem(1, 1, 1, 8, 8, 16, 16, "float32", 0.25, device=device))
+        assert not [w for w in caught if "Triton" in str(w.message)]
