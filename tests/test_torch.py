@@ -550,6 +550,52 @@ def test_threads() -> None:
     assert F.scaled_dot_product_attention is TORCH_SDPA
 
 
+def test_a_threads_own_block_decides_its_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another thread's enabled() block, entered later, must not change what this thread's own block
+    asked for: the latest block of any thread chose for all, so a thread inside enabled("cpu") ran
+    its calls with another thread's precision="int8" (approximate Q.K) or backend. A thread without
+    a block of its own follows install() and the latest block, as before."""
+    seen: Dict[str, Tuple[Any, Any]] = {}
+    route = sdpa_mod._route
+
+    def spy(*args: Any) -> Any:
+        seen[threading.current_thread().name] = (args[8], args[9])  # backend, precision
+        return route(*args)
+
+    monkeypatch.setattr(sdpa_mod, "_route", spy)
+    q, k, v = (t.detach() for t in inputs((1, 2, 8, 16), (1, 2, 8, 16), (1, 2, 8, 16)))
+    inside, other_in, other_out = threading.Event(), threading.Event(), threading.Event()
+
+    def mine() -> None:
+        with aule_kp.enabled("cpu"):
+            inside.set()
+            other_in.wait(30)
+            F.scaled_dot_product_attention(q, k, v)
+        other_out.set()
+
+    def other() -> None:
+        inside.wait(30)
+        with aule_kp.enabled("auto", precision="int8"):
+            other_in.set()
+            other_out.wait(30)
+
+    def bystander() -> None:
+        F.scaled_dot_product_attention(q, k, v)
+
+    threads = [threading.Thread(target=mine, name="mine"), threading.Thread(target=other, name="other")]
+    for t in threads:
+        t.start()
+    other_in.wait(30)
+    by = threading.Thread(target=bystander, name="bystander")
+    by.start()
+    by.join()
+    for t in threads:
+        t.join()
+    assert seen["mine"] == ("cpu", "fp")
+    assert seen["bystander"] == ("auto", "int8")
+    assert F.scaled_dot_product_attention is TORCH_SDPA
+
+
 # ---------------------------------------------------------------------------------------------------
 # Autograd Function, custom ops, gradcheck
 

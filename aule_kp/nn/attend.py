@@ -134,7 +134,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, c
     (:meth:`RotarySpec.apply`).
     """
     mask = _as_4d(attn_mask)
-    precision = state.precision if precision is None else check_precision(precision)
+    precision = state.setting()[1] if precision is None else check_precision(precision)
     if rotary is not None:
         out = _triton_rotary(q, k, v, rotary, scale, causal, top_left, mask, backend, dropout_p, precision)
         if out is None:

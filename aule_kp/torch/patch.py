@@ -85,17 +85,22 @@ def enabled(backend: Optional[str] = None, precision: Optional[str] = None) -> I
     inside the block.
 
     Blocks nest and may overlap across threads: on exit a block removes only itself, and the
-    patch stays while :func:`install` or another block holds it.
+    patch stays while :func:`install` or another block holds it. A thread's calls follow its own
+    innermost block; a thread without one follows :func:`install`'s setting or the latest block
+    of any thread.
     """
     check_backend_name(backend, allow_none=True)
     setting = (backend, check_precision(precision))
     token = object()
+    outer = getattr(state.local, "setting", None)
     with _lock:
         _blocks.append((token, setting))
         _apply()
+    state.local.setting = setting
     try:
         yield
     finally:
+        state.local.setting = outer
         with _lock:
             _blocks[:] = [b for b in _blocks if b[0] is not token]
             _apply()

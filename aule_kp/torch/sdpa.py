@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -54,12 +55,23 @@ _DEVICE_BACKENDS = {"cpu": "auto", "cuda": "triton"}
 
 class _State:
     """What the installed patch shares: the function calls fall back to (the one that was in
-    ``torch.nn.functional`` before the patch) and the configured backend (None: by device)."""
+    ``torch.nn.functional`` before the patch) and the configured backend (None: by device).
+
+    ``backend``/``precision``: the process-wide setting (install()'s, or the latest enabled() block
+    of any thread); ``local.setting``: the innermost enabled() block of this thread, which decides
+    this thread's calls (:meth:`setting`)."""
 
     def __init__(self) -> None:
         self.original = torch.nn.functional.scaled_dot_product_attention
         self.backend: Optional[str] = None
         self.precision = "fp"  # install(precision=...): "int8" runs aule_kp.quant's scheme
+        self.local = threading.local()  # torch.compile traces (and guards) its attributes per thread
+
+    def setting(self) -> Tuple[Optional[str], str]:
+        """``(backend, precision)`` of this thread's calls: its own innermost enabled() block, else the
+        process-wide setting."""
+        mine = getattr(self.local, "setting", None)
+        return mine if mine is not None else (self.backend, self.precision)
 
 
 state = _State()
@@ -107,14 +119,14 @@ def scaled_dot_product_attention(
         that sees no key is 0. Non-finite inputs follow :mod:`aule_kp.nonfinite`: a hidden key's
         NaN value is never read, where torch's kernels give NaN rows.
     """
-    precision = state.precision
+    backend, precision = state.setting()
     if precision != "fp" and torch.is_grad_enabled() and any(
             getattr(t, "requires_grad", False) for t in (query, key, value, attn_mask)):
         if not torch.compiler.is_compiling():
             warn_once("sdpa-int8-grad", f"aule_kp: precision={precision!r} is forward-only; "
                       "scaled_dot_product_attention calls that need gradients run precision='fp'")
         precision = "fp"
-    call = _route(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, state.backend, precision)
+    call = _route(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend, precision)
     if isinstance(call, str):
         if not torch.compiler.is_compiling():  # a logging call would break the traced graph
             log.debug("aule_kp: scaled_dot_product_attention goes to torch: %s", call)
