@@ -204,7 +204,7 @@ def main(argv: List[str] | None = None) -> None:
     args = ap.parse_args(argv)
     dev = devmod.get_device()
     print(f"device: {dev.caps.name} ({dev.caps.type}), kp patch {devmod.kp_patch_level(dev.kp)}, "
-          f"grids settable: {hasattr(dev.kp.Algorithm, 'set_workgroup')}, plan cache {dev.plans.max_bytes // MB} MB\n")
+          f"grids settable: {hasattr(dev.kp.Algorithm, 'set_workgroup')}, plan cache {dev.plans.limit() // MB} MB\n")
     rng = np.random.default_rng(1)
     if args.shapes:
         shapes = distinct_shapes(args.shapes)

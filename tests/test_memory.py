@@ -107,6 +107,30 @@ def test_cache_holds_its_budget(rng, monkeypatch):
     dev.plans.clear()
 
 
+def test_plan_cache_budget_follows_the_knob_as_it_changes(monkeypatch):
+    # README: every AULE_KP_* knob is parsed again when it changes. AULE_KP_PLAN_CACHE_MB was read once,
+    # when the device was opened: a budget lowered later (to free device memory) was silently ignored.
+    class Fake:
+        nbytes = 1 << 20  # 1 MiB each
+        problem = None
+        destroyed = False
+
+        def destroy(self):
+            self.destroyed = True
+
+    cache = planmod.PlanCache()
+    monkeypatch.setenv("AULE_KP_PLAN_CACHE_MB", "4")
+    plans = [cache.get(i, Fake) for i in range(6)]
+    assert len(cache) == 4 and all(p.destroyed for p in plans[:2])
+    monkeypatch.setenv("AULE_KP_PLAN_CACHE_MB", "2")
+    cache.get(6, Fake)
+    assert len(cache) == 2 and cache.nbytes <= 2 << 20
+    monkeypatch.setattr(cache, "max_bytes", 3 << 20)  # an explicit budget wins over the knob
+    for i in range(7, 10):
+        cache.get(i, Fake)
+    assert len(cache) == 3
+
+
 def test_staged_buffers_stay_close_to_the_need(monkeypatch, rng):
     # Where every call copies whole buffers through staging (a discrete GPU without direct I/O),
     # capacities are quarter octaves: a call moves at most a quarter more than it needs.

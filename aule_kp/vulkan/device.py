@@ -112,7 +112,7 @@ class Device:
         self.lock = threading.RLock()
         self._manager: Any = None
         self._spirv: Dict[str, bytes] = {}
-        self.plans = PlanCache(knobs.current().plan_cache_mb << 20)
+        self.plans = PlanCache()
 
     @property
     def kp(self) -> Any:

@@ -758,7 +758,8 @@ class PlanCache:
     #: Routes remembered (see ``remember``) before the memo starts over.
     MAX_ROUTES = 4096
 
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: Optional[int] = None):
+        #: The budget in bytes; None: ``AULE_KP_PLAN_CACHE_MB`` as it is when a plan is added.
         self.max_bytes = max_bytes
         self._plans: OrderedDict[Hashable, RecordedPlan] = OrderedDict()
         #: (problem, config, settings) -> how ``forward_plan``/``backward_plan`` find its plan: the
@@ -787,11 +788,16 @@ class PlanCache:
             log.debug("plan for %s outgrown: rebuilt larger", plan.problem)
             self._plans.pop(key).destroy()
         self._plans[key] = new
-        while len(self._plans) > 1 and self.nbytes > self.max_bytes:
+        budget = self.limit()
+        while len(self._plans) > 1 and self.nbytes > budget:
             _, old = self._plans.popitem(last=False)
             log.debug("evicting plan for %s", old.problem)
             old.destroy()
         return new
+
+    def limit(self) -> int:
+        """The bytes the plans may hold: ``max_bytes``, else the knob's value now."""
+        return self.max_bytes if self.max_bytes is not None else knobs.current().plan_cache_mb << 20
 
     def drop(self, match: Callable[[Hashable], bool]) -> None:
         """Destroys the plans whose key matches (e.g. those bound to a freed GpuTensor)."""
