@@ -13,6 +13,7 @@ import numpy as np
 from . import dispatch, inputs, scoremods
 from .backend import Backend, Runner, check_backend_name
 from .dtypes import ITEMSIZE, STORAGE
+from .errors import BackendUnavailable
 from .problem import Problem, band
 from .quant import check_precision
 from .rotary import RotaryTables, check_tables
@@ -125,6 +126,10 @@ def prepare(
                       sinks=sink_logits is not None, precision=precision)
     out_bytes = b * hq * lq * dv * ITEMSIZE[dtype]
     if problem.empty or lk == 0:
+        # Nothing to compute, but a forced backend that cannot run here at all still says so.
+        missing = [] if backend == "auto" else dispatch.get(backend).unavailable_reasons()
+        if missing:
+            raise BackendUnavailable(backend, missing)
         inputs.check_memory([("the output", 0 if device not in (None, "cpu") else out_bytes)])
         return Prepared(problem, None, None, None, None, None, q, sinks=sink_logits)
     chosen, run = dispatch.select_bound(problem, backend)

@@ -483,6 +483,21 @@ EMPTY = [
 ]
 
 
+@pytest.mark.parametrize("shape", EMPTY)
+def test_empty_call_on_a_missing_forced_backend_raises(monkeypatch: pytest.MonkeyPatch, shape: Tuple[int, ...],
+                                                       rng: np.random.Generator) -> None:
+    # backend="vulkan" on a machine without Vulkan raises BackendUnavailable for a call with data; the same
+    # call with an empty dimension returned zeros computed on the host, as if the forced backend were there.
+    from aule_kp.vulkan.backend import VulkanBackend
+
+    monkeypatch.setattr(VulkanBackend, "unavailable_reasons", lambda self: ["no Vulkan here (test)"])
+    b, hq, hkv, lq, lk = shape
+    q, k, v = _qkv(rng, b, hq, hkv, lq, lk, D, 64)
+    with pytest.raises(aule_kp.BackendUnavailable, match="no Vulkan here"):
+        aule_kp.flash_attention(q, k, v, backend="vulkan")
+    assert aule_kp.flash_attention(q, k, v, backend="auto").shape == (b, hq, lq, 64)  # auto needs none
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", EMPTY)
 @pytest.mark.parametrize("causal", [False, True])
