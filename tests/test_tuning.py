@@ -118,6 +118,32 @@ def test_round_trip_merge_memo_and_clear(cache: Path) -> None:
     assert tuning.lookup(caps, "fwd.scalar", P) is None and not tuning.clear(caps)
 
 
+def test_winners_of_another_build_are_ignored(monkeypatch: pytest.MonkeyPatch,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    # The file is keyed by device and driver, not by aule-kp's build: tiles timed on other shaders (an
+    # upgrade) overrode the defaults of new ones for good, where the self-check's verdicts beside them
+    # record the build (version + SPIR-V digest) and check again.
+    from aule_kp.vulkan import selfcheck
+
+    caps = fake_caps()
+    key = tuning.problem_key("fwd.scalar", P)
+    path = tuning.save(caps, {key: entry(**FWD_WIN)})
+    assert json.loads(path.read_text())["entries"][key]["build"] == selfcheck.build_id("fwd.scalar")
+    assert tuning.lookup(caps, "fwd.scalar", P) == (key, FWD_WIN)
+    monkeypatch.setitem(selfcheck._builds, "fwd.scalar", "another-build")
+    with caplog.at_level(logging.WARNING, logger="aule_kp"):
+        assert tuning.lookup(caps, "fwd.scalar", P) is None
+        assert tiles_of(config_for("scalar", caps, P)) == tiles_of(defaults(caps, P)[0])
+    assert any("another aule-kp build" in r.getMessage() for r in caplog.records)
+    # An entry with no build (written before builds were recorded) is one of another build too.
+    data = json.loads(path.read_text())
+    del data["entries"][key]["build"]
+    path.write_text(json.dumps(data))
+    tuning.invalidate(path)
+    monkeypatch.delitem(selfcheck._builds, "fwd.scalar")
+    assert tuning.lookup(caps, "fwd.scalar", P) is None
+
+
 def test_key_includes_uuid_and_driver_version(cache: Path, caplog: pytest.LogCaptureFixture) -> None:
     caps = fake_caps()
     tuning.save(caps, {tuning.problem_key("fwd.scalar", P): entry(**FWD_WIN)})

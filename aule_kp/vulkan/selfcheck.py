@@ -128,7 +128,7 @@ def build_id(family: str) -> str:
         from .compile import spirv_path
 
         h = hashlib.sha256(__version__.encode())
-        for kernel in _KERNELS[family]:
+        for kernel in _KERNELS.get(family, ()):
             path = spirv_path(kernel)
             h.update(path.read_bytes() if path.exists() else b"missing")
         _builds[family] = h.hexdigest()[:16]

@@ -13,7 +13,10 @@ The cache is one JSON file per device and driver version, in the user cache dir
 
 Keys: kernel family (``fwd.<variant>``, ``bwd.<variant>``), head dims, dtype, causal or not, and the
 power-of-two buckets of the query and key lengths (decode and prefill at one key length want other
-tiles). A lookup takes the exact bucket, else the nearest tuned one within a factor of two in each
+tiles). Each entry records the build it was timed on (``"build"``: aule-kp's version and a digest of
+the family's SPIR-V, as the self-check's verdicts do); a lookup ignores, with one warning, entries of
+another build (an upgrade changes the kernels, and their best tiles with them). A lookup takes the
+exact bucket, else the nearest tuned one within a factor of two in each
 length (``AULE_KP_NO_TUNING_CACHE=1`` turns lookups off). The file is read once per process and
 again after ``save`` or ``clear`` write it; each write bumps :func:`generation`, which memoised
 choices hold in their keys. A corrupt, unreadable or foreign file is ignored with one warning;
@@ -170,11 +173,19 @@ def invalidate(path: Path) -> None:
     changed()
 
 
+def build_of(key: str) -> str:
+    """The build (:func:`aule_kp.vulkan.selfcheck.build_id`) that entries of ``key``'s kernel family run now."""
+    from .selfcheck import build_id  # selfcheck keeps its verdicts through this module
+
+    return build_id(key.split("/", 1)[0])
+
+
 def save(caps: DeviceCaps, entries: Dict[str, Dict[str, Any]], directory: Optional[str] = None) -> Path:
-    """Merges ``entries`` into this device's file (atomically: temporary file + ``os.replace``)."""
+    """Merges ``entries``, timed on this build, into this device's file (atomically: temporary file +
+    ``os.replace``)."""
     path = cache_path(caps, directory)
     merged = dict(read_cache_file(path, caps))
-    merged.update(entries)
+    merged.update({key: {**entry, "build": build_of(key)} for key, entry in entries.items()})
     write_cache_file(path, caps, "entries", merged)
     invalidate(path)
     return path
@@ -223,6 +234,10 @@ def lookup(caps: DeviceCaps, kernel: str, problem: Problem,
         key = _key(kernel, problem, bq << i if i >= 0 else bq >> 1, bk << j if j >= 0 else bk >> 1)
         entry = entries.get(key)
         if entry is None:
+            continue
+        if isinstance(entry, dict) and entry.get("build") != build_of(key):
+            warn_once(f"build:{key}:{cache_path(caps)}", "aule-kp: ignoring the tuning cache entry %s: timed on "
+                      "another aule-kp build (run `aule-kp tune` again)", key)
             continue
         try:
             return key, {f: int(entry[f]) for f in TILE_FIELDS}
