@@ -29,7 +29,7 @@ import pytest  # noqa: E402
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
-from conftest import gradient_tolerances, lse_tolerance, output_tolerance  # noqa: E402
+from conftest import gradient_tolerances, lse_tolerance, output_tolerance, tolerance  # noqa: E402
 from test_nonfinite import CASES as NONFINITE_CASES  # noqa: E402
 from test_nonfinite import LK, LQ, check_semantics, planted_inputs  # noqa: E402
 
@@ -285,3 +285,29 @@ def test_nonfinite_inputs(case: str, causal: bool) -> None:
         warnings.simplefilter("ignore", RuntimeWarning)  # the interpreter's NumPy on NaN lanes
         out, lse = TINY.forward(p, *(torch.from_numpy(x) for x in (q, k, v, mask)))
     check_semantics(p, q, k, v, mask, out.numpy(), lse.numpy())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("lk", [48, 80])  # 80: split-KV, one split sees only the overflowing keys
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_scores_overflowing_to_minus_inf_hide_their_keys(dtype: str, lk: int, sign: float) -> None:
+    """A scale near the accepted bound (1e38) makes some scores overflow float32 to -inf. Such a key is
+    hidden (aule_kp.nonfinite), as the CPU backend and float64 (weight exp(-1e39) = 0) have it. The
+    forward's unmasked fast path subtracted a row max still at -inf from itself when a whole key
+    tile overflowed: -inf - -inf = NaN, and the row was NaN. Here the first 32 keys score -1.5e39
+    (q·k = -1024 in fp16/fp32, exact) and the others 0: the result is the mean of their v."""
+    p = dataclasses.replace(make_problem(hq=1, hkv=1, lq=2, lk=lk, dk=16, dtype=dtype), scale=sign * 1e36)
+    dt = getattr(torch, dtype)
+    q = torch.full((1, 1, 2, 16), 8.0 * sign, dtype=dt)
+    k = torch.zeros((1, 1, lk, 16), dtype=dt)
+    k[:, :, :32] = -8.0
+    v = torch.randn(1, 1, lk, 16, generator=torch.Generator().manual_seed(1)).to(dt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out, lse = TINY.forward(p, q, k, v, None)
+    want = v[0, 0, 32:].double().mean(0)
+    # The seen keys' scores are equal (exact products): equal weights, so only the float32 sum over the
+    # keys and the 16-bit roundings err (the error model with no score range to carry).
+    atol = tolerance(dtype, lk + 16, float(v.abs().max()), exponent_range=1.0)
+    np.testing.assert_allclose(out[0, 0].double().numpy(), want.expand(2, 16).numpy(), atol=atol, rtol=0)
+    assert torch.isfinite(lse).all()

@@ -253,16 +253,17 @@ def _fwd_run(acc, l_i, m_i, q, k_base, v_base, mask_rows, t_start, t_end,
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.math.exp2(s - m_use[:, None])
         else:
-            # Every score of the tile is finite here, so the max is too: the tutorial's fused form
-            # (the scale applied to the row's extreme, and folded into exp2's argument). A negative
-            # scale turns the smallest product into the largest score.
+            # No band, mask or modifier here: the tutorial's fused form (the scale applied to the
+            # row's extreme, and folded into exp2's argument). A negative scale turns the smallest
+            # product into the largest score. Scores that overflow to -inf (a huge scale) hide their
+            # keys as elsewhere: a row still at -inf takes 0, not -inf - -inf = NaN.
             qk = _mma(q, tl.trans(k), None, DOT)
             if qk_scale >= 0:
                 extreme = tl.max(qk, 1)
             else:
                 extreme = tl.min(qk, 1)
             m_new = tl.maximum(m_i, extreme * qk_scale)
-            m_use = m_new
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.math.exp2(qk * qk_scale - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
