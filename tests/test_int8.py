@@ -155,6 +155,36 @@ def test_nonfinite_and_fp16_overflowing_v_raise(rng):
         aule_kp.flash_attention(q, k, v, backend="cpu", precision="int8")
 
 
+def nonfinite_mask_case(rng):
+    """q, k, v (fp32, Lq = Lk = 8, causal) and a float mask ``[8, 8]`` with entries the int8 kernels
+    once got wrong (aule_kp.nonfinite's semantics hold for precision="int8" too): NaN in row 2's band
+    and +inf in row 5's (those rows NaN), NaN outside row 3's band (never read), 3e38 on key 2 of row 6
+    (beyond FLT_MAX / log2(e): that key takes the whole weight), row 7 all -inf (0)."""
+    q, k, v = offset_inputs(rng, np.float32, 32, hq=2, hkv=1, lq=8, lk=8)
+    mask = np.zeros((8, 8), np.float32)
+    mask[2, 1] = np.nan
+    mask[5, 4] = np.inf
+    mask[3, 6] = np.nan
+    mask[6, 2] = 3e38
+    mask[7] = -np.inf
+    return q, k, v, mask
+
+
+def check_nonfinite_mask_rows(q, k, v, mask, out):
+    """``out`` (float32 ``[1, 2, 8, 32]``) of ``nonfinite_mask_case`` with causal=True."""
+    nan_rows = np.isnan(out).all(-1)
+    assert nan_rows[..., [2, 5]].all() and not np.isnan(out[..., [0, 1, 3, 4, 6, 7], :]).any(), nan_rows
+    # P = 1 exactly on key 2: the output is v's row rounded to fp16 for P·V (u16 relative).
+    np.testing.assert_allclose(out[..., 6, :], np.broadcast_to(v[:, :, 2], out[..., 6, :].shape),
+                               atol=UNIT_ROUNDOFF["float16"] * float(np.abs(v).max()), rtol=0)
+    assert not out[..., 7, :].any()
+    finite = [0, 1, 3, 4]
+    with np.errstate(invalid="ignore"):  # the reference's row 7, which sees no key
+        ref = reference(q, k, v, causal=True, mask=np.where(np.isnan(mask), 0, mask))
+    cos, l1, _ = sage_metrics(out[..., finite, :], ref[..., finite, :])
+    assert cos >= COSINE_MIN and l1 <= REL_L1_MAX, (cos, l1)
+
+
 # ---- the CPU reference --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])
@@ -192,6 +222,16 @@ def test_cpu_bfloat16_runs_pv_in_bf16(rng):
     assert out.dtype == torch.bfloat16
     cos, l1, _ = sage_metrics(out.float().numpy(), reference(*(x.float().numpy() for x in (q, k, v))))
     assert cos >= COSINE_MIN and l1 <= REL_L1_MAX
+
+
+def test_cpu_int8_nonfinite_and_huge_mask_entries(rng):
+    """The CPU int8 forward took a row's max over base-2 scores and called a row with a non-finite
+    max unseen: a NaN or +inf mask entry gave a row of zeros instead of NaN (no aule_kp.nonfinite
+    repair ran on this path), and an entry above FLT_MAX / log2(e), which overflowed to +inf when
+    scaled, zeros instead of that key's v."""
+    q, k, v, mask = nonfinite_mask_case(rng)
+    out = aule_kp.flash_attention(q, k, v, causal=True, attn_mask=mask, backend="cpu", precision="int8")
+    check_nonfinite_mask_rows(q, k, v, mask, out)
 
 
 def test_requires_grad_is_refused():
@@ -291,6 +331,16 @@ def test_vulkan_bf16_mask_window_and_padding_rows(rng):
     cos, l1, _ = sage_metrics(out.float().numpy(), ref)
     assert cos >= COSINE_MIN and l1 <= REL_L1_MAX
     assert not out[0, 1, 5].any()
+
+
+def test_vulkan_int8_nonfinite_mask_entries(rng):
+    """The Vulkan int8 kernel saturates the mask (mask_term clamps; GLSL's clamp may drop a NaN), and
+    no aule_kp.nonfinite repair ran after it: a NaN mask entry in a row's band was ignored and a
+    +inf one gave that key the whole weight, finite rows where the row is NaN."""
+    _vulkan_int8()
+    q, k, v, mask = nonfinite_mask_case(rng)
+    out = aule_kp.flash_attention(q, k, v, causal=True, attn_mask=mask, backend="vulkan", precision="int8")
+    check_nonfinite_mask_rows(q, k, v, mask, out)
 
 
 def test_vulkan_int8_plans_are_reused_across_lengths(rng):

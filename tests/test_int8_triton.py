@@ -14,6 +14,7 @@ import os
 os.environ["TRITON_INTERPRET"] = "1"
 
 import math  # noqa: E402
+import warnings  # noqa: E402
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -25,6 +26,8 @@ from test_int8 import (  # noqa: E402
     COSINE_MIN,
     LESS_EXACT,
     REL_L1_MAX,
+    check_nonfinite_mask_rows,
+    nonfinite_mask_case,
     offset_inputs,
     reference,
     sage_metrics,
@@ -64,3 +67,14 @@ def test_triton_int8_mask_and_window(rng):
     out = aule_kp.flash_attention(q, k, v, window=(30, 0), attn_mask=mask, backend="triton", precision="int8")
     cos, l1, _ = sage_metrics(out.numpy(), ref)
     assert cos >= COSINE_MIN and l1 <= REL_L1_MAX
+
+
+def test_triton_int8_nonfinite_and_huge_mask_entries(rng):
+    """A mask entry above FLT_MAX / log2(e) overflowed to +inf in the kernels' log2 units: a NaN row
+    where that key takes the whole weight (NaN and +inf entries: NaN rows, as aule_kp.nonfinite says)."""
+    q, k, v, mask = nonfinite_mask_case(rng)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the interpreter's NumPy on NaN and -inf lanes
+        out = aule_kp.flash_attention(*(torch.from_numpy(x) for x in (q, k, v)), causal=True,
+                                      attn_mask=torch.from_numpy(mask), backend="triton", precision="int8")
+    check_nonfinite_mask_rows(q, k, v, mask, out.numpy())

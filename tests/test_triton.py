@@ -29,7 +29,7 @@ import pytest  # noqa: E402
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 
-from conftest import gradient_tolerances, lse_tolerance, output_tolerance  # noqa: E402
+from conftest import gradient_tolerances, lse_tolerance, output_tolerance, tolerance  # noqa: E402
 from test_nonfinite import CASES as NONFINITE_CASES  # noqa: E402
 from test_nonfinite import LK, LQ, check_semantics, planted_inputs  # noqa: E402
 
@@ -285,3 +285,117 @@ def test_nonfinite_inputs(case: str, causal: bool) -> None:
         warnings.simplefilter("ignore", RuntimeWarning)  # the interpreter's NumPy on NaN lanes
         out, lse = TINY.forward(p, *(torch.from_numpy(x) for x in (q, k, v, mask)))
     check_semantics(p, q, k, v, mask, out.numpy(), lse.numpy())
+
+
+def _huge_masks() -> Dict[str, torch.Tensor]:
+    """Masks ``[Lq, Lk]`` whose entries lie beyond float32 / log2(e) or beyond float32: key 3 of every
+    row lifted far above the rest, or rows 1 and 4 (and key 6 everywhere) at the dtype's minimum."""
+    cases = {}
+    for dtype, value in ((torch.float32, 3e38), (torch.float64, 1e39), (torch.float64, torch.finfo(torch.float64).max)):
+        m = torch.zeros(8, 20, dtype=dtype)
+        m[:, 3] = value
+        cases[f"{dtype} {value:g} on key 3"] = m
+    for dtype in (torch.float32, torch.float64):
+        m = torch.zeros(8, 20, dtype=dtype)
+        m[[1, 4]] = torch.finfo(dtype).min
+        m[:, 6] = torch.finfo(dtype).min
+        cases[f"rows at {dtype}'s minimum"] = m
+    return cases
+
+
+@pytest.mark.parametrize("what", list(_huge_masks()))
+def test_huge_float_mask_values_saturate(what: str) -> None:
+    """A float mask entry above FLT_MAX / log2(e) (2.4e38) overflowed to +inf when ``_mask_log2``
+    scaled it to the kernels' log2 units: a NaN row where float64, the CPU and the Vulkan backends
+    give that key the whole weight. It saturates at FLT_MAX now, as the Vulkan kernels' mask term
+    does. Against float64 (error-model tolerance; the model leaves out mask entries that float64
+    rounds the scores away beside, as here)."""
+    mask = _huge_masks()[what]
+    p = make_problem(b=1, hq=2, hkv=1, lq=8, lk=20, dk=16, mask_shape=(1, 1, 8, 20))
+    x = make_inputs(p, seed=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the interpreter's NumPy on -inf lanes
+        out = aule_kp.flash_attention(x["q"], x["k"], x["v"], attn_mask=mask, backend="triton")
+    # finite entries beyond float32 first saturate at its largest magnitude
+    # (aule_kp.inputs.mask_to_additive), where float64 gives the same result
+    m64 = mask.double().clamp(-torch.finfo(torch.float32).max, torch.finfo(torch.float32).max)
+    atol = output_tolerance(p, x["q"].numpy(), x["k"].numpy(), x["v"].numpy(), m64.float().numpy())
+    want = reference(p, x["q"], x["k"], x["v"], m64, x["dout"])[0]
+    np.testing.assert_allclose(out.double().numpy(), want.numpy(), atol=atol, rtol=0, err_msg=what)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("lk", [48, 80])  # 80: split-KV, one split sees only the overflowing keys
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_scores_overflowing_to_minus_inf_hide_their_keys(dtype: str, lk: int, sign: float) -> None:
+    """A scale near the accepted bound (1e38) makes some scores overflow float32 to -inf. Such a key is
+    hidden (aule_kp.nonfinite), as the CPU backend and float64 (weight exp(-1e39) = 0) have it. The
+    forward's unmasked fast path subtracted a row max still at -inf from itself when a whole key
+    tile overflowed: -inf - -inf = NaN, and the row was NaN. Here the first 32 keys score -1.5e39
+    (q·k = -1024 in fp16/fp32, exact) and the others 0: the result is the mean of their v."""
+    p = dataclasses.replace(make_problem(hq=1, hkv=1, lq=2, lk=lk, dk=16, dtype=dtype), scale=sign * 1e36)
+    dt = getattr(torch, dtype)
+    q = torch.full((1, 1, 2, 16), 8.0 * sign, dtype=dt)
+    k = torch.zeros((1, 1, lk, 16), dtype=dt)
+    k[:, :, :32] = -8.0
+    v = torch.randn(1, 1, lk, 16, generator=torch.Generator().manual_seed(1)).to(dt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        out, lse = TINY.forward(p, q, k, v, None)
+    want = v[0, 0, 32:].double().mean(0)
+    # The seen keys' scores are equal (exact products): equal weights, so only the float32 sum over the
+    # keys and the 16-bit roundings err (the error model with no score range to carry).
+    atol = tolerance(dtype, lk + 16, float(v.abs().max()), exponent_range=1.0)
+    np.testing.assert_allclose(out[0, 0].double().numpy(), want.expand(2, 16).numpy(), atol=atol, rtol=0)
+    assert torch.isfinite(lse).all()
+
+
+@pytest.mark.parametrize("what", list(_huge_masks()))
+@pytest.mark.parametrize("mods", ["none", "sinks-alibi-softcap"])
+def test_gradients_of_saturated_rows(what: str, mods: str) -> None:
+    """Rows whose scores sit near float32's largest magnitude (a mask saturated there: Hugging Face's
+    ``finfo.min`` padding rows, or one key lifted beyond it) have an LSE of ~2.4e38, which cannot
+    carry ``log2(l)``: the backward's ``P = exp2(s - lse * log2(e))`` was 0 (padding rows: no
+    gradient where float64 has the uniform row's) or inf (the lifted key: NaN gradients). Their max
+    and sum are recomputed now (``_bwd_row_stats_kernel``, as the Vulkan backward does). Gradients
+    of q, k, v (and the sinks) against float64 autograd, error-model tolerances."""
+    mask = _huge_masks()[what]
+    m64 = mask.double().clamp(-torch.finfo(torch.float32).max, torch.finfo(torch.float32).max)
+    p = make_problem(b=1, hq=2, hkv=1, lq=8, lk=20, dk=16, mask_shape=(1, 1, 8, 20))
+    x = make_inputs(p, seed=5)
+    sinks = alibi = None
+    softcap = 0.0
+    if mods != "none":
+        sinks, alibi, softcap = torch.tensor([0.5, -1.0]), torch.tensor([0.25, 0.5]), 3.0
+        p = dataclasses.replace(p, softcap=softcap, alibi_rows=1, sinks=True)
+    leaves = [x[n].clone().requires_grad_() for n in ("q", "k", "v")] + ([sinks.requires_grad_()] if sinks is not None
+                                                                         else [])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the interpreter's NumPy on -inf lanes
+        out = aule_kp.flash_attention(*leaves[:3], attn_mask=mask, softcap=softcap, alibi_slopes=alibi,
+                                      sinks=sinks, backend="triton")
+        got = torch.autograd.grad(out, leaves, x["dout"])
+    ref = [t.detach().double().requires_grad_() for t in leaves]
+    s = ref[0] @ ref[1].repeat_interleave(2, 1).transpose(-1, -2) * p.scale
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    if alibi is not None:
+        s = s - alibi.double()[:, None, None] * (torch.arange(20)[None, :] - torch.arange(8)[:, None] - 12).abs()
+    s = s + m64
+    if sinks is not None:
+        s = torch.cat([s, ref[3].reshape(1, 2, 1, 1).expand(1, 2, 8, 1)], dim=-1)
+    want = (torch.softmax(s, -1)[..., :20] @ ref[2].repeat_interleave(2, 1))
+    grads = torch.autograd.grad(want, ref, x["dout"].double())
+    m32 = m64.float().numpy()
+    host = [t.detach().numpy() for t in leaves[:3]]
+    al = None if alibi is None else alibi[None].numpy()
+    sk = None if sinks is None else sinks.detach().numpy()
+    np.testing.assert_allclose(out.detach().double().numpy(), want.detach().numpy(), rtol=0,
+                               atol=output_tolerance(p, *host, m32, alibi=al, sinks=sk), err_msg=what)
+    tols = gradient_tolerances(p, *host, x["dout"].numpy(), m32, alibi=al, sinks=sk)
+    for name, g, r, tol in zip(("dq", "dk", "dv"), got, grads, tols):
+        np.testing.assert_allclose(g.double().numpy(), r.numpy(), atol=tol, rtol=0, err_msg=f"{what}: {name}")
+    if sinks is not None:  # a float32 sum over rows of terms each at most max|dO| max|O| Dv (test_triton_scoremods)
+        bound = float(x["dout"].abs().max() * out.detach().abs().max() * p.dim_v)
+        np.testing.assert_allclose(got[3].double().numpy(), grads[3].numpy(), rtol=0,
+                                   atol=tolerance("float32", p.len_q + p.dim_v, bound, roundings=4))

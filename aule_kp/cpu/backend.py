@@ -374,7 +374,9 @@ class CpuBackend(Backend):
         if mask is not None:
             mask = np.asarray(mask, dtype=np.float32)
         if p.precision == "int8":
-            return int8.forward(p, q, k, v, mask)
+            out, lse = int8.forward(p, q, k, v, mask)
+            enforce(p, q, k, v, mask, out, lse)  # a NaN or +inf mask entry in a row's band: a NaN row
+            return out, lse
         kern = self.native()
         if kern is not None:
             block_q, block_k, _ = self.blocks(True)

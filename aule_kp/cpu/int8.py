@@ -30,10 +30,12 @@ def round16(x: np.ndarray, dtype: str) -> np.ndarray:
 
 def mask_term(mask: np.ndarray) -> np.ndarray:
     """An additive mask in the base-2 domain: -inf stays (hidden), finite values saturate at
-    -FLT_MAX rather than overflow (a row masked with float32's minimum stays a uniform average)."""
+    -FLT_MAX and FLT_MAX rather than overflow (a row masked with float32's minimum stays a uniform
+    average; a value above FLT_MAX / log2(e), 2.4e38, is the row's largest score instead of +inf).
+    Rows with a +inf or NaN entry are made NaN afterwards (``aule_kp.nonfinite.enforce``)."""
     with np.errstate(over="ignore"):
         scaled = mask * np.float32(LOG2E)
-    return np.where(np.isneginf(mask), mask, np.maximum(scaled, -_FLT_MAX))
+    return np.where(np.isneginf(mask), mask, np.clip(scaled, -_FLT_MAX, _FLT_MAX))
 
 
 def forward(p: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray,

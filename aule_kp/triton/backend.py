@@ -87,4 +87,4 @@ class TritonBackend(Backend):
         from . import ops
 
         return ops.backward(problem, q, k, v, out, dout, lse, mask, mask_grad, self.block_m, self.block_n, alibi,
-                            rotary)
+                            rotary, sinks)

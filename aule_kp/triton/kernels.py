@@ -253,16 +253,17 @@ def _fwd_run(acc, l_i, m_i, q, k_base, v_base, mask_rows, t_start, t_end,
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.math.exp2(s - m_use[:, None])
         else:
-            # Every score of the tile is finite here, so the max is too: the tutorial's fused form
-            # (the scale applied to the row's extreme, and folded into exp2's argument). A negative
-            # scale turns the smallest product into the largest score.
+            # No band, mask or modifier here: the tutorial's fused form (the scale applied to the
+            # row's extreme, and folded into exp2's argument). A negative scale turns the smallest
+            # product into the largest score. Scores that overflow to -inf (a huge scale) hide their
+            # keys as elsewhere: a row still at -inf takes 0, not -inf - -inf = NaN.
             qk = _mma(q, tl.trans(k), None, DOT)
             if qk_scale >= 0:
                 extreme = tl.max(qk, 1)
             else:
                 extreme = tl.min(qk, 1)
             m_new = tl.maximum(m_i, extreme * qk_scale)
-            m_use = m_new
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.math.exp2(qk * qk_scale - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -417,10 +418,12 @@ def _combine_kernel(OPart, LPart, Out, LSE, Sinks, rows, num_splits, heads_q, le
 
 
 @triton.jit
-def _bwd_preprocess_kernel(Out, DO, LSE, Delta, LSE2, rows,
+def _bwd_preprocess_kernel(Out, DO, LSE, Delta, LSE2, LL, rows,
                            DV: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """``Delta = rowsum(dO * O)`` and the LSE in log2 units, ``+inf`` for rows that saw no key so
-    that ``exp2(s - lse2)`` is 0 for every score of such a row (``Out`` and ``DO`` are ``[rows, DV]``)."""
+    """``Delta = rowsum(dO * O)`` and the row statistics ``(LSE2, LL)`` with which the backward
+    kernels take ``P = exp2((s - LSE2) - LL)``: the LSE in log2 units and 0, ``+inf`` for rows that
+    saw no key so that every P of such a row is 0 (``Out`` and ``DO`` are ``[rows, DV]``). Rows whose
+    LSE is too large to carry ``log2(l)`` get both recomputed (``_bwd_row_stats_kernel``)."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     d = tl.arange(0, BLOCK_DV)
     r64 = r.to(tl.int64)
@@ -429,10 +432,82 @@ def _bwd_preprocess_kernel(Out, DO, LSE, Delta, LSE2, rows,
     tl.store(Delta + r, tl.sum(o * do, 1), mask=r < rows)
     lse = tl.load(LSE + r, mask=r < rows, other=0.0)
     tl.store(LSE2 + r, tl.where(lse == float("-inf"), float("inf"), lse * _LOG2E), mask=r < rows)
+    tl.store(LL + r, tl.zeros([BLOCK_R], tl.float32), mask=r < rows)
+
+
+#: |LSE| in log2 units above which the backward recomputes a row's statistics (as the Vulkan
+#: backward's fa2_bwd_pre.comp): below it a float32 ulp is at most 2^-13, so ``lse * log2(e)``
+#: rounded twice is within ~2.5e-4 of the forward's ``m + log2(l)``; far above it ``log2(l)`` is
+#: lost entirely (rows of a mask saturated at float32's largest magnitude: P was 0 or inf there).
+RECOMPUTE_ABOVE = tl.constexpr(1024.0)
 
 
 @triton.jit
-def _dkdv_run(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, t_start, t_end,
+def _bwd_row_stats_kernel(Q, K, Mask, LSE2, LL, Alibi, Sinks,
+                          stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                          stride_mb, stride_mh, stride_mq, stride_mk,
+                          qk_scale, heads_q, heads_kv, len_q, len_k, diag, left, right,
+                          softcap_log2, stride_ab, Cos, Sin, QPos, KPos, stride_qpb, stride_kpb,
+                          DK_: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, DOT: tl.constexpr,
+                          SOFTCAP: tl.constexpr = False, ALIBI: tl.constexpr = False, SINKS: tl.constexpr = False,
+                          ROTARY: tl.constexpr = 0, ROT_HALF: tl.constexpr = 1, ROT_START: tl.constexpr = 0):
+    """The forward's row max ``m`` and ``log2(l)`` (log2 units, sinks folded in) into ``LSE2``/``LL``
+    for the rows of one block of ``BLOCK_M`` query rows of one head whose ``|LSE2|`` is above
+    ``RECOMPUTE_ABOVE``, scoring them as the forward does; a block without such a row reads nothing
+    more. Grid ``(row blocks, B * Hq)``."""
+    pid_m = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    b = pid_h // heads_q
+    head = pid_h % heads_q
+    kvh = head // (heads_q // heads_kv)
+    b64 = b.to(tl.int64)
+    bh = b64 * heads_q + head
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < len_q
+    lse2 = tl.load(LSE2 + bh * len_q + rows, mask=row_ok, other=0.0)
+    need = row_ok & (tl.abs(lse2) > RECOMPUTE_ABOVE) & (lse2 < float("inf"))
+    if tl.max(need.to(tl.int32), 0) > 0:
+        offs_dk = tl.arange(0, BLOCK_DK)
+        offs_n = tl.arange(0, BLOCK_N)
+        qpos = _rope_positions(QPos + b64 * stride_qpb, rows, row_ok, ROTARY)
+        q = _load_rope(Q + b64 * stride_qb + head * stride_qh + rows * stride_qm, rows, len_q, offs_dk, DK_, qpos,
+                       Cos, Sin, True, BLOCK_DK != DK_, ROTARY, ROT_HALF, ROT_START)
+        k_base = K + b64 * stride_kb + kvh.to(tl.int64) * stride_kh
+        kpos_base = KPos + b64 * stride_kpb
+        mask_rows = Mask + b64 * stride_mb + head * stride_mh + rows * stride_mq
+        slope = 0.0
+        if ALIBI:
+            slope = tl.load(Alibi + b64 * stride_ab + head)
+        i_min = pid_m * BLOCK_M
+        i_max = tl.minimum(i_min + BLOCK_M, len_q) - 1
+        t_lo, _, _, t_hi = _row_block_tiles(i_min, i_max, len_k, diag, left, right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        for t in range(t_lo, t_hi):
+            cols = t * BLOCK_N + offs_n
+            kpos = _rope_positions(kpos_base, cols, cols < len_k, ROTARY)
+            k = _load_rope(k_base + cols * stride_kn, cols, len_k, offs_dk, DK_, kpos, Cos, Sin,
+                           True, BLOCK_DK != DK_, ROTARY, ROT_HALF, ROT_START)
+            s, _ = _scores(q, k, qk_scale, mask_rows[:, None], row_ok[:, None], cols[None, :], stride_mk, len_k,
+                           rows[:, None], slope, softcap_log2, diag, HAS_MASK, DOT, SOFTCAP, ALIBI)
+            ok = _band_ok(rows[:, None], cols[None, :], len_k, diag, left, right, HAS_LEFT, HAS_RIGHT)
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            l_i = l_i * tl.math.exp2(m_i - m_use) + tl.sum(tl.math.exp2(s - m_use[:, None]), 1)
+            m_i = m_new
+        if SINKS:
+            sink = tl.load(Sinks + head) * _LOG2E
+            m_new = tl.maximum(m_i, sink)
+            l_i = l_i * tl.math.exp2(m_i - m_new) + tl.math.exp2(sink - m_new)
+            m_i = m_new
+        tl.store(LSE2 + bh * len_q + rows, m_i, mask=need)
+        tl.store(LL + bh * len_q + rows, tl.math.log2(tl.where(need, l_i, 1.0)), mask=need)
+
+
+@triton.jit
+def _dkdv_run(dk, dv, k, v, q_base, do_base, lse_base, ll_base, delta_base, mask_base, t_start, t_end,
               stride_qm, stride_dom, stride_mq, stride_mk, qk_scale, cols, len_q, len_k, diag, left, right,
               slope, softcap_log2, qpos_base, Cos, Sin,
               BLOCK_M: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
@@ -452,10 +527,11 @@ def _dkdv_run(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, t_
         q = _load_rope(q_base + rows * stride_qm, rows, len_q, offs_dk, DK, qpos, Cos, Sin,
                        not EVEN_M, BLOCK_DK != DK, ROTARY, ROT_HALF, ROT_START)
         lse2 = tl.load(lse_base + rows, mask=rows < len_q, other=float("inf"))
+        ll = tl.load(ll_base + rows, mask=rows < len_q, other=0.0)
         s_t, dcap = _scores(k, q, qk_scale, mask_base + rows[None, :] * stride_mq, rows[None, :] < len_q,
                             cols[:, None], stride_mk, len_k, rows[None, :], slope, softcap_log2, diag,
                             HAS_MASK, DOT, SOFTCAP, ALIBI)
-        p_t = tl.math.exp2(s_t - lse2[None, :])
+        p_t = tl.math.exp2((s_t - lse2[None, :]) - ll[None, :])
         if MASKED:
             ok = _band_ok(rows[None, :], cols[:, None], len_k, diag, left, right, HAS_LEFT, HAS_RIGHT)
             p_t = tl.where(ok, p_t, 0.0)
@@ -472,7 +548,7 @@ def _dkdv_run(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, t_
 
 
 @triton.jit(do_not_specialize=["tune_bucket"])
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE2, Delta, Mask, DK, DV, Alibi,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE2, LL, Delta, Mask, DK, DV, Alibi,
                      stride_qb, stride_qh, stride_qm,
                      stride_kb, stride_kh, stride_kn,
                      stride_vb, stride_vh, stride_vn,
@@ -539,17 +615,20 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE2, Delta, Mask, DK, DV, Alibi,
         slope = 0.0
         if ALIBI:
             slope = tl.load(Alibi + b64 * stride_ab + h)
-        dk, dv = _dkdv_run(dk, dv, k, v, q_base, do_base, LSE2 + bh * len_q, Delta + bh * len_q, mask_base,
+        dk, dv = _dkdv_run(dk, dv, k, v, q_base, do_base, LSE2 + bh * len_q, LL + bh * len_q, Delta + bh * len_q,
+                           mask_base,
                            t_lo, f_lo, stride_qm, stride_dom, stride_mq, stride_mk, qk_scale, cols,
                            len_q, len_k, diag, left, right, slope, softcap_log2, qpos_base, Cos, Sin, BLOCK_M, DK_,
                            DV_, BLOCK_DK, BLOCK_DV, True, EVEN_M, HAS_LEFT, HAS_RIGHT, HAS_MASK, DOT, SOFTCAP, ALIBI,
                            ROTARY, ROT_HALF, ROT_START)
-        dk, dv = _dkdv_run(dk, dv, k, v, q_base, do_base, LSE2 + bh * len_q, Delta + bh * len_q, mask_base,
+        dk, dv = _dkdv_run(dk, dv, k, v, q_base, do_base, LSE2 + bh * len_q, LL + bh * len_q, Delta + bh * len_q,
+                           mask_base,
                            f_lo, f_hi, stride_qm, stride_dom, stride_mq, stride_mk, qk_scale, cols,
                            len_q, len_k, diag, left, right, slope, softcap_log2, qpos_base, Cos, Sin, BLOCK_M, DK_,
                            DV_, BLOCK_DK, BLOCK_DV, False, EVEN_M, HAS_LEFT, HAS_RIGHT, HAS_MASK, DOT, SOFTCAP, ALIBI,
                            ROTARY, ROT_HALF, ROT_START)
-        dk, dv = _dkdv_run(dk, dv, k, v, q_base, do_base, LSE2 + bh * len_q, Delta + bh * len_q, mask_base,
+        dk, dv = _dkdv_run(dk, dv, k, v, q_base, do_base, LSE2 + bh * len_q, LL + bh * len_q, Delta + bh * len_q,
+                           mask_base,
                            f_hi, t_hi, stride_qm, stride_dom, stride_mq, stride_mk, qk_scale, cols,
                            len_q, len_k, diag, left, right, slope, softcap_log2, qpos_base, Cos, Sin, BLOCK_M, DK_,
                            DV_, BLOCK_DK, BLOCK_DV, True, EVEN_M, HAS_LEFT, HAS_RIGHT, HAS_MASK, DOT, SOFTCAP, ALIBI,
@@ -565,7 +644,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE2, Delta, Mask, DK, DV, Alibi,
 
 
 @triton.jit
-def _dq_run(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, t_start, t_end,
+def _dq_run(dq, q, do, lse2, ll, delta, k_base, v_base, mask_rows, dmask_rows, t_start, t_end,
             stride_kn, stride_vn, stride_mk, stride_gk, qk_scale, rows, row_ok, len_k, diag, left, right,
             slope, softcap_log2, kpos_base, Cos, Sin,
             BLOCK_N: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
@@ -589,7 +668,7 @@ def _dq_run(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, t_sta
                        MASKED, BLOCK_DV != DV)
         s, dcap = _scores(q, k, qk_scale, mask_rows[:, None], row_ok[:, None], cols[None, :], stride_mk, len_k,
                           rows[:, None], slope, softcap_log2, diag, HAS_MASK, DOT, SOFTCAP, ALIBI)
-        p = tl.math.exp2(s - lse2[:, None])
+        p = tl.math.exp2((s - lse2[:, None]) - ll[:, None])
         if MASKED:
             ok = _band_ok(rows[:, None], cols[None, :], len_k, diag, left, right, HAS_LEFT, HAS_RIGHT)
             p = tl.where(ok, p, 0.0)
@@ -615,7 +694,7 @@ def _dq_run(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, t_sta
 
 
 @triton.jit(do_not_specialize=["tune_bucket"])
-def _bwd_dq_kernel(Q, K, V, DO, LSE2, Delta, Mask, DQ, DMask, Alibi,
+def _bwd_dq_kernel(Q, K, V, DO, LSE2, LL, Delta, Mask, DQ, DMask, Alibi,
                    stride_qb, stride_qh, stride_qm,
                    stride_kb, stride_kh, stride_kn,
                    stride_vb, stride_vh, stride_vn,
@@ -653,6 +732,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE2, Delta, Mask, DQ, DMask, Alibi,
     do = _load_tile(DO + b64 * stride_dob + h * stride_doh + rows[:, None] * stride_dom + offs_dv[None, :],
                     rows, len_q, offs_dv, DV_, True, BLOCK_DV != DV_)
     lse2 = tl.load(LSE2 + bh * len_q + rows, mask=row_ok, other=float("inf"))
+    ll = tl.load(LL + bh * len_q + rows, mask=row_ok, other=0.0)
     delta = tl.load(Delta + bh * len_q + rows, mask=row_ok, other=0.0)
     k_base = K + b64 * stride_kb + kvh.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + kvh.to(tl.int64) * stride_vh
@@ -670,17 +750,17 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE2, Delta, Mask, DQ, DMask, Alibi,
     t_lo, f_lo, f_hi, t_hi = _row_block_tiles(i_min, i_max, len_k, diag, left, right, BLOCK_N, HAS_LEFT, HAS_RIGHT)
 
     dq = tl.zeros([BLOCK_M, BLOCK_DK], tl.float32)
-    dq = _dq_run(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, t_lo, f_lo,
+    dq = _dq_run(dq, q, do, lse2, ll, delta, k_base, v_base, mask_rows, dmask_rows, t_lo, f_lo,
                  stride_kn, stride_vn, stride_mk, stride_gk, qk_scale, rows, row_ok, len_k, diag, left, right,
                  slope, softcap_log2, kpos_base, Cos, Sin, BLOCK_N, DK_, DV_, BLOCK_DK, BLOCK_DV, True, HAS_LEFT,
                  HAS_RIGHT, HAS_MASK, MASK_GRAD, GRAD_ROWS_BCAST, GRAD_COLS_BCAST, DOT, SOFTCAP, ALIBI, ROTARY,
                  ROT_HALF, ROT_START)
-    dq = _dq_run(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, f_lo, f_hi,
+    dq = _dq_run(dq, q, do, lse2, ll, delta, k_base, v_base, mask_rows, dmask_rows, f_lo, f_hi,
                  stride_kn, stride_vn, stride_mk, stride_gk, qk_scale, rows, row_ok, len_k, diag, left, right,
                  slope, softcap_log2, kpos_base, Cos, Sin, BLOCK_N, DK_, DV_, BLOCK_DK, BLOCK_DV, False, HAS_LEFT,
                  HAS_RIGHT, HAS_MASK, MASK_GRAD, GRAD_ROWS_BCAST, GRAD_COLS_BCAST, DOT, SOFTCAP, ALIBI, ROTARY,
                  ROT_HALF, ROT_START)
-    dq = _dq_run(dq, q, do, lse2, delta, k_base, v_base, mask_rows, dmask_rows, f_hi, t_hi,
+    dq = _dq_run(dq, q, do, lse2, ll, delta, k_base, v_base, mask_rows, dmask_rows, f_hi, t_hi,
                  stride_kn, stride_vn, stride_mk, stride_gk, qk_scale, rows, row_ok, len_k, diag, left, right,
                  slope, softcap_log2, kpos_base, Cos, Sin, BLOCK_N, DK_, DV_, BLOCK_DK, BLOCK_DV, True, HAS_LEFT,
                  HAS_RIGHT, HAS_MASK, MASK_GRAD, GRAD_ROWS_BCAST, GRAD_COLS_BCAST, DOT, SOFTCAP, ALIBI, ROTARY,

@@ -33,6 +33,8 @@ MAX_SPLITS = 128
 INTERPRETER_SMS = 4
 #: Shared memory a heuristic tile may use: well under every CUDA/ROCm GPU's per-block limit.
 SMEM_BUDGET = 96 * 1024
+#: Largest finite float32: where the float mask saturates (``_mask_log2``).
+FLT_MAX = float(torch.finfo(torch.float32).max)
 
 
 def _p2(n: int) -> int:
@@ -119,11 +121,12 @@ def _warps(rows: int, width: int) -> int:
 
 
 def _mask_log2(mask: torch.Tensor) -> torch.Tensor:
-    """The float mask in the kernels' log2 units. Finite values are first saturated at -2e38 so
-    that HF-style ``finfo.min`` masks stay finite (and rows of them uniform, as in float64) instead
-    of overflowing to ``-inf`` when scaled; ``-inf`` stays hidden."""
-    saturated = torch.where(torch.isneginf(mask), mask, mask.clamp_min(-2e38))
-    return (saturated * kern.LOG2E).contiguous()
+    """The float mask in the kernels' log2 units. Finite values saturate at float32's largest
+    magnitude instead of overflowing to ``-inf``/``+inf`` when scaled (as the Vulkan kernels'
+    ``mask_term``): HF-style ``finfo.min`` masks stay finite (rows of them uniform, as in float64),
+    and a value above ``FLT_MAX / log2(e)`` (2.4e38) is the row's largest score, not a NaN row.
+    Infinite and NaN entries stay as they are (``-inf`` hides a key; ``+inf``, NaN: a NaN row)."""
+    return torch.where(torch.isinf(mask), mask, (mask * kern.LOG2E).clamp(-FLT_MAX, FLT_MAX)).contiguous()
 
 
 def _bcast_strides(t: torch.Tensor, problem: Problem) -> Tuple[int, ...]:
@@ -248,11 +251,12 @@ def forward(problem: Problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 def backward(problem: Problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
              dout: torch.Tensor, lse: torch.Tensor, mask: Optional[torch.Tensor], mask_grad: bool = False,
              block_m: Optional[int] = None, block_n: Optional[int] = None, alibi: Optional[torch.Tensor] = None,
-             rotary: Optional[Rotary] = None
+             rotary: Optional[Rotary] = None, sinks: Optional[torch.Tensor] = None
              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """``(dq, dk, dv, dmask)`` per :meth:`aule_kp.backend.Backend.backward`, as torch tensors
-    (``alibi`` and ``rotary`` as ``forward`` takes them; with ``rotary``, dq and dk are the gradients
-    of the unrotated q and k).
+    (``alibi``, ``sinks`` and ``rotary`` as ``forward`` takes them; with ``rotary``, dq and dk are the
+    gradients of the unrotated q and k; ``lse`` carries the sinks, which only rows whose statistics are
+    recomputed read).
 
     ``block_m``/``block_n`` pin both kernels' tiles (dK/dV: ``block_m`` query rows per inner tile,
     ``block_n`` keys per program; dQ: ``block_m`` rows per program, ``block_n`` keys per tile).
@@ -265,10 +269,10 @@ def backward(problem: Problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
     rows = p.batch * p.heads_q * p.len_q
     delta = torch.empty((p.batch, p.heads_q, p.len_q), dtype=torch.float32, device=dev)
-    lse2 = torch.empty_like(delta)
+    lse2, ll = torch.empty_like(delta), torch.empty_like(delta)
     block_r = max(1, min(128, 8192 // bdv))
     kern._bwd_preprocess_kernel[(triton.cdiv(rows, block_r),)](
-        out.contiguous(), dout, lse.contiguous(), delta, lse2, rows, DV=p.dim_v, BLOCK_R=block_r, BLOCK_DV=bdv)
+        out.contiguous(), dout, lse.contiguous(), delta, lse2, ll, rows, DV=p.dim_v, BLOCK_R=block_r, BLOCK_DV=bdv)
 
     has_mask = mask is not None
     mask_t = _mask_log2(mask) if has_mask else q  # without a mask, q stands in as a pointer never read
@@ -288,10 +292,20 @@ def backward(problem: Problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     tuned = _tuned(p, block_m is not None or block_n is not None)
     es = q.element_size()
     bucket = _tune_bucket(p)
+    small = max(bdk, bdv) > 128 or es == 4  # smaller tiles for head dim 256 and fp32 operands
+
+    # Rows whose LSE cannot carry log2(l) (kernels.RECOMPUTE_ABOVE): their max and sum, rescored.
+    bm, bn = _fit(block_m or min(32 if small else 64, max(16, _p2(p.len_q))), block_n or (32 if small else 64),
+                  lambda m, n: (m + n) * bdk * es)
+    kern._bwd_row_stats_kernel[(triton.cdiv(p.len_q, bm), p.batch * p.heads_q)](
+        q, k, mask_t, lse2, ll, alibi_t, q if sinks is None else sinks.float().contiguous(),
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), *mstrides,
+        p.scale * kern.LOG2E, p.heads_q, p.heads_kv, p.len_q, p.len_k, diag, left, right, softcap_log2, stride_ab,
+        *rot_t, DK_=p.dim_k, BLOCK_DK=bdk, BLOCK_M=bm, BLOCK_N=bn, HAS_LEFT=p.left is not None,
+        HAS_RIGHT=p.right is not None, HAS_MASK=has_mask, DOT=_dot_mode(p), SINKS=sinks is not None, **mod_flags,
+        **rot_flags, num_warps=4, num_stages=2)
 
     # dK, dV. The group split is decided for 128-key programs, the largest any config uses.
-    bd = max(bdk, bdv)
-    small = bd > 128 or es == 4  # smaller tiles for head dim 256 and fp32 operands
     bm, bn = _fit(block_m or (16 if small else 32), block_n or (32 if small else 64),
                   lambda m, n: (n + 2 * m) * (bdk + bdv) * es)
     programs = triton.cdiv(p.len_k, 128 if tuned else bn) * p.batch * p.heads_kv
@@ -301,7 +315,7 @@ def backward(problem: Problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     else:
         dk_t = torch.empty((gsplits, *k.shape), dtype=torch.float32, device=dev)
         dv_t = torch.empty((gsplits, *v.shape), dtype=torch.float32, device=dev)
-    dkdv_args = (q, k, v, dout, lse2, delta, mask_t, dk_t, dv_t, alibi_t, *inputs,
+    dkdv_args = (q, k, v, dout, lse2, ll, delta, mask_t, dk_t, dv_t, alibi_t, *inputs,
                  dk_t.stride(-4), dk_t.stride(-3), dk_t.stride(-2), dv_t.stride(-4), dv_t.stride(-3),
                  dv_t.stride(-2), dk_t.stride(0) if gsplits > 1 else 0, dv_t.stride(0) if gsplits > 1 else 0,
                  *scalars, gsplits, bucket, softcap_log2, stride_ab, *rot_t)
@@ -318,7 +332,7 @@ def backward(problem: Problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
     # dQ (and dMask).
     dq = torch.empty_like(q)
-    dq_args = (q, k, v, dout, lse2, delta, mask_t, dq, dmask_t, alibi_t, *inputs, *gstrides,
+    dq_args = (q, k, v, dout, lse2, ll, delta, mask_t, dq, dmask_t, alibi_t, *inputs, *gstrides,
                dq.stride(0), dq.stride(1), dq.stride(2), *scalars, bucket, softcap_log2, stride_ab, *rot_t)
     gflags = dict(MASK_GRAD=want_dmask, GRAD_ROWS_BCAST=want_dmask and p.mask_shape[2] == 1,
                   GRAD_COLS_BCAST=want_dmask and p.mask_shape[3] == 1)

@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from .. import knobs
+from ..nonfinite import enforce
 from ..problem import Problem
 from ..quant import BLOCK_K, BLOCK_Q, check_host_values, key_mean, lse_shift
 from .choice import CPU_LOOP_LIMIT, pow2_floor
@@ -291,5 +292,8 @@ def run_forward(device: Any, problem: Problem, config: Int8Config, q: np.ndarray
     p = problem
     qf, kf, _ = check_host_values(q, k, v, p.dtype)
     with device.lock:
-        out, lse = int8_plan(device, p, config).run(q, k, v, mask)
+        out, lse, finite = int8_plan(device, p, config).run_checked(q, k, v, mask)
+    # The kernel saturates the mask (fa2_common.glsl's mask_term): a NaN or +inf entry in a row's band
+    # makes that row NaN here, as aule_kp.nonfinite says.
+    enforce(p, q, k, v, mask, out, lse, out_finite=finite)
     return out, lse + lse_shift(qf, key_mean(kf), p.scale)
