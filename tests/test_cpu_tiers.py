@@ -2,7 +2,8 @@
 (NumPy forward), and NumPy alone, each against the float64 reference (tests/reference.py) on random
 problems that combine every feature at once: GQA, Dv != Dk, causal and windowed bands of both
 alignments, bool and float masks of every broadcast shape, soft-cap, ALiBi ([Hq] or [B, Hq]), sinks,
-float32/float16/bfloat16, forward and backward (with the mask's gradient where the tier takes it).
+float32/float16/bfloat16, rows masked with float32's minimum (saturated: their lse cannot carry log(l)),
+forward and backward (with the mask's gradient where the tier takes it).
 
 A tier that gives a result outside the error model where another does not would be a call whose
 answer depends on what is installed. Tolerances: the suite's error model (``conftest.output_tolerance``,
@@ -71,6 +72,15 @@ def cases(draw: st.DrawFn) -> Tuple[Problem, Dict[str, Any]]:
     if mask_shape is not None:
         x["float_mask"] = draw(st.booleans())
         x["mask"] = (float_mask if x["float_mask"] else bool_mask)(mask_shape, seed=seed % 10)
+        if x["float_mask"] and draw(st.booleans()):
+            # Hugging Face's padding: rows masked with float32's minimum (every score saturates, the
+            # lse cannot carry log(l)), and rows where one key is lifted out of it.
+            low = np.finfo(np.float32).min
+            rows = draw(st.lists(st.integers(0, mask_shape[2] - 1), min_size=1, max_size=3))
+            x["mask"][:, :, rows] = low
+            lifted = draw(st.integers(0, mask_shape[2] - 1))
+            x["mask"][:, :, lifted] = low
+            x["mask"][:, :, lifted, draw(st.integers(0, mask_shape[3] - 1))] = 0.0
     x["alibi"] = rng.uniform(0.0, 0.5, (alibi_rows, hq)).astype(np.float32) if alibi_rows else None
     x["sinks"] = rng.normal(0.0, 2.0, hq).astype(np.float32) if p.sinks else None
     return p, x
@@ -134,6 +144,56 @@ def test_backward_tiers_against_float64(tier: str, case: Tuple[Problem, Dict[str
         assert err <= tols[3], f"{tier} dmask: {err} > {tols[3]}"
     else:
         assert dmask is None
+
+
+@pytest.mark.parametrize("tier", sorted(TIERS))
+@pytest.mark.parametrize("mask_shape,dtype,softcap", [
+    ((2, 4, 20, 33), "float32", 0.0), ((1, 1, 20, 33), "float16", 0.0), ((2, 1, 1, 33), "float32", 0.0),
+    ((2, 4, 20, 33), "float32", 8.0)])
+def test_saturated_rows_backward(tier: str, mask_shape: Tuple[int, ...], dtype: str, softcap: float) -> None:
+    """Rows masked with float32's minimum (Hugging Face's padding): every score rounds to -3.4e38, the
+    forward averages the row uniformly and lse = -3.4e38 + log(Lk) rounds to -3.4e38, so the tiers'
+    P = exp(S - lse) was 1 per key instead of 1/Lk (dq off by ~8 at this size). Such rows now go
+    through aule_kp.cpu.saturated; a row with one key lifted out of the minimum is ordinary."""
+    p = Problem(2, 4, 2, 20, 33, 16, 16, dtype, 0.25, 13, None, None, mask_shape, softcap=softcap)
+    rng = np.random.default_rng(5)
+    q, k, v, dout = (from_f32(rng.standard_normal(shape, dtype=np.float32), dtype) for shape in (
+        (2, 4, 20, 16), (2, 2, 33, 16), (2, 2, 33, 16), (2, 4, 20, 16)))
+    low = np.finfo(np.float32).min
+    mask = rng.standard_normal(mask_shape).astype(np.float32)
+    mask[..., :3, :] = low  # all rows when the mask broadcasts over them
+    if mask_shape[2] > 4:
+        mask[..., 4, :] = low
+        mask[..., 4, 7] = 0.0
+    backend = TIERS[tier]
+    out, lse = backend.forward(p, q, k, v, mask)
+    dq, dk, dv, dmask = backend.backward(p, q, k, v, out, dout, lse, mask, True)
+    ref = reference_backward(q, k, v, dout, p, mask)
+    tols = gradient_tolerances(p, q, k, v, dout, mask)
+    for name, got, want, tol in zip(("dq", "dk", "dv"), (dq, dk, dv), ref[:3], tols):
+        err = np.abs(to_f32(got, dtype) - want).max()
+        assert err <= tol, f"{name}: {err} > {tol}"
+    axes = tuple(i for i, n in enumerate(mask_shape) if n == 1)
+    assert np.abs(dmask - ref[3].sum(axis=axes, keepdims=True)).max() <= tols[3]
+
+
+@pytest.mark.parametrize("tier", sorted(TIERS))
+def test_key_lifted_out_of_a_saturated_row(tier: str) -> None:
+    """A row masked with float32's minimum but one key: the NumPy forward's online softmax kept the
+    first tile's shift (-3.4e38) and scored the next tile relative to it, where the lifted key's own
+    score (0.02) rounded away: lse came out 0 for a key past the first tile (the backward then weighed
+    that key exp(-score)). Every position of the key, over tiles of 24 keys."""
+    p = Problem(1, 1, 1, 1, 50, 8, 8, "float32", 0.35, 49, None, None, (1, 1, 1, 50))
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal(shape, dtype=np.float32) for shape in ((1, 1, 1, 8), (1, 1, 50, 8), (1, 1, 50, 8)))
+    for key in range(50):
+        mask = np.full((1, 1, 1, 50), np.finfo(np.float32).min, dtype=np.float32)
+        mask[..., key] = 0.0
+        out, lse = TIERS[tier].forward(p, q, k, v, mask)
+        ref_out, ref_lse = reference_attention(q, k, v, p, mask)
+        tol = lse_tolerance(q, k, p.scale, mask, p=p)
+        assert abs(float(lse[0, 0, 0]) - float(ref_lse[0, 0, 0])) <= tol, key
+        np.testing.assert_allclose(out, ref_out, rtol=0, atol=output_tolerance(p, q, k, v, mask))
 
 
 def test_every_tier_is_here() -> None:

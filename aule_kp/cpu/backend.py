@@ -27,7 +27,7 @@ from ..dtypes import STORAGE, from_f32, to_f32
 from ..nonfinite import enforce
 from ..problem import Problem
 from ..scoremods import alibi_distance, cap, fold_sinks
-from . import compiled, int8, native
+from . import compiled, int8, native, saturated
 from .backward import attention_backward
 from .pool import BLAS, split_range, worker_count
 
@@ -268,17 +268,18 @@ class _Forward:
                 if not (part[:, dv] > _SUM_LIMIT).any():
                     at += part
                     continue
+            # Absolute scores: relative to a shift far from them (a row masked with float32's minimum
+            # until one key is lifted out of it) the score itself would round away against the shift.
+            qt[:, dk] = 0.0
             self._scores(s, qt, kt, block, tile)
-            top = s.max(axis=1)  # relative to the current shift
-            unseen = mt == -np.inf
+            top = s.max(axis=1)
             # NaN rows never get a shift, so their NaN reaches the output instead of being hidden.
-            grow = np.isfinite(top) & (unseen | (top > 0))
-            if grow.any():
-                m_new = np.where(grow, np.where(unseen, np.float32(0), mt) + top, mt)
-                s -= np.where(grow, top, np.float32(0))[:, None]
-                at *= np.where(grow, np.exp(mt - m_new), np.float32(1))[:, None]
-                mt[:] = m_new
-                qt[:, dk] = np.where(np.isfinite(m_new), -m_new, np.float32(0))
+            grow = np.isfinite(top) & ((mt == -np.inf) | (top > mt))
+            m_new = np.where(grow, top, mt)
+            s -= np.where(np.isfinite(m_new), m_new, np.float32(0))[:, None]
+            at *= np.where(grow, np.exp(mt - m_new), np.float32(1))[:, None]
+            mt[:] = m_new
+            qt[:, dk] = np.where(np.isfinite(m_new), -m_new, np.float32(0))
             np.exp(s, out=s)
             np.matmul(s, vt, out=part)
             at += part
@@ -421,7 +422,20 @@ class CpuBackend(Backend):
     ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
         """See :class:`aule_kp.backend.Backend`; FA2's backward from the saved lse alone (``sinks`` are in it):
         the native kernel where it takes the problem (:func:`aule_kp.cpu.native.backward_reasons`), else
-        :mod:`aule_kp.cpu.backward` (numba tile kernels between BLAS products, or NumPy)."""
+        :mod:`aule_kp.cpu.backward` (numba tile kernels between BLAS products, or NumPy). Rows whose lse
+        cannot carry log(l) go through :mod:`aule_kp.cpu.saturated` instead."""
+        tiers_lse, rows = saturated.split(np.asarray(lse, dtype=np.float32))
+        grads = self._tiers_backward(problem, q, k, v, out, dout, tiers_lse, mask, mask_grad, alibi)
+        if len(rows) == 0:
+            return grads
+        dq, dk, dv = (to_f32(g, problem.dtype).copy() for g in grads[:3])
+        saturated.add_gradients(problem, rows, q, k, v, dout, mask, alibi, (dq, dk, dv), grads[3])
+        return from_f32(dq, problem.dtype), from_f32(dk, problem.dtype), from_f32(dv, problem.dtype), grads[3]
+
+    def _tiers_backward(self, problem: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray,
+                        dout: np.ndarray, lse: np.ndarray, mask: Optional[np.ndarray], mask_grad: bool,
+                        alibi: Optional[np.ndarray]) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Optional[np.ndarray]]:
+        """The first tier that takes the problem: native, numba, NumPy."""
         fast = self.native()
         if fast is not None and not native.backward_reasons(problem, mask_grad):
             block_q, block_k = _NATIVE_BACKWARD_BLOCKS
