@@ -123,14 +123,14 @@ def test_winners_of_another_build_are_ignored(monkeypatch: pytest.MonkeyPatch,
     # The file is keyed by device and driver, not by aule-kp's build: tiles timed on other shaders (an
     # upgrade) overrode the defaults of new ones for good, where the self-check's verdicts beside them
     # record the build (version + SPIR-V digest) and check again.
-    from aule_kp.vulkan import selfcheck
+    from aule_kp.vulkan import build
 
     caps = fake_caps()
     key = tuning.problem_key("fwd.scalar", P)
     path = tuning.save(caps, {key: entry(**FWD_WIN)})
-    assert json.loads(path.read_text())["entries"][key]["build"] == selfcheck.build_id("fwd.scalar")
+    assert json.loads(path.read_text())["entries"][key]["build"] == build.build_id("fwd.scalar")
     assert tuning.lookup(caps, "fwd.scalar", P) == (key, FWD_WIN)
-    monkeypatch.setitem(selfcheck._builds, "fwd.scalar", "another-build")
+    monkeypatch.setitem(build._builds, "fwd.scalar", "another-build")
     with caplog.at_level(logging.WARNING, logger="aule_kp"):
         assert tuning.lookup(caps, "fwd.scalar", P) is None
         assert tiles_of(config_for("scalar", caps, P)) == tiles_of(defaults(caps, P)[0])
@@ -140,7 +140,7 @@ def test_winners_of_another_build_are_ignored(monkeypatch: pytest.MonkeyPatch,
     del data["entries"][key]["build"]
     path.write_text(json.dumps(data))
     tuning.invalidate(path)
-    monkeypatch.delitem(selfcheck._builds, "fwd.scalar")
+    monkeypatch.delitem(build._builds, "fwd.scalar")
     assert tuning.lookup(caps, "fwd.scalar", P) is None
 
 

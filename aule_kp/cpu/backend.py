@@ -429,7 +429,7 @@ class CpuBackend(Backend):
         if len(rows) == 0:
             return grads
         dq, dk, dv = (to_f32(g, problem.dtype).copy() for g in grads[:3])
-        saturated.add_gradients(problem, rows, q, k, v, dout, mask, alibi, (dq, dk, dv), grads[3])
+        saturated.add_gradients(problem, rows, q, k, v, dout, mask, alibi, sinks, (dq, dk, dv), grads[3])
         return from_f32(dq, problem.dtype), from_f32(dk, problem.dtype), from_f32(dv, problem.dtype), grads[3]
 
     def _tiers_backward(self, problem: Problem, q: np.ndarray, k: np.ndarray, v: np.ndarray, out: np.ndarray,

@@ -36,10 +36,11 @@ def split(lse: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
 
 
 def add_gradients(p: Problem, rows: np.ndarray, q: np.ndarray, k: np.ndarray, v: np.ndarray, dout: np.ndarray,
-                  mask: Optional[np.ndarray], alibi: Optional[np.ndarray], grads: Tuple[np.ndarray, ...],
-                  dmask: Optional[np.ndarray]) -> None:
+                  mask: Optional[np.ndarray], alibi: Optional[np.ndarray], sinks: Optional[np.ndarray],
+                  grads: Tuple[np.ndarray, ...], dmask: Optional[np.ndarray]) -> None:
     """Adds the saturated ``rows``' contributions to ``grads`` = (dq, dk, dv) (float32, in place) and to
-    ``dmask`` (the mask's shape, broadcast dims summed), one query head at a time."""
+    ``dmask`` (the mask's shape, broadcast dims summed), one query head at a time; a head's sink logit
+    takes its share of the row's weight (it has no value)."""
     dq, dk, dv = grads
     for b, h in {(int(b), int(h)) for b, h, _ in rows}:
         ii = rows[(rows[:, 0] == b) & (rows[:, 1] == h), 2]
@@ -63,8 +64,11 @@ def add_gradients(p: Problem, rows: np.ndarray, q: np.ndarray, k: np.ndarray, v:
         # The forward's float32 scores: the part q·k lost against a saturating mask stays lost.
         s = s.astype(np.float32).astype(np.float64)
         s = np.where(p.visible(ii, cols), s, -np.inf)
-        prob = np.exp(s - s.max(axis=1, keepdims=True))
-        prob /= prob.sum(axis=1, keepdims=True)
+        shift = s.max(axis=1, keepdims=True)
+        sink = -np.inf if sinks is None else float(sinks[h])
+        shift = np.maximum(shift, sink)
+        prob = np.exp(s - shift)
+        prob /= prob.sum(axis=1, keepdims=True) + np.exp(sink - shift)
         dp = do @ vf.T
         ds = prob * (dp - (prob * dp).sum(axis=1, keepdims=True))
         ds = np.where(prob == 0.0, 0.0, ds)  # a key of weight 0 (its v may be NaN) has dS 0

@@ -39,7 +39,7 @@ def _quantize(x, amax):
 def _quant_k_kernel(K, Mean, K8, KS, len_k, n_blocks, s_kb, s_kh, s_kn, heads_kv,
                     D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr):
     blk = tl.program_id(0)
-    g = tl.program_id(1)
+    g = tl.program_id(1).to(tl.int64)  # g * len_k * D passes 2**31 on large caches
     rows = blk * BLOCK + tl.arange(0, BLOCK)
     cols = tl.arange(0, BLOCK_D)
     ok = (rows[:, None] < len_k) & (cols[None, :] < D)
@@ -61,7 +61,7 @@ def _int8_fwd_kernel(Q, K8, KS, V, Mask, Out, Lse,
                      HAS_RIGHT: tl.constexpr, HAS_MASK: tl.constexpr, KBLOCK: tl.constexpr, PV_BF16: tl.constexpr,
                      DOT: tl.constexpr):
     start_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # b * s_qb, g * len_k * DK: beyond int32 for tensors over 2**31 elements
     b = bh // heads_q
     h = bh % heads_q
     g = b * heads_kv + h // (heads_q // heads_kv)

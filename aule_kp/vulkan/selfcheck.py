@@ -20,7 +20,6 @@ next variant (split-KV -> the forward kernel, coopmat -> scalar, scalar -> Wave6
 from __future__ import annotations
 
 import datetime
-import hashlib
 import logging
 import math
 import threading
@@ -36,6 +35,7 @@ from .. import knobs
 from ..dtypes import from_f32, to_f32
 from ..problem import DTYPES, Problem, band
 from . import tuning_cache
+from .build import FAMILY_KERNELS, build_id
 from .probe import DeviceCaps
 
 log = logging.getLogger("aule_kp")
@@ -110,29 +110,6 @@ def clear(caps: DeviceCaps, directory: Optional[str] = None) -> bool:
         finally:
             tuning_cache.changed()
     return True
-
-
-_KERNELS = {
-    "fwd.scalar": ("fa2_fwd",), "fwd.wave64": ("fa2_fwd",), "fwd.coopmat": ("fa2_fwd_coopmat",),
-    "fwd.coopmat2": ("fa2_fwd_cm2",),
-    "splitkv": ("fa2_splitkv",), "bwd.scalar": ("fa2_bwd_pre", "fa2_bwd_dkdv", "fa2_bwd_dq"),
-    "bwd.coopmat": ("fa2_bwd_pre", "fa2_bwd_dkdv_coopmat", "fa2_bwd_dq_coopmat"),
-}
-_builds: Dict[str, str] = {}
-
-
-def build_id(family: str) -> str:
-    """aule-kp's version and a digest of the SPIR-V the family runs: a verdict holds for this build."""
-    if family not in _builds:
-        from .._version import __version__
-        from .compile import spirv_path
-
-        h = hashlib.sha256(__version__.encode())
-        for kernel in _KERNELS.get(family, ()):
-            path = spirv_path(kernel)
-            h.update(path.read_bytes() if path.exists() else b"missing")
-        _builds[family] = h.hexdigest()[:16]
-    return _builds[family]
 
 
 def _entry(family: str, caps: DeviceCaps, dtype: str) -> Optional[Dict[str, Any]]:
@@ -478,7 +455,7 @@ def verdicts_for(caps: DeviceCaps) -> Dict[str, Dict[str, Any]]:
     entries = load(caps)
     return {key: entry for key, entry in sorted(entries.items())
             if isinstance(entry, dict) and entry.get("build") == build_id(key.split("/")[0])
-            and key.split("/")[0] in _KERNELS}
+            and key.split("/")[0] in FAMILY_KERNELS}
 
 
 def format_table(verdicts: Sequence[Verdict]) -> str:

@@ -40,6 +40,7 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 
 from .. import knobs
 from ..problem import Problem
+from .build import build_id
 from .probe import DeviceCaps
 
 log = logging.getLogger("aule_kp")
@@ -174,9 +175,7 @@ def invalidate(path: Path) -> None:
 
 
 def build_of(key: str) -> str:
-    """The build (:func:`aule_kp.vulkan.selfcheck.build_id`) that entries of ``key``'s kernel family run now."""
-    from .selfcheck import build_id  # selfcheck keeps its verdicts through this module
-
+    """The build (:func:`aule_kp.vulkan.build.build_id`) that entries of ``key``'s kernel family run now."""
     return build_id(key.split("/", 1)[0])
 
 
