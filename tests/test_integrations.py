@@ -153,6 +153,136 @@ def test_vit_encoder_matches_sdpa(tf_registered, torch_fallbacks):
     assert torch_fallbacks[0] == 0
 
 
+def _eager_reference(q, k, v, mask, scale, softcap, sinks):
+    """float64 attention from the definitions eager uses (Gemma-2's soft-cap, gpt-oss's sinks):
+    ``[B, Lq, Hq, D]``. ``mask``: bool ``[Lq, Lk]`` or ``[B, 1, Lq, Lk]`` (True = attend)."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = (x.double().repeat_interleave(groups, dim=1) for x in (k, v))
+    s = q.double() @ k.transpose(-1, -2) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~mask, float("-inf"))
+    if sinks is not None:
+        s = torch.cat([s, sinks.double().reshape(1, -1, 1, 1).expand(*s.shape[:-1], 1)], dim=-1)
+    p = torch.softmax(s, dim=-1).nan_to_num()[..., : k.shape[-2]]  # a row that sees nothing: 0
+    return (p @ v).transpose(1, 2)
+
+
+@pytest.mark.parametrize("mods", ["softcap", "sinks", "both"])
+@pytest.mark.parametrize("pattern", ["causal", "causal_lq_lt_lk", "padding"])
+def test_score_mods_match_eager_definition(mods, pattern):
+    """Gemma-2's ``softcap`` and gpt-oss's ``s_aux`` reach the function as keywords that transformers'
+    sdpa drops; eager applies them, and so must aule_kp (they were ignored: a soft-capped model was
+    off by 6% in its logits, and the sinks got no gradient). Outputs and the gradients of q, k, v and
+    the sinks against float64, GQA 4/2 heads, head dim 16; top-left causal when Lq < Lk (is_causal
+    as torch's), left and right padding in a boolean mask (a fully padded row is 0 either way)."""
+    pytest.importorskip("transformers")
+    from aule_kp.integrations import transformers as aule_tf
+
+    g = torch.Generator().manual_seed(7)
+    b, hq, hkv, lk, d = 2, 4, 2, 11, 16
+    lq = 5 if pattern == "causal_lq_lt_lk" else lk
+    q, k, v = (3 * torch.randn(b, h, n, d, generator=g) for h, n in ((hq, lq), (hkv, lk), (hkv, lk)))
+    sinks = torch.randn(hq, generator=g) if mods != "softcap" else None
+    softcap = 1.5 if mods != "sinks" else None
+    mask, is_causal = None, None  # is_causal derived: a decoder module, no mask
+    want_mask = torch.ones(lq, lk, dtype=torch.bool).tril()
+    if pattern == "padding":
+        keys = torch.ones(b, lk, dtype=torch.bool)
+        keys[0, :3] = False  # left padding
+        keys[1, -4:] = False  # right padding
+        mask = want_mask = want_mask & keys[:, None, None, :]
+    leaves = [t.requires_grad_() for t in (q, k, v) + ((sinks,) if sinks is not None else ())]
+    scale = d ** -0.5
+    module = torch.nn.Module()
+    got, weights = aule_tf.aule_attention_forward(module, q, k, v, mask, scaling=scale, is_causal=is_causal,
+                                                  softcap=softcap, s_aux=sinks)
+    assert weights is None and got.shape == (b, lq, hq, d)
+    want = _eager_reference(q, k, v, want_mask, scale, softcap, sinks)
+    # Output: float32 sums over Lk softmax-weighted rows of v; gradients: sums over Lk (dq), Lq and
+    # the group's heads (dk, dv), all rows and keys (sinks), of terms bounded by the largest entry.
+    torch.testing.assert_close(got.double(), want, atol=tolerance("float32", lk, want.abs().max().item()), rtol=0)
+    dout = torch.randn(got.shape, generator=g)
+    grads = torch.autograd.grad(got, leaves, dout)
+    want_grads = torch.autograd.grad(want, leaves, dout.double())  # float64 sums, rounded once to float32
+    for name, a, w in zip(("q", "k", "v", "sinks"), grads, want_grads):
+        n = lk + lq * hq // hkv + d if name != "sinks" else b * lq * lk
+        torch.testing.assert_close(a, w, atol=2 * tolerance("float32", n, w.abs().max().item()), rtol=0,
+                                   msg=lambda m, name=name: f"d{name}: {m}")
+
+
+def test_score_mods_and_head_mask_raise():
+    """What aule_kp cannot compute raises rather than being dropped: head_mask, dropout with a
+    soft-cap or sinks (eager applies both), is_causal with a mask, float64 with score modifiers."""
+    pytest.importorskip("transformers")
+    from aule_kp.integrations import transformers as aule_tf
+
+    q = torch.randn(1, 2, 4, 8)
+    mask = torch.ones(1, 1, 4, 4, dtype=torch.bool)
+    module = torch.nn.Module()
+    with pytest.raises(ValueError, match="head_mask"):
+        aule_tf.aule_attention_forward(module, q, q, q, None, head_mask=torch.ones(2))
+    with pytest.raises(ValueError, match="dropout"):
+        aule_tf.aule_attention_forward(module, q, q, q, None, dropout=0.1, softcap=2.0)
+    with pytest.raises(ValueError, match="is_causal"):
+        aule_tf.aule_attention_forward(module, q, q, q, mask, is_causal=True, s_aux=torch.zeros(2))
+    with pytest.raises(TypeError, match="float64"):
+        aule_tf.aule_attention_forward(module, q.double(), q.double(), q.double(), None, softcap=2.0)
+
+
+def _eager_pair(cls, cfg):
+    """The same tiny model twice: on "eager" (which applies soft-cap and sinks) and on "aule_kp"."""
+    out = []
+    for impl in ("eager", "aule_kp"):
+        torch.manual_seed(0)
+        out.append(cls._from_config(copy.deepcopy(cfg), attn_implementation=impl).train())
+    out[1].load_state_dict(out[0].state_dict())
+    return out
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gpt_oss", "mistral"])
+def test_model_training_step_matches_eager(arch, tf_registered, torch_fallbacks):
+    """Logits and every parameter's gradient of a training step (dropout 0) against "eager", with
+    left and right padding: Gemma-2 (soft-cap 2 on the scores, sliding window 4 of 12 tokens),
+    gpt-oss (sinks, sliding window) and Mistral (sliding window through the sdpa path). Weights at
+    std 0.3 so that scores reach the soft-cap's curve (at the default 0.02 tanh(s/2)*2 ~ s)."""
+    transformers = pytest.importorskip("transformers")
+    base = dict(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=64, initializer_range=0.3,
+                sliding_window=4, attention_dropout=0.0)
+    if arch == "gemma2":
+        cls, cfg = transformers.Gemma2ForCausalLM, transformers.Gemma2Config(
+            **base, attn_logit_softcapping=2.0, final_logit_softcapping=None)
+    elif arch == "gpt_oss":
+        cls, cfg = transformers.GptOssForCausalLM, transformers.GptOssConfig(
+            **{**base, "intermediate_size": 32}, num_local_experts=4, num_experts_per_tok=2)
+    else:
+        cls, cfg = transformers.MistralForCausalLM, transformers.MistralConfig(**base)
+    ref, ours = _eager_pair(cls, cfg)
+    ids = torch.randint(3, 64, (3, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[1, :4] = 0  # left padding
+    mask[2, -3:] = 0  # right padding
+    keep = mask.bool()
+    w = torch.randn(3, 12, 64, generator=torch.Generator().manual_seed(2))
+    results = []
+    for model in (ref, ours):
+        logits = model(ids, attention_mask=mask).logits
+        (logits * w)[keep].sum().backward()
+        results.append((logits.detach()[keep], {n: p.grad for n, p in model.named_parameters()}))
+    (want, want_grads), (got, got_grads) = results
+    n = 12 + 16 + 64 + 64  # tokens, head dim, widths
+    torch.testing.assert_close(got, want, atol=model_tol(want, n), rtol=0)
+    assert set(got_grads) == set(want_grads)
+    for name, g in want_grads.items():
+        assert (g is None) == (got_grads[name] is None), name
+        if g is not None:  # weight gradients also sum over the 3 x 12 tokens
+            torch.testing.assert_close(got_grads[name], g, atol=model_tol(g, n + 36), rtol=0,
+                                       msg=lambda m, name=name: f"{name}: {m}")
+    assert tf_registered[0] == 2  # one forward of 2 layers through aule_kp
+    assert torch_fallbacks[0] == 0
+
+
 @needs_vulkan
 def test_llama_on_vulkan_matches_sdpa(torch_fallbacks):
     """One tiny forward on the Vulkan engine (lavapipe in CI, so kept small)."""
@@ -226,6 +356,34 @@ def test_dit_transformer_matches_default_processor(torch_fallbacks):
         assert set_aule_attention(model, backend="cpu") == 2
         got = model(x, timestep=t, class_labels=labels).sample
     torch.testing.assert_close(got, want, atol=model_tol(want, 16 + 16 + 32 + 128), rtol=0)  # tokens, D, widths
+    assert torch_fallbacks[0] == 0
+
+
+def test_scale_qk_false_matches_default_processor(torch_fallbacks):
+    """T5-FiLM (spectrogram diffusion) builds its attention with ``scale_qk=False``: a score scale of
+    1, so diffusers gives those modules the classic ``AttnProcessor`` (``AttnProcessor2_0`` ignores
+    ``attn.scale``). AuleAttnProcessor took 1/sqrt(head_dim) there: 14% off the model's output."""
+    pytest.importorskip("diffusers")
+    from diffusers import T5FilmDecoder
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from aule_kp.integrations.diffusers import set_aule_attention
+
+    torch.manual_seed(0)
+    model = T5FilmDecoder(input_dims=8, targets_length=8, d_model=32, num_layers=1, num_heads=2, d_kv=16, d_ff=32,
+                          dropout_rate=0.0).eval()
+    g = torch.Generator().manual_seed(1)
+    enc, tokens, t = torch.randn(2, 6, 32, generator=g), torch.randn(2, 8, 8, generator=g), torch.tensor([0.3, 0.7])
+    enc_mask = torch.ones(2, 6, dtype=torch.bool)
+    enc_mask[1, 4:] = False
+    attns = [m for m in model.modules() if type(m).__name__ == "Attention"]
+    assert len(attns) == 2 and all(type(m.processor) is AttnProcessor and m.scale == 1.0 for m in attns)
+    with torch.no_grad():
+        want = model([(enc, enc_mask)], tokens, t)
+        assert set_aule_attention(model, backend="cpu") == 2
+        got = model([(enc, enc_mask)], tokens, t)
+    # 8 + 6 tokens (self, cross), head dim 16, widths 32 and 32
+    torch.testing.assert_close(got, want, atol=model_tol(want, 14 + 16 + 32 + 32), rtol=0)
     assert torch_fallbacks[0] == 0
 
 

@@ -8,7 +8,10 @@
 :class:`AuleAttnProcessor` is diffusers' default ``AttnProcessor2_0`` with the attention call routed
 to :func:`aule_kp.scaled_dot_product_attention` (optionally on a chosen backend): the same
 projections, norms, mask preparation and output handling, so results match the default processor to
-rounding. Like ``AttnProcessor2_0`` it uses the default ``1/sqrt(head_dim)`` scale.
+rounding. The score scale is the module's ``attn.scale``, as diffusers' classic ``AttnProcessor``
+applies it: ``1/sqrt(dim_head)`` (what ``AttnProcessor2_0`` uses), or 1 for ``scale_qk=False``
+(T5-FiLM), where diffusers picks ``AttnProcessor`` because ``AttnProcessor2_0`` ignores the scale.
+Unlike ``AttnProcessor``, the module's q/k norms (``qk_norm``) are applied, as ``AttnProcessor2_0`` does.
 """
 
 from __future__ import annotations
@@ -89,7 +92,7 @@ class AuleAttnProcessor:
 
         with backend_scope(self.backend):
             hidden_states = scaled_dot_product_attention(query, key, value, attn_mask=attention_mask,
-                                                         dropout_p=0.0, is_causal=False)
+                                                         dropout_p=0.0, is_causal=False, scale=attn.scale)
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)

@@ -10,8 +10,11 @@ The attention function computes what transformers' ``"sdpa"`` implementation com
 :func:`aule_kp.scaled_dot_product_attention`: grouped-query attention goes to the engine as it is
 (``enable_gqa``), without the ``repeat_kv`` copy; the module's ``is_causal``, ``scaling`` and
 ``dropout`` are respected (dropout is only non-zero in training, and such calls run on torch's own
-SDPA, as aule_kp's SDPA does). The mask function is the one transformers pairs with ``"sdpa"``
-(``sdpa_mask``): a boolean ``[B, 1, Lq, Lk]`` mask (True = attend), or ``None`` when the mask is
+SDPA, as aule_kp's SDPA does). Score modifiers that transformers' ``"sdpa"`` drops but ``"eager"``
+applies are computed too, through :func:`aule_kp.flash_attention`: Gemma-2's ``softcap`` and
+gpt-oss's attention sinks (``s_aux``, differentiable); with dropout in training those raise. The
+mask function is the one transformers pairs with ``"sdpa"`` (``sdpa_mask``): a boolean
+``[B, 1, Lq, Lk]`` mask (True = attend, sliding windows included), or ``None`` when the mask is
 purely causal so that the kernel can skip the hidden tiles.
 
 Written against transformers 4.57 (``AttentionInterface`` / ``AttentionMaskInterface``, 4.53+).
@@ -58,14 +61,24 @@ def aule_attention_forward(
         dropout: attention dropout probability (the model passes 0 outside training).
         scaling: score scale; ``None`` for ``1/sqrt(D)``.
         is_causal: forced causality; ``None`` derives it as transformers' sdpa does.
+        kwargs: ``softcap`` (tanh soft-capping of the scaled scores, as eager's; ``None`` = off) and
+            ``s_aux`` (sink logits ``[Hq]``) are applied; ``sliding_window`` is already in the mask;
+            a ``head_mask`` raises; the rest are ignored.
 
     Returns:
         ``(attn_output [B, Lq, Hq, D], None)``: no attention weights are materialised.
+
+    Raises:
+        ValueError: a ``head_mask``; with ``softcap``/``s_aux``, ``dropout`` > 0 (eager applies it;
+            this function would drop it) or ``is_causal=True`` together with a mask.
+        TypeError: ``softcap``/``s_aux`` with a query dtype other than float32/float16/bfloat16.
     """
     from aule_kp.torch import scaled_dot_product_attention
 
-    if kwargs.get("output_attentions", False) or kwargs.get("head_mask") is not None:
-        log.warning("aule_kp attention cannot return attention weights or apply head_mask; use 'eager' for those")
+    if kwargs.get("head_mask") is not None:
+        raise ValueError("aule_kp attention cannot apply head_mask; use attn_implementation='eager' for it")
+    if kwargs.get("output_attentions", False):
+        log.warning("aule_kp attention cannot return attention weights; use 'eager' for those")
     hq, hkv = query.shape[1], key.shape[1]
     # GQA: the engine reads each KV head once for its group of query heads, so no repeat_kv copy.
     enable_gqa = hq != hkv
@@ -76,12 +89,55 @@ def aule_attention_forward(
         # Same rule as transformers' sdpa: causal only when no mask was built (the mask function
         # returns None for a purely causal pattern) and the module is causal (decoders).
         is_causal = bool(query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True))
+    softcap, sinks = kwargs.get("softcap"), kwargs.get("s_aux")
+    if softcap is not None or sinks is not None:
+        return _score_mod_attention(query, key, value, attention_mask, float(dropout), is_causal, scaling,
+                                    softcap, sinks), None
     with backend_scope(_backend):
         out = scaled_dot_product_attention(
             query, key, value, attn_mask=attention_mask, dropout_p=float(dropout), is_causal=is_causal,
             scale=scaling, enable_gqa=enable_gqa,
         )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _score_mod_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Optional[torch.Tensor],
+    dropout: float,
+    is_causal: bool,
+    scaling: Optional[float],
+    softcap: Optional[float],
+    sinks: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """:func:`aule_attention_forward` with a soft-cap or sinks, as eager computes them: through
+    :func:`aule_kp.flash_attention` (differentiable in q, k, v, a float mask and the sinks), on
+    the backend SDPA calls would take. Returns ``[B, Lq, Hq, D]``."""
+    from aule_kp.api import flash_attention
+    from aule_kp.torch.sdpa import _DEVICE_BACKENDS, state
+
+    if query.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"query is {query.dtype}: aule_kp computes softcap/s_aux attention in float32, float16 or "
+                        "bfloat16; use attn_implementation='eager' for other dtypes")
+    if dropout:
+        raise ValueError(f"dropout={dropout} with softcap/s_aux: aule_kp has no dropout for these; use "
+                         "attn_implementation='eager', or set the attention dropout to 0")
+    lq, lk = query.shape[2], key.shape[2]
+    causal = False
+    if is_causal and lq == lk and attention_mask is None:
+        causal = True  # top-left (torch's is_causal) and bottom-right (flash_attention's) agree
+    elif is_causal:  # torch's top-left causal mask, spelled out
+        if attention_mask is not None:
+            raise ValueError("is_causal together with attention_mask is ambiguous (torch's SDPA kernels "
+                             "disagree on it); pass one of them")
+        attention_mask = torch.ones(lq, lk, dtype=torch.bool, device=query.device).tril()
+    with backend_scope(_backend):
+        backend = state.setting()[0] or _DEVICE_BACKENDS.get(query.device.type, "vulkan")
+    out = flash_attention(query, key, value, causal=causal, scale=scaling, attn_mask=attention_mask,
+                          backend=backend, softcap=0.0 if softcap is None else softcap, sinks=sinks)
+    return out.transpose(1, 2).contiguous()
 
 
 def register(backend: Optional[str] = None) -> str:
