@@ -2,7 +2,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test lint shaders prebuilt bench gpu clean wheel sanitize
+.PHONY: install demo test lint shaders prebuilt bench clean wheel sanitize
 
 install:
 	./scripts/setup.sh

@@ -46,9 +46,9 @@ from .plan import (
 from .probe import DeviceCaps
 
 VARIANTS = ("int8coopmat", "int8dot")
-#: What the automatic choice tries, in order. int8coopmat has not run on any device yet (lavapipe has
-#: no cooperative matrix) and no self-check covers the int8 kernels: until a GPU run checks it, it is
-#: used only where AULE_KP_FORCE_VARIANT names it, never silently.
+#: What the automatic choice tries, in order. int8coopmat ran correctly on an H200 once (BENCHMARKS.md,
+#: 2026-12-05), but no self-check covers the int8 kernels on other drivers: it is used only where
+#: AULE_KP_FORCE_VARIANT names it, never silently.
 AUTOMATIC = ("int8dot",)
 #: Device-only buffers the quantize pass writes and the attention reads (bindings 6 and 7).
 SCRATCH = ("k8", "kscale")
