@@ -116,7 +116,7 @@ def _score_mod_attention(
     :func:`aule_kp.flash_attention` (differentiable in q, k, v, a float mask and the sinks), on
     the backend SDPA calls would take. Returns ``[B, Lq, Hq, D]``."""
     from aule_kp.api import flash_attention
-    from aule_kp.torch.sdpa import _DEVICE_BACKENDS, state
+    from aule_kp.torch.sdpa import backend_for
 
     if query.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"query is {query.dtype}: aule_kp computes softcap/s_aux attention in float32, float16 or "
@@ -133,10 +133,9 @@ def _score_mod_attention(
             raise ValueError("is_causal together with attention_mask is ambiguous (torch's SDPA kernels "
                              "disagree on it); pass one of them")
         attention_mask = torch.ones(lq, lk, dtype=torch.bool, device=query.device).tril()
-    with backend_scope(_backend):
-        backend = state.setting()[0] or _DEVICE_BACKENDS.get(query.device.type, "vulkan")
     out = flash_attention(query, key, value, causal=causal, scale=scaling, attn_mask=attention_mask,
-                          backend=backend, softcap=0.0 if softcap is None else softcap, sinks=sinks)
+                          backend=backend_for(query.device.type, _backend), softcap=0.0 if softcap is None else softcap,
+                          sinks=sinks)
     return out.transpose(1, 2).contiguous()
 
 

@@ -77,6 +77,12 @@ class _State:
 state = _State()
 
 
+def backend_for(device_type: str, backend: Optional[str] = None) -> str:
+    """The backend SDPA calls on tensors of ``device_type`` take: ``backend``, else the innermost
+    ``enabled()``/``install()`` choice, else the per-device default."""
+    return backend or state.setting()[0] or _DEVICE_BACKENDS.get(device_type, "vulkan")
+
+
 class _Call(NamedTuple):
     """A call the engine takes, in the forward op's form."""
 
@@ -225,7 +231,7 @@ def _route(
             return mask
 
     scale = 1.0 / math.sqrt(dk) if scale is None else float(scale)
-    name = backend or _DEVICE_BACKENDS.get(device.type, "vulkan")
+    name = backend_for(device.type, backend)
     if not torch.compiler.is_compiling():
         diag, left, right = band(lq, lk, causal=is_causal, window=None, top_left=True)
         mask_shape = None if mask is None else tuple(mask.shape)
