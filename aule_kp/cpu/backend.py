@@ -29,7 +29,7 @@ from ..problem import Problem
 from ..scoremods import alibi_distance, cap, fold_sinks
 from . import compiled, int8, native, saturated
 from .backward import attention_backward
-from .pool import BLAS, split_range, worker_count
+from .pool import BLAS, TASKS_PER_WORKER, split_range, worker_count
 
 #: One block of query rows: batch ``b``, query heads ``[h0, h1)`` of one KV group, positions
 #: ``[i0, i1)``. Either ``h1 - h0 == 1`` or the positions are all of ``[0, Lq)``, so the block's
@@ -43,9 +43,6 @@ _SUM_LIMIT = np.float32(2.0**32)
 
 #: Keys a block's first tile samples for its rows' first shift (see ``_Forward._probe``).
 _PROBE_KEYS = 8
-
-#: Tasks per worker: enough to even out unequal (causal, windowed) tasks on the pool.
-_TASKS_PER_WORKER = 4
 
 #: Below this many scores (a few ms of work) a thread pool's start-up costs more than it saves.
 _POOL_MIN_WORK = 1 << 20
@@ -309,7 +306,7 @@ def _head_blocks(p: Problem, block_q: int, b: int, kv: int) -> List[_Block]:
 
 def _chunks(p: Problem, block_q: int, workers: int) -> List[_Chunk]:
     """Tasks: runs of consecutive row blocks of one KV head (K and V are converted once per task)."""
-    per_head = 1 if workers == 1 else math.ceil(_TASKS_PER_WORKER * workers / (p.batch * p.heads_kv))
+    per_head = 1 if workers == 1 else math.ceil(TASKS_PER_WORKER * workers / (p.batch * p.heads_kv))
     out: List[_Chunk] = []
     for b in range(p.batch):
         for kv in range(p.heads_kv):
@@ -428,7 +425,7 @@ class CpuBackend(Backend):
         grads = self._tiers_backward(problem, q, k, v, out, dout, tiers_lse, mask, mask_grad, alibi)
         if len(rows) == 0:
             return grads
-        dq, dk, dv = (to_f32(g, problem.dtype).copy() for g in grads[:3])
+        dq, dk, dv = (to_f32(g, problem.dtype) for g in grads[:3])  # the tiers' own arrays
         saturated.add_gradients(problem, rows, q, k, v, dout, mask, alibi, sinks, (dq, dk, dv), grads[3])
         return from_f32(dq, problem.dtype), from_f32(dk, problem.dtype), from_f32(dv, problem.dtype), grads[3]
 

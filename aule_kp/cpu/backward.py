@@ -33,10 +33,7 @@ from ..dtypes import from_f32, to_f32
 from ..problem import Problem
 from ..scoremods import alibi_distance
 from .compiled import to_f32 as compiled_f32
-from .pool import BLAS, split_range, worker_count
-
-#: Tasks per worker: enough to even out the unequal key ranges of causal and windowed problems.
-_TASKS_PER_WORKER = 4
+from .pool import BLAS, TASKS_PER_WORKER, split_range, worker_count
 
 #: Bytes the dQ partials of split key ranges may take; past it, (batch, kv head) pairs are split less.
 _PARTIAL_BUDGET = 256 << 20
@@ -226,7 +223,7 @@ def _tasks(p: Problem, mask_shape: Optional[Tuple[int, ...]], block_k: int, work
             max_parts = 1
     units = len(batches) * len(heads)
     dq_bytes = 4 * p.batch * p.heads_q * p.len_q * p.dim_k
-    parts = 1 if workers == 1 else math.ceil(_TASKS_PER_WORKER * workers / units)
+    parts = 1 if workers == 1 else math.ceil(TASKS_PER_WORKER * workers / units)
     parts = max(1, min(parts, max_parts, _PARTIAL_BUDGET // max(1, dq_bytes)))
     ranges = split_range(0, p.len_k, math.ceil(p.len_k / parts))
     tasks = [_Task(bs, hs, k0, k1, j) for bs in batches for hs in heads for j, (k0, k1) in enumerate(ranges)]

@@ -97,12 +97,11 @@ def _add_mask(row, mask_row):
 
 
 @njit(inline="always", fastmath=_FAST)
-def _mask_row(mask, head, pos, lo, hi):
-    """The mask entries of ``head`` (within the tile's heads) at row ``pos`` for columns
-    ``[lo, hi)`` of a ``[heads, rows, keys]`` tile whose size-1 dims broadcast."""
-    mh = head if mask.shape[0] > 1 else 0
+def _mask_row(mask, pos, lo, hi):
+    """The mask entries at row ``pos`` for columns ``[lo, hi)`` of a ``[1, rows, keys]`` tile whose
+    size-1 dims broadcast."""
     mi = pos if mask.shape[1] > 1 else 0
-    return mask[mh, mi, lo:hi] if mask.shape[2] > 1 else mask[mh, mi, 0:1]
+    return mask[0, mi, lo:hi] if mask.shape[2] > 1 else mask[0, mi, 0:1]
 
 
 @njit(nogil=True, cache=True, fastmath=_FAST)
@@ -117,7 +116,7 @@ def probs_tile(s, lse, lo0, hi0, mask, has_mask):
         s[i, hi:] = 0.0
         row = s[i, lo:hi]
         if has_mask:
-            _add_mask(row, _mask_row(mask, 0, i, lo, hi))
+            _add_mask(row, _mask_row(mask, i, lo, hi))
         shift = lse[i]
         for j in range(row.shape[0]):
             row[j] = _exp2((row[j] - shift) * _LOG2E)

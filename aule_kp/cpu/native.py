@@ -24,6 +24,7 @@ import numpy as np
 from ..dtypes import STORAGE, from_f32
 from ..errors import warn_once
 from ..problem import Problem
+from .pool import TASKS_PER_WORKER
 
 logger = logging.getLogger("aule_kp")
 
@@ -33,9 +34,6 @@ LIB_DIR = Path(__file__).resolve().parent / "lib"
 #: Floats per vector -> the CPU features (NumPy's names) its build needs.
 WIDTH_FEATURES: Dict[int, Tuple[str, ...]] = {16: ("AVX512F", "AVX2", "FMA3", "F16C"), 8: ("AVX2", "FMA3", "F16C"),
                                                4: ()}
-
-#: Tasks per thread: enough to even out unequal (causal, windowed) blocks of rows.
-_TASKS_PER_WORKER = 4
 
 #: Where the kernel reads K and V rows as they are, one task per kv head with all its query heads' rows,
 #: instead of packing K transposed for its micro-kernels: fewer than ``_DIRECT_POSITIONS`` query positions
@@ -241,7 +239,7 @@ def _key_ranges(p: Problem, block_k: int, workers: int) -> int:
     when there are few kv heads, each range costing a float32 dQ partial, within ``_PARTIAL_BYTES``."""
     if workers <= 1:
         return 1
-    want = math.ceil(_TASKS_PER_WORKER * workers / (p.batch * p.heads_kv))
+    want = math.ceil(TASKS_PER_WORKER * workers / (p.batch * p.heads_kv))
     most = max(1, _PARTIAL_BYTES // max(1, 4 * p.batch * p.heads_q * p.len_q * p.dim_k))
     return max(1, min(want, most, math.ceil(p.len_k / block_k)))
 
@@ -271,7 +269,7 @@ def _block_rows(p: Problem, block_q: int, workers: int, stacked: bool) -> int:
     """Query positions per task: ``block_q``, or fewer when that would leave threads without several tasks
     each (a task takes one query head, or every head of a kv head's group when ``stacked``)."""
     heads = p.batch * (p.heads_kv if stacked else p.heads_q)
-    per_head = math.ceil(_TASKS_PER_WORKER * workers / heads) if workers > 1 else 1
+    per_head = math.ceil(TASKS_PER_WORKER * workers / heads) if workers > 1 else 1
     return max(1, min(block_q, math.ceil(p.len_q / per_head)))
 
 

@@ -17,6 +17,10 @@ import numpy as np
 logger = logging.getLogger("aule_kp")
 
 
+#: Tasks per worker of every CPU pass: enough to even out unequal (causal, windowed) tasks.
+TASKS_PER_WORKER = 4
+
+
 def worker_count() -> int:
     try:
         return len(os.sched_getaffinity(0))  # respects container CPU pinning, unlike os.cpu_count()

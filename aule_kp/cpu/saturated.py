@@ -18,6 +18,7 @@ import numpy as np
 
 from ..dtypes import to_f32
 from ..problem import Problem
+from ..scoremods import alibi_distance
 
 #: |lse| above which it is recomputed: 1024 in log2 units. Below it a float32 ulp of lse is at most
 #: 2^-13 (P within ~1e-4 relative); far above it log(l) is lost entirely.
@@ -57,7 +58,7 @@ def add_gradients(p: Problem, rows: np.ndarray, q: np.ndarray, k: np.ndarray, v:
         cols = np.arange(p.len_k)
         if alibi is not None:
             slope = float(alibi[b if alibi.shape[0] > 1 else 0, h])
-            s = s - slope * np.abs(cols[None, :] - (ii[:, None] + p.diag))
+            s = s - slope * alibi_distance(p.diag, ii, cols, np.float64)
         if mask is not None:
             m = mask[b if mask.shape[0] > 1 else 0, h if mask.shape[1] > 1 else 0]
             s = s + m[ii if m.shape[0] > 1 else np.zeros_like(ii)].astype(np.float64)

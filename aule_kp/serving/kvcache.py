@@ -9,10 +9,10 @@ import numpy as np
 
 from .. import inputs, scoremods
 from ..backend import check_backend_name
-from ..dtypes import from_f32, to_f32
+from ..dtypes import to_f32
 from ..errors import BackendUnavailable, warn_once
 from ..q8 import Q8Cache, quantize
-from ..rotary import rotate_host
+from ..rotary import rotate_stored
 from ..vulkan.kvcache import DeviceKVCache
 from . import checks, ragged
 
@@ -122,7 +122,7 @@ def flash_attention_with_kvcache(
         # window side of -1 or at least the cache's capacity (its seqlen_k) is unbounded (not local).
         local = window is not None and any(0 <= w < capacity for w in window)
         steps = np.arange(lq) if (causal or local) else np.zeros(lq, np.int64)
-        qh = from_f32(_rotate(to_f32(qh, dtype), rotary, seqlens[:, None] + steps[None], "q"), dtype)
+        qh = _rotate(qh, dtype, rotary, seqlens[:, None] + steps[None], "q")
     undo = _append(k_cache, v_cache, k, v, seqlens, new, table, n1, rotary, dtype) if new else None
     try:
         k_rows, v_rows = (_rows(c, dtype) for c in (k_cache, v_cache))
@@ -227,12 +227,11 @@ def _check_writes(table: np.ndarray, seqlens: np.ndarray, new: int, page: int) -
     pos = seqlens[:, None] + np.arange(new)[None]
     written = (np.take_along_axis(table, pos // page, axis=1).astype(np.int64) * page + pos % page).reshape(-1)
     blocks = np.unique(written // page)
-    read = []  # every read slot of the blocks written to
-    for s in range(len(seqlens)):
-        used = table[s, : -(-int(total[s]) // page)].astype(np.int64)
-        for j in np.flatnonzero(np.isin(used, blocks)):
-            read.append(used[j] * page + np.arange(min(page, int(total[s]) - j * page)))
-    slots = np.concatenate(read) if read else np.zeros(0, np.int64)
+    # Every read slot of the blocks written to: (sequence, block index) pairs in use that name one.
+    used = np.arange(table.shape[1])[None, :] < -(-total // page)[:, None]
+    seq, j = np.nonzero(used & np.isin(table, blocks))
+    offsets = np.arange(page)
+    slots = (table[seq, j].astype(np.int64)[:, None] * page + offsets)[offsets < (total[seq] - j * page)[:, None]]
     values, counts = np.unique(slots[np.isin(slots, written)], return_counts=True)
     if (counts > 1).any():
         clash = int(values[counts > 1][0])
@@ -262,14 +261,15 @@ def _rotary(cos: Any, sin: Any, dk: int, interleaved: Any) -> Optional[Tuple[np.
     return arrays[0], arrays[1], bool(interleaved)
 
 
-def _rotate(x: np.ndarray, rotary: Tuple[np.ndarray, np.ndarray, bool], positions: np.ndarray,
+def _rotate(x: np.ndarray, dtype: str, rotary: Tuple[np.ndarray, np.ndarray, bool], positions: np.ndarray,
             what: str) -> np.ndarray:
+    """Storage ``x [B, L, H, D]`` rotated at ``positions`` (float32 math, one rounding to storage)."""
     cos, sin, interleaved = rotary
     if positions.size and positions.max() >= cos.shape[0]:
         raise ValueError(f"rotary_cos/rotary_sin have {cos.shape[0]} positions, but {what} needs position "
                          f"{int(positions.max())}")
-    # x [B, L, H, D]: rotate_host takes [B, H, L, D] (flash-attn's apply_rotary semantics either way).
-    return rotate_host(x.swapaxes(1, 2), cos, sin, positions, interleaved).swapaxes(1, 2)
+    # rotate_stored takes [B, H, L, D] (flash-attn's apply_rotary semantics either way).
+    return rotate_stored(x.swapaxes(1, 2), dtype, cos, sin, positions, interleaved).swapaxes(1, 2)
 
 
 def _append(k_cache: Any, v_cache: Any, k: Any, v: Any, seqlens: np.ndarray, new: int, table: Optional[np.ndarray],
@@ -285,7 +285,7 @@ def _append(k_cache: Any, v_cache: Any, k: Any, v: Any, seqlens: np.ndarray, new
         index = (np.take_along_axis(table, pos // page, axis=1).reshape(-1), (pos % page).reshape(-1))
     kh, vh = inputs.to_host(k, dtype), inputs.to_host(v, dtype)
     if rotary is not None:
-        kh = from_f32(_rotate(to_f32(kh, dtype), rotary, pos, "k"), dtype)
+        kh = _rotate(kh, dtype, rotary, pos, "k")
     payloads = []  # (cache, (values, None) or q8_0's (qs, scales)), all made before the first write
     for name, cache, values in (("k", k_cache, kh), ("v", v_cache, vh)):
         rows = values.reshape(b * new, *values.shape[2:])
