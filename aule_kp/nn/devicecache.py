@@ -24,9 +24,9 @@ _DTYPES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "
 
 def _rows(spec: RotarySpec, positions: torch.Tensor) -> RowRotation:
     """The rotation of rows in ``positions`` order (``[B, n]`` flattened)."""
-    at = positions.reshape(-1).to(spec.cos.device)
-    return RowRotation(spec.cos[at].cpu().numpy(), spec.sin[at].cpu().numpy(), bool(spec.interleaved),
-                       int(spec.offset))
+    cos, sin = spec.kernel_tables(torch.device("cpu"))  # float32 copies made once per tables
+    at = positions.reshape(-1).cpu()
+    return RowRotation(cos[at].numpy(), sin[at].numpy(), bool(spec.interleaved), int(spec.offset))
 
 
 class DeviceLayerCache:
