@@ -197,6 +197,15 @@ def _tile_runs(lo, hi, c_lo, c_hi, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _query_head(pid_h, heads_q, heads_kv):
+    """``(b64, head, kv head, b64 * heads_q + head)`` of program axis ``pid_h`` over ``B * Hq``; the
+    batch in int64, so that offsets past 2**31 elements stay exact."""
+    head = pid_h % heads_q
+    b64 = (pid_h // heads_q).to(tl.int64)
+    return b64, head, head // (heads_q // heads_kv), b64 * heads_q + head
+
+
+@triton.jit
 def _row_block_tiles(i_min, i_max, len_k, diag, left, right, BLOCK_N: tl.constexpr,
                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """Tile runs (see ``_tile_runs``) for query rows ``[i_min, i_max]``: keys any of them may see,
@@ -457,12 +466,7 @@ def _bwd_row_stats_kernel(Q, K, Mask, LSE2, LL, Alibi, Sinks,
     ``RECOMPUTE_ABOVE``, scoring them as the forward does; a block without such a row reads nothing
     more. Grid ``(row blocks, B * Hq)``."""
     pid_m = tl.program_id(0)
-    pid_h = tl.program_id(1)
-    b = pid_h // heads_q
-    head = pid_h % heads_q
-    kvh = head // (heads_q // heads_kv)
-    b64 = b.to(tl.int64)
-    bh = b64 * heads_q + head
+    b64, head, kvh, bh = _query_head(tl.program_id(1), heads_q, heads_kv)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < len_q
     lse2 = tl.load(LSE2 + bh * len_q + rows, mask=row_ok, other=0.0)
@@ -715,12 +719,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE2, LL, Delta, Mask, DQ, DMask, Alibi,
     only keys the autotuner. ``ROTARY`` as in the dK/dV kernel: ``dQ`` is rotated back before it is
     stored."""
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
-    pid_h = tl.program_id(1)
-    b = pid_h // heads_q
-    h = pid_h % heads_q
-    kvh = h // (heads_q // heads_kv)
-    b64 = b.to(tl.int64)
-    bh = b64 * heads_q + h
+    b64, h, kvh, bh = _query_head(tl.program_id(1), heads_q, heads_kv)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < len_q
     offs_dk = tl.arange(0, BLOCK_DK)

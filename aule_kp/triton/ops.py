@@ -284,8 +284,9 @@ def backward(problem: Problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     gstrides = _bcast_strides(dmask, p) if dmask is not None else (0, 0, 0, 0)
     alibi_t, softcap_log2, stride_ab, mod_flags = _mods_args(p, alibi, q)
     rot_t, rot_flags = _rotary_args(rotary, q)
-    flags = dict(DK_=p.dim_k, DV_=p.dim_v, BLOCK_DK=bdk, BLOCK_DV=bdv, HAS_LEFT=p.left is not None,
-                 HAS_RIGHT=p.right is not None, HAS_MASK=has_mask, DOT=_dot_mode(p), **mod_flags, **rot_flags)
+    qk_flags = dict(DK_=p.dim_k, BLOCK_DK=bdk, HAS_LEFT=p.left is not None, HAS_RIGHT=p.right is not None,
+                    HAS_MASK=has_mask, DOT=_dot_mode(p), **mod_flags, **rot_flags)  # what scoring q.k takes
+    flags = dict(qk_flags, DV_=p.dim_v, BLOCK_DV=bdv)
     scalars = (p.scale, p.scale * kern.LOG2E, p.heads_q, p.heads_kv, p.len_q, p.len_k, diag, left, right)
     inputs = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
               v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2), *mstrides)
@@ -299,11 +300,8 @@ def backward(problem: Problem, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                   lambda m, n: (m + n) * bdk * es)
     kern._bwd_row_stats_kernel[(triton.cdiv(p.len_q, bm), p.batch * p.heads_q)](
         q, k, mask_t, lse2, ll, alibi_t, q if sinks is None else sinks.float().contiguous(),
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), *mstrides,
-        p.scale * kern.LOG2E, p.heads_q, p.heads_kv, p.len_q, p.len_k, diag, left, right, softcap_log2, stride_ab,
-        *rot_t, DK_=p.dim_k, BLOCK_DK=bdk, BLOCK_M=bm, BLOCK_N=bn, HAS_LEFT=p.left is not None,
-        HAS_RIGHT=p.right is not None, HAS_MASK=has_mask, DOT=_dot_mode(p), SINKS=sinks is not None, **mod_flags,
-        **rot_flags, num_warps=4, num_stages=2)
+        *inputs[:6], *mstrides, *scalars[1:], softcap_log2, stride_ab, *rot_t, BLOCK_M=bm, BLOCK_N=bn,
+        SINKS=sinks is not None, **qk_flags, num_warps=4, num_stages=2)
 
     # dK, dV. The group split is decided for 128-key programs, the largest any config uses.
     bm, bn = _fit(block_m or (16 if small else 32), block_n or (32 if small else 64),
