@@ -142,7 +142,7 @@ class Kernel:
         a = _Args()
         a.q, a.k, a.v = q.ctypes.data, k.ctypes.data, v.ctypes.data
         a.out, a.lse = out.ctypes.data, lse.ctypes.data
-        a.q_stride, a.k_stride, a.v_stride = (_I64x3(*(s // x.itemsize for s in x.strides[:3])) for x in (q, k, v))
+        a.q_stride, a.k_stride, a.v_stride = (_row_strides(x) for x in (q, k, v))
         if mask is not None:
             mask = _whole_elements(np.asarray(mask, dtype=np.float32))
             a.mask = mask.ctypes.data
@@ -183,7 +183,7 @@ class Kernel:
             a.q, a.k, a.v, a.out, a.dout = (x.ctypes.data for x in (q, k, v, out, dout))
             a.lse, a.dq_parts, a.dk, a.dv = lse.ctypes.data, dq_parts.ctypes.data, dk.ctypes.data, dv.ctypes.data
             for name, x in (("q_stride", q), ("k_stride", k), ("v_stride", v), ("o_stride", out), ("do_stride", dout)):
-                setattr(a, name, _I64x3(*(s // x.itemsize for s in x.strides[:3])))
+                setattr(a, name, _row_strides(x))
             if mask is not None:
                 mask = _whole_elements(np.asarray(mask, dtype=np.float32))
                 a.mask, a.mask_stride = mask.ctypes.data, _strides(mask)
@@ -227,6 +227,11 @@ def backward_reasons(p: Problem, mask_grad: bool) -> List[str]:
         if (mb, mh, mk) != (p.batch, p.heads_q, p.len_k):
             reasons.append(f"a mask gradient of shape {p.mask_shape} is shared across batches, heads or keys")
     return reasons
+
+
+def _row_strides(x: np.ndarray) -> ctypes.Array:
+    """Element strides of a ``[B, H, L, D]`` array's batch, head and row (its rows are contiguous)."""
+    return _I64x3(*(s // x.itemsize for s in x.strides[:3]))
 
 
 def _strides(a: np.ndarray) -> ctypes.Array:
